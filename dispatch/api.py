@@ -1,0 +1,285 @@
+"""The OpenAI-compatible ``/v1`` views. They load, call and return; the work is elsewhere.
+
+Served by a middleware-free handler (see ``hal0web/asgi.py``): all async, no thread hops.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import orjson
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    JsonResponse,
+    StreamingHttpResponse,
+)
+
+from dispatch import bodies, health
+from dispatch.admission import admission
+from dispatch.decisions import DecisionRecord, record
+from dispatch.errors import ApiError, error_response, sse_error
+from dispatch.forward import Forwarded, forward
+from dispatch.proxy import UpstreamError
+from dispatch.resolver import Decision, NoRoute, Target, resolve
+from dispatch.store import store
+from dispatch.table import RoutingTable
+
+View = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
+
+
+def _request_id(request: HttpRequest) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def _read_body(request: HttpRequest) -> bytes:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    length = request.headers.get("Content-Length")
+    too_big = ApiError(
+        413,
+        "request_too_large",
+        f"The request body is larger than HAL0_MAX_BODY_MB ({settings.HAL0_MAX_BODY_MB:g} MB).",
+    )
+    if length and length.isdigit() and int(length) > limit:
+        raise too_big
+    try:
+        return request.body
+    except RequestDataTooBig:
+        raise too_big from None
+
+
+def _visibility(
+    response: HttpResponseBase, request_id: str, slot: str | None, path: str | None
+) -> None:
+    response["X-Request-Id"] = request_id
+    if slot:
+        response["X-Hal0-Slot"] = slot
+    if path:
+        response["X-Hal0-Resolution"] = path
+
+
+def _forward_headers(request: HttpRequest, request_id: str) -> dict[str, str]:
+    headers = {k: v for k, v in request.headers.items()}
+    headers["X-Request-Id"] = request_id
+    return headers
+
+
+async def _resolve(
+    table: RoutingTable, model: str | None, endpoint: str, rec: DecisionRecord
+) -> Decision:
+    fallback = settings.HAL0_FALLBACK_SLOT
+    result = resolve(table, model, endpoint, admission.inflight, fallback)
+    rec.cache_state = "stale" if store.stale else "fresh"
+    if isinstance(result, NoRoute) and result.code == "model_not_found" and table.unprobed:
+        # Cold start: some slot has not been asked what it serves yet. Ask (once, shared by
+        # every request that misses now), then look again before turning the request away.
+        rec.cache_state = "cold"
+        await health.cold_probe()
+        result = resolve(store.table, model, endpoint, admission.inflight, fallback)
+    rec.latency_us = result.latency_us
+    if isinstance(result, NoRoute):
+        rec.slot = result.slot
+        raise ApiError(result.status, result.code, result.message, param="model")
+    rec.slot, rec.upstream_model = result.slot, result.upstream_model
+    rec.resolution_path = result.resolution_path
+    return result
+
+
+def proxy_view(endpoint: str) -> View:
+    async def view(request: HttpRequest) -> HttpResponseBase:
+        started = time.perf_counter()
+        request_id = _request_id(request)
+        rec = DecisionRecord(request_id=request_id, endpoint=endpoint, model=None)
+        try:
+            if request.method != "POST":
+                raise ApiError(405, "method_not_allowed", f"Use POST for /v1/{endpoint}.")
+            body = bodies.parse(_read_body(request))
+            rec.model = body.model
+            table = await store.ensure_loaded()
+            decision = await _resolve(table, body.model, endpoint, rec)
+
+            def body_for(target: Target) -> bytes:
+                if target.upstream_model is None:
+                    return body.raw
+                return bodies.with_model(body, target.upstream_model)
+
+            fwd = await forward(
+                decision, endpoint, body_for, _forward_headers(request, request_id), health.suspect
+            )
+        except ApiError as err:
+            response = error_response(err)
+            rec.status, rec.error = err.status, err.code
+            if err.status == 405:
+                response["Allow"] = "POST"
+            _visibility(response, request_id, rec.slot, rec.resolution_path)
+            rec.duration_ms = (time.perf_counter() - started) * 1000
+            record(rec)
+            return response
+        rec.slot, rec.upstream_model = fwd.slot.name, fwd.upstream_model
+        rec.resolution_path = fwd.resolution_path
+        rec.status = fwd.response.status_code
+        rec.inflight = admission.inflight.get(fwd.slot.name, 0)
+        if fwd.response.is_event_stream:
+            return _streaming(fwd, rec, started)
+        return await _buffered(fwd, rec, started)
+
+    view.__name__ = f"v1_{endpoint.replace('/', '_')}"
+    return view
+
+
+async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> HttpResponse:
+    try:
+        content = await fwd.response.read()
+    except UpstreamError as exc:
+        err = ApiError(502, "upstream_broken", exc.message)
+        response = error_response(err)
+        rec.status, rec.error = 502, err.code
+    else:
+        response = HttpResponse(content, status=fwd.response.status_code)
+        for key, value in fwd.response.headers():
+            response[key] = value
+    finally:
+        admission.release(fwd.slot.name)
+    _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
+    rec.duration_ms = (time.perf_counter() - started) * 1000
+    record(rec)
+    return response
+
+
+def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> StreamingHttpResponse:
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in fwd.response.chunks():
+                yield chunk
+        except UpstreamError as exc:
+            # Headers are gone already; the only honest thing left is a last error event.
+            rec.error = f"upstream_{exc.kind}"
+            yield sse_error(rec.error, exc.message)
+        except BaseException:
+            rec.error = "client_disconnected"
+            raise
+        finally:
+            # Runs on normal end, on upstream failure, and when the client disconnects (Django
+            # cancels this generator): closing the response closes the upstream connection.
+            await fwd.response.aclose()
+            admission.release(fwd.slot.name)
+            rec.duration_ms = (time.perf_counter() - started) * 1000
+            record(rec)
+
+    response = StreamingHttpResponse(relay(), status=fwd.response.status_code)
+    for key, value in fwd.response.headers():
+        response[key] = value
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
+    return response
+
+
+chat_completions = proxy_view("chat/completions")
+completions = proxy_view("completions")
+embeddings = proxy_view("embeddings")
+
+
+def _not_found(model_id: str) -> HttpResponse:
+    return error_response(
+        ApiError(404, "model_not_found", f"The model '{model_id}' does not exist.", param="model")
+    )
+
+
+def _model_entries(table: RoutingTable) -> list[dict[str, Any]]:
+    """One entry per bare model id, then one per slot/model pair."""
+    created = 0
+    data: list[dict[str, Any]] = []
+    for model_id in table.known_ids:
+        decision = resolve(table, model_id, "chat/completions", admission.inflight)
+        owner = decision.slot if isinstance(decision, Decision) else None
+        data.append(
+            {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": owner or "hal0web",
+                "hal0": {
+                    "slots": [
+                        {
+                            "name": name,
+                            "state": table.slots[name].state,
+                            "source": table.slots[name].models[model_id].source,
+                        }
+                        for name in table.by_model[model_id]
+                    ]
+                },
+            }
+        )
+    for slot in table.slots.values():
+        if not slot.enabled:
+            continue
+        for model_id, entry in slot.models.items():
+            data.append(
+                {
+                    "id": f"{slot.name}/{model_id}",
+                    "object": "model",
+                    "created": created,
+                    "owned_by": slot.name,
+                    "hal0": {"slot": slot.name, "state": slot.state, "source": entry.source},
+                }
+            )
+    return data
+
+
+async def models(request: HttpRequest) -> HttpResponse:
+    if request.method != "GET":
+        response = error_response(ApiError(405, "method_not_allowed", "Use GET for /v1/models."))
+        response["Allow"] = "GET"
+        return response
+    table = await store.ensure_loaded()
+    return HttpResponse(
+        orjson.dumps({"object": "list", "data": _model_entries(table)}),
+        content_type="application/json",
+    )
+
+
+async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
+    if request.method != "GET":
+        response = error_response(
+            ApiError(405, "method_not_allowed", "Use GET for /v1/models/{id}.")
+        )
+        response["Allow"] = "GET"
+        return response
+    table = await store.ensure_loaded()
+    for entry in _model_entries(table):
+        if entry["id"] == model_id:
+            return HttpResponse(orjson.dumps(entry), content_type="application/json")
+    return _not_found(model_id)
+
+
+async def not_found(request: HttpRequest, path: str) -> HttpResponse:
+    return error_response(
+        ApiError(
+            404,
+            "not_found",
+            f"Unknown endpoint /v1/{path}. hal0web serves chat/completions, "
+            "completions, embeddings and models.",
+        )
+    )
+
+
+async def healthz(request: HttpRequest) -> JsonResponse:
+    table = await store.ensure_loaded()
+    health.ensure_running()
+    return JsonResponse(
+        {
+            "ok": True,
+            "version": table.version,
+            "slots": {s.name: (s.state if s.enabled else "disabled") for s in table.slots.values()},
+        }
+    )

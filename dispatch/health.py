@@ -1,0 +1,256 @@
+"""The slot watcher: probes every enabled slot and keeps its state and models true.
+
+Each slot has its own probe loop, so a slow slot never delays another, and at most one probe
+per slot is in flight. A probe's result is written to the database only when it changes
+something; the write goes through the model signals like any other change, so the routing
+table, the waiting requests and the live UI all hear of it by one path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from dispatch import states
+from dispatch.proxy import server_root, upstream, upstream_url
+from dispatch.store import store
+from dispatch.table import SlotEntry
+
+log = logging.getLogger("hal0.health")
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    state: str
+    error: str
+    advertised: tuple[str, ...] | None  # model ids from /models; None when not read
+
+
+async def observe(slot: SlotEntry, timeout: float) -> Observation:
+    """Ask the slot how it is: its kind's health endpoint (if any) and ``/models``."""
+    health_url: str | None = None
+    if slot.kind == "llamacpp":
+        health_url = server_root(slot) + "/health"
+    elif slot.kind == "lemonade":
+        health_url = upstream_url(slot, "health")
+    probes = [upstream.probe(upstream_url(slot, "models"), timeout, slot.api_key_env)]
+    if health_url:
+        probes.append(upstream.probe(health_url, timeout, slot.api_key_env))
+    results = await asyncio.gather(*probes)
+    models = results[0]
+    health = results[1] if health_url else None
+    # A health endpoint the server does not have (404: llama-cpp-python) says nothing.
+    h_status = health.status if health is not None and health.status != 404 else None
+    state = states.classify(slot.kind, h_status, health.body if health else None, models.status)
+    advertised: tuple[str, ...] | None = None
+    if models.status == 200 and isinstance(models.body, dict):
+        data = models.body.get("data")
+        if isinstance(data, list):
+            advertised = tuple(
+                str(m["id"]) for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
+            )
+    error = ""
+    if state in ("offline", "error"):
+        error = (
+            models.error or (health.error if health else "") or f"/models answered {models.status}"
+        )
+    elif state == "loading":
+        error = ""
+    return Observation(state, error, advertised)
+
+
+def apply(slot_name: str, obs: Observation) -> bool:
+    """Persist what a probe saw (sync, one transaction). True when anything changed.
+
+    The state is read and written under a row lock in one transaction, so an operator's
+    change (draining, disabling) cannot be overwritten by a probe that looked earlier.
+    """
+    from dispatch.models import ModelSource, Slot, SlotModel
+
+    with transaction.atomic():
+        slot = Slot.objects.select_for_update().filter(name=slot_name).first()
+        if slot is None or not slot.enabled:
+            return False
+        changed: list[str] = []
+        new_state = states.after_probe(slot.state, obs.state)
+        if new_state != slot.state:
+            slot.state = new_state
+            slot.state_changed_at = timezone.now()
+            changed += ["state", "state_changed_at"]
+        if slot.last_error != obs.error and slot.state != "draining":
+            slot.last_error = obs.error
+            changed.append("last_error")
+        if obs.state == "ready" and obs.advertised is not None:
+            advertised = set(obs.advertised)
+            rows = list(slot.models.all())
+            known = {m.model_id for m in rows}
+            upstreams = {m.upstream_model for m in rows if m.source != "discovered"}
+            for m in rows:
+                if m.source == "discovered" and m.model_id not in advertised:
+                    m.delete()
+            has_default = any(
+                m.is_default for m in rows if m.source != "discovered" or m.model_id in advertised
+            )
+            for model_id in obs.advertised:
+                if model_id not in known:
+                    SlotModel.objects.create(
+                        slot=slot,
+                        model_id=model_id,
+                        upstream_model=model_id,
+                        source=ModelSource.DISCOVERED,
+                        is_default=not has_default,
+                    )
+                    has_default = True
+            drift = sorted(u for u in upstreams if u not in advertised)
+            if drift != list(slot.drift or []):
+                slot.drift = drift
+                changed.append("drift")
+        if changed:
+            slot.save(update_fields=changed)
+            if "state" in changed:
+                log.info(
+                    "slot %s is %s%s", slot.name, slot.state, f" ({obs.error})" if obs.error else ""
+                )
+        return bool(changed)
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._pokes: dict[str, asyncio.Event] = {}
+        self._supervisor: asyncio.Task[None] | None = None
+        self._cold: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._supervisor is not None and not self._supervisor.done()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.running and self._loop is loop:
+            return
+        self._loop = loop
+        self._tasks, self._pokes = {}, {}
+        self._supervisor = loop.create_task(self._supervise(), name="hal0-watcher")
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        if self._supervisor is not None:
+            tasks.append(self._supervisor)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._supervisor = None
+
+    def poke(self, slot: str) -> None:
+        """Probe ``slot`` now (passive health: a request just failed to reach it)."""
+        event = self._pokes.get(slot)
+        if event is not None:
+            event.set()
+
+    async def _supervise(self) -> None:
+        await store.ensure_loaded()
+        while True:
+            changed = store.next_change()
+            table = store.table
+            wanted = {s.name for s in table.slots.values() if s.enabled}
+            for name in list(self._tasks):
+                if name not in wanted:
+                    self._tasks.pop(name).cancel()
+                    self._pokes.pop(name, None)
+            for name in wanted - self._tasks.keys():
+                self._pokes[name] = asyncio.Event()
+                self._tasks[name] = asyncio.create_task(self._run(name), name=f"hal0-probe-{name}")
+            await changed
+
+    async def _run(self, name: str) -> None:
+        backoff = 1.0
+        while True:
+            slot = store.table.slots.get(name)
+            if slot is None:
+                return
+            try:
+                await self.probe_once(slot)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a probe bug must not end the loop: log it and keep probing
+                log.exception("probe of slot %s failed", name)
+            slot = store.table.slots.get(name)
+            interval = settings.HAL0_PROBE_INTERVAL_S
+            if slot is not None and slot.state in ("loading", "offline", "unknown"):
+                wait, backoff = min(backoff, interval), min(backoff * 2, interval)
+            else:
+                wait, backoff = interval, 1.0
+            event = self._pokes.get(name)
+            if event is None:
+                return
+            try:
+                await asyncio.wait_for(event.wait(), wait)
+            except TimeoutError:
+                pass
+            event.clear()
+
+    async def probe_once(self, slot: SlotEntry) -> bool:
+        timeout = max(0.5, min(slot.connect_timeout_s, settings.HAL0_PROBE_INTERVAL_S, 5.0))
+        obs = await observe(slot, timeout)
+        current = store.table.slots.get(slot.name)
+        if current is not None and _unchanged(current, obs):
+            return False  # the steady state writes nothing
+        return await sync_to_async(apply, thread_sensitive=True)(slot.name, obs)
+
+    async def cold_probe(self) -> None:
+        """Probe every never-probed slot once, shared by all callers, bounded in time."""
+        if self._cold is None or self._cold.done():
+            self._cold = asyncio.get_running_loop().create_task(self._probe_unknown())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._cold), settings.HAL0_COLD_PROBE_S)
+        except TimeoutError:
+            pass
+
+    async def _probe_unknown(self) -> None:
+        table = store.table
+        slots = [table.slots[n] for n in table.unprobed]
+        await asyncio.gather(*(self.probe_once(s) for s in slots), return_exceptions=True)
+
+
+def _unchanged(slot: SlotEntry, obs: Observation) -> bool:
+    if states.after_probe(slot.state, obs.state) != slot.state:
+        return False
+    if slot.state != "draining" and slot.last_error != obs.error:
+        return False
+    if obs.state != "ready" or obs.advertised is None:
+        return True
+    advertised = set(obs.advertised)
+    discovered = {m for m, e in slot.models.items() if e.source == "discovered"}
+    declared_upstream = {e.upstream_model for e in slot.models.values() if e.source != "discovered"}
+    if discovered - advertised:
+        return False
+    if advertised - set(slot.models):
+        return False
+    return tuple(sorted(u for u in declared_upstream if u not in advertised)) == tuple(slot.drift)
+
+
+watcher = Watcher()
+
+
+def ensure_running() -> None:
+    """Start the in-process watcher on this loop unless a standalone one does the job."""
+    if settings.HAL0_WATCHER:
+        watcher.start()
+
+
+def suspect(slot: str, reason: str) -> None:
+    log.info("slot %s suspect: %s", slot, reason)
+    watcher.poke(slot)
+
+
+async def cold_probe() -> None:
+    await watcher.cold_probe()

@@ -1,0 +1,203 @@
+"""Slots (upstream model servers) and the models each one serves.
+
+Validation lives in ``clean()`` so the admin, the manifest importer and the tests share it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+
+SLOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SlotKind(models.TextChoices):
+    LLAMACPP = "llamacpp", "llama.cpp"
+    LEMONADE = "lemonade", "Lemonade"
+    VLLM = "vllm", "vLLM"
+    OLLAMA = "ollama", "Ollama"
+    FLM = "flm", "FastFlowLM"
+    OPENAI = "openai", "OpenAI-compatible"
+
+
+class SlotType(models.TextChoices):
+    LLM = "llm", "LLM"
+    EMBEDDING = "embedding", "Embedding"
+    RERANKING = "reranking", "Reranking"
+
+
+class SlotState(models.TextChoices):
+    UNKNOWN = "unknown", "unknown"
+    OFFLINE = "offline", "offline"
+    LOADING = "loading", "loading"
+    READY = "ready", "ready"
+    ERROR = "error", "error"
+    DRAINING = "draining", "draining"
+
+
+class ModelSource(models.TextChoices):
+    MANIFEST = "manifest", "manifest"
+    ALIAS = "alias", "alias"
+    DISCOVERED = "discovered", "discovered"
+
+
+def validate_slot_name(value: str) -> None:
+    if not SLOT_NAME_RE.match(value or ""):
+        raise ValidationError(f"must match {SLOT_NAME_RE.pattern}", code="invalid_name")
+
+
+def validate_upstream_url(value: str) -> None:
+    parts = urlsplit(value or "")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError("must be an http:// or https:// URL with a host", code="invalid_url")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        raise ValidationError(f"has a bad port: {exc}", code="invalid_url") from exc
+    if parts.query or parts.fragment:
+        raise ValidationError("must not carry a query or fragment", code="invalid_url")
+
+
+def validate_env_name(value: str) -> None:
+    if value and not ENV_NAME_RE.match(value):
+        raise ValidationError("must be an environment variable name", code="invalid_env")
+
+
+def validate_model_id(value: str) -> None:
+    if not value or value != value.strip() or any(c in value for c in "\r\n\t"):
+        raise ValidationError("must be a non-empty id without surrounding spaces", code="invalid")
+    if len(value) > 255:
+        raise ValidationError("must be at most 255 characters", code="invalid")
+
+
+class Slot(models.Model):
+    name = models.CharField(max_length=32, unique=True, validators=[validate_slot_name])
+    url = models.CharField(
+        "URL",
+        max_length=500,
+        validators=[validate_upstream_url],
+        help_text="The upstream's OpenAI API root, e.g. http://127.0.0.1:8002/v1",
+    )
+    kind = models.CharField(max_length=16, choices=SlotKind.choices, default=SlotKind.LLAMACPP)
+    type = models.CharField(max_length=16, choices=SlotType.choices, default=SlotType.LLM)
+    device = models.CharField(max_length=64, blank=True, default="")
+    enabled = models.BooleanField(default=True)
+    is_default = models.BooleanField(
+        "default", default=False, help_text="Serves requests of this type that name no model."
+    )
+    priority = models.IntegerField(
+        default=0, help_text="Higher wins when several slots serve the same model."
+    )
+    api_key_env = models.CharField(
+        "API key env var",
+        max_length=128,
+        blank=True,
+        default="",
+        validators=[validate_env_name],
+        help_text="Name of the environment variable holding the upstream's key (never the key).",
+    )
+    max_concurrency = models.PositiveIntegerField(default=0, help_text="0 = unlimited")
+    connect_timeout_s = models.FloatField(default=5.0)
+    first_byte_timeout_s = models.FloatField(default=300.0)
+    idle_timeout_s = models.FloatField(default=120.0)
+    state = models.CharField(max_length=16, choices=SlotState.choices, default=SlotState.UNKNOWN)
+    state_changed_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    # Declared models the server did not advertise at its last probe (drift).
+    drift = models.JSONField(default=list, blank=True)
+    # Manifest keys hal0 uses that we do not model, kept verbatim for export.
+    extra = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-priority", "name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["type"], condition=Q(is_default=True), name="one_default_slot_per_type"
+            ),
+            models.CheckConstraint(
+                condition=Q(connect_timeout_s__gt=0)
+                & Q(first_byte_timeout_s__gt=0)
+                & Q(idle_timeout_s__gt=0),
+                name="slot_timeouts_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        errors: dict[str, list[str]] = {}
+        for field in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s"):
+            value = getattr(self, field)
+            if value is None or value <= 0:
+                errors.setdefault(field, []).append("must be > 0")
+        if self.is_default:
+            clash = Slot.objects.filter(type=self.type, is_default=True).exclude(pk=self.pk)
+            if clash.exists():
+                errors.setdefault("is_default", []).append(
+                    f"slot {clash[0].name!r} is already the default {self.type} slot"
+                )
+        if errors:
+            raise ValidationError(errors)
+
+    @property
+    def default_model(self) -> SlotModel | None:
+        for m in self.models.all():
+            if m.is_default:
+                return m
+        return None
+
+
+class SlotModel(models.Model):
+    slot = models.ForeignKey(Slot, on_delete=models.CASCADE, related_name="models")
+    model_id = models.CharField(
+        "model id", max_length=255, validators=[validate_model_id], help_text="The id clients send."
+    )
+    upstream_model = models.CharField(
+        max_length=255,
+        blank=True,
+        default="",
+        help_text="What is sent upstream; empty means the same as the model id.",
+    )
+    source = models.CharField(
+        max_length=16, choices=ModelSource.choices, default=ModelSource.MANIFEST
+    )
+    is_default = models.BooleanField("default", default=False)
+
+    class Meta:
+        ordering = ["slot__name", "-is_default", "model_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["slot", "model_id"], name="unique_model_per_slot"),
+            models.UniqueConstraint(
+                fields=["slot"], condition=Q(is_default=True), name="one_default_model_per_slot"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.slot.name}/{self.model_id}" if self.slot_id else self.model_id
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self.upstream_model:
+            self.upstream_model = self.model_id
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        errors: dict[str, list[str]] = {}
+        if not self.upstream_model:
+            self.upstream_model = self.model_id
+        if self.source == ModelSource.ALIAS and self.upstream_model == self.model_id:
+            errors.setdefault("upstream_model", []).append("an alias must name a different model")
+        if self.source != ModelSource.ALIAS and self.upstream_model != self.model_id:
+            errors.setdefault("upstream_model", []).append(
+                "only an alias may send a different upstream model"
+            )
+        if self.source == ModelSource.ALIAS and self.is_default:
+            errors.setdefault("is_default", []).append("an alias cannot be the slot's default")
+        if errors:
+            raise ValidationError(errors)

@@ -1,0 +1,241 @@
+"""The one seam to upstream servers, and the only module that imports httpx.
+
+Requests are opened here and their bodies streamed back raw; health probes use the same
+client. Callers see ``UpstreamResponse`` and ``UpstreamError``, never httpx, so the transport
+behind the client can change (the performance issue chooses it by measurement) without
+touching them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from dispatch.table import SlotEntry
+
+# Connection-level headers (RFC 9110 §7.6.1) and ones we recompute; never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+# Client headers that belong to hal0web, not to the upstream: the client's credentials for
+# us, the WebUI's session and CSRF cookies, and encodings (we ask upstreams for identity so
+# SSE is never held back by a compressor).
+_NOT_UPSTREAM = HOP_BY_HOP | {
+    "authorization",
+    "cookie",
+    "x-csrftoken",
+    "accept-encoding",
+    "origin",
+    "referer",
+}
+_NOT_DOWNSTREAM = HOP_BY_HOP | {"content-encoding", "set-cookie", "server", "date"}
+
+
+class UpstreamError(Exception):
+    """A transport failure talking to a slot.
+
+    ``kind`` is one of: ``unreachable`` (refused, DNS, reset before any response),
+    ``timeout`` (no response headers in time, or no connection in time), ``idle`` (a stream
+    went quiet for longer than the slot's idle timeout), ``broken`` (the connection failed
+    mid-body).
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    status: int | None  # None: no HTTP answer at all
+    body: Any  # parsed JSON, or None
+    error: str = ""
+
+
+class UpstreamResponse:
+    def __init__(self, response: httpx.Response, idle_timeout_s: float) -> None:
+        self._response = response
+        self._idle = idle_timeout_s
+        self.status_code = response.status_code
+
+    @property
+    def content_type(self) -> str:
+        return self._response.headers.get("content-type", "")
+
+    @property
+    def is_event_stream(self) -> bool:
+        return self.content_type.startswith("text/event-stream")
+
+    def headers(self) -> Iterable[tuple[str, str]]:
+        for key, value in self._response.headers.multi_items():
+            if key.lower() not in _NOT_DOWNSTREAM:
+                yield key, value
+
+    async def read(self) -> bytes:
+        try:
+            async with asyncio.timeout(self._idle):
+                return await self._response.aread()
+        except TimeoutError as exc:
+            raise UpstreamError("idle", f"upstream went quiet for {self._idle:g}s") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError("broken", f"upstream connection failed: {_describe(exc)}") from exc
+        finally:
+            await self._response.aclose()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as the upstream sends it: no re-chunking, no buffering."""
+        raw = self._response.aiter_raw().__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(self._idle):
+                    chunk = await raw.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:
+                raise UpstreamError("idle", f"upstream sent nothing for {self._idle:g}s") from exc
+            except httpx.TransportError as exc:
+                raise UpstreamError(
+                    "broken", f"upstream connection failed: {_describe(exc)}"
+                ) from exc
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:300]
+
+
+def upstream_url(slot: SlotEntry, path: str) -> str:
+    return slot.url.rstrip("/") + "/" + path.lstrip("/")
+
+
+def server_root(slot: SlotEntry) -> str:
+    """The server's root: the API root without its trailing ``/v1`` (llama.cpp's /health)."""
+    base = slot.url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+class Upstream:
+    """One pooled client per event loop, sized for hundreds of concurrent streams."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._transport = transport
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def use_transport(self, transport: httpx.AsyncBaseTransport | None) -> None:
+        """Swap the transport (tests use httpx.MockTransport here); drops pooled clients."""
+        self._transport = transport
+        self._clients = weakref.WeakKeyDictionary()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None or client.is_closed:
+            client = httpx.AsyncClient(
+                transport=self._transport,
+                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+                timeout=None,
+                follow_redirects=False,
+                trust_env=False,  # a local router must not wander off through a system proxy
+            )
+            self._clients[loop] = client
+        return client
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        client = self._clients.pop(loop, None)
+        if client is not None:
+            await client.aclose()
+
+    async def open(
+        self,
+        slot: SlotEntry,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        method: str = "POST",
+    ) -> UpstreamResponse:
+        """Send a request and wait for the response headers (not the body)."""
+        out = {k: v for k, v in headers.items() if k.lower() not in _NOT_UPSTREAM}
+        out["accept-encoding"] = "identity"
+        key = os.environ.get(slot.api_key_env) if slot.api_key_env else None
+        if key:
+            out["authorization"] = f"Bearer {key}"
+        timeout = httpx.Timeout(connect=slot.connect_timeout_s, read=None, write=None, pool=None)
+        request = self.client.build_request(
+            method, upstream_url(slot, path), content=body, headers=out, timeout=timeout
+        )
+        try:
+            async with asyncio.timeout(slot.first_byte_timeout_s):
+                response = await self.client.send(request, stream=True)
+        except TimeoutError as exc:
+            raise UpstreamError(
+                "timeout",
+                f"slot '{slot.name}' sent no response within {slot.first_byte_timeout_s:g}s",
+            ) from exc
+        except httpx.ConnectTimeout as exc:
+            raise UpstreamError(
+                "timeout",
+                f"could not connect to slot '{slot.name}' within {slot.connect_timeout_s:g}s",
+            ) from exc
+        except (
+            httpx.ConnectError,
+            httpx.RemoteProtocolError,
+            httpx.ReadError,
+            httpx.WriteError,
+        ) as exc:
+            raise UpstreamError(
+                "unreachable", f"slot '{slot.name}' at {slot.url} is unreachable: {_describe(exc)}"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError("unreachable", f"slot '{slot.name}': {_describe(exc)}") from exc
+        return UpstreamResponse(response, slot.idle_timeout_s)
+
+    async def probe(self, url: str, timeout: float, api_key_env: str = "") -> ProbeResult:
+        """GET ``url`` for a health probe: status and parsed JSON, never an exception."""
+        headers = {"accept": "application/json"}
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self.client.get(url, headers=headers)
+        except TimeoutError:
+            return ProbeResult(None, None, f"no answer within {timeout:g}s")
+        except httpx.HTTPError as exc:
+            return ProbeResult(None, None, _describe(exc))
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        return ProbeResult(
+            response.status_code, body, "" if response.is_success else response.text[:300]
+        )
+
+
+upstream = Upstream()

@@ -1,0 +1,236 @@
+"""Resolution: which slot serves a request. A pure function over an immutable table.
+
+No ORM, no HTTP, no clock other than the one that times the decision itself, so it is cheap
+(a few microseconds), deterministic and property-tested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from dispatch.table import ENDPOINT_TYPES, STATE_RANK, RoutingTable, SlotEntry
+
+_NO_INFLIGHT: Mapping[str, int] = MappingProxyType({})
+_UNUSABLE = frozenset({"offline", "error", "draining"})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One slot that can serve the request, and the model name to send it."""
+
+    slot: SlotEntry
+    upstream_model: str | None
+    source: str  # manifest | alias | discovered | default | slot | fallback | qualified
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    requested_model: str | None
+    targets: tuple[Target, ...]  # the chosen target first, then ordered fallbacks
+    resolution_path: str
+    latency_us: float
+    table_version: int
+
+    @property
+    def target(self) -> Target:
+        return self.targets[0]
+
+    @property
+    def slot(self) -> str:
+        return self.targets[0].slot.name
+
+    @property
+    def upstream_model(self) -> str | None:
+        return self.targets[0].upstream_model
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return tuple(t.slot.name for t in self.targets)
+
+
+@dataclass(frozen=True, slots=True)
+class NoRoute:
+    requested_model: str | None
+    status: int
+    code: str
+    message: str
+    latency_us: float
+    table_version: int
+    slot: str | None = None
+
+
+def _source_path(source: str) -> str:
+    return {"alias": "alias", "discovered": "discovered"}.get(source, "model")
+
+
+def _candidates(
+    table: RoutingTable, model_id: str, inflight: Mapping[str, int]
+) -> list[tuple[SlotEntry, str, str]]:
+    found = []
+    for name in table.by_model.get(model_id, ()):
+        slot = table.slots[name]
+        entry = slot.models[model_id]
+        found.append((slot, entry.upstream_model, entry.source))
+    # Ready, then loading, then the rest; then the operator's priority; then the least busy.
+    found.sort(
+        key=lambda c: (
+            STATE_RANK.get(c[0].state, 5),
+            -c[0].priority,
+            inflight.get(c[0].name, 0),
+            c[0].name,
+        )
+    )
+    return found
+
+
+def _by_model(
+    table: RoutingTable, requested: str, inflight: Mapping[str, int], t0: int
+) -> Decision:
+    found = _candidates(table, requested, inflight)
+    chosen, _, source = found[0]
+    path = f"{_source_path(source)}:{chosen.name}"
+    # The operator's first choice (highest priority) is down and we picked another: say so.
+    preferred = min(found, key=lambda c: (-c[0].priority, c[0].name))[0]
+    if preferred.name != chosen.name and preferred.state in _UNUSABLE:
+        path = f"failover:{preferred.name}->{chosen.name}"
+    targets = tuple(Target(s, up, src) for s, up, src in found)
+    return Decision(requested, targets, path, _elapsed(t0), table.version)
+
+
+def _elapsed(t0: int) -> float:
+    return (time.perf_counter_ns() - t0) / 1000.0
+
+
+def suggestions(table: RoutingTable, requested: str, n: int = 3) -> list[str]:
+    pool = list(table.known_ids) + [s for s in table.slots if table.slots[s].enabled]
+    return difflib.get_close_matches(requested, pool, n=n, cutoff=0.4)
+
+
+def resolve(
+    table: RoutingTable,
+    requested_model: str | None,
+    endpoint: str,
+    inflight: Mapping[str, int] = _NO_INFLIGHT,
+    fallback_slot: str | None = None,
+) -> Decision | NoRoute:
+    """Decide where a request for ``requested_model`` on ``endpoint`` goes.
+
+    Order: ``slot/model`` qualified id; a slot's name; a model id or alias; no model at all
+    (the endpoint type's default slot); the operator's opt-in fallback slot; else no route.
+    """
+    t0 = time.perf_counter_ns()
+    version = table.version
+
+    # 4. No model in the body: the default slot of the endpoint's type.
+    if requested_model is None or requested_model == "":
+        slot_type = ENDPOINT_TYPES.get(endpoint, "llm")
+        name = table.default_slot.get(slot_type)
+        if name is None or table.slots[name].default_model is None:
+            return NoRoute(
+                requested_model,
+                400,
+                "model_required",
+                f"This request names no model and no default {slot_type} slot is configured; "
+                "set `model` in the request body.",
+                _elapsed(t0),
+                version,
+            )
+        slot = table.slots[name]
+        target = Target(slot, slot.default_model, "default")
+        return Decision(requested_model, (target,), f"default:{name}", _elapsed(t0), version)
+
+    slots = table.slots
+    # 1. slot/model. Model ids may contain "/" themselves (vLLM's "Qwen/Qwen3-8B"), so the
+    # prefix is a qualifier only when it names a slot.
+    slash = requested_model.find("/")
+    if slash > 0:
+        prefix, rest = requested_model[:slash], requested_model[slash + 1 :]
+        slot_entry = slots.get(prefix)
+        if slot_entry is not None:
+            entry = slot_entry.models.get(rest)
+            if entry is not None:
+                if not slot_entry.enabled:
+                    return NoRoute(
+                        requested_model,
+                        503,
+                        "slot_unavailable",
+                        f"Slot '{prefix}' is disabled.",
+                        _elapsed(t0),
+                        version,
+                        slot=prefix,
+                    )
+                target = Target(slot_entry, entry.upstream_model, "qualified")
+                return Decision(
+                    requested_model, (target,), f"qualified:{prefix}", _elapsed(t0), version
+                )
+            if requested_model not in table.by_model:
+                return NoRoute(
+                    requested_model,
+                    404,
+                    "model_not_found",
+                    f"Slot '{prefix}' does not serve model '{rest}'."
+                    + _hint(sorted(slot_entry.models)),
+                    _elapsed(t0),
+                    version,
+                    slot=prefix,
+                )
+
+    # 2. A slot's name: that slot's default model.
+    slot_entry = slots.get(requested_model)
+    if slot_entry is not None and requested_model not in table.by_model:
+        if not slot_entry.enabled:
+            return NoRoute(
+                requested_model,
+                503,
+                "slot_unavailable",
+                f"Slot '{requested_model}' is disabled.",
+                _elapsed(t0),
+                version,
+                slot=requested_model,
+            )
+        if slot_entry.default_model is None:
+            return NoRoute(
+                requested_model,
+                404,
+                "model_not_found",
+                f"Slot '{requested_model}' has no models yet.",
+                _elapsed(t0),
+                version,
+                slot=requested_model,
+            )
+        target = Target(slot_entry, slot_entry.default_model, "slot")
+        return Decision(
+            requested_model, (target,), f"slot:{requested_model}", _elapsed(t0), version
+        )
+
+    # 3. A model id or alias served by one or more enabled slots.
+    if requested_model in table.by_model:
+        return _by_model(table, requested_model, inflight, t0)
+
+    # 5. Nothing serves it. Only an operator's explicit opt-in sends it somewhere anyway.
+    if fallback_slot is not None:
+        fb = slots.get(fallback_slot)
+        if fb is not None and fb.enabled:
+            target = Target(fb, requested_model, "fallback")
+            return Decision(
+                requested_model, (target,), f"fallback:{fallback_slot}", _elapsed(t0), version
+            )
+    return NoRoute(
+        requested_model,
+        404,
+        "model_not_found",
+        f"The model '{requested_model}' does not exist or no slot serves it."
+        + _hint(suggestions(table, requested_model)),
+        _elapsed(t0),
+        version,
+    )
+
+
+def _hint(ids: list[str]) -> str:
+    if not ids:
+        return ""
+    return " Did you mean: " + ", ".join(f"'{i}'" for i in ids[:3]) + "?"

@@ -1,0 +1,88 @@
+"""Process runtime: the middleware-free handler for /v1, and start-up/shutdown of the watcher
+and the upstream client around whichever ASGI server runs us."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from django.core.handlers.asgi import ASGIHandler
+from django.core.handlers.exception import convert_exception_to_response
+
+from dispatch import events, health
+from dispatch.proxy import upstream
+from dispatch.store import store
+
+log = logging.getLogger("hal0.runtime")
+
+Scope = dict[str, Any]
+
+
+class BareASGIHandler(ASGIHandler):
+    """Django's ASGI handler with no middleware: /v1 views are async end to end.
+
+    Every sync middleware in an async request costs a thread hop (~1 ms each); the API does
+    its own (async) checks in the views, so it needs none of them.
+    """
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        # Private names of BaseHandler, stable since Django 3.1; the stubs do not list them.
+        get_response = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
+        self._middleware_chain = convert_exception_to_response(get_response)
+
+
+def api_asgi_application() -> BareASGIHandler:
+    return BareASGIHandler()
+
+
+class Hal0Application:
+    """Routes /v1 to the bare handler and starts the watcher with the first connection.
+
+    Daphne sends no ASGI lifespan events, so the runtime starts lazily on the first scope of
+    any kind; under a server that does send them (Uvicorn) it starts at start-up and the
+    upstream client is closed cleanly at shutdown.
+    """
+
+    def __init__(self, app: Any, api: Any) -> None:
+        self.app = app
+        self.api = api
+        self._started = False
+
+    async def _startup(self) -> None:
+        if not self._started:
+            self._started = True
+            events.bind_loop(asyncio.get_running_loop())
+            await store.ensure_loaded()
+            health.ensure_running()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if not self._started:
+            await self._startup()
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            await self.api(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._startup()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await health.watcher.stop()
+                await upstream.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,47 @@
+"""Database changes → (after commit) a new routing table → events for the live UI.
+
+One path for every change, whoever makes it: the admin, the manifest importer, the watcher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
+
+from dispatch import events
+from dispatch.admission import admission
+from dispatch.models import Slot, SlotModel
+from dispatch.snapshots import table_events
+from dispatch.store import store
+from dispatch.table import RoutingTable
+
+
+@receiver(post_save, sender=Slot)
+@receiver(post_delete, sender=Slot)
+@receiver(post_save, sender=SlotModel)
+@receiver(post_delete, sender=SlotModel)
+def _schedule_reload(sender: type, **kwargs: Any) -> None:
+    if kwargs.get("raw"):  # loaddata: the table is rebuilt once the data is in
+        return
+    conn = transaction.get_connection()
+    # One reload per transaction however many rows it saves (an import saves hundreds):
+    # Django drops the queued callback itself if the transaction rolls back.
+    if any(func is _reload for _, func, _ in conn.run_on_commit):
+        return
+    store.mark_pending()
+    transaction.on_commit(_reload)
+
+
+def _reload() -> None:
+    store.reload(pending_done=True)
+
+
+def _announce(old: RoutingTable, new: RoutingTable) -> None:
+    for event in table_events(old, new, admission.inflight):
+        events.broadcast(event)
+
+
+store.on_change(_announce)

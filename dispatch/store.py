@@ -1,0 +1,124 @@
+"""The process's current routing table: loaded from the database, swapped atomically.
+
+Model signals schedule a reload after the transaction commits (see ``dispatch.signals``), so
+requests never query the database: they read ``store.table``, one immutable snapshot. Async
+code that needs to know when the table changes (a request waiting out a model swap) awaits
+``next_change()``, woken from whichever thread did the reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Callable
+
+from asgiref.sync import sync_to_async
+
+from dispatch.table import EMPTY_TABLE, ModelEntry, RoutingTable, SlotEntry, make_slot
+
+
+def load_table(version: int) -> RoutingTable:
+    """Read every slot and its models from the database into a new table (sync, ORM)."""
+    from dispatch.models import Slot
+
+    entries: list[SlotEntry] = []
+    for slot in Slot.objects.prefetch_related("models").order_by("name"):
+        models = [
+            ModelEntry(m.model_id, m.upstream_model or m.model_id, m.source, m.is_default)
+            for m in slot.models.all()
+        ]
+        entries.append(
+            make_slot(
+                slot.name,
+                slot.url,
+                models,
+                kind=slot.kind,
+                type=slot.type,
+                device=slot.device,
+                enabled=slot.enabled,
+                is_default=slot.is_default,
+                priority=slot.priority,
+                state=slot.state,
+                last_error=slot.last_error,
+                api_key_env=slot.api_key_env,
+                max_concurrency=slot.max_concurrency,
+                connect_timeout_s=slot.connect_timeout_s,
+                first_byte_timeout_s=slot.first_byte_timeout_s,
+                idle_timeout_s=slot.idle_timeout_s,
+                drift=tuple(slot.drift or ()),
+            )
+        )
+    return RoutingTable.build(version, entries)
+
+
+class TableStore:
+    def __init__(self) -> None:
+        self._table: RoutingTable = EMPTY_TABLE
+        self._loaded = False
+        self._versions = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending = 0  # reloads scheduled but not yet done: the table is stale meanwhile
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._listeners: list[Callable[[RoutingTable, RoutingTable], None]] = []
+
+    @property
+    def table(self) -> RoutingTable:
+        return self._table
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    @property
+    def stale(self) -> bool:
+        return self._pending > 0
+
+    def mark_pending(self) -> None:
+        with self._lock:
+            self._pending += 1
+
+    def reload(self, *, pending_done: bool = False) -> RoutingTable:
+        """Rebuild from the database and publish (sync: call from a thread, not the loop)."""
+        with self._lock:
+            table = load_table(next(self._versions))
+            self.publish(table)
+            if pending_done and self._pending:
+                self._pending -= 1
+        return table
+
+    async def ensure_loaded(self) -> RoutingTable:
+        if not self._loaded:
+            await sync_to_async(self.reload, thread_sensitive=True)()
+        return self._table
+
+    def publish(self, table: RoutingTable) -> None:
+        old, self._table, self._loaded = self._table, table, True
+        waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            if not loop.is_closed() and not fut.done():
+                loop.call_soon_threadsafe(_wake, fut)
+        for listener in list(self._listeners):
+            listener(old, table)
+
+    def on_change(self, listener: Callable[[RoutingTable, RoutingTable], None]) -> None:
+        self._listeners.append(listener)
+
+    def next_change(self) -> asyncio.Future[None]:
+        """A future resolved when the next table is published (from any thread).
+
+        Take it *before* looking at the table: then a change between the look and the wait
+        resolves it instead of being missed. Cancel it if you stop waiting.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append((loop, fut))
+        return fut
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+store = TableStore()

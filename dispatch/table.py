@@ -1,0 +1,116 @@
+"""The routing table: an immutable snapshot of slots and the models they serve.
+
+Pure data. It is built from plain values (see ``dispatch.store`` for the ORM loader), never
+mutated, and replaced whole when anything changes, so a request reads one consistent view
+without locks and without touching the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+# Slot states a request can be sent to now, or soon.
+USABLE_STATES = frozenset({"ready", "loading", "unknown"})
+# Preference among candidate slots: ready first, then loading, then never probed, then the rest.
+STATE_RANK: Mapping[str, int] = MappingProxyType(
+    {"ready": 0, "loading": 1, "unknown": 2, "error": 3, "offline": 3, "draining": 4}
+)
+
+ENDPOINT_TYPES: Mapping[str, str] = MappingProxyType(
+    {"chat/completions": "llm", "completions": "llm", "embeddings": "embedding"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    model_id: str
+    upstream_model: str
+    source: str  # manifest | alias | discovered
+    is_default: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SlotEntry:
+    name: str
+    url: str
+    kind: str = "llamacpp"
+    type: str = "llm"
+    device: str = ""
+    enabled: bool = True
+    is_default: bool = False
+    priority: int = 0
+    state: str = "unknown"
+    last_error: str = ""
+    api_key_env: str = ""
+    max_concurrency: int = 0
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 300.0
+    idle_timeout_s: float = 120.0
+    models: Mapping[str, ModelEntry] = field(default_factory=lambda: MappingProxyType({}))
+    default_model: str | None = None
+    drift: tuple[str, ...] = ()
+
+    @property
+    def usable(self) -> bool:
+        return self.enabled and self.state in USABLE_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTable:
+    version: int
+    slots: Mapping[str, SlotEntry]
+    # model id -> names of the enabled slots that serve it (declared, alias or discovered)
+    by_model: Mapping[str, tuple[str, ...]]
+    # slot type -> name of the enabled default slot of that type
+    default_slot: Mapping[str, str]
+    known_ids: tuple[str, ...]
+
+    @classmethod
+    def build(cls, version: int, slots: Iterable[SlotEntry]) -> RoutingTable:
+        by_name = {s.name: s for s in slots}
+        by_model: dict[str, list[str]] = {}
+        defaults: dict[str, str] = {}
+        for s in by_name.values():
+            if not s.enabled:
+                continue
+            if s.is_default:
+                defaults.setdefault(s.type, s.name)
+            for model_id in s.models:
+                by_model.setdefault(model_id, []).append(s.name)
+        return cls(
+            version=version,
+            slots=MappingProxyType(by_name),
+            by_model=MappingProxyType({k: tuple(v) for k, v in by_model.items()}),
+            default_slot=MappingProxyType(defaults),
+            known_ids=tuple(sorted(by_model)),
+        )
+
+    @property
+    def unprobed(self) -> tuple[str, ...]:
+        """Enabled slots never probed yet: a miss may only mean we have not asked them."""
+        return tuple(s.name for s in self.slots.values() if s.enabled and s.state == "unknown")
+
+
+EMPTY_TABLE = RoutingTable.build(0, ())
+
+
+def make_slot(
+    name: str,
+    url: str,
+    models: Iterable[ModelEntry] = (),
+    **kwargs: object,
+) -> SlotEntry:
+    """Convenience constructor: freezes the model mapping and derives the default model."""
+    model_list = list(models)
+    default = next((m.model_id for m in model_list if m.is_default), None)
+    if default is None:
+        default = next((m.model_id for m in model_list if m.source != "alias"), None)
+    return SlotEntry(
+        name=name,
+        url=url,
+        models=MappingProxyType({m.model_id: m for m in model_list}),
+        default_model=default,
+        **kwargs,  # type: ignore[arg-type]
+    )

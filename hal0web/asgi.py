@@ -1,0 +1,31 @@
+"""ASGI entry point: HTTP for the API, the page and the admin; WebSocket for the live UI."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hal0web.settings")
+
+from django.core.asgi import get_asgi_application
+
+# Set Django up before importing anything that touches models (the Channels tutorial order).
+django_app = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from dispatch.runtime import Hal0Application, api_asgi_application  # noqa: E402
+from dispatch.ws_urls import websocket_urlpatterns  # noqa: E402
+
+application = Hal0Application(
+    ProtocolTypeRouter(
+        {
+            "http": django_app,
+            "websocket": AllowedHostsOriginValidator(
+                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+            ),
+        }
+    ),
+    api=api_asgi_application(),
+)

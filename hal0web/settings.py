@@ -1,0 +1,233 @@
+"""hal0web settings: every environment variable is read here, once, and validated loudly.
+
+Nothing else in the project reads ``os.environ`` for configuration; code that needs a value
+reads ``django.conf.settings`` at call time, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+# An optional .env beside manage.py; real environment variables win over it.
+_env_file = Path(os.environ.get("HAL0_ENV_FILE", BASE_DIR / ".env"))
+if _env_file.is_file():
+    env.read_env(str(_env_file), overwrite=False)
+
+
+def _read(name: str, cast: Any, default: Any) -> Any:
+    """Read one variable, turning any parse failure into an error that names it."""
+    try:
+        return cast(name, default=default)
+    except ImproperlyConfigured:
+        raise
+    except (ValueError, TypeError) as exc:
+        raw = os.environ.get(name)
+        raise ImproperlyConfigured(f"{name}={raw!r} is not valid: {exc}") from exc
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _strict_bool(name: str, default: bool) -> bool:
+    # environ.Env.bool() reads any unknown word as False; "DEBUG=maybe" must stop start-up.
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ImproperlyConfigured(
+        f"{name}={raw!r} is not a boolean (use one of 1/0, true/false, yes/no, on/off)"
+    )
+
+
+def _positive(name: str, cast: Any, default: float, *, allow_zero: bool = False) -> Any:
+    value = _read(name, cast, default)
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ImproperlyConfigured(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+    return value
+
+
+# --- data directory and secrets ------------------------------------------------------------
+DATA_DIR = Path(_read("HAL0_DATA_DIR", env.str, str(BASE_DIR / "var"))).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    given = os.environ.get("SECRET_KEY")
+    if given:
+        return given
+    # Generated once and kept in the data directory, so sessions survive restarts and no key
+    # is ever hard-coded in the source.
+    key_file = DATA_DIR / "secret_key"
+    if key_file.is_file():
+        return key_file.read_text().strip()
+    key = secrets.token_urlsafe(50)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key
+
+
+SECRET_KEY = _secret_key()
+DEBUG = _strict_bool("DEBUG", False)
+ALLOWED_HOSTS: list[str] = _read("ALLOWED_HOSTS", env.list, ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS: list[str] = _read("CSRF_TRUSTED_ORIGINS", env.list, [])
+
+# --- database and channel layer --------------------------------------------------------------
+_default_db = f"sqlite:///{DATA_DIR / 'hal0web.sqlite3'}"
+_db_url = os.environ.get("DATABASE_URL", _default_db)
+try:
+    _db = environ.Env.db_url_config(_db_url)
+except Exception as exc:  # environ raises bare exceptions of several kinds for bad URLs
+    raise ImproperlyConfigured(
+        f"DATABASE_URL={_db_url!r} is not a valid database URL: {exc}"
+    ) from exc
+if not _db.get("ENGINE"):
+    raise ImproperlyConfigured(f"DATABASE_URL={_db_url!r} names no known database engine")
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the watcher write slot state while requests read; the timeout rides out the
+    # brief write locks instead of failing with "database is locked".
+    _db.setdefault("OPTIONS", {}).update(
+        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+    )
+    if _db_url.startswith("sqlite:///") and _db.get("NAME") not in ("", ":memory:"):
+        Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+DATABASES = {"default": _db}
+
+REDIS_URL: str | None = os.environ.get("REDIS_URL") or None
+if REDIS_URL:
+    if not re.match(r"^rediss?://", REDIS_URL):
+        raise ImproperlyConfigured(f"REDIS_URL={REDIS_URL!r} must start with redis:// or rediss://")
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- routing behaviour -----------------------------------------------------------------------
+HAL0_FALLBACK_SLOT: str | None = os.environ.get("HAL0_FALLBACK_SLOT") or None
+HAL0_MAX_BODY_MB: float = _positive("HAL0_MAX_BODY_MB", env.float, 32)
+HAL0_PROBE_INTERVAL_S: float = _positive("HAL0_PROBE_INTERVAL_S", env.float, 5)
+HAL0_COLD_PROBE_S: float = _positive("HAL0_COLD_PROBE_S", env.float, 2, allow_zero=True)
+HAL0_SWAP_WAIT_S: float = _positive("HAL0_SWAP_WAIT_S", env.float, 30, allow_zero=True)
+HAL0_QUEUE_WAIT_S: float = _positive("HAL0_QUEUE_WAIT_S", env.float, 30, allow_zero=True)
+# The watcher runs inside the server process unless a deployment runs `manage.py watch`.
+HAL0_WATCHER: bool = _strict_bool("HAL0_WATCHER", True)
+HAL0_BIND: str = _read("HAL0_BIND", env.str, "127.0.0.1:8000")
+if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", HAL0_BIND):
+    raise ImproperlyConfigured(f"HAL0_BIND={HAL0_BIND!r} must be HOST:PORT")
+
+_max_body = int(HAL0_MAX_BODY_MB * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = _max_body
+FILE_UPLOAD_MAX_MEMORY_SIZE = _max_body
+
+# --- Django ----------------------------------------------------------------------------------
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "channels",
+    "dispatch",
+]
+
+# This stack serves the admin and the chat page only. /v1 is served by a handler with no
+# middleware at all (see hal0web/asgi.py): each sync middleware costs a thread hop there.
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "hal0web.urls"
+ASGI_APPLICATION = "hal0web.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise warns (an error under the test suite) without it
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "django.contrib.staticfiles.storage.StaticFilesStorage"
+            if DEBUG
+            else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        )
+    },
+}
+# Serve straight from the app folders when collectstatic has not run (tests, first start).
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_MANIFEST_STRICT = False
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LOG_LEVEL: str = _read("HAL0_LOG_LEVEL", env.str, "INFO").upper()
+if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+    raise ImproperlyConfigured(
+        f"HAL0_LOG_LEVEL={LOG_LEVEL!r} must be DEBUG, INFO, WARNING or ERROR"
+    )
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "hal0": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+    },
+}

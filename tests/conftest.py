@@ -1,0 +1,88 @@
+"""Shared fixtures: fake upstreams on real sockets, slots in the database, a live hal0web."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.fakes import FakeUpstream, ServerThread
+
+# Tests never read the developer's .env or data directory.
+os.environ.setdefault("HAL0_ENV_FILE", "/nonexistent")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runtime() -> Iterator[None]:
+    """Each test starts with an empty routing table, no watcher and no pooled clients."""
+    from dispatch import admission as admission_mod
+    from dispatch import events, health
+    from dispatch import store as store_mod
+    from dispatch.proxy import upstream
+
+    store_mod.store.__init__()  # type: ignore[misc]
+    health.watcher.__init__()  # type: ignore[misc]
+    admission_mod.admission.__init__()  # type: ignore[misc]
+    upstream.use_transport(None)
+    events.bind_loop(None)  # type: ignore[arg-type]
+    yield
+    upstream.use_transport(None)
+
+
+@pytest.fixture
+def fake_pair() -> Iterator[dict[str, tuple[FakeUpstream, ServerThread]]]:
+    """The seed scenario's two servers: `primary` and `agent-hermes`."""
+    primary = FakeUpstream("primary", models=["qwen3-coder-40b"])
+    hermes = FakeUpstream("agent-hermes", models=["qwen3-coder-reap-25b-a3b-q5km"])
+    servers = {
+        "primary": (primary, ServerThread(primary).start()),
+        "agent-hermes": (hermes, ServerThread(hermes).start()),
+    }
+    yield servers
+    for _, server in servers.values():
+        server.stop()
+
+
+def add_slot(name: str, url: str, models: list[str] | None = None, **fields: Any) -> Any:
+    """Create a slot with declared models (the first is the default)."""
+    from dispatch.models import Slot, SlotModel
+
+    aliases: dict[str, str] = fields.pop("aliases", {})
+    slot = Slot.objects.create(name=name, url=url, **fields)
+    for i, model_id in enumerate(models or []):
+        SlotModel.objects.create(slot=slot, model_id=model_id, is_default=(i == 0))
+    for alias, target in aliases.items():
+        SlotModel.objects.create(slot=slot, model_id=alias, upstream_model=target, source="alias")
+    return slot
+
+
+@pytest.fixture
+def seed_slots(
+    fake_pair: dict[str, tuple[FakeUpstream, ServerThread]], transactional_db: None
+) -> dict[str, Any]:
+    """The seed's two slots in the database, pointing at the two fakes."""
+    p_url = fake_pair["primary"][1].url + "/v1"
+    h_url = fake_pair["agent-hermes"][1].url + "/v1"
+    return {
+        "primary": add_slot("primary", p_url, ["qwen3-coder-40b"], is_default=True),
+        "agent-hermes": add_slot(
+            "agent-hermes",
+            h_url,
+            ["qwen3-coder-reap-25b-a3b-q5km"],
+            aliases={"hermes": "qwen3-coder-reap-25b-a3b-q5km"},
+        ),
+    }
+
+
+@pytest.fixture
+def hal0(transactional_db: None, settings: Any) -> Iterator[ServerThread]:
+    """hal0web itself, served by Uvicorn on a loopback port, sharing the test database."""
+    from hal0web.asgi import application
+
+    settings.HAL0_PROBE_INTERVAL_S = 0.2
+    settings.HAL0_COLD_PROBE_S = 2
+    server = ServerThread(application).start()
+    yield server
+    server.stop()
