@@ -189,10 +189,12 @@ completions = proxy_view("completions")
 embeddings = proxy_view("embeddings")
 
 
-def _not_found(model_id: str) -> HttpResponse:
-    return error_response(
-        ApiError(404, "model_not_found", f"The model '{model_id}' does not exist.", param="model")
-    )
+def _fail(request: HttpRequest, err: ApiError, allow: str | None = None) -> HttpResponse:
+    response = error_response(err)
+    response["X-Request-Id"] = _request_id(request)
+    if allow:
+        response["Allow"] = allow
+    return response
 
 
 def _model_entries(table: RoutingTable) -> list[dict[str, Any]]:
@@ -238,9 +240,7 @@ def _model_entries(table: RoutingTable) -> list[dict[str, Any]]:
 
 async def models(request: HttpRequest) -> HttpResponse:
     if request.method != "GET":
-        response = error_response(ApiError(405, "method_not_allowed", "Use GET for /v1/models."))
-        response["Allow"] = "GET"
-        return response
+        return _fail(request, ApiError(405, "method_not_allowed", "Use GET for /v1/models."), "GET")
     table = await store.ensure_loaded()
     return HttpResponse(
         orjson.dumps({"object": "list", "data": _model_entries(table)}),
@@ -250,26 +250,28 @@ async def models(request: HttpRequest) -> HttpResponse:
 
 async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
     if request.method != "GET":
-        response = error_response(
-            ApiError(405, "method_not_allowed", "Use GET for /v1/models/{id}.")
+        return _fail(
+            request, ApiError(405, "method_not_allowed", "Use GET for /v1/models/{id}."), "GET"
         )
-        response["Allow"] = "GET"
-        return response
     table = await store.ensure_loaded()
     for entry in _model_entries(table):
         if entry["id"] == model_id:
             return HttpResponse(orjson.dumps(entry), content_type="application/json")
-    return _not_found(model_id)
+    return _fail(
+        request,
+        ApiError(404, "model_not_found", f"The model '{model_id}' does not exist.", param="model"),
+    )
 
 
 async def not_found(request: HttpRequest, path: str) -> HttpResponse:
-    return error_response(
+    return _fail(
+        request,
         ApiError(
             404,
             "not_found",
-            f"Unknown endpoint /v1/{path}. hal0web serves chat/completions, "
-            "completions, embeddings and models.",
-        )
+            f"Unknown endpoint /v1/{path}. hal0web serves chat/completions, completions, "
+            "embeddings and models.",
+        ),
     )
 
 

@@ -134,6 +134,30 @@ HAL0_BIND: str = _read("HAL0_BIND", env.str, "127.0.0.1:8000")
 if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", HAL0_BIND):
     raise ImproperlyConfigured(f"HAL0_BIND={HAL0_BIND!r} must be HOST:PORT")
 
+# --- `manage.py serve` (what `make run` runs) ---------------------------------------------------
+# The first run creates an `admin` superuser with this password (generated and printed once
+# when unset); the password is never stored anywhere but as Django's hash.
+HAL0_ADMIN_PASSWORD: str | None = os.environ.get("HAL0_ADMIN_PASSWORD") or None
+# The demo: two tiny GGUF models served by llama-cpp-python as the slots `primary` and
+# `agent-hermes`. Off (0) serves only the manifests in slots/ (your own servers).
+HAL0_DEMO: bool = _strict_bool("HAL0_DEMO", True)
+
+
+def _port(name: str, default: int) -> int:
+    value: int = _read(name, env.int, default)
+    if not 1 <= value <= 65535:
+        raise ImproperlyConfigured(f"{name}={value!r} must be a TCP port (1-65535)")
+    return value
+
+
+HAL0_DEMO_PRIMARY_PORT: int = _port("HAL0_DEMO_PRIMARY_PORT", 8001)
+HAL0_DEMO_HERMES_PORT: int = _port("HAL0_DEMO_HERMES_PORT", 8002)
+if HAL0_DEMO_PRIMARY_PORT == HAL0_DEMO_HERMES_PORT:
+    raise ImproperlyConfigured(
+        f"HAL0_DEMO_PRIMARY_PORT and HAL0_DEMO_HERMES_PORT are both {HAL0_DEMO_PRIMARY_PORT}: "
+        "the two demo model servers need different ports"
+    )
+
 _max_body = int(HAL0_MAX_BODY_MB * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = _max_body
 FILE_UPLOAD_MAX_MEMORY_SIZE = _max_body
@@ -229,5 +253,8 @@ LOGGING = {
     "loggers": {
         "hal0": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
         "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+        # Every /v1 answer already has its own structured line (hal0.dispatch); Django's
+        # "Not Found: /v1/..." warning for each 404 would only repeat it.
+        "django.request": {"handlers": ["console"], "level": "ERROR", "propagate": False},
     },
 }
