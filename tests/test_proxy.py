@@ -1,0 +1,185 @@
+"""The proxy: pass-through, transport failures, timeouts, mid-stream failure, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from dispatch.proxy import Upstream, UpstreamError
+from dispatch.table import make_slot
+from tests.conftest import add_slot
+from tests.fakes import FakeUpstream, ServerThread, free_port
+
+# --- unit: the seam, with httpx.MockTransport ------------------------------------------------
+
+
+def slot(**kw):
+    return make_slot("s", "http://upstream.test/v1", **kw)
+
+
+async def test_open_forwards_body_and_filters_headers():
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(
+            201, content=b'{"ok":1}',
+            headers={"content-type": "application/json", "x-extra": "yes", "connection": "close",
+                     "set-cookie": "a=b"},
+        )
+
+    up = Upstream(httpx.MockTransport(handler))
+    resp = await up.open(
+        slot(), "chat/completions", b'{"model":"m"}',
+        {"Content-Type": "application/json", "Authorization": "Bearer client", "Cookie": "s=1",
+         "Connection": "keep-alive", "X-Custom": "1"},
+    )
+    assert resp.status_code == 201
+    assert await resp.read() == b'{"ok":1}'
+    assert dict(resp.headers()) == {"content-type": "application/json", "x-extra": "yes"}
+    req = seen[0]
+    assert str(req.url) == "http://upstream.test/v1/chat/completions"
+    assert req.content == b'{"model":"m"}'
+    assert "authorization" not in req.headers and "cookie" not in req.headers
+    assert req.headers["x-custom"] == "1" and req.headers["accept-encoding"] == "identity"
+    await up.aclose()
+
+
+async def test_slot_key_is_sent_from_its_env_var(monkeypatch):
+    monkeypatch.setenv("SLOT_KEY_T", "sk-1")
+    seen: list[httpx.Request] = []
+    up = Upstream(httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200)))
+    await (await up.open(slot(api_key_env="SLOT_KEY_T"), "x", b"{}", {})).read()
+    assert seen[0].headers["authorization"] == "Bearer sk-1"
+    await up.aclose()
+
+
+async def test_connection_failure_is_unreachable():
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    up = Upstream(httpx.MockTransport(handler))
+    with pytest.raises(UpstreamError) as exc:
+        await up.open(slot(), "x", b"{}", {})
+    assert exc.value.kind == "unreachable" and "'s'" in exc.value.message
+    await up.aclose()
+
+
+# --- integration: real sockets ----------------------------------------------------------------
+
+
+@pytest.fixture
+def one_fake(transactional_db):
+    fake = FakeUpstream("solo", models=["m1"])
+    server = ServerThread(fake).start()
+    yield fake, server
+    server.stop()
+
+
+def _client(hal0) -> httpx.Client:
+    return httpx.Client(base_url=hal0.url, timeout=15)
+
+
+def test_upstream_errors_pass_through_as_they_are(one_fake, hal0):
+    fake, server = one_fake
+    add_slot("solo", server.url + "/v1", ["m1"])
+    fake.fail_status = 422
+    with _client(hal0) as c:
+        r = c.post("/v1/chat/completions", json={"model": "m1", "messages": []})
+    assert r.status_code == 422
+    assert r.json() == {"error": {"message": "solo says no"}}
+    assert r.headers["X-Hal0-Slot"] == "solo"
+
+
+def test_refused_connection_is_502_upstream_unreachable(transactional_db, hal0):
+    add_slot("gone", f"http://127.0.0.1:{free_port()}/v1", ["m1"])
+    with _client(hal0) as c:
+        r = c.post("/v1/chat/completions", json={"model": "m1", "messages": []})
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_unreachable"
+    assert r.headers["X-Hal0-Slot"] == "gone"
+
+
+def test_no_headers_within_first_byte_timeout_is_504(one_fake, hal0):
+    fake, server = one_fake
+    add_slot("solo", server.url + "/v1", ["m1"], first_byte_timeout_s=0.3)
+    fake.delay_headers_s = 3
+    with _client(hal0) as c:
+        r = c.post("/v1/chat/completions", json={"model": "m1", "messages": []})
+    assert r.status_code == 504
+    assert r.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_stream_going_idle_ends_with_an_error_event(one_fake, hal0):
+    fake, server = one_fake
+    add_slot("solo", server.url + "/v1", ["m1"], idle_timeout_s=0.3)
+    fake.chunks, fake.chunk_gap_s = 3, 2
+    with _client(hal0) as c:
+        r = c.post("/v1/chat/completions", json={"model": "m1", "stream": True, "messages": []})
+    assert r.status_code == 200
+    events = [e for e in r.text.split("\n\n") if e]
+    assert json.loads(events[0][6:])["slot"] == "solo"
+    last = json.loads(events[-1][6:])
+    assert last["error"]["code"] == "upstream_idle"
+
+
+def test_failure_mid_stream_ends_cleanly_with_one_error_event(one_fake, hal0):
+    fake, server = one_fake
+    add_slot("solo", server.url + "/v1", ["m1"])
+    fake.chunks, fake.break_after_chunks = 5, 2
+    with _client(hal0) as c:
+        r = c.post("/v1/chat/completions", json={"model": "m1", "stream": True, "messages": []})
+    events = [e for e in r.text.split("\n\n") if e]
+    assert len(events) == 3
+    assert [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:2]] == ["hello from solo", " 1"]
+    assert json.loads(events[2][6:])["error"]["code"] == "upstream_broken"
+
+
+def test_client_disconnect_cancels_the_upstream_request_within_a_second(one_fake, hal0):
+    fake, server = one_fake
+    add_slot("solo", server.url + "/v1", ["m1"])
+    fake.chunks, fake.chunk_gap_s = 1000, 0.05
+    body = json.dumps({"model": "m1", "stream": True, "messages": []}).encode()
+    port = int(hal0.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    got = b""
+    while b"hello from solo" not in got:
+        got += sock.recv(65536)
+    assert fake.active == 1
+    closed_at = time.monotonic()
+    sock.close()
+    deadline = closed_at + 5
+    while not fake.disconnects and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.disconnects, "the upstream never saw the client go away"
+    assert fake.disconnects[0] - closed_at < 1.0
+
+
+def test_large_concurrent_streams_arrive_whole(one_fake, hal0):
+    fake, server = one_fake
+    add_slot("solo", server.url + "/v1", ["m1"])
+    fake.chunks = 50
+
+    async def one(c: httpx.AsyncClient) -> int:
+        r = await c.post("/v1/chat/completions", json={"model": "m1", "stream": True, "messages": []})
+        return r.text.count("data: ")
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(base_url=hal0.url, timeout=30) as c:
+            return await asyncio.gather(*(one(c) for _ in range(20)))
+
+    result: list[list[int]] = []
+    t = threading.Thread(target=lambda: result.append(asyncio.run(main())))
+    t.start()
+    t.join()
+    assert result[0] == [51] * 20
