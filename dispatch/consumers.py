@@ -30,9 +30,14 @@ class DispatchConsumer(AsyncWebsocketConsumer):
         await events.leave(self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        # The page may ask for a fresh snapshot (after it reconnects, say).
-        if text_data and orjson.loads(text_data).get("type") == "snapshot":
-            table = store.table
+        # The page may ask for a fresh snapshot (for current in-flight counts, say). Anything
+        # else, malformed JSON included, is ignored: a client's noise must not close the socket.
+        try:
+            message = orjson.loads(text_data or bytes_data or b"")
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(message, dict) and message.get("type") == "snapshot":
+            table = await store.ensure_loaded()
             await self.send(text_data=orjson.dumps(snapshot(table, admission.inflight)).decode())
 
     async def dispatch_event(self, message: dict[str, Any]) -> None:

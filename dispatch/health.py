@@ -9,6 +9,7 @@ table, the waiting requests and the live UI all hear of it by one path.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from dataclasses import dataclass
 
@@ -138,7 +139,11 @@ class Watcher:
             return
         self._loop = loop
         self._tasks, self._pokes = {}, {}
-        self._supervisor = loop.create_task(self._supervise(), name="hal0-watcher")
+        # A fresh context: started from inside a request, the task would otherwise inherit
+        # that request's asgiref executor, which is gone once the request ends.
+        self._supervisor = loop.create_task(
+            self._supervise(), name="hal0-watcher", context=contextvars.Context()
+        )
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -209,7 +214,9 @@ class Watcher:
     async def cold_probe(self) -> None:
         """Probe every never-probed slot once, shared by all callers, bounded in time."""
         if self._cold is None or self._cold.done():
-            self._cold = asyncio.get_running_loop().create_task(self._probe_unknown())
+            self._cold = asyncio.get_running_loop().create_task(
+                self._probe_unknown(), context=contextvars.Context()
+            )
         try:
             await asyncio.wait_for(asyncio.shield(self._cold), settings.HAL0_COLD_PROBE_S)
         except TimeoutError:
@@ -241,10 +248,29 @@ def _unchanged(slot: SlotEntry, obs: Observation) -> bool:
 watcher = Watcher()
 
 
+_follower: asyncio.Task[None] | None = None
+
+
 def ensure_running() -> None:
-    """Start the in-process watcher on this loop unless a standalone one does the job."""
+    """Start the in-process watcher on this loop; without it, follow the one that runs
+    elsewhere (`manage.py watch`) through the database."""
+    global _follower
     if settings.HAL0_WATCHER:
         watcher.start()
+    elif _follower is None or _follower.done():
+        _follower = asyncio.get_running_loop().create_task(
+            follow_database(), context=contextvars.Context()
+        )
+
+
+async def follow_database() -> None:
+    """Reload the table every probe interval, for changes other processes write."""
+    while True:
+        await asyncio.sleep(settings.HAL0_PROBE_INTERVAL_S)
+        try:
+            await sync_to_async(store.reload, thread_sensitive=True)()
+        except Exception:  # the database may be briefly away; the next round tries again
+            log.warning("could not reload the routing table", exc_info=True)
 
 
 def suspect(slot: str, reason: str) -> None:

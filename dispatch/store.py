@@ -9,7 +9,6 @@ code that needs to know when the table changes (a request waiting out a model sw
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 from collections.abc import Callable
 
@@ -56,7 +55,6 @@ class TableStore:
     def __init__(self) -> None:
         self._table: RoutingTable = EMPTY_TABLE
         self._loaded = False
-        self._versions = itertools.count(1)
         self._lock = threading.Lock()
         self._pending = 0  # reloads scheduled but not yet done: the table is stale meanwhile
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -79,13 +77,18 @@ class TableStore:
             self._pending += 1
 
     def reload(self, *, pending_done: bool = False) -> RoutingTable:
-        """Rebuild from the database and publish (sync: call from a thread, not the loop)."""
+        """Rebuild from the database and publish (sync: call from a thread, not the loop).
+
+        A reload that finds nothing changed publishes nothing: the version moves only when
+        the routing does.
+        """
         with self._lock:
-            table = load_table(next(self._versions))
-            self.publish(table)
+            table = load_table(self._table.version + 1)
+            if not self._loaded or table.slots != self._table.slots:
+                self.publish(table)
             if pending_done and self._pending:
                 self._pending -= 1
-        return table
+        return self._table
 
     async def ensure_loaded(self) -> RoutingTable:
         if not self._loaded:

@@ -14,6 +14,21 @@ from tests.fakes import FakeUpstream, ServerThread
 os.environ.setdefault("HAL0_ENV_FILE", "/nonexistent")
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A file SQLite test database, one per test run.
+
+    The live server runs in another thread; in-memory SQLite's shared cache answers a
+    concurrent reader with "table is locked" at once, where a file database in WAL mode
+    lets readers and the writer proceed (and waits out write locks).
+    """
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        db.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_runtime() -> Iterator[None]:
     """Each test starts with an empty routing table, no watcher and no pooled clients."""

@@ -25,7 +25,9 @@ def assert_error(r: httpx.Response, status: int, code: str, param: str | None = 
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b'{"model": "x",}', b"\xff\xfe"])
 def test_non_json_body_is_400_invalid_json(client, body):
-    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     assert_error(r, 400, "invalid_json")
 
 
@@ -48,7 +50,11 @@ def test_stream_not_a_boolean_is_400(client):
 def test_body_over_the_limit_is_413(seed_slots, hal0, settings, fake_pair):
     settings.HAL0_MAX_BODY_MB = 1
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
-    big = b'{"model": "hermes", "messages": [{"role": "user", "content": "' + b"x" * (1024 * 1024 + 10) + b'"}]}'
+    big = (
+        b'{"model": "hermes", "messages": [{"role": "user", "content": "'
+        + b"x" * (1024 * 1024 + 10)
+        + b'"}]}'
+    )
     with httpx.Client(base_url=hal0.url, timeout=10) as c:
         assert_error(c.post("/v1/chat/completions", content=big), 413, "request_too_large")
 

@@ -38,10 +38,16 @@ def test_null_model_is_rewritten():
     assert json.loads(with_model(parse(b'{"model": null, "a": 1}'), "d")) == {"model": "d", "a": 1}
 
 
-@pytest.mark.parametrize(("raw", "code"), [
-    (b"", "invalid_json"), (b"nope", "invalid_json"), (b"[1]", "invalid_request_error"),
-    (b'{"model": 1}', "invalid_model"), (b'{"stream": 1}', "invalid_request_error"),
-])
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"", "invalid_json"),
+        (b"nope", "invalid_json"),
+        (b"[1]", "invalid_request_error"),
+        (b'{"model": 1}', "invalid_model"),
+        (b'{"stream": 1}', "invalid_request_error"),
+    ],
+)
 def test_parse_errors(raw, code):
     with pytest.raises(ApiError) as exc:
         parse(raw)
@@ -50,7 +56,9 @@ def test_parse_errors(raw, code):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=10,
 )
 

@@ -29,16 +29,28 @@ async def test_open_forwards_body_and_filters_headers():
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return httpx.Response(
-            201, content=b'{"ok":1}',
-            headers={"content-type": "application/json", "x-extra": "yes", "connection": "close",
-                     "set-cookie": "a=b"},
+            201,
+            content=b'{"ok":1}',
+            headers={
+                "content-type": "application/json",
+                "x-extra": "yes",
+                "connection": "close",
+                "set-cookie": "a=b",
+            },
         )
 
     up = Upstream(httpx.MockTransport(handler))
     resp = await up.open(
-        slot(), "chat/completions", b'{"model":"m"}',
-        {"Content-Type": "application/json", "Authorization": "Bearer client", "Cookie": "s=1",
-         "Connection": "keep-alive", "X-Custom": "1"},
+        slot(),
+        "chat/completions",
+        b'{"model":"m"}',
+        {
+            "Content-Type": "application/json",
+            "Authorization": "Bearer client",
+            "Cookie": "s=1",
+            "Connection": "keep-alive",
+            "X-Custom": "1",
+        },
     )
     assert resp.status_code == 201
     assert await resp.read() == b'{"ok":1}'
@@ -137,7 +149,10 @@ def test_failure_mid_stream_ends_cleanly_with_one_error_event(one_fake, hal0):
         r = c.post("/v1/chat/completions", json={"model": "m1", "stream": True, "messages": []})
     events = [e for e in r.text.split("\n\n") if e]
     assert len(events) == 3
-    assert [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:2]] == ["hello from solo", " 1"]
+    assert [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:2]] == [
+        "hello from solo",
+        " 1",
+    ]
     assert json.loads(events[2][6:])["error"]["code"] == "upstream_broken"
 
 
@@ -150,7 +165,8 @@ def test_client_disconnect_cancels_the_upstream_request_within_a_second(one_fake
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     got = b""
     while b"hello from solo" not in got:
@@ -171,7 +187,9 @@ def test_large_concurrent_streams_arrive_whole(one_fake, hal0):
     fake.chunks = 50
 
     async def one(c: httpx.AsyncClient) -> int:
-        r = await c.post("/v1/chat/completions", json={"model": "m1", "stream": True, "messages": []})
+        r = await c.post(
+            "/v1/chat/completions", json={"model": "m1", "stream": True, "messages": []}
+        )
         return r.text.count("data: ")
 
     async def main() -> list[int]:

@@ -16,12 +16,19 @@ def m(model_id: str, default: bool = False, source: str = "manifest", upstream: 
 
 def seed_table(**hermes_kwargs) -> RoutingTable:
     primary = make_slot(
-        "primary", "http://127.0.0.1:8001/v1", [m("qwen3-coder-40b", True)],
-        is_default=True, state="ready",
+        "primary",
+        "http://127.0.0.1:8001/v1",
+        [m("qwen3-coder-40b", True)],
+        is_default=True,
+        state="ready",
     )
     hermes = make_slot(
-        "agent-hermes", "http://127.0.0.1:8002/v1",
-        [m("qwen3-coder-reap-25b-a3b-q5km", True), m("hermes", source="alias", upstream="qwen3-coder-reap-25b-a3b-q5km")],
+        "agent-hermes",
+        "http://127.0.0.1:8002/v1",
+        [
+            m("qwen3-coder-reap-25b-a3b-q5km", True),
+            m("hermes", source="alias", upstream="qwen3-coder-reap-25b-a3b-q5km"),
+        ],
         **{"state": "ready", **hermes_kwargs},
     )
     return RoutingTable.build(1, [primary, hermes])
@@ -40,7 +47,9 @@ def test_alias_rewrites_to_upstream_model():
     d = resolve(seed_table(), "hermes", "chat/completions")
     assert isinstance(d, Decision)
     assert (d.slot, d.upstream_model, d.resolution_path) == (
-        "agent-hermes", "qwen3-coder-reap-25b-a3b-q5km", "alias:agent-hermes",
+        "agent-hermes",
+        "qwen3-coder-reap-25b-a3b-q5km",
+        "alias:agent-hermes",
     )
 
 
@@ -73,14 +82,20 @@ def test_slot_name_uses_its_default_model():
     d = resolve(seed_table(), "agent-hermes", "chat/completions")
     assert isinstance(d, Decision)
     assert (d.slot, d.upstream_model, d.resolution_path) == (
-        "agent-hermes", "qwen3-coder-reap-25b-a3b-q5km", "slot:agent-hermes",
+        "agent-hermes",
+        "qwen3-coder-reap-25b-a3b-q5km",
+        "slot:agent-hermes",
     )
 
 
 def test_no_model_uses_the_default_slot_of_the_endpoint_type():
     d = resolve(seed_table(), None, "chat/completions")
     assert isinstance(d, Decision)
-    assert (d.slot, d.resolution_path, d.upstream_model) == ("primary", "default:primary", "qwen3-coder-40b")
+    assert (d.slot, d.resolution_path, d.upstream_model) == (
+        "primary",
+        "default:primary",
+        "qwen3-coder-40b",
+    )
     r = resolve(seed_table(), None, "embeddings")
     assert isinstance(r, NoRoute)
     assert (r.status, r.code) == (400, "model_required")
@@ -96,7 +111,11 @@ def test_unknown_model_is_404_with_suggestions_and_never_a_silent_default():
 def test_fallback_slot_only_when_the_operator_opts_in():
     d = resolve(seed_table(), "mystery", "chat/completions", fallback_slot="primary")
     assert isinstance(d, Decision)
-    assert (d.slot, d.resolution_path, d.upstream_model) == ("primary", "fallback:primary", "mystery")
+    assert (d.slot, d.resolution_path, d.upstream_model) == (
+        "primary",
+        "fallback:primary",
+        "mystery",
+    )
 
 
 def test_candidates_prefer_ready_then_priority_then_least_busy():
@@ -145,27 +164,41 @@ def tables(draw):
     default_taken = False
     for name in slot_names:
         ids = draw(st.lists(model_ids, min_size=0, max_size=4, unique=True))
-        entries = [m(i, default=(j == 0), source=draw(st.sampled_from(["manifest", "discovered"]))) for j, i in enumerate(ids)]
+        entries = [
+            m(i, default=(j == 0), source=draw(st.sampled_from(["manifest", "discovered"])))
+            for j, i in enumerate(ids)
+        ]
         if ids:
             for alias in draw(st.lists(model_ids, max_size=2, unique=True)):
                 if alias not in ids:
                     entries.append(m(alias, source="alias", upstream=ids[0]))
         is_default = not default_taken and draw(st.booleans())
         default_taken = default_taken or is_default
-        slots.append(make_slot(
-            name, f"http://127.0.0.1:1/{name}/v1", entries, state=draw(states),
-            enabled=draw(st.booleans()), priority=draw(st.integers(-2, 2)), is_default=is_default,
-        ))
+        slots.append(
+            make_slot(
+                name,
+                f"http://127.0.0.1:1/{name}/v1",
+                entries,
+                state=draw(states),
+                enabled=draw(st.booleans()),
+                priority=draw(st.integers(-2, 2)),
+                is_default=is_default,
+            )
+        )
     return RoutingTable.build(7, slots)
 
 
 @given(table=tables(), data=st.data())
 @settings(max_examples=300, deadline=None)
 def test_every_decision_names_a_slot_that_serves_the_model(table, data):
-    known = list(table.known_ids) + list(table.slots) + [
-        f"{s}/{mid}" for s in table.slots for mid in table.slots[s].models
-    ]
-    requested = data.draw(st.one_of(st.none(), st.sampled_from(known) if known else st.none(), model_ids))
+    known = (
+        list(table.known_ids)
+        + list(table.slots)
+        + [f"{s}/{mid}" for s in table.slots for mid in table.slots[s].models]
+    )
+    requested = data.draw(
+        st.one_of(st.none(), st.sampled_from(known) if known else st.none(), model_ids)
+    )
     result = resolve(table, requested, "chat/completions", inflight={})
     if isinstance(result, NoRoute):
         assert result.status in (400, 404, 503) and result.code and result.message

@@ -35,14 +35,24 @@ def test_hermes_model_lands_on_agent_hermes_and_primary_on_primary(client, fake_
     assert r.json()["slot"] == "primary"
     assert r.headers["X-Hal0-Slot"] == "primary"
     hermes, primary = fake_pair["agent-hermes"][0], fake_pair["primary"][0]
-    assert [s.json["model"] for s in hermes.requests if s.path == "/v1/chat/completions"] == [HERMES_MODEL]
-    assert [s.json["model"] for s in primary.requests if s.path == "/v1/chat/completions"] == ["qwen3-coder-40b"]
+    assert [s.json["model"] for s in hermes.requests if s.path == "/v1/chat/completions"] == [
+        HERMES_MODEL
+    ]
+    assert [s.json["model"] for s in primary.requests if s.path == "/v1/chat/completions"] == [
+        "qwen3-coder-40b"
+    ]
 
 
 def test_streaming_lands_on_the_right_slot_and_passes_sse_through(client):
-    with client.stream("POST", "/v1/chat/completions", json={
-        "model": HERMES_MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}],
-    }) as r:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": HERMES_MODEL,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["X-Accel-Buffering"] == "no"
@@ -65,7 +75,9 @@ def test_qualified_id_pins_and_rewrites_model(client, fake_pair):
 
 def test_alias_is_rewritten_and_the_rest_of_the_body_is_byte_identical(client, fake_pair):
     raw = b'{"messages": [{"role":"user","content":"caf\\u00e9 \xf0\x9f\x99\x82"}],  "model" : "hermes", "temperature": 0.70}'
-    r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 200
     assert r.headers["X-Hal0-Resolution"] == "alias:agent-hermes"
     sent = fake_pair["agent-hermes"][0].requests[-1].body
@@ -100,8 +112,11 @@ def test_unknown_model_is_404_with_suggestions(client, fake_pair):
 def test_request_id_is_echoed_or_generated(client):
     r = chat(client, HERMES_MODEL, stream=False)
     assert len(r.headers["X-Request-Id"]) == 32
-    r = client.post("/v1/chat/completions", json={"model": HERMES_MODEL, "messages": []},
-                    headers={"X-Request-Id": "abc-123"})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": HERMES_MODEL, "messages": []},
+        headers={"X-Request-Id": "abc-123"},
+    )
     assert r.headers["X-Request-Id"] == "abc-123"
 
 
@@ -112,10 +127,16 @@ def test_client_authorization_never_reaches_upstream_and_slot_key_does(
     seed_slots["agent-hermes"].api_key_env = "HERMES_TEST_KEY"
     seed_slots["agent-hermes"].save()
     with httpx.Client(base_url=hal0.url, timeout=10) as c:
-        c.post("/v1/chat/completions", json={"model": HERMES_MODEL, "messages": []},
-               headers={"Authorization": "Bearer sk-client", "Cookie": "sessionid=x"})
-        c.post("/v1/chat/completions", json={"model": "qwen3-coder-40b", "messages": []},
-               headers={"Authorization": "Bearer sk-client"})
+        c.post(
+            "/v1/chat/completions",
+            json={"model": HERMES_MODEL, "messages": []},
+            headers={"Authorization": "Bearer sk-client", "Cookie": "sessionid=x"},
+        )
+        c.post(
+            "/v1/chat/completions",
+            json={"model": "qwen3-coder-40b", "messages": []},
+            headers={"Authorization": "Bearer sk-client"},
+        )
     hermes_seen = fake_pair["agent-hermes"][0].requests[-1].headers
     assert hermes_seen["authorization"] == "Bearer sk-upstream"
     assert "cookie" not in hermes_seen
@@ -128,11 +149,16 @@ def test_models_lists_bare_and_qualified_ids(client):
     by_id = {m["id"]: m for m in data["data"]}
     bare = by_id[HERMES_MODEL]
     assert bare["owned_by"] == "agent-hermes"
-    assert bare["hal0"]["slots"] == [{"name": "agent-hermes", "state": bare["hal0"]["slots"][0]["state"], "source": "manifest"}]
+    assert bare["hal0"]["slots"] == [
+        {"name": "agent-hermes", "state": bare["hal0"]["slots"][0]["state"], "source": "manifest"}
+    ]
     pinned = by_id[f"agent-hermes/{HERMES_MODEL}"]
     assert pinned["hal0"]["slot"] == "agent-hermes" and pinned["owned_by"] == "agent-hermes"
     assert by_id["hermes"]["hal0"]["slots"][0]["source"] == "alias"
-    assert client.get(f"/v1/models/agent-hermes/{HERMES_MODEL}").json()["id"] == f"agent-hermes/{HERMES_MODEL}"
+    assert (
+        client.get(f"/v1/models/agent-hermes/{HERMES_MODEL}").json()["id"]
+        == f"agent-hermes/{HERMES_MODEL}"
+    )
     r = client.get("/v1/models/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
@@ -149,7 +175,9 @@ def test_official_openai_sdk_unchanged(seed_slots, hal0):
     )
     assert raw.headers["x-hal0-slot"] == "agent-hermes"
     assert raw.parse().choices[0].message.content == "hello from agent-hermes"
-    stream = sdk.chat.completions.create(model="qwen3-coder-40b", messages=[{"role": "user", "content": "hi"}], stream=True)
+    stream = sdk.chat.completions.create(
+        model="qwen3-coder-40b", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
     pieces = [c.choices[0].delta.content for c in stream]
     assert pieces[0] == "hello from primary" and len(pieces) == 3
     ids = {m.id for m in sdk.models.list()}
@@ -168,9 +196,20 @@ def test_every_request_logs_one_structured_decision(client, caplog):
     assert len(lines) == 2
     ok, missing = lines
     assert ok["event"] == "dispatch.decision"
-    assert {k: ok[k] for k in ("model", "slot", "upstream_model", "resolution_path", "status", "cache_state")} == {
-        "model": HERMES_MODEL, "slot": "agent-hermes", "upstream_model": HERMES_MODEL,
-        "resolution_path": "model:agent-hermes", "status": 200, "cache_state": "fresh",
+    assert {
+        k: ok[k]
+        for k in ("model", "slot", "upstream_model", "resolution_path", "status", "cache_state")
+    } == {
+        "model": HERMES_MODEL,
+        "slot": "agent-hermes",
+        "upstream_model": HERMES_MODEL,
+        "resolution_path": "model:agent-hermes",
+        "status": 200,
+        "cache_state": "fresh",
     }
     assert ok["latency_us"] > 0 and ok["duration_ms"] > 0 and ok["request_id"]
-    assert missing["status"] == 404 and missing["slot"] is None and missing["error"] == "model_not_found"
+    assert (
+        missing["status"] == 404
+        and missing["slot"] is None
+        and missing["error"] == "model_not_found"
+    )

@@ -1,0 +1,238 @@
+"""The admin: slots with their models inline, and the models on their own.
+
+Every change goes through ``save()`` (never ``queryset.update()``) so the model signals fire
+and the routing table and the live UI follow. Validation is the models' own ``clean()``, plus
+the one rule that spans several rows: a slot's default model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Count, QuerySet
+from django.forms.models import BaseInlineFormSet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+
+from dispatch import states
+from dispatch.models import ModelSource, Slot, SlotModel, SlotState
+
+# The states an operator may set by hand (see dispatch/states.py): draining a slot, and
+# ending that (back to `unknown`: the watcher probes it afresh).
+OPERATOR_STATES = (SlotState.DRAINING, SlotState.UNKNOWN)
+
+
+def shared_models(model_ids: Iterable[str], exclude_slot_id: int | None) -> dict[str, list[str]]:
+    """For each of ``model_ids``: the other slots that serve it too (sorted names)."""
+    rows = SlotModel.objects.filter(model_id__in=list(model_ids))
+    if exclude_slot_id is not None:
+        rows = rows.exclude(slot_id=exclude_slot_id)
+    pairs = rows.values_list("model_id", "slot__name")
+    out: dict[str, list[str]] = defaultdict(list)
+    for model_id, slot_name in pairs:
+        out[model_id].append(slot_name)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+class SlotForm(forms.ModelForm):
+    class Meta:
+        model = Slot
+        fields = "__all__"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        state_field = self.fields.get("state")
+        if isinstance(state_field, forms.ChoiceField):
+            current = self.instance.state if self.instance.pk else SlotState.UNKNOWN
+            allowed = [current, *(s for s in OPERATOR_STATES if s != current)]
+            state_field.choices = [(s, SlotState(s).label) for s in allowed]
+            state_field.help_text = (
+                "Set by the watcher. You may drain a slot (no new requests) or set it back to "
+                "unknown (probed afresh)."
+            )
+
+    def clean_state(self) -> str:
+        new: str = self.cleaned_data["state"]
+        current = self.instance.state if self.instance.pk else SlotState.UNKNOWN
+        if new != current:
+            if new not in OPERATOR_STATES:
+                raise forms.ValidationError("only draining or unknown can be set by hand")
+            try:
+                states.check(current, new)
+            except states.IllegalTransition as exc:
+                raise forms.ValidationError(str(exc)) from exc
+        return new
+
+
+class SlotModelForm(forms.ModelForm):
+    class Meta:
+        model = SlotModel
+        fields = ("model_id", "upstream_model", "source", "is_default")
+
+    def _get_validation_exclusions(self) -> set[str]:
+        # One default per slot spans rows: the formset checks it across all of them (moving
+        # the default from one row to another is legal though each row alone looks like a clash
+        # against the database). The database constraint stays the backstop.
+        exclude: set[str] = set(super()._get_validation_exclusions())  # type: ignore[misc]
+        return exclude | {"is_default"}
+
+
+class SlotModelFormSet(BaseInlineFormSet):
+    def clean(self) -> None:
+        super().clean()
+        defaults, non_alias = [], 0
+        for form in self.forms:
+            data = getattr(form, "cleaned_data", None)
+            if not data or data.get("DELETE") or not data.get("model_id"):
+                continue
+            if data.get("source") != ModelSource.ALIAS:
+                non_alias += 1
+            if data.get("is_default"):
+                defaults.append(data["model_id"])
+        if len(defaults) > 1:
+            raise forms.ValidationError(
+                f"a slot has one default model; {', '.join(defaults)} are all marked default"
+            )
+        if non_alias and not defaults:
+            raise forms.ValidationError("mark one of the slot's models as its default")
+
+
+class SlotModelInline(admin.TabularInline):
+    model = SlotModel
+    form = SlotModelForm
+    formset = SlotModelFormSet
+    extra = 0
+    fields = ("model_id", "upstream_model", "source", "is_default", "also_on")
+    readonly_fields = ("also_on",)
+
+    @admin.display(description="also on")
+    def also_on(self, obj: SlotModel) -> str:
+        if not obj.pk:
+            return ""
+        others = shared_models([obj.model_id], obj.slot_id).get(obj.model_id, [])
+        return ", ".join(others) or "-"
+
+
+@admin.action(description="Enable selected slots")
+def enable_slots(modeladmin: SlotAdmin, request: HttpRequest, queryset: QuerySet[Slot]) -> None:
+    _set_enabled(modeladmin, request, queryset, True)
+
+
+@admin.action(description="Disable selected slots")
+def disable_slots(modeladmin: SlotAdmin, request: HttpRequest, queryset: QuerySet[Slot]) -> None:
+    _set_enabled(modeladmin, request, queryset, False)
+
+
+def _set_enabled(
+    modeladmin: SlotAdmin, request: HttpRequest, queryset: QuerySet[Slot], enabled: bool
+) -> None:
+    changed = 0
+    for slot in queryset:
+        if slot.enabled != enabled:
+            slot.enabled = enabled
+            slot.save(update_fields=["enabled"])  # per object: the signals must fire
+            changed += 1
+    verb = "enabled" if enabled else "disabled"
+    modeladmin.message_user(request, f"{changed} slot(s) {verb}.", messages.SUCCESS)
+
+
+@admin.register(Slot)
+class SlotAdmin(admin.ModelAdmin):
+    form = SlotForm
+    inlines = [SlotModelInline]
+    actions = [enable_slots, disable_slots]
+    list_display = (
+        "name",
+        "url",
+        "type",
+        "state",
+        "default_model_id",
+        "model_count",
+        "shared",
+        "enabled",
+        "is_default",
+    )
+    list_filter = ("type", "kind", "state", "enabled")
+    search_fields = ("name", "url", "models__model_id")
+    readonly_fields = ("state_changed_at", "last_error", "drift_display")
+    fieldsets = (
+        (None, {"fields": ("name", "url", "kind", "type", "device", "enabled", "is_default")}),
+        ("Routing", {"fields": ("priority", "api_key_env")}),
+        (
+            "Limits",
+            {
+                "fields": (
+                    "max_concurrency",
+                    "connect_timeout_s",
+                    "first_byte_timeout_s",
+                    "idle_timeout_s",
+                )
+            },
+        ),
+        ("Runtime", {"fields": ("state", "state_changed_at", "last_error", "drift_display")}),
+        (
+            "hal0 manifest keys",
+            {
+                "classes": ("collapse",),
+                "fields": ("extra",),
+                "description": "Manifest keys hal0web does not use, written back on export.",
+            },
+        ),
+    )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Slot]:
+        qs = super().get_queryset(request)
+        return qs.prefetch_related("models").annotate(n_models=Count("models", distinct=True))
+
+    @admin.display(description="default model")
+    def default_model_id(self, obj: Slot) -> str:
+        m = obj.default_model
+        return m.model_id if m else "-"
+
+    @admin.display(description="models", ordering="n_models")
+    def model_count(self, obj: Slot) -> int:
+        return int(getattr(obj, "n_models", obj.models.count()))
+
+    @admin.display(description="shared models")
+    def shared(self, obj: Slot) -> str:
+        others = shared_models([m.model_id for m in obj.models.all()], obj.pk)
+        if not others:
+            return "-"
+        return format_html_join(
+            ", ",
+            '<span class="hal0-shared" title="served by more than one slot">{} also on: {}</span>',
+            ((mid, ", ".join(names)) for mid, names in sorted(others.items())),
+        )
+
+    @admin.display(description="drift")
+    def drift_display(self, obj: Slot) -> str:
+        if not obj.drift:
+            return "none: the server advertises every declared model"
+        return format_html(
+            "declared but not advertised by the server at its last probe: {}",
+            ", ".join(obj.drift),
+        )
+
+    def save_model(self, request: HttpRequest, obj: Slot, form: Any, change: bool) -> None:
+        if "state" in form.changed_data:
+            obj.state_changed_at = timezone.now()
+            if obj.state == SlotState.UNKNOWN:
+                obj.last_error = ""
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(SlotModel)
+class SlotModelAdmin(admin.ModelAdmin):
+    list_display = ("model_id", "slot", "upstream_model", "source", "is_default", "also_on")
+    list_filter = ("source", "slot")
+    search_fields = ("model_id", "upstream_model", "slot__name")
+    list_select_related = ("slot",)
+
+    @admin.display(description="also on")
+    def also_on(self, obj: SlotModel) -> str:
+        return ", ".join(shared_models([obj.model_id], obj.slot_id).get(obj.model_id, [])) or "-"

@@ -1,0 +1,44 @@
+"""`manage.py watch`: run the slot watcher on its own, for multi-worker deployments.
+
+Set HAL0_WATCHER=false for the server workers; this process then probes every slot and
+writes what it sees to the database, and the workers pick the changes up from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from dispatch import health
+
+
+class Command(BaseCommand):
+    help = (
+        "Probe every enabled slot and keep its state and models up to date, until SIGTERM/SIGINT."
+    )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        asyncio.run(self._run())
+        self.stdout.write("watcher stopped")
+
+    async def _run(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        health.watcher.start()
+        # Other processes (the admin in a server worker, an import) change slots too: follow
+        # the database so new or removed slots are picked up.
+        follower = loop.create_task(health.follow_database())
+        self.stdout.write("watching slots (SIGTERM or Ctrl-C stops)")
+        self.stdout.flush()
+        await stop.wait()
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await health.watcher.stop()
+        from dispatch.proxy import upstream
+
+        await upstream.aclose()
