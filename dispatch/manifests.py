@@ -497,7 +497,7 @@ class _Inline(dict[str, Any]):
 
 def dumps(m: Manifest) -> str:
     """Canonical TOML for a manifest: the same manifest always gives the same bytes."""
-    extra = dict(m.extra)
+    extra = dict(_sorted_json(m.extra))
     port = extra.pop("port", None)
     doc: dict[str, Any] = {"name": m.name}
     # hal0 itself reads `port`; write the manifest back in that form while it still holds.
@@ -702,6 +702,14 @@ def apply(
 
 def _apply(manifests: Sequence[Manifest], prune: bool, report: ImportReport) -> None:
     errors: list[ManifestError] = []
+    first: dict[str, str] = {}
+    for m in manifests:
+        if first.setdefault(m.name, m.path) != m.path:
+            errors.append(
+                ManifestError(m.path, "name", f"{m.name!r} is also defined in {first[m.name]}")
+            )
+    if errors:
+        raise ManifestErrors(errors)
     existing = {s.name: s for s in Slot.objects.select_for_update().order_by("name")}
     wanted = {m.name for m in manifests}
     if prune:
