@@ -53,12 +53,16 @@ def load_table(version: int) -> RoutingTable:
 
 class TableStore:
     def __init__(self) -> None:
+        self._listeners: list[Callable[[RoutingTable, RoutingTable], None]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the table (not the listeners): the next use loads it afresh."""
         self._table: RoutingTable = EMPTY_TABLE
         self._loaded = False
         self._lock = threading.Lock()
         self._pending = 0  # reloads scheduled but not yet done: the table is stale meanwhile
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._listeners: list[Callable[[RoutingTable, RoutingTable], None]] = []
 
     @property
     def table(self) -> RoutingTable:

@@ -37,7 +37,7 @@ def _fresh_runtime() -> Iterator[None]:
     from dispatch import store as store_mod
     from dispatch.proxy import upstream
 
-    store_mod.store.__init__()  # type: ignore[misc]
+    store_mod.store.reset()
     health.watcher.__init__()  # type: ignore[misc]
     admission_mod.admission.__init__()  # type: ignore[misc]
     upstream.use_transport(None)

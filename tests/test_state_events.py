@@ -1,0 +1,64 @@
+"""Slot-state changes reach a WebSocket client as `slot.state` events, in order."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+
+from dispatch import events, health
+from dispatch.consumers import DispatchConsumer
+from dispatch.proxy import upstream
+from tests.conftest import add_slot
+from tests.fakes import FakeUpstream, ServerThread
+
+
+@pytest.fixture
+def fake(transactional_db):
+    f = FakeUpstream("a", models=["m1"])
+    server = ServerThread(f).start()
+    yield f, server
+    server.stop()
+
+
+async def next_state(comm: WebsocketCommunicator, slot: str, timeout: float = 5) -> dict:
+    """The next `slot.state` event for ``slot`` (other events are skipped)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        event = await comm.receive_json_from(timeout=max(0.01, deadline - loop.time()))
+        if event["type"] == "slot.state" and event["slot"]["name"] == slot:
+            return event
+
+
+async def test_state_changes_arrive_in_order(fake, settings, django_user_model):
+    f, server = fake
+    settings.HAL0_PROBE_INTERVAL_S = 0.1
+    user = await sync_to_async(django_user_model.objects.create_user)("u", password="p")
+    await sync_to_async(add_slot)("a", server.url + "/v1", ["m1"])
+    events.bind_loop(asyncio.get_running_loop())
+    comm = WebsocketCommunicator(DispatchConsumer.as_asgi(), "/ws/dispatch/")
+    comm.scope["user"] = user
+    connected, _ = await comm.connect()
+    assert connected
+    snap = await comm.receive_json_from()
+    assert snap["type"] == "snapshot"
+    assert [s["state"] for s in snap["slots"]] == ["unknown"]
+    health.watcher.start()
+    try:
+        seen = [await next_state(comm, "a")]
+        f.health = "loading"
+        seen.append(await next_state(comm, "a"))
+        f.health = "ready"
+        seen.append(await next_state(comm, "a"))
+    finally:
+        await health.watcher.stop()
+        await upstream.aclose()  # the probes' pooled connections belong to this test's loop
+        await comm.disconnect()
+    assert [(e["slot"]["previous_state"], e["slot"]["state"]) for e in seen] == [
+        ("unknown", "ready"), ("ready", "loading"), ("loading", "ready"),
+    ]
+    versions = [e["version"] for e in seen]
+    assert versions == sorted(versions) and len(set(versions)) == 3
