@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.core.handlers.asgi import ASGIHandler
@@ -58,6 +60,11 @@ class Hal0Application:
             events.bind_loop(asyncio.get_running_loop())
             await store.ensure_loaded()
             health.ensure_running()
+            _on_daphne_shutdown(self._shutdown)
+
+    async def _shutdown(self) -> None:
+        await health.watcher.stop()
+        await upstream.aclose()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -82,7 +89,20 @@ class Hal0Application:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await health.watcher.stop()
-                await upstream.aclose()
+                await self._shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _on_daphne_shutdown(shutdown: Callable[[], Awaitable[None]]) -> None:
+    """Daphne sends no lifespan events; close cleanly when its Twisted reactor stops."""
+    # Look the reactor up without importing it: importing installs one, which must never
+    # happen under another server.
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None or not getattr(reactor, "running", False):
+        return
+    from twisted.internet.defer import Deferred
+
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: Deferred.fromFuture(asyncio.ensure_future(shutdown()))
+    )
