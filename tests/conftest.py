@@ -98,6 +98,9 @@ def hal0(transactional_db: None, settings: Any) -> Iterator[ServerThread]:
 
     settings.HAL0_PROBE_INTERVAL_S = 0.2
     settings.HAL0_COLD_PROBE_S = 2
+    # The application object outlives tests: let each live server start its own runtime (bind
+    # its loop for events, start the watcher), not only the first one in the session.
+    application._started = False
     server = ServerThread(application).start()
     yield server
     server.stop()
