@@ -63,8 +63,11 @@ class NoRoute:
     slot: str | None = None
 
 
+_PATH_PREFIX: Mapping[str, str] = MappingProxyType({"alias": "alias", "discovered": "discovered"})
+
+
 def _source_path(source: str) -> str:
-    return {"alias": "alias", "discovered": "discovered"}.get(source, "model")
+    return _PATH_PREFIX.get(source, "model")
 
 
 def _candidates(
@@ -90,6 +93,13 @@ def _candidates(
 def _by_model(
     table: RoutingTable, requested: str, inflight: Mapping[str, int], t0: int
 ) -> Decision:
+    names = table.by_model[requested]
+    if len(names) == 1:  # the common case: one slot serves the model, nothing to rank
+        slot = table.slots[names[0]]
+        entry = slot.models[requested]
+        target = Target(slot, entry.upstream_model, entry.source)
+        path = f"{_source_path(entry.source)}:{slot.name}"
+        return Decision(requested, (target,), path, _elapsed(t0), table.version)
     found = _candidates(table, requested, inflight)
     chosen, _, source = found[0]
     path = f"{_source_path(source)}:{chosen.name}"
