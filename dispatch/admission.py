@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 
@@ -17,12 +17,26 @@ class Admission:
         self._inflight: dict[str, int] = {}
         self._queues: dict[str, deque[asyncio.Future[None]]] = {}
         self.inflight: Mapping[str, int] = MappingProxyType(self._inflight)
+        self._listeners: list[Callable[[str], None]] = []
+
+    def on_change(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(slot)`` whenever the slot's in-flight count changes."""
+        self._listeners.append(listener)
+
+    def _changed(self, slot: str) -> None:
+        for listener in self._listeners:
+            listener(slot)
+
+    def reset(self) -> None:
+        self._inflight.clear()
+        self._queues.clear()
 
     def try_acquire(self, slot: str, limit: int) -> bool:
         count = self._inflight.get(slot, 0)
         if limit and (count >= limit or self._queues.get(slot)):
             return False
         self._inflight[slot] = count + 1
+        self._changed(slot)
         return True
 
     async def acquire(self, slot: str, limit: int, timeout: float) -> bool:
@@ -63,6 +77,7 @@ class Admission:
             self._inflight[slot] = count
         else:
             self._inflight.pop(slot, None)
+        self._changed(slot)
 
     def queued(self, slot: str) -> int:
         return len(self._queues.get(slot, ()))

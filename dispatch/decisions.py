@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -51,3 +53,40 @@ def record(rec: DecisionRecord) -> None:
     if log.isEnabledFor(logging.INFO):
         log.info(orjson.dumps(data).decode())
     events.publish({"type": "dispatch.decision", **data})
+
+
+class InflightReporter:
+    """Tells the live UI how busy each slot is, at most every ``interval`` seconds.
+
+    Under load counts change thousands of times a second; the page needs a few updates a
+    second, so changes are gathered and sent as one `slot.inflight` event per interval.
+    """
+
+    def __init__(self, counts: Mapping[str, int], interval: float = 0.1) -> None:
+        self._counts = counts
+        self._interval = interval
+        self._dirty: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._send: Callable[[dict[str, object]], None] = events.publish
+
+    def note(self, slot: str) -> None:
+        self._dirty.add(slot)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        # A timer left on another (closed) loop would never fire: schedule on this one.
+        if self._timer is None or self._timer_loop is not loop:
+            self._timer_loop = loop
+            self._timer = loop.call_later(self._interval, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        dirty, self._dirty = self._dirty, set()
+        self._send(
+            {
+                "type": "slot.inflight",
+                "inflight": {s: self._counts.get(s, 0) for s in sorted(dirty)},
+            }
+        )

@@ -13,6 +13,7 @@ from django.dispatch import receiver
 
 from dispatch import events
 from dispatch.admission import admission
+from dispatch.decisions import InflightReporter
 from dispatch.models import Slot, SlotModel
 from dispatch.snapshots import table_events
 from dispatch.store import store
@@ -45,3 +46,4 @@ def _announce(old: RoutingTable, new: RoutingTable) -> None:
 
 
 store.on_change(_announce)
+admission.on_change(InflightReporter(admission.inflight).note)

@@ -39,7 +39,7 @@ def _fresh_runtime() -> Iterator[None]:
 
     store_mod.store.reset()
     health.watcher.__init__()  # type: ignore[misc]
-    admission_mod.admission.__init__()  # type: ignore[misc]
+    admission_mod.admission.reset()
     upstream.use_transport(None)
     events.bind_loop(None)  # type: ignore[arg-type]
     yield

@@ -62,3 +62,24 @@ async def test_state_changes_arrive_in_order(fake, settings, django_user_model):
     ]
     versions = [e["version"] for e in seen]
     assert versions == sorted(versions) and len(set(versions)) == 3
+
+
+async def test_inflight_counts_reach_the_page_coalesced(transactional_db, django_user_model):
+    from dispatch.admission import admission
+
+    user = await sync_to_async(django_user_model.objects.create_user)("u", password="p")
+    events.bind_loop(asyncio.get_running_loop())
+    comm = WebsocketCommunicator(DispatchConsumer.as_asgi(), "/ws/dispatch/")
+    comm.scope["user"] = user
+    assert (await comm.connect())[0]
+    assert (await comm.receive_json_from())["type"] == "snapshot"
+    for _ in range(50):  # a burst: one event, not fifty
+        assert admission.try_acquire("a", 0)
+    assert admission.try_acquire("b", 0)
+    first = await comm.receive_json_from(timeout=2)
+    assert first == {"type": "slot.inflight", "inflight": {"a": 50, "b": 1}}
+    assert await comm.receive_nothing(timeout=0.15)
+    for _ in range(50):
+        admission.release("a")
+    assert await comm.receive_json_from(timeout=2) == {"type": "slot.inflight", "inflight": {"a": 0}}
+    await comm.disconnect()
