@@ -69,19 +69,6 @@ class SlotForm(forms.ModelForm):
         return new
 
 
-class SlotModelForm(forms.ModelForm):
-    class Meta:
-        model = SlotModel
-        fields = ("model_id", "upstream_model", "source", "is_default")
-
-    def _get_validation_exclusions(self) -> set[str]:
-        # One default per slot spans rows: the formset checks it across all of them (moving
-        # the default from one row to another is legal though each row alone looks like a clash
-        # against the database). The database constraint stays the backstop.
-        exclude: set[str] = set(super()._get_validation_exclusions())  # type: ignore[misc]
-        return exclude | {"is_default"}
-
-
 class SlotModelFormSet(BaseInlineFormSet):
     def clean(self) -> None:
         super().clean()
@@ -104,7 +91,6 @@ class SlotModelFormSet(BaseInlineFormSet):
 
 class SlotModelInline(admin.TabularInline):
     model = SlotModel
-    form = SlotModelForm
     formset = SlotModelFormSet
     extra = 0
     fields = ("model_id", "upstream_model", "source", "is_default", "also_on")

@@ -1,0 +1,279 @@
+"""The admin for slots and their models, as a logged-in staff user sees it."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from dispatch.models import Slot, SlotModel
+from dispatch.store import store
+from tests.conftest import add_slot
+
+pytestmark = pytest.mark.django_db
+
+CHANGELIST = reverse("admin:dispatch_slot_changelist")
+
+
+@pytest.fixture(autouse=True)
+def _plain_static(settings):
+    """Unhashed static URLs: the manifest storage needs `collectstatic` (which `make run` does)."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
+def change_url(slot: Slot) -> str:
+    return reverse("admin:dispatch_slot_change", args=[slot.pk])
+
+
+def form_data(slot: Slot, **overrides) -> dict[str, str]:
+    """The change form as the browser would post it, with the slot's models inline."""
+    data = {
+        "name": slot.name,
+        "url": slot.url,
+        "kind": slot.kind,
+        "type": slot.type,
+        "device": slot.device,
+        "priority": str(slot.priority),
+        "api_key_env": slot.api_key_env,
+        "max_concurrency": str(slot.max_concurrency),
+        "connect_timeout_s": str(slot.connect_timeout_s),
+        "first_byte_timeout_s": str(slot.first_byte_timeout_s),
+        "idle_timeout_s": str(slot.idle_timeout_s),
+        "state": slot.state,
+        "extra": "{}",
+    }
+    if slot.enabled:
+        data["enabled"] = "on"
+    if slot.is_default:
+        data["is_default"] = "on"
+    rows = list(slot.models.order_by("-is_default", "model_id"))
+    prefix = "models"
+    data.update(
+        {
+            f"{prefix}-TOTAL_FORMS": str(len(rows)),
+            f"{prefix}-INITIAL_FORMS": str(len(rows)),
+            f"{prefix}-MIN_NUM_FORMS": "0",
+            f"{prefix}-MAX_NUM_FORMS": "1000",
+        }
+    )
+    for i, m in enumerate(rows):
+        data.update(
+            {
+                f"{prefix}-{i}-id": str(m.pk),
+                f"{prefix}-{i}-slot": str(slot.pk),
+                f"{prefix}-{i}-model_id": m.model_id,
+                f"{prefix}-{i}-upstream_model": m.upstream_model,
+                f"{prefix}-{i}-source": m.source,
+            }
+        )
+        if m.is_default:
+            data[f"{prefix}-{i}-is_default"] = "on"
+    data.update(overrides)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+@pytest.fixture
+def two_slots():
+    primary = add_slot(
+        "primary", "http://127.0.0.1:8001/v1", ["shared-7b", "p-only"], is_default=True
+    )
+    hermes = add_slot(
+        "agent-hermes",
+        "http://127.0.0.1:8002/v1",
+        ["gemma3-270m"],
+        aliases={"hermes": "gemma3-270m"},
+    )
+    SlotModel.objects.create(slot=hermes, model_id="shared-7b", source="discovered")
+    return primary, hermes
+
+
+def test_changelist_columns_filters_and_shared_models(admin_client, two_slots):
+    r = admin_client.get(CHANGELIST)
+    assert r.status_code == 200
+    html = r.content.decode()
+    for header in ("default model", "models", "shared models", "State", "Enabled"):
+        assert header.lower() in html.lower()
+    assert "shared-7b also on: agent-hermes" in html
+    assert "shared-7b also on: primary" in html
+    assert 'class="hal0-shared"' in html
+    # Filters
+    assert "By type" in html and "By kind" in html and "By state" in html and "By enabled" in html
+
+
+def test_changelist_search_by_model_id(admin_client, two_slots):
+    r = admin_client.get(CHANGELIST, {"q": "gemma3"})
+    html = r.content.decode()
+    assert "agent-hermes" in html and "http://127.0.0.1:8001/v1" not in html
+
+
+def test_change_form_renders_inline_models_and_runtime(admin_client, two_slots):
+    _, hermes = two_slots
+    Slot.objects.filter(pk=hermes.pk).update(state="ready", drift=["gemma3-270m"])
+    r = admin_client.get(change_url(hermes))
+    assert r.status_code == 200
+    html = r.content.decode()
+    assert "gemma3-270m" in html and "hermes" in html
+    assert "declared but not advertised by the server at its last probe: gemma3-270m" in html
+    # The state can only go where an operator may take it.
+    state_choices = r.context["adminform"].form.fields["state"].choices
+    assert [c for c, _ in state_choices] == ["ready", "draining", "unknown"]
+    assert "primary" in html  # shared-7b's "also on"
+
+
+# Real commits: the routing table reloads once the admin's transaction commits.
+@pytest.mark.django_db(transaction=True)
+def test_change_form_saves_and_reloads_routing(admin_client, two_slots):
+    primary, _ = two_slots
+    r = admin_client.post(change_url(primary), form_data(primary, priority="7"))
+    assert r.status_code == 302, r.context["adminform"].form.errors if r.context else r
+    primary.refresh_from_db()
+    assert primary.priority == 7
+    assert store.table.slots["primary"].priority == 7
+
+
+def test_validation_errors_are_shown_in_the_form(admin_client, two_slots):
+    primary, _ = two_slots
+    r = admin_client.post(change_url(primary), form_data(primary, name="Not Valid", url="ftp://x"))
+    assert r.status_code == 200
+    html = r.content.decode()
+    assert "must match ^[a-z0-9]" in html
+    assert "must be an http:// or https:// URL with a host" in html
+    assert Slot.objects.get(pk=primary.pk).name == "primary"
+
+
+def test_second_default_slot_of_a_type_is_refused(admin_client, two_slots):
+    _, hermes = two_slots
+    r = admin_client.post(change_url(hermes), form_data(hermes, is_default="on"))
+    assert r.status_code == 200
+    assert "slot &#x27;primary&#x27; is already the default llm slot" in r.content.decode()
+    assert not Slot.objects.get(pk=hermes.pk).is_default
+
+
+def test_inline_needs_exactly_one_default_model(admin_client, two_slots):
+    primary, _ = two_slots
+    data = form_data(primary)
+    data.pop("models-0-is_default")  # no default left
+    r = admin_client.post(change_url(primary), data)
+    assert r.status_code == 200
+    assert "mark one of the slot&#x27;s models as its default" in r.content.decode()
+
+    data = form_data(primary, **{"models-1-is_default": "on"})  # two defaults
+    r = admin_client.post(change_url(primary), data)
+    assert r.status_code == 200
+    assert "a slot has one default model" in r.content.decode()
+
+
+def test_inline_moves_the_default_model(admin_client, two_slots):
+    primary, _ = two_slots
+    data = form_data(primary)
+    data.pop("models-0-is_default")
+    data["models-1-is_default"] = "on"
+    r = admin_client.post(change_url(primary), data)
+    assert r.status_code == 302, r.context["inline_admin_formsets"][0].formset.non_form_errors()
+    assert primary.default_model.model_id == data["models-1-model_id"]
+
+
+def test_inline_alias_rules(admin_client, two_slots):
+    _, hermes = two_slots
+    # hermes rows ordered: gemma3-270m (default), hermes (alias), shared-7b (discovered)
+    data = form_data(hermes, **{"models-1-upstream_model": "hermes"})
+    r = admin_client.post(change_url(hermes), data)
+    assert r.status_code == 200
+    assert "an alias must name a different model" in r.content.decode()
+
+
+def test_operator_may_drain_and_undrain(admin_client, two_slots):
+    _, hermes = two_slots
+    Slot.objects.filter(pk=hermes.pk).update(state="ready")
+    hermes.refresh_from_db()
+    r = admin_client.post(change_url(hermes), form_data(hermes, state="draining"))
+    assert r.status_code == 302
+    hermes.refresh_from_db()
+    assert hermes.state == "draining" and hermes.state_changed_at is not None
+
+    r = admin_client.post(change_url(hermes), form_data(hermes, state="ready"))
+    assert r.status_code == 200  # only draining/unknown may be set by hand
+    assert Slot.objects.get(pk=hermes.pk).state == "draining"
+
+    r = admin_client.post(change_url(hermes), form_data(hermes, state="unknown"))
+    assert r.status_code == 302
+    assert Slot.objects.get(pk=hermes.pk).state == "unknown"
+
+
+def test_runtime_fields_are_read_only(admin_client, two_slots):
+    _, hermes = two_slots
+    Slot.objects.filter(pk=hermes.pk).update(last_error="boom", drift=["x"])
+    hermes.refresh_from_db()
+    r = admin_client.post(change_url(hermes), form_data(hermes, last_error="edited", drift='["y"]'))
+    assert r.status_code == 302
+    hermes.refresh_from_db()
+    assert (hermes.last_error, hermes.drift) == ("boom", ["x"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_enable_disable_actions_save_each_slot(admin_client, two_slots):
+    primary, hermes = two_slots
+    r = admin_client.post(
+        CHANGELIST,
+        {"action": "disable_slots", "_selected_action": [primary.pk, hermes.pk]},
+        follow=True,
+    )
+    assert "2 slot(s) disabled." in r.content.decode()
+    assert not Slot.objects.filter(enabled=True).exists()
+    # The signals fired (save(), not update()): the routing table followed.
+    assert not store.table.slots["primary"].enabled
+    assert not store.table.slots["agent-hermes"].enabled
+
+    r = admin_client.post(
+        CHANGELIST, {"action": "enable_slots", "_selected_action": [hermes.pk]}, follow=True
+    )
+    assert "1 slot(s) enabled." in r.content.decode()
+    assert store.table.slots["agent-hermes"].enabled and not store.table.slots["primary"].enabled
+
+
+def test_add_form_creates_a_slot(admin_client):
+    r = admin_client.get(reverse("admin:dispatch_slot_add"))
+    assert r.status_code == 200
+    data = {
+        "name": "new",
+        "url": "http://127.0.0.1:9100/v1",
+        "kind": "vllm",
+        "type": "embedding",
+        "device": "",
+        "enabled": "on",
+        "priority": "0",
+        "api_key_env": "",
+        "max_concurrency": "0",
+        "connect_timeout_s": "5",
+        "first_byte_timeout_s": "300",
+        "idle_timeout_s": "120",
+        "state": "unknown",
+        "extra": "{}",
+        "models-TOTAL_FORMS": "1",
+        "models-INITIAL_FORMS": "0",
+        "models-MIN_NUM_FORMS": "0",
+        "models-MAX_NUM_FORMS": "1000",
+        "models-0-model_id": "nomic-embed",
+        "models-0-upstream_model": "",
+        "models-0-source": "manifest",
+        "models-0-is_default": "on",
+    }
+    r = admin_client.post(reverse("admin:dispatch_slot_add"), data)
+    assert r.status_code == 302, r.content.decode()[:3000]
+    slot = Slot.objects.get(name="new")
+    assert slot.default_model.model_id == "nomic-embed"
+    assert slot.default_model.upstream_model == "nomic-embed"
+
+
+def test_slot_model_admin_lists_shared_models(admin_client, two_slots):
+    r = admin_client.get(reverse("admin:dispatch_slotmodel_changelist"))
+    assert r.status_code == 200
+    html = r.content.decode()
+    assert "shared-7b" in html and "agent-hermes" in html
+
+
+def test_anonymous_users_are_sent_to_login(client):
+    r = client.get(CHANGELIST)
+    assert r.status_code == 302 and "/admin/login/" in r["Location"]
