@@ -1,0 +1,429 @@
+// hal0web chat page: a slot picker kept live over the WebSocket, streaming chat through
+// /v1/chat/completions, and a side panel of slot cards and recent routing decisions.
+import { marked } from "marked";
+import DOMPurify from "dompurify";
+
+const $ = (id) => document.getElementById(id);
+const app = $("app");
+const picker = $("model");
+const composer = $("composer");
+const promptBox = $("prompt");
+const sendButton = $("send");
+const stopButton = $("stop");
+const messagesList = $("messages");
+const slotsPanel = $("slots");
+const logList = $("log");
+const liveBadge = $("live");
+
+const STORE_KEY = "hal0.model";
+const LOG_SIZE = 50;
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 15000;
+// Why a slot in this state cannot take a request; shown as the disabled options' title.
+const UNUSABLE = {
+  offline: "is offline (the server does not answer)",
+  error: "reports an error",
+  draining: "is draining (finishing its requests, taking no new ones)",
+  disabled: "is disabled by an operator",
+};
+
+const slots = new Map(); // slot name -> the server's latest payload for it
+let tableVersion = 0;
+const conversation = []; // the {role, content} turns sent with every request
+let running = null; // AbortController of the request in flight, if any
+
+// ---- rendering helpers ---------------------------------------------------------------------
+
+// Build an element; children are nodes or strings (strings become text, never markup).
+function h(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "dataset") Object.assign(node.dataset, value);
+    else node[key] = value;
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined && c !== ""));
+  return node;
+}
+
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+// A model's raw HTML is shown as the text it is, never parsed; DOMPurify then removes whatever
+// else unsafe the markdown itself could produce (javascript: links and the like).
+marked.use({
+  gfm: true,
+  renderer: {
+    html: ({ text }) => escapeHtml(text),
+    image: ({ href, text }) => `<a href="${escapeHtml(href)}">${escapeHtml(text || href)}</a>`,
+  },
+});
+
+function markdown(text) {
+  return DOMPurify.sanitize(marked.parse(text), { FORBID_TAGS: ["img", "style", "form"] });
+}
+
+function sortedSlots() {
+  return [...slots.values()].sort((a, b) => a.name.localeCompare(b.name));
+}
+
+// Null when the slot's models can be chosen, else why not.
+function unusable(slot) {
+  if (UNUSABLE[slot.state]) {
+    const detail = slot.last_error ? `: ${slot.last_error}` : "";
+    return `${slot.name} ${UNUSABLE[slot.state]}${detail}`;
+  }
+  if (slot.type !== "llm") return `${slot.name} is a ${slot.type} slot, not a chat model`;
+  return null;
+}
+
+// ---- the model picker ----------------------------------------------------------------------
+
+function renderPicker() {
+  const wanted = localStorage.getItem(STORE_KEY) || picker.value;
+  const groups = sortedSlots().map((slot) => {
+    const reason = unusable(slot);
+    const group = h("optgroup", {
+      label: `${slot.name} · ${slot.state}`,
+      dataset: { slot: slot.name, state: slot.state },
+    });
+    for (const model of slot.models) {
+      const label = model.source === "alias" ? `${model.id} → ${model.upstream}` : model.id;
+      const option = new Option(model.default ? `${label} (default)` : label, `${slot.name}/${model.id}`);
+      option.disabled = reason !== null;
+      option.title = reason ?? `${slot.name} · ${model.source}`;
+      group.append(option);
+    }
+    return group;
+  });
+  picker.replaceChildren(...groups);
+  // Keep the user's choice even while its slot is unusable (it comes back when the slot
+  // does); only a choice that no longer exists falls back to the first usable model.
+  const options = [...picker.options];
+  const keep = options.find((o) => o.value === wanted);
+  const fallback = options.find((o) => !o.disabled);
+  picker.value = (keep ?? fallback ?? { value: "" }).value;
+}
+
+picker.addEventListener("change", () => localStorage.setItem(STORE_KEY, picker.value));
+
+// ---- the side panel ------------------------------------------------------------------------
+
+function slotCard(slot) {
+  const limit = slot.max_concurrency ? ` / ${slot.max_concurrency}` : "";
+  const models = slot.models.map((m) =>
+    h("li", {}, h("code", {}, m.id), m.default ? " default" : "", m.source === "alias" ? ` → ${m.upstream}` : "",
+      m.source === "discovered" ? " (discovered)" : ""),
+  );
+  return h(
+    "article",
+    { className: `slot state-${slot.state}`, dataset: { slot: slot.name, state: slot.state } },
+    h("header", {}, h("h3", {}, slot.name), h("span", { className: "badge" }, slot.state)),
+    h("p", { className: "meta" }, `${slot.kind} · ${slot.type} · in flight ${slot.inflight}${limit}`),
+    h("ul", { className: "models" }, ...models),
+    slot.drift.length
+      ? h("p", { className: "warn" }, `Declared but not served by the upstream: ${slot.drift.join(", ")}`)
+      : null,
+    slot.last_error ? h("p", { className: "error" }, slot.last_error) : null,
+  );
+}
+
+function renderSlots() {
+  const cards = sortedSlots().map(slotCard);
+  slotsPanel.replaceChildren(...(cards.length ? cards : [h("p", { className: "empty" }, "No slots yet.")]));
+}
+
+function logDecision(ev) {
+  const failed = ev.status >= 400 || ev.error;
+  const item = h(
+    "li",
+    { className: failed ? "failed" : "", title: `${ev.request_id}${ev.error ? ` · ${ev.error}` : ""}` },
+    h("time", {}, new Date().toLocaleTimeString()),
+    h("span", { className: "route" }, `${ev.model ?? "(no model)"} → ${ev.slot ?? "nowhere"}`),
+    h("span", { className: "detail" },
+      `${ev.resolution_path ?? "-"} · ${ev.status} · ${Math.round(ev.duration_ms)} ms`),
+  );
+  logList.prepend(item);
+  while (logList.children.length > LOG_SIZE) logList.lastElementChild.remove();
+}
+
+function render() {
+  renderPicker();
+  renderSlots();
+}
+
+// ---- the WebSocket -------------------------------------------------------------------------
+
+let socket = null;
+let backoff = BACKOFF_MIN_MS;
+let refreshTimer = null;
+
+function setLive(state, text) {
+  liveBadge.dataset.live = state;
+  liveBadge.textContent = text;
+}
+
+function onEvent(ev) {
+  if (ev.type === "snapshot") {
+    slots.clear();
+    for (const slot of ev.slots) slots.set(slot.name, slot);
+    tableVersion = ev.version;
+    render();
+  } else if (ev.type === "slot.state" || ev.type === "slot.models" || ev.type === "slot.updated") {
+    if (ev.version < tableVersion) return; // the snapshot we hold is newer already
+    tableVersion = ev.version;
+    slots.set(ev.slot.name, ev.slot);
+    render();
+  } else if (ev.type === "slot.deleted") {
+    if (ev.version < tableVersion) return;
+    tableVersion = ev.version;
+    slots.delete(ev.slot);
+    render();
+  } else if (ev.type === "dispatch.decision") {
+    logDecision(ev);
+    refreshSoon(); // in-flight counts changed; only a snapshot carries them
+  }
+}
+
+// Ask for a fresh snapshot, at most a few times a second however busy the router is.
+function refreshSoon() {
+  if (refreshTimer !== null) return;
+  refreshTimer = setTimeout(() => {
+    refreshTimer = null;
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "snapshot" }));
+  }, 300);
+}
+
+function connect() {
+  const url = new URL(app.dataset.ws, location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  socket = new WebSocket(url);
+  socket.addEventListener("open", () => {
+    backoff = BACKOFF_MIN_MS;
+    setLive("live", "live");
+  });
+  socket.addEventListener("message", (e) => onEvent(JSON.parse(e.data)));
+  socket.addEventListener("close", () => {
+    // The server sends a new snapshot on every connect, so nothing missed meanwhile is lost.
+    const wait = backoff * (0.5 + Math.random() / 2);
+    backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+    setLive("down", `reconnecting in ${Math.ceil(wait / 1000)} s…`);
+    setTimeout(connect, wait);
+  });
+}
+
+// ---- chatting ------------------------------------------------------------------------------
+
+function csrfToken() {
+  const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+  return match ? decodeURIComponent(match[1]) : "";
+}
+
+function scrollDown() {
+  messagesList.lastElementChild?.scrollIntoView({ block: "end" });
+}
+
+function addUserMessage(text) {
+  messagesList.append(h("li", { className: "msg user" }, h("div", { className: "body" }, text)));
+  scrollDown();
+}
+
+// One assistant answer in the conversation, rendered at most once per frame while it streams.
+function addAnswer(model) {
+  const body = h("div", { className: "body markdown" });
+  const meta = h("p", { className: "meta" }, `asking ${model}…`);
+  const item = h("li", { className: "msg assistant pending", dataset: { model } }, body, meta);
+  messagesList.append(item);
+  scrollDown();
+  let text = "";
+  let frame = 0;
+  return {
+    update(newText) {
+      text = newText;
+      if (!frame) {
+        frame = requestAnimationFrame(() => {
+          frame = 0;
+          body.innerHTML = markdown(text);
+          scrollDown();
+        });
+      }
+    },
+    meta(line) {
+      meta.textContent = line;
+    },
+    finish(line) {
+      item.classList.remove("pending");
+      if (frame) cancelAnimationFrame(frame);
+      frame = 0;
+      body.innerHTML = markdown(text);
+      meta.textContent = line;
+    },
+    fail(message) {
+      item.classList.remove("pending");
+      item.classList.add("failed");
+      item.append(h("p", { className: "error", role: "alert" }, message));
+    },
+  };
+}
+
+// The data payloads of a server-sent event stream, one string per event.
+async function* sseData(stream) {
+  const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
+      const data = block
+        .split(/\r?\n/)
+        .filter((line) => line.startsWith("data:"))
+        .map((line) => line.slice(5).replace(/^ /, ""))
+        .join("\n");
+      if (data) yield data;
+    }
+  }
+}
+
+async function describeError(response, model) {
+  let error = {};
+  try {
+    error = (await response.json()).error ?? {};
+  } catch {
+    // not JSON (a proxy in between, say): the status line has to do
+  }
+  const message = error.message || response.statusText || "no details";
+  const retry = response.headers.get("Retry-After");
+  const later = retry ? ` Try again in ${retry} s.` : "";
+  switch (response.status) {
+    case 404:
+      return `No slot serves ${model}. ${message}`;
+    case 429:
+      return `Too many requests right now. ${message}${later}`;
+    case 503:
+      return `${model} cannot answer yet (${error.code ?? "unavailable"}). ${message}${later}`;
+    case 401:
+    case 403:
+      return `Not allowed (${response.status}). ${message} Reload the page to log in again.`;
+    default:
+      return `The request failed (${response.status}). ${message}`;
+  }
+}
+
+function statsLine(slot, resolution, started, firstAt, endedAt, tokens, note) {
+  const parts = [`answered by ${slot ?? "?"}`, resolution ?? "?"];
+  parts.push(firstAt === null ? "no tokens" : `TTFT ${Math.round(firstAt - started)} ms`);
+  const seconds = (endedAt - (firstAt ?? endedAt)) / 1000;
+  parts.push(tokens > 1 && seconds > 0 ? `${((tokens - 1) / seconds).toFixed(1)} tok/s` : "– tok/s");
+  if (note) parts.push(note);
+  return parts.join(" · ");
+}
+
+function setBusy(busy) {
+  sendButton.disabled = busy;
+  stopButton.disabled = !busy;
+}
+
+async function send() {
+  const text = promptBox.value.trim();
+  const model = picker.value;
+  if (!text || running) return;
+  if (!model) {
+    addAnswer("nothing").fail("Choose a model first: no slot offers one yet.");
+    return;
+  }
+  conversation.push({ role: "user", content: text });
+  addUserMessage(text);
+  promptBox.value = "";
+  const answer = addAnswer(model);
+  const controller = new AbortController();
+  running = controller;
+  setBusy(true);
+  const started = performance.now();
+  let firstAt = null;
+  let tokens = 0;
+  let content = "";
+  let slot = null;
+  let resolution = null;
+  let failure = null;
+  try {
+    const response = await fetch(app.dataset.api, {
+      method: "POST",
+      credentials: "same-origin",
+      signal: controller.signal,
+      headers: {
+        "Content-Type": "application/json",
+        Accept: "text/event-stream",
+        "X-CSRFToken": csrfToken(),
+      },
+      body: JSON.stringify({ model, stream: true, messages: conversation }),
+    });
+    slot = response.headers.get("X-Hal0-Slot");
+    resolution = response.headers.get("X-Hal0-Resolution");
+    if (!response.ok) {
+      failure = await describeError(response, model);
+    } else {
+      answer.meta(`streaming from ${slot ?? "?"}…`);
+      refreshSoon();
+      for await (const data of sseData(response.body)) {
+        if (data === "[DONE]") break;
+        const chunk = JSON.parse(data);
+        if (chunk.error) {
+          failure = `The stream broke off: ${chunk.error.message ?? chunk.error.code ?? "upstream error"}`;
+          break;
+        }
+        if (chunk.usage?.completion_tokens) tokens = chunk.usage.completion_tokens;
+        const piece = chunk.choices?.[0]?.delta?.content ?? "";
+        if (piece) {
+          firstAt ??= performance.now();
+          if (!chunk.usage) tokens += 1; // llama.cpp and friends send one token per chunk
+          content += piece;
+          answer.update(content);
+        }
+      }
+    }
+  } catch (err) {
+    if (err.name !== "AbortError") failure = `The request failed: ${err.message}`;
+  } finally {
+    running = null;
+    setBusy(false);
+  }
+  const stopped = controller.signal.aborted;
+  if (content) {
+    conversation.push({ role: "assistant", content });
+  } else if (failure || stopped) {
+    // Nothing came back: take the question out of the conversation and give it back for a retry.
+    conversation.pop();
+    if (!promptBox.value) promptBox.value = text;
+  }
+  if (slot || content) {
+    answer.finish(statsLine(slot, resolution, started, firstAt, performance.now(), tokens, stopped ? "stopped" : ""));
+  } else {
+    answer.finish(stopped ? "stopped" : "");
+  }
+  if (failure) answer.fail(failure);
+}
+
+composer.addEventListener("submit", (e) => {
+  e.preventDefault();
+  send();
+});
+promptBox.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    composer.requestSubmit();
+  }
+});
+stopButton.addEventListener("click", () => running?.abort());
+$("reset").addEventListener("click", () => {
+  running?.abort();
+  conversation.length = 0;
+  messagesList.replaceChildren();
+  promptBox.focus();
+});
+
+setBusy(false);
+connect();

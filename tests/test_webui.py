@@ -1,0 +1,252 @@
+"""The chat page in real headless Chromium against a live hal0web and two fake upstreams.
+
+Plain sync tests: Playwright's sync API runs its own loop in this thread, and hal0web and the
+fakes run in their own threads.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from tests.browser import (  # noqa: F401 - fixtures
+    browser,
+    context,
+    log_in,
+    plain_static,
+    staff,
+)
+from tests.fakes import ServerThread
+
+pytestmark = [
+    pytest.mark.browser,
+    # WhiteNoise hands Django a sync file iterator, and Django under ASGI says so once per
+    # static file it serves; harmless (the file is read in a thread), so not an error here.
+    pytest.mark.filterwarnings(
+        "ignore:StreamingHttpResponse must consume synchronous iterators:Warning"
+    ),
+]
+
+HERMES = "agent-hermes/qwen3-coder-reap-25b-a3b-q5km"
+PRIMARY = "primary/qwen3-coder-40b"
+
+
+@pytest.fixture
+def chat(seed_slots, plain_static, hal0, staff, context):  # noqa: F811 - fixtures from tests.browser
+    """A logged-in chat page whose picker shows both slots ready."""
+    from playwright.sync_api import expect
+
+    page = context.new_page()
+    log_in(page, hal0.url)
+    for name in ("primary", "agent-hermes"):
+        expect(group(page, name)).to_have_attribute("data-state", "ready")
+    return page
+
+
+def group(page, slot: str):
+    return page.locator(f'#model optgroup[data-slot="{slot}"]')
+
+
+def option(page, value: str):
+    return page.locator(f'#model option[value="{value}"]')
+
+
+def answer(page, n: int = 0):
+    return page.locator("#messages .msg.assistant").nth(n)
+
+
+def ask(page, model: str, text: str) -> None:
+    page.select_option("#model", model)
+    page.get_by_label("Message").fill(text)
+    page.get_by_label("Message").press("Enter")
+
+
+def eventually(check, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.05)
+
+
+def test_login_is_required_and_the_picker_lists_both_slots_with_states(chat, hal0):
+    from playwright.sync_api import expect
+
+    page = chat
+    expect(page.get_by_label("Model")).to_have_id("model")
+    expect(group(page, "primary")).to_have_attribute("label", "primary · ready")
+    expect(group(page, "agent-hermes")).to_have_attribute("label", "agent-hermes · ready")
+    # One option per model, qualified; the slot's default first.
+    values = (
+        group(page, "agent-hermes")
+        .locator("option")
+        .evaluate_all("os => os.map(o => [o.value, o.disabled])")
+    )
+    assert values == [[HERMES, False], ["agent-hermes/hermes", False]]
+    expect(option(page, PRIMARY)).to_be_enabled()
+    # The side panel has a card per slot and says how each is doing.
+    expect(page.locator('#slots .slot[data-slot="agent-hermes"] .badge')).to_have_text("ready")
+    expect(page.locator('#slots .slot[data-slot="primary"]')).to_contain_text("qwen3-coder-40b")
+    # A fresh browser without the session is sent to the login form.
+    other = page.context.browser.new_context()
+    try:
+        anon = other.new_page()
+        anon.goto(hal0.url + "/")
+        expect(anon).to_have_url(re.compile(r"/accounts/login/\?next=/$"))
+    finally:
+        other.close()
+
+
+def test_the_chosen_slot_answers_and_the_page_says_so(chat, fake_pair):
+    from playwright.sync_api import expect
+
+    page = chat
+    hermes, _ = fake_pair["agent-hermes"]
+    page.select_option("#model", HERMES)
+    box = page.get_by_label("Message")
+    box.fill("line one")
+    box.press("Shift+Enter")  # a new line, not a send
+    box.press_sequentially("line two")
+    expect(page.locator("#messages .msg")).to_have_count(0)
+    box.press("Enter")
+    expect(answer(page).locator(".body")).to_contain_text("hello from agent-hermes")
+    meta = answer(page).locator(".meta")
+    expect(meta).to_contain_text("answered by agent-hermes · qualified:agent-hermes")
+    expect(meta).to_contain_text(re.compile(r"TTFT \d+ ms · [\d.]+ tok/s"))
+    sent = [s for s in hermes.requests if s.path == "/v1/chat/completions"]
+    assert len(sent) == 1
+    assert sent[0].json["stream"] is True
+    assert sent[0].json["model"] == "qwen3-coder-reap-25b-a3b-q5km"
+    assert sent[0].json["messages"] == [{"role": "user", "content": "line one\nline two"}]
+    assert "authorization" not in sent[0].headers
+    # The routing log shows the decision.
+    expect(page.locator("#log li").first).to_contain_text(f"{HERMES} → agent-hermes")
+    # A second turn carries the conversation so far.
+    ask(page, HERMES, "and again")
+    expect(answer(page, 1).locator(".meta")).to_contain_text("answered by agent-hermes")
+    sent = [s for s in hermes.requests if s.path == "/v1/chat/completions"]
+    assert [m["role"] for m in sent[1].json["messages"]] == ["user", "assistant", "user"]
+    assert sent[1].json["messages"][1]["content"].startswith("hello from agent-hermes")
+    # The choice survives a reload.
+    page.reload()
+    expect(group(page, "agent-hermes")).to_have_attribute("data-state", "ready")
+    expect(page.locator("#model")).to_have_value(HERMES)
+
+
+def test_picker_follows_an_upstream_going_offline_and_back_without_reload(chat, fake_pair):
+    from playwright.sync_api import expect
+
+    page = chat
+    page.select_option("#model", HERMES)
+    page.evaluate("window.sameDocument = true")
+    hermes, server = fake_pair["agent-hermes"]
+    server.stop()
+    revived = None
+    try:
+        expect(group(page, "agent-hermes")).to_have_attribute("data-state", "offline")
+        expect(group(page, "agent-hermes")).to_have_attribute("label", "agent-hermes · offline")
+        expect(option(page, HERMES)).to_be_disabled()
+        expect(option(page, HERMES)).to_have_attribute("title", re.compile("offline"))
+        expect(option(page, PRIMARY)).to_be_enabled()
+        expect(page.locator('#slots .slot[data-slot="agent-hermes"] .badge')).to_have_text(
+            "offline"
+        )
+        revived = ServerThread(hermes, port=server.port).start()
+        expect(group(page, "agent-hermes")).to_have_attribute("data-state", "ready")
+        expect(option(page, HERMES)).to_be_enabled()
+        expect(option(page, HERMES)).not_to_have_attribute("title", re.compile("offline"))
+        # Same document all along, and the user's choice held through it.
+        assert page.evaluate("window.sameDocument") is True
+        expect(page.locator("#model")).to_have_value(HERMES)
+    finally:
+        if revived is not None:
+            revived.stop()
+
+
+def test_admin_edit_in_a_second_page_reaches_the_picker_live(chat, seed_slots, hal0):
+    from playwright.sync_api import expect
+
+    page = chat
+    page.evaluate("window.sameDocument = true")
+    slot = seed_slots["agent-hermes"]
+    admin = page.context.new_page()
+    admin.goto(f"{hal0.url}/admin/dispatch/slot/{slot.pk}/change/")
+    # The slot's models inline: use its blank extra row, or ask for one.
+    model_ids = admin.locator('input[name^="models-"][name$="-model_id"]:not([name*="__prefix__"])')
+    if "" not in model_ids.evaluate_all("inputs => inputs.map(i => i.value)"):
+        admin.locator(".add-row a").first.click()
+    model_ids.last.fill("hermes-extra")
+    admin.locator('input[name="_save"]').click()
+    expect(admin.locator(".messagelist")).to_contain_text("was changed successfully")
+    expect(option(page, "agent-hermes/hermes-extra")).to_be_attached()
+    # The fake does not serve it: the card says so once the watcher has looked.
+    expect(page.locator('#slots .slot[data-slot="agent-hermes"] .warn')).to_contain_text(
+        "hermes-extra"
+    )
+    assert page.evaluate("window.sameDocument") is True
+
+
+def test_stop_ends_a_long_stream_and_the_upstream_sees_the_disconnect(chat, fake_pair):
+    from playwright.sync_api import expect
+
+    page = chat
+    hermes, _ = fake_pair["agent-hermes"]
+    hermes.chunks = 100_000
+    hermes.chunk_gap_s = 0.05
+    ask(page, HERMES, "talk for a long time")
+    expect(answer(page).locator(".body")).to_contain_text("hello from agent-hermes 1")
+    expect(page.get_by_role("button", name="Send")).to_be_disabled()
+    page.get_by_role("button", name="Stop").click()
+    eventually(lambda: hermes.disconnects, "the fake upstream saw the client go away")
+    expect(answer(page).locator(".meta")).to_contain_text("stopped")
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    expect(page.get_by_role("button", name="Stop")).to_be_disabled()
+    eventually(lambda: hermes.active == 0, "the upstream stream ended")
+
+
+def test_model_html_is_shown_as_text_and_markdown_is_rendered(chat, fake_pair):
+    from playwright.sync_api import expect
+
+    page = chat
+    hermes, _ = fake_pair["agent-hermes"]
+    attack = '<img src=x onerror="window.pwned=1"> and **bold**'
+    hermes.reply = attack
+    hermes.chunks = 1
+    ask(page, HERMES, "say something nasty")
+    body = answer(page).locator(".body")
+    expect(answer(page).locator(".meta")).to_contain_text("answered by agent-hermes")
+    expect(body).to_contain_text('<img src=x onerror="window.pwned=1">')
+    expect(body.locator("strong")).to_have_text("bold")
+    assert body.locator("img").count() == 0
+    assert page.evaluate("window.pwned") is None
+
+
+def test_loading_slot_error_is_shown_with_its_retry_hint(chat, fake_pair, settings):
+    from playwright.sync_api import expect
+
+    settings.HAL0_SWAP_WAIT_S = 0  # answer 503 at once instead of waiting out the load
+    page = chat
+    hermes, _ = fake_pair["agent-hermes"]
+    hermes.health = "loading"
+    expect(group(page, "agent-hermes")).to_have_attribute("data-state", "loading")
+    ask(page, HERMES, "are you there?")
+    error = answer(page).locator(".error")
+    expect(error).to_contain_text("cannot answer yet (slot_loading)")
+    expect(error).to_contain_text(re.compile(r"Try again in \d+ s"))
+    # The question comes back to the box for a retry.
+    expect(page.get_by_label("Message")).to_have_value("are you there?")
+
+
+def test_usable_at_360_px(chat):
+    from playwright.sync_api import expect
+
+    page = chat
+    page.set_viewport_size({"width": 360, "height": 740})
+    expect(page.get_by_label("Model")).to_be_visible()
+    expect(page.get_by_label("Message")).to_be_visible()
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    ask(page, PRIMARY, "hi")
+    expect(answer(page).locator(".meta")).to_contain_text("answered by primary")
