@@ -26,6 +26,7 @@ from dispatch.admission import admission
 from dispatch.decisions import DecisionRecord, record
 from dispatch.errors import ApiError, error_response, sse_error
 from dispatch.forward import Forwarded, forward
+from dispatch.keys import authorize
 from dispatch.proxy import UpstreamError
 from dispatch.resolver import Decision, NoRoute, Target, resolve
 from dispatch.store import store
@@ -102,6 +103,7 @@ def proxy_view(endpoint: str) -> View:
         try:
             if request.method != "POST":
                 raise ApiError(405, "method_not_allowed", f"Use POST for /v1/{endpoint}.")
+            await authorize(request)
             body = bodies.parse(_read_body(request))
             rec.model = body.model
             table = await store.ensure_loaded()
@@ -241,6 +243,10 @@ def _model_entries(table: RoutingTable) -> list[dict[str, Any]]:
 async def models(request: HttpRequest) -> HttpResponse:
     if request.method != "GET":
         return _fail(request, ApiError(405, "method_not_allowed", "Use GET for /v1/models."), "GET")
+    try:
+        await authorize(request)
+    except ApiError as err:
+        return _fail(request, err)
     table = await store.ensure_loaded()
     return HttpResponse(
         orjson.dumps({"object": "list", "data": _model_entries(table)}),
@@ -253,6 +259,10 @@ async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
         return _fail(
             request, ApiError(405, "method_not_allowed", "Use GET for /v1/models/{id}."), "GET"
         )
+    try:
+        await authorize(request)
+    except ApiError as err:
+        return _fail(request, err)
     table = await store.ensure_loaded()
     for entry in _model_entries(table):
         if entry["id"] == model_id:

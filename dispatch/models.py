@@ -5,7 +5,9 @@ Validation lives in ``clean()`` so the admin, the manifest importer and the test
 
 from __future__ import annotations
 
+import hashlib
 import re
+import secrets
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -201,3 +203,33 @@ class SlotModel(models.Model):
             errors.setdefault("is_default", []).append("an alias cannot be the slot's default")
         if errors:
             raise ValidationError(errors)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKey(models.Model):
+    """A key for the /v1 API. Only its SHA-256 is stored; the key is shown once, on creation."""
+
+    name = models.CharField(max_length=100, help_text="Who or what uses this key.")
+    prefix = models.CharField(
+        max_length=16, editable=False, help_text="The key's first characters."
+    )
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @classmethod
+    def issue(cls, name: str) -> tuple[ApiKey, str]:
+        """Create a key; returns the row and the plaintext key (the only time it exists)."""
+        key = "hal0-" + secrets.token_urlsafe(32)
+        row = cls.objects.create(name=name, prefix=key[:12], key_hash=hash_key(key))
+        return row, key

@@ -14,7 +14,8 @@ from django.dispatch import receiver
 from dispatch import events
 from dispatch.admission import admission
 from dispatch.decisions import InflightReporter
-from dispatch.models import Slot, SlotModel
+from dispatch.keys import keyring
+from dispatch.models import ApiKey, Slot, SlotModel
 from dispatch.snapshots import table_events
 from dispatch.store import store
 from dispatch.table import RoutingTable
@@ -47,3 +48,9 @@ def _announce(old: RoutingTable, new: RoutingTable) -> None:
 
 store.on_change(_announce)
 admission.on_change(InflightReporter(admission.inflight).note)
+
+
+@receiver(post_save, sender=ApiKey)
+@receiver(post_delete, sender=ApiKey)
+def _reload_keys(sender: type, **kwargs: Any) -> None:
+    transaction.on_commit(keyring.reload)

@@ -96,8 +96,13 @@ except Exception as exc:  # environ raises bare exceptions of several kinds for 
     raise ImproperlyConfigured(
         f"DATABASE_URL={_db_url!r} is not a valid database URL: {exc}"
     ) from exc
-if not _db.get("ENGINE"):
-    raise ImproperlyConfigured(f"DATABASE_URL={_db_url!r} names no known database engine")
+# django-environ passes an unknown scheme through as the engine name; Django would then fail
+# later, far from the variable.
+if not _db.get("ENGINE") or _db_url.split(":", 1)[0] not in environ.Env.DB_SCHEMES:
+    raise ImproperlyConfigured(
+        f"DATABASE_URL={_db_url!r} names no known database engine (e.g. sqlite:///PATH, "
+        "postgres://USER@HOST:PORT/NAME)"
+    )
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the watcher write slot state while requests read; the timeout rides out the
     # brief write locks instead of failing with "database is locked".
@@ -130,6 +135,11 @@ HAL0_SWAP_WAIT_S: float = _positive("HAL0_SWAP_WAIT_S", env.float, 30, allow_zer
 HAL0_QUEUE_WAIT_S: float = _positive("HAL0_QUEUE_WAIT_S", env.float, 30, allow_zero=True)
 # The watcher runs inside the server process unless a deployment runs `manage.py watch`.
 HAL0_WATCHER: bool = _strict_bool("HAL0_WATCHER", True)
+# /v1 authentication: `auto` requires a key (or a logged-in page session) once any API key
+# exists, `required` always, `off` never (a trusted loopback-only setup).
+HAL0_API_AUTH: str = _read("HAL0_API_AUTH", env.str, "auto").strip().lower()
+if HAL0_API_AUTH not in {"auto", "required", "off"}:
+    raise ImproperlyConfigured(f"HAL0_API_AUTH={HAL0_API_AUTH!r} must be auto, required or off")
 HAL0_BIND: str = _read("HAL0_BIND", env.str, "127.0.0.1:8000")
 if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", HAL0_BIND):
     raise ImproperlyConfigured(f"HAL0_BIND={HAL0_BIND!r} must be HOST:PORT")
@@ -223,13 +233,16 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise warns (an error under the test suite) without it
+# Hashed, compressed static files once `collectstatic` has run (make run does); before that
+# (tests, a first `daphne` by hand) plain files straight from the app folders.
+_manifest = (STATIC_ROOT / "staticfiles.json").is_file()
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
         "BACKEND": (
-            "django.contrib.staticfiles.storage.StaticFilesStorage"
-            if DEBUG
-            else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            if _manifest and not DEBUG
+            else "django.contrib.staticfiles.storage.StaticFilesStorage"
         )
     },
 }

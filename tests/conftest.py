@@ -35,9 +35,11 @@ def _fresh_runtime() -> Iterator[None]:
     from dispatch import admission as admission_mod
     from dispatch import events, health
     from dispatch import store as store_mod
+    from dispatch.keys import keyring
     from dispatch.proxy import upstream
 
     store_mod.store.reset()
+    keyring.reset()
     health.watcher.__init__()  # type: ignore[misc]
     admission_mod.admission.reset()
     upstream.use_transport(None)

@@ -1,0 +1,98 @@
+"""Who may call /v1: an API key (Bearer), or the chat page's logged-in session with CSRF.
+
+Key hashes live in memory, reloaded after any ApiKey change commits, so checking a key costs
+one SHA-256 and a set lookup — no database query on the request path. Only a request with
+no key (the page) loads its session.
+"""
+
+from __future__ import annotations
+
+import threading
+from importlib import import_module
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth import aget_user
+from django.http import HttpRequest, HttpResponseBase
+from django.middleware.csrf import CsrfViewMiddleware
+
+from dispatch.errors import ApiError
+
+
+class KeyRing:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self._hashes: frozenset[str] = frozenset()
+        self._any = False
+        self._loaded = False
+
+    def reload(self) -> None:
+        from dispatch.models import ApiKey
+
+        with self._lock:
+            self._hashes = frozenset(
+                ApiKey.objects.filter(enabled=True).values_list("key_hash", flat=True)
+            )
+            # Disabling the last key must not open the API: any key, enabled or not, counts.
+            self._any = ApiKey.objects.exists()
+            self._loaded = True
+
+    async def ensure_loaded(self) -> None:
+        if not self._loaded:
+            await sync_to_async(self.reload, thread_sensitive=True)()
+
+    def knows(self, key: str) -> bool:
+        from dispatch.models import hash_key
+
+        return hash_key(key) in self._hashes
+
+    @property
+    def any(self) -> bool:
+        return self._any
+
+
+keyring = KeyRing()
+
+
+def _no_view(request: HttpRequest) -> HttpResponseBase:
+    # Never called: the middleware is used for its check alone (process_view).
+    raise AssertionError("not a view")
+
+
+_csrf = CsrfViewMiddleware(_no_view)
+
+
+async def authorize(request: HttpRequest) -> None:
+    """Raise ApiError(401/403) unless the request may use /v1."""
+    mode = settings.HAL0_API_AUTH
+    if mode == "off":
+        return
+    await keyring.ensure_loaded()
+    if mode == "auto" and not keyring.any:
+        return
+    auth = request.headers.get("Authorization", "")
+    if auth:
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not keyring.knows(key.strip()):
+            raise ApiError(401, "invalid_api_key", "The API key is not valid.")
+        return
+    if settings.SESSION_COOKIE_NAME in request.COOKIES:
+        engine: Any = import_module(settings.SESSION_ENGINE)
+        request.session = engine.SessionStore(request.COOKIES[settings.SESSION_COOKIE_NAME])
+        user = await aget_user(request)
+        if user.is_authenticated:
+            # The page's calls carry the session cookie, so they must prove they come from
+            # the page itself: Django's own CSRF check (token header + Origin).
+            if _csrf.process_view(request, _no_view, (), {}) is not None:
+                raise ApiError(403, "csrf_failed", "CSRF check failed; reload the page.")
+            return
+    raise ApiError(
+        401,
+        "missing_api_key",
+        "This hal0web requires an API key: send `Authorization: Bearer <key>` "
+        "(create keys in the admin).",
+    )
