@@ -146,6 +146,12 @@ async def forward(
             admission.release(slot.name)
             on_suspect(slot.name, f"upstream answered {response.status_code}")
             first_failed = slot.name
+            last_error = ApiError(
+                503,
+                "slot_unavailable",
+                f"Slot '{slot.name}' answered {response.status_code} and no other slot could serve.",
+                headers=_retry_after(settings.HAL0_PROBE_INTERVAL_S),
+            )
             continue
         if first_failed is not None and first_failed != slot.name:
             path_label = f"failover:{first_failed}->{slot.name}"
