@@ -50,7 +50,7 @@ class ModelSource(models.TextChoices):
 
 
 def validate_slot_name(value: str) -> None:
-    if not SLOT_NAME_RE.match(value or ""):
+    if not SLOT_NAME_RE.fullmatch(value or ""):
         raise ValidationError(f"must match {SLOT_NAME_RE.pattern}", code="invalid_name")
 
 
@@ -67,7 +67,7 @@ def validate_upstream_url(value: str) -> None:
 
 
 def validate_env_name(value: str) -> None:
-    if value and not ENV_NAME_RE.match(value):
+    if value and not ENV_NAME_RE.fullmatch(value):
         raise ValidationError("must be an environment variable name", code="invalid_env")
 
 
