@@ -7,6 +7,7 @@ fakes run in their own threads.
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import pytest
@@ -69,6 +70,28 @@ def eventually(check, what: str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
         time.sleep(0.05)
+
+
+def in_plain_thread(fn) -> None:
+    """Run a database write where no event loop runs (Playwright keeps one in this thread),
+    so its after-commit broadcast takes the same path as an admin view's."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            from django.db import connection
+
+            connection.close()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
 
 
 def test_login_is_required_and_the_picker_lists_both_slots_with_states(chat, hal0):
@@ -198,12 +221,15 @@ def test_stop_ends_a_long_stream_and_the_upstream_sees_the_disconnect(chat, fake
     ask(page, HERMES, "talk for a long time")
     expect(answer(page).locator(".body")).to_contain_text("hello from agent-hermes 1")
     expect(page.get_by_role("button", name="Send")).to_be_disabled()
+    card = page.locator('#slots .slot[data-slot="agent-hermes"] .meta')
+    expect(card).to_contain_text("in flight 1")
     page.get_by_role("button", name="Stop").click()
     eventually(lambda: hermes.disconnects, "the fake upstream saw the client go away")
     expect(answer(page).locator(".meta")).to_contain_text("stopped")
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
     expect(page.get_by_role("button", name="Stop")).to_be_disabled()
     eventually(lambda: hermes.active == 0, "the upstream stream ended")
+    expect(card).to_contain_text("in flight 0")
 
 
 def test_model_html_is_shown_as_text_and_markdown_is_rendered(chat, fake_pair):
@@ -250,3 +276,33 @@ def test_usable_at_360_px(chat):
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
     ask(page, PRIMARY, "hi")
     expect(answer(page).locator(".meta")).to_contain_text("answered by primary")
+
+
+def test_reconnects_after_the_server_restarts_and_rereads_the_snapshot(chat, hal0, seed_slots):
+    from playwright.sync_api import expect
+
+    from dispatch.models import SlotModel
+    from hal0web.asgi import application
+
+    page = chat
+    page.evaluate("window.sameDocument = true")
+    live = page.locator("#live")
+    expect(live).to_have_attribute("data-live", "live")
+    hal0.stop()
+    restarted = None
+    try:
+        expect(live).to_have_attribute("data-live", "down")
+        # A change nobody could hear: only a fresh snapshot can bring it to the page.
+        in_plain_thread(
+            lambda: SlotModel.objects.create(
+                slot=seed_slots["primary"], model_id="while-you-were-away"
+            )
+        )
+        application._started = False  # a new server, a new runtime (as the hal0 fixture does)
+        restarted = ServerThread(application, port=hal0.port).start()
+        expect(live).to_have_attribute("data-live", "live")
+        expect(option(page, "primary/while-you-were-away")).to_be_attached()
+        assert page.evaluate("window.sameDocument") is True
+    finally:
+        if restarted is not None:
+            restarted.stop()

@@ -154,9 +154,7 @@ function render() {
 
 // ---- the WebSocket -------------------------------------------------------------------------
 
-let socket = null;
 let backoff = BACKOFF_MIN_MS;
-let refreshTimer = null;
 
 function setLive(state, text) {
   liveBadge.dataset.live = state;
@@ -179,25 +177,22 @@ function onEvent(ev) {
     tableVersion = ev.version;
     slots.delete(ev.slot);
     render();
+  } else if (ev.type === "slot.inflight") {
+    // {slot name: requests in flight}, for the slots whose count changed
+    for (const [name, count] of Object.entries(ev.inflight)) {
+      const slot = slots.get(name);
+      if (slot) slot.inflight = count;
+    }
+    renderSlots();
   } else if (ev.type === "dispatch.decision") {
     logDecision(ev);
-    refreshSoon(); // in-flight counts changed; only a snapshot carries them
   }
-}
-
-// Ask for a fresh snapshot, at most a few times a second however busy the router is.
-function refreshSoon() {
-  if (refreshTimer !== null) return;
-  refreshTimer = setTimeout(() => {
-    refreshTimer = null;
-    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "snapshot" }));
-  }, 300);
 }
 
 function connect() {
   const url = new URL(app.dataset.ws, location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-  socket = new WebSocket(url);
+  const socket = new WebSocket(url);
   socket.addEventListener("open", () => {
     backoff = BACKOFF_MIN_MS;
     setLive("live", "live");
@@ -367,7 +362,6 @@ async function send() {
       failure = await describeError(response, model);
     } else {
       answer.meta(`streaming from ${slot ?? "?"}…`);
-      refreshSoon();
       for await (const data of sseData(response.body)) {
         if (data === "[DONE]") break;
         const chunk = JSON.parse(data);
