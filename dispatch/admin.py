@@ -19,7 +19,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from dispatch import states
+from dispatch import manifests, states
 from dispatch.models import ModelSource, Slot, SlotModel, SlotState
 
 # The states an operator may set by hand (see dispatch/states.py): draining a slot, and
@@ -55,6 +55,15 @@ class SlotForm(forms.ModelForm):
                 "Set by the watcher. You may drain a slot (no new requests) or set it back to "
                 "unknown (probed afresh)."
             )
+
+    def clean_extra(self) -> Any:
+        extra = self.cleaned_data.get("extra")
+        if extra is None:  # the field left empty: no extra keys
+            return {}
+        problems = manifests.extra_problems(extra)
+        if problems:
+            raise forms.ValidationError([f"{k}: {msg}" if k else msg for k, msg in problems])
+        return extra
 
     def clean_state(self) -> str:
         new: str = self.cleaned_data["state"]

@@ -392,6 +392,50 @@ def _check_json_safe(c: _Collector, value: Any, key: str) -> None:
         c.add(key, "inf and nan cannot be kept in an unknown key (hal0web stores them as JSON)")
 
 
+def extra_problems(extra: object) -> list[tuple[str, str]]:
+    """What keeps ``extra`` (edited in the admin, say) from being written back as TOML.
+
+    Returns ``(key, message)`` pairs; empty when the export will carry it faithfully.
+    """
+    if not isinstance(extra, dict):
+        return [("", "must be a JSON object of manifest keys")]
+    out: list[tuple[str, str]] = []
+    for key in extra:
+        if key in _TOP_KEYS and key != "port":
+            out.append((key, "is a field of the slot: set it there, not in the extra keys"))
+    port = extra.get("port")
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+    ):
+        out.append(("port", "must be an integer between 1 and 65535"))
+    for table, known in (("model", _MODEL_KEYS), ("limits", _LIMIT_KEYS)):
+        if table not in extra:
+            continue
+        if not isinstance(extra[table], dict):
+            out.append((table, "must be an object (the unknown keys of that table)"))
+            continue
+        out += [
+            (f"{table}.{k}", "is a field of the slot, not an extra key")
+            for k in extra[table]
+            if k in known
+        ]
+
+    def walk(value: Any, key: str) -> None:
+        if value is None:
+            out.append((key, "TOML has no null"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append((key, "inf and nan cannot be stored"))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+
+    walk(extra, "")
+    return out
+
+
 def _sorted_json(value: Any) -> Any:
     """Keys sorted at every level: the writer's order must not depend on the database's JSON."""
     if isinstance(value, dict):
@@ -496,7 +540,15 @@ class _Inline(dict[str, Any]):
 
 
 def dumps(m: Manifest) -> str:
-    """Canonical TOML for a manifest: the same manifest always gives the same bytes."""
+    """Canonical TOML for a manifest: the same manifest always gives the same bytes.
+
+    Raises ``ValueError`` when the slot's extra keys cannot be written (see ``extra_problems``).
+    """
+    problems = extra_problems(m.extra)
+    if problems:
+        raise ValueError(
+            "; ".join(f"{m.name}: extra{'.' + k if k else ''}: {msg}" for k, msg in problems)
+        )
     extra = dict(_sorted_json(m.extra))
     port = extra.pop("port", None)
     doc: dict[str, Any] = {"name": m.name}

@@ -277,3 +277,25 @@ def test_slot_model_admin_lists_shared_models(admin_client, two_slots):
 def test_anonymous_users_are_sent_to_login(client):
     r = client.get(CHANGELIST)
     assert r.status_code == 302 and "/admin/login/" in r["Location"]
+
+
+def test_extra_keys_must_be_writable_as_a_manifest(admin_client, two_slots):
+    primary, _ = two_slots
+    bad = '{"name": "x", "port": "8001", "model": {"default": "m"}, "server": {"host": null}}'
+    r = admin_client.post(change_url(primary), form_data(primary, extra=bad))
+    assert r.status_code == 200
+    html = r.content.decode()
+    assert "name: is a field of the slot" in html
+    assert "port: must be an integer between 1 and 65535" in html
+    assert "model.default: is a field of the slot" in html
+    assert "server.host: TOML has no null" in html
+
+    good = '{"runtime": "container", "model": {"context_size": 4096}}'
+    r = admin_client.post(change_url(primary), form_data(primary, extra=good))
+    assert r.status_code == 302
+    primary.refresh_from_db()
+    assert primary.extra == {"runtime": "container", "model": {"context_size": 4096}}
+    r = admin_client.post(change_url(primary), form_data(primary, extra=""))
+    assert r.status_code == 302
+    primary.refresh_from_db()
+    assert primary.extra == {}

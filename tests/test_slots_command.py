@@ -185,3 +185,11 @@ def test_bad_manifest_exits_non_zero_from_the_shell(tmp_path):
     )
     assert bad.returncode == 1
     assert f"{tmp_path}/x.toml: model.default: required when model.models is given" in bad.stderr
+
+
+def test_export_refuses_extra_keys_toml_cannot_carry(tmp_path):
+    run("import", str(SLOTS))
+    Slot.objects.filter(name="primary").update(extra={"server": {"host": None}})
+    with pytest.raises(CommandError, match=r"primary: extra\.server\.host: TOML has no null"):
+        run("export", str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "agent-hermes.toml").exists()  # all or nothing

@@ -57,8 +57,12 @@ class Command(BaseCommand):
     def _export(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         slots = Slot.objects.prefetch_related("models").order_by("name")
+        try:
+            texts = {s.name: manifests.dumps(manifests.from_slot(s)) for s in slots}
+        except ValueError as exc:  # extra keys set by hand that TOML cannot carry
+            raise CommandError(f"nothing exported: {exc}", returncode=1) from exc
         for slot in slots:
-            text = manifests.dumps(manifests.from_slot(slot))
+            text = texts[slot.name]
             target = directory / f"{slot.name}.toml"
             # Written beside the target and renamed: a reader never sees half a file.
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{slot.name}.", suffix=".tmp")
