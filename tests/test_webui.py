@@ -10,6 +10,7 @@ import re
 import threading
 import time
 
+import httpx
 import pytest
 
 from tests.browser import (  # noqa: F401 - fixtures
@@ -158,6 +159,20 @@ def test_the_chosen_slot_answers_and_the_page_says_so(chat, fake_pair):
     expect(page.locator("#model")).to_have_value(HERMES)
 
 
+def test_page_calls_ride_on_the_session_when_the_api_requires_keys(chat, hal0, settings):
+    from playwright.sync_api import expect
+
+    settings.HAL0_API_AUTH = "required"
+    # Outside the page, no key means no answer...
+    r = httpx.post(f"{hal0.url}/v1/chat/completions", json={"model": PRIMARY, "messages": []})
+    assert r.status_code == 401
+    # ...while the logged-in page needs none: its session and CSRF token vouch for it.
+    page = chat
+    ask(page, PRIMARY, "hello?")
+    expect(answer(page).locator(".meta")).to_contain_text("answered by primary")
+    expect(answer(page).locator(".error")).to_have_count(0)
+
+
 def test_picker_follows_an_upstream_going_offline_and_back_without_reload(chat, fake_pair):
     from playwright.sync_api import expect
 
@@ -259,10 +274,42 @@ def test_loading_slot_error_is_shown_with_its_retry_hint(chat, fake_pair, settin
     expect(group(page, "agent-hermes")).to_have_attribute("data-state", "loading")
     ask(page, HERMES, "are you there?")
     error = answer(page).locator(".error")
-    expect(error).to_contain_text("cannot answer yet (slot_loading)")
+    expect(error).to_contain_text(f"{HERMES} is not available right now (slot_loading)")
     expect(error).to_contain_text(re.compile(r"Try again in \d+ s"))
     # The question comes back to the box for a retry.
     expect(page.get_by_label("Message")).to_have_value("are you there?")
+
+
+def test_full_slot_answers_429_and_the_page_says_so(chat, fake_pair, hal0, settings):
+    from playwright.sync_api import expect
+
+    from dispatch.models import Slot
+
+    settings.HAL0_QUEUE_WAIT_S = 0  # a full slot refuses at once instead of queueing
+
+    def limit_to_one() -> None:
+        slot = Slot.objects.get(name="agent-hermes")
+        slot.max_concurrency = 1
+        slot.save()
+
+    page = chat
+    in_plain_thread(limit_to_one)
+    card = page.locator('#slots .slot[data-slot="agent-hermes"] .meta')
+    expect(card).to_contain_text("in flight 0 / 1")
+    hermes, _ = fake_pair["agent-hermes"]
+    hermes.chunks = 100_000
+    hermes.chunk_gap_s = 0.05
+    # Someone else holds the slot's only place with a long stream.
+    with httpx.Client(base_url=hal0.url, timeout=30) as other:
+        body = {"model": "hermes", "stream": True, "messages": []}
+        with other.stream("POST", "/v1/chat/completions", json=body) as held:
+            assert held.status_code == 200
+            expect(card).to_contain_text("in flight 1 / 1")
+            ask(page, HERMES, "my turn?")
+            error = answer(page).locator(".error")
+            expect(error).to_contain_text("Too many requests right now.")
+            expect(error).to_contain_text(re.compile(r"Try again in \d+ s"))
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
 
 
 def test_usable_at_360_px(chat):

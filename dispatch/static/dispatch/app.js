@@ -299,7 +299,7 @@ async function describeError(response, model) {
     case 429:
       return `Too many requests right now. ${message}${later}`;
     case 503:
-      return `${model} cannot answer yet (${error.code ?? "unavailable"}). ${message}${later}`;
+      return `${model} is not available right now (${error.code ?? "unavailable"}). ${message}${later}`;
     case 401:
     case 403:
       return `Not allowed (${response.status}). ${message} Reload the page to log in again.`;
