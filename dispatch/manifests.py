@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from dispatch.models import ModelSource, Slot, SlotModel
 
@@ -749,6 +749,17 @@ def apply(
                 raise _DryRunRollback
     except _DryRunRollback:
         pass
+    except IntegrityError as exc:
+        # Validation ran first; this is a concurrent writer (the admin, another import)
+        # getting in between. The transaction rolled back; say so plainly.
+        where = ", ".join(m.path for m in manifests) or "(no files)"
+        raise ManifestErrors(
+            [
+                ManifestError(
+                    where, "", f"the database refused the import (concurrent change?): {exc}"
+                )
+            ]
+        ) from exc
     return report
 
 

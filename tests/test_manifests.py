@@ -376,3 +376,24 @@ def test_export_import_export_is_byte_identical_with_extra_keys(tmp_path):
     second = {s.name: dumps(from_slot(s)) for s in Slot.objects.prefetch_related("models")}
     assert second == first
     assert "context_size = 65536" in first["brain"] and "[[hooks]]" in first["brain"]
+
+
+@pytest.mark.django_db
+def test_a_database_refusal_is_reported_and_rolls_back():
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("the refusing trigger is written for SQLite")
+    with connection.cursor() as cur:
+        # Stands in for a concurrent writer: the database says no after validation passed.
+        cur.execute(
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON dispatch_slot WHEN NEW.name = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+        )
+    fine = parse('name = "a-fine-one"\nport = 1\n', "a.toml")
+    boom = parse('name = "boom"\nport = 2\n', "boom.toml")
+    with pytest.raises(ManifestErrors) as exc:
+        manifests.apply([fine, boom])
+    assert "the database refused the import" in str(exc.value)
+    assert "refused by trigger" in str(exc.value)
+    assert not Slot.objects.exists()
