@@ -1,0 +1,83 @@
+"""The chat page without a browser: login, its markup, and its static files in production mode."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from django.core.management import call_command
+
+MANIFEST_STORAGE = "whitenoise.storage.CompressedManifestStaticFilesStorage"
+PLAIN_STORAGE = "django.contrib.staticfiles.storage.StaticFilesStorage"
+
+
+def _storage(settings, backend: str) -> None:
+    settings.STORAGES = {**settings.STORAGES, "staticfiles": {"BACKEND": backend}}
+
+
+def _import_map(html: str) -> dict[str, str]:
+    found = re.search(r'<script type="importmap">(.*?)</script>', html, re.S)
+    assert found, "the chat page has no import map"
+    return json.loads(found.group(1))["imports"]
+
+
+def test_chat_page_needs_a_login(client, db, settings):
+    _storage(settings, PLAIN_STORAGE)
+    r = client.get("/")
+    assert r.status_code == 302
+    assert r["Location"] == "/accounts/login/?next=/"
+    login = client.get(r["Location"])
+    assert login.status_code == 200
+    assert b'<label for="id_username">Username</label>' in login.content
+
+
+def test_chat_page_markup_and_csrf_cookie(admin_client, settings):
+    _storage(settings, PLAIN_STORAGE)
+    r = admin_client.get("/")
+    assert r.status_code == 200
+    html = r.content.decode()
+    assert '<label for="model">Model</label>' in html
+    assert '<select id="model"' in html
+    assert '<label for="prompt" class="visually-hidden">Message</label>' in html
+    assert 'data-api="/v1/chat/completions"' in html
+    assert _import_map(html) == {
+        "marked": "/static/dispatch/vendor/marked.esm.js",
+        "dompurify": "/static/dispatch/vendor/purify.es.mjs",
+    }
+    # The page's fetch() reads the token from this cookie for its X-CSRFToken header.
+    assert "csrftoken" in r.cookies
+    assert not r.cookies["csrftoken"]["httponly"]
+
+
+def test_collectstatic_keeps_the_vendored_modules_and_the_page_links_hashed_names(
+    admin_client, settings, tmp_path
+):
+    settings.STATIC_ROOT = tmp_path
+    _storage(settings, MANIFEST_STORAGE)
+    # The manifest storage rewrites each file's references (sourceMappingURL included) and
+    # fails on any that points nowhere: this is what `manage.py serve` runs before starting.
+    call_command("collectstatic", interactive=False, verbosity=0)
+    html = admin_client.get("/").content.decode()
+    imports = _import_map(html)
+    for url in [*imports.values(), *re.findall(r'src="(/static/[^"]+)"', html)]:
+        assert re.search(r"\.[0-9a-f]{12}\.m?js$", url), url
+        assert (tmp_path / url.removeprefix("/static/")).is_file(), url
+    app_js = re.search(r'src="(/static/dispatch/app\.[0-9a-f]{12}\.js)"', html)
+    assert app_js, "the page does not load its hashed app.js"
+    # app.js imports the libraries by bare name (the import map's), never by a path that
+    # hashing would break.
+    source = (tmp_path / app_js.group(1).removeprefix("/static/")).read_text()
+    assert re.findall(r'^import .* from "([^"]+)";$', source, re.M) == ["marked", "dompurify"]
+
+
+@pytest.mark.parametrize("name", ["marked.esm.js", "purify.es.mjs"])
+def test_vendored_files_match_their_recorded_checksums(name):
+    import hashlib
+    from pathlib import Path
+
+    vendor = Path(__file__).resolve().parent.parent / "dispatch/static/dispatch/vendor"
+    recorded = (vendor / "VENDOR.md").read_text()
+    digest = hashlib.sha256((vendor / name).read_bytes()).hexdigest()
+    assert f"{digest}  {name}" in recorded
+    assert (vendor / f"{name}.map").is_file()
