@@ -223,6 +223,22 @@ def test_admin_edit_in_a_second_page_reaches_the_picker_live(chat, seed_slots, h
     expect(page.locator('#slots .slot[data-slot="agent-hermes"] .warn')).to_contain_text(
         "hermes-extra"
     )
+    # Disable it in the admin: its group says so and its models cannot be chosen.
+    admin.goto(f"{hal0.url}/admin/dispatch/slot/{slot.pk}/change/")
+    admin.get_by_label("Enabled").uncheck()
+    admin.locator('input[name="_save"]').click()
+    expect(admin.locator(".messagelist")).to_contain_text("was changed successfully")
+    expect(group(page, "agent-hermes")).to_have_attribute("label", "agent-hermes · disabled")
+    expect(option(page, HERMES)).to_be_disabled()
+    expect(option(page, HERMES)).to_have_attribute("title", re.compile("disabled"))
+    # Rename it: the old group goes, the new one comes with the same models.
+    admin.goto(f"{hal0.url}/admin/dispatch/slot/{slot.pk}/change/")
+    admin.get_by_label("Name").fill("hermes-two")
+    admin.locator('input[name="_save"]').click()
+    expect(admin.locator(".messagelist")).to_contain_text("was changed successfully")
+    expect(group(page, "agent-hermes")).to_have_count(0)
+    expect(option(page, "hermes-two/hermes-extra")).to_be_attached()
+    expect(page.locator('#slots .slot[data-slot="hermes-two"]')).to_be_visible()
     assert page.evaluate("window.sameDocument") is True
 
 
