@@ -40,21 +40,21 @@ def shared_models(model_ids: Iterable[str], exclude_slot_id: int | None) -> dict
 
 
 class SlotForm(forms.ModelForm):
+    # The state itself is shown read-only: the watcher owns it, and a form loaded a minute ago
+    # must not write back the state it showed then. The operator asks for a change instead.
+    set_state = forms.ChoiceField(
+        label="Set state",
+        required=False,
+        choices=[
+            ("", "(leave as it is)"),
+            (SlotState.DRAINING, "draining: finish what is in flight, take nothing new"),
+            (SlotState.UNKNOWN, "unknown: end draining, let the watcher probe it afresh"),
+        ],
+    )
+
     class Meta:
         model = Slot
-        fields = "__all__"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        state_field = self.fields.get("state")
-        if isinstance(state_field, forms.ChoiceField):
-            current = self.instance.state if self.instance.pk else SlotState.UNKNOWN
-            allowed = [current, *(s for s in OPERATOR_STATES if s != current)]
-            state_field.choices = [(s, SlotState(s).label) for s in allowed]
-            state_field.help_text = (
-                "Set by the watcher. You may drain a slot (no new requests) or set it back to "
-                "unknown (probed afresh)."
-            )
+        exclude = ("state", "state_changed_at", "last_error", "drift")
 
     def clean_extra(self) -> Any:
         extra = self.cleaned_data.get("extra")
@@ -65,16 +65,17 @@ class SlotForm(forms.ModelForm):
             raise forms.ValidationError([f"{k}: {msg}" if k else msg for k, msg in problems])
         return extra
 
-    def clean_state(self) -> str:
-        new: str = self.cleaned_data["state"]
+    def clean_set_state(self) -> str:
+        new: str = self.cleaned_data.get("set_state") or ""
         current = self.instance.state if self.instance.pk else SlotState.UNKNOWN
-        if new != current:
-            if new not in OPERATOR_STATES:
-                raise forms.ValidationError("only draining or unknown can be set by hand")
-            try:
-                states.check(current, new)
-            except states.IllegalTransition as exc:
-                raise forms.ValidationError(str(exc)) from exc
+        if not new or new == current:
+            return ""
+        if new not in OPERATOR_STATES:
+            raise forms.ValidationError("only draining or unknown can be set by hand")
+        try:
+            states.check(current, new)
+        except states.IllegalTransition as exc:
+            raise forms.ValidationError(str(exc)) from exc
         return new
 
 
@@ -154,7 +155,7 @@ class SlotAdmin(admin.ModelAdmin):
     )
     list_filter = ("type", "kind", "state", "enabled")
     search_fields = ("name", "url", "models__model_id")
-    readonly_fields = ("state_changed_at", "last_error", "drift_display")
+    readonly_fields = ("state", "state_changed_at", "last_error", "drift_display")
     fieldsets = (
         (None, {"fields": ("name", "url", "kind", "type", "device", "enabled", "is_default")}),
         ("Routing", {"fields": ("priority", "api_key_env")}),
@@ -169,7 +170,10 @@ class SlotAdmin(admin.ModelAdmin):
                 )
             },
         ),
-        ("Runtime", {"fields": ("state", "state_changed_at", "last_error", "drift_display")}),
+        (
+            "Runtime",
+            {"fields": ("state", "set_state", "state_changed_at", "last_error", "drift_display")},
+        ),
         (
             "hal0 manifest keys",
             {
@@ -214,11 +218,22 @@ class SlotAdmin(admin.ModelAdmin):
         )
 
     def save_model(self, request: HttpRequest, obj: Slot, form: Any, change: bool) -> None:
-        if "state" in form.changed_data:
+        new_state = form.cleaned_data.get("set_state")
+        touched: list[str] = []
+        if new_state:
+            obj.state = new_state
             obj.state_changed_at = timezone.now()
-            if obj.state == SlotState.UNKNOWN:
+            touched = ["state", "state_changed_at"]
+            if new_state == SlotState.UNKNOWN:
                 obj.last_error = ""
-        super().save_model(request, obj, form, change)
+                touched.append("last_error")
+        if not change:
+            obj.save()
+            return
+        # Only what the form holds (and an asked-for state): the watcher may have written the
+        # runtime fields since this request read the slot, and its writes stand.
+        model_fields = {f.name for f in Slot._meta.concrete_fields}
+        obj.save(update_fields=[f for f in form.fields if f in model_fields] + touched)
 
 
 @admin.register(SlotModel)

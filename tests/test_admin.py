@@ -116,9 +116,10 @@ def test_change_form_renders_inline_models_and_runtime(admin_client, two_slots):
     html = r.content.decode()
     assert "gemma3-270m" in html and "hermes" in html
     assert "declared but not advertised by the server at its last probe: gemma3-270m" in html
-    # The state can only go where an operator may take it.
-    state_choices = r.context["adminform"].form.fields["state"].choices
-    assert [c for c, _ in state_choices] == ["ready", "draining", "unknown"]
+    # The state is shown, not edited; the operator may only ask for draining or unknown.
+    assert "state" not in r.context["adminform"].form.fields
+    set_state = r.context["adminform"].form.fields["set_state"].choices
+    assert [c for c, _ in set_state] == ["", "draining", "unknown"]
     assert "primary" in html  # shared-7b's "also on"
 
 
@@ -186,20 +187,34 @@ def test_inline_alias_rules(admin_client, two_slots):
 
 def test_operator_may_drain_and_undrain(admin_client, two_slots):
     _, hermes = two_slots
-    Slot.objects.filter(pk=hermes.pk).update(state="ready")
-    hermes.refresh_from_db()
-    r = admin_client.post(change_url(hermes), form_data(hermes, state="draining"))
+    Slot.objects.filter(pk=hermes.pk).update(state="ready", last_error="")
+    r = admin_client.post(change_url(hermes), form_data(hermes, set_state="draining"))
     assert r.status_code == 302
     hermes.refresh_from_db()
     assert hermes.state == "draining" and hermes.state_changed_at is not None
 
-    r = admin_client.post(change_url(hermes), form_data(hermes, state="ready"))
+    r = admin_client.post(change_url(hermes), form_data(hermes, set_state="ready"))
     assert r.status_code == 200  # only draining/unknown may be set by hand
+    assert "Select a valid choice" in r.content.decode()
     assert Slot.objects.get(pk=hermes.pk).state == "draining"
 
-    r = admin_client.post(change_url(hermes), form_data(hermes, state="unknown"))
+    Slot.objects.filter(pk=hermes.pk).update(last_error="probe failed earlier")
+    r = admin_client.post(change_url(hermes), form_data(hermes, set_state="unknown"))
     assert r.status_code == 302
-    assert Slot.objects.get(pk=hermes.pk).state == "unknown"
+    hermes.refresh_from_db()
+    assert (hermes.state, hermes.last_error) == ("unknown", "")
+
+
+def test_a_stale_form_does_not_overwrite_the_watcher(admin_client, two_slots):
+    _, hermes = two_slots
+    stale = form_data(hermes, priority="5")  # the form as loaded: state unknown, no error
+    # Meanwhile the watcher probes the slot and writes what it saw.
+    Slot.objects.filter(pk=hermes.pk).update(state="error", last_error="boom", drift=["x"])
+    r = admin_client.post(change_url(hermes), stale)
+    assert r.status_code == 302
+    hermes.refresh_from_db()
+    assert hermes.priority == 5
+    assert (hermes.state, hermes.last_error, hermes.drift) == ("error", "boom", ["x"])
 
 
 def test_runtime_fields_are_read_only(admin_client, two_slots):
