@@ -280,6 +280,19 @@ def test_model_html_is_shown_as_text_and_markdown_is_rendered(chat, fake_pair):
     assert page.evaluate("window.pwned") is None
 
 
+def test_a_stream_that_breaks_off_keeps_its_text_and_says_why(chat, fake_pair):
+    from playwright.sync_api import expect
+
+    page = chat
+    hermes, _ = fake_pair["agent-hermes"]
+    hermes.chunks = 5
+    hermes.break_after_chunks = 2
+    ask(page, HERMES, "go on")
+    expect(answer(page).locator(".error")).to_contain_text("The stream broke off")
+    expect(answer(page).locator(".body")).to_contain_text("hello from agent-hermes 1")
+    expect(answer(page).locator(".meta")).to_contain_text("answered by agent-hermes")
+
+
 def test_loading_slot_error_is_shown_with_its_retry_hint(chat, fake_pair, settings):
     from playwright.sync_api import expect
 
@@ -291,6 +304,7 @@ def test_loading_slot_error_is_shown_with_its_retry_hint(chat, fake_pair, settin
     ask(page, HERMES, "are you there?")
     error = answer(page).locator(".error")
     expect(error).to_contain_text(f"{HERMES} is not available right now (slot_loading)")
+    expect(answer(page).locator(".meta")).not_to_contain_text("answered by")
     expect(error).to_contain_text(re.compile(r"Try again in \d+ s"))
     # The question comes back to the box for a retry.
     expect(page.get_by_label("Message")).to_have_value("are you there?")

@@ -344,6 +344,7 @@ async function send() {
   let slot = null;
   let resolution = null;
   let failure = null;
+  let streamed = false;
   try {
     const response = await fetch(app.dataset.api, {
       method: "POST",
@@ -361,6 +362,7 @@ async function send() {
     if (!response.ok) {
       failure = await describeError(response, model);
     } else {
+      streamed = true;
       answer.meta(`streaming from ${slot ?? "?"}…`);
       for await (const data of sseData(response.body)) {
         if (data === "[DONE]") break;
@@ -393,10 +395,12 @@ async function send() {
     conversation.pop();
     if (!promptBox.value) promptBox.value = text;
   }
-  if (slot || content) {
-    answer.finish(statsLine(slot, resolution, started, firstAt, performance.now(), tokens, stopped ? "stopped" : ""));
+  const note = stopped ? "stopped" : "";
+  if (streamed) {
+    answer.finish(statsLine(slot, resolution, started, firstAt, performance.now(), tokens, note));
   } else {
-    answer.finish(stopped ? "stopped" : "");
+    // Refused before any answer: say where the router sent it, if anywhere.
+    answer.finish([slot ? `routed to ${slot} · ${resolution}` : "", note].filter(Boolean).join(" · "));
   }
   if (failure) answer.fail(failure);
 }
