@@ -265,6 +265,7 @@ def ensure_running() -> None:
 
 async def follow_database() -> None:
     """Reload the table every probe interval, for changes other processes write."""
+    store.max_age = 2 * settings.HAL0_PROBE_INTERVAL_S + 1
     while True:
         await asyncio.sleep(settings.HAL0_PROBE_INTERVAL_S)
         try:

@@ -33,12 +33,11 @@ def _schedule_reload(sender: type, **kwargs: Any) -> None:
     # Django drops the queued callback itself if the transaction rolls back.
     if any(func is _reload for _, func, _ in conn.run_on_commit):
         return
-    store.mark_pending()
     transaction.on_commit(_reload)
 
 
 def _reload() -> None:
-    store.reload(pending_done=True)
+    store.reload()
 
 
 def _announce(old: RoutingTable, new: RoutingTable) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 
 from asgiref.sync import sync_to_async
@@ -61,7 +62,10 @@ class TableStore:
         self._table: RoutingTable = EMPTY_TABLE
         self._loaded = False
         self._lock = threading.Lock()
-        self._pending = 0  # reloads scheduled but not yet done: the table is stale meanwhile
+        self._checked_at = 0.0  # monotonic time of the last reload, changed or not
+        # Set when this process follows a watcher that runs elsewhere: the table is stale
+        # once it has not been checked against the database for this long.
+        self.max_age: float | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     @property
@@ -74,13 +78,14 @@ class TableStore:
 
     @property
     def stale(self) -> bool:
-        return self._pending > 0
+        """True when the table may lag the database (only where another process writes it).
 
-    def mark_pending(self) -> None:
-        with self._lock:
-            self._pending += 1
+        In one process every change reloads the table the moment it commits, so it is never
+        stale there.
+        """
+        return self.max_age is not None and time.monotonic() - self._checked_at > self.max_age
 
-    def reload(self, *, pending_done: bool = False) -> RoutingTable:
+    def reload(self) -> RoutingTable:
         """Rebuild from the database and publish (sync: call from a thread, not the loop).
 
         A reload that finds nothing changed publishes nothing: the version moves only when
@@ -90,8 +95,7 @@ class TableStore:
             table = load_table(self._table.version + 1)
             if not self._loaded or table.slots != self._table.slots:
                 self.publish(table)
-            if pending_done and self._pending:
-                self._pending -= 1
+            self._checked_at = time.monotonic()
         return self._table
 
     async def ensure_loaded(self) -> RoutingTable:
