@@ -20,7 +20,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from dispatch import manifests, states
-from dispatch.models import ModelSource, Slot, SlotModel, SlotState
+from dispatch.models import ApiKey, ModelSource, Slot, SlotModel, SlotState
 
 # The states an operator may set by hand (see dispatch/states.py): draining a slot, and
 # ending that (back to `unknown`: the watcher probes it afresh).
@@ -246,3 +246,56 @@ class SlotModelAdmin(admin.ModelAdmin):
     @admin.display(description="also on")
     def also_on(self, obj: SlotModel) -> str:
         return ", ".join(shared_models([obj.model_id], obj.slot_id).get(obj.model_id, [])) or "-"
+
+
+class ApiKeyForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ("name", "enabled")
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Keys are made here and shown once; only their hash is kept."""
+
+    form = ApiKeyForm
+    list_display = ("name", "prefix", "enabled", "created_at")
+    list_filter = ("enabled",)
+    search_fields = ("name", "prefix")
+    readonly_fields = ("prefix", "created_at")
+    actions = ("enable_keys", "disable_keys")
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        row, key = ApiKey.issue(obj.name)
+        obj.pk, obj.prefix, obj.key_hash, obj.created_at = (
+            row.pk,
+            row.prefix,
+            row.key_hash,
+            row.created_at,
+        )
+        if not form.cleaned_data.get("enabled", True):
+            row.enabled = False
+            row.save(update_fields=["enabled"])
+        messages.warning(
+            request,
+            format_html(
+                "The new key is <code>{}</code>. Copy it now: it is not stored and will not be "
+                "shown again.",
+                key,
+            ),
+        )
+
+    @admin.action(description="Enable selected keys")
+    def enable_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for key in queryset:
+            key.enabled = True
+            key.save(update_fields=["enabled"])
+
+    @admin.action(description="Disable selected keys")
+    def disable_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for key in queryset:
+            key.enabled = False
+            key.save(update_fields=["enabled"])

@@ -74,3 +74,20 @@ def test_the_page_session_works_with_csrf_and_not_without(client, django_user_mo
     assert r.status_code == 200, r.text
     r = client.post("/v1/chat/completions", json=BODY)
     assert r.status_code == 403 and r.json()["error"]["code"] == "csrf_failed"
+
+
+def test_admin_issues_a_key_once_and_keeps_only_its_hash(admin_client):
+    r = admin_client.post(
+        "/admin/dispatch/apikey/add/", {"name": "laptop", "enabled": "on"}, follow=True
+    )
+    assert r.status_code == 200
+    shown = re.search(r"<code>(hal0-[^<]+)</code>", r.content.decode())
+    assert shown, "the new key is shown once"
+    key = shown.group(1)
+    row = ApiKey.objects.get(name="laptop")
+    assert row.prefix == key[:12] and key not in row.key_hash
+    from dispatch.models import hash_key
+
+    assert row.key_hash == hash_key(key)
+    page = admin_client.get(f"/admin/dispatch/apikey/{row.pk}/change/").content.decode()
+    assert key not in page
