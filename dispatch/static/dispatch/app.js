@@ -79,7 +79,13 @@ function unusable(slot) {
 
 // ---- the model picker ----------------------------------------------------------------------
 
+let pickerShows = ""; // what the picker was last built from: unchanged input, no rebuild
+
 function renderPicker() {
+  // Rebuilding closes a dropdown the user has open, so only do it when something shown changed.
+  const shows = JSON.stringify(sortedSlots().map((s) => [s.name, s.state, s.type, s.last_error, s.models]));
+  if (shows === pickerShows) return;
+  pickerShows = shows;
   const wanted = localStorage.getItem(STORE_KEY) || picker.value;
   const groups = sortedSlots().map((slot) => {
     const reason = unusable(slot);
