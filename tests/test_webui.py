@@ -121,6 +121,11 @@ def test_login_is_required_and_the_picker_lists_both_slots_with_states(chat, hal
         expect(anon).to_have_url(re.compile(r"/accounts/login/\?next=/$"))
     finally:
         other.close()
+    # Logging out (a POST form in the top bar) leads back to the login form.
+    page.get_by_role("button", name="Log out").click()
+    expect(page).to_have_url(re.compile(r"/accounts/login/$"))
+    page.goto(page.url.replace("/accounts/login/", "/"))
+    expect(page).to_have_url(re.compile(r"/accounts/login/\?next=/$"))
 
 
 def test_the_chosen_slot_answers_and_the_page_says_so(chat, fake_pair):
