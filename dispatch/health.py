@@ -26,6 +26,10 @@ from dispatch.table import SlotEntry
 log = logging.getLogger("hal0.health")
 
 
+# Not a slot state: what a probe saw when the server is up but too busy to list its models.
+BUSY = "busy"
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
     state: str
@@ -48,6 +52,11 @@ async def observe(slot: SlotEntry, timeout: float) -> Observation:
     health = results[1] if health_url else None
     # A health endpoint the server does not have (404: llama-cpp-python) says nothing.
     h_status = health.status if health is not None and health.status != 404 else None
+    if models.status is None and health is not None and health.status == 404:
+        # It answered (so it is up) but /models did not: llama-cpp-python serves /v1/models
+        # only between generations (it waits for the model lock), so a long generation would
+        # otherwise read as "offline" and turn every other request away. Busy: keep the state.
+        return Observation(BUSY, models.error, None)
     state = states.classify(slot.kind, h_status, health.body if health else None, models.status)
     advertised: tuple[str, ...] | None = None
     if models.status == 200 and isinstance(models.body, dict):
@@ -206,6 +215,8 @@ class Watcher:
     async def probe_once(self, slot: SlotEntry) -> bool:
         timeout = max(0.5, min(slot.connect_timeout_s, settings.HAL0_PROBE_INTERVAL_S, 5.0))
         obs = await observe(slot, timeout)
+        if obs.state == BUSY:
+            return False
         current = store.table.slots.get(slot.name)
         if current is not None and _unchanged(current, obs):
             return False  # the steady state writes nothing

@@ -19,7 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from dispatch import demo
 from tests.conftest import add_slot
-from tests.llama_servers import start_pair, wait_for_state
+from tests.llama_servers import slot_states, start_pair, wait_for_state
 
 pytestmark = pytest.mark.llama
 
@@ -51,15 +51,12 @@ def direct_usage(llama_pair: dict[str, demo.LlamaServer]) -> dict[str, int]:
 
 
 @pytest.fixture
-def routed(
-    llama_pair: dict[str, demo.LlamaServer], transactional_db: None, hal0: Any, settings: Any
-) -> Any:
-    """The demo's two slots in the test database, hal0web live, both slots ready."""
-    # llama-cpp-python answers /v1/models only between generations (it waits for the model
-    # lock), so a probe that times out faster than a short generation would call a busy
-    # server offline. 2 s (the probe's timeout follows the interval) outlasts these tests'
-    # few-token generations.
-    settings.HAL0_PROBE_INTERVAL_S = 2.0
+def routed(llama_pair: dict[str, demo.LlamaServer], transactional_db: None, hal0: Any) -> Any:
+    """The demo's two slots in the test database, hal0web live, both slots ready.
+
+    The hal0 fixture probes every 0.2 s with a 0.5 s timeout: far shorter than a generation,
+    so these tests also prove that a busy server is not taken for an offline one.
+    """
     primary, hermes = llama_pair[demo.PRIMARY.slot], llama_pair[demo.HERMES.slot]
     add_slot(demo.PRIMARY.slot, primary.api_url, [SMOL], is_default=True, kind="llamacpp")
     add_slot(demo.HERMES.slot, hermes.api_url, [GEMMA], aliases={"hermes": GEMMA}, kind="llamacpp")
@@ -213,3 +210,26 @@ def test_a_stopped_server_goes_offline_and_comes_back(
     header, reply = chat(client, GEMMA, max_tokens=4)
     assert header == "agent-hermes"
     assert reply.usage.prompt_tokens == direct_usage["agent-hermes"]
+
+
+def test_a_busy_server_stays_ready(
+    client: OpenAI, routed: Any, llama_pair: dict[str, demo.LlamaServer]
+) -> None:
+    server = llama_pair["primary"]
+    stream = client.chat.completions.create(
+        model=SMOL,
+        messages=[{"role": "user", "content": "Write a long story about a dragon and a king."}],
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+    )
+    # While it generates, the server cannot list its models (it waits for the model lock):
+    # exactly what hal0web's probes meet, several times over, during this stream.
+    assert demo.http_get_json(server.api_url + "/models", timeout=0.6) is None
+    states, pieces = [], 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces += 1
+        states.append(slot_states(routed.url).get("primary"))
+    assert pieces > 20
+    assert set(states) == {"ready"}, states
