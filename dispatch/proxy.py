@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 
 from dispatch.table import SlotEntry
@@ -137,6 +138,114 @@ def server_root(slot: SlotEntry) -> str:
     return base[: -len("/v1")] if base.endswith("/v1") else base
 
 
+# Pool size: one connection per concurrent upstream request. Slots' own max_concurrency
+# limits what they take; this only has to stay out of the way of thousands of held streams.
+POOL_CONNECTIONS = 10_000
+POOL_KEEPALIVE_S = 30.0
+
+
+class _AiohttpStream(httpx.AsyncByteStream):
+    """An aiohttp response body as httpx sees it: each read as it arrived, never re-chunked."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except aiohttp.ServerTimeoutError as exc:
+            self._response.close()  # a connection that failed mid-body is not reusable
+            raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            self._response.close()
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+
+    async def aclose(self) -> None:
+        # A body read to its end returns the connection to the pool; one abandoned half way
+        # (a client that went away) closes it, so the upstream sees the disconnect at once.
+        self._response.release()
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx's API over aiohttp's connection pool.
+
+    Chosen by measurement (docs/performance.md): httpx's own pool serializes under
+    concurrency. aiohttp's errors are mapped to the httpx exceptions ``Upstream.open`` tells
+    apart: refused -> ConnectError (502), connect timeout -> ConnectTimeout (504), reset or
+    cut -> ReadError / RemoteProtocolError.
+    """
+
+    def __init__(self, max_connections: int = POOL_CONNECTIONS) -> None:
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                limit_per_host=0,
+                keepalive_timeout=POOL_KEEPALIVE_S,
+                ttl_dns_cache=60,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,  # bytes go through as the upstream sent them
+                trust_env=False,  # a local router must not wander off through a system proxy
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._get_session()
+        timeout = request.extensions.get("timeout", {})
+        try:
+            body = request.content
+        except httpx.RequestNotRead:
+            body = await request.aread()
+        try:
+            response = await session.request(
+                request.method,
+                str(request.url),
+                headers=request.headers.multi_items(),
+                data=body or None,
+                allow_redirects=False,
+                compress=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=timeout.get("connect"),
+                    sock_read=timeout.get("read"),
+                ),
+            )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
+        except aiohttp.ServerTimeoutError as exc:
+            raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise httpx.RemoteProtocolError(
+                str(exc) or "server disconnected", request=request
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
+        if response.reason:
+            extensions["reason_phrase"] = response.reason.encode()
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.raw_headers,
+            stream=_AiohttpStream(response),
+            request=request,
+            extensions=extensions,
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 class Upstream:
     """One pooled client per event loop, sized for hundreds of concurrent streams."""
 
@@ -156,9 +265,11 @@ class Upstream:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None or client.is_closed:
+            # Tests put an httpx.MockTransport here; otherwise aiohttp's pool (see
+            # AiohttpTransport), one per event loop like the client around it.
+            transport = self._transport if self._transport is not None else AiohttpTransport()
             client = httpx.AsyncClient(
-                transport=self._transport,
-                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+                transport=transport,
                 timeout=None,
                 follow_redirects=False,
                 trust_env=False,  # a local router must not wander off through a system proxy

@@ -1,0 +1,178 @@
+"""A fake OpenAI-compatible upstream that is never the bottleneck.
+
+Raw asyncio + httptools (the parser uvicorn uses) on uvloop, keep-alive HTTP/1.1, answers
+precomputed. What a request gets is chosen by its headers, which hal0web forwards untouched:
+
+- ``X-Bench-Chunks: N`` → an SSE stream of N events (the last is ``[DONE]``), one every
+  ``X-Bench-Gap-Ms`` milliseconds (default 10), the first with the response headers.
+- otherwise → a small non-streaming ``chat.completion`` JSON body.
+
+``GET /v1/models`` and ``GET /health`` answer so hal0web's watcher sees the slot ready.
+
+Run: ``python -m bench.fake PORT`` (prints ``ready`` when listening).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import cast
+
+import httptools
+import orjson
+
+MODEL = "bench-model"
+
+_COMPLETION = orjson.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello from the bench upstream."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16},
+    }
+)
+_MODELS = orjson.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+_HEALTH = b'{"status":"ok"}'
+
+
+def _response(status: bytes, body: bytes, content_type: bytes = b"application/json") -> bytes:
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\ncontent-type: "
+        + content_type
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+RESP_COMPLETION = _response(b"200 OK", _COMPLETION)
+RESP_MODELS = _response(b"200 OK", _MODELS)
+RESP_HEALTH = _response(b"200 OK", _HEALTH)
+RESP_404 = _response(b"404 Not Found", b'{"error":{"message":"not found"}}')
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+    b"transfer-encoding: chunked\r\n\r\n"
+)
+
+
+def sse_event(i: int) -> bytes:
+    data = (
+        b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","model":"'
+        + MODEL.encode()
+        + b'","choices":[{"index":0,"delta":{"content":"tok'
+        + str(i).encode()
+        + b'"}}]}\n\n'
+    )
+    return _chunk(data)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+DONE = _chunk(b"data: [DONE]\n\n")
+END = b"0\r\n\r\n"
+
+
+class FakeProtocol(asyncio.Protocol):
+    __slots__ = ("chunks", "gap_ms", "parser", "stream_task", "transport", "url")
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.chunks = 0
+        self.gap_ms = 10.0
+        self.stream_task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports quack like asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.stream_task is not None:
+            self.stream_task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self.transport is not None:
+                self.transport.close()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.chunks = 0
+        self.gap_ms = 10.0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname == b"x-bench-chunks":
+            self.chunks = int(value)
+        elif lname == b"x-bench-gap-ms":
+            self.gap_ms = float(value)
+
+    def on_message_complete(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        url = self.url
+        if url.endswith(b"/completions") or url.endswith(b"/embeddings"):
+            if self.chunks > 0:
+                self.stream_task = asyncio.get_running_loop().create_task(
+                    self._stream(transport, self.chunks, self.gap_ms / 1000.0)
+                )
+            else:
+                transport.write(RESP_COMPLETION)
+        elif url.endswith(b"/models"):
+            transport.write(RESP_MODELS)
+        elif url.endswith(b"/health"):
+            transport.write(RESP_HEALTH)
+        else:
+            transport.write(RESP_404)
+
+    async def _stream(self, transport: asyncio.Transport, n: int, gap: float) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        transport.write(SSE_HEAD + (sse_event(0) if n > 1 else DONE))
+        for i in range(1, n):
+            # Sleep to an absolute schedule so the upstream's own gaps do not drift.
+            await asyncio.sleep(max(0.0, start + i * gap - loop.time()))
+            if transport.is_closing():
+                return
+            transport.write(sse_event(i) if i < n - 1 else DONE)
+        transport.write(END)
+        self.stream_task = None
+
+
+async def serve(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(FakeProtocol, "127.0.0.1", port, backlog=4096)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    import uvloop
+
+    uvloop.run(serve(int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Subprocesses of a bench run: the fake upstream and hal0web servers, pinned to cores.
+
+Also the set-up of a throwaway hal0web data directory (migrate, one slot at the fake) and
+what /proc says about a process: resident memory and CPU time.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+BIN = Path(PY).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# The fake and the load generator share one core; hal0web gets the other to itself.
+LOAD_CORE = 0
+HAL0_CORE = 1
+SLOT = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _raise_nofile() -> None:
+    # 2,000 held streams need ~4,000 descriptors in hal0web (client side + upstream side).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    core: int
+    port: int
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def start(self) -> None:
+        log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self.popen = subprocess.Popen(
+            ["taskset", "-c", str(self.core), *self.argv],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_raise_nofile,
+        )
+
+    def wait_http(self, path: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.popen is not None and self.popen.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(self.base + path, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not come up ({last}); log:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.pid}/statm") as fh:
+            return int(fh.read().split()[1]) * PAGE / 1e6
+
+    def cpu_s(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as fh:
+            # Fields after the command name (which may hold spaces): utime, stime are 14, 15.
+            rest = fh.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.terminate()
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+class Workspace:
+    """A temp HAL0_DATA_DIR with a migrated database and one slot pointing at the fake."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="hal0-bench-"))
+        self.env = {
+            **os.environ,
+            "HAL0_DATA_DIR": str(self.dir),
+            "HAL0_LOG_LEVEL": "WARNING",  # one log line per request would dominate the figures
+            "DJANGO_SETTINGS_MODULE": "hal0web.settings",
+            "PYTHONUNBUFFERED": "1",
+            "DEBUG": "0",
+        }
+        for name in ("DATABASE_URL", "REDIS_URL", "HAL0_FALLBACK_SLOT", "HAL0_ENV_FILE"):
+            self.env.pop(name, None)
+        self.env["HAL0_ENV_FILE"] = str(self.dir / "no.env")
+
+    def manage(self, *args: str) -> None:
+        subprocess.run(
+            [PY, "manage.py", *args], env=self.env, cwd=ROOT, check=True, capture_output=True
+        )
+
+    def setup(self, fake_port: int) -> None:
+        self.manage("migrate", "-v0")
+        self.manage(
+            "shell",
+            "-c",
+            "from dispatch.models import Slot, SlotModel\n"
+            f"s = Slot.objects.create(name={SLOT!r}, url='http://127.0.0.1:{fake_port}/v1', "
+            "kind='openai', is_default=True, state='ready')\n"
+            "SlotModel.objects.create(slot=s, model_id='bench-model', is_default=True)\n",
+        )
+
+    def proc(self, name: str, argv: list[str], core: int, port: int) -> Proc:
+        return Proc(name, argv, self.env, core, port, self.dir / f"{name}.log")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def fake_proc(ws: Workspace) -> Proc:
+    port = free_port()
+    return ws.proc("fake", [PY, "-m", "bench.fake", str(port)], LOAD_CORE, port)
+
+
+def daphne_proc(ws: Workspace, name: str = "daphne") -> Proc:
+    port = free_port()
+    argv = [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "hal0web.asgi:application"]
+    return ws.proc(name, argv, HAL0_CORE, port)
+
+
+def uvicorn_proc(ws: Workspace, name: str = "uvicorn") -> Proc:
+    port = free_port()
+    argv = [
+        str(BIN / "uvicorn"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--backlog",
+        "4096",
+        "hal0web.asgi:application",
+    ]
+    return ws.proc(name, argv, HAL0_CORE, port)
+
+
+def variant_proc(ws: Workspace, transport: str) -> Proc:
+    """hal0web under Uvicorn with a named transport forced at the seam (bench.serve)."""
+    port = free_port()
+    argv = [PY, "-m", "bench.serve", transport, str(port)]
+    return ws.proc(f"uvicorn+{transport}", argv, HAL0_CORE, port)

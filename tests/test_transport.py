@@ -1,0 +1,132 @@
+"""The proxy's transport: aiohttp's pool behind httpx's API, over real loopback sockets.
+
+The transport was chosen by measurement (docs/performance.md); these tests hold what the
+rest of the proxy relies on: bodies pass as they arrive, errors keep their meaning
+(refused is not a timeout), and an abandoned stream closes the upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import cast
+
+import httpx
+import pytest
+
+from dispatch.proxy import AiohttpTransport, Upstream, UpstreamError
+from dispatch.table import ModelEntry, SlotEntry, make_slot
+from tests.fakes import FakeUpstream, ServerThread, free_port
+
+BODY = b'{"model": "m1", "messages": []}'
+STREAM_BODY = b'{"model": "m1", "stream": true, "messages": []}'
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[FakeUpstream, ServerThread]]:
+    app = FakeUpstream("solo", models=["m1"])
+    server = ServerThread(app).start()
+    yield app, server
+    server.stop()
+
+
+@pytest.fixture
+async def up() -> AsyncIterator[Upstream]:
+    upstream = Upstream()
+    yield upstream
+    await upstream.aclose()
+
+
+def _slot(url: str, **fields: object) -> SlotEntry:
+    return make_slot("solo", url + "/v1", [ModelEntry("m1", "m1", "manifest")], **fields)
+
+
+async def test_default_client_uses_the_aiohttp_transport(up: Upstream) -> None:
+    assert isinstance(up.client._transport, AiohttpTransport)
+
+
+async def test_use_transport_still_overrides_it() -> None:
+    up = Upstream()
+    up.use_transport(httpx.MockTransport(lambda r: httpx.Response(299, content=b"mocked")))
+    response = await up.open(_slot("http://127.0.0.1:9"), "chat/completions", BODY, {})
+    assert response.status_code == 299
+    assert await response.read() == b"mocked"
+    await up.aclose()
+
+
+async def test_non_streaming_status_headers_and_body(fake, up: Upstream) -> None:
+    app, server = fake
+    response = await up.open(
+        _slot(server.url), "chat/completions", BODY, {"content-type": "application/json"}
+    )
+    assert response.status_code == 200
+    assert ("x-upstream-slot", "solo") in list(response.headers())
+    assert b'"hello from solo"' in await response.read()
+    assert app.requests[-1].body == BODY
+
+
+async def test_upstream_error_status_passes_through(fake, up: Upstream) -> None:
+    app, server = fake
+    app.fail_status = 418
+    response = await up.open(_slot(server.url), "chat/completions", BODY, {})
+    assert response.status_code == 418
+    assert await response.read() == b'{"error": {"message": "solo says no"}}'
+
+
+async def test_each_sse_event_arrives_as_its_own_chunk(fake, up: Upstream) -> None:
+    app, server = fake
+    app.chunks, app.chunk_gap_s = 4, 0.05
+    response = await up.open(_slot(server.url), "chat/completions", STREAM_BODY, {})
+    assert response.is_event_stream
+    chunks = [chunk async for chunk in response.chunks()]
+    # Nothing re-chunked or held back: one read per event the upstream sent, in order.
+    assert [c.count(b"data: ") for c in chunks] == [1, 1, 1, 1, 1]
+    assert chunks[-1] == b"data: [DONE]\n\n"
+
+
+async def test_refused_connection_is_unreachable_not_timeout(up: Upstream) -> None:
+    with pytest.raises(UpstreamError) as info:
+        await up.open(_slot(f"http://127.0.0.1:{free_port()}"), "chat/completions", BODY, {})
+    assert info.value.kind == "unreachable"
+
+
+async def test_connection_cut_mid_stream_is_broken(fake, up: Upstream) -> None:
+    app, server = fake
+    app.chunks, app.break_after_chunks = 5, 2
+    response = await up.open(_slot(server.url), "chat/completions", STREAM_BODY, {})
+    got: list[bytes] = []
+    with pytest.raises(UpstreamError) as info:
+        async for chunk in response.chunks():
+            got.append(chunk)
+    assert info.value.kind == "broken"
+    assert b"".join(got).count(b"data: ") == 2
+
+
+async def test_abandoned_stream_closes_the_upstream_connection(fake, up: Upstream) -> None:
+    app, server = fake
+    app.chunks, app.chunk_gap_s = 200, 0.05
+    response = await up.open(_slot(server.url), "chat/completions", STREAM_BODY, {})
+    stream = cast(AsyncGenerator[bytes, None], response.chunks())
+    await stream.__anext__()
+    await stream.aclose()
+    await response.aclose()
+    deadline = time.monotonic() + 5
+    while not app.disconnects and time.monotonic() < deadline:  # noqa: ASYNC110 - the fake runs in another thread; no Event to share
+        await asyncio.sleep(0.02)
+    assert app.disconnects, "the upstream never saw the client go away"
+    assert app.active == 0
+
+
+async def test_connections_are_reused_between_requests(fake, up: Upstream) -> None:
+    _, server = fake
+    slot = _slot(server.url)
+    for _ in range(3):
+        response = await up.open(slot, "chat/completions", BODY, {})
+        await response.read()
+    transport = up.client._transport
+    assert isinstance(transport, AiohttpTransport)
+    session = transport._get_session()
+    assert session.connector is not None
+    # Three sequential requests, one pooled keep-alive connection to the upstream.
+    assert sum(len(v) for v in session.connector._conns.values()) == 1
