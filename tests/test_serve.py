@@ -231,6 +231,7 @@ def test_serve_with_demo_starts_both_models_and_stops_them(
         HAL0_DEMO_PRIMARY_PORT=str(p_port),
         HAL0_DEMO_HERMES_PORT=str(h_port),
         HAL0_ADMIN_PASSWORD="correct horse battery staple",
+        HAL0_PROBE_INTERVAL_S="1",
     )
     run = Served(env)
     serve_runs.append(run)
@@ -269,9 +270,21 @@ def test_serve_with_demo_starts_both_models_and_stops_them(
         pytest.fail(f"{exc.code} {exc.read()!r}\n{run.output}\n{logs[-3000:]}")
 
     children = run.children()
-    commands = {Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children}
-    assert sum(b"llama_cpp.server" in c for c in commands) == 2
-    assert sum(b"daphne" in c for c in commands) == 1
+    commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children}
+    assert sum(b"llama_cpp.server" in c for c in commands.values()) == 2
+    assert sum(b"daphne" in c for c in commands.values()) == 1
+
+    # A model server that dies is reported; its slot goes offline, the other still serves.
+    hermes = next(pid for pid, c in commands.items() if str(h_port).encode() in c)
+    os.kill(hermes, signal.SIGKILL)
+    run.wait_for("model server agent-hermes exited", 30)
+    deadline = time.monotonic() + 30
+    while _get_json(url + "/healthz", run)["slots"]["agent-hermes"] != "offline":
+        if time.monotonic() > deadline:
+            pytest.fail(f"agent-hermes never went offline:\n{run.output}")
+        time.sleep(0.2)
+    assert _get_json(url + "/healthz", run)["slots"]["primary"] == "ready"
+
     assert run.stop(signal.SIGINT) == 0
     assert [pid for pid in children if _alive(pid)] == []
     for slot_port in (p_port, h_port):
