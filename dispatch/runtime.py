@@ -9,8 +9,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpRequest, HttpResponseBase
+from django.urls import set_urlconf
 
 from dispatch import events, health
 from dispatch.proxy import upstream
@@ -35,6 +38,15 @@ class BareASGIHandler(ASGIHandler):
         # Private names of BaseHandler, stable since Django 3.1; the stubs do not list them.
         get_response = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
         self._middleware_chain = convert_exception_to_response(get_response)
+
+    async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
+        # Django's version also logs every 4xx/5xx answer, through a thread hop each. /v1
+        # logs every request itself (hal0.dispatch), with more to say; uncaught exceptions
+        # are still logged by convert_exception_to_response.
+        set_urlconf(settings.ROOT_URLCONF)
+        response: HttpResponseBase = await self._middleware_chain(request)  # type: ignore[misc]
+        response._resource_closers.append(request.close)  # type: ignore[attr-defined]
+        return response
 
 
 def api_asgi_application() -> BareASGIHandler:

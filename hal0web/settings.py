@@ -266,8 +266,5 @@ LOGGING = {
     "loggers": {
         "hal0": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
         "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
-        # Every /v1 answer already has its own structured line (hal0.dispatch); Django's
-        # "Not Found: /v1/..." warning for each 404 would only repeat it.
-        "django.request": {"handlers": ["console"], "level": "ERROR", "propagate": False},
     },
 }

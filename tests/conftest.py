@@ -94,11 +94,19 @@ def seed_slots(
 
 
 @pytest.fixture
+def no_watcher(settings: Any) -> None:
+    """Nothing probes on its own. Request it before `hal0`, which starts the runtime."""
+    settings.HAL0_WATCHER = False
+    settings.HAL0_PROBE_INTERVAL_S = 60
+
+
+@pytest.fixture
 def hal0(transactional_db: None, settings: Any) -> Iterator[ServerThread]:
     """hal0web itself, served by Uvicorn on a loopback port, sharing the test database."""
     from hal0web.asgi import application
 
-    settings.HAL0_PROBE_INTERVAL_S = 0.2
+    if settings.HAL0_WATCHER:
+        settings.HAL0_PROBE_INTERVAL_S = 0.2
     settings.HAL0_COLD_PROBE_S = 2
     # The application object outlives tests: let each live server start its own runtime (bind
     # its loop for events, start the watcher), not only the first one in the session.

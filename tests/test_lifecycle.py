@@ -4,6 +4,8 @@ discovered models, drift, the swap window, failover and concurrency limits."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -97,17 +99,21 @@ def test_discovered_models_appear_and_disappear_and_drift_is_flagged(fake, hal0)
         assert r.status_code == 404
 
 
-def test_cold_start_probes_before_turning_a_request_away(fake, hal0, settings):
+def test_cold_start_probes_before_turning_a_request_away(fake, no_watcher, hal0, caplog):
+    # no_watcher: nothing probes on its own, only the cold-start probe can.
     f, server = fake
-    settings.HAL0_WATCHER = False  # nothing probes on its own: only the cold-start probe can
-    settings.HAL0_PROBE_INTERVAL_S = 60
     f.models = ["only-discovered"]
     add_slot("a", server.url + "/v1", [])
-    with httpx.Client(base_url=hal0.url, timeout=5) as c:
+    with (
+        caplog.at_level(logging.INFO, logger="hal0.dispatch"),
+        httpx.Client(base_url=hal0.url, timeout=5) as c,
+    ):
         r = c.post("/v1/chat/completions", json={"model": "only-discovered", "messages": []})
     assert r.status_code == 200, r.text
     assert r.headers["X-Hal0-Slot"] == "a"
     assert state_of("a") == "ready"
+    [line] = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hal0.dispatch"]
+    assert line["cache_state"] == "cold" and line["resolution_path"] == "discovered:a"
 
 
 def test_request_during_loading_waits_and_is_served_when_ready(fake, hal0):

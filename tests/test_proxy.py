@@ -109,7 +109,8 @@ def test_upstream_errors_pass_through_as_they_are(one_fake, hal0):
     assert r.headers["X-Hal0-Slot"] == "solo"
 
 
-def test_refused_connection_is_502_upstream_unreachable(transactional_db, hal0):
+def test_refused_connection_is_502_upstream_unreachable(transactional_db, no_watcher, hal0):
+    # (no_watcher: a probe first would mark the slot offline: 503, not this path)
     add_slot("gone", f"http://127.0.0.1:{free_port()}/v1", ["m1"])
     with _client(hal0) as c:
         r = c.post("/v1/chat/completions", json={"model": "m1", "messages": []})

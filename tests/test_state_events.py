@@ -58,7 +58,9 @@ async def test_state_changes_arrive_in_order(fake, settings, django_user_model):
         await upstream.aclose()  # the probes' pooled connections belong to this test's loop
         await comm.disconnect()
     assert [(e["slot"]["previous_state"], e["slot"]["state"]) for e in seen] == [
-        ("unknown", "ready"), ("ready", "loading"), ("loading", "ready"),
+        ("unknown", "ready"),
+        ("ready", "loading"),
+        ("loading", "ready"),
     ]
     versions = [e["version"] for e in seen]
     assert versions == sorted(versions) and len(set(versions)) == 3
@@ -81,5 +83,8 @@ async def test_inflight_counts_reach_the_page_coalesced(transactional_db, django
     assert await comm.receive_nothing(timeout=0.15)
     for _ in range(50):
         admission.release("a")
-    assert await comm.receive_json_from(timeout=2) == {"type": "slot.inflight", "inflight": {"a": 0}}
+    assert await comm.receive_json_from(timeout=2) == {
+        "type": "slot.inflight",
+        "inflight": {"a": 0},
+    }
     await comm.disconnect()

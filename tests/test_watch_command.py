@@ -19,8 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=60, check=True,
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
 
 
@@ -34,18 +39,32 @@ def fake():
 
 def test_watch_runs_standalone_and_stops_cleanly_on_sigterm(tmp_path, fake):
     f, server = fake
-    env = {**os.environ, "HAL0_DATA_DIR": str(tmp_path), "HAL0_PROBE_INTERVAL_S": "0.2",
-           "HAL0_ENV_FILE": "/nonexistent", "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3"}
+    env = {
+        **os.environ,
+        "HAL0_DATA_DIR": str(tmp_path),
+        "HAL0_PROBE_INTERVAL_S": "0.2",
+        "HAL0_ENV_FILE": "/nonexistent",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+    }
     env.pop("DJANGO_SETTINGS_MODULE", None)
     manage(env, "migrate", "-v0")
-    manage(env, "shell", "-c", (
-        "from dispatch.models import Slot, SlotModel;"
-        f"s = Slot.objects.create(name='w', url='{server.url}/v1');"
-        "SlotModel.objects.create(slot=s, model_id='m1', is_default=True)"
-    ))
+    manage(
+        env,
+        "shell",
+        "-c",
+        (
+            "from dispatch.models import Slot, SlotModel;"
+            f"s = Slot.objects.create(name='w', url='{server.url}/v1');"
+            "SlotModel.objects.create(slot=s, model_id='m1', is_default=True)"
+        ),
+    )
     proc = subprocess.Popen(
-        [sys.executable, "manage.py", "watch"], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "manage.py", "watch"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         db = sqlite3.connect(tmp_path / "db.sqlite3")
