@@ -165,6 +165,7 @@ async def non_streaming(targets: list[Target], rep: Report, rounds: int = KEY_RO
                     fmt(c.p99 / c.p50, 1) if c.p50 else "-",
                     str(c.errors),
                     "" if is_direct else fmt(c.cpu_ms, 3),
+                    "" if is_direct or not c.cpu_ms else fmt(1000 / c.cpu_ms, 0),
                 ]
             )
     rep.add(
@@ -185,8 +186,15 @@ async def non_streaming(targets: list[Target], rep: Report, rounds: int = KEY_RO
             "p99/p50",
             "errors",
             "CPU ms/req",
+            "rps per core-second",
         ],
         rows,
+    )
+    rep.add(
+        "CPU ms/req is the hal0web process's own user+system time (/proc/PID/stat) per "
+        "answered request; `rps per core-second` (1000 / CPU ms) is what one worker could "
+        "answer with a core to itself, a figure less sensitive to other load on the machine.",
+        "",
     )
     noise = []
     for t in targets:
@@ -528,9 +536,15 @@ def _header(rep: Report, title: str, started: float, servers: list[Proc], fake: 
         + ", ".join(f"{p.name} (pid {p.pid})" for p in servers)
         + f" on core {HAL0_CORE}, one worker each, HAL0_LOG_LEVEL=WARNING, SQLite in a temp "
         "HAL0_DATA_DIR, one slot `bench` (kind openai) at the fake. `direct` is the load "
-        "generator talking to the fake itself. Other work on the machine adds noise.",
+        "generator talking to the fake itself. Other work on the machine adds noise: "
+        f"load average at start {_loadavg()}.",
         "",
     )
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as fh:
+        return " / ".join(fh.read().split()[:3]) + f" (1/5/15 min, {os.cpu_count()} cores)"
 
 
 async def run_all() -> str:
@@ -561,7 +575,9 @@ async def run_all() -> str:
         )
         rep.lines.extend(res_rep.lines)
         targets_section(rep, cells, streams, held, grown, res, "uvicorn")
-        rep.add(f"Total bench time: {time.time() - started:.0f} s.")
+        rep.add(
+            f"Total bench time: {time.time() - started:.0f} s; load average at end {_loadavg()}."
+        )
     finally:
         for p in [*servers, *([fake] if fake else [])]:
             p.stop()
@@ -585,7 +601,9 @@ async def run_transports(names: tuple[str, ...] = ("httpx", "httpx-aiohttp", "ai
         await non_streaming(targets, rep)
         await streaming(targets, rep)
         await hold(targets[1:], rep, HOLD_STREAMS)
-        rep.add(f"Total bench time: {time.time() - started:.0f} s.")
+        rep.add(
+            f"Total bench time: {time.time() - started:.0f} s; load average at end {_loadavg()}."
+        )
     finally:
         for p in [*variants, *([fake] if fake else [])]:
             p.stop()
