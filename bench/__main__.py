@@ -239,15 +239,8 @@ async def streaming(targets: list[Target], rep: Report) -> dict[str, StreamStats
         samples = await load.streams(t.base, STREAM_CONC, STREAM_S, STREAM_CHUNKS, STREAM_GAP_MS)
         cpu1 = t.proc.cpu_s() if t.proc else 0.0
         ttfts = [s.ttft_ms for s in samples if s.events]
-        devs: list[float] = []
-        coalesced = gaps = 0
-        for s in samples:
-            for a, b in zip(s.arrivals, s.arrivals[1:], strict=False):
-                gap = (b - a) * 1000.0
-                devs.append(abs(gap - STREAM_GAP_MS))
-                gaps += 1
-                if gap < 1.0:
-                    coalesced += 1
+        devs, coalesced = load.gap_stats(samples, STREAM_GAP_MS)
+        gaps = len(devs)
         stats[t.name] = StreamStats(
             t.name,
             len(samples),

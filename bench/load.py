@@ -156,6 +156,20 @@ async def one_stream(
     return sample
 
 
+def gap_stats(samples: list[StreamSample], gap_ms: float) -> tuple[list[float], int]:
+    """Each gap between consecutive events' deviation from ``gap_ms``, and how many gaps were
+    coalesced: events that arrived < 1 ms apart although the upstream waited ``gap_ms``."""
+    devs: list[float] = []
+    coalesced = 0
+    for s in samples:
+        for a, b in zip(s.arrivals, s.arrivals[1:], strict=False):
+            gap = (b - a) * 1000.0
+            devs.append(abs(gap - gap_ms))
+            if gap < 1.0:
+                coalesced += 1
+    return devs, coalesced
+
+
 async def streams(
     base: str, concurrency: int, seconds: float, chunks: int, gap_ms: float
 ) -> list[StreamSample]:

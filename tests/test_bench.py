@@ -1,0 +1,111 @@
+"""The benchmark's own parts count what they claim to count (bench/ measures; these check).
+
+No timing is asserted here: only that the fake sends what it is asked for, the load
+generator counts events and coalesced arrivals correctly, and the resolver mix resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bench import load, resolver
+from bench.fake import FakeProtocol
+from dispatch.resolver import Decision, NoRoute, resolve
+
+
+@pytest.fixture
+async def fake_base() -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(FakeProtocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.close()
+    await server.wait_closed()
+
+
+async def test_fake_streams_the_events_it_is_asked_for(fake_base: str) -> None:
+    async with load.session() as http:
+        sample = await load.one_stream(http, fake_base + "/v1/chat/completions", 6, 20)
+    assert sample.ok, sample.error
+    assert sample.events == 6
+    # 20 ms apart upstream: no two events can arrive in the same read.
+    gaps = [b - a for a, b in zip(sample.arrivals, sample.arrivals[1:], strict=False)]
+    assert len(gaps) == 5
+    assert all(g > 0.001 for g in gaps)
+
+
+async def test_events_in_one_read_share_an_arrival_and_count_as_coalesced() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+        # Two events in one write (re-chunked by some proxy), then one alone 30 ms later.
+        writer.write(head + b"data: one\n\ndata: two\n\n")
+        await writer.drain()
+        await asyncio.sleep(0.03)
+        writer.write(b"data: three\n\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with load.session() as http:
+            sample = await load.one_stream(http, f"http://127.0.0.1:{port}/v1/x", 3, 30)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert sample.ok and sample.events == 3
+    assert sample.arrivals[0] == sample.arrivals[1] < sample.arrivals[2]
+    devs, coalesced = load.gap_stats([sample], 30)
+    assert len(devs) == 2
+    assert coalesced == 1
+
+
+async def test_a_short_stream_is_reported_incomplete() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+            b"data: one\n\ndata: two\n\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with load.session() as http:
+            sample = await load.one_stream(http, f"http://127.0.0.1:{port}/v1/x", 5, 10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert sample.events == 2
+    assert not sample.ok
+    assert sample.error == "2 of 5 events"
+
+
+async def test_closed_loop_counts_answers(fake_base: str) -> None:
+    result = await load.closed_loop(fake_base, 4, 0.3, warmup_s=0.1)
+    assert result.errors == 0
+    assert result.requests == len(result.latencies_ms) > 0
+    assert result.total >= result.requests
+
+
+async def test_fixed_count_sends_exactly_that_many(fake_base: str) -> None:
+    result = await load.fixed_count(fake_base, 8, 101)
+    assert (result.requests, result.errors) == (101, 0)
+
+
+def test_resolver_table_has_the_advertised_size_and_every_kind_resolves() -> None:
+    table = resolver.build_table()
+    assert len(table.slots) == resolver.SLOTS == 100
+    assert all(len(s.models) == resolver.MODELS_PER_SLOT + 1 for s in table.slots.values())
+    qualified = resolve(table, "slot-007/alias-7", "chat/completions")
+    assert isinstance(qualified, Decision) and qualified.slot == "slot-007"
+    alias = resolve(table, "alias-7", "chat/completions")
+    assert isinstance(alias, Decision) and alias.resolution_path.startswith("alias:")
+    miss = resolve(table, "no-such-model", "chat/completions")
+    assert isinstance(miss, NoRoute) and miss.code == "model_not_found"
