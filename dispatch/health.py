@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from dispatch import states
@@ -83,6 +83,9 @@ def apply(slot_name: str, obs: Observation) -> bool:
     """
     from dispatch.models import ModelSource, Slot, SlotModel
 
+    # This runs in asgiref's long-lived shared thread, outside any request, so Django's
+    # per-request connection housekeeping never reaches it: do it here.
+    close_old_connections()
     with transaction.atomic():
         slot = Slot.objects.select_for_update().filter(name=slot_name).first()
         if slot is None or not slot.enabled:
@@ -274,13 +277,18 @@ def ensure_running() -> None:
         )
 
 
+def _reload_fresh() -> None:
+    close_old_connections()  # see apply(): no request housekeeping reaches this thread
+    store.reload()
+
+
 async def follow_database() -> None:
     """Reload the table every probe interval, for changes other processes write."""
     store.max_age = 2 * settings.HAL0_PROBE_INTERVAL_S + 1
     while True:
         await asyncio.sleep(settings.HAL0_PROBE_INTERVAL_S)
         try:
-            await sync_to_async(store.reload, thread_sensitive=True)()
+            await sync_to_async(_reload_fresh, thread_sensitive=True)()
         except Exception:  # the database may be briefly away; the next round tries again
             log.warning("could not reload the routing table", exc_info=True)
 

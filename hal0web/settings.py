@@ -173,8 +173,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = _max_body
 FILE_UPLOAD_MAX_MEMORY_SIZE = _max_body
 
 # --- Django ----------------------------------------------------------------------------------
+# Not "daphne": it only adds a runserver and would load Twisted (+26 MB) into every process,
+# Uvicorn's too. `make run` starts Daphne itself.
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
