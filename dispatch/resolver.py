@@ -7,8 +7,9 @@ No ORM, no HTTP, no clock other than the one that times the decision itself, so 
 from __future__ import annotations
 
 import difflib
+import heapq
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -115,9 +116,32 @@ def _elapsed(t0: int) -> float:
     return (time.perf_counter_ns() - t0) / 1000.0
 
 
-def suggestions(table: RoutingTable, requested: str, n: int = 3) -> list[str]:
-    pool = list(table.known_ids) + [s for s in table.slots if table.slots[s].enabled]
-    return difflib.get_close_matches(requested, pool, n=n, cutoff=0.4)
+_MEMO_LIMIT = 1024
+_PREFILTER = 64
+
+
+def _pairs(text: str) -> frozenset[str]:
+    low = text.lower()
+    return frozenset(low[i : i + 2] for i in range(len(low) - 1))
+
+
+def suggestions(table: RoutingTable, requested: str) -> tuple[str, ...]:
+    """Up to three known ids (or slot names) close to ``requested``."""
+    memo = table.suggest_memo
+    found = memo.get(requested)
+    if found is None:
+        if not table.id_pairs:
+            names = list(table.known_ids) + [s for s in table.slots if table.slots[s].enabled]
+            table.id_pairs.extend((i, _pairs(i)) for i in names)
+        want = _pairs(requested)
+        # difflib compares slowly; rank by shared letter pairs first and keep the closest.
+        ranked = heapq.nlargest(_PREFILTER, table.id_pairs, key=lambda p: len(want & p[1]))
+        pool = [i for i, _ in ranked]
+        found = tuple(difflib.get_close_matches(requested, pool, n=3, cutoff=0.4))
+        if len(memo) >= _MEMO_LIMIT:  # bounded: random garbage ids must not grow it forever
+            memo.clear()
+        memo[requested] = found
+    return found
 
 
 def resolve(
@@ -240,7 +264,7 @@ def resolve(
     )
 
 
-def _hint(ids: list[str]) -> str:
+def _hint(ids: Sequence[str]) -> str:
     if not ids:
         return ""
     return " Did you mean: " + ", ".join(f"'{i}'" for i in ids[:3]) + "?"

@@ -66,6 +66,15 @@ class RoutingTable:
     # slot type -> name of the enabled default slot of that type
     default_slot: Mapping[str, str]
     known_ids: tuple[str, ...]
+    # Memo of close-id suggestions for misses (difflib over every id costs tens of ms at
+    # 100 x 20): a burst of the same mistyped id pays once per table.
+    suggest_memo: dict[str, tuple[str, ...]] = field(
+        default_factory=dict, compare=False, repr=False, hash=False
+    )
+    # Each suggestible id with its letter pairs, filled on the first miss.
+    id_pairs: list[tuple[str, frozenset[str]]] = field(
+        default_factory=list, compare=False, repr=False, hash=False
+    )
 
     @classmethod
     def build(cls, version: int, slots: Iterable[SlotEntry]) -> RoutingTable:
