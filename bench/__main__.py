@@ -31,6 +31,7 @@ from bench.procs import (
     Workspace,
     daphne_proc,
     fake_proc,
+    floor_proc,
     uvicorn_proc,
     variant_proc,
 )
@@ -41,7 +42,7 @@ BUDGET_S = 285.0  # the whole run, set-up included, stays under five minutes
 CONCURRENCY = (1, 16, 64)
 KEY_CONC = 16
 KEY_ROUNDS = 3
-CELL_S = 3.0
+CELL_S = 2.5
 STREAM_CHUNKS = 20
 STREAM_GAP_MS = 10.0
 STREAM_CONC = 16
@@ -448,6 +449,17 @@ def targets_section(
         if (server, KEY_CONC) in cells:
             c = med(server, KEY_CONC)
             _check(rows, f"{server}: rps at 16 ≥ {floor:,.0f}", fmt(c.rps, 0), c.rps >= floor)
+    if ("floor-const", KEY_CONC) in cells:
+        floor = med("floor-const", KEY_CONC)
+        for server in (prod, "daphne"):
+            c = med(server, KEY_CONC)
+            share = c.rps / floor.rps * 100
+            _check(
+                rows,
+                f"{server}: rps at 16 ≥ 70 % of the bare Django view (same run)",
+                f"{share:.0f} % ({fmt(c.rps, 0)} of {fmt(floor.rps, 0)})",
+                share >= 70,
+            )
     for server in ("daphne", prod):
         if (server, 1) not in cells:
             continue
@@ -507,10 +519,11 @@ async def _setup(ws: Workspace, servers: list[Proc]) -> Proc:
     try:
         fake.wait_http("/v1/models")
         ws.setup(fake.port)
+        ws.env["BENCH_UPSTREAM"] = fake.base  # for bench.floor's proxying view
         for p in servers:
             p.start()
         for p in servers:
-            p.wait_http("/v1/models")
+            p.wait_http(p.ready_path)
     except BaseException:
         fake.stop()  # the caller only stops what _setup returned
         raise
@@ -547,14 +560,20 @@ async def run_all() -> str:
     res = None
     ws = Workspace()
     daphne, uvi = daphne_proc(ws), uvicorn_proc(ws)
+    floor = floor_proc(ws)
     servers = [daphne, uvi]
     fake: Proc | None = None
     try:
-        fake = await _setup(ws, servers)
-        _header(rep, "hal0web benchmark", started, servers, fake)
+        fake = await _setup(ws, [*servers, floor])
+        _header(rep, "hal0web benchmark", started, [*servers, floor], fake)
         targets = [Target("direct", fake.base, None)] + [Target(p.name, p.base, p) for p in servers]
+        floors = [
+            Target("floor-const", floor.base + "/const", floor),
+            Target("floor-proxy", floor.base + "/proxy", floor),
+        ]
         rss_start = {p.name: p.rss_mb() for p in servers}
-        cells = await non_streaming(targets, rep)
+        cells = await non_streaming(targets + floors, rep)
+        floor_section(rep, cells)
         streams = await streaming(targets, rep)
         held = await hold(targets[1:], rep, HOLD_STREAMS)
         res_rep = Report()
@@ -572,10 +591,31 @@ async def run_all() -> str:
             f"Total bench time: {time.time() - started:.0f} s; load average at end {_loadavg()}."
         )
     finally:
-        for p in [*servers, *([fake] if fake else [])]:
+        for p in [*servers, floor, *([fake] if fake else [])]:
             p.stop()
         ws.cleanup()
     return rep.text()
+
+
+def floor_section(rep: Report, cells: dict) -> None:
+    """hal0web against the bare Django views, measured in the same rounds."""
+    const = _median_cell(cells[("floor-const", KEY_CONC)])
+    proxy = _median_cell(cells[("floor-proxy", KEY_CONC)])
+    parts = []
+    for name in ("daphne", "uvicorn"):
+        c = _median_cell(cells[(name, KEY_CONC)])
+        parts.append(
+            f"{name} {c.rps:,.0f} rps = {c.rps / const.rps * 100:.0f} % of the constant view, "
+            f"{c.rps / proxy.rps * 100:.0f} % of the proxying view"
+        )
+    rep.add(
+        f"Floor, same rounds (bench/floor.py: bare Django async views, no middleware, stock "
+        f"ASGIHandler, Uvicorn on core {HAL0_CORE}): at {KEY_CONC} concurrent the constant view "
+        f"answers {const.rps:,.0f} rps ({const.cpu_ms:.3f} CPU ms/req), the view proxying "
+        f"through one pooled aiohttp session {proxy.rps:,.0f} rps ({proxy.cpu_ms:.3f} CPU "
+        f"ms/req). hal0web: " + "; ".join(parts) + " (target: >= 70 % of the constant view).",
+        "",
+    )
 
 
 async def run_transports(names: tuple[str, ...] = ("httpx", "httpx-aiohttp", "aiohttp")) -> str:

@@ -52,6 +52,7 @@ class Proc:
     core: int
     port: int
     log_path: Path
+    ready_path: str = "/v1/models"
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -187,6 +188,33 @@ def uvicorn_proc(ws: Workspace, name: str = "uvicorn") -> Proc:
         "hal0web.asgi:application",
     ]
     return ws.proc(name, argv, HAL0_CORE, port)
+
+
+def floor_proc(ws: Workspace) -> Proc:
+    """Bare Django views under Uvicorn (bench.floor): the floor hal0web is compared with."""
+    port = free_port()
+    argv = [
+        str(BIN / "uvicorn"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--lifespan",
+        "off",
+        "--backlog",
+        "4096",
+        "bench.floor:application",
+    ]
+    proc = ws.proc("floor", argv, HAL0_CORE, port)
+    proc.ready_path = "/const/v1/chat/completions"
+    return proc
 
 
 def variant_proc(ws: Workspace, transport: str) -> Proc:
