@@ -19,6 +19,7 @@ from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from dispatch import states
+from dispatch.admission import admission
 from dispatch.proxy import server_root, upstream, upstream_url
 from dispatch.store import store
 from dispatch.table import SlotEntry
@@ -35,6 +36,7 @@ class Observation:
     state: str
     error: str
     advertised: tuple[str, ...] | None  # model ids from /models; None when not read
+    timed_out: bool = False  # /models gave no answer in time (as opposed to refusing)
 
 
 async def observe(slot: SlotEntry, timeout: float) -> Observation:
@@ -72,7 +74,7 @@ async def observe(slot: SlotEntry, timeout: float) -> Observation:
         )
     elif state == "loading":
         error = ""
-    return Observation(state, error, advertised)
+    return Observation(state, error, advertised, timed_out=models.timed_out)
 
 
 def apply(slot_name: str, obs: Observation) -> bool:
@@ -219,6 +221,11 @@ class Watcher:
         timeout = max(0.5, min(slot.connect_timeout_s, settings.HAL0_PROBE_INTERVAL_S, 5.0))
         obs = await observe(slot, timeout)
         if obs.state == BUSY:
+            return False
+        if obs.timed_out and admission.inflight.get(slot.name, 0):
+            # Requests to it are under way (the proxy hears from it): a probe that timed out
+            # means a loaded server or a lagging loop, not a dead one. A refused connection
+            # still counts, and so does a timeout once nothing is in flight.
             return False
         current = store.table.slots.get(slot.name)
         if current is not None and _unchanged(current, obs):

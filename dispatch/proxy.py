@@ -70,6 +70,7 @@ class ProbeResult:
     status: int | None  # None: no HTTP answer at all
     body: Any  # parsed JSON, or None
     error: str = ""
+    timed_out: bool = False  # connected (or tried to) but no answer in time: slow, not gone
 
 
 class UpstreamResponse:
@@ -337,7 +338,7 @@ class Upstream:
             async with asyncio.timeout(timeout):
                 response = await self.client.get(url, headers=headers)
         except TimeoutError:
-            return ProbeResult(None, None, f"no answer within {timeout:g}s")
+            return ProbeResult(None, None, f"no answer within {timeout:g}s", timed_out=True)
         except httpx.HTTPError as exc:
             return ProbeResult(None, None, _describe(exc))
         try:

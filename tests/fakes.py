@@ -51,6 +51,7 @@ class FakeUpstream:
     reply: str = ""
     fail_status: int | None = None  # answer every completion with this status
     delay_headers_s: float = 0.0
+    models_delay_s: float = 0.0  # a slow /v1/models (a loaded server)
     break_after_chunks: int | None = None  # drop the connection mid-stream
     requests: list[Seen] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
@@ -79,6 +80,8 @@ class FakeUpstream:
                 return await _json(send, 503, {"error": {"code": 503, "message": "Loading model"}})
             return await _json(send, 200 if self.health == "ready" else 500, {"status": "ok"})
         if path == "/v1/models":
+            if self.models_delay_s:
+                await asyncio.sleep(self.models_delay_s)
             if self.health == "loading":
                 return await _json(send, 503, {"error": {"message": "Loading model"}})
             if self.health == "error":

@@ -273,3 +273,21 @@ def test_draining_is_the_operators_and_probes_leave_it(fake, hal0):
         hal0.url + "/v1/chat/completions", json={"model": "m1", "messages": []}, timeout=10
     )
     assert r.status_code == 503 and "draining" in r.json()["error"]["message"]
+
+
+def test_a_slow_probe_while_requests_flow_is_not_offline(fake, hal0, settings):
+    f, server = fake
+    add_slot("a", server.url + "/v1", ["m1"], connect_timeout_s=0.3)  # probe timeout 0.3 s
+    kick(hal0)
+    wait_for(lambda: state_of("a") == "ready", what="ready")
+    f.models_delay_s = 1.0  # /models now answers too late for a probe
+    f.chunks, f.chunk_gap_s = 20, 0.1
+    r = httpx.post(
+        hal0.url + "/v1/chat/completions",
+        json={"model": "m1", "stream": True, "messages": []},
+        timeout=10,
+    )
+    assert r.text.count("data: ") == 21
+    assert state_of("a") == "ready", "probes timed out during a healthy stream"
+    # Nothing in flight: a probe that times out now does mean trouble.
+    wait_for(lambda: state_of("a") == "offline", timeout=5, what="offline once idle")
