@@ -450,14 +450,14 @@ def targets_section(
             c = med(server, KEY_CONC)
             _check(rows, f"{server}: rps at 16 ≥ {floor:,.0f}", fmt(c.rps, 0), c.rps >= floor)
     if ("floor-const", KEY_CONC) in cells:
-        floor = med("floor-const", KEY_CONC)
+        const = med("floor-const", KEY_CONC)
         for server in (prod, "daphne"):
             c = med(server, KEY_CONC)
-            share = c.rps / floor.rps * 100
+            share = c.rps / const.rps * 100
             _check(
                 rows,
                 f"{server}: rps at 16 ≥ 70 % of the bare Django view (same run)",
-                f"{share:.0f} % ({fmt(c.rps, 0)} of {fmt(floor.rps, 0)})",
+                f"{share:.0f} % ({fmt(c.rps, 0)} of {fmt(const.rps, 0)})",
                 share >= 70,
             )
     for server in ("daphne", prod):
