@@ -6,7 +6,8 @@ measures every cell interleaved in one run: direct -> fake, Daphne -> fake, Uvic
 Prints a markdown report and writes it to ``bench/results/latest.md``.
 
 ``python -m bench transports`` compares the proxy's transports instead (httpx's own pool vs
-the httpx-aiohttp transport), each behind the seam in hal0web under Uvicorn.
+the httpx-aiohttp transport vs ours), each behind the seam in hal0web under Uvicorn;
+``python -m bench seam`` measures the seam alone, without Django (bench/seam.py).
 """
 
 from __future__ import annotations
@@ -651,12 +652,21 @@ def main(argv: list[str]) -> int:
     if mode == "all":
         text = uvloop.run(run_all())
         out = RESULTS / "latest.md"
+    elif mode == "seam":
+        import django
+
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hal0web.settings")
+        django.setup()
+        from bench import seam
+
+        text = uvloop.run(seam.run())
+        out = RESULTS / "seam.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
-            "usage: python -m bench [all | transports [VARIANT ...]]\n"
+            "usage: python -m bench [all | seam | transports [VARIANT ...]]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,
         )
