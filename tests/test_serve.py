@@ -205,6 +205,21 @@ def test_serve_without_demo_prints_credentials_once_and_stops_cleanly(
     assert [pid for pid in children if _alive(pid)] == []
 
 
+def test_serve_can_run_uvicorn(tmp_path: Path, serve_runs: list[Served]) -> None:
+    port = free_port()
+    env = _serve_env(tmp_path, HAL0_DEMO="0", HAL0_SERVER="uvicorn", HAL0_BIND=f"127.0.0.1:{port}")
+    run = Served(env)
+    serve_runs.append(run)
+    run.wait_for(READY, 90)
+    assert "starting hal0web (Uvicorn)" in run.output
+    url = f"http://127.0.0.1:{port}"
+    assert _get_json(url + "/healthz", run)["ok"] is True
+    children = run.children()
+    assert any("uvicorn" in Path(f"/proc/{pid}/cmdline").read_text() for pid in children)
+    assert run.stop(signal.SIGTERM) == 0
+    assert [pid for pid in children if _alive(pid)] == []
+
+
 def test_serve_refuses_a_bad_setting(tmp_path: Path) -> None:
     env = _serve_env(tmp_path, HAL0_DEMO="maybe")
     done = subprocess.run(

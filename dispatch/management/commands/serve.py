@@ -1,8 +1,9 @@
 """``manage.py serve``: what ``make run`` runs.
 
 Prepares the database, the slots, an admin user and the static files; starts the demo's two
-model servers (unless ``HAL0_DEMO=0``) and Daphne as child processes; waits until the slots
-are ready; prints how to use it; and on Ctrl-C / SIGTERM stops every child it started.
+model servers (unless ``HAL0_DEMO=0``) and the ASGI server (Daphne, or Uvicorn with
+``HAL0_SERVER=uvicorn``) as child processes; waits until the slots are ready; prints how to
+use it; and on Ctrl-C / SIGTERM stops every child it started.
 """
 
 from __future__ import annotations
@@ -39,6 +40,42 @@ class _Stop(Exception):
 
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop(signum)
+
+
+def server_command(server: str, host: str, port: int, access_log: Path) -> list[str]:
+    """The ASGI server's command line (one worker; see docs/performance.md)."""
+    if server == "uvicorn":
+        # httptools + uvloop, and a deep accept backlog: Daphne's default one overflowed
+        # at 2,000 concurrent streams in the benchmark.
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "hal0web.asgi:application",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--backlog",
+            "4096",
+            "--no-access-log",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "daphne",
+        "-b",
+        host,
+        "-p",
+        str(port),
+        "--access-log",
+        str(access_log),
+        "hal0web.asgi:application",
+    ]
 
 
 def split_bind(bind: str) -> tuple[str, int]:
@@ -114,24 +151,12 @@ class Command(BaseCommand):
         url = local_url(host, port)
         if settings.HAL0_DEMO:
             self._start_demo()
-        self.step(f"starting hal0web (Daphne) on {settings.HAL0_BIND}")
+        name = "Uvicorn" if settings.HAL0_SERVER == "uvicorn" else "Daphne"
+        self.step(f"starting hal0web ({name}) on {settings.HAL0_BIND}")
         access_log = Path(settings.DATA_DIR) / "logs" / "access.log"
         access_log.parent.mkdir(parents=True, exist_ok=True)
-        daphne = demo.spawn(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                host,
-                "-p",
-                str(port),
-                "--access-log",
-                str(access_log),
-                "hal0web.asgi:application",
-            ]
-        )
-        self.children.append(("hal0web (Daphne)", daphne))
+        server = demo.spawn(server_command(settings.HAL0_SERVER, host, port, access_log))
+        self.children.append((f"hal0web ({name})", server))
         states = self._wait_until_ready(url)
         self._banner(url, states, credentials)
         self._supervise()
@@ -304,7 +329,7 @@ class Command(BaseCommand):
         self.say("\n".join(lines))
 
     def _supervise(self) -> None:
-        """Serve until a signal arrives; Daphne exiting ends the run, a model server exiting
+        """Serve until a signal arrives; the ASGI server exiting ends the run, a model server exiting
         is reported (its slot goes offline and hal0web keeps serving the other)."""
         reported: set[int] = set()
         while True:
@@ -322,7 +347,7 @@ class Command(BaseCommand):
                 )
 
     def _stop_children(self) -> None:
-        # Daphne first, so no request is sent to a model server that is going away.
+        # The ASGI server first, so no request is sent to a model server that is going away.
         for name, proc in reversed(self.children):
             if proc.poll() is None:
                 self.step(f"stopping {name} (pid {proc.pid})")
