@@ -163,30 +163,20 @@ def fake_proc(ws: Workspace) -> Proc:
 
 
 def daphne_proc(ws: Workspace, name: str = "daphne") -> Proc:
-    port = free_port()
-    argv = [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "hal0web.asgi:application"]
-    return ws.proc(name, argv, HAL0_CORE, port)
+    return _server_proc(ws, "daphne", name)
 
 
 def uvicorn_proc(ws: Workspace, name: str = "uvicorn") -> Proc:
+    return _server_proc(ws, "uvicorn", name)
+
+
+def _server_proc(ws: Workspace, server: str, name: str) -> Proc:
+    """hal0web as `make run` starts it (the same command line, minus Daphne's access log, as
+    Uvicorn runs without one), pinned to its core."""
+    from dispatch.management.commands.serve import server_command
+
     port = free_port()
-    argv = [
-        str(BIN / "uvicorn"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--no-access-log",
-        "--log-level",
-        "warning",
-        "--backlog",
-        "4096",
-        "hal0web.asgi:application",
-    ]
+    argv = server_command(server, "127.0.0.1", port, access_log=None)
     return ws.proc(name, argv, HAL0_CORE, port)
 
 

@@ -42,7 +42,7 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop(signum)
 
 
-def server_command(server: str, host: str, port: int, access_log: Path) -> list[str]:
+def server_command(server: str, host: str, port: int, access_log: Path | None) -> list[str]:
     """The ASGI server's command line (one worker; see docs/performance.md)."""
     if server == "uvicorn":
         # httptools + uvloop, and a deep accept backlog: Daphne's default one overflowed
@@ -64,6 +64,7 @@ def server_command(server: str, host: str, port: int, access_log: Path) -> list[
             "4096",
             "--no-access-log",
         ]
+    log = ["--access-log", str(access_log)] if access_log is not None else []
     return [
         sys.executable,
         "-m",
@@ -72,8 +73,7 @@ def server_command(server: str, host: str, port: int, access_log: Path) -> list[
         host,
         "-p",
         str(port),
-        "--access-log",
-        str(access_log),
+        *log,
         "hal0web.asgi:application",
     ]
 
