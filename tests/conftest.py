@@ -62,6 +62,15 @@ def fake_pair() -> Iterator[dict[str, tuple[FakeUpstream, ServerThread]]]:
         server.stop()
 
 
+@pytest.fixture
+def fake(transactional_db: None) -> Iterator[tuple[FakeUpstream, ServerThread]]:
+    """One fake server, `a`, serving `m1`."""
+    f = FakeUpstream("a", models=["m1"])
+    server = ServerThread(f).start()
+    yield f, server
+    server.stop()
+
+
 def add_slot(name: str, url: str, models: list[str] | None = None, **fields: Any) -> Any:
     """Create a slot with declared models (the first is the default)."""
     from dispatch.models import Slot, SlotModel

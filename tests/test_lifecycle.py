@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 
 import httpx
-import pytest
 
 from dispatch.models import Slot
 from tests.conftest import add_slot
@@ -34,14 +33,6 @@ def state_of(name: str) -> str:
 def kick(hal0) -> None:
     """Any request starts hal0web's runtime (the watcher) if nothing has yet."""
     httpx.get(hal0.url + "/healthz", timeout=5).raise_for_status()
-
-
-@pytest.fixture
-def fake(transactional_db):
-    f = FakeUpstream("a", models=["m1"])
-    server = ServerThread(f).start()
-    yield f, server
-    server.stop()
 
 
 def test_offline_to_ready_within_two_probe_intervals(transactional_db, hal0, settings):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
@@ -12,15 +11,6 @@ from dispatch import events, health
 from dispatch.consumers import DispatchConsumer
 from dispatch.proxy import upstream
 from tests.conftest import add_slot
-from tests.fakes import FakeUpstream, ServerThread
-
-
-@pytest.fixture
-def fake(transactional_db):
-    f = FakeUpstream("a", models=["m1"])
-    server = ServerThread(f).start()
-    yield f, server
-    server.stop()
 
 
 async def next_state(comm: WebsocketCommunicator, slot: str, timeout: float = 5) -> dict:
