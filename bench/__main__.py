@@ -661,12 +661,17 @@ def main(argv: list[str]) -> int:
 
         text = uvloop.run(seam.run())
         out = RESULTS / "seam.md"
+    elif mode == "llama":
+        from bench import llama
+
+        text = uvloop.run(llama.run())
+        out = RESULTS / "llama.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
-            "usage: python -m bench [all | seam | transports [VARIANT ...]]\n"
+            "usage: python -m bench [all | seam | llama | transports [VARIANT ...]]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,
         )
