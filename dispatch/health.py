@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -142,6 +143,7 @@ class Watcher:
         self._supervisor: asyncio.Task[None] | None = None
         self._cold: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._probes: dict[str, asyncio.Task[bool]] = {}  # the one probe in flight per slot
 
     @property
     def running(self) -> bool:
@@ -160,13 +162,14 @@ class Watcher:
         )
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks: list[asyncio.Task[Any]] = [*self._tasks.values(), *self._probes.values()]
         if self._supervisor is not None:
             tasks.append(self._supervisor)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._probes.clear()
         self._supervisor = None
 
     def poke(self, slot: str) -> None:
@@ -218,6 +221,21 @@ class Watcher:
             event.clear()
 
     async def probe_once(self, slot: SlotEntry) -> bool:
+        """Probe ``slot`` and apply what changed; joins the probe already in flight, if any.
+
+        The slot's own loop, a cold-start probe and a passive-health poke may all ask at
+        once: the slot still sees one probe at a time.
+        """
+        task = self._probes.get(slot.name)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(
+                self._probe(slot), context=contextvars.Context()
+            )
+            self._probes[slot.name] = task
+        # Shielded: a caller that stops waiting (a cold probe out of time) leaves it running.
+        return await asyncio.shield(task)
+
+    async def _probe(self, slot: SlotEntry) -> bool:
         timeout = max(0.5, min(slot.connect_timeout_s, settings.HAL0_PROBE_INTERVAL_S, 5.0))
         obs = await observe(slot, timeout)
         if obs.state == BUSY:

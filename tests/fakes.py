@@ -56,6 +56,8 @@ class FakeUpstream:
     requests: list[Seen] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
     active: int = 0
+    models_active: int = 0  # /v1/models requests being answered now
+    models_active_max: int = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -80,8 +82,13 @@ class FakeUpstream:
                 return await _json(send, 503, {"error": {"code": 503, "message": "Loading model"}})
             return await _json(send, 200 if self.health == "ready" else 500, {"status": "ok"})
         if path == "/v1/models":
-            if self.models_delay_s:
-                await asyncio.sleep(self.models_delay_s)
+            self.models_active += 1
+            self.models_active_max = max(self.models_active_max, self.models_active)
+            try:
+                if self.models_delay_s:
+                    await asyncio.sleep(self.models_delay_s)
+            finally:
+                self.models_active -= 1
             if self.health == "loading":
                 return await _json(send, 503, {"error": {"message": "Loading model"}})
             if self.health == "error":

@@ -282,3 +282,31 @@ def test_a_slow_probe_while_requests_flow_is_not_offline(fake, hal0, settings):
     assert state_of("a") == "ready", "probes timed out during a healthy stream"
     # Nothing in flight: a probe that times out now does mean trouble.
     wait_for(lambda: state_of("a") == "offline", timeout=5, what="offline once idle")
+
+
+def test_one_probe_per_slot_in_flight_however_many_ask(fake, hal0):
+    f, server = fake
+    f.models = ["only-discovered"]
+    f.models_delay_s = 0.4  # each probe takes a while: overlapping asks would show
+    add_slot("a", server.url + "/v1", [], connect_timeout_s=2)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=hal0.url, timeout=10) as c:
+            # The first request starts the watcher (which probes `a` at once); every miss
+            # also asks for a cold-start probe of the never-probed slot.
+            rs = await asyncio.gather(
+                *(
+                    c.post(
+                        "/v1/chat/completions", json={"model": "only-discovered", "messages": []}
+                    )
+                    for _ in range(5)
+                )
+            )
+            return [r.status_code for r in rs]
+
+    statuses: list[list[int]] = []
+    t = threading.Thread(target=lambda: statuses.append(asyncio.run(burst())))
+    t.start()
+    t.join(20)
+    assert statuses == [[200] * 5]
+    assert f.models_active_max == 1
