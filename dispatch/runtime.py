@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -124,6 +125,10 @@ class Hal0Application:
             await store.ensure_loaded()
             health.ensure_running()
             _on_daphne_shutdown(self._shutdown)
+            # Everything loaded so far (Django, the app, the table) lives as long as the
+            # process: take it out of the collector's sight, so full collections stay short
+            # and do not stall the streams this loop carries.
+            gc.freeze()
 
     async def _shutdown(self) -> None:
         await health.watcher.stop()
