@@ -29,6 +29,7 @@ from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import IntegrityError, transaction
 
 from dispatch.models import ModelSource, Slot, SlotModel
+from dispatch.toml_writer import Inline, dumps_table
 
 LOCAL_URL = "http://127.0.0.1:{port}/v1"
 
@@ -535,10 +536,6 @@ def from_slot(slot: Slot) -> Manifest:
 # --- the writer ----------------------------------------------------------------------------
 
 
-class _Inline(dict[str, Any]):
-    """A table the writer puts on one line (``aliases = { hermes = "…" }``)."""
-
-
 def dumps(m: Manifest) -> str:
     """Canonical TOML for a manifest: the same manifest always gives the same bytes.
 
@@ -578,7 +575,7 @@ def dumps(m: Manifest) -> str:
     if set(m.models) - {m.default_model}:
         model["models"] = list(m.models)
     if m.aliases:
-        model["aliases"] = _Inline(m.aliases)
+        model["aliases"] = Inline(m.aliases)
     if isinstance(model_extra, dict):
         model.update(model_extra)
     if model:
@@ -599,105 +596,7 @@ def dumps(m: Manifest) -> str:
     # unknown tables after [model] and [limits].
     doc.update(extra)
 
-    lines: list[str] = []
-    _emit_table(lines, [], doc)
-    return "\n".join(lines) + "\n"
-
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-_ESCAPES = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\t": "\\t",
-    "\n": "\\n",
-    "\f": "\\f",
-    "\r": "\\r",
-}
-
-
-def _key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else _string(k)
-
-
-def _string(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)  # shortest round-tripping form; always has "." or "e"
-    if isinstance(v, str):
-        return _string(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        if not v:
-            return "{}"
-        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def _is_table_array(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
-
-
-def _emit_table(lines: list[str], path: list[str], tbl: Mapping[str, Any]) -> None:
-    """Scalars (and inline tables) first, then sub-tables, then arrays of tables."""
-    scalars = [
-        (k, v)
-        for k, v in tbl.items()
-        if isinstance(v, _Inline) or not (isinstance(v, dict) or _is_table_array(v))
-    ]
-    tables = [(k, v) for k, v in tbl.items() if isinstance(v, dict) and not isinstance(v, _Inline)]
-    arrays = [(k, v) for k, v in tbl.items() if _is_table_array(v)]
-    dotted = ".".join(_key(p) for p in path)
-    # A table holding only sub-tables needs no header of its own (TOML defines it implicitly).
-    if path and (scalars or not (tables or arrays)):
-        if lines:
-            lines.append("")
-        lines.append(f"[{dotted}]")
-    for k, v in scalars:
-        lines.append(f"{_key(k)} = {_value(v)}")
-    for k, v in tables:
-        _emit_table(lines, [*path, k], v)
-    for k, items in arrays:
-        for item in items:
-            if lines:
-                lines.append("")
-            lines.append(f"[[{'.'.join(_key(p) for p in [*path, k])}]]")
-            sub = _sub_entries(item)
-            for sk, sv in sub[0]:
-                lines.append(f"{_key(sk)} = {_value(sv)}")
-            for sk, sv in sub[1]:
-                _emit_table(lines, [*path, k, sk], sv)
-            for sk, sv in sub[2]:
-                _emit_table(lines, [*path, k], {sk: sv})
-
-
-def _sub_entries(
-    tbl: Mapping[str, Any],
-) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], list[tuple[str, Any]]]:
-    scalars = [(k, v) for k, v in tbl.items() if not (isinstance(v, dict) or _is_table_array(v))]
-    tables = [(k, v) for k, v in tbl.items() if isinstance(v, dict)]
-    arrays = [(k, v) for k, v in tbl.items() if _is_table_array(v)]
-    return scalars, tables, arrays
+    return dumps_table(doc)
 
 
 # --- applying to the database --------------------------------------------------------------
