@@ -79,8 +79,5 @@ class Admission:
             self._inflight.pop(slot, None)
         self._changed(slot)
 
-    def queued(self, slot: str) -> int:
-        return len(self._queues.get(slot, ()))
-
 
 admission = Admission()

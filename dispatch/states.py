@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-STATES = ("unknown", "offline", "loading", "ready", "error", "draining")
-
 # From → the states a slot may move to. `draining` is the operator's: probes never enter or
 # leave it; the operator ends it by setting the slot back to `unknown` (probed afresh).
 TRANSITIONS: Mapping[str, frozenset[str]] = MappingProxyType(
@@ -19,7 +17,6 @@ TRANSITIONS: Mapping[str, frozenset[str]] = MappingProxyType(
         "draining": frozenset({"unknown"}),
     }
 )
-OPERATOR_ONLY = frozenset({"draining"})
 
 
 class IllegalTransition(ValueError):

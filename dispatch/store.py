@@ -73,10 +73,6 @@ class TableStore:
         return self._table
 
     @property
-    def loaded(self) -> bool:
-        return self._loaded
-
-    @property
     def stale(self) -> bool:
         """True when the table may lag the database (only where another process writes it).
 

@@ -11,8 +11,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-# Slot states a request can be sent to now, or soon.
-USABLE_STATES = frozenset({"ready", "loading", "unknown"})
 # Preference among candidate slots: ready first, then loading, then never probed, then the rest.
 STATE_RANK: Mapping[str, int] = MappingProxyType(
     {"ready": 0, "loading": 1, "unknown": 2, "error": 3, "offline": 3, "draining": 4}
@@ -51,10 +49,6 @@ class SlotEntry:
     models: Mapping[str, ModelEntry] = field(default_factory=lambda: MappingProxyType({}))
     default_model: str | None = None
     drift: tuple[str, ...] = ()
-
-    @property
-    def usable(self) -> bool:
-        return self.enabled and self.state in USABLE_STATES
 
 
 @dataclass(frozen=True, slots=True)
