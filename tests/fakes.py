@@ -53,6 +53,7 @@ class FakeUpstream:
     delay_headers_s: float = 0.0
     models_delay_s: float = 0.0  # a slow /v1/models (a loaded server)
     break_after_chunks: int | None = None  # drop the connection mid-stream
+    set_cookie: str = ""  # a Set-Cookie header on every completion answer
     requests: list[Seen] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
     active: int = 0
@@ -139,7 +140,10 @@ class FakeUpstream:
                     ],
                     "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
                 },
-                extra=[(b"x-upstream-slot", self.name.encode())],
+                extra=[
+                    (b"x-upstream-slot", self.name.encode()),
+                    *([(b"set-cookie", self.set_cookie.encode())] if self.set_cookie else []),
+                ],
             )
         await _json(send, 404, {"error": {"message": f"no route {path}"}})
 

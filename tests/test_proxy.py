@@ -72,6 +72,22 @@ async def test_slot_key_is_sent_from_its_env_var(monkeypatch):
     await up.aclose()
 
 
+async def test_a_cookie_one_upstream_answer_sets_never_rides_on_a_later_request():
+    # Requests from different users share the seam: a cookie jar there would hand one user's
+    # upstream session to the next.
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, headers={"set-cookie": "sid=user-a; Path=/"}, content=b"{}")
+
+    up = Upstream(httpx.MockTransport(handler))
+    for _ in range(2):
+        await (await up.open(slot(), "chat/completions", b"{}", {})).read()
+    assert len(seen) == 2 and "cookie" not in seen[1].headers
+    await up.aclose()
+
+
 async def test_connection_failure_is_unreachable():
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)

@@ -42,8 +42,8 @@ def _slot(url: str, **fields: object) -> SlotEntry:
     return make_slot("solo", url + "/v1", [ModelEntry("m1", "m1", "manifest")], **fields)
 
 
-async def test_default_client_uses_the_aiohttp_transport(up: Upstream) -> None:
-    assert isinstance(up.client._transport, AiohttpTransport)
+async def test_the_default_transport_is_aiohttps_pool(up: Upstream) -> None:
+    assert isinstance(up.transport, AiohttpTransport)
 
 
 async def test_use_transport_still_overrides_it() -> None:
@@ -124,9 +124,18 @@ async def test_connections_are_reused_between_requests(fake, up: Upstream) -> No
     for _ in range(3):
         response = await up.open(slot, "chat/completions", BODY, {})
         await response.read()
-    transport = up.client._transport
+    transport = up.transport
     assert isinstance(transport, AiohttpTransport)
     session = transport._get_session()
     assert session.connector is not None
     # Three sequential requests, one pooled keep-alive connection to the upstream.
     assert sum(len(v) for v in session.connector._conns.values()) == 1
+
+
+async def test_cookies_an_upstream_sets_are_not_kept_for_later_requests(fake, up: Upstream) -> None:
+    app, server = fake
+    app.set_cookie = "sid=user-a; Path=/"
+    for _ in range(2):
+        await (await up.open(_slot(server.url), "chat/completions", BODY, {})).read()
+    assert [r.path for r in app.requests] == ["/v1/chat/completions"] * 2
+    assert "cookie" not in app.requests[1].headers
