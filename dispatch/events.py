@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -16,7 +17,9 @@ from channels.layers import get_channel_layer
 GROUP = "dispatch"
 log = logging.getLogger("hal0.events")
 
-_tasks: set[asyncio.Task[None]] = set()
+# Events published from async code wait here for the one task that sends them, in order.
+_queue: deque[dict[str, Any]] = deque()
+_sender: asyncio.Task[None] | None = None
 # The loop the server runs on. The in-memory layer's queues belong to it, so sends from
 # other threads (the admin's sync views, the watcher's database writes) are handed to it.
 _home: asyncio.AbstractEventLoop | None = None
@@ -43,10 +46,22 @@ async def send(event: dict[str, Any]) -> None:
 
 
 def publish(event: dict[str, Any]) -> None:
-    """From async code: schedule the send and return at once."""
-    task = asyncio.get_running_loop().create_task(send(event))
-    _tasks.add(task)  # keep a reference until done, or the task may be collected mid-flight
-    task.add_done_callback(_tasks.discard)
+    """From async code: queue the send and return at once.
+
+    One task sends whatever is queued, oldest first, and ends when the queue is empty: under
+    load a burst of events costs one task, not one each (one per request, on /v1).
+    """
+    global _sender
+    _queue.append(event)
+    loop = asyncio.get_running_loop()
+    if _sender is None or _sender.done() or _sender.get_loop() is not loop:
+        # (A sender left on another loop, e.g. a finished test's, will never run again.)
+        _sender = loop.create_task(_send_queued())
+
+
+async def _send_queued() -> None:
+    while _queue:
+        await send(_queue.popleft())
 
 
 def broadcast(event: dict[str, Any]) -> None:

@@ -1,0 +1,62 @@
+"""The events module: what async code publishes reaches the group, in order, whatever loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from channels.layers import get_channel_layer
+
+from dispatch import events
+
+
+async def _listen() -> tuple[Any, str]:
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await events.join(channel)
+    return layer, channel
+
+
+async def _received(layer: Any, channel: str, n: int) -> list[dict[str, Any]]:
+    return [(await asyncio.wait_for(layer.receive(channel), 2))["event"] for _ in range(n)]
+
+
+async def test_published_events_arrive_in_order() -> None:
+    layer, channel = await _listen()
+    for n in range(50):
+        events.publish({"type": "t", "n": n})
+    assert [e["n"] for e in await _received(layer, channel, 50)] == list(range(50))
+
+
+def test_a_sender_stuck_on_a_closed_loop_does_not_swallow_later_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A loop that ends with a send in flight (a finished test's, a restarted server's)
+    # leaves its sender task behind, never to run again (here: until the test cleans up).
+    async def never(event: dict[str, Any]) -> None:
+        await asyncio.Event().wait()
+
+    old = asyncio.new_event_loop()
+    with monkeypatch.context() as patch:
+        patch.setattr(events, "send", never)
+
+        async def publish_and_leave() -> None:
+            events.publish({"type": "t", "n": 0})
+            await asyncio.sleep(0)  # the sender starts, and blocks
+
+        old.run_until_complete(publish_and_leave())
+    stuck = events._sender
+
+    async def publish_here() -> list[dict[str, Any]]:
+        layer, channel = await _listen()
+        events.publish({"type": "t", "n": 1})
+        return await _received(layer, channel, 1)
+
+    try:
+        assert [e["n"] for e in asyncio.run(publish_here())] == [1]
+    finally:
+        assert stuck is not None
+        stuck.cancel()
+        old.run_until_complete(asyncio.sleep(0))
+        old.close()
