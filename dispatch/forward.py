@@ -141,9 +141,14 @@ async def forward(
                 first_failed = slot.name
                 continue  # fail over once, before any byte reached the client
             raise last_error from exc
-        if response.status_code in _FAILOVER_STATUSES and first_failed is None and i < len(targets):
-            await response.aclose()
+        except BaseException:
+            # The client went away while the slot was still thinking (a long prompt, a model
+            # loading): its place on the slot must not outlive it.
             admission.release(slot.name)
+            raise
+        if response.status_code in _FAILOVER_STATUSES and first_failed is None and i < len(targets):
+            admission.release(slot.name)
+            await response.aclose()
             on_suspect(slot.name, f"upstream answered {response.status_code}")
             first_failed = slot.name
             last_error = ApiError(

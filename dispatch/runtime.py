@@ -4,15 +4,15 @@ and the upstream client around whichever ASGI server runs us."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
+import io
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import RequestAborted
+from django.core.exceptions import RequestAborted, RequestDataTooBig
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBase
@@ -27,6 +27,13 @@ log = logging.getLogger("hal0.runtime")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 Send = Callable[[Mapping[str, Any]], Awaitable[None]]
+
+
+class _BodyTooBig(io.BytesIO):
+    """A body that went past HAL0_MAX_BODY_MB: reading it raises, as Django's own check does."""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        raise RequestDataTooBig()
 
 
 class BareASGIHandler(ASGIHandler):
@@ -53,6 +60,26 @@ class BareASGIHandler(ASGIHandler):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.handle(scope, receive, send)
 
+    async def read_body(self, receive: Receive) -> io.BytesIO:
+        # A /v1 body is JSON the view reads into memory whole anyway, bounded by
+        # HAL0_MAX_BODY_MB; Django's spooled temp file would cost more than most bodies.
+        # The bound holds while reading, so a chunked upload cannot grow past it either: past
+        # it, reading stops and the view, reading the body, answers 413 in its own words.
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestAborted()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if limit is not None and size > limit:
+                return _BodyTooBig()
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return io.BytesIO(b"".join(parts))
+
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             body_file = await self.read_body(receive)
@@ -61,35 +88,40 @@ class BareASGIHandler(ASGIHandler):
         set_script_prefix(get_script_prefix(scope))
         request, error_response = self.create_request(scope, body_file)
         if request is None:
-            body_file.close()
             if error_response is not None:  # Django's own 400 for a malformed request
                 await self.send_response(error_response, send)
             return
 
-        async def process_request() -> HttpResponseBase:
-            response = await self.get_response_async(request)
-            with contextlib.suppress(asyncio.CancelledError):  # client gone while sending
-                await self.send_response(response, send)
-            return response
+        # As Django does, a disconnect while the view runs or streams cancels it, so a
+        # streaming view's generator is closed and the upstream request with it. Django runs
+        # the view in a second task beside the listener; cancelling this one instead saves
+        # a task and an asyncio.wait per request.
+        task = asyncio.current_task()
+        assert task is not None
+        aborted = False
 
-        # As Django does: a disconnect while the view runs or streams cancels it, so a
-        # streaming view's generator is closed and the upstream request with it.
-        disconnect = asyncio.create_task(self.listen_for_disconnect(receive))
-        work = asyncio.create_task(process_request())
-        await asyncio.wait((disconnect, work), return_when=asyncio.FIRST_COMPLETED)
-        for task in (disconnect, work):
-            if task.done():
-                with contextlib.suppress(RequestAborted):
-                    task.result()
-            else:
+        async def cancel_on_disconnect() -> None:
+            nonlocal aborted
+            # After the whole body, the only message left to receive is http.disconnect.
+            if (await receive())["type"] == "http.disconnect":
+                aborted = True
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if not work.cancelled():
-            # What response.close() does, minus the request_finished signal (see above).
-            for closer in work.result()._resource_closers:  # type: ignore[attr-defined]
-                closer()
-        body_file.close()
+
+        listener = asyncio.create_task(cancel_on_disconnect())
+        response: HttpResponseBase | None = None
+        try:
+            response = await self.get_response_async(request)
+            await self.send_response(response, send)
+        except asyncio.CancelledError:
+            if not aborted:
+                raise  # the server is shutting down: let it
+            task.uncancel()  # the client went away: that ends this request, not the server
+        finally:
+            listener.cancel()
+            if response is not None:
+                # What response.close() does, minus the request_finished signal (see above).
+                for closer in response._resource_closers:  # type: ignore[attr-defined]
+                    closer()
 
     async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
         # Django's version also logs every 4xx/5xx answer, through a thread hop each. /v1

@@ -198,6 +198,43 @@ def test_client_disconnect_cancels_the_upstream_request_within_a_second(one_fake
     assert fake.disconnects[0] - closed_at < 1.0
 
 
+def test_client_gone_before_the_upstream_answers_frees_the_slot(one_fake, hal0, caplog):
+    from dispatch.admission import admission
+
+    fake, server = one_fake
+    add_slot("solo", server.url + "/v1", ["m1"])
+    fake.delay_headers_s = 1.0
+    body = json.dumps({"model": "m1", "messages": []}).encode()
+    port = int(hal0.url.rsplit(":", 1)[1])
+    with caplog.at_level("INFO", logger="hal0.dispatch"):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 5
+        while not [r for r in fake.requests if r.path == "/v1/chat/completions"] and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.01)
+        assert admission.inflight.get("solo") == 1
+        sock.close()
+        deadline = time.monotonic() + 5
+        while admission.inflight.get("solo") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not admission.inflight.get("solo"), "the slot kept a place for a client long gone"
+        deadline = time.monotonic() + 5
+        while not _decisions(caplog) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    (decision,) = _decisions(caplog)
+    assert decision["slot"] == "solo" and decision["error"] == "client_disconnected"
+
+
+def _decisions(caplog) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "hal0.dispatch"]
+
+
 def test_large_concurrent_streams_arrive_whole(one_fake, hal0):
     fake, server = one_fake
     add_slot("solo", server.url + "/v1", ["m1"])
