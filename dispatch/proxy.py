@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import aiohttp.payload
 import httpx
 
 from dispatch.table import SlotEntry
@@ -168,6 +169,19 @@ class _AiohttpStream(httpx.AsyncByteStream):
         self._response.release()
 
 
+class _InMemoryBody(aiohttp.payload.BytesPayload):
+    """A request body already in memory, handed to the connection in one write.
+
+    aiohttp's own BytesPayload warns (ResourceWarning) past 1 MiB that this "might lock the
+    event loop"; the write only queues the bytes on the transport, and a prompt of a few MB
+    (a long chat, a pasted file) is ordinary for a model server.
+    """
+
+    def __init__(self, value: bytes) -> None:
+        aiohttp.payload.Payload.__init__(self, value, content_type="application/octet-stream")
+        self._size = len(value)
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx's API over aiohttp's connection pool.
 
@@ -212,7 +226,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 request.method,
                 str(request.url),
                 headers=request.headers.multi_items(),
-                data=body or None,
+                data=_InMemoryBody(body) if body else None,
                 allow_redirects=False,
                 compress=False,
                 timeout=aiohttp.ClientTimeout(
@@ -240,7 +254,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             status_code=response.status,
             headers=response.raw_headers,
             stream=_AiohttpStream(response),
-            request=request,
+            # No request= here: the response would keep it, and with it the request body,
+            # for as long as a stream runs (see Upstream._send).
             extensions=extensions,
         )
 
@@ -290,9 +305,9 @@ class Upstream:
             await transport.aclose()
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
-        response = await self.transport.handle_async_request(request)
-        response.request = request
-        return response
+        # The response does not keep the request (httpx.AsyncClient would): once the upstream
+        # has the body, a stream that runs for minutes has no use for it.
+        return await self.transport.handle_async_request(request)
 
     async def open(
         self,

@@ -86,11 +86,6 @@ class BareASGIHandler(ASGIHandler):
         except RequestAborted:
             return
         set_script_prefix(get_script_prefix(scope))
-        request, error_response = self.create_request(scope, body_file)
-        if request is None:
-            if error_response is not None:  # Django's own 400 for a malformed request
-                await self.send_response(error_response, send)
-            return
 
         # As Django does, a disconnect while the view runs or streams cancels it, so a
         # streaming view's generator is closed and the upstream request with it. Django runs
@@ -110,7 +105,7 @@ class BareASGIHandler(ASGIHandler):
         listener = asyncio.create_task(cancel_on_disconnect())
         response: HttpResponseBase | None = None
         try:
-            response = await self.get_response_async(request)
+            response = await self._respond(scope, body_file)
             await self.send_response(response, send)
         except asyncio.CancelledError:
             if not aborted:
@@ -123,13 +118,29 @@ class BareASGIHandler(ASGIHandler):
                 for closer in response._resource_closers:  # type: ignore[attr-defined]
                     closer()
 
+    async def _respond(self, scope: Scope, body_file: io.BytesIO) -> HttpResponseBase:
+        """The view's response; the request (and its body) go as soon as the view returns.
+
+        A stream can run for minutes, thousands at once, each from a prompt of tens of KB:
+        once the upstream has the body nothing here needs it, so nothing keeps it.
+        """
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:  # Django's own 400 (or 413) for a malformed request
+            body_file.close()
+            assert error_response is not None  # create_request gives one or the other
+            return error_response
+        try:
+            return await self.get_response_async(request)
+        finally:
+            request.close()
+            body_file.close()  # frees its buffer: the body's last reference here
+
     async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
         # Django's version also logs every 4xx/5xx answer, through a thread hop each. /v1
         # logs every request itself (hal0.dispatch), with more to say; uncaught exceptions
         # are still logged by convert_exception_to_response.
         set_urlconf(settings.ROOT_URLCONF)
         response: HttpResponseBase = await self._middleware_chain(request)  # type: ignore[misc]
-        response._resource_closers.append(request.close)  # type: ignore[attr-defined]
         return response
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -255,3 +256,36 @@ def test_large_concurrent_streams_arrive_whole(one_fake, hal0):
     t.start()
     t.join()
     assert result[0] == [51] * 20
+
+
+def test_an_open_stream_does_not_hold_on_to_its_request_body(one_fake, hal0):
+    # Thousands of streams can be open at once, each from a prompt of tens of kilobytes: once
+    # the upstream has the body, hal0web must let go of it.
+    import tracemalloc
+
+    fake, server = one_fake
+    add_slot("solo", server.url + "/v1", ["m1"])
+    fake.chunks, fake.chunk_gap_s = 100, 0.05
+    prompt = "p" * (4 * 1024 * 1024)
+    body = json.dumps({"model": "m1", "stream": True, "messages": [{"content": prompt}]})
+    tracemalloc.start(40)
+    try:
+        with (
+            httpx.Client(base_url=hal0.url, timeout=15) as c,
+            c.stream("POST", "/v1/chat/completions", content=body) as r,
+        ):
+            lines = r.iter_lines()
+            while "hello from solo" not in next(lines):
+                pass
+            snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    tests_dir = os.path.dirname(__file__)
+    held = [
+        s.traceback
+        for s in snapshot.statistics("traceback")
+        if s.size >= len(prompt)
+        # (not this test's own copies, nor the fake upstream's: both live in tests/)
+        and not any(f.filename.startswith(tests_dir) for f in s.traceback)
+    ]
+    assert not held, "\n\n".join("\n".join(t.format()) for t in held)
