@@ -301,13 +301,18 @@ async def streaming(targets: list[Target], rep: Report) -> dict[str, StreamStats
     return stats
 
 
-async def hold(servers: list[Target], rep: Report, count: int) -> dict[str, load.HoldResult]:
+async def hold(
+    servers: list[Target], rep: Report, count: int, prompt_kb: float | None = None
+) -> dict[str, load.HoldResult]:
     out: dict[str, load.HoldResult] = {}
     rows = []
+    body = load.STREAM_BODY if prompt_kb is None else load.stream_body(prompt_kb)
     for t in servers:
         assert t.proc is not None
         before = t.proc.rss_mb()
-        r = await load.hold_streams(t.base, count, HOLD_CHUNKS, HOLD_GAP_MS, t.proc.rss_mb)
+        r = await load.hold_streams(
+            t.base, count, HOLD_CHUNKS, HOLD_GAP_MS, t.proc.rss_mb, body=body
+        )
         out[t.name] = r
         await asyncio.sleep(1.0)  # let the server let go of the streams
         per_stream_kb = (r.peak_rss_mb - before) * 1000 / count
@@ -329,7 +334,7 @@ async def hold(servers: list[Target], rep: Report, count: int) -> dict[str, load
     rep.add(
         f"### {count:,} concurrent slow streams on one worker (one event every "
         f"{HOLD_GAP_MS:g} ms, {HOLD_CHUNKS} events = {HOLD_CHUNKS * HOLD_GAP_MS / 1000:g} s each, "
-        "opened over 2 s)",
+        f"opened over 2 s; request body {len(body):,} bytes)",
         "",
     )
     rep.table(
@@ -619,6 +624,31 @@ def floor_section(rep: Report, cells: dict) -> None:
     )
 
 
+async def run_hold(prompts_kb: tuple[float, ...] = (0.1, 16.0)) -> str:
+    """Only the slow-stream hold, once per prompt size, each on freshly started servers: what
+    a worker keeps per open stream when requests carry real prompts (a long chat is tens of
+    KB)."""
+    started = time.time()
+    rep = Report()
+    rep.add("# hal0web: slow streams by prompt size", "")
+    for kb in prompts_kb:
+        ws = Workspace()
+        servers = [daphne_proc(ws), uvicorn_proc(ws)]
+        fake: Proc | None = None
+        try:
+            fake = await _setup(ws, servers)
+            part = Report()
+            _header(part, f"prompt {kb:g} KB", time.time(), servers, fake)
+            rep.lines.extend(part.lines)
+            await hold([Target(p.name, p.base, p) for p in servers], rep, HOLD_STREAMS, kb)
+        finally:
+            for p in [*servers, *([fake] if fake else [])]:
+                p.stop()
+            ws.cleanup()
+    rep.add(f"Total bench time: {time.time() - started:.0f} s; load average at end {_loadavg()}.")
+    return rep.text()
+
+
 async def run_transports(names: tuple[str, ...] = ("httpx", "httpx-aiohttp", "aiohttp")) -> str:
     """httpx's own pool vs httpx-aiohttp vs our aiohttp transport, hal0web under Uvicorn."""
     started = time.time()
@@ -666,12 +696,17 @@ def main(argv: list[str]) -> int:
 
         text = uvloop.run(llama.run())
         out = RESULTS / "llama.md"
+    elif mode == "hold":
+        sizes = tuple(float(kb) for kb in argv[1:]) or (0.1, 16.0)
+        text = uvloop.run(run_hold(sizes))
+        out = RESULTS / "hold.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
-            "usage: python -m bench [all | seam | llama | transports [VARIANT ...]]\n"
+            "usage: python -m bench [all | seam | llama | hold [PROMPT_KB ...] | "
+            "transports [VARIANT ...]]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,
         )

@@ -29,6 +29,14 @@ STREAM_BODY = orjson.dumps(
 JSON_HEADERS = {"content-type": "application/json"}
 
 
+def stream_body(prompt_kb: float) -> bytes:
+    """A streaming request whose user message is ``prompt_kb`` KB long (a long chat)."""
+    text = "x" * int(prompt_kb * 1000)
+    return orjson.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": text}], "stream": True}
+    )
+
+
 def session(limit: int = 0) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, force_close=False)
     return aiohttp.ClientSession(
@@ -123,14 +131,14 @@ class StreamSample:
 
 
 async def one_stream(
-    http: aiohttp.ClientSession, url: str, chunks: int, gap_ms: float
+    http: aiohttp.ClientSession, url: str, chunks: int, gap_ms: float, body: bytes = STREAM_BODY
 ) -> StreamSample:
     sample = StreamSample()
     headers = {**JSON_HEADERS, "x-bench-chunks": str(chunks), "x-bench-gap-ms": str(gap_ms)}
     perf = time.perf_counter
     t0 = perf()
     try:
-        async with http.post(url, data=STREAM_BODY, headers=headers) as resp:
+        async with http.post(url, data=body, headers=headers) as resp:
             if resp.status != 200:
                 sample.ok, sample.error = False, f"status {resp.status}"
                 await resp.read()
@@ -210,6 +218,7 @@ async def hold_streams(
     gap_ms: float,
     rss_mb: Callable[[], float],
     ramp_s: float = 2.0,
+    body: bytes = STREAM_BODY,
 ) -> HoldResult:
     """Open ``count`` slow streams (spread over ``ramp_s``) and hold them all at once."""
     url = base + "/v1/chat/completions"
@@ -230,7 +239,7 @@ async def hold_streams(
 
         async def start(i: int) -> StreamSample:
             await asyncio.sleep(ramp_s * i / count)
-            return await one_stream(http, url, chunks, gap_ms)
+            return await one_stream(http, url, chunks, gap_ms, body)
 
         samples = await asyncio.gather(*(start(i) for i in range(count)))
         elapsed = time.perf_counter() - t0

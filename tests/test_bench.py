@@ -109,3 +109,11 @@ def test_resolver_table_has_the_advertised_size_and_every_kind_resolves() -> Non
     assert isinstance(alias, Decision) and alias.resolution_path.startswith("alias:")
     miss = resolve(table, "no-such-model", "chat/completions")
     assert isinstance(miss, NoRoute) and miss.code == "model_not_found"
+
+
+def test_stream_body_carries_a_prompt_of_the_asked_size() -> None:
+    import orjson
+
+    body = orjson.loads(load.stream_body(16))
+    assert body["stream"] is True and body["model"] == orjson.loads(load.STREAM_BODY)["model"]
+    assert len(body["messages"][0]["content"]) == 16_000
