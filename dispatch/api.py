@@ -55,14 +55,14 @@ def _read_body(request: HttpRequest) -> bytes:
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     length = request.headers.get("Content-Length")
     if length and length.isdigit() and int(length) > limit:
-        raise too_big()
+        raise _too_big()
     try:
         return request.body
     except RequestDataTooBig:
-        raise too_big() from None
+        raise _too_big() from None
 
 
-def too_big() -> ApiError:
+def _too_big() -> ApiError:
     return ApiError(
         413,
         "request_too_large",

@@ -97,7 +97,8 @@ class BareASGIHandler(ASGIHandler):
 
         async def cancel_on_disconnect() -> None:
             nonlocal aborted
-            # After the whole body, the only message left to receive is http.disconnect.
+            # After the whole body, the only message left to receive is http.disconnect. (Past
+            # HAL0_MAX_BODY_MB it is more body, unread: the 413 goes out without a listener.)
             if (await receive())["type"] == "http.disconnect":
                 aborted = True
                 task.cancel()

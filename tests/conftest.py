@@ -72,15 +72,22 @@ def fake(transactional_db: None) -> Iterator[tuple[FakeUpstream, ServerThread]]:
 
 
 def add_slot(name: str, url: str, models: list[str] | None = None, **fields: Any) -> Any:
-    """Create a slot with declared models (the first is the default)."""
+    """Create a slot with declared models (the first is the default), in one transaction as
+    the admin and `slots import` do: a running watcher must not probe the slot, and register
+    what it discovers, between the slot and its models."""
+    from django.db import transaction
+
     from dispatch.models import Slot, SlotModel
 
     aliases: dict[str, str] = fields.pop("aliases", {})
-    slot = Slot.objects.create(name=name, url=url, **fields)
-    for i, model_id in enumerate(models or []):
-        SlotModel.objects.create(slot=slot, model_id=model_id, is_default=(i == 0))
-    for alias, target in aliases.items():
-        SlotModel.objects.create(slot=slot, model_id=alias, upstream_model=target, source="alias")
+    with transaction.atomic():
+        slot = Slot.objects.create(name=name, url=url, **fields)
+        for i, model_id in enumerate(models or []):
+            SlotModel.objects.create(slot=slot, model_id=model_id, is_default=(i == 0))
+        for alias, target in aliases.items():
+            SlotModel.objects.create(
+                slot=slot, model_id=alias, upstream_model=target, source="alias"
+            )
     return slot
 
 
