@@ -267,7 +267,10 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # One line per request: written by a thread of its own, never by the event loop.
+    "handlers": {
+        "console": {"()": "hal0web.log_handlers.BackgroundStreamHandler", "formatter": "plain"}
+    },
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         "hal0": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
