@@ -1,9 +1,9 @@
 """The one seam to upstream servers, and the only module that imports httpx.
 
 Requests are opened here and their bodies streamed back raw; health probes use the same
-client. Callers see ``UpstreamResponse`` and ``UpstreamError``, never httpx, so the transport
-behind the client can change (the performance issue chooses it by measurement) without
-touching them.
+transport. Callers see ``UpstreamResponse`` and ``UpstreamError``, never httpx, so the
+transport behind the seam can change (the performance issue chooses it by measurement)
+without touching them.
 """
 
 from __future__ import annotations
@@ -272,8 +272,8 @@ class Upstream:
     directly, without an ``httpx.AsyncClient`` around it. The client's extras are all wrong
     for a router: its cookie jar would keep a cookie one upstream answer sets and send it
     with every later request, whoever makes it; and its URL merging, auth and redirect
-    flows and event hooks cost about a tenth of hal0web's CPU per request (bench) for
-    features a proxy must not use.
+    flows and event hooks, features a proxy must not use, took about a tenth of the /v1
+    path's CPU in a profile (docs/performance.md).
     """
 
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
