@@ -71,14 +71,19 @@ class InflightReporter:
         self._send: Callable[[dict[str, object]], None] = events.publish
 
     def note(self, slot: str) -> None:
-        self._dirty.add(slot)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
+            self._dirty.add(slot)  # the next note on a loop sends it
             return
-        # A timer left on another (closed) loop would never fire: schedule on this one.
-        if self._timer is None or self._timer_loop is not loop:
-            self._timer_loop = loop
+        if self._timer_loop is not loop:
+            if self._timer_loop is not None:
+                # A timer left on another (stopped) loop never fires, and what it gathered
+                # was for the pages that loop served: start afresh on this one.
+                self._dirty.clear()
+            self._timer, self._timer_loop = None, loop
+        self._dirty.add(slot)
+        if self._timer is None:
             self._timer = loop.call_later(self._interval, self._flush)
 
     def _flush(self) -> None:

@@ -52,10 +52,14 @@ def publish(event: dict[str, Any]) -> None:
     load a burst of events costs one task, not one each (one per request, on /v1).
     """
     global _sender
-    _queue.append(event)
     loop = asyncio.get_running_loop()
-    if _sender is None or _sender.done() or _sender.get_loop() is not loop:
-        # (A sender left on another loop, e.g. a finished test's, will never run again.)
+    if _sender is not None and _sender.get_loop() is not loop:
+        # A sender left on another loop (a finished test's, a restarted server's) will never
+        # run again, and what it had queued was for the pages that loop served.
+        _queue.clear()
+        _sender = None
+    _queue.append(event)
+    if _sender is None or _sender.done():
         _sender = loop.create_task(_send_queued())
 
 

@@ -44,17 +44,19 @@ def test_a_sender_stuck_on_a_closed_loop_does_not_swallow_later_events(
         async def publish_and_leave() -> None:
             events.publish({"type": "t", "n": 0})
             await asyncio.sleep(0)  # the sender starts, and blocks
+            events.publish({"type": "t", "n": 1})  # queued behind it, for this loop's pages
 
         old.run_until_complete(publish_and_leave())
     stuck = events._sender
 
     async def publish_here() -> list[dict[str, Any]]:
         layer, channel = await _listen()
-        events.publish({"type": "t", "n": 1})
-        return await _received(layer, channel, 1)
+        events.publish({"type": "t", "n": 2})
+        events.publish({"type": "t", "n": 3})
+        return await _received(layer, channel, 2)
 
     try:
-        assert [e["n"] for e in asyncio.run(publish_here())] == [1]
+        assert [e["n"] for e in asyncio.run(publish_here())] == [2, 3]
     finally:
         assert stuck is not None
         stuck.cancel()
