@@ -23,7 +23,7 @@ def dumps_table(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {
     '"': '\\"',
     "\\": "\\\\",
@@ -36,7 +36,8 @@ _ESCAPES = {
 
 
 def _key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else _string(k)
+    # fullmatch: with match() and "$", a key ending in a newline passed for bare.
+    return k if _BARE_KEY.fullmatch(k) else _string(k)
 
 
 def _string(s: str) -> str:
