@@ -7,7 +7,7 @@ generator counts events and coalesced arrivals correctly, and the resolver mix r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -37,6 +37,22 @@ async def test_fake_streams_the_events_it_is_asked_for(fake_base: str) -> None:
     assert all(g > 0.001 for g in gaps)
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _one_stream_from(handler: Handler, chunks: int, gap_ms: float) -> load.StreamSample:
+    """What the load generator makes of one stream from a raw server running ``handler``."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with load.session() as http:
+            url = f"http://127.0.0.1:{port}/v1/x"
+            return await load.one_stream(http, url, chunks, gap_ms)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_events_in_one_read_share_an_arrival_and_count_as_coalesced() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -49,14 +65,7 @@ async def test_events_in_one_read_share_an_arrival_and_count_as_coalesced() -> N
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with load.session() as http:
-            sample = await load.one_stream(http, f"http://127.0.0.1:{port}/v1/x", 3, 30)
-    finally:
-        server.close()
-        await server.wait_closed()
+    sample = await _one_stream_from(handler, chunks=3, gap_ms=30)
     assert sample.ok and sample.events == 3
     assert sample.arrivals[0] == sample.arrivals[1] < sample.arrivals[2]
     devs, coalesced = load.gap_stats([sample], 30)
@@ -74,14 +83,7 @@ async def test_a_short_stream_is_reported_incomplete() -> None:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with load.session() as http:
-            sample = await load.one_stream(http, f"http://127.0.0.1:{port}/v1/x", 5, 10)
-    finally:
-        server.close()
-        await server.wait_closed()
+    sample = await _one_stream_from(handler, chunks=5, gap_ms=10)
     assert sample.events == 2
     assert not sample.ok
     assert sample.error == "2 of 5 events"
