@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,15 @@ REQUIRED_PACKAGES = {
 
 class DemoUnavailable(RuntimeError):
     """The demo cannot run here (a package or model file is missing); the message says why."""
+
+
+class GenerationFailed(DemoUnavailable):
+    """A demo server answered but could not generate a token; ``log_tail`` says why."""
+
+    def __init__(self, reason: str, log_tail: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.log_tail = log_tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +218,33 @@ def http_get_json(url: str, timeout: float = 2.0) -> object | None:
         return None
 
 
+def first_token_problem(api_url: str, model: str, timeout: float) -> str | None:
+    """POST a one-token completion; None when a token came back, else what went wrong."""
+    body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
+    request = urllib.request.Request(
+        api_url + "/completions",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except urllib.error.URLError as exc:  # urllib wraps what fails while connecting
+        return f"could not connect: {exc.reason}"
+    except (http.client.RemoteDisconnected, ConnectionError) as exc:
+        return f"connection dropped: {type(exc).__name__}"
+    except TimeoutError:
+        return f"no answer within {timeout:.0f} s"
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return "an answer without choices"
+    return None
+
+
 @dataclass
 class LlamaServer:
     """One ``python -m llama_cpp.server`` child serving one model on loopback."""
@@ -289,6 +326,32 @@ class LlamaServer:
                     f"within {timeout:.0f} s; last lines of {self.log_path}:\n{self.log_tail()}"
                 )
             time.sleep(0.1)
+
+    def check_generation(self, timeout: float = 60.0) -> None:
+        """Ask the server for one token; raise :class:`GenerationFailed` if it cannot give one.
+
+        A server that loads its model can still die on its first matrix multiply (a llama.cpp
+        built for instructions this CPU reports but the process may not use: issue 11), so
+        "it lists its models" is not "it can answer".
+        """
+        problem = first_token_problem(self.api_url, self.model.alias, timeout)
+        if problem is None:
+            return
+        if self.proc is not None:
+            # A server that dropped the connection is usually dying: give it a moment to go,
+            # so the report can say it crashed rather than guess.
+            try:
+                self.proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                pass
+        log_name = self.log_path.name
+        if self.proc is not None and self.proc.poll() is not None:
+            code = self.proc.returncode
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            reason = f"the model server crashed on its first generation ({how}): see {log_name}"
+        else:
+            reason = f"the model server failed its first generation ({problem}): see {log_name}"
+        raise GenerationFailed(reason, self.log_tail())
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is not None:

@@ -34,6 +34,8 @@ def start_pair(base: Path) -> Iterator[dict[str, demo.LlamaServer]]:
             server.start()
         for server in servers:
             server.wait_ready(60)
+        for server in servers:  # loading is not generating: a bad build dies only here
+            server.check_generation()
         yield {s.model.slot: s for s in servers}
     finally:
         for server in servers:

@@ -23,6 +23,7 @@ import pytest
 from django.conf import settings
 
 from dispatch import demo
+from tests.fake_llama_server import CRASH_ENV, shim
 from tests.fakes import free_port
 from tests.llama_servers import skip_without_demo
 
@@ -304,3 +305,54 @@ def test_serve_with_demo_starts_both_models_and_stops_them(
     assert [pid for pid in children if _alive(pid)] == []
     for slot_port in (p_port, h_port):
         assert demo.http_get_json(f"http://127.0.0.1:{slot_port}/v1/models") is None
+
+
+def test_serve_reports_a_model_server_that_crashes_on_its_first_token(
+    tmp_path: Path, serve_runs: list[Served]
+) -> None:
+    """Both demo servers load; agent-hermes dies on its first generation (as llama.cpp built
+    for AMX does where the process may not use it). serve says so with the log, never calls
+    that slot ready, and primary still serves."""
+    skip_without_demo()
+    port, p_port, h_port = free_port(), free_port(), free_port()
+    env = _serve_env(
+        tmp_path,
+        HAL0_BIND=f"127.0.0.1:{port}",
+        HAL0_DEMO_PRIMARY_PORT=str(p_port),
+        HAL0_DEMO_HERMES_PORT=str(h_port),
+        HAL0_PROBE_INTERVAL_S="1",
+        PYTHONPATH=f"{shim(tmp_path / 'shim')}:{settings.BASE_DIR}",
+        **{CRASH_ENV: demo.HERMES.alias},
+    )
+    run = Served(env)
+    serve_runs.append(run)
+    run.wait_for(READY, 100)
+    url = f"http://127.0.0.1:{port}"
+    reason = (
+        "the model server crashed on its first generation (signal 11): see llama-agent-hermes.log"
+    )
+    assert f"slot agent-hermes: {reason}" in run.output
+    assert "about to crash (fake)" in run.output  # the tail of its log
+    banner = run.output[run.output.index(READY) :]
+    [hermes_line] = [line for line in banner.splitlines() if "slot agent-hermes" in line]
+    assert "ready" not in hermes_line.split()
+    assert reason in banner
+    assert _get_json(url + "/healthz", run)["slots"] == {
+        "primary": "ready",
+        "agent-hermes": "offline",
+    }
+
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(
+            {"model": "primary", "messages": [{"role": "user", "content": "Hi"}]}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        assert resp.headers["X-Hal0-Slot"] == "primary"
+        assert json.loads(resp.read())["slot"] == demo.PRIMARY.alias
+
+    children = run.children()
+    assert run.stop(signal.SIGINT) == 0
+    assert [pid for pid in children if _alive(pid)] == []

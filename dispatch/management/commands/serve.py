@@ -28,6 +28,7 @@ from dispatch import demo
 
 READY_TIMEOUT_S = 180.0  # the model servers load in about a second; this is a last resort
 OWN_SLOTS_WAIT_S = 5.0  # without the demo, give your servers' first probes this long
+FIRST_TOKEN_TIMEOUT_S = 60.0  # one token from a 270M model takes well under a second
 
 
 class _Stop(Exception):
@@ -110,6 +111,7 @@ class Command(BaseCommand):
         self.started = time.monotonic()
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.llama: list[demo.LlamaServer] = []
+        self.failed: dict[str, str] = {}  # demo slot -> why its server cannot serve
         previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._run(Path(options["slots_dir"]))
@@ -250,6 +252,7 @@ class Command(BaseCommand):
                         + " ".join(f"see {s.log_path}" for s in pending)
                     )
                 time.sleep(0.1)
+            self._check_generation()
         self.step(f"waiting for {url}/healthz and the slots to be ready")
         own_deadline = time.monotonic() + OWN_SLOTS_WAIT_S
         last: dict[str, str] | None = None
@@ -261,8 +264,11 @@ class Command(BaseCommand):
             if isinstance(body, dict) and isinstance(body.get("slots"), dict):
                 states = {str(k): str(v) for k, v in body["slots"].items()}
                 if settings.HAL0_DEMO:
-                    wanted = [m.slot for m in demo.MODELS]
-                    if all(states.get(name) == "ready" for name in wanted):
+                    wanted = [s.model.slot for s in self.llama]
+                    # A demo slot whose server was stopped must be seen down, never "ready".
+                    if all(states.get(name) == "ready" for name in wanted) and all(
+                        states.get(name) in ("offline", "error") for name in self.failed
+                    ):
                         return states
                 elif not any(s == "unknown" for s in states.values()) or (
                     time.monotonic() > own_deadline
@@ -279,6 +285,26 @@ class Command(BaseCommand):
                     + " ".join(f"see {s.log_path}" for s in self.llama)
                 )
             time.sleep(0.2)
+
+    def _check_generation(self) -> None:
+        """Ask every demo server for one token before its slot may count as ready.
+
+        A server that cannot generate is reported with its log and stopped, so its slot
+        reads offline; the other demo slot goes on serving.
+        """
+        self.step("asking each model server for one token")
+        for server in list(self.llama):
+            try:
+                server.check_generation(timeout=FIRST_TOKEN_TIMEOUT_S)
+            except demo.GenerationFailed as failed:
+                self.stderr.write(
+                    f"slot {server.model.slot}: {failed.reason}\n"
+                    f"Last lines of {server.log_path}:\n{failed.log_tail}"
+                )
+                self.failed[server.model.slot] = failed.reason
+                self.llama.remove(server)
+                self.children = [(n, p) for n, p in self.children if p is not server.proc]
+                server.stop()
 
     def _check_children(self) -> None:
         for name, proc in self.children:
@@ -297,6 +323,8 @@ class Command(BaseCommand):
             default = next((m.model_id for m in slot.models.all() if m.is_default), "-")
             state = states.get(slot.name, "disabled" if not slot.enabled else "unknown")
             lines.append(f"  slot {slot.name:<14} {state:<8} {slot.url}  default model {default}")
+            if slot.name in self.failed:
+                lines.append(f"       {'':<14} {self.failed[slot.name]}")
         lines.append("")
         if credentials:
             lines.append(f"  admin: {url}/admin/  user {credentials[0]}  password {credentials[1]}")
