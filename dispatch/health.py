@@ -16,7 +16,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import OperationalError, close_old_connections, transaction
 from django.utils import timezone
 
 from dispatch import states
@@ -27,6 +27,10 @@ from dispatch.table import SlotEntry
 
 log = logging.getLogger("hal0.health")
 
+
+# Pauses between tries of a probe result's write (SQLite busy past its timeout, PostgreSQL
+# briefly away). Short: a probe result is worth most while it is fresh.
+SAVE_RETRY_PAUSES_S = (0.05, 0.2, 0.5)
 
 # Not a slot state: what a probe saw when the server is up but too busy to list its models.
 BUSY = "busy"
@@ -248,7 +252,28 @@ class Watcher:
         current = store.table.slots.get(slot.name)
         if current is not None and _unchanged(current, obs):
             return False  # the steady state writes nothing
-        return await sync_to_async(apply, thread_sensitive=True)(slot.name, obs)
+        return await self._save(slot.name, obs)
+
+    async def _save(self, name: str, obs: Observation) -> bool:
+        """Write a probe result, trying again while the database is briefly unavailable.
+
+        If every try fails the result is dropped with a warning, not lost: the table still
+        holds the old state, so the next probe differs from it and writes again.
+        """
+        pauses = iter(SAVE_RETRY_PAUSES_S)
+        while True:
+            try:
+                return await sync_to_async(apply, thread_sensitive=True)(name, obs)
+            except OperationalError as exc:
+                pause = next(pauses, None)
+                if pause is None:
+                    log.warning(
+                        "could not save the probe of slot %s (%s); the next probe saves it",
+                        name,
+                        exc,
+                    )
+                    return False
+            await asyncio.sleep(pause)
 
     async def cold_probe(self) -> None:
         """Probe every never-probed slot once, shared by all callers, bounded in time."""

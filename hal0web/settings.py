@@ -105,9 +105,17 @@ if not _db.get("ENGINE") or _db_url.split(":", 1)[0] not in environ.Env.DB_SCHEM
     )
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the watcher write slot state while requests read; the timeout rides out the
-    # brief write locks instead of failing with "database is locked".
+    # brief write locks instead of failing with "database is locked". IMMEDIATE takes the
+    # write lock when a transaction begins: a deferred one that reads first and then writes
+    # (the watcher's apply, the admin's change form) gets "database is locked" at once when
+    # another writer committed in between, and the busy timeout never applies to that case
+    # (issue 11: 100s of errors a second from three writers; none with IMMEDIATE).
     _db.setdefault("OPTIONS", {}).update(
-        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
     )
     if _db_url.startswith("sqlite:///") and _db.get("NAME") not in ("", ":memory:"):
         Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
