@@ -128,7 +128,15 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # redis-py 8 reads with a 5 s socket timeout by default, and channels-redis
+            # blocks 5 s in BZPOPMIN waiting for a message: the two raced, and an idle
+            # page's socket died every 5-9 s with "Timeout reading from" (issue 12). Reads
+            # may take three blocking periods before they count as a dead connection.
+            "CONFIG": {
+                "hosts": [
+                    {"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}
+                ]
+            },
         }
     }
 else:

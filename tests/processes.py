@@ -1,0 +1,112 @@
+"""hal0web as real server processes for the multi-process tests: the environment each gets,
+``manage.py`` commands run beside them, and a logged-in session for the live page."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+
+from dispatch.management.commands.serve import server_command
+from tests.fakes import free_port
+
+REDIS_HOST = ("127.0.0.1", 6379)
+
+
+def redis_url_or_skip() -> str:
+    """A Redis database of its own (1-15, picked at random) so parallel runs do not meet."""
+    try:
+        with socket.create_connection(REDIS_HOST, timeout=2):
+            pass
+    except OSError as exc:
+        pytest.skip(f"Redis is not reachable at {REDIS_HOST[0]}:{REDIS_HOST[1]}: {exc}")
+    pytest.importorskip("channels_redis", reason="channels-redis is not installed (scale extra)")
+    return f"redis://{REDIS_HOST[0]}:{REDIS_HOST[1]}/{random.randint(1, 15)}"
+
+
+def server_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a hal0web process: this machine's, without the test's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HAL0_", "PYTEST"))}
+    for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "DEBUG", "DJANGO_SETTINGS_MODULE"):
+        env.pop(name, None)
+    env.update(HAL0_ENV_FILE="/nonexistent", HAL0_DATA_DIR=str(data_dir), **extra)
+    return env
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"manage.py {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def session_cookie(env: dict[str, str], username: str = "ann", staff: bool = False) -> str:
+    """Create a user and a logged-in session in the processes' database: its Cookie header."""
+    code = (
+        "from django.contrib.auth import get_user_model; from django.test import Client; "
+        f"u = get_user_model().objects.create_user({username!r}, password='not-a-real-password',"
+        f" is_staff={staff}); c = Client(); c.force_login(u); print(c.cookies['sessionid'].value)"
+    )
+    return "sessionid=" + manage(env, "shell", "-c", code).strip().splitlines()[-1]
+
+
+class Hal0Process:
+    """One hal0web server process under Uvicorn (serve's own command line), on a free port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            server_command("uvicorn", "127.0.0.1", self.port, None),
+            cwd=settings.BASE_DIR,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 30) -> Hal0Process:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hal0web exited ({self.proc.returncode}):\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code in (200, 503):
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"hal0web did not answer within {timeout:.0f} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
