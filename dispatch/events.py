@@ -1,6 +1,7 @@
 """The only module that talks to the channel layer.
 
-Everything the live UI hears goes through here, to one group. Sends are fire and forget: an
+Everything the live UI hears goes through here: decisions to one group every page joins,
+table changes to the pages of the process whose table changed. Sends are fire and forget: an
 event never delays or fails the request or the database write that caused it.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 from collections import deque
 from typing import Any
 
@@ -15,10 +18,15 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 GROUP = "dispatch"
+# This process's own pages. A change to the table reaches every process (dispatch.sync), and
+# each tells its own pages what its table now holds: sent to GROUP, a page would hear each
+# change once from every process. Decisions are made once, by one process, so they go to
+# GROUP for every page.
+LOCAL_GROUP = f"dispatch.local.{os.getpid()}.{secrets.token_hex(4)}"
 log = logging.getLogger("hal0.events")
 
 # Events published from async code wait here for the one task that sends them, in order.
-_queue: deque[dict[str, Any]] = deque()
+_queue: deque[tuple[dict[str, Any], str]] = deque()
 _sender: asyncio.Task[None] | None = None
 # The loop the server runs on. The in-memory layer's queues belong to it, so sends from
 # other threads (the admin's sync views, the watcher's database writes) are handed to it.
@@ -35,17 +43,17 @@ def _message(event: dict[str, Any]) -> dict[str, Any]:
     return {"type": "dispatch.event", "event": event}
 
 
-async def send(event: dict[str, Any]) -> None:
+async def send(event: dict[str, Any], group: str = GROUP) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        await layer.group_send(GROUP, _message(event))
+        await layer.group_send(group, _message(event))
     except Exception:  # a broken layer must not break routing; say so and go on
         log.warning("could not broadcast %s", event.get("type"), exc_info=True)
 
 
-def publish(event: dict[str, Any]) -> None:
+def publish(event: dict[str, Any], group: str = GROUP) -> None:
     """From async code: queue the send and return at once.
 
     One task sends whatever is queued, oldest first, and ends when the queue is empty: under
@@ -58,37 +66,41 @@ def publish(event: dict[str, Any]) -> None:
         # run again, and what it had queued was for the pages that loop served.
         _queue.clear()
         _sender = None
-    _queue.append(event)
+    _queue.append((event, group))
     if _sender is None or _sender.done():
         _sender = loop.create_task(_send_queued())
 
 
 async def _send_queued() -> None:
     while _queue:
-        await send(_queue.popleft())
+        await send(*_queue.popleft())
 
 
-def broadcast(event: dict[str, Any]) -> None:
-    """From sync code (after a commit): send, bridging into the server's event loop."""
+def tell_own_pages(event: dict[str, Any]) -> None:
+    """From sync code (after a reload): send to this process's pages, bridging into the
+    server's event loop."""
     try:
         running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         running = None
     if running is not None and (running is _home or _home is None):
-        publish(event)  # already on the loop: schedule, don't block it
+        publish(event, LOCAL_GROUP)  # already on the loop: schedule, don't block it
     elif _home is not None and _home.is_running():
-        asyncio.run_coroutine_threadsafe(send(event), _home)
+        asyncio.run_coroutine_threadsafe(send(event, LOCAL_GROUP), _home)
     else:
-        async_to_sync(send)(event)
+        async_to_sync(send)(event, LOCAL_GROUP)
 
 
 async def join(channel_name: str) -> None:
+    """A page joins: it hears every decision, and the table changes of its own process."""
     layer = get_channel_layer()
     if layer is not None:
         await layer.group_add(GROUP, channel_name)
+        await layer.group_add(LOCAL_GROUP, channel_name)
 
 
 async def leave(channel_name: str) -> None:
     layer = get_channel_layer()
     if layer is not None:
         await layer.group_discard(GROUP, channel_name)
+        await layer.group_discard(LOCAL_GROUP, channel_name)

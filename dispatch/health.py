@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import OperationalError, close_old_connections, transaction
 from django.utils import timezone
 
-from dispatch import states
+from dispatch import states, sync
 from dispatch.admission import admission
 from dispatch.proxy import server_root, upstream, upstream_url
 from dispatch.store import store
@@ -88,12 +88,13 @@ def apply(slot_name: str, obs: Observation) -> bool:
     The state is read and written under a row lock in one transaction, so an operator's
     change (draining, disabling) cannot be overwritten by a probe that looked earlier.
     """
-    from dispatch.models import ModelSource, Slot, SlotModel
+    from dispatch.models import ModelSource, Slot, SlotModel, StateVersion
 
     # This runs in asgiref's long-lived shared thread, outside any request, so Django's
     # per-request connection housekeeping never reaches it: do it here.
     close_old_connections()
     with transaction.atomic():
+        StateVersion.lock()
         slot = Slot.objects.select_for_update().filter(name=slot_name).first()
         if slot is None or not slot.enabled:
             return False
@@ -312,35 +313,13 @@ def _unchanged(slot: SlotEntry, obs: Observation) -> bool:
 watcher = Watcher()
 
 
-_follower: asyncio.Task[None] | None = None
-
-
 def ensure_running() -> None:
-    """Start the in-process watcher on this loop; without it, follow the one that runs
-    elsewhere (`manage.py watch`) through the database."""
-    global _follower
+    """Start the in-process watcher on this loop (unless HAL0_WATCHER=false: then
+    `manage.py watch` runs it elsewhere), and in every process follow the state version, so
+    changes other processes commit arrive here."""
     if settings.HAL0_WATCHER:
         watcher.start()
-    elif _follower is None or _follower.done():
-        _follower = asyncio.get_running_loop().create_task(
-            follow_database(), context=contextvars.Context()
-        )
-
-
-def _reload_fresh() -> None:
-    close_old_connections()  # see apply(): no request housekeeping reaches this thread
-    store.reload()
-
-
-async def follow_database() -> None:
-    """Reload the table every probe interval, for changes other processes write."""
-    store.max_age = 2 * settings.HAL0_PROBE_INTERVAL_S + 1
-    while True:
-        await asyncio.sleep(settings.HAL0_PROBE_INTERVAL_S)
-        try:
-            await sync_to_async(_reload_fresh, thread_sensitive=True)()
-        except Exception:  # the database may be briefly away; the next round tries again
-            log.warning("could not reload the routing table", exc_info=True)
+    sync.ensure_following()
 
 
 def suspect(slot: str, reason: str) -> None:

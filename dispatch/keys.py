@@ -29,11 +29,14 @@ class KeyRing:
         self._hashes: frozenset[str] = frozenset()
         self._any = False
         self._loaded = False
+        self.version = -1  # the StateVersion the hashes were read at; -1: never read
 
     def reload(self) -> None:
-        from dispatch.models import ApiKey
+        from dispatch.models import ApiKey, StateVersion
 
         with self._lock:
+            # Read first: a change committed during the read shows as a newer number.
+            self.version = StateVersion.current()
             self._hashes = frozenset(
                 ApiKey.objects.filter(enabled=True).values_list("key_hash", flat=True)
             )

@@ -28,7 +28,7 @@ from typing import Any
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import IntegrityError, transaction
 
-from dispatch.models import ModelSource, Slot, SlotModel
+from dispatch.models import ModelSource, Slot, SlotModel, StateVersion
 from dispatch.toml_writer import Inline, dumps_table
 
 LOCAL_URL = "http://127.0.0.1:{port}/v1"
@@ -643,6 +643,7 @@ def apply(
     report = ImportReport(dry_run=dry_run)
     try:
         with transaction.atomic():
+            StateVersion.lock()  # many rows follow: the version's lock first (see lock())
             _apply(manifests, prune, report)
             if dry_run:
                 raise _DryRunRollback

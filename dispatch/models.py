@@ -233,3 +233,30 @@ class ApiKey(models.Model):
         key = "hal0-" + secrets.token_urlsafe(32)
         row = cls.objects.create(name=name, prefix=key[:12], key_hash=hash_key(key))
         return row, key
+
+
+class StateVersion(models.Model):
+    """One row: the version of what every process holds in memory (slots, models, API keys).
+
+    Bumped by database triggers (migration 0003) in the same transaction as any change to
+    them, whoever makes it and however: the admin, ``slots import``, the watcher, a shell's
+    ``save()`` or ``update()``. A process whose copy carries
+    another number reloads (``dispatch.sync``); one that has applied version N routes and
+    authorizes exactly as every other process at N.
+    """
+
+    ROW = 1
+    number = models.BigIntegerField(default=0)
+
+    @classmethod
+    def current(cls) -> int:
+        number = cls.objects.filter(pk=cls.ROW).values_list("number", flat=True).first()
+        return int(number or 0)
+
+    @classmethod
+    def lock(cls) -> None:
+        """Inside a transaction that will write several rows: take the version row's lock
+        first. The triggers take it after each statement, so two writers that touched their
+        first rows in another order could each wait on the other (PostgreSQL; SQLite's
+        IMMEDIATE transactions already take one write lock up front)."""
+        list(cls.objects.select_for_update().filter(pk=cls.ROW).values_list("pk"))

@@ -1,6 +1,7 @@
-"""Database changes → (after commit) a new routing table → events for the live UI.
+"""Database changes → (after commit) a new routing table and key set → events for the live UI.
 
-One path for every change, whoever makes it: the admin, the manifest importer, the watcher.
+One path for every change, whoever makes it: the admin, the manifest importer, the watcher,
+a shell. Other processes follow through the version (``dispatch.sync``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from dispatch import events
+from dispatch import events, sync
 from dispatch.admission import admission
 from dispatch.decisions import InflightReporter
-from dispatch.keys import keyring
 from dispatch.models import ApiKey, Slot, SlotModel
 from dispatch.snapshots import table_events
 from dispatch.store import store
@@ -25,31 +25,25 @@ from dispatch.table import RoutingTable
 @receiver(post_delete, sender=Slot)
 @receiver(post_save, sender=SlotModel)
 @receiver(post_delete, sender=SlotModel)
-def _schedule_reload(sender: type, **kwargs: Any) -> None:
-    if kwargs.get("raw"):  # loaddata: the table is rebuilt once the data is in
+@receiver(post_save, sender=ApiKey)
+@receiver(post_delete, sender=ApiKey)
+def _changed(sender: type, **kwargs: Any) -> None:
+    if kwargs.get("raw"):  # loaddata: the state is rebuilt once the data is in
         return
     conn = transaction.get_connection()
-    # One reload per transaction however many rows it saves (an import saves hundreds):
-    # Django drops the queued callback itself if the transaction rolls back.
-    if any(func is _reload for _, func, _ in conn.run_on_commit):
+    # The database's triggers bump StateVersion; this process reloads as soon as it commits
+    # (others within dispatch.sync's check interval). One reload per transaction however
+    # many rows it saves (an import saves hundreds): Django drops the queued callback itself
+    # if the transaction rolls back.
+    if any(func is sync.reload_all for _, func, _ in conn.run_on_commit):
         return
-    transaction.on_commit(_reload)
-
-
-def _reload() -> None:
-    store.reload()
+    transaction.on_commit(sync.reload_all)
 
 
 def _announce(old: RoutingTable, new: RoutingTable) -> None:
     for event in table_events(old, new, admission.inflight):
-        events.broadcast(event)
+        events.tell_own_pages(event)
 
 
 store.on_change(_announce)
 admission.on_change(InflightReporter(admission.inflight).note)
-
-
-@receiver(post_save, sender=ApiKey)
-@receiver(post_delete, sender=ApiKey)
-def _reload_keys(sender: type, **kwargs: Any) -> None:
-    transaction.on_commit(keyring.reload)

@@ -60,8 +60,11 @@ def table_events(
 ) -> list[dict[str, Any]]:
     """What a UI that showed ``old`` needs to hear to show ``new``, most specific first."""
     events: list[dict[str, Any]] = []
+    # Both ends, so a page can tell a stale event (to an older version) from a gap (from a
+    # version after the one it holds).
+    versions = {"from_version": old.version, "version": new.version}
     for name in old.slots.keys() - new.slots.keys():
-        events.append({"type": "slot.deleted", "version": new.version, "slot": name})
+        events.append({"type": "slot.deleted", **versions, "slot": name})
     for name, slot in new.slots.items():
         before = old.slots.get(name)
         if before == slot:
@@ -86,7 +89,7 @@ def table_events(
                 kind = "slot.state"
             if kind == "slot.state":
                 payload["previous_state"] = before.state if before.enabled else "disabled"
-        events.append({"type": kind, "version": new.version, "slot": payload})
+        events.append({"type": kind, **versions, "slot": payload})
     return events
 
 

@@ -84,15 +84,27 @@ class TableStore:
     def reload(self) -> RoutingTable:
         """Rebuild from the database and publish (sync: call from a thread, not the loop).
 
-        A reload that finds nothing changed publishes nothing: the version moves only when
-        the routing does.
+        The table carries the database's ``StateVersion``, read before the rows: a change
+        that commits in between leaves a newer table under an older number, which the next
+        version check (``dispatch.sync``) reloads. A reload that finds nothing changed
+        publishes nothing.
         """
+        from dispatch.models import StateVersion
+
         with self._lock:
-            table = load_table(self._table.version + 1)
-            if not self._loaded or table.slots != self._table.slots:
+            table = load_table(StateVersion.current())
+            if (
+                not self._loaded
+                or table.version != self._table.version
+                or table.slots != self._table.slots
+            ):
                 self.publish(table)
             self._checked_at = time.monotonic()
         return self._table
+
+    def mark_checked(self) -> None:
+        """The table was just found to match the database's version."""
+        self._checked_at = time.monotonic()
 
     async def ensure_loaded(self) -> RoutingTable:
         if not self._loaded:

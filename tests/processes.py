@@ -65,14 +65,19 @@ def session_cookie(env: dict[str, str], username: str = "ann", staff: bool = Fal
 
 
 class Hal0Process:
-    """One hal0web server process under Uvicorn (serve's own command line), on a free port."""
+    """One hal0web server process under Uvicorn (serve's own command line), on a free port,
+    or another long-running ``manage.py`` command."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, command: list[str] | None = None
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
         self._log = log_path.open("ab")
+        # Another manage.py command (`watch`) runs the same way, with no port of its own.
+        argv = [sys.executable, *command] if command else None
         self.proc = subprocess.Popen(
-            server_command("uvicorn", "127.0.0.1", self.port, None),
+            argv or server_command("uvicorn", "127.0.0.1", self.port, None),
             cwd=settings.BASE_DIR,
             env=env,
             stdin=subprocess.DEVNULL,

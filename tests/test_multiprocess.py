@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import websockets
 
+from tests.fakes import FakeUpstream, ServerThread
 from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env, session_cookie
 
 
@@ -54,3 +56,183 @@ async def test_an_idle_websocket_stays_open_under_redis(
         assert event["model"] == "nobody-serves-this"
         assert ws.close_code is None
     assert "TimeoutError" not in server.log(), server.log()
+
+
+def _until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``predicate`` every 20 ms; the seconds it took to hold (fails after ``timeout``)."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s ({predicate!r})")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def _status(server: Hal0Process, key: str | None = None, model: str = "nobody") -> int:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+        headers=headers,
+        timeout=5,
+    )
+    return r.status_code
+
+
+class _answers:
+    """A predicate: ``server`` answers ``status``; its repr says what it answered instead."""
+
+    def __init__(
+        self, server: Hal0Process, status: int, key: str | None = None, model: str = "nobody"
+    ) -> None:
+        self.server, self.status, self.key, self.model = server, status, key, model
+        self.seen: list[int] = []
+
+    def __call__(self) -> bool:
+        self.seen.append(_status(self.server, self.key, self.model))
+        return self.seen[-1] == self.status
+
+    def __repr__(self) -> str:
+        return f"{self.server.url} should answer {self.status}, answered {self.seen[-5:]}"
+
+
+def _shell(env: dict[str, str], code: str) -> str:
+    return manage(env, "shell", "-c", code).strip()
+
+
+CREATE_KEY = "from dispatch.models import ApiKey; row, key = ApiKey.issue('ci'); print(key)"
+REVOKE_KEY = (
+    "from dispatch.models import ApiKey; ApiKey.objects.filter(name='ci').update(enabled=False)"
+)
+DISABLE_SLOT = (
+    "from dispatch.models import Slot; s = Slot.objects.get(name='b'); s.enabled = False; s.save()"
+)
+DELETE_KEYS = "from dispatch.models import ApiKey; ApiKey.objects.all().delete()"
+DB_VERSION = "from dispatch.models import StateVersion; print(StateVersion.current())"
+
+
+def _manifests(tmp_path: Path, fakes: dict[str, ServerThread]) -> Path:
+    folder = tmp_path / "slots"
+    folder.mkdir()
+    for name, server in fakes.items():
+        (folder / f"{name}.toml").write_text(
+            f'name = "{name}"\nurl = "{server.url}/v1"\nkind = "openai"\n\n'
+            f'[model]\ndefault = "model-{name}"\n'
+        )
+    return folder
+
+
+@pytest.fixture
+def fakes() -> Iterator[dict[str, ServerThread]]:
+    servers = {n: ServerThread(FakeUpstream(n, models=[f"model-{n}"])).start() for n in "ab"}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def test_changes_from_another_process_reach_a_sqlite_server_within_a_second(
+    tmp_path: Path, processes: list[Hal0Process], fakes: dict[str, ServerThread]
+) -> None:
+    """The embedded default: one server on SQLite, changes made by `manage.py shell`."""
+    env = server_env(tmp_path, HAL0_PROBE_INTERVAL_S="60")
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(_manifests(tmp_path, fakes)))
+    server = Hal0Process(env, tmp_path / "hal0.log").wait_ready()
+    processes.append(server)
+    assert _status(server, model="model-b") == 200  # open: no key exists yet
+
+    key = _shell(env, CREATE_KEY).splitlines()[-1]
+    # auto closes once a key exists, in the running server too.
+    took = _until(lambda: _status(server) == 401, 1.0, "the first key closes auto")
+    assert _status(server, key) == 404  # the key is known: past auth, no such model
+    _shell(env, REVOKE_KEY)
+    took = max(took, _until(lambda: _status(server, key) == 401, 1.0, "a revoked key"))
+    _shell(env, DELETE_KEYS)
+    _until(lambda: _status(server, model="model-b") == 200, 1.0, "no keys: open again")
+    _shell(env, DISABLE_SLOT)
+    took = max(took, _until(_answers(server, 404, model="model-b"), 1.0, "slot off"))
+    version = int(_shell(env, DB_VERSION).splitlines()[-1])
+    assert httpx.get(server.url + "/healthz", timeout=5).json()["version"] == version
+    print(f"slowest convergence: {took * 1000:.0f} ms")
+
+
+async def _collect(ws: websockets.ClientConnection, seconds: float) -> list[dict]:
+    """Every event a page hears for ``seconds``."""
+    heard: list[dict] = []
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                heard.append(json.loads(await ws.recv()))
+    except TimeoutError:
+        return heard
+
+
+def _versions(servers: list[Hal0Process]) -> list[int]:
+    return [httpx.get(s.url + "/healthz", timeout=5).json()["version"] for s in servers]
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_two_workers_and_a_watcher_on_postgresql_share_one_truth(
+    tmp_path: Path, processes: list[Hal0Process], fakes: dict[str, ServerThread], pg_url: str
+) -> None:
+    env = server_env(
+        tmp_path,
+        DATABASE_URL=pg_url,
+        REDIS_URL=redis_url_or_skip(),
+        HAL0_WATCHER="false",
+        HAL0_PROBE_INTERVAL_S="1",
+    )
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(_manifests(tmp_path, fakes)))
+    cookie = session_cookie(env)
+    watcher = Hal0Process(env, tmp_path / "watch.log", command=["manage.py", "watch"])
+    processes.append(watcher)
+    workers = [Hal0Process(env, tmp_path / f"worker-{i}.log").wait_ready() for i in (1, 2)]
+    processes.extend(workers)
+
+    def all_ready() -> bool:
+        states = [httpx.get(w.url + "/healthz", timeout=5).json()["slots"] for w in workers]
+        return all(s == {"a": "ready", "b": "ready"} for s in states)
+
+    await asyncio.to_thread(_until, all_ready, 15, "the watcher's probes reach both workers")
+    db_version = int(_shell(env, DB_VERSION).splitlines()[-1])
+    assert _versions(workers) == [db_version, db_version]
+
+    pages = []
+    for w in workers:
+        ws = await websockets.connect(
+            f"ws://127.0.0.1:{w.port}/ws/dispatch/",
+            additional_headers={"Cookie": cookie, "Origin": w.url},
+        )
+        pages.append(ws)
+        assert json.loads(await ws.recv())["version"] == db_version
+    try:
+        key = _shell(env, CREATE_KEY).splitlines()[-1]
+        for w in workers:  # the first key closes `auto` everywhere
+            await asyncio.to_thread(_until, _answers(w, 401), 1.0, "auto closed")
+            assert _status(w, key) == 404
+        _shell(env, REVOKE_KEY)
+        for w in workers:
+            await asyncio.to_thread(_until, _answers(w, 401, key), 1.0, "revoked")
+
+        _shell(env, DELETE_KEYS)
+        for w in workers:  # no key left: open again, everywhere
+            await asyncio.to_thread(_until, _answers(w, 200, model="model-b"), 1.0, "reopened")
+
+        await asyncio.gather(*(_collect(ws, 0.3) for ws in pages))  # drain what came so far
+        _shell(env, DISABLE_SLOT)
+        for w in workers:
+            await asyncio.to_thread(_until, _answers(w, 404, model="model-b"), 1.0, "slot disabled")
+        heard = await asyncio.gather(*(_collect(ws, 1.5) for ws in pages))
+        version = int(_shell(env, DB_VERSION).splitlines()[-1])
+        assert _versions(workers) == [version, version]
+        for events in heard:
+            about_b = [e for e in events if e.get("type", "").startswith("slot.")]
+            about_b = [e for e in about_b if isinstance(e.get("slot"), dict)]
+            about_b = [e for e in about_b if e["slot"]["name"] == "b"]
+            # Once per page, from its own worker, with the version every process agrees on.
+            assert [(e["slot"]["enabled"], e["version"]) for e in about_b] == [(False, version)]
+    finally:
+        for ws in pages:
+            await ws.close()

@@ -11,13 +11,11 @@ import secrets
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PG_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 HAL0_STYLE = """\
@@ -40,23 +38,6 @@ b = 2
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty database on the local PostgreSQL, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (the scale extra)")
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
-    name = f"hal0_test_{secrets.token_hex(6)}"
-    try:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        yield f"postgres://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def manage(db_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

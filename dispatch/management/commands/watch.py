@@ -12,7 +12,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from dispatch import health
+from dispatch import health, sync
 
 
 class Command(BaseCommand):
@@ -31,13 +31,12 @@ class Command(BaseCommand):
             loop.add_signal_handler(sig, stop.set)
         health.watcher.start()
         # Other processes (the admin in a server worker, an import) change slots too: follow
-        # the database so new or removed slots are picked up.
-        follower = loop.create_task(health.follow_database())
+        # the state version so new or removed slots are picked up.
+        sync.ensure_following()
         self.stdout.write("watching slots (SIGTERM or Ctrl-C stops)")
         self.stdout.flush()
         await stop.wait()
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
+        await sync.stop_following()
         await health.watcher.stop()
         from dispatch.proxy import upstream
 

@@ -167,20 +167,30 @@ function setLive(state, text) {
   liveBadge.textContent = text;
 }
 
-function onEvent(ev) {
+// Table events carry the global state version they lead from and to. One older than what we
+// hold is stale; one leading from a version after ours means we missed some: ask again.
+function applicable(ev, socket) {
+  if (ev.version < tableVersion) return false;
+  if (ev.from_version > tableVersion) {
+    socket.send(JSON.stringify({ type: "snapshot" }));
+    return false;
+  }
+  tableVersion = ev.version;
+  return true;
+}
+
+function onEvent(ev, socket) {
   if (ev.type === "snapshot") {
     slots.clear();
     for (const slot of ev.slots) slots.set(slot.name, slot);
     tableVersion = ev.version;
     render();
   } else if (ev.type === "slot.state" || ev.type === "slot.models" || ev.type === "slot.updated") {
-    if (ev.version < tableVersion) return; // the snapshot we hold is newer already
-    tableVersion = ev.version;
+    if (!applicable(ev, socket)) return;
     slots.set(ev.slot.name, ev.slot);
     render();
   } else if (ev.type === "slot.deleted") {
-    if (ev.version < tableVersion) return;
-    tableVersion = ev.version;
+    if (!applicable(ev, socket)) return;
     slots.delete(ev.slot);
     render();
   } else if (ev.type === "slot.inflight") {
@@ -203,7 +213,7 @@ function connect() {
     backoff = BACKOFF_MIN_MS;
     setLive("live", "live");
   });
-  socket.addEventListener("message", (e) => onEvent(JSON.parse(e.data)));
+  socket.addEventListener("message", (e) => onEvent(JSON.parse(e.data), socket));
   socket.addEventListener("close", () => {
     // The server sends a new snapshot on every connect, so nothing missed meanwhile is lost.
     const wait = backoff * (0.5 + Math.random() / 2);
