@@ -133,9 +133,7 @@ if REDIS_URL:
             # page's socket died every 5-9 s with "Timeout reading from" (issue 12). Reads
             # may take three blocking periods before they count as a dead connection.
             "CONFIG": {
-                "hosts": [
-                    {"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}
-                ]
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}]
             },
         }
     }
