@@ -28,6 +28,7 @@ from bench import load, resolver
 from bench.procs import (
     HAL0_CORE,
     LOAD_CORE,
+    SLOT,
     Proc,
     Workspace,
     daphne_proc,
@@ -526,12 +527,15 @@ def targets_section(
     rep.table(["target", "measured", "met"], rows)
 
 
-async def _setup(ws: Workspace, servers: list[Proc]) -> Proc:
+async def _setup(ws: Workspace, servers: list[Proc], *shell: str) -> Proc:
+    """Start the fake upstream, fill the database (plus any ``shell`` code), start servers."""
     fake = fake_proc(ws)
     fake.start()
     try:
         fake.wait_http("/v1/models")
         ws.setup(fake.port)
+        for code in shell:
+            ws.manage("shell", "-c", code)
         ws.env["BENCH_UPSTREAM"] = fake.base  # for bench.floor's proxying view
         for p in servers:
             p.start()
@@ -682,6 +686,45 @@ async def run_transports(names: tuple[str, ...] = ("httpx", "httpx-aiohttp", "ai
     return rep.text()
 
 
+async def run_scale(redis_url: str = "redis://127.0.0.1:6379/15") -> str:
+    """What coordinating several processes costs one: Uvicorn with and without Redis, on a
+    slot with a (never reached) max_concurrency, so the Redis run pays for both the live
+    events and the global places (dispatch.redis_places)."""
+    started = time.time()
+    rep = Report()
+    ws = Workspace()
+    plain = uvicorn_proc(ws, "uvicorn")
+    redis = uvicorn_proc(ws, "uvicorn+redis")
+    redis.extra_env["REDIS_URL"] = redis_url
+    servers = [plain, redis]
+    fake: Proc | None = None
+    limit = (
+        "from dispatch.models import Slot; "
+        f"Slot.objects.filter(name={SLOT!r}).update(max_concurrency=1000)"
+    )
+    try:
+        fake = await _setup(ws, servers, limit)
+        _header(rep, "hal0web: the cost of coordination (Redis on vs off)", started, servers, fake)
+        targets = [Target("direct", fake.base, None)] + [Target(p.name, p.base, p) for p in servers]
+        cells = await non_streaming(targets, rep)
+        off = _median_cell(cells[("uvicorn", KEY_CONC)]).rps
+        on = _median_cell(cells[("uvicorn+redis", KEY_CONC)]).rps
+        ratio = on / off if off else float("nan")
+        rep.add(
+            f"**Redis on / off at {KEY_CONC} concurrent: {fmt(on, 0)} / {fmt(off, 0)} rps = "
+            f"{fmt(ratio * 100, 1)} %** (target >= 90 %: {'met' if ratio >= 0.9 else 'NOT met'}).",
+            "",
+        )
+        rep.add(
+            f"Total bench time: {time.time() - started:.0f} s; load average at end {_loadavg()}."
+        )
+    finally:
+        for p in [*servers, *([fake] if fake else [])]:
+            p.stop()
+        ws.cleanup()
+    return rep.text()
+
+
 def main(argv: list[str]) -> int:
     # The driver is the load generator: it shares core 0 with the fake upstream.
     os.sched_setaffinity(0, {LOAD_CORE})
@@ -707,13 +750,16 @@ def main(argv: list[str]) -> int:
         sizes = tuple(float(kb) for kb in argv[1:]) or (0.1, 16.0)
         text = uvloop.run(run_hold(sizes))
         out = RESULTS / "hold.md"
+    elif mode == "scale":
+        text = uvloop.run(run_scale(*argv[1:2]))
+        out = RESULTS / "scale.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
             "usage: python -m bench [all | seam | llama | hold [PROMPT_KB ...] | "
-            "transports [VARIANT ...]]\n"
+            "transports [VARIANT ...] | scale [REDIS_URL]]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,
         )

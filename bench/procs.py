@@ -54,6 +54,8 @@ class Proc:
     log_path: Path
     ready_path: str = "/v1/models"
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    database: tuple[Path, Path] | None = None  # (the workspace's, this process's own copy)
 
     @property
     def base(self) -> str:
@@ -65,10 +67,12 @@ class Proc:
         return self.popen.pid
 
     def start(self) -> None:
+        if self.database is not None:
+            shutil.copyfile(*self.database)
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.popen = subprocess.Popen(
             ["taskset", "-c", str(self.core), *self.argv],
-            env=self.env,
+            env={**self.env, **self.extra_env},
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -151,7 +155,13 @@ class Workspace:
         )
 
     def proc(self, name: str, argv: list[str], core: int, port: int) -> Proc:
-        return Proc(name, argv, self.env, core, port, self.dir / f"{name}.log")
+        # SQLite serves one server process (dispatch.leases): each server gets its own copy
+        # of the database, made when it starts (Proc.database), after setup() filled it.
+        db = self.dir / f"{name}.sqlite3"
+        proc = Proc(name, argv, self.env, core, port, self.dir / f"{name}.log")
+        proc.extra_env = {"DATABASE_URL": f"sqlite:///{db}"}
+        proc.database = (self.dir / "hal0web.sqlite3", db)
+        return proc
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

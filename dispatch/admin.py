@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
 from django.forms.models import BaseInlineFormSet
@@ -187,6 +188,21 @@ class SlotAdmin(admin.ModelAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Slot]:
         qs = super().get_queryset(request)
         return qs.prefetch_related("models").annotate(n_models=Count("models", distinct=True))
+
+    def get_form(
+        self, request: HttpRequest, obj: Slot | None = None, change: bool = False, **kwargs: Any
+    ) -> type[forms.ModelForm[Slot]]:
+        form = super().get_form(request, obj, change, **kwargs)
+        # Where the limit holds depends on the deployment: say which, where it is set.
+        field = form.base_fields.get("max_concurrency")
+        if field is not None:
+            field.help_text = (
+                "0 = unlimited. Holds across all server processes (kept in Redis)."
+                if settings.REDIS_URL
+                else "0 = unlimited. Holds per server process: without Redis (REDIS_URL) "
+                "each process admits this many."
+            )
+        return form
 
     @admin.display(description="default model")
     def default_model_id(self, obj: Slot) -> str:

@@ -305,12 +305,21 @@ async def not_found(request: HttpRequest, path: str) -> HttpResponse:
 
 
 async def healthz(request: HttpRequest) -> JsonResponse:
+    """200 while the slot state is kept fresh; 503 once it is stale (no watcher keeps it,
+    or this process cannot read the database), so a load balancer stops trusting it."""
     table = await store.ensure_loaded()
     health.ensure_running()
-    return JsonResponse(
+    watcher = store.freshness()
+    response = JsonResponse(
         {
-            "ok": True,
+            "ok": not watcher["stale"],
             "version": table.version,
             "slots": {s.name: (s.state if s.enabled else "disabled") for s in table.slots.values()},
-        }
+            "watcher": watcher,
+        },
+        status=503 if watcher["stale"] else 200,
     )
+    # A 503 here is an answer, not a server error: Django would log each one as an ERROR
+    # (hal0.sync already warned once, when the state turned stale).
+    response._has_been_logged = True  # type: ignore[attr-defined]
+    return response

@@ -24,7 +24,9 @@ class DispatchConsumer(AsyncWebsocketConsumer):
         await events.join(self.channel_name)
         await self.accept()
         table = await store.ensure_loaded()
-        await self.send(text_data=orjson.dumps(snapshot(table, admission.inflight)).decode())
+        await self.send(
+            text_data=orjson.dumps(snapshot(table, admission.inflight, store.freshness())).decode()
+        )
 
     async def disconnect(self, code: int) -> None:
         await events.leave(self.channel_name)
@@ -38,7 +40,11 @@ class DispatchConsumer(AsyncWebsocketConsumer):
             return
         if isinstance(message, dict) and message.get("type") == "snapshot":
             table = await store.ensure_loaded()
-            await self.send(text_data=orjson.dumps(snapshot(table, admission.inflight)).decode())
+            await self.send(
+                text_data=orjson.dumps(
+                    snapshot(table, admission.inflight, store.freshness())
+                ).decode()
+            )
 
     async def dispatch_event(self, message: dict[str, Any]) -> None:
         await self.send(text_data=orjson.dumps(message["event"]).decode())

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -22,6 +23,9 @@ GROUP = "dispatch"
 # each tells its own pages what its table now holds: sent to GROUP, a page would hear each
 # change once from every process. Decisions are made once, by one process, so they go to
 # GROUP for every page.
+REJOIN_S = 3600.0
+# The leading watcher's ear: pokes from other processes (a request that failed there).
+WATCHER_GROUP = "hal0.watcher"
 LOCAL_GROUP = f"dispatch.local.{os.getpid()}.{secrets.token_hex(4)}"
 log = logging.getLogger("hal0.events")
 
@@ -104,3 +108,27 @@ async def leave(channel_name: str) -> None:
     if layer is not None:
         await layer.group_discard(GROUP, channel_name)
         await layer.group_discard(LOCAL_GROUP, channel_name)
+
+
+async def listen(group: str, handle: Callable[[dict[str, Any]], None]) -> None:
+    """Hear what is sent to ``group`` until cancelled; ``handle`` gets each event."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    channel = await layer.new_channel()
+    try:
+        while True:
+            # Joined again now and then: channels-redis forgets a member after a day.
+            await layer.group_add(group, channel)
+            try:
+                async with asyncio.timeout(REJOIN_S):
+                    while True:
+                        message = await layer.receive(channel)
+                        handle(message.get("event") or {})
+            except TimeoutError:
+                continue
+    finally:
+        try:
+            await layer.group_discard(group, channel)
+        except Exception:  # the layer may be gone with the loop; nothing is left to undo
+            log.debug("could not leave %s", group, exc_info=True)

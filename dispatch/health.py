@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -19,7 +20,7 @@ from django.conf import settings
 from django.db import OperationalError, close_old_connections, transaction
 from django.utils import timezone
 
-from dispatch import states, sync
+from dispatch import events, leases, states, sync
 from dispatch.admission import admission
 from dispatch.proxy import server_root, upstream, upstream_url
 from dispatch.store import store
@@ -149,6 +150,7 @@ class Watcher:
         self._cold: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._probes: dict[str, asyncio.Task[bool]] = {}  # the one probe in flight per slot
+        self._probed_at: dict[str, datetime] = {}  # when each slot's state was last known
 
     @property
     def running(self) -> bool:
@@ -243,23 +245,30 @@ class Watcher:
     async def _probe(self, slot: SlotEntry) -> bool:
         timeout = max(0.5, min(slot.connect_timeout_s, settings.HAL0_PROBE_INTERVAL_S, 5.0))
         obs = await observe(slot, timeout)
+        seen_at = timezone.now()
         if obs.state == BUSY:
+            self._probed_at[slot.name] = seen_at  # it answered: its state stands
             return False
         if obs.timed_out and admission.inflight.get(slot.name, 0):
             # Requests to it are under way (the proxy hears from it): a probe that timed out
             # means a loaded server or a lagging loop, not a dead one. A refused connection
             # still counts, and so does a timeout once nothing is in flight.
+            self._probed_at[slot.name] = seen_at
             return False
         current = store.table.slots.get(slot.name)
         if current is not None and _unchanged(current, obs):
+            self._probed_at[slot.name] = seen_at
             return False  # the steady state writes nothing
-        return await self._save(slot.name, obs)
+        saved = await self._save(slot.name, obs)
+        if saved is not None:
+            self._probed_at[slot.name] = seen_at
+        return bool(saved)
 
-    async def _save(self, name: str, obs: Observation) -> bool:
+    async def _save(self, name: str, obs: Observation) -> bool | None:
         """Write a probe result, trying again while the database is briefly unavailable.
 
-        If every try fails the result is dropped with a warning, not lost: the table still
-        holds the old state, so the next probe differs from it and writes again.
+        If every try fails the result is dropped with a warning (None), not lost: the table
+        still holds the old state, so the next probe differs from it and writes again.
         """
         pauses = iter(SAVE_RETRY_PAUSES_S)
         while True:
@@ -273,8 +282,17 @@ class Watcher:
                         name,
                         exc,
                     )
-                    return False
+                    return None
             await asyncio.sleep(pause)
+
+    def last_round(self) -> datetime | None:
+        """Since when the state of every enabled slot is known: the oldest of their last
+        probes (now, with no slot to probe); None until each has been probed once."""
+        names = [s.name for s in store.table.slots.values() if s.enabled]
+        if not names:
+            return timezone.now()
+        times = [self._probed_at.get(name) for name in names]
+        return None if any(t is None for t in times) else min(t for t in times if t is not None)
 
     async def cold_probe(self) -> None:
         """Probe every never-probed slot once, shared by all callers, bounded in time."""
@@ -313,18 +331,109 @@ def _unchanged(slot: SlotEntry, obs: Observation) -> bool:
 watcher = Watcher()
 
 
+class Leadership:
+    """Stand for the watcher lease; while holding it, run the watcher and beat its heart.
+
+    Every process that may watch runs one of these; the lease (``dispatch.leases``) lets one
+    lead. The others ask again every tick, so when the leader dies another leads within a
+    probe interval or two. The leader writes when the state of every slot was last known
+    (``StateVersion.beat``), which is how every process tells fresh state from stale.
+    """
+
+    def __init__(self) -> None:
+        self.leading = False
+        self._lease: leases.Lease | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._beaten: datetime | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.running and self._task is not None and self._task.get_loop() is loop:
+            return
+        self.leading, self._beaten = False, None
+        self._task = loop.create_task(
+            self._run(), name="hal0-leadership", context=contextvars.Context()
+        )
+
+    async def stop(self) -> None:
+        for task in (self._task, self._listener):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._listener = None
+        if self.leading:
+            self.leading = False
+            await watcher.stop()
+        if self._lease is not None:
+            await sync_to_async(self._lease.release, thread_sensitive=True)()
+
+    async def _run(self) -> None:
+        if self._lease is None:
+            self._lease = leases.watcher_lease()
+        lease = self._lease
+        while True:
+            try:
+                if not self.leading:
+                    if await sync_to_async(lease.try_acquire, thread_sensitive=True)():
+                        self.leading = True
+                        log.info("this process (%s) leads the watcher", leases.IDENTITY)
+                        watcher.start()
+                        self._listener = asyncio.get_running_loop().create_task(
+                            events.listen(events.WATCHER_GROUP, self._heard)
+                        )
+                elif not await sync_to_async(lease.held, thread_sensitive=True)():
+                    log.warning("this process lost the watcher lease; standing by")
+                    self.leading = False
+                    if self._listener is not None:
+                        self._listener.cancel()
+                    await watcher.stop()
+                if self.leading:
+                    await self._beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database may be briefly away; the next tick tries again
+                log.warning("watcher leadership check failed", exc_info=True)
+            await asyncio.sleep(min(settings.HAL0_PROBE_INTERVAL_S, 1.0))
+
+    async def _beat(self) -> None:
+        from dispatch.models import StateVersion
+
+        probed_at = watcher.last_round()
+        if probed_at is not None and probed_at != self._beaten:
+            await sync_to_async(StateVersion.beat, thread_sensitive=True)(
+                probed_at, leases.IDENTITY
+            )
+            self._beaten = probed_at
+
+    def _heard(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "poke" and isinstance(event.get("slot"), str):
+            watcher.poke(event["slot"])
+
+
+leadership = Leadership()
+
+
 def ensure_running() -> None:
-    """Start the in-process watcher on this loop (unless HAL0_WATCHER=false: then
-    `manage.py watch` runs it elsewhere), and in every process follow the state version, so
-    changes other processes commit arrive here."""
+    """Stand for the watcher lease on this loop (unless HAL0_WATCHER=false), and in every
+    process follow the state version, so changes other processes commit arrive here."""
     if settings.HAL0_WATCHER:
-        watcher.start()
+        leadership.start()
     sync.ensure_following()
 
 
 def suspect(slot: str, reason: str) -> None:
+    """A request just failed to reach ``slot``: have the watcher probe it now, wherever the
+    watcher runs (here, or in the leading process through the channel layer)."""
     log.info("slot %s suspect: %s", slot, reason)
-    watcher.poke(slot)
+    if watcher.running:
+        watcher.poke(slot)
+    else:
+        events.publish({"type": "poke", "slot": slot}, events.WATCHER_GROUP)
 
 
 async def cold_probe() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -246,12 +247,32 @@ class StateVersion(models.Model):
     """
 
     ROW = 1
-    number = models.BigIntegerField(default=0)
+    number = models.BigIntegerField(db_default=0)
+    # The watcher's heartbeat, written by the process that leads it (no trigger: the routing
+    # does not change). ``probed_at``: every enabled slot was probed since then.
+    probed_at = models.DateTimeField(null=True, blank=True)
+    watcher = models.CharField(
+        max_length=200, blank=True, db_default=""
+    )  # the triggers insert rows too
 
     @classmethod
     def current(cls) -> int:
         number = cls.objects.filter(pk=cls.ROW).values_list("number", flat=True).first()
         return int(number or 0)
+
+    @classmethod
+    def read(cls) -> tuple[int, datetime | None, str]:
+        """The version and the watcher's heartbeat, in one query."""
+        row = cls.objects.filter(pk=cls.ROW).values_list("number", "probed_at", "watcher").first()
+        return (int(row[0]), row[1], row[2]) if row else (0, None, "")
+
+    @classmethod
+    def beat(cls, probed_at: datetime, watcher: str) -> None:
+        """The leading watcher's heartbeat."""
+        if not cls.objects.filter(pk=cls.ROW).update(probed_at=probed_at, watcher=watcher):
+            cls.objects.get_or_create(
+                pk=cls.ROW, defaults={"number": 1, "probed_at": probed_at, "watcher": watcher}
+            )
 
     @classmethod
     def lock(cls) -> None:

@@ -18,7 +18,8 @@ from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix, set_urlconf
 
-from dispatch import events, health
+from dispatch import events, health, leases
+from dispatch.admission import admission
 from dispatch.proxy import upstream
 from dispatch.store import store
 
@@ -164,7 +165,15 @@ class Hal0Application:
 
     async def _startup(self) -> None:
         if not self._started:
+            # Before anything starts: a second server on the embedded database is refused
+            # (each request gets the error again, so it cannot half-start).
+            leases.claim_embedded()
             self._started = True
+            if settings.REDIS_URL:
+                # Several processes share Redis: max_concurrency holds across all of them.
+                from dispatch.redis_places import RedisPlaces
+
+                admission.gate = RedisPlaces(settings.REDIS_URL)
             events.bind_loop(asyncio.get_running_loop())
             await store.ensure_loaded()
             health.ensure_running()
@@ -175,6 +184,9 @@ class Hal0Application:
             gc.freeze()
 
     async def _shutdown(self) -> None:
+        if admission.gate is not None:
+            await admission.gate.aclose()
+        await health.leadership.stop()
         await health.watcher.stop()
         await upstream.aclose()
 

@@ -43,11 +43,14 @@ def slot_payload(slot: SlotEntry, inflight: int = 0) -> dict[str, Any]:
     }
 
 
-def snapshot(table: RoutingTable, inflight: Mapping[str, int]) -> dict[str, Any]:
+def snapshot(
+    table: RoutingTable, inflight: Mapping[str, int], watcher: Mapping[str, object]
+) -> dict[str, Any]:
     return {
         "type": "snapshot",
         "version": table.version,
         "slots": [slot_payload(s, inflight.get(s.name, 0)) for s in table.slots.values()],
+        "watcher": dict(watcher),
     }
 
 

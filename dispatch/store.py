@@ -12,6 +12,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from asgiref.sync import sync_to_async
 
@@ -63,23 +64,45 @@ class TableStore:
         self._loaded = False
         self._lock = threading.Lock()
         self._checked_at = 0.0  # monotonic time of the last reload, changed or not
-        # Set when this process follows a watcher that runs elsewhere: the table is stale
-        # once it has not been checked against the database for this long.
+        # Set once this process follows the database (dispatch.sync): the table is stale
+        # once it has not been checked against the database for this long...
         self.max_age: float | None = None
+        # ...or once the watcher's last full probe round is older than this.
+        self.heartbeat_max_age: float | None = None
+        self.probed_at: datetime | None = None  # the watcher's heartbeat, read from the database
+        self.watcher = ""  # who wrote it
+        self._following_since: datetime | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     @property
     def table(self) -> RoutingTable:
         return self._table
 
+    def follow(self, max_age: float, heartbeat_max_age: float) -> None:
+        self.max_age, self.heartbeat_max_age = max_age, heartbeat_max_age
+        if self._following_since is None:
+            self._following_since = datetime.now(UTC)
+
     @property
     def stale(self) -> bool:
-        """True when the table may lag the database (only where another process writes it).
+        """True when the table may lag the truth: this process could not check the database
+        lately, or the slot states in it are older than the watcher should let them be (no
+        watcher runs, or it is stuck). Until a first heartbeat the clock starts when this
+        process began to follow."""
+        if self.max_age is not None and time.monotonic() - self._checked_at > self.max_age:
+            return True
+        known = self.probed_at or self._following_since
+        if self.heartbeat_max_age is None or known is None:
+            return False
+        return (datetime.now(UTC) - known).total_seconds() > self.heartbeat_max_age
 
-        In one process every change reloads the table the moment it commits, so it is never
-        stale there.
-        """
-        return self.max_age is not None and time.monotonic() - self._checked_at > self.max_age
+    def freshness(self) -> dict[str, object]:
+        """What /healthz and the page say about it."""
+        return {
+            "stale": self.stale,
+            "probed_at": self.probed_at.isoformat() if self.probed_at else None,
+            "leader": self.watcher or None,
+        }
 
     def reload(self) -> RoutingTable:
         """Rebuild from the database and publish (sync: call from a thread, not the loop).
@@ -102,9 +125,10 @@ class TableStore:
             self._checked_at = time.monotonic()
         return self._table
 
-    def mark_checked(self) -> None:
-        """The table was just found to match the database's version."""
+    def mark_checked(self, probed_at: datetime | None = None, watcher: str = "") -> None:
+        """The database was just read: its version, and the watcher's heartbeat."""
         self._checked_at = time.monotonic()
+        self.probed_at, self.watcher = probed_at, watcher
 
     async def ensure_loaded(self) -> RoutingTable:
         if not self._loaded:

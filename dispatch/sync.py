@@ -15,8 +15,10 @@ import contextvars
 import logging
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import close_old_connections
 
+from dispatch import events
 from dispatch.keys import keyring
 from dispatch.store import store
 
@@ -27,6 +29,15 @@ log = logging.getLogger("hal0.sync")
 VERSION_CHECK_S = 0.25
 # A process that could not check for this long says its table is stale (decisions, /healthz).
 STALE_AFTER_S = 3.0
+# Slot state older than this many probe intervals is stale: the watcher is not keeping it.
+# An interval under a second still allows 3 s: one probe may take its 0.5 s timeout on top
+# of the interval, and the heartbeat and this check each add a tick.
+STALE_PROBES = 3
+STALE_MIN_S = 3.0
+
+
+def stale_after_s(probe_interval_s: float) -> float:
+    return max(STALE_PROBES * probe_interval_s, STALE_MIN_S)
 
 
 def reload_all() -> None:
@@ -42,8 +53,8 @@ def catch_up() -> bool:
     # Runs in asgiref's long-lived thread, outside any request: Django's per-request
     # connection housekeeping never reaches it.
     close_old_connections()
-    number = StateVersion.current()
-    store.mark_checked()
+    number, probed_at, watcher = StateVersion.read()
+    store.mark_checked(probed_at, watcher)
     if number == store.table.version and number == keyring.version:
         return False
     reload_all()
@@ -51,14 +62,23 @@ def catch_up() -> bool:
 
 
 async def follow() -> None:
-    """Check the version every ``VERSION_CHECK_S``, for as long as the loop runs."""
-    store.max_age = STALE_AFTER_S
+    """Check the version every ``VERSION_CHECK_S``, for as long as the loop runs, and tell
+    this process's pages when the slot state turns stale or fresh again."""
+    store.follow(
+        max_age=STALE_AFTER_S, heartbeat_max_age=stale_after_s(settings.HAL0_PROBE_INTERVAL_S)
+    )
+    was_stale = store.stale
     while True:
         await asyncio.sleep(VERSION_CHECK_S)
         try:
             await sync_to_async(catch_up, thread_sensitive=True)()
         except Exception:  # the database may be briefly away; the next check tries again
             log.warning("could not check the state version", exc_info=True)
+        if store.stale != was_stale:
+            was_stale = store.stale
+            if was_stale:
+                log.warning("slot state is stale: %s", store.freshness())
+            events.tell_own_pages({"type": "watcher", **store.freshness()})
 
 
 _follower: asyncio.Task[None] | None = None

@@ -69,6 +69,7 @@ def _fresh_runtime() -> Iterator[None]:
     store_mod.store.reset()
     keyring.reset()
     health.watcher.__init__()  # type: ignore[misc]
+    health.leadership.__init__()  # type: ignore[misc]
     admission_mod.admission.reset()
     upstream.use_transport(None)
     events.bind_loop(None)  # type: ignore[arg-type]

@@ -74,10 +74,9 @@ class Hal0Process:
         self.port = free_port()
         self.log_path = log_path
         self._log = log_path.open("ab")
-        # Another manage.py command (`watch`) runs the same way, with no port of its own.
-        argv = [sys.executable, *command] if command else None
+        # Another command (`manage.py watch`, a recipe's command line) runs the same way.
         self.proc = subprocess.Popen(
-            argv or server_command("uvicorn", "127.0.0.1", self.port, None),
+            command or server_command("uvicorn", "127.0.0.1", self.port, None),
             cwd=settings.BASE_DIR,
             env=env,
             stdin=subprocess.DEVNULL,

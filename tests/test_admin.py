@@ -314,3 +314,13 @@ def test_extra_keys_must_be_writable_as_a_manifest(admin_client, two_slots):
     assert r.status_code == 302
     primary.refresh_from_db()
     assert primary.extra == {}
+
+
+def test_the_form_says_where_max_concurrency_holds(admin_client, two_slots, settings):
+    _, hermes = two_slots
+    settings.REDIS_URL = None
+    html = admin_client.get(change_url(hermes)).content.decode()
+    assert "Holds per server process: without Redis (REDIS_URL) each process admits" in html
+    settings.REDIS_URL = "redis://127.0.0.1:6379/0"
+    html = admin_client.get(change_url(hermes)).content.decode()
+    assert "Holds across all server processes (kept in Redis)." in html

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,8 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
+from django.conf import settings
 
-from tests.fakes import FakeUpstream, ServerThread
+from dispatch.sync import stale_after_s
+from tests.fakes import FakeUpstream, ServerThread, free_port
 from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env, session_cookie
 
 
@@ -111,13 +115,13 @@ DELETE_KEYS = "from dispatch.models import ApiKey; ApiKey.objects.all().delete()
 DB_VERSION = "from dispatch.models import StateVersion; print(StateVersion.current())"
 
 
-def _manifests(tmp_path: Path, fakes: dict[str, ServerThread]) -> Path:
+def _manifests(tmp_path: Path, fakes: dict[str, ServerThread], limit: int = 0) -> Path:
     folder = tmp_path / "slots"
     folder.mkdir()
     for name, server in fakes.items():
         (folder / f"{name}.toml").write_text(
             f'name = "{name}"\nurl = "{server.url}/v1"\nkind = "openai"\n\n'
-            f'[model]\ndefault = "model-{name}"\n'
+            f'[model]\ndefault = "model-{name}"\n\n[limits]\nmax_concurrency = {limit}\n'
         )
     return folder
 
@@ -186,7 +190,9 @@ async def test_two_workers_and_a_watcher_on_postgresql_share_one_truth(
     manage(env, "migrate", "-v0")
     manage(env, "slots", "import", str(_manifests(tmp_path, fakes)))
     cookie = session_cookie(env)
-    watcher = Hal0Process(env, tmp_path / "watch.log", command=["manage.py", "watch"])
+    watcher = Hal0Process(
+        env, tmp_path / "watch.log", command=[sys.executable, "manage.py", "watch"]
+    )
     processes.append(watcher)
     workers = [Hal0Process(env, tmp_path / f"worker-{i}.log").wait_ready() for i in (1, 2)]
     processes.extend(workers)
@@ -236,3 +242,220 @@ async def test_two_workers_and_a_watcher_on_postgresql_share_one_truth(
     finally:
         for ws in pages:
             await ws.close()
+
+
+def test_a_second_server_on_the_embedded_sqlite_database_is_refused(
+    tmp_path: Path, processes: list[Hal0Process]
+) -> None:
+    env = server_env(tmp_path)
+    manage(env, "migrate", "-v0")
+    first = Hal0Process(env, tmp_path / "first.log").wait_ready()
+    processes.append(first)
+    second = Hal0Process(env, tmp_path / "second.log")
+    processes.append(second)
+    assert second.proc.wait(30) != 0
+    log = second.log()
+    assert "already serves the SQLite database" in log
+    assert "For several workers use PostgreSQL" in log
+    assert httpx.get(first.url + "/healthz", timeout=5).json()["ok"] is True
+
+
+def _leaders(procs: list[Hal0Process]) -> list[Hal0Process]:
+    return [p for p in procs if "leads the watcher" in p.log()]
+
+
+def _models_probes(fake: ServerThread) -> int:
+    return sum(1 for seen in fake.app.requests if seen.path == "/v1/models")
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_one_watcher_leads_and_another_takes_over_when_it_dies(
+    tmp_path: Path, processes: list[Hal0Process], fakes: dict[str, ServerThread], pg_url: str
+) -> None:
+    interval = 0.5
+    env = server_env(
+        tmp_path,
+        DATABASE_URL=pg_url,
+        REDIS_URL=redis_url_or_skip(),
+        HAL0_PROBE_INTERVAL_S=str(interval),
+    )
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(_manifests(tmp_path, fakes)))
+    workers = [Hal0Process(env, tmp_path / f"worker-{i}.log").wait_ready() for i in (1, 2)]
+    processes.extend(workers)
+    _until(lambda: len(_leaders(workers)) == 1, 5, "one leader")
+    time.sleep(1)
+    # Probes over 4 s: one watcher probes each slot about every interval, two would double it.
+    before = _models_probes(fakes["a"])
+    time.sleep(4)
+    probes = _models_probes(fakes["a"]) - before
+    assert 4 / interval * 0.5 <= probes <= 4 / interval * 1.5, probes
+    assert len(_leaders(workers)) == 1
+
+    [leader] = _leaders(workers)
+    [standby] = [w for w in workers if w is not leader]
+    leader.proc.kill()
+    leader.proc.wait(5)
+    took = _until(lambda: "leads the watcher" in standby.log(), 2 * interval + 1.0, "failover")
+    before = _models_probes(fakes["a"])
+    time.sleep(2)
+    assert _models_probes(fakes["a"]) - before >= 2, "the new leader probes"
+    health = httpx.get(standby.url + "/healthz", timeout=5).json()
+    assert health["ok"] is True and health["watcher"]["leader"].endswith(f":{standby.proc.pid}")
+    print(f"failover took {took:.2f} s")
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_a_request_failure_on_a_standby_has_the_leader_probe_within_a_second(
+    tmp_path: Path, processes: list[Hal0Process], fakes: dict[str, ServerThread], pg_url: str
+) -> None:
+    # Probes every 30 s: only the poke can explain a probe within a second.
+    env = server_env(
+        tmp_path, DATABASE_URL=pg_url, REDIS_URL=redis_url_or_skip(), HAL0_PROBE_INTERVAL_S="30"
+    )
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(_manifests(tmp_path, fakes)))
+    workers = [Hal0Process(env, tmp_path / f"worker-{i}.log").wait_ready() for i in (1, 2)]
+    processes.extend(workers)
+    _until(lambda: len(_leaders(workers)) == 1, 5, "one leader")
+    [standby] = [w for w in workers if w not in _leaders(workers)]
+
+    def state_of_b() -> str:
+        return str(httpx.get(standby.url + "/healthz", timeout=5).json()["slots"]["b"])
+
+    _until(lambda: state_of_b() == "ready", 10, "b ready")
+    fakes["b"].stop()  # b's server goes away between two probes
+    assert _status(standby, model="model-b") in (502, 503)
+    took = _until(lambda: state_of_b() == "offline", 1.5, "the leader probed b")
+    print(f"poke to offline: {took:.2f} s")
+
+
+@pytest.mark.postgres
+def test_a_dead_watcher_is_reported_as_stale_state_not_fresh(
+    tmp_path: Path, processes: list[Hal0Process], fakes: dict[str, ServerThread], pg_url: str
+) -> None:
+    interval = 0.5
+    env = server_env(
+        tmp_path, DATABASE_URL=pg_url, HAL0_WATCHER="false", HAL0_PROBE_INTERVAL_S=str(interval)
+    )
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(_manifests(tmp_path, fakes)))
+    watch = Hal0Process(env, tmp_path / "watch.log", command=[sys.executable, "manage.py", "watch"])
+    processes.append(watch)
+    server = Hal0Process(env, tmp_path / "server.log").wait_ready()
+    processes.append(server)
+
+    def health() -> httpx.Response:
+        return httpx.get(server.url + "/healthz", timeout=5)
+
+    _until(lambda: health().json()["slots"] == {"a": "ready", "b": "ready"}, 10, "ready")
+    assert health().status_code == 200
+    watch.proc.kill()
+    took = _until(lambda: health().status_code == 503, stale_after_s(interval) + 2, "stale")
+    body = health().json()
+    assert body["ok"] is False and body["watcher"]["stale"] is True
+    assert body["watcher"]["probed_at"]
+    assert _status(server, model="model-a") == 200
+    decisions = [
+        json.loads(line.split(" hal0.dispatch ", 1)[1])
+        for line in server.log().splitlines()
+        if " hal0.dispatch " in line
+    ]
+    assert decisions[-1]["cache_state"] == "stale"
+    print(f"stale after {took:.2f} s")
+
+
+def _stream(server: Hal0Process, model: str, started: threading.Event) -> int:
+    """A streamed chat through ``server``, read to its end; sets ``started`` at the first byte."""
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for _ in r.iter_raw():
+                started.set()
+            return r.status_code
+    except httpx.TransportError:
+        return 0  # the worker was killed under it
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_max_concurrency_holds_across_workers_and_a_crashed_workers_place_returns(
+    tmp_path: Path, processes: list[Hal0Process], fakes: dict[str, ServerThread], pg_url: str
+) -> None:
+    fakes["a"].app.chunks, fakes["a"].app.chunk_gap_s = 40, 0.25  # a 10 s stream
+    env = server_env(
+        tmp_path,
+        DATABASE_URL=pg_url,
+        REDIS_URL=redis_url_or_skip(),
+        HAL0_QUEUE_WAIT_S="0.5",
+    )
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(_manifests(tmp_path, {"a": fakes["a"]}, limit=1)))
+    one, two = (Hal0Process(env, tmp_path / f"worker-{i}.log").wait_ready() for i in (1, 2))
+    processes.extend([one, two])
+    _until(lambda: _status(two, model="nobody") == 404, 5, "both serve")
+
+    started = threading.Event()
+    holder = threading.Thread(target=_stream, args=(one, "model-a", started), daemon=True)
+    holder.start()
+    assert started.wait(10), one.log()
+    # The one place is taken on worker one: worker two queues 0.5 s, then says busy.
+    r = httpx.post(
+        two.url + "/v1/chat/completions",
+        json={"model": "model-a", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    assert r.status_code == 429 and r.json()["error"]["code"] == "slot_busy", r.text
+    assert fakes["a"].app.active == 1
+
+    one.proc.kill()  # its lease cannot be given back: it must expire
+    one.proc.wait(5)
+    killed = time.monotonic()
+    _until(lambda: fakes["a"].app.active == 0, 5, "the upstream saw the stream end")
+    took = _until(_answers(two, 200, model="model-a"), 15, "the crashed worker's place returns")
+    print(f"place returned {time.monotonic() - killed:.1f} s after the crash ({took:.1f} s)")
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_the_procfile_recipe_runs_workers_with_one_leading_watcher(
+    tmp_path: Path, processes: list[Hal0Process], fakes: dict[str, ServerThread], pg_url: str
+) -> None:
+    """deploy/Procfile's own command line, with two workers."""
+    procfile = (settings.BASE_DIR / "deploy" / "Procfile").read_text()
+    [web] = [
+        line.removeprefix("web:").strip()
+        for line in procfile.splitlines()
+        if line.startswith("web:")
+    ]
+    env = server_env(
+        tmp_path, DATABASE_URL=pg_url, REDIS_URL=redis_url_or_skip(), HAL0_PROBE_INTERVAL_S="0.5"
+    )
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(_manifests(tmp_path, fakes)))
+    port = free_port()
+    env.update(
+        PORT=str(port), WEB_CONCURRENCY="2", PATH=f"{Path(sys.executable).parent}:{env['PATH']}"
+    )
+    recipe = Hal0Process(env, tmp_path / "web.log", command=["bash", "-c", f"exec {web}"])
+    recipe.port = port
+    processes.append(recipe)
+    _until(lambda: _healthy(recipe), 30, "the workers answer")
+    _until(lambda: recipe.log().count("leads the watcher") == 1, 10, "one leader")
+    time.sleep(2)
+    assert recipe.log().count("leads the watcher") == 1, recipe.log()
+    assert recipe.log().count("Started server process") == 2, recipe.log()
+    for _ in range(20):  # whichever worker answers routes the same way
+        assert _status(recipe, model="model-b") == 200
+
+
+def _healthy(proc: Hal0Process) -> bool:
+    try:
+        return httpx.get(proc.url + "/healthz", timeout=2).json()["slots"] == {
+            "a": "ready",
+            "b": "ready",
+        }
+    except (httpx.TransportError, ValueError):
+        return False

@@ -388,3 +388,85 @@ def test_reconnects_after_the_server_restarts_and_rereads_the_snapshot(chat, hal
     finally:
         if restarted is not None:
             restarted.stop()
+
+
+@pytest.fixture
+def short_probe_interval(no_watcher, settings):
+    """Before `hal0` starts the runtime, which reads the interval once."""
+    settings.HAL0_PROBE_INTERVAL_S = 0.2  # stale 3 s (the least) after the server follows
+
+
+def test_stale_slot_state_shows_as_unknown_until_the_watcher_beats_again(
+    seed_slots,
+    plain_static,  # noqa: F811 - fixture from tests.browser
+    short_probe_interval,
+    hal0,
+    staff,  # noqa: F811
+    context,  # noqa: F811
+):
+    """No watcher keeps the state (none runs here): after 3 probe intervals the page must not
+    show the database's "ready" as if it were known."""
+    from django.utils import timezone
+    from playwright.sync_api import expect
+
+    from dispatch.models import Slot, StateVersion
+
+    in_plain_thread(lambda: Slot.objects.update(state="ready"))
+    page = context.new_page()
+    log_in(page, hal0.url)
+    notice = page.locator("#slots .stale")
+    expect(notice).to_have_text("slot state unknown since start-up")
+    badge = page.locator('#slots .slot[data-slot="primary"] .badge')
+    expect(badge).to_have_text("unknown")
+    # A heartbeat arrives (as a watcher elsewhere would write it): fresh again, live.
+    in_plain_thread(lambda: StateVersion.beat(timezone.now(), "elsewhere:1"))
+    expect(notice).to_have_count(0)
+    expect(badge).to_have_text("ready")
+    # And it goes stale again when no beat follows; the notice names the last one's time.
+    expect(notice).to_contain_text("slot state unknown since ")
+    assert "start-up" not in notice.inner_text()
+
+
+def test_the_page_ignores_older_versions_and_asks_again_after_a_gap(chat, seed_slots):
+    from playwright.sync_api import expect
+
+    from dispatch import events
+
+    page = chat
+    sent: list[str] = []
+    got: list[str] = []
+
+    def watch(ws):
+        ws.on("framesent", lambda payload: sent.append(payload))
+        ws.on("framereceived", lambda payload: got.append(payload))
+
+    page.on("websocket", watch)
+    page.reload()  # a new socket, watched from its start
+    card = page.locator('#slots .slot[data-slot="primary"]')
+    expect(card).to_have_count(1)
+
+    def pump_until(check) -> None:
+        # Playwright's sync API hands events over only while it runs: wait through it.
+        for _ in range(100):
+            if check():
+                return
+            page.wait_for_timeout(50)
+        raise AssertionError(f"sent {sent}, got {got}")
+
+    # An event leading to an older version than the snapshot's: it arrives and is ignored.
+    in_plain_thread(
+        lambda: events.tell_own_pages(
+            {"type": "slot.deleted", "from_version": -2, "version": -1, "slot": "primary"}
+        )
+    )
+    pump_until(lambda: any('"version":-1' in frame for frame in got))
+    expect(card).to_have_count(1)
+    # One leading from a version the page never saw: not applied; it asks for a snapshot.
+    in_plain_thread(
+        lambda: events.tell_own_pages(
+            {"type": "slot.deleted", "from_version": 10**9, "version": 10**9 + 1, "slot": "primary"}
+        )
+    )
+    pump_until(lambda: '{"type":"snapshot"}' in sent)
+    assert sent.count('{"type":"snapshot"}') == 1, sent
+    expect(card).to_have_count(1)  # neither event removed it; the snapshot still has it

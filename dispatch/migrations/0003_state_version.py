@@ -65,7 +65,9 @@ class Migration(migrations.Migration):
             name="StateVersion",
             fields=[
                 ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
-                ("number", models.BigIntegerField(default=0)),
+                ("number", models.BigIntegerField(db_default=0)),
+                ("probed_at", models.DateTimeField(blank=True, null=True)),
+                ("watcher", models.CharField(blank=True, db_default="", max_length=200)),
             ],
         ),
         migrations.RunPython(add_triggers, drop_triggers),

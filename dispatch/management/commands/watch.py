@@ -29,7 +29,8 @@ class Command(BaseCommand):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        health.watcher.start()
+        # It stands for the lease like any server process: one watcher probes at a time.
+        health.leadership.start()
         # Other processes (the admin in a server worker, an import) change slots too: follow
         # the state version so new or removed slots are picked up.
         sync.ensure_following()
@@ -37,7 +38,7 @@ class Command(BaseCommand):
         self.stdout.flush()
         await stop.wait()
         await sync.stop_following()
-        await health.watcher.stop()
+        await health.leadership.stop()
         from dispatch.proxy import upstream
 
         await upstream.aclose()

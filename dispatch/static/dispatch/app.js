@@ -29,6 +29,8 @@ const UNUSABLE = {
 
 const slots = new Map(); // slot name -> the server's latest payload for it
 let tableVersion = 0;
+// Whether the watcher keeps slot state fresh; when not, no badge may claim a state.
+let watcher = { stale: false, probed_at: null };
 const conversation = []; // the {role, content} turns sent with every request
 let running = null; // AbortController of the request in flight, if any
 
@@ -117,14 +119,15 @@ picker.addEventListener("change", () => localStorage.setItem(STORE_KEY, picker.v
 
 function slotCard(slot) {
   const limit = slot.max_concurrency ? ` / ${slot.max_concurrency}` : "";
+  const state = watcher.stale ? "unknown" : slot.state;
   const models = slot.models.map((m) =>
     h("li", {}, h("code", {}, m.id), m.default ? " default" : "", m.source === "alias" ? ` → ${m.upstream}` : "",
       m.source === "discovered" ? " (discovered)" : ""),
   );
   return h(
     "article",
-    { className: `slot state-${slot.state}`, dataset: { slot: slot.name, state: slot.state } },
-    h("header", {}, h("h3", {}, slot.name), h("span", { className: "badge" }, slot.state)),
+    { className: `slot state-${state}`, dataset: { slot: slot.name, state } },
+    h("header", {}, h("h3", {}, slot.name), h("span", { className: "badge" }, state)),
     h("p", { className: "meta" }, `${slot.kind} · ${slot.type} · in flight ${slot.inflight}${limit}`),
     h("ul", { className: "models" }, ...models),
     slot.drift.length
@@ -134,9 +137,19 @@ function slotCard(slot) {
   );
 }
 
+function staleNotice() {
+  if (!watcher.stale) return null;
+  const since = watcher.probed_at ? new Date(watcher.probed_at).toLocaleTimeString() : "start-up";
+  return h("p", { className: "warn stale", role: "alert" }, `slot state unknown since ${since}`);
+}
+
 function renderSlots() {
   const cards = sortedSlots().map(slotCard);
-  slotsPanel.replaceChildren(...(cards.length ? cards : [h("p", { className: "empty" }, "No slots yet.")]));
+  const notice = staleNotice();
+  slotsPanel.replaceChildren(
+    ...(notice ? [notice] : []),
+    ...(cards.length ? cards : [h("p", { className: "empty" }, "No slots yet.")]),
+  );
 }
 
 function logDecision(ev) {
@@ -184,7 +197,11 @@ function onEvent(ev, socket) {
     slots.clear();
     for (const slot of ev.slots) slots.set(slot.name, slot);
     tableVersion = ev.version;
+    watcher = ev.watcher ?? watcher;
     render();
+  } else if (ev.type === "watcher") {
+    watcher = ev;
+    renderSlots();
   } else if (ev.type === "slot.state" || ev.type === "slot.models" || ev.type === "slot.updated") {
     if (!applicable(ev, socket)) return;
     slots.set(ev.slot.name, ev.slot);
