@@ -24,6 +24,8 @@ GROUP = "dispatch"
 # change once from every process. Decisions are made once, by one process, so they go to
 # GROUP for every page.
 REJOIN_S = 3600.0
+# Every process's version check listens here: a commit anywhere wakes it at once.
+SYNC_GROUP = "hal0.sync"
 # The leading watcher's ear: pokes from other processes (a request that failed there).
 WATCHER_GROUP = "hal0.watcher"
 LOCAL_GROUP = f"dispatch.local.{os.getpid()}.{secrets.token_hex(4)}"
@@ -81,18 +83,27 @@ async def _send_queued() -> None:
 
 
 def tell_own_pages(event: dict[str, Any]) -> None:
-    """From sync code (after a reload): send to this process's pages, bridging into the
-    server's event loop."""
+    """From sync code (after a reload): send to this process's pages."""
+    send_from_sync(event, LOCAL_GROUP)
+
+
+def tell_every_process(event: dict[str, Any]) -> None:
+    """From sync code (after a commit): wake every process's version check at once."""
+    send_from_sync(event, SYNC_GROUP)
+
+
+def send_from_sync(event: dict[str, Any], group: str) -> None:
+    """Send from sync code, bridging into the server's event loop when one runs."""
     try:
         running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         running = None
     if running is not None and (running is _home or _home is None):
-        publish(event, LOCAL_GROUP)  # already on the loop: schedule, don't block it
+        publish(event, group)  # already on the loop: schedule, don't block it
     elif _home is not None and _home.is_running():
-        asyncio.run_coroutine_threadsafe(send(event, LOCAL_GROUP), _home)
+        asyncio.run_coroutine_threadsafe(send(event, group), _home)
     else:
-        async_to_sync(send)(event, LOCAL_GROUP)
+        async_to_sync(send)(event, group)
 
 
 async def join(channel_name: str) -> None:

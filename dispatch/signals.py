@@ -35,9 +35,9 @@ def _changed(sender: type, **kwargs: Any) -> None:
     # (others within dispatch.sync's check interval). One reload per transaction however
     # many rows it saves (an import saves hundreds): Django drops the queued callback itself
     # if the transaction rolls back.
-    if any(func is sync.reload_all for _, func, _ in conn.run_on_commit):
+    if any(func is sync.committed for _, func, _ in conn.run_on_commit):
         return
-    transaction.on_commit(sync.reload_all)
+    transaction.on_commit(sync.committed)
 
 
 def _announce(old: RoutingTable, new: RoutingTable) -> None:

@@ -4,8 +4,10 @@ Each process keeps that state in memory (``store.table``, ``keyring``) so a requ
 queries the database. Any change bumps ``StateVersion`` in the same transaction
 (``dispatch.signals``); the process that committed reloads at once, and every other process
 — another worker, the watcher, the server behind a ``manage.py shell`` — sees the new
-number within ``VERSION_CHECK_S`` and reloads. The check is one indexed one-row read, so
-it runs often; a full reload happens only when the number moved.
+number within ``VERSION_CHECK_S`` and reloads. The committing process also announces the
+commit over the channel layer, which wakes every process's check at once; the check itself
+is one indexed one-row read, so it runs often as the safety net for a missed announcement.
+A full reload happens only when the number moved.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ def reload_all() -> None:
     keyring.reload()
 
 
+def committed() -> None:
+    """After this process committed a change: reload here, and wake every other process's
+    check (over the channel layer) so it need not wait for its next tick."""
+    reload_all()
+    events.tell_every_process({"type": "version", "number": store.table.version})
+
+
 def catch_up() -> bool:
     """Reload if the database holds another version than this process. True if it did."""
     from dispatch.models import StateVersion
@@ -68,8 +77,23 @@ async def follow() -> None:
         max_age=STALE_AFTER_S, heartbeat_max_age=stale_after_s(settings.HAL0_PROBE_INTERVAL_S)
     )
     was_stale = store.stale
+    wake = asyncio.Event()
+    listener = asyncio.get_running_loop().create_task(
+        events.listen(events.SYNC_GROUP, lambda _event: wake.set())
+    )
+    try:
+        await _follow(wake, was_stale)
+    finally:
+        listener.cancel()
+
+
+async def _follow(wake: asyncio.Event, was_stale: bool) -> None:
     while True:
-        await asyncio.sleep(VERSION_CHECK_S)
+        try:
+            await asyncio.wait_for(wake.wait(), VERSION_CHECK_S)
+        except TimeoutError:
+            pass
+        wake.clear()
         try:
             await sync_to_async(catch_up, thread_sensitive=True)()
         except Exception:  # the database may be briefly away; the next check tries again
