@@ -359,12 +359,13 @@ def test_a_dead_watcher_is_reported_as_stale_state_not_fresh(
     assert body["ok"] is False and body["watcher"]["stale"] is True
     assert body["watcher"]["probed_at"]
     assert _status(server, model="model-a") == 200
-    decisions = [
-        json.loads(line.split(" hal0.dispatch ", 1)[1])
-        for line in server.log().splitlines()
-        if " hal0.dispatch " in line
-    ]
-    assert decisions[-1]["cache_state"] == "stale"
+
+    def decisions() -> list[dict]:
+        lines = [line for line in server.log().splitlines() if " hal0.dispatch " in line]
+        return [json.loads(line.split(" hal0.dispatch ", 1)[1]) for line in lines]
+
+    _until(lambda: bool(decisions()), 5, "the decision's log line (written by a thread)")
+    assert decisions()[-1]["cache_state"] == "stale"
     print(f"stale after {took:.2f} s")
 
 
