@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 from django.http import HttpResponse
@@ -37,9 +39,18 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
+def dumps(data: Any) -> bytes:
+    """JSON bytes; a lone surrogate a client sent (and we accepted, see bodies.loads) comes
+    back as its escape instead of failing: orjson refuses to encode one."""
+    try:
+        return orjson.dumps(data)
+    except TypeError:
+        return json.dumps(data, separators=(",", ":")).encode()
+
+
 def error_body(status: int, code: str, message: str, param: str | None = None) -> bytes:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    return dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
 def error_response(err: ApiError) -> HttpResponse:
