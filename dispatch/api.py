@@ -26,7 +26,15 @@ from django.http import (
 from dispatch import bodies, health
 from dispatch.admission import admission
 from dispatch.decisions import DecisionRecord, record
-from dispatch.errors import ApiError, error_response, sse_error
+from dispatch.errors import (
+    ApiError,
+    error_response,
+    excerpt,
+    is_openai_error,
+    sse_between_events,
+    sse_error,
+    upstream_error_status,
+)
 from dispatch.forward import Forwarded, forward
 from dispatch.keys import authorize
 from dispatch.proxy import UpstreamError
@@ -149,6 +157,8 @@ def proxy_view(endpoint: str) -> View:
         rec.resolution_path = fwd.resolution_path
         rec.status = fwd.response.status_code
         rec.inflight = admission.inflight.get(fwd.slot.name, 0)
+        if fwd.response.status_code >= 400:
+            return await _upstream_failed(fwd, rec, started)
         if fwd.response.is_event_stream:
             return _streaming(fwd, rec, started)
         return await _buffered(fwd, rec, started)
@@ -157,34 +167,113 @@ def proxy_view(endpoint: str) -> View:
     return view
 
 
-async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> HttpResponse:
-    try:
-        content = await fwd.response.read()
-    except UpstreamError as exc:
-        err = ApiError(502, "upstream_broken", exc.message)
-        response = error_response(err)
-        rec.status, rec.error = 502, err.code
-    else:
-        response = HttpResponse(content, status=fwd.response.status_code)
-        for key, value in fwd.response.headers():
-            response[key] = value
-    finally:
-        admission.release(fwd.slot.name)
+# Statuses whose answer has no body to check.
+_NO_BODY = frozenset({204, 205, 304})
+# How much of an upstream's error answer is read (to quote or pass through); the rest is
+# dropped with the connection.
+_ERROR_READ_LIMIT = 64 * 1024
+
+
+def _finish(response: HttpResponse, rec: DecisionRecord, started: float) -> HttpResponse:
     _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
     rec.duration_ms = (time.perf_counter() - started) * 1000
     record(rec)
     return response
 
 
+def _proxy_error(rec: DecisionRecord, err: ApiError, upstream_status: int) -> HttpResponse:
+    response = error_response(err)
+    response["X-Hal0-Upstream-Status"] = str(upstream_status)
+    rec.status, rec.error = err.status, err.code
+    return response
+
+
+async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> HttpResponse:
+    status = fwd.response.status_code
+    try:
+        content = await fwd.response.read()
+    except UpstreamError as exc:
+        response = _proxy_error(rec, ApiError(502, "upstream_broken", exc.message), status)
+        return _finish(response, rec, started)
+    finally:
+        admission.release(fwd.slot.name)
+    if status not in _NO_BODY:
+        try:
+            bodies.loads(content)
+        except ValueError:
+            # An OpenAI client would fail on it with its JSON parser's words, or worse, a
+            # proxy's HTML page taken for an answer: say what happened instead.
+            err = ApiError(
+                502,
+                "upstream_invalid_response",
+                f"Slot '{fwd.slot.name}' answered {status} with a body that is not JSON: "
+                f"{excerpt(content) or '(empty)'}",
+            )
+            return _finish(_proxy_error(rec, err, status), rec, started)
+    response = HttpResponse(content, status=status)
+    for key, value in fwd.response.headers():
+        response[key] = value
+    return _finish(response, rec, started)
+
+
+async def _upstream_failed(fwd: Forwarded, rec: DecisionRecord, started: float) -> HttpResponse:
+    """An upstream's error answer, before any byte reached the client.
+
+    The model server's own OpenAI-shaped error passes as it is (its status and words are
+    the most precise thing to tell the client: context too long, a bad parameter). Anything
+    else (an HTML error page from a proxy or a crashed server, JSON of another shape, a
+    stream) becomes hal0web's own error, ``upstream_error``, with the upstream's status kept
+    where it means something to the client and a short excerpt of what it said.
+    """
+    status = fwd.response.status_code
+    try:
+        content = await fwd.response.read_prefix(_ERROR_READ_LIMIT)
+    finally:
+        admission.release(fwd.slot.name)
+    data: Any = None
+    if not fwd.response.is_event_stream and len(content) < _ERROR_READ_LIMIT:
+        try:
+            data = bodies.loads(content)
+        except ValueError:
+            pass
+    if is_openai_error(data):
+        response = HttpResponse(content, status=status)
+        for key, value in fwd.response.headers():
+            response[key] = value
+        response["X-Hal0-Upstream-Status"] = str(status)
+        rec.error = "upstream_error"
+        return _finish(response, rec, started)
+    said = excerpt(content)
+    err = ApiError(
+        upstream_error_status(status),
+        "upstream_error",
+        f"Slot '{fwd.slot.name}' answered {status}" + (f": {said}" if said else " with no body"),
+    )
+    response = _proxy_error(rec, err, status)
+    retry_after = fwd.response.header("retry-after")
+    if retry_after and err.status in (429, 503):
+        response["Retry-After"] = retry_after
+    return _finish(response, rec, started)
+
+
 def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> StreamingHttpResponse:
     async def relay() -> AsyncIterator[bytes]:
+        tail = b""  # the last bytes sent: does the stream sit between two events?
         try:
             async for chunk in fwd.response.chunks():
+                tail = (tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
                 yield chunk
+            if not sse_between_events(tail):
+                # The upstream ended cleanly as far as HTTP goes, but in the middle of an
+                # event: a client's parser would drop the cut event without a word.
+                rec.error = "upstream_truncated"
+                yield sse_error(
+                    rec.error, "the upstream ended the stream in the middle of an event", tail
+                )
         except UpstreamError as exc:
             # Headers are gone already; the only honest thing left is a last error event.
             rec.error = f"upstream_{exc.kind}"
-            yield sse_error(rec.error, exc.message)
+            yield sse_error(rec.error, exc.message, tail)
         except BaseException:
             rec.error = "client_disconnected"
             raise

@@ -88,6 +88,9 @@ class UpstreamResponse:
     def is_event_stream(self) -> bool:
         return self.content_type.startswith("text/event-stream")
 
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name)
+
     def headers(self) -> Iterable[tuple[str, str]]:
         for key, value in self._response.headers.multi_items():
             if key.lower() not in _NOT_DOWNSTREAM:
@@ -103,6 +106,23 @@ class UpstreamResponse:
             raise UpstreamError("broken", f"upstream connection failed: {_describe(exc)}") from exc
         finally:
             await self._response.aclose()
+
+    async def read_prefix(self, limit: int) -> bytes:
+        """At most ``limit`` bytes of the body (an error page, to quote), then close: an
+        upstream's error answer cannot make us hold megabytes."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in self.chunks():
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= limit:
+                    break
+        except UpstreamError:
+            pass  # what arrived before the failure is all there is to quote
+        finally:
+            await self._response.aclose()
+        return b"".join(parts)[:limit]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the upstream sends it: no re-chunking, no buffering."""
@@ -161,12 +181,30 @@ class _AiohttpStream(httpx.AsyncByteStream):
             raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             self._response.close()
-            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+            raise httpx.ReadError(_cut_reason(exc)) from exc
 
     async def aclose(self) -> None:
         # A body read to its end returns the connection to the pool; one abandoned half way
         # (a client that went away) closes it, so the upstream sees the disconnect at once.
         self._response.release()
+
+
+def _cut_reason(exc: BaseException) -> str:
+    """Why a body stopped, in a client's words rather than aiohttp's internals (a client
+    sees this in its last error event; "<TransferEncodingError: 400, ...>" tells it
+    nothing it can act on)."""
+    causes: list[BaseException] = [exc]
+    while len(causes) < 5:
+        nxt = causes[-1].__cause__ or causes[-1].__context__
+        if nxt is None:
+            break
+        causes.append(nxt)
+    # aiohttp names the reset only in its message on some paths: look there too.
+    if any(isinstance(c, ConnectionResetError) for c in causes) or "reset by peer" in str(exc):
+        return "the upstream reset the connection mid-body"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the upstream closed the connection before the end of the body"
+    return _describe(exc)
 
 
 class _InMemoryBody(aiohttp.payload.BytesPayload):

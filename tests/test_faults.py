@@ -1,0 +1,273 @@
+"""The fault matrix (issue 13): misbehaving upstreams on raw loopback sockets, and what the
+client gets, the slot's state, and the upstream connections left open.
+
+Each fake is a ``RawUpstream`` (tests/fakes.py) given a behaviour: a function that writes
+whatever it likes on the socket for one request. Nothing of hal0web is mocked; the
+watcher is off (``no_watcher``) unless a test is about slot state, so a probe never races
+the fault under test.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import add_slot
+from tests.fakes import RawRequest, RawUpstream, chunk, http_response, reset
+
+CHAT = "/v1/chat/completions"
+EVENT = b'data: {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": []}\n\n'
+HALF_EVENT = b'data: {"id": "chatcmpl-fake", '
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+SSE_HEAD_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m1",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}
+        ],
+    }
+).encode()
+
+
+@pytest.fixture
+def raw(transactional_db: None) -> Iterator[Callable[..., RawUpstream]]:
+    """``raw(behaviour, name="a", **slot_fields)``: a raw upstream and a slot on it serving m1."""
+    made: list[RawUpstream] = []
+
+    def make(
+        behaviour: Callable[[socket.socket, RawRequest], bool], name: str = "a", **fields: Any
+    ):
+        upstream = RawUpstream(behaviour)
+        made.append(upstream)
+        add_slot(name, upstream.url + "/v1", ["m1"], **fields)
+        return upstream
+
+    yield make
+    for upstream in made:
+        upstream.stop()
+
+
+def post(hal0, stream: bool = False, **kw: Any) -> httpx.Response:
+    with httpx.Client(base_url=hal0.url, timeout=30) as c:
+        return c.post(CHAT, json={"model": "m1", "stream": stream, "messages": []}, **kw)
+
+
+def events(text: str) -> list[str]:
+    """SSE events as a client's parser splits them (blank-line separated, data only)."""
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        data = [line[5:].lstrip(" ") for line in block.split("\n") if line.startswith("data:")]
+        if data:
+            out.append("\n".join(data))
+    return out
+
+
+def wait_closed(upstream: RawUpstream, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while upstream.open_connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert upstream.open_connections == 0, "hal0web left an upstream connection open"
+
+
+def assert_proxy_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["X-Hal0-Error"] == "1"
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code
+    return err
+
+
+def no_leaked_place() -> None:
+    from dispatch.admission import admission
+
+    deadline = time.monotonic() + 5
+    while admission.inflight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not admission.inflight
+
+
+# --- item 2: an error after the first byte is one complete SSE event ------------------------
+
+
+def test_a_reset_mid_event_ends_the_event_then_sends_one_complete_error_event(
+    raw, no_watcher, hal0
+):
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(SSE_HEAD + chunk(EVENT) + chunk(HALF_EVENT))
+        time.sleep(0.2)
+        reset(sock)
+        return False
+
+    upstream = raw(behaviour)
+    r = post(hal0, stream=True)
+    assert r.status_code == 200
+    got = events(r.text)
+    assert len(got) == 3, r.text
+    assert json.loads(got[0])["id"] == "chatcmpl-fake"
+    assert got[1] == HALF_EVENT.decode()[6:]  # the cut event, closed by a blank line
+    error = json.loads(got[2])["error"]
+    assert error["code"] == "upstream_broken" and set(error) == {"message", "type", "param", "code"}
+    assert r.text.endswith("\n\n")
+    wait_closed(upstream)
+    no_leaked_place()
+
+
+def test_a_stream_truncated_mid_event_ends_with_an_error_event(raw, no_watcher, hal0):
+    # A close-delimited body that stops in the middle of an event: the upstream's end looks
+    # clean to HTTP, but the client's SSE parser would drop the cut event silently.
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(SSE_HEAD_CLOSE + EVENT + HALF_EVENT)
+        return False
+
+    upstream = raw(behaviour)
+    r = post(hal0, stream=True)
+    got = events(r.text)
+    assert len(got) == 3, r.text
+    assert json.loads(got[2])["error"]["code"] == "upstream_truncated"
+    wait_closed(upstream)
+
+
+def test_a_stream_that_ends_between_events_is_left_alone(raw, no_watcher, hal0):
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(SSE_HEAD_CLOSE + EVENT + b"data: [DONE]\n\n")
+        return False
+
+    raw(behaviour)
+    r = post(hal0, stream=True)
+    assert r.text == (EVENT + b"data: [DONE]\n\n").decode()
+
+
+def test_an_error_right_after_a_complete_event_adds_no_blank_line(raw, no_watcher, hal0):
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(SSE_HEAD + chunk(EVENT))
+        time.sleep(0.2)
+        reset(sock)
+        return False
+
+    raw(behaviour)
+    r = post(hal0, stream=True)
+    assert r.text.startswith(EVENT.decode() + "data: {")
+    assert json.loads(events(r.text)[1])["error"]["code"] == "upstream_broken"
+
+
+def test_the_openai_sdk_sees_the_error_event_after_a_cut(raw, no_watcher, hal0):
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(SSE_HEAD + chunk(EVENT))
+        time.sleep(0.2)
+        reset(sock)
+        return False
+
+    raw(behaviour)
+    sdk = openai.OpenAI(base_url=hal0.url + "/v1", api_key="x", max_retries=0)
+    stream = sdk.chat.completions.create(model="m1", messages=[], stream=True)
+    with pytest.raises(openai.APIError) as exc:
+        for _ in stream:
+            pass
+    assert "upstream connection failed" in str(exc.value.message)
+    sdk.close()
+
+
+# --- item 3: upstream error pages become OpenAI-shaped errors ---------------------------------
+
+HTML_PAGE = (
+    b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title><style>b{}</style></head>"
+    b"<body><h1>Bad   Gateway</h1>\n<p>nginx &amp; friends</p><script>x()</script></body></html>"
+)
+
+
+def _answer(status: int, body: bytes, content_type: str, extra=()) -> Callable[..., bool]:
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(http_response(status, body, content_type, extra))
+        return True
+
+    return behaviour
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("upstream_status", "status"), [(500, 502), (502, 502), (503, 503), (429, 429), (401, 502)]
+)
+def test_an_html_error_page_becomes_upstream_error(
+    raw, no_watcher, hal0, upstream_status, status, stream
+):
+    raw(_answer(upstream_status, HTML_PAGE, "text/html", (("Retry-After", "7"),)))
+    r = post(hal0, stream=stream)
+    err = assert_proxy_error(r, status, "upstream_error")
+    assert r.headers["X-Hal0-Upstream-Status"] == str(upstream_status)
+    assert f"answered {upstream_status}" in err["message"]
+    # A short, readable excerpt: the page's text, no markup, no script or style.
+    assert "502 Bad Gateway Bad Gateway nginx & friends" in err["message"]
+    assert "<" not in err["message"] and "x()" not in err["message"]
+    assert err["type"] == ("rate_limit_error" if status == 429 else "server_error")
+    if status in (429, 503):
+        assert r.headers["Retry-After"] == "7"
+    no_leaked_place()
+
+
+def test_a_json_error_that_is_not_openai_shaped_is_wrapped(raw, no_watcher, hal0):
+    # vLLM's older shape: the SDK would show the whole body as the message.
+    body = b'{"object": "error", "message": "bad things", "type": "BadRequestError", "code": 400}'
+    raw(_answer(400, body, "application/json"))
+    err = assert_proxy_error(post(hal0), 400, "upstream_error")
+    assert "bad things" in err["message"]
+
+
+def test_an_openai_shaped_upstream_error_passes_through_with_its_status(raw, no_watcher, hal0):
+    body = (
+        b'{"error": {"message": "context too long", "type": "invalid_request_error", "code": "x"}}'
+    )
+    raw(_answer(400, body, "application/json"))
+    r = post(hal0)
+    assert r.status_code == 400 and r.content == body
+    assert r.headers["X-Hal0-Upstream-Status"] == "400"
+    assert "X-Hal0-Error" not in r.headers  # the model server's own error, not ours
+
+
+def test_a_long_error_body_is_cut_to_a_short_excerpt(raw, no_watcher, hal0):
+    raw(_answer(500, b"oops " * 100_000, "text/plain"))
+    err = assert_proxy_error(post(hal0), 502, "upstream_error")
+    assert len(err["message"]) < 400
+
+
+@pytest.mark.parametrize("body", [b"<html>ok</html>", b"\x00\xffgarbage", b"", b'{"cut": '])
+def test_a_200_that_is_not_json_is_upstream_invalid_response(raw, no_watcher, hal0, body):
+    raw(_answer(200, body, "application/json"))
+    r = post(hal0)
+    err = assert_proxy_error(r, 502, "upstream_invalid_response")
+    assert r.headers["X-Hal0-Upstream-Status"] == "200"
+    assert "not JSON" in err["message"]
+
+
+def test_a_200_json_answer_passes_byte_for_byte(raw, no_watcher, hal0):
+    raw(_answer(200, COMPLETION, "application/json"))
+    r = post(hal0)
+    assert r.status_code == 200 and r.content == COMPLETION
+    assert "X-Hal0-Error" not in r.headers
+
+
+def test_the_sdk_raises_our_error_not_aiohttp_internals(raw, no_watcher, hal0):
+    raw(_answer(500, HTML_PAGE, "text/html"))
+    sdk = openai.OpenAI(base_url=hal0.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as exc:
+        sdk.chat.completions.create(model="m1", messages=[])
+    assert exc.value.code == "upstream_error" and exc.value.status_code == 502
+    sdk.close()
+
+
+def test_proxy_made_errors_are_marked(transactional_db, no_watcher, hal0):
+    r = post(hal0)  # no slot serves m1
+    assert_proxy_error(r, 404, "model_not_found")
