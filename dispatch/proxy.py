@@ -220,6 +220,22 @@ class _InMemoryBody(aiohttp.payload.BytesPayload):
         self._size = len(value)
 
 
+class _Sent:
+    """What one request's trip through aiohttp's pool looked like (its trace context)."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _note_reuse(session: Any, context: Any, params: Any) -> None:
+    # aiohttp's tracing: called when the request was given a pooled (kept-alive) connection.
+    sent = context.trace_request_ctx
+    if isinstance(sent, _Sent):
+        sent.reused = True
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx's API over aiohttp's connection pool.
 
@@ -232,47 +248,66 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self, max_connections: int = POOL_CONNECTIONS) -> None:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None  # no pool: the retry's own session
+        self.retries = 0  # requests sent again after a stale pooled connection (for tests)
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
+    def _new_session(self, pooled: bool) -> aiohttp.ClientSession:
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_note_reuse)
+        connector = (
+            aiohttp.TCPConnector(
                 limit=self._max_connections,
                 limit_per_host=0,
                 keepalive_timeout=POOL_KEEPALIVE_S,
                 ttl_dns_cache=60,
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,  # bytes go through as the upstream sent them
-                trust_env=False,  # a local router must not wander off through a system proxy
-                # Requests of different users share this session: no cookie may outlive the
-                # answer that set it.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(total=None),
+            if pooled
+            else aiohttp.TCPConnector(
+                limit=self._max_connections, limit_per_host=0, ttl_dns_cache=60, force_close=True
             )
-        return self._session
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bytes go through as the upstream sent them
+            trust_env=False,  # a local router must not wander off through a system proxy
+            # Requests of different users share this session: no cookie may outlive the
+            # answer that set it.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+            trace_configs=[trace],
+        )
+
+    def _get_session(self, pooled: bool = True) -> aiohttp.ClientSession:
+        if pooled:
+            if self._session is None or self._session.closed:
+                self._session = self._new_session(pooled=True)
+            return self._session
+        if self._fresh is None or self._fresh.closed:
+            self._fresh = self._new_session(pooled=False)
+        return self._fresh
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._get_session()
         timeout = request.extensions.get("timeout", {})
         try:
             body = request.content
         except httpx.RequestNotRead:
             body = await request.aread()
+        sent = _Sent()
         try:
-            response = await session.request(
-                request.method,
-                str(request.url),
-                headers=request.headers.multi_items(),
-                data=_InMemoryBody(body) if body else None,
-                allow_redirects=False,
-                compress=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                ),
-            )
+            try:
+                response = await self._request(self._get_session(), request, body, timeout, sent)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if not sent.reused:
+                    raise
+                # The pooled connection was closed by the upstream before it answered (an
+                # idle keep-alive it dropped as we picked it): the request died with it, so
+                # it goes out once more, on a connection opened for it. A fresh connection
+                # that drops is a real failure and is not retried: the upstream may have
+                # taken the request, and sending it twice could run it twice.
+                self.retries += 1
+                response = await self._request(
+                    self._get_session(pooled=False), request, body, timeout, _Sent()
+                )
         except aiohttp.ConnectionTimeoutError as exc:
             raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
         except aiohttp.ServerTimeoutError as exc:
@@ -297,10 +332,34 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             extensions=extensions,
         )
 
+    async def _request(
+        self,
+        session: aiohttp.ClientSession,
+        request: httpx.Request,
+        body: bytes,
+        timeout: Mapping[str, Any],
+        sent: _Sent,
+    ) -> aiohttp.ClientResponse:
+        return await session.request(
+            request.method,
+            str(request.url),
+            headers=request.headers.multi_items(),
+            data=_InMemoryBody(body) if body else None,
+            allow_redirects=False,
+            compress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=timeout.get("connect"),
+                sock_read=timeout.get("read"),
+            ),
+            trace_request_ctx=sent,
+        )
+
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh = None
 
 
 class Upstream:

@@ -271,3 +271,76 @@ def test_the_sdk_raises_our_error_not_aiohttp_internals(raw, no_watcher, hal0):
 def test_proxy_made_errors_are_marked(transactional_db, no_watcher, hal0):
     r = post(hal0)  # no slot serves m1
     assert_proxy_error(r, 404, "model_not_found")
+
+
+# --- item 1: a pooled connection closed under a request is retried once, fresh ---------------
+
+
+def test_a_reused_connection_closed_under_the_request_is_retried_on_a_fresh_one(
+    raw, no_watcher, hal0
+):
+    # Deterministic: the upstream answers the first request on a connection and keeps it
+    # open, then closes it as soon as another request arrives on it, without answering.
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        if req.index > 1:
+            return False
+        sock.sendall(http_response(200, COMPLETION))
+        return True
+
+    upstream = raw(behaviour)
+    with httpx.Client(base_url=hal0.url, timeout=30) as c:
+        for _ in range(5):
+            r = c.post(CHAT, json={"model": "m1", "messages": []})
+            assert r.status_code == 200, r.text
+            assert r.content == COMPLETION
+    # Every other request met a stale pooled connection (its second request) and went out
+    # once more on a connection of its own (closed after it, so the next request opens a new
+    # pooled one): 5 answers, 7 requests upstream.
+    assert [r.index for r in upstream.completions()] == [1, 2, 1, 1, 2, 1, 1]
+    no_leaked_place()
+
+
+def test_a_fresh_connection_dropped_without_an_answer_is_not_retried(raw, no_watcher, hal0):
+    # Not a stale pooled connection: the upstream took the request and died. Sending it
+    # again could run it twice; the client gets the error (failover is forward's, not ours).
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        return False
+
+    upstream = raw(behaviour)
+    r = post(hal0)
+    assert_proxy_error(r, 502, "upstream_unreachable")
+    assert len(upstream.completions()) == 1
+
+
+def test_600_requests_to_an_upstream_that_closes_after_each_answer_all_succeed(
+    raw, no_watcher, hal0
+):
+    # It answers without "Connection: close" and closes at once: a pooled connection is
+    # stale by the time (or just after) the next request picks it.
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(http_response(200, COMPLETION))
+        return False
+
+    upstream = raw(behaviour)
+    import asyncio
+    import threading
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(base_url=hal0.url, timeout=30) as c:
+            sem = asyncio.Semaphore(8)
+
+            async def one() -> int:
+                async with sem:
+                    r = await c.post(CHAT, json={"model": "m1", "messages": []})
+                    return r.status_code
+
+            return await asyncio.gather(*(one() for _ in range(600)))
+
+    result: list[list[int]] = []
+    t = threading.Thread(target=lambda: result.append(asyncio.run(main())))
+    t.start()
+    t.join()
+    failed = [s for s in result[0] if s != 200]
+    print(f"stale-connection failures: {len(failed)}/600, connections {upstream.accepted}")
+    assert not failed, f"{len(failed)} of 600 failed: {sorted(set(failed))}"
+    wait_closed(upstream)
