@@ -193,8 +193,12 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
     try:
         content = await fwd.response.read()
     except UpstreamError as exc:
-        response = _proxy_error(rec, ApiError(502, "upstream_broken", exc.message), status)
-        return _finish(response, rec, started)
+        err = (
+            ApiError(504, "upstream_timeout", exc.message)
+            if exc.kind == "timeout"  # max_duration_s
+            else ApiError(502, "upstream_broken", exc.message)
+        )
+        return _finish(_proxy_error(rec, err, status), rec, started)
     finally:
         admission.release(fwd.slot.name)
     if status not in _NO_BODY:

@@ -75,9 +75,24 @@ class ProbeResult:
 
 
 class UpstreamResponse:
-    def __init__(self, response: httpx.Response, idle_timeout_s: float) -> None:
+    """An upstream's answer, headers in; its body read with the slot's timeouts.
+
+    ``idle_timeout_s`` is the longest silence allowed between two pieces of the body,
+    streaming or not: a slow but steady answer is not a dead one. ``deadline`` (loop time,
+    from the slot's ``max_duration_s``) caps the whole request when set.
+    """
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        idle_timeout_s: float,
+        deadline: float | None = None,
+        max_duration_s: float = 0.0,
+    ) -> None:
         self._response = response
         self._idle = idle_timeout_s
+        self._deadline = deadline
+        self._max_duration = max_duration_s
         self.status_code = response.status_code
 
     @property
@@ -97,15 +112,14 @@ class UpstreamResponse:
                 yield key, value
 
     async def read(self) -> bytes:
+        """The whole body; each piece within the idle timeout (not the whole body)."""
+        parts: list[bytes] = []
         try:
-            async with asyncio.timeout(self._idle):
-                return await self._response.aread()
-        except TimeoutError as exc:
-            raise UpstreamError("idle", f"upstream went quiet for {self._idle:g}s") from exc
-        except httpx.TransportError as exc:
-            raise UpstreamError("broken", f"upstream connection failed: {_describe(exc)}") from exc
+            async for chunk in self.chunks():
+                parts.append(chunk)
         finally:
             await self._response.aclose()
+        return b"".join(parts)
 
     async def read_prefix(self, limit: int) -> bytes:
         """At most ``limit`` bytes of the body (an error page, to quote), then close: an
@@ -127,19 +141,32 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the upstream sends it: no re-chunking, no buffering."""
         raw = self._response.aiter_raw().__aiter__()
+        loop = asyncio.get_running_loop()
         while True:
+            wait, capped = self._idle, False
+            if self._deadline is not None:
+                left = self._deadline - loop.time()
+                if left <= wait:
+                    wait, capped = max(left, 0.0), True
             try:
-                async with asyncio.timeout(self._idle):
+                async with asyncio.timeout(wait):
                     chunk = await raw.__anext__()
             except StopAsyncIteration:
                 return
             except TimeoutError as exc:
-                raise UpstreamError("idle", f"upstream sent nothing for {self._idle:g}s") from exc
+                if capped:
+                    raise UpstreamError("timeout", self.over_time()) from exc
+                raise UpstreamError(
+                    "idle", f"upstream sent nothing for {self._idle:g}s (idle_timeout_s)"
+                ) from exc
             except httpx.TransportError as exc:
                 raise UpstreamError(
                     "broken", f"upstream connection failed: {_describe(exc)}"
                 ) from exc
             yield chunk
+
+    def over_time(self) -> str:
+        return f"the request ran past the slot's max_duration_s of {self._max_duration:g}s"
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -427,10 +454,23 @@ class Upstream:
             headers=out,
             extensions={"timeout": {"connect": slot.connect_timeout_s}},
         )
+        wait = slot.first_byte_timeout_s
+        deadline: float | None = None
+        if slot.max_duration_s > 0:
+            # The cap runs from here, the moment the request goes to the slot: time spent
+            # waiting for a place (HAL0_QUEUE_WAIT_S) or a model swap has its own limits.
+            deadline = asyncio.get_running_loop().time() + slot.max_duration_s
+            wait = min(wait, slot.max_duration_s)
         try:
-            async with asyncio.timeout(slot.first_byte_timeout_s):
+            async with asyncio.timeout(wait):
                 response = await self._send(request)
         except TimeoutError as exc:
+            if wait < slot.first_byte_timeout_s:
+                raise UpstreamError(
+                    "timeout",
+                    f"slot '{slot.name}': the request ran past its max_duration_s of "
+                    f"{slot.max_duration_s:g}s before any answer",
+                ) from exc
             raise UpstreamError(
                 "timeout",
                 f"slot '{slot.name}' sent no response within {slot.first_byte_timeout_s:g}s",
@@ -451,7 +491,7 @@ class Upstream:
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError("unreachable", f"slot '{slot.name}': {_describe(exc)}") from exc
-        return UpstreamResponse(response, slot.idle_timeout_s)
+        return UpstreamResponse(response, slot.idle_timeout_s, deadline, slot.max_duration_s)
 
     async def probe(self, url: str, timeout: float, api_key_env: str = "") -> ProbeResult:
         """GET ``url`` for a health probe: status and parsed JSON, never an exception."""

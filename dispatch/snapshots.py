@@ -103,4 +103,5 @@ def _without(slot: SlotEntry) -> tuple[Any, ...]:
         slot.connect_timeout_s,
         slot.first_byte_timeout_s,
         slot.idle_timeout_s,
+        slot.max_duration_s,
     )

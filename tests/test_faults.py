@@ -344,3 +344,71 @@ def test_600_requests_to_an_upstream_that_closes_after_each_answer_all_succeed(
     print(f"stale-connection failures: {len(failed)}/600, connections {upstream.accepted}")
     assert not failed, f"{len(failed)} of 600 failed: {sorted(set(failed))}"
     wait_closed(upstream)
+
+
+# --- item 4: timeouts mean what their names say -----------------------------------------------
+
+
+def _trickle(gap_s: float, body: bytes = COMPLETION) -> Callable[..., bool]:
+    """Headers at once, then the body one piece at a time, ``gap_s`` apart."""
+
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+        sock.sendall(head.encode() + b"\r\n\r\n")
+        step = max(1, len(body) // 8)
+        for i in range(0, len(body), step):
+            time.sleep(gap_s)
+            sock.sendall(body[i : i + step])
+        return True
+
+    return behaviour
+
+
+def test_a_body_trickling_within_the_idle_timeout_arrives_whole(raw, no_watcher, hal0):
+    # 8 pieces 0.25 s apart: 2 s in all, never more than 0.25 s of silence.
+    raw(_trickle(0.25), idle_timeout_s=0.8)
+    r = post(hal0)
+    assert r.status_code == 200, r.text
+    assert r.content == COMPLETION
+
+
+def test_a_body_silent_for_longer_than_the_idle_timeout_is_502(raw, no_watcher, hal0):
+    upstream = raw(_trickle(1.0), idle_timeout_s=0.3)
+    err = assert_proxy_error(post(hal0), 502, "upstream_broken")
+    assert "0.3s" in err["message"]
+    wait_closed(upstream)
+
+
+def test_max_duration_caps_a_whole_request_even_when_bytes_keep_coming(raw, no_watcher, hal0):
+    raw(_trickle(0.25), idle_timeout_s=5, max_duration_s=0.8)
+    err = assert_proxy_error(post(hal0), 504, "upstream_timeout")
+    assert "max_duration_s" in err["message"]
+
+
+def test_max_duration_ends_a_stream_with_an_error_event(raw, no_watcher, hal0):
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(SSE_HEAD)
+        for _ in range(20):
+            sock.sendall(chunk(EVENT))
+            time.sleep(0.1)
+        sock.sendall(b"0\r\n\r\n")
+        return True
+
+    raw(behaviour, idle_timeout_s=5, max_duration_s=0.5)
+    r = post(hal0, stream=True)
+    got = events(r.text)
+    assert 2 <= len(got) < 20
+    assert json.loads(got[-1])["error"]["code"] == "upstream_timeout"
+
+
+def test_max_duration_also_bounds_the_wait_for_headers(raw, no_watcher, hal0):
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.recv(1)  # hang until hal0web gives up and closes
+        return False
+
+    upstream = raw(behaviour, first_byte_timeout_s=30, max_duration_s=0.5)
+    started = time.monotonic()
+    err = assert_proxy_error(post(hal0), 504, "upstream_timeout")
+    assert time.monotonic() - started < 5
+    assert "max_duration_s" in err["message"]
+    wait_closed(upstream)
