@@ -412,3 +412,75 @@ def test_max_duration_also_bounds_the_wait_for_headers(raw, no_watcher, hal0):
     assert time.monotonic() - started < 5
     assert "max_duration_s" in err["message"]
     wait_closed(upstream)
+
+
+# --- item 9: Retry-After on a down slot says when a retry can help ----------------------------
+
+
+def _broken_server(sock: socket.socket, req: RawRequest) -> bool:
+    # Up, but every answer (probes included) is a 500: the watcher says `error`.
+    sock.sendall(http_response(500, b'{"error": {"message": "broken"}}'))
+    return True
+
+
+def _state(name: str) -> str:
+    from dispatch.store import store
+
+    slot = store.table.slots.get(name)
+    return slot.state if slot is not None else "?"
+
+
+def _wait_state(name: str, state: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while _state(name) != state and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(name) == state
+
+
+def _probes(upstream: RawUpstream) -> int:
+    return len([r for r in upstream.requests if r.path in ("/v1/models", "/health")])
+
+
+def test_a_down_slot_answers_retry_after_1_and_is_probed_at_once(raw, hal0, settings):
+    upstream = raw(_broken_server)
+    _wait_state("a", "error")
+    settings.HAL0_PROBE_INTERVAL_S = 5  # the default: the next scheduled probe is seconds away
+    time.sleep(0.3)  # let the watcher settle into its 5 s wait
+    before = _probes(upstream)
+    r = post(hal0)
+    err = assert_proxy_error(r, 503, "slot_unavailable")
+    assert "error" in err["message"]
+    assert r.headers["Retry-After"] == "1"
+    # The request asked the watcher to look now, so a retry after 1 s sees a fresh probe.
+    deadline = time.monotonic() + 1
+    while _probes(upstream) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _probes(upstream) > before, "no probe within the Retry-After"
+
+
+def test_the_sdk_default_retries_give_up_on_a_down_slot_in_about_two_seconds(raw, hal0, settings):
+    raw(_broken_server)
+    _wait_state("a", "error")
+    settings.HAL0_PROBE_INTERVAL_S = 5
+    sdk = openai.OpenAI(base_url=hal0.url + "/v1", api_key="x")  # max_retries: the default 2
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as exc:
+        sdk.chat.completions.create(model="m1", messages=[])
+    elapsed = time.monotonic() - started
+    print(f"SDK time to error on a down slot: {elapsed:.1f}s")
+    assert exc.value.status_code == 503
+    assert elapsed < 4, f"{elapsed:.1f}s"  # with Retry-After: 5 it was over 10 s
+    sdk.close()
+
+
+def test_many_requests_to_a_down_slot_probe_it_at_most_once_a_second(raw, hal0, settings):
+    upstream = raw(_broken_server)
+    _wait_state("a", "error")
+    settings.HAL0_PROBE_INTERVAL_S = 5
+    time.sleep(0.3)
+    before = _probes(upstream)
+    with httpx.Client(base_url=hal0.url, timeout=30) as c:
+        for _ in range(50):
+            assert c.post(CHAT, json={"model": "m1", "messages": []}).status_code == 503
+    # llama.cpp kind: /v1/models and /health per probe; one probe from the first request.
+    assert _probes(upstream) - before <= 2 * 2
