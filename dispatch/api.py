@@ -22,8 +22,9 @@ from django.http import (
     JsonResponse,
     StreamingHttpResponse,
 )
+from django.utils.cache import patch_vary_headers
 
-from dispatch import bodies, health
+from dispatch import bodies, cors, health
 from dispatch.admission import admission
 from dispatch.decisions import DecisionRecord, record
 from dispatch.errors import (
@@ -121,8 +122,6 @@ def proxy_view(endpoint: str) -> View:
         request_id = _request_id(request)
         rec = DecisionRecord(request_id=request_id, endpoint=endpoint, model=None)
         try:
-            if request.method != "POST":
-                raise ApiError(405, "method_not_allowed", f"Use POST for /v1/{endpoint}.")
             await authorize(request)
             body = bodies.parse(_read_body(request))
             rec.model = body.model
@@ -140,8 +139,6 @@ def proxy_view(endpoint: str) -> View:
         except ApiError as err:
             response = error_response(err)
             rec.status, rec.error = err.status, err.code
-            if err.status == 405:
-                response["Allow"] = "POST"
             _visibility(response, request_id, rec.slot, rec.resolution_path)
             rec.duration_ms = (time.perf_counter() - started) * 1000
             record(rec)
@@ -164,7 +161,7 @@ def proxy_view(endpoint: str) -> View:
         return await _buffered(fwd, rec, started)
 
     view.__name__ = f"v1_{endpoint.replace('/', '_')}"
-    return view
+    return _serves(("POST",), view, f"/v1/{endpoint}")
 
 
 # Statuses whose answer has no body to check.
@@ -298,6 +295,48 @@ def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streaming
     return response
 
 
+def _serves(methods: tuple[str, ...], view: Any, label: str) -> Any:
+    """``view`` answering only ``methods``, with OPTIONS (and CORS) handled around it.
+
+    OPTIONS answers 204 with ``Allow`` (RFC 9110), plus a CORS preflight answer when the
+    Origin is one of HAL0_CORS_ORIGINS; any other method not served is 405 with the same
+    ``Allow``. Every answer to an allowed origin carries its CORS headers.
+    """
+    served = frozenset(methods) | {"OPTIONS"}
+    allow = ", ".join(sorted(served))
+
+    async def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        origins = settings.HAL0_CORS_ORIGINS
+        origin = request.headers.get("Origin")
+        response: HttpResponseBase
+        if request.method == "OPTIONS":
+            response = HttpResponse(status=204)
+            response["Allow"] = allow
+            cors_headers = cors.preflight(
+                origin, origins, allow, request.headers.get("Access-Control-Request-Headers")
+            )
+        else:
+            if request.method in served:
+                response = await view(request, *args, **kwargs)
+            else:
+                verbs = " or ".join(m for m in methods if m != "HEAD")
+                response = _fail(
+                    request,
+                    ApiError(405, "method_not_allowed", f"Use {verbs} for {label}."),
+                    allow,
+                )
+            cors_headers = cors.actual(origin, origins)
+        for key, value in cors_headers.items():
+            response[key] = value
+        if origins:
+            # The answer depends on the Origin: a cache must not serve one origin's to another.
+            patch_vary_headers(response, ("Origin",))
+        return response
+
+    wrapped.__name__ = getattr(view, "__name__", "v1_view")
+    return wrapped
+
+
 chat_completions = proxy_view("chat/completions")
 completions = proxy_view("completions")
 embeddings = proxy_view("embeddings")
@@ -352,9 +391,7 @@ def _model_entries(table: RoutingTable) -> list[dict[str, Any]]:
     return data
 
 
-async def models(request: HttpRequest) -> HttpResponse:
-    if request.method != "GET":
-        return _fail(request, ApiError(405, "method_not_allowed", "Use GET for /v1/models."), "GET")
+async def _models(request: HttpRequest) -> HttpResponse:
     try:
         await authorize(request)
     except ApiError as err:
@@ -366,11 +403,7 @@ async def models(request: HttpRequest) -> HttpResponse:
     )
 
 
-async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
-    if request.method != "GET":
-        return _fail(
-            request, ApiError(405, "method_not_allowed", "Use GET for /v1/models/{id}."), "GET"
-        )
+async def _model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
     try:
         await authorize(request)
     except ApiError as err:
@@ -385,8 +418,13 @@ async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
     )
 
 
+# GET and HEAD (the server sends HEAD's headers without the body).
+models = _serves(("GET", "HEAD"), _models, "/v1/models")
+model_detail = _serves(("GET", "HEAD"), _model_detail, "/v1/models/{id}")
+
+
 async def not_found(request: HttpRequest, path: str) -> HttpResponse:
-    return _fail(
+    response = _fail(
         request,
         ApiError(
             404,
@@ -395,6 +433,12 @@ async def not_found(request: HttpRequest, path: str) -> HttpResponse:
             "embeddings and models.",
         ),
     )
+    # A browser app can read the 404 too.
+    for key, value in cors.actual(
+        request.headers.get("Origin"), settings.HAL0_CORS_ORIGINS
+    ).items():
+        response[key] = value
+    return response
 
 
 async def healthz(request: HttpRequest) -> JsonResponse:

@@ -140,6 +140,25 @@ HAL0_WATCHER: bool = _strict_bool("HAL0_WATCHER", True)
 HAL0_API_AUTH: str = _read("HAL0_API_AUTH", env.str, "auto").strip().lower()
 if HAL0_API_AUTH not in {"auto", "required", "off"}:
     raise ImproperlyConfigured(f"HAL0_API_AUTH={HAL0_API_AUTH!r} must be auto, required or off")
+
+
+def _origins(name: str) -> frozenset[str]:
+    """Browser origins (scheme://host[:port]), lowercase; a path or a bare host is an error,
+    and so is "*": every origin allowed is a decision to name, one by one."""
+    out: set[str] = set()
+    for raw in _read(name, env.list, []):
+        origin = raw.strip().lower().rstrip("/")
+        if not re.fullmatch(r"https?://(\[[0-9a-f:]+\]|[a-z0-9.\-]+)(:\d{1,5})?", origin):
+            raise ImproperlyConfigured(
+                f"{name}: {raw!r} is not an origin (scheme://host[:port], e.g. "
+                "http://localhost:5173; no path, no wildcard)"
+            )
+        out.add(origin)
+    return frozenset(out)
+
+
+# Browser origins allowed to call /v1 (CORS); none by default.
+HAL0_CORS_ORIGINS: frozenset[str] = _origins("HAL0_CORS_ORIGINS")
 HAL0_BIND: str = _read("HAL0_BIND", env.str, "127.0.0.1:8000")
 if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", HAL0_BIND):
     raise ImproperlyConfigured(f"HAL0_BIND={HAL0_BIND!r} must be HOST:PORT")

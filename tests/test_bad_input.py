@@ -71,7 +71,7 @@ def test_body_over_the_limit_is_413(seed_slots, hal0, settings, fake_pair):
 def test_wrong_method_is_405(client, method):
     r = client.request(method, "/v1/chat/completions")
     assert_error(r, 405, "method_not_allowed")
-    assert r.headers["Allow"] == "POST"
+    assert r.headers["Allow"] == "OPTIONS, POST"
     r = client.post("/v1/models", json={})
     assert_error(r, 405, "method_not_allowed")
 
