@@ -38,6 +38,7 @@ from dispatch.errors import (
 )
 from dispatch.forward import Forwarded, forward
 from dispatch.keys import authorize
+from dispatch.outliers import outliers
 from dispatch.proxy import UpstreamError
 from dispatch.resolver import Decision, NoRoute, Target, resolve
 from dispatch.store import store
@@ -448,6 +449,15 @@ async def healthz(request: HttpRequest) -> JsonResponse:
         {
             "ok": True,
             "version": table.version,
-            "slots": {s.name: (s.state if s.enabled else "disabled") for s in table.slots.values()},
+            "slots": {
+                s.name: (
+                    "disabled"
+                    if not s.enabled
+                    else "degraded"
+                    if s.state == "ready" and outliers.degraded(s.name)
+                    else s.state
+                )
+                for s in table.slots.values()
+            },
         }
     )

@@ -9,6 +9,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from dispatch import events
 from dispatch.admission import admission
+from dispatch.outliers import outliers
 from dispatch.snapshots import snapshot
 from dispatch.store import store
 
@@ -24,7 +25,9 @@ class DispatchConsumer(AsyncWebsocketConsumer):
         await events.join(self.channel_name)
         await self.accept()
         table = await store.ensure_loaded()
-        await self.send(text_data=orjson.dumps(snapshot(table, admission.inflight)).decode())
+        await self.send(
+            text_data=orjson.dumps(snapshot(table, admission.inflight, outliers.overlay())).decode()
+        )
 
     async def disconnect(self, code: int) -> None:
         await events.leave(self.channel_name)
@@ -38,7 +41,11 @@ class DispatchConsumer(AsyncWebsocketConsumer):
             return
         if isinstance(message, dict) and message.get("type") == "snapshot":
             table = await store.ensure_loaded()
-            await self.send(text_data=orjson.dumps(snapshot(table, admission.inflight)).decode())
+            await self.send(
+                text_data=orjson.dumps(
+                    snapshot(table, admission.inflight, outliers.overlay())
+                ).decode()
+            )
 
     async def dispatch_event(self, message: dict[str, Any]) -> None:
         await self.send(text_data=orjson.dumps(message["event"]).decode())

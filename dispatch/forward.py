@@ -16,6 +16,7 @@ from django.conf import settings
 
 from dispatch.admission import admission
 from dispatch.errors import ApiError
+from dispatch.outliers import outliers
 from dispatch.proxy import UpstreamError, UpstreamResponse, upstream
 from dispatch.resolver import Decision, Target
 from dispatch.store import store
@@ -97,6 +98,15 @@ def _nudge(slot: SlotEntry, on_suspect: Callable[[str, str], None]) -> bool:
     return True
 
 
+def _degraded(slot: SlotEntry) -> ApiError:
+    return ApiError(
+        503,
+        "slot_unavailable",
+        f"Slot '{slot.name}' is degraded: {outliers.degraded(slot.name)}",
+        headers=_retry_after(outliers.retry_after(slot.name)),
+    )
+
+
 def _unavailable(slot: SlotEntry, probing: bool) -> ApiError:
     """503 for a down slot. Retry-After says when a retry can help: right after the probe
     just asked for (1 s), else the next scheduled probe (HAL0_PROBE_INTERVAL_S). The SDKs
@@ -145,7 +155,14 @@ async def forward(
             last_error = last_error or _unavailable(slot, _nudge(slot, on_suspect))
             first_failed = first_failed or slot.name
             continue
+        if not outliers.admit(slot.name):
+            # Out of rotation (its probes pass, its requests did not): fail over at once
+            # rather than wait out first_byte_timeout_s again.
+            last_error = last_error or _degraded(slot)
+            first_failed = first_failed or slot.name
+            continue
         if not await admission.acquire(slot.name, slot.max_concurrency, settings.HAL0_QUEUE_WAIT_S):
+            outliers.abandoned(slot.name)
             raise ApiError(
                 429,
                 "slot_busy",
@@ -157,6 +174,10 @@ async def forward(
             response = await upstream.open(slot, path, body_for(target), headers)
         except UpstreamError as exc:
             admission.release(slot.name)
+            if slot.state == "ready":  # a probe's "offline" is the watcher's to act on
+                outliers.failed(slot.name, exc.message, settings.HAL0_OUTLIER_BACKOFF_S)
+            else:
+                outliers.abandoned(slot.name)
             on_suspect(slot.name, exc.message)
             last_error = _transport_error(exc)
             if first_failed is None:
@@ -167,7 +188,12 @@ async def forward(
             # The client went away while the slot was still thinking (a long prompt, a model
             # loading): its place on the slot must not outlive it.
             admission.release(slot.name)
+            outliers.abandoned(slot.name)
             raise
+        if response.status_code < 500:
+            outliers.succeeded(slot.name)  # it answered: not an outlier (any more)
+        else:
+            outliers.abandoned(slot.name)
         if response.status_code in _FAILOVER_STATUSES and first_failed is None and i < len(targets):
             admission.release(slot.name)
             await response.aclose()

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from dispatch import states
 from dispatch.admission import admission
+from dispatch.outliers import outliers
 from dispatch.proxy import server_root, upstream, upstream_url
 from dispatch.store import store
 from dispatch.table import SlotEntry
@@ -238,6 +239,8 @@ class Watcher:
     async def _probe(self, slot: SlotEntry) -> bool:
         timeout = max(0.5, min(slot.connect_timeout_s, settings.HAL0_PROBE_INTERVAL_S, 5.0))
         obs = await observe(slot, timeout)
+        if obs.state == "ready":
+            outliers.probe_passed(slot.name)  # may end an ejection whose back-off is over
         if obs.state == BUSY:
             return False
         if obs.timed_out and admission.inflight.get(slot.name, 0):

@@ -16,7 +16,8 @@ from dispatch.admission import admission
 from dispatch.decisions import InflightReporter
 from dispatch.keys import keyring
 from dispatch.models import ApiKey, Slot, SlotModel
-from dispatch.snapshots import table_events
+from dispatch.outliers import outliers
+from dispatch.snapshots import slot_payload, table_events
 from dispatch.store import store
 from dispatch.table import RoutingTable
 
@@ -41,11 +42,24 @@ def _reload() -> None:
 
 
 def _announce(old: RoutingTable, new: RoutingTable) -> None:
-    for event in table_events(old, new, admission.inflight):
+    for event in table_events(old, new, admission.inflight, outliers.overlay()):
         events.broadcast(event)
 
 
+def _announce_outlier(name: str) -> None:
+    """An ejection began or ended: the table did not change, so say it here."""
+    table = store.table
+    slot = table.slots.get(name)
+    if slot is None:
+        return
+    over = outliers.overlay().get(name)
+    payload = slot_payload(slot, admission.inflight.get(name, 0), over)
+    payload["previous_state"] = slot.state if over is not None else "degraded"
+    events.broadcast({"type": "slot.state", "version": table.version, "slot": payload})
+
+
 store.on_change(_announce)
+outliers.on_change(_announce_outlier)
 admission.on_change(InflightReporter(admission.inflight).note)
 
 

@@ -133,6 +133,9 @@ HAL0_PROBE_INTERVAL_S: float = _positive("HAL0_PROBE_INTERVAL_S", env.float, 5)
 HAL0_COLD_PROBE_S: float = _positive("HAL0_COLD_PROBE_S", env.float, 2, allow_zero=True)
 HAL0_SWAP_WAIT_S: float = _positive("HAL0_SWAP_WAIT_S", env.float, 30, allow_zero=True)
 HAL0_QUEUE_WAIT_S: float = _positive("HAL0_QUEUE_WAIT_S", env.float, 30, allow_zero=True)
+# Outlier ejection (dispatch/outliers.py): how long a slot whose probes pass but whose
+# requests fail is out of rotation, doubled per repeat; 0 turns ejection off.
+HAL0_OUTLIER_BACKOFF_S: float = _positive("HAL0_OUTLIER_BACKOFF_S", env.float, 30, allow_zero=True)
 # The watcher runs inside the server process unless a deployment runs `manage.py watch`.
 HAL0_WATCHER: bool = _strict_bool("HAL0_WATCHER", True)
 # /v1 authentication: `auto` requires a key (or a logged-in page session) once any API key

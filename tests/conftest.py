@@ -43,12 +43,14 @@ def _fresh_runtime() -> Iterator[None]:
     from dispatch import events, health
     from dispatch import store as store_mod
     from dispatch.keys import keyring
+    from dispatch.outliers import outliers
     from dispatch.proxy import upstream
 
     store_mod.store.reset()
     keyring.reset()
     health.watcher.__init__()  # type: ignore[misc]
     admission_mod.admission.reset()
+    outliers.reset()
     upstream.use_transport(None)
     events.bind_loop(None)  # type: ignore[arg-type]
     yield

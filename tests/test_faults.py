@@ -484,3 +484,72 @@ def test_many_requests_to_a_down_slot_probe_it_at_most_once_a_second(raw, hal0, 
             assert c.post(CHAT, json={"model": "m1", "messages": []}).status_code == 503
     # llama.cpp kind: /v1/models and /health per probe; one probe from the first request.
     assert _probes(upstream) - before <= 2 * 2
+
+
+# --- item 5: a hung slot that still passes its probes is ejected ------------------------------
+
+
+def _hangs_but_probes_pass(sock: socket.socket, req: RawRequest) -> bool:
+    if req.path in ("/v1/models", "/health"):
+        body = json.dumps({"object": "list", "data": [{"id": "m1", "object": "model"}]})
+        sock.sendall(http_response(200, body.encode(), length=False))
+        return False  # (closed: only the hung requests' connections are left to count)
+    sock.recv(1)  # never answers; returns when hal0web gives up and closes
+    return False
+
+
+def _answers(sock: socket.socket, req: RawRequest) -> bool:
+    if req.path in ("/v1/models", "/health"):
+        body = json.dumps({"object": "list", "data": [{"id": "m1", "object": "model"}]})
+        sock.sendall(http_response(200, body.encode()))
+    else:
+        sock.sendall(http_response(200, COMPLETION))
+    return True
+
+
+def _healthz(hal0) -> dict[str, str]:
+    return httpx.get(hal0.url + "/healthz", timeout=5).json()["slots"]
+
+
+def test_a_hung_slot_that_passes_its_probes_is_ejected_and_requests_fail_over_at_once(
+    raw, hal0, settings
+):
+    settings.HAL0_OUTLIER_BACKOFF_S = 2
+    hung = raw(_hangs_but_probes_pass, "a", priority=1, first_byte_timeout_s=0.5)
+    raw(_answers, "b")
+    _wait_state("a", "ready")
+    _wait_state("b", "ready")
+    took = []
+    for _ in range(5):
+        started = time.monotonic()
+        r = post(hal0)
+        took.append(time.monotonic() - started)
+        assert r.status_code == 200 and r.headers["X-Hal0-Slot"] == "b", r.text
+        assert r.headers["X-Hal0-Resolution"] == "failover:a->b"
+    # Three waits of first_byte_timeout_s, then none: the slot is out of rotation.
+    assert all(t >= 0.5 for t in took[:3]), took
+    assert all(t < 0.3 for t in took[3:]), took
+    assert len(hung.completions()) == 3
+    assert _healthz(hal0)["a"] == "degraded"
+    # The probes still pass, but before the back-off ends they do not bring it back.
+    time.sleep(0.5)
+    assert _healthz(hal0)["a"] == "degraded"
+    # After the back-off: one trial request; it hangs too, so the slot is out again at once.
+    time.sleep(1.6)
+    assert post(hal0).headers["X-Hal0-Slot"] == "b"
+    assert len(hung.completions()) <= 4
+    wait_closed(hung)
+
+
+def test_an_ejected_slot_alone_answers_503_with_the_reason(raw, hal0, settings):
+    settings.HAL0_OUTLIER_BACKOFF_S = 30
+    raw(_hangs_but_probes_pass, "a", first_byte_timeout_s=0.3)
+    _wait_state("a", "ready")
+    for _ in range(3):
+        assert_proxy_error(post(hal0), 504, "upstream_timeout")
+    started = time.monotonic()
+    r = post(hal0)
+    assert time.monotonic() - started < 0.3
+    err = assert_proxy_error(r, 503, "slot_unavailable")
+    assert "degraded" in err["message"] and "no response within 0.3s" in err["message"]
+    assert 25 <= int(r.headers["Retry-After"]) <= 30

@@ -74,6 +74,7 @@ def started(tmp_path: Path, **env: str) -> dict:
         ("HAL0_CORS_ORIGINS", "example.com"),
         ("HAL0_CORS_ORIGINS", "https://a.example/path"),
         ("HAL0_CORS_ORIGINS", "*"),
+        ("HAL0_OUTLIER_BACKOFF_S", "-1"),
     ],
 )
 def test_bad_value_stops_start_up_naming_the_variable(tmp_path, name, value):
