@@ -173,9 +173,10 @@ HAL0_ADMIN_PASSWORD: str | None = os.environ.get("HAL0_ADMIN_PASSWORD") or None
 # The demo: two tiny GGUF models served by llama-cpp-python as the slots `primary` and
 # `agent-hermes`. Off (0) serves only the manifests in slots/ (your own servers).
 HAL0_DEMO: bool = _strict_bool("HAL0_DEMO", True)
-# Which ASGI server `make run` starts: Daphne (the default, Channels' own) or Uvicorn
-# (httptools + uvloop: about half the CPU per request, see docs/performance.md).
-HAL0_SERVER: str = _read("HAL0_SERVER", env.str, "daphne").strip().lower()
+# Which ASGI server `make run` starts: Uvicorn (httptools + uvloop: about half the CPU per
+# request, see docs/performance.md; and back-pressure: a slow reader's stream waits for it,
+# where Daphne buffers all of it in memory, 80 MB a stream in tests/test_faults.py) or Daphne.
+HAL0_SERVER: str = _read("HAL0_SERVER", env.str, "uvicorn").strip().lower()
 if HAL0_SERVER not in {"daphne", "uvicorn"}:
     raise ImproperlyConfigured(f"HAL0_SERVER={HAL0_SERVER!r} must be daphne or uvicorn")
 

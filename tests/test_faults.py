@@ -553,3 +553,158 @@ def test_an_ejected_slot_alone_answers_503_with_the_reason(raw, hal0, settings):
     err = assert_proxy_error(r, 503, "slot_unavailable")
     assert "degraded" in err["message"] and "no response within 0.3s" in err["message"]
     assert 25 <= int(r.headers["Retry-After"]) <= 30
+
+
+# --- item 6: memory per stream is bounded under the server `make run` starts ------------------
+
+STREAM_MB = 80
+SLOW_READERS = 4
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _big_stream(sent: list[int]) -> Callable[..., bool]:
+    """An 80 MB event stream, written as fast as the reader takes it."""
+    event = b"data: " + json.dumps({"id": "x", "pad": "p" * 65000}).encode() + b"\n\n"
+
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        if req.path in ("/v1/models", "/health"):
+            sock.sendall(http_response(200, b'{"object": "list", "data": []}'))
+            return True
+        sock.sendall(SSE_HEAD)
+        total = 0
+        try:
+            while total < STREAM_MB * 1024 * 1024:
+                sock.sendall(chunk(event))
+                total += len(event)
+                sent.append(len(event))
+            sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the reader went away
+        return False
+
+    return behaviour
+
+
+@pytest.fixture
+def served(tmp_path):
+    """hal0web as its own process, under the server `make run` starts, for a slot `big`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from django.conf import settings
+
+    from dispatch.management.commands.serve import server_command
+    from tests.fakes import free_port
+
+    repo = Path(__file__).resolve().parent.parent
+    started: list[subprocess.Popen[bytes]] = []
+    uppers: list[RawUpstream] = []
+
+    def start(behaviour) -> tuple[str, int, RawUpstream]:
+        upstream = RawUpstream(behaviour)
+        uppers.append(upstream)
+        slots = tmp_path / "slots"
+        slots.mkdir(exist_ok=True)
+        (slots / "big.toml").write_text(
+            f'name = "big"\nurl = "{upstream.url}/v1"\n[model]\ndefault = "m1"\n'
+        )
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("HAL0_") and k != "DATABASE_URL"
+        }
+        env.update(
+            HAL0_DATA_DIR=str(tmp_path / "data"),
+            HAL0_ENV_FILE="/nonexistent",
+            HAL0_WATCHER="false",
+            DJANGO_SETTINGS_MODULE="hal0web.settings",
+        )
+        manage = [sys.executable, str(repo / "manage.py")]
+        for args in (["migrate", "-v0"], ["slots", "import", str(slots)]):
+            subprocess.run([*manage, *args], cwd=repo, env=env, check=True, capture_output=True)
+        port = free_port()
+        # What `make run` starts (HAL0_SERVER=daphne in the environment measures Daphne).
+        command = server_command(settings.HAL0_SERVER, "127.0.0.1", port, None)
+        proc = subprocess.Popen(
+            command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        started.append(proc)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        return f"http://127.0.0.1:{port}", proc.pid, upstream
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for upstream in uppers:
+        upstream.stop()
+
+
+def _slow_reader(base: str) -> socket.socket:
+    """Start a stream and read (almost) nothing of it."""
+    host, port = base.rsplit("/", 1)[1].split(":")
+    body = json.dumps({"model": "m1", "stream": True, "messages": []}).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(4096)
+    return sock
+
+
+def _grown_mb(served) -> tuple[float, float]:
+    sent: list[int] = []
+    base, pid, _ = served(_big_stream(sent))
+    warm = _slow_reader(base)  # warm up: imports, pools, the first request's allocations
+    time.sleep(1)
+    warm.close()
+    time.sleep(1)
+    before = _rss_kb(pid)
+    readers = [_slow_reader(base) for _ in range(SLOW_READERS)]
+    # Wait until the upstream can send no more (back-pressure) or has sent everything.
+    last, still = -1, 0
+    deadline = time.monotonic() + 60
+    while still < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = sum(sent)
+        still = still + 1 if now == last else 0
+        last = now
+    grown = (_rss_kb(pid) - before) / 1024
+    upstream_mb = sum(sent) / 1024 / 1024
+    for sock in readers:
+        sock.close()
+    return grown, upstream_mb
+
+
+def test_slow_readers_on_big_streams_do_not_grow_the_server_make_run_starts(served):
+    # Under Daphne (make run's server before) this grew 387 MB: it reads the whole stream
+    # into memory for a reader that does not keep up. Uvicorn waits for the reader.
+    grown, upstream_mb = _grown_mb(served)
+    print(
+        f"RSS growth, {SLOW_READERS} slow readers x {STREAM_MB} MB: {grown:.1f} MB "
+        f"(the upstream got {upstream_mb:.1f} MB out)"
+    )
+    assert grown < 20, f"grew {grown:.1f} MB"
