@@ -708,3 +708,131 @@ def test_slow_readers_on_big_streams_do_not_grow_the_server_make_run_starts(serv
         f"(the upstream got {upstream_mb:.1f} MB out)"
     )
     assert grown < 20, f"grew {grown:.1f} MB"
+
+
+# --- the rest of the matrix: refuse, hang, cut, disconnects -----------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refused_connection_is_502_upstream_unreachable(
+    transactional_db, no_watcher, hal0, stream
+):
+    from tests.fakes import free_port
+
+    add_slot("a", f"http://127.0.0.1:{free_port()}/v1", ["m1"])
+    assert_proxy_error(post(hal0, stream=stream), 502, "upstream_unreachable")
+    no_leaked_place()
+
+
+def test_a_refusing_slot_goes_offline_and_then_answers_503_at_once(transactional_db, hal0):
+    from tests.fakes import free_port
+
+    add_slot("a", f"http://127.0.0.1:{free_port()}/v1", ["m1"])
+    _wait_state("a", "offline")
+    r = post(hal0)
+    assert_proxy_error(r, 503, "slot_unavailable")
+    assert r.headers["Retry-After"] == "1"
+
+
+def _hang(sock: socket.socket, req: RawRequest) -> bool:
+    sock.recv(1)  # returns (empty) when hal0web closes its side
+    return False
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hang_before_headers_is_504_and_the_connection_is_closed(raw, no_watcher, hal0, stream):
+    upstream = raw(_hang, first_byte_timeout_s=0.3)
+    err = assert_proxy_error(post(hal0, stream=stream), 504, "upstream_timeout")
+    assert "0.3s" in err["message"]
+    wait_closed(upstream)
+    no_leaked_place()
+
+
+def test_a_stream_that_hangs_mid_event_ends_idle_and_the_connection_is_closed(
+    raw, no_watcher, hal0
+):
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(SSE_HEAD + chunk(EVENT) + chunk(HALF_EVENT))
+        sock.recv(1)
+        return False
+
+    upstream = raw(behaviour, idle_timeout_s=0.3)
+    got = events(post(hal0, stream=True).text)
+    assert len(got) == 3 and json.loads(got[2])["error"]["code"] == "upstream_idle"
+    wait_closed(upstream)
+    no_leaked_place()
+
+
+def test_a_stream_that_hangs_then_resets_ends_broken(raw, no_watcher, hal0):
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(SSE_HEAD + chunk(EVENT))
+        time.sleep(0.5)
+        reset(sock)
+        return False
+
+    upstream = raw(behaviour, idle_timeout_s=5)
+    got = events(post(hal0, stream=True).text)
+    assert json.loads(got[-1])["error"]["code"] == "upstream_broken"
+    wait_closed(upstream)
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_a_non_streaming_body_cut_short_is_502_upstream_broken(raw, no_watcher, hal0, how):
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(COMPLETION)}"
+        sock.sendall(head.encode() + b"\r\n\r\n" + COMPLETION[:20])
+        if how == "reset":
+            reset(sock)
+        return False
+
+    upstream = raw(behaviour)
+    err = assert_proxy_error(post(hal0), 502, "upstream_broken")
+    assert "aiohttp" not in err["message"] and "TransferEncodingError" not in err["message"]
+    wait_closed(upstream)
+    no_leaked_place()
+
+
+def test_1000_clients_gone_mid_stream_leave_no_connection_and_no_place(raw, no_watcher, hal0):
+    import threading
+
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        sock.sendall(SSE_HEAD)
+        try:
+            for _ in range(1000):
+                sock.sendall(chunk(EVENT))
+                time.sleep(0.02)
+        except OSError:
+            pass  # hal0web closed it when its client went away
+        return False
+
+    upstream = raw(behaviour)
+    port = int(hal0.url.rsplit(":", 1)[1])
+    body = json.dumps({"model": "m1", "stream": True, "messages": []}).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    failures: list[str] = []
+
+    def clients(n: int) -> None:
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(request)
+                got = b""
+                while b"chatcmpl-fake" not in got:
+                    data = sock.recv(65536)
+                    if not data:
+                        failures.append(got.decode(errors="replace")[:200])
+                        break
+                    got += data
+
+    threads = [threading.Thread(target=clients, args=(50,)) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+    assert len(upstream.completions()) == 1000
+    wait_closed(upstream, timeout=20)
+    no_leaked_place()
