@@ -141,6 +141,11 @@ class UpstreamResponse:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the upstream sends it: no re-chunking, no buffering."""
+        if self._response.is_stream_consumed:
+            # Built in memory with its body already read (httpx.MockTransport at the seam).
+            if self._response.content:
+                yield self._response.content
+            return
         raw = self._response.aiter_raw().__aiter__()
         loop = asyncio.get_running_loop()
         while True:
