@@ -91,6 +91,13 @@ def assert_proxy_error(r: httpx.Response, status: int, code: str) -> dict[str, A
     return err
 
 
+def in_rotation(name: str = "a") -> None:
+    """One fault is not an outlier: the slot still takes requests."""
+    from dispatch.outliers import outliers
+
+    assert outliers.admit(name) and outliers.degraded(name) is None
+
+
 def no_leaked_place() -> None:
     from dispatch.admission import admission
 
@@ -216,6 +223,20 @@ def test_an_html_error_page_becomes_upstream_error(
     if status in (429, 503):
         assert r.headers["Retry-After"] == "7"
     no_leaked_place()
+    in_rotation()  # it answered: an error page is not a hang
+
+
+@pytest.mark.parametrize("upstream_status", [429, 500, 503])
+def test_an_openai_shaped_5xx_or_429_passes_with_its_status_and_retry_after(
+    raw, no_watcher, hal0, upstream_status
+):
+    body = b'{"error": {"message": "overloaded", "type": "server_error", "code": null}}'
+    raw(_answer(upstream_status, body, "application/json", (("Retry-After", "3"),)))
+    r = post(hal0, stream=True)
+    assert r.status_code == upstream_status and r.content == body
+    assert r.headers["Retry-After"] == "3"
+    assert r.headers["X-Hal0-Upstream-Status"] == str(upstream_status)
+    in_rotation()
 
 
 def test_a_json_error_that_is_not_openai_shaped_is_wrapped(raw, no_watcher, hal0):
@@ -298,6 +319,7 @@ def test_a_reused_connection_closed_under_the_request_is_retried_on_a_fresh_one(
     # pooled one): 5 answers, 7 requests upstream.
     assert [r.index for r in upstream.completions()] == [1, 2, 1, 1, 2, 1, 1]
     no_leaked_place()
+    in_rotation()
 
 
 def test_a_fresh_connection_dropped_without_an_answer_is_not_retried(raw, no_watcher, hal0):
@@ -746,6 +768,7 @@ def test_a_hang_before_headers_is_504_and_the_connection_is_closed(raw, no_watch
     assert "0.3s" in err["message"]
     wait_closed(upstream)
     no_leaked_place()
+    in_rotation()  # one timeout; three in a row eject (test below)
 
 
 def test_a_stream_that_hangs_mid_event_ends_idle_and_the_connection_is_closed(
@@ -836,3 +859,4 @@ def test_1000_clients_gone_mid_stream_leave_no_connection_and_no_place(raw, no_w
     assert len(upstream.completions()) == 1000
     wait_closed(upstream, timeout=20)
     no_leaked_place()
+    in_rotation()  # clients going away say nothing against the slot
