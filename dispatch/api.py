@@ -172,6 +172,24 @@ _NO_BODY = frozenset({204, 205, 304})
 _ERROR_READ_LIMIT = 64 * 1024
 
 
+# Answers up to this size are parsed whole to check they are JSON (orjson: ~1 ms a MB);
+# a larger one (a big batch of embeddings) would hold the event loop, and every stream on
+# it, for tens of ms, so only its ends are looked at. (A body cut short is caught anyway:
+# its Content-Length or chunked framing is not met.)
+_PARSE_CHECK_BYTES = 1024 * 1024
+
+
+def _is_json(content: bytes) -> bool:
+    if len(content) <= _PARSE_CHECK_BYTES:
+        try:
+            bodies.loads(content)
+        except ValueError:
+            return False
+        return True
+    first, last = content[:64].lstrip()[:1], content[-64:].rstrip()[-1:]
+    return (first, last) in ((b"{", b"}"), (b"[", b"]"))
+
+
 def _finish(response: HttpResponse, rec: DecisionRecord, started: float) -> HttpResponse:
     _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
     rec.duration_ms = (time.perf_counter() - started) * 1000
@@ -199,19 +217,16 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
         return _finish(_proxy_error(rec, err, status), rec, started)
     finally:
         admission.release(fwd.slot.name)
-    if status not in _NO_BODY:
-        try:
-            bodies.loads(content)
-        except ValueError:
-            # An OpenAI client would fail on it with its JSON parser's words, or worse, a
-            # proxy's HTML page taken for an answer: say what happened instead.
-            err = ApiError(
-                502,
-                "upstream_invalid_response",
-                f"Slot '{fwd.slot.name}' answered {status} with a body that is not JSON: "
-                f"{excerpt(content) or '(empty)'}",
-            )
-            return _finish(_proxy_error(rec, err, status), rec, started)
+    if status not in _NO_BODY and not _is_json(content):
+        # An OpenAI client would fail on it with its JSON parser's words, or worse, take a
+        # proxy's HTML page for an answer: say what happened instead.
+        err = ApiError(
+            502,
+            "upstream_invalid_response",
+            f"Slot '{fwd.slot.name}' answered {status} with a body that is not JSON: "
+            f"{excerpt(content) or '(empty)'}",
+        )
+        return _finish(_proxy_error(rec, err, status), rec, started)
     response = HttpResponse(content, status=status)
     for key, value in fwd.response.headers():
         response[key] = value

@@ -273,6 +273,21 @@ def test_a_200_that_is_not_json_is_upstream_invalid_response(raw, no_watcher, ha
     assert "not JSON" in err["message"]
 
 
+def test_a_large_200_is_checked_by_its_ends(raw, no_watcher, hal0):
+    # Past 1 MB only the ends are looked at (a whole parse would hold the event loop).
+    big_json = json.dumps({"data": [{"embedding": [0.125] * 1000}] * 300}).encode()
+    assert len(big_json) > 1024 * 1024
+    raw(_answer(200, big_json, "application/json"), "a")
+    r = post(hal0)
+    assert r.status_code == 200 and r.content == big_json
+
+
+def test_a_large_200_html_page_is_upstream_invalid_response(raw, no_watcher, hal0):
+    page = b"<html><body>" + b"x" * (2 * 1024 * 1024) + b"</body></html>"
+    raw(_answer(200, page, "text/html"))
+    assert_proxy_error(post(hal0), 502, "upstream_invalid_response")
+
+
 def test_a_200_json_answer_passes_byte_for_byte(raw, no_watcher, hal0):
     raw(_answer(200, COMPLETION, "application/json"))
     r = post(hal0)
