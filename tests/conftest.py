@@ -40,7 +40,7 @@ def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> No
 def _fresh_runtime() -> Iterator[None]:
     """Each test starts with an empty routing table, no watcher and no pooled clients."""
     from dispatch import admission as admission_mod
-    from dispatch import events, health
+    from dispatch import events, forward, health
     from dispatch import store as store_mod
     from dispatch.keys import keyring
     from dispatch.outliers import outliers
@@ -51,6 +51,7 @@ def _fresh_runtime() -> Iterator[None]:
     health.watcher.__init__()  # type: ignore[misc]
     admission_mod.admission.reset()
     outliers.reset()
+    forward._nudged.clear()  # a slot name nudged by the last test is not nudged by this one
     upstream.use_transport(None)
     events.bind_loop(None)  # type: ignore[arg-type]
     yield
