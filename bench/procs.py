@@ -7,9 +7,11 @@ what /proc says about a process: resident memory and CPU time.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -68,7 +70,12 @@ class Proc:
 
     def start(self) -> None:
         if self.database is not None:
-            shutil.copyfile(*self.database)
+            # SQLite's backup API: the file alone may lack what still sits in its WAL.
+            src, dst = (sqlite3.connect(path) for path in self.database)
+            with src, dst:
+                src.backup(dst)
+            src.close()
+            dst.close()
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.popen = subprocess.Popen(
             ["taskset", "-c", str(self.core), *self.argv],
@@ -155,10 +162,14 @@ class Workspace:
         )
 
     def proc(self, name: str, argv: list[str], core: int, port: int) -> Proc:
-        # SQLite serves one server process (dispatch.leases): each server gets its own copy
-        # of the database, made when it starts (Proc.database), after setup() filled it.
-        db = self.dir / f"{name}.sqlite3"
-        proc = Proc(name, argv, self.env, core, port, self.dir / f"{name}.log")
+        return Proc(name, argv, self.env, core, port, self.dir / f"{name}.log")
+
+    def server(self, name: str, argv: list[str], port: int) -> Proc:
+        """A hal0web server process. SQLite serves one server process (dispatch.leases), so
+        each gets its own copy of the database, made when it starts, after setup()."""
+        # Only [a-z0-9-] in the file name: a URL's "+" would be read as a space.
+        db = self.dir / (re.sub(r"[^a-z0-9-]", "-", name.lower()) + ".sqlite3")
+        proc = self.proc(name, argv, HAL0_CORE, port)
         proc.extra_env = {"DATABASE_URL": f"sqlite:///{db}"}
         proc.database = (self.dir / "hal0web.sqlite3", db)
         return proc
@@ -187,7 +198,7 @@ def _server_proc(ws: Workspace, server: str, name: str) -> Proc:
 
     port = free_port()
     argv = server_command(server, "127.0.0.1", port, access_log=None)
-    return ws.proc(name, argv, HAL0_CORE, port)
+    return ws.server(name, argv, port)
 
 
 def floor_proc(ws: Workspace) -> Proc:
@@ -221,4 +232,4 @@ def variant_proc(ws: Workspace, transport: str) -> Proc:
     """hal0web under Uvicorn with a named transport forced at the seam (bench.serve)."""
     port = free_port()
     argv = [PY, "-m", "bench.serve", transport, str(port)]
-    return ws.proc(f"uvicorn+{transport}", argv, HAL0_CORE, port)
+    return ws.server(f"uvicorn+{transport}", argv, port)

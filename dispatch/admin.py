@@ -168,6 +168,7 @@ class SlotAdmin(admin.ModelAdmin):
                     "connect_timeout_s",
                     "first_byte_timeout_s",
                     "idle_timeout_s",
+                    "max_duration_s",
                 )
             },
         ),

@@ -22,13 +22,23 @@ from django.http import (
     JsonResponse,
     StreamingHttpResponse,
 )
+from django.utils.cache import patch_vary_headers
 
-from dispatch import bodies, health
+from dispatch import bodies, cors, health
 from dispatch.admission import admission
 from dispatch.decisions import DecisionRecord, record
-from dispatch.errors import ApiError, error_response, sse_error
+from dispatch.errors import (
+    ApiError,
+    error_response,
+    excerpt,
+    is_openai_error,
+    sse_between_events,
+    sse_error,
+    upstream_error_status,
+)
 from dispatch.forward import Forwarded, forward
 from dispatch.keys import authorize
+from dispatch.outliers import outliers
 from dispatch.proxy import UpstreamError
 from dispatch.resolver import Decision, NoRoute, Target, resolve
 from dispatch.store import store
@@ -113,8 +123,6 @@ def proxy_view(endpoint: str) -> View:
         request_id = _request_id(request)
         rec = DecisionRecord(request_id=request_id, endpoint=endpoint, model=None)
         try:
-            if request.method != "POST":
-                raise ApiError(405, "method_not_allowed", f"Use POST for /v1/{endpoint}.")
             await authorize(request)
             body = bodies.parse(_read_body(request))
             rec.model = body.model
@@ -132,8 +140,6 @@ def proxy_view(endpoint: str) -> View:
         except ApiError as err:
             response = error_response(err)
             rec.status, rec.error = err.status, err.code
-            if err.status == 405:
-                response["Allow"] = "POST"
             _visibility(response, request_id, rec.slot, rec.resolution_path)
             rec.duration_ms = (time.perf_counter() - started) * 1000
             record(rec)
@@ -149,42 +155,142 @@ def proxy_view(endpoint: str) -> View:
         rec.resolution_path = fwd.resolution_path
         rec.status = fwd.response.status_code
         rec.inflight = admission.inflight.get(fwd.slot.name, 0)
+        if fwd.response.status_code >= 400:
+            return await _upstream_failed(fwd, rec, started)
         if fwd.response.is_event_stream:
             return _streaming(fwd, rec, started)
         return await _buffered(fwd, rec, started)
 
     view.__name__ = f"v1_{endpoint.replace('/', '_')}"
-    return view
+    return _serves(("POST",), view, f"/v1/{endpoint}")
 
 
-async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> HttpResponse:
-    try:
-        content = await fwd.response.read()
-    except UpstreamError as exc:
-        err = ApiError(502, "upstream_broken", exc.message)
-        response = error_response(err)
-        rec.status, rec.error = 502, err.code
-    else:
-        response = HttpResponse(content, status=fwd.response.status_code)
-        for key, value in fwd.response.headers():
-            response[key] = value
-    finally:
-        admission.release(fwd.slot.name)
+# Statuses whose answer has no body to check.
+_NO_BODY = frozenset({204, 205, 304})
+# How much of an upstream's error answer is read (to quote or pass through); the rest is
+# dropped with the connection.
+_ERROR_READ_LIMIT = 64 * 1024
+
+
+# Answers up to this size are parsed whole to check they are JSON (orjson: ~1 ms a MB);
+# a larger one (a big batch of embeddings) would hold the event loop, and every stream on
+# it, for tens of ms, so only its ends are looked at. (A body cut short is caught anyway:
+# its Content-Length or chunked framing is not met.)
+_PARSE_CHECK_BYTES = 1024 * 1024
+
+
+def _is_json(content: bytes) -> bool:
+    if len(content) <= _PARSE_CHECK_BYTES:
+        try:
+            bodies.loads(content)
+        except ValueError:
+            return False
+        return True
+    first, last = content[:64].lstrip()[:1], content[-64:].rstrip()[-1:]
+    return (first, last) in ((b"{", b"}"), (b"[", b"]"))
+
+
+def _finish(response: HttpResponse, rec: DecisionRecord, started: float) -> HttpResponse:
     _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
     rec.duration_ms = (time.perf_counter() - started) * 1000
     record(rec)
     return response
 
 
+def _proxy_error(rec: DecisionRecord, err: ApiError, upstream_status: int) -> HttpResponse:
+    response = error_response(err)
+    response["X-Hal0-Upstream-Status"] = str(upstream_status)
+    rec.status, rec.error = err.status, err.code
+    return response
+
+
+async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> HttpResponse:
+    status = fwd.response.status_code
+    try:
+        content = await fwd.response.read()
+    except UpstreamError as exc:
+        err = (
+            ApiError(504, "upstream_timeout", exc.message)
+            if exc.kind == "timeout"  # max_duration_s
+            else ApiError(502, "upstream_broken", exc.message)
+        )
+        return _finish(_proxy_error(rec, err, status), rec, started)
+    finally:
+        admission.release(fwd.slot.name)
+    if status not in _NO_BODY and not _is_json(content):
+        # An OpenAI client would fail on it with its JSON parser's words, or worse, take a
+        # proxy's HTML page for an answer: say what happened instead.
+        err = ApiError(
+            502,
+            "upstream_invalid_response",
+            f"Slot '{fwd.slot.name}' answered {status} with a body that is not JSON: "
+            f"{excerpt(content) or '(empty)'}",
+        )
+        return _finish(_proxy_error(rec, err, status), rec, started)
+    response = HttpResponse(content, status=status)
+    for key, value in fwd.response.headers():
+        response[key] = value
+    return _finish(response, rec, started)
+
+
+async def _upstream_failed(fwd: Forwarded, rec: DecisionRecord, started: float) -> HttpResponse:
+    """An upstream's error answer, before any byte reached the client.
+
+    The model server's own OpenAI-shaped error passes as it is (its status and words are
+    the most precise thing to tell the client: context too long, a bad parameter). Anything
+    else (an HTML error page from a proxy or a crashed server, JSON of another shape, a
+    stream) becomes hal0web's own error, ``upstream_error``, with the upstream's status kept
+    where it means something to the client and a short excerpt of what it said.
+    """
+    status = fwd.response.status_code
+    try:
+        content = await fwd.response.read_prefix(_ERROR_READ_LIMIT)
+    finally:
+        admission.release(fwd.slot.name)
+    data: Any = None
+    if not fwd.response.is_event_stream and len(content) < _ERROR_READ_LIMIT:
+        try:
+            data = bodies.loads(content)
+        except ValueError:
+            pass
+    if is_openai_error(data):
+        response = HttpResponse(content, status=status)
+        for key, value in fwd.response.headers():
+            response[key] = value
+        response["X-Hal0-Upstream-Status"] = str(status)
+        rec.error = "upstream_error"
+        return _finish(response, rec, started)
+    said = excerpt(content)
+    err = ApiError(
+        upstream_error_status(status),
+        "upstream_error",
+        f"Slot '{fwd.slot.name}' answered {status}" + (f": {said}" if said else " with no body"),
+    )
+    response = _proxy_error(rec, err, status)
+    retry_after = fwd.response.header("retry-after")
+    if retry_after and err.status in (429, 503):
+        response["Retry-After"] = retry_after
+    return _finish(response, rec, started)
+
+
 def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> StreamingHttpResponse:
     async def relay() -> AsyncIterator[bytes]:
+        tail = b""  # the last bytes sent: does the stream sit between two events?
         try:
             async for chunk in fwd.response.chunks():
+                tail = (tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
                 yield chunk
+            if not sse_between_events(tail):
+                # The upstream ended cleanly as far as HTTP goes, but in the middle of an
+                # event: a client's parser would drop the cut event without a word.
+                rec.error = "upstream_truncated"
+                yield sse_error(
+                    rec.error, "the upstream ended the stream in the middle of an event", tail
+                )
         except UpstreamError as exc:
             # Headers are gone already; the only honest thing left is a last error event.
             rec.error = f"upstream_{exc.kind}"
-            yield sse_error(rec.error, exc.message)
+            yield sse_error(rec.error, exc.message, tail)
         except BaseException:
             rec.error = "client_disconnected"
             raise
@@ -203,6 +309,48 @@ def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streaming
     response["X-Accel-Buffering"] = "no"
     _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
     return response
+
+
+def _serves(methods: tuple[str, ...], view: Any, label: str) -> Any:
+    """``view`` answering only ``methods``, with OPTIONS (and CORS) handled around it.
+
+    OPTIONS answers 204 with ``Allow`` (RFC 9110), plus a CORS preflight answer when the
+    Origin is one of HAL0_CORS_ORIGINS; any other method not served is 405 with the same
+    ``Allow``. Every answer to an allowed origin carries its CORS headers.
+    """
+    served = frozenset(methods) | {"OPTIONS"}
+    allow = ", ".join(sorted(served))
+
+    async def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        origins = settings.HAL0_CORS_ORIGINS
+        origin = request.headers.get("Origin")
+        response: HttpResponseBase
+        if request.method == "OPTIONS":
+            response = HttpResponse(status=204)
+            response["Allow"] = allow
+            cors_headers = cors.preflight(
+                origin, origins, allow, request.headers.get("Access-Control-Request-Headers")
+            )
+        else:
+            if request.method in served:
+                response = await view(request, *args, **kwargs)
+            else:
+                verbs = " or ".join(m for m in methods if m != "HEAD")
+                response = _fail(
+                    request,
+                    ApiError(405, "method_not_allowed", f"Use {verbs} for {label}."),
+                    allow,
+                )
+            cors_headers = cors.actual(origin, origins)
+        for key, value in cors_headers.items():
+            response[key] = value
+        if origins:
+            # The answer depends on the Origin: a cache must not serve one origin's to another.
+            patch_vary_headers(response, ("Origin",))
+        return response
+
+    wrapped.__name__ = getattr(view, "__name__", "v1_view")
+    return wrapped
 
 
 chat_completions = proxy_view("chat/completions")
@@ -259,9 +407,7 @@ def _model_entries(table: RoutingTable) -> list[dict[str, Any]]:
     return data
 
 
-async def models(request: HttpRequest) -> HttpResponse:
-    if request.method != "GET":
-        return _fail(request, ApiError(405, "method_not_allowed", "Use GET for /v1/models."), "GET")
+async def _models(request: HttpRequest) -> HttpResponse:
     try:
         await authorize(request)
     except ApiError as err:
@@ -273,11 +419,7 @@ async def models(request: HttpRequest) -> HttpResponse:
     )
 
 
-async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
-    if request.method != "GET":
-        return _fail(
-            request, ApiError(405, "method_not_allowed", "Use GET for /v1/models/{id}."), "GET"
-        )
+async def _model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
     try:
         await authorize(request)
     except ApiError as err:
@@ -292,8 +434,13 @@ async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
     )
 
 
+# GET and HEAD (the server sends HEAD's headers without the body).
+models = _serves(("GET", "HEAD"), _models, "/v1/models")
+model_detail = _serves(("GET", "HEAD"), _model_detail, "/v1/models/{id}")
+
+
 async def not_found(request: HttpRequest, path: str) -> HttpResponse:
-    return _fail(
+    response = _fail(
         request,
         ApiError(
             404,
@@ -302,6 +449,12 @@ async def not_found(request: HttpRequest, path: str) -> HttpResponse:
             "embeddings and models.",
         ),
     )
+    # A browser app can read the 404 too.
+    for key, value in cors.actual(
+        request.headers.get("Origin"), settings.HAL0_CORS_ORIGINS
+    ).items():
+        response[key] = value
+    return response
 
 
 async def healthz(request: HttpRequest) -> JsonResponse:
@@ -314,7 +467,16 @@ async def healthz(request: HttpRequest) -> JsonResponse:
         {
             "ok": not watcher["stale"],
             "version": table.version,
-            "slots": {s.name: (s.state if s.enabled else "disabled") for s in table.slots.values()},
+            "slots": {
+                s.name: (
+                    "disabled"
+                    if not s.enabled
+                    else "degraded"
+                    if s.state == "ready" and outliers.degraded(s.name)
+                    else s.state
+                )
+                for s in table.slots.values()
+            },
             "watcher": watcher,
         },
         status=503 if watcher["stale"] else 200,

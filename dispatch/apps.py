@@ -9,4 +9,8 @@ class DispatchConfig(AppConfig):
     def ready(self) -> None:
         # Connect the model signals that keep the routing table and the live UI in step
         # with the database.
-        from dispatch import signals  # noqa: F401
+        from django.db.models.signals import post_migrate
+
+        from dispatch import signals, triggers  # noqa: F401
+
+        post_migrate.connect(triggers.install, sender=self)

@@ -9,6 +9,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from dispatch import events
 from dispatch.admission import admission
+from dispatch.outliers import outliers
 from dispatch.snapshots import snapshot
 from dispatch.store import store
 
@@ -25,7 +26,9 @@ class DispatchConsumer(AsyncWebsocketConsumer):
         await self.accept()
         table = await store.ensure_loaded()
         await self.send(
-            text_data=orjson.dumps(snapshot(table, admission.inflight, store.freshness())).decode()
+            text_data=orjson.dumps(
+                snapshot(table, admission.inflight, store.freshness(), outliers.overlay())
+            ).decode()
         )
 
     async def disconnect(self, code: int) -> None:
@@ -42,7 +45,7 @@ class DispatchConsumer(AsyncWebsocketConsumer):
             table = await store.ensure_loaded()
             await self.send(
                 text_data=orjson.dumps(
-                    snapshot(table, admission.inflight, store.freshness())
+                    snapshot(table, admission.inflight, store.freshness(), outliers.overlay())
                 ).decode()
             )
 

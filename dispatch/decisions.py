@@ -7,9 +7,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import orjson
-
 from dispatch import events
+from dispatch.errors import dumps
 
 log = logging.getLogger("hal0.dispatch")
 
@@ -50,8 +49,12 @@ class DecisionRecord:
 def record(rec: DecisionRecord) -> None:
     """Log the decision and send it to the live UI; neither may delay or fail the request."""
     data = rec.as_dict()
+    if rec.model is not None and not rec.model.isascii():
+        # A lone surrogate (accepted: bodies.loads) cannot be encoded as UTF-8, which a log
+        # line and a channel-layer message both need: keep it as its escape.
+        data["model"] = rec.model.encode("utf-8", "backslashreplace").decode()
     if log.isEnabledFor(logging.INFO):
-        log.info(orjson.dumps(data).decode())
+        log.info(dumps(data).decode())
     events.publish({"type": "dispatch.decision", **data})
 
 

@@ -16,6 +16,7 @@ from django.conf import settings
 
 from dispatch.admission import admission
 from dispatch.errors import ApiError
+from dispatch.outliers import outliers
 from dispatch.proxy import UpstreamError, UpstreamResponse, upstream
 from dispatch.resolver import Decision, Target
 from dispatch.store import store
@@ -58,7 +59,7 @@ async def _await_ready(target: Target) -> SlotEntry:
                 503,
                 "slot_unavailable",
                 f"Slot '{target.slot.name}' was removed or disabled.",
-                headers=_retry_after(5),
+                headers=_retry_after(1),  # a retry is resolved afresh
             )
         if slot.state != "loading":
             changed.cancel()
@@ -78,13 +79,44 @@ async def _await_ready(target: Target) -> SlotEntry:
             pass
 
 
-def _unavailable(slot: SlotEntry) -> ApiError:
+# When a request last asked the watcher to look at a down slot (loop time, per slot).
+_nudged: dict[str, float] = {}
+NUDGE_EVERY_S = 1.0
+
+
+def _nudge(slot: SlotEntry, on_suspect: Callable[[str, str], None]) -> bool:
+    """Ask the in-process watcher to probe a down slot now, at most once a second per slot
+    (a burst of requests must not become a burst of probes). True when a probe is now
+    under way or was started less than a second ago: a retry in 1 s sees its result."""
+    if not settings.HAL0_WATCHER or slot.state not in ("offline", "error"):
+        # Probed elsewhere (`manage.py watch`) or by nobody (draining is the operator's).
+        return False
+    now = asyncio.get_running_loop().time()
+    if now - _nudged.get(slot.name, -math.inf) >= NUDGE_EVERY_S:
+        _nudged[slot.name] = now
+        on_suspect(slot.name, f"a request found it {slot.state}")
+    return True
+
+
+def _degraded(slot: SlotEntry) -> ApiError:
+    return ApiError(
+        503,
+        "slot_unavailable",
+        f"Slot '{slot.name}' is degraded: {outliers.degraded(slot.name)}",
+        headers=_retry_after(outliers.retry_after(slot.name)),
+    )
+
+
+def _unavailable(slot: SlotEntry, probing: bool) -> ApiError:
+    """503 for a down slot. Retry-After says when a retry can help: right after the probe
+    just asked for (1 s), else the next scheduled probe (HAL0_PROBE_INTERVAL_S). The SDKs
+    honour it, twice by default: 5 s each made a dead slot cost their users 10 s."""
     detail = f": {slot.last_error}" if slot.last_error else ""
     return ApiError(
         503,
         "slot_unavailable",
         f"Slot '{slot.name}' is {slot.state}{detail}",
-        headers=_retry_after(settings.HAL0_PROBE_INTERVAL_S),
+        headers=_retry_after(1 if probing else settings.HAL0_PROBE_INTERVAL_S),
     )
 
 
@@ -120,10 +152,17 @@ async def forward(
                     continue
                 raise
         if slot.state in _DOWN:
-            last_error = last_error or _unavailable(slot)
+            last_error = last_error or _unavailable(slot, _nudge(slot, on_suspect))
+            first_failed = first_failed or slot.name
+            continue
+        if not outliers.admit(slot.name):
+            # Out of rotation (its probes pass, its requests did not): fail over at once
+            # rather than wait out first_byte_timeout_s again.
+            last_error = last_error or _degraded(slot)
             first_failed = first_failed or slot.name
             continue
         if not await admission.acquire(slot.name, slot.max_concurrency, settings.HAL0_QUEUE_WAIT_S):
+            outliers.abandoned(slot.name)
             raise ApiError(
                 429,
                 "slot_busy",
@@ -135,6 +174,10 @@ async def forward(
             response = await upstream.open(slot, path, body_for(target), headers)
         except UpstreamError as exc:
             admission.release(slot.name)
+            if slot.state == "ready":  # a probe's "offline" is the watcher's to act on
+                outliers.failed(slot.name, exc.message, settings.HAL0_OUTLIER_BACKOFF_S)
+            else:
+                outliers.abandoned(slot.name)
             on_suspect(slot.name, exc.message)
             last_error = _transport_error(exc)
             if first_failed is None:
@@ -145,7 +188,12 @@ async def forward(
             # The client went away while the slot was still thinking (a long prompt, a model
             # loading): its place on the slot must not outlive it.
             admission.release(slot.name)
+            outliers.abandoned(slot.name)
             raise
+        if response.status_code < 500:
+            outliers.succeeded(slot.name)  # it answered: not an outlier (any more)
+        else:
+            outliers.abandoned(slot.name)
         if response.status_code in _FAILOVER_STATUSES and first_failed is None and i < len(targets):
             admission.release(slot.name)
             await response.aclose()
@@ -155,7 +203,10 @@ async def forward(
                 503,
                 "slot_unavailable",
                 f"Slot '{slot.name}' answered {response.status_code} and no other slot could serve.",
-                headers=_retry_after(settings.HAL0_PROBE_INTERVAL_S),
+                # on_suspect above has the watcher probing it now.
+                headers=_retry_after(
+                    1 if settings.HAL0_WATCHER else settings.HAL0_PROBE_INTERVAL_S
+                ),
             )
             continue
         if first_failed is not None and first_failed != slot.name:
@@ -167,7 +218,7 @@ async def forward(
         503,
         "slot_unavailable",
         f"No enabled slot serves '{decision.requested_model}'.",
-        headers=_retry_after(5),
+        headers=_retry_after(1),  # a retry is resolved afresh
     )
 
 

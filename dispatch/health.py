@@ -22,6 +22,7 @@ from django.utils import timezone
 
 from dispatch import events, leases, states, sync
 from dispatch.admission import admission
+from dispatch.outliers import outliers
 from dispatch.proxy import server_root, upstream, upstream_url
 from dispatch.store import store
 from dispatch.table import SlotEntry
@@ -246,6 +247,8 @@ class Watcher:
         timeout = max(0.5, min(slot.connect_timeout_s, settings.HAL0_PROBE_INTERVAL_S, 5.0))
         obs = await observe(slot, timeout)
         seen_at = timezone.now()
+        if obs.state == "ready":
+            outliers.probe_passed(slot.name)  # may end an ejection whose back-off is over
         if obs.state == BUSY:
             self._probed_at[slot.name] = seen_at  # it answered: its state stands
             return False

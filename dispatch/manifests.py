@@ -47,13 +47,22 @@ _TOP_KEYS = (
     "api_key_env",
 )
 _MODEL_KEYS = ("default", "models", "aliases")
-_LIMIT_KEYS = ("max_concurrency", "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s")
+_LIMIT_KEYS = (
+    "max_concurrency",
+    "connect_timeout_s",
+    "first_byte_timeout_s",
+    "idle_timeout_s",
+    "max_duration_s",
+)
 _LIMIT_DEFAULTS: dict[str, float] = {
     "max_concurrency": 0,
     "connect_timeout_s": 5.0,
     "first_byte_timeout_s": 300.0,
     "idle_timeout_s": 120.0,
+    "max_duration_s": 0.0,
 }
+# Limits where 0 means "off" rather than an impossible timeout.
+_ZERO_IS_OFF = frozenset({"max_duration_s"})
 # Slot fields a manifest declares. Runtime fields (state, state_changed_at, last_error, drift)
 # belong to the watcher and the operator: an import never touches them.
 DECLARED_FIELDS = (
@@ -134,6 +143,7 @@ class Manifest:
     connect_timeout_s: float = 5.0
     first_byte_timeout_s: float = 300.0
     idle_timeout_s: float = 120.0
+    max_duration_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def slot_fields(self) -> dict[str, Any]:
@@ -256,7 +266,10 @@ def parse(text: str, path: str) -> Manifest:
         for key in _LIMIT_KEYS[1:]:
             t = _get(c, limits_tbl, key, float, key=f"limits.{key}")
             if t is not None:
-                if not math.isfinite(t) or t <= 0:
+                if key in _ZERO_IS_OFF:
+                    if not math.isfinite(t) or t < 0:
+                        c.add(f"limits.{key}", "must be a finite number >= 0 (0 = off)")
+                elif not math.isfinite(t) or t <= 0:
                     c.add(f"limits.{key}", "must be a finite number > 0")
                 limits[key] = float(t)
 
@@ -529,6 +542,7 @@ def from_slot(slot: Slot) -> Manifest:
         connect_timeout_s=slot.connect_timeout_s,
         first_byte_timeout_s=slot.first_byte_timeout_s,
         idle_timeout_s=slot.idle_timeout_s,
+        max_duration_s=slot.max_duration_s,
         extra=_sorted_json(slot.extra or {}),
     )
 

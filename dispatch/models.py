@@ -108,7 +108,12 @@ class Slot(models.Model):
     max_concurrency = models.PositiveIntegerField(default=0, help_text="0 = unlimited")
     connect_timeout_s = models.FloatField(default=5.0)
     first_byte_timeout_s = models.FloatField(default=300.0)
-    idle_timeout_s = models.FloatField(default=120.0)
+    idle_timeout_s = models.FloatField(
+        default=120.0, help_text="The longest silence between two bytes of an answer."
+    )
+    max_duration_s = models.FloatField(
+        default=0.0, help_text="Cap on a whole request once sent to the slot; 0 = no cap."
+    )
     state = models.CharField(max_length=16, choices=SlotState.choices, default=SlotState.UNKNOWN)
     state_changed_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True, default="")
@@ -129,6 +134,9 @@ class Slot(models.Model):
                 & Q(idle_timeout_s__gt=0),
                 name="slot_timeouts_positive",
             ),
+            models.CheckConstraint(
+                condition=Q(max_duration_s__gte=0), name="slot_max_duration_not_negative"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -140,6 +148,8 @@ class Slot(models.Model):
             value = getattr(self, field)
             if value is None or value <= 0:
                 errors.setdefault(field, []).append("must be > 0")
+        if self.max_duration_s is None or self.max_duration_s < 0:
+            errors.setdefault("max_duration_s", []).append("must be >= 0 (0 = no cap)")
         if self.is_default:
             clash = Slot.objects.filter(type=self.type, is_default=True).exclude(pk=self.pk)
             if clash.exists():

@@ -9,6 +9,7 @@ without touching them.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -75,9 +76,24 @@ class ProbeResult:
 
 
 class UpstreamResponse:
-    def __init__(self, response: httpx.Response, idle_timeout_s: float) -> None:
+    """An upstream's answer, headers in; its body read with the slot's timeouts.
+
+    ``idle_timeout_s`` is the longest silence allowed between two pieces of the body,
+    streaming or not: a slow but steady answer is not a dead one. ``deadline`` (loop time,
+    from the slot's ``max_duration_s``) caps the whole request when set.
+    """
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        idle_timeout_s: float,
+        deadline: float | None = None,
+        max_duration_s: float = 0.0,
+    ) -> None:
         self._response = response
         self._idle = idle_timeout_s
+        self._deadline = deadline
+        self._max_duration = max_duration_s
         self.status_code = response.status_code
 
     @property
@@ -88,38 +104,75 @@ class UpstreamResponse:
     def is_event_stream(self) -> bool:
         return self.content_type.startswith("text/event-stream")
 
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name)
+
     def headers(self) -> Iterable[tuple[str, str]]:
         for key, value in self._response.headers.multi_items():
             if key.lower() not in _NOT_DOWNSTREAM:
                 yield key, value
 
     async def read(self) -> bytes:
+        """The whole body; each piece within the idle timeout (not the whole body)."""
+        parts: list[bytes] = []
         try:
-            async with asyncio.timeout(self._idle):
-                return await self._response.aread()
-        except TimeoutError as exc:
-            raise UpstreamError("idle", f"upstream went quiet for {self._idle:g}s") from exc
-        except httpx.TransportError as exc:
-            raise UpstreamError("broken", f"upstream connection failed: {_describe(exc)}") from exc
+            async for chunk in self.chunks():
+                parts.append(chunk)
         finally:
             await self._response.aclose()
+        return b"".join(parts)
+
+    async def read_prefix(self, limit: int) -> bytes:
+        """At most ``limit`` bytes of the body (an error page, to quote), then close: an
+        upstream's error answer cannot make us hold megabytes."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in self.chunks():
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= limit:
+                    break
+        except UpstreamError:
+            pass  # what arrived before the failure is all there is to quote
+        finally:
+            await self._response.aclose()
+        return b"".join(parts)[:limit]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the upstream sends it: no re-chunking, no buffering."""
+        if self._response.is_stream_consumed:
+            # Built in memory with its body already read (httpx.MockTransport at the seam).
+            if self._response.content:
+                yield self._response.content
+            return
         raw = self._response.aiter_raw().__aiter__()
+        loop = asyncio.get_running_loop()
         while True:
+            wait, capped = self._idle, False
+            if self._deadline is not None:
+                left = self._deadline - loop.time()
+                if left <= wait:
+                    wait, capped = max(left, 0.0), True
             try:
-                async with asyncio.timeout(self._idle):
+                async with asyncio.timeout(wait):
                     chunk = await raw.__anext__()
             except StopAsyncIteration:
                 return
             except TimeoutError as exc:
-                raise UpstreamError("idle", f"upstream sent nothing for {self._idle:g}s") from exc
+                if capped:
+                    raise UpstreamError("timeout", self.over_time()) from exc
+                raise UpstreamError(
+                    "idle", f"upstream sent nothing for {self._idle:g}s (idle_timeout_s)"
+                ) from exc
             except httpx.TransportError as exc:
                 raise UpstreamError(
                     "broken", f"upstream connection failed: {_describe(exc)}"
                 ) from exc
             yield chunk
+
+    def over_time(self) -> str:
+        return f"the request ran past the slot's max_duration_s of {self._max_duration:g}s"
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -161,12 +214,30 @@ class _AiohttpStream(httpx.AsyncByteStream):
             raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             self._response.close()
-            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+            raise httpx.ReadError(_cut_reason(exc)) from exc
 
     async def aclose(self) -> None:
         # A body read to its end returns the connection to the pool; one abandoned half way
         # (a client that went away) closes it, so the upstream sees the disconnect at once.
         self._response.release()
+
+
+def _cut_reason(exc: BaseException) -> str:
+    """Why a body stopped, in a client's words rather than aiohttp's internals (a client
+    sees this in its last error event; "<TransferEncodingError: 400, ...>" tells it
+    nothing it can act on)."""
+    causes: list[BaseException] = [exc]
+    while len(causes) < 5:
+        nxt = causes[-1].__cause__ or causes[-1].__context__
+        if nxt is None:
+            break
+        causes.append(nxt)
+    # aiohttp names the reset only in its message on some paths: look there too.
+    if any(isinstance(c, ConnectionResetError) for c in causes) or "reset by peer" in str(exc):
+        return "the upstream reset the connection mid-body"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the upstream closed the connection before the end of the body"
+    return _describe(exc)
 
 
 class _InMemoryBody(aiohttp.payload.BytesPayload):
@@ -182,6 +253,44 @@ class _InMemoryBody(aiohttp.payload.BytesPayload):
         self._size = len(value)
 
 
+class _Sent:
+    """What one request's trip through aiohttp's pool looked like."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+# The request being sent in this task: the connector marks it when it hands out a pooled
+# connection (aiohttp awaits the connector in the caller's task, so the context is ours).
+_sending: contextvars.ContextVar[_Sent | None] = contextvars.ContextVar(
+    "hal0_sending", default=None
+)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, telling a request given a kept-alive connection from one given a
+    new connection. (aiohttp's tracing says the same, but its per-request Trace objects and
+    signal sends cost ~5 % of the seam's CPU; this costs one weak-set lookup.)"""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        conn = await super().connect(req, traces, timeout)
+        protocol = conn.protocol
+        if protocol is not None:
+            if protocol in self._handed_out:
+                sent = _sending.get()
+                if sent is not None:
+                    sent.reused = True
+            else:
+                self._handed_out.add(protocol)
+        return conn
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx's API over aiohttp's connection pool.
 
@@ -194,47 +303,61 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self, max_connections: int = POOL_CONNECTIONS) -> None:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None  # no pool: the retry's own session
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
+    def _new_session(self, pooled: bool) -> aiohttp.ClientSession:
+        connector = (
+            _Connector(
                 limit=self._max_connections,
                 limit_per_host=0,
                 keepalive_timeout=POOL_KEEPALIVE_S,
                 ttl_dns_cache=60,
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,  # bytes go through as the upstream sent them
-                trust_env=False,  # a local router must not wander off through a system proxy
-                # Requests of different users share this session: no cookie may outlive the
-                # answer that set it.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(total=None),
+            if pooled
+            else aiohttp.TCPConnector(
+                limit=self._max_connections, limit_per_host=0, ttl_dns_cache=60, force_close=True
             )
-        return self._session
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bytes go through as the upstream sent them
+            trust_env=False,  # a local router must not wander off through a system proxy
+            # Requests of different users share this session: no cookie may outlive the
+            # answer that set it.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+
+    def _get_session(self, pooled: bool = True) -> aiohttp.ClientSession:
+        if pooled:
+            if self._session is None or self._session.closed:
+                self._session = self._new_session(pooled=True)
+            return self._session
+        if self._fresh is None or self._fresh.closed:
+            self._fresh = self._new_session(pooled=False)
+        return self._fresh
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._get_session()
         timeout = request.extensions.get("timeout", {})
         try:
             body = request.content
         except httpx.RequestNotRead:
             body = await request.aread()
+        sent = _Sent()
         try:
-            response = await session.request(
-                request.method,
-                str(request.url),
-                headers=request.headers.multi_items(),
-                data=_InMemoryBody(body) if body else None,
-                allow_redirects=False,
-                compress=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                ),
-            )
+            try:
+                response = await self._request(self._get_session(), request, body, timeout, sent)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if not sent.reused:
+                    raise
+                # The pooled connection was closed by the upstream before it answered (an
+                # idle keep-alive it dropped as we picked it): the request died with it, so
+                # it goes out once more, on a connection opened for it. A fresh connection
+                # that drops is a real failure and is not retried: the upstream may have
+                # taken the request, and sending it twice could run it twice.
+                response = await self._request(
+                    self._get_session(pooled=False), request, body, timeout, _Sent()
+                )
         except aiohttp.ConnectionTimeoutError as exc:
             raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
         except aiohttp.ServerTimeoutError as exc:
@@ -259,10 +382,37 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             extensions=extensions,
         )
 
+    async def _request(
+        self,
+        session: aiohttp.ClientSession,
+        request: httpx.Request,
+        body: bytes,
+        timeout: Mapping[str, Any],
+        sent: _Sent,
+    ) -> aiohttp.ClientResponse:
+        token = _sending.set(sent)
+        try:
+            return await session.request(
+                request.method,
+                str(request.url),
+                headers=request.headers.multi_items(),
+                data=_InMemoryBody(body) if body else None,
+                allow_redirects=False,
+                compress=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=timeout.get("connect"),
+                    sock_read=timeout.get("read"),
+                ),
+            )
+        finally:
+            _sending.reset(token)
+
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh = None
 
 
 class Upstream:
@@ -330,10 +480,23 @@ class Upstream:
             headers=out,
             extensions={"timeout": {"connect": slot.connect_timeout_s}},
         )
+        wait = slot.first_byte_timeout_s
+        deadline: float | None = None
+        if slot.max_duration_s > 0:
+            # The cap runs from here, the moment the request goes to the slot: time spent
+            # waiting for a place (HAL0_QUEUE_WAIT_S) or a model swap has its own limits.
+            deadline = asyncio.get_running_loop().time() + slot.max_duration_s
+            wait = min(wait, slot.max_duration_s)
         try:
-            async with asyncio.timeout(slot.first_byte_timeout_s):
+            async with asyncio.timeout(wait):
                 response = await self._send(request)
         except TimeoutError as exc:
+            if wait < slot.first_byte_timeout_s:
+                raise UpstreamError(
+                    "timeout",
+                    f"slot '{slot.name}': the request ran past its max_duration_s of "
+                    f"{slot.max_duration_s:g}s before any answer",
+                ) from exc
             raise UpstreamError(
                 "timeout",
                 f"slot '{slot.name}' sent no response within {slot.first_byte_timeout_s:g}s",
@@ -354,7 +517,7 @@ class Upstream:
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError("unreachable", f"slot '{slot.name}': {_describe(exc)}") from exc
-        return UpstreamResponse(response, slot.idle_timeout_s)
+        return UpstreamResponse(response, slot.idle_timeout_s, deadline, slot.max_duration_s)
 
     async def probe(self, url: str, timeout: float, api_key_env: str = "") -> ProbeResult:
         """GET ``url`` for a health probe: status and parsed JSON, never an exception."""

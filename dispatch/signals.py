@@ -16,7 +16,8 @@ from dispatch import events, sync
 from dispatch.admission import admission
 from dispatch.decisions import InflightReporter
 from dispatch.models import ApiKey, Slot, SlotModel
-from dispatch.snapshots import table_events
+from dispatch.outliers import outliers
+from dispatch.snapshots import slot_payload, table_events
 from dispatch.store import store
 from dispatch.table import RoutingTable
 
@@ -41,9 +42,24 @@ def _changed(sender: type, **kwargs: Any) -> None:
 
 
 def _announce(old: RoutingTable, new: RoutingTable) -> None:
-    for event in table_events(old, new, admission.inflight):
+    for event in table_events(old, new, admission.inflight, outliers.overlay()):
         events.tell_own_pages(event)
 
 
+def _announce_outlier(name: str) -> None:
+    """An ejection began or ended: the table did not change, so say it here."""
+    table = store.table
+    slot = table.slots.get(name)
+    if slot is None:
+        return
+    over = outliers.overlay().get(name)
+    payload = slot_payload(slot, admission.inflight.get(name, 0), over)
+    payload["previous_state"] = slot.state if over is not None else "degraded"
+    # Ejections are this process's own judgement (dispatch.outliers): its own pages hear it.
+    versions = {"from_version": table.version, "version": table.version}
+    events.tell_own_pages({"type": "slot.state", **versions, "slot": payload})
+
+
 store.on_change(_announce)
+outliers.on_change(_announce_outlier)
 admission.on_change(InflightReporter(admission.inflight).note)

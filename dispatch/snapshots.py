@@ -11,11 +11,21 @@ from typing import Any
 
 from dispatch.table import RoutingTable, SlotEntry
 
+# What dispatch.outliers lays over the table: slot name -> (state, reason).
+Overlay = Mapping[str, tuple[str, str]]
 
-def slot_payload(slot: SlotEntry, inflight: int = 0) -> dict[str, Any]:
+
+def slot_payload(
+    slot: SlotEntry, inflight: int = 0, overlay: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """The slot as the UI shows it; ``overlay`` (an ejected slot's ``degraded`` and why)
+    shows over a ``ready`` the probes still report, never over a state they found worse."""
     models = sorted(
         slot.models.values(), key=lambda m: (not m.is_default, m.source == "alias", m.model_id)
     )
+    state, last_error = (slot.state if slot.enabled else "disabled"), slot.last_error
+    if overlay is not None and state == "ready":
+        state, last_error = overlay
     return {
         "name": slot.name,
         "url": slot.url,
@@ -25,8 +35,8 @@ def slot_payload(slot: SlotEntry, inflight: int = 0) -> dict[str, Any]:
         "enabled": slot.enabled,
         "is_default": slot.is_default,
         "priority": slot.priority,
-        "state": slot.state if slot.enabled else "disabled",
-        "last_error": slot.last_error,
+        "state": state,
+        "last_error": last_error,
         "default_model": slot.default_model,
         "models": [
             {
@@ -44,12 +54,18 @@ def slot_payload(slot: SlotEntry, inflight: int = 0) -> dict[str, Any]:
 
 
 def snapshot(
-    table: RoutingTable, inflight: Mapping[str, int], watcher: Mapping[str, object]
+    table: RoutingTable,
+    inflight: Mapping[str, int],
+    watcher: Mapping[str, object],
+    overlay: Overlay | None = None,
 ) -> dict[str, Any]:
+    over = overlay or {}
     return {
         "type": "snapshot",
         "version": table.version,
-        "slots": [slot_payload(s, inflight.get(s.name, 0)) for s in table.slots.values()],
+        "slots": [
+            slot_payload(s, inflight.get(s.name, 0), over.get(s.name)) for s in table.slots.values()
+        ],
         "watcher": dict(watcher),
     }
 
@@ -59,9 +75,13 @@ def _models_key(slot: SlotEntry) -> tuple[Any, ...]:
 
 
 def table_events(
-    old: RoutingTable, new: RoutingTable, inflight: Mapping[str, int]
+    old: RoutingTable,
+    new: RoutingTable,
+    inflight: Mapping[str, int],
+    overlay: Overlay | None = None,
 ) -> list[dict[str, Any]]:
     """What a UI that showed ``old`` needs to hear to show ``new``, most specific first."""
+    over = overlay or {}
     events: list[dict[str, Any]] = []
     # Both ends, so a page can tell a stale event (to an older version) from a gap (from a
     # version after the one it holds).
@@ -72,7 +92,7 @@ def table_events(
         before = old.slots.get(name)
         if before == slot:
             continue
-        payload = slot_payload(slot, inflight.get(name, 0))
+        payload = slot_payload(slot, inflight.get(name, 0), over.get(name))
         if before is None:
             kind = "slot.updated"
         else:
@@ -109,4 +129,5 @@ def _without(slot: SlotEntry) -> tuple[Any, ...]:
         slot.connect_timeout_s,
         slot.first_byte_timeout_s,
         slot.idle_timeout_s,
+        slot.max_duration_s,
     )

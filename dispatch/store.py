@@ -47,6 +47,7 @@ def load_table(version: int) -> RoutingTable:
                 connect_timeout_s=slot.connect_timeout_s,
                 first_byte_timeout_s=slot.first_byte_timeout_s,
                 idle_timeout_s=slot.idle_timeout_s,
+                max_duration_s=slot.max_duration_s,
                 drift=tuple(slot.drift or ()),
             )
         )

@@ -46,6 +46,7 @@ class SlotEntry:
     connect_timeout_s: float = 5.0
     first_byte_timeout_s: float = 300.0
     idle_timeout_s: float = 120.0
+    max_duration_s: float = 0.0  # 0: no cap
     models: Mapping[str, ModelEntry] = field(default_factory=lambda: MappingProxyType({}))
     default_model: str | None = None
     drift: tuple[str, ...] = ()

@@ -147,6 +147,9 @@ HAL0_PROBE_INTERVAL_S: float = _positive("HAL0_PROBE_INTERVAL_S", env.float, 5)
 HAL0_COLD_PROBE_S: float = _positive("HAL0_COLD_PROBE_S", env.float, 2, allow_zero=True)
 HAL0_SWAP_WAIT_S: float = _positive("HAL0_SWAP_WAIT_S", env.float, 30, allow_zero=True)
 HAL0_QUEUE_WAIT_S: float = _positive("HAL0_QUEUE_WAIT_S", env.float, 30, allow_zero=True)
+# Outlier ejection (dispatch/outliers.py): how long a slot whose probes pass but whose
+# requests fail is out of rotation, doubled per repeat; 0 turns ejection off.
+HAL0_OUTLIER_BACKOFF_S: float = _positive("HAL0_OUTLIER_BACKOFF_S", env.float, 30, allow_zero=True)
 # The watcher runs inside the server process unless a deployment runs `manage.py watch`.
 HAL0_WATCHER: bool = _strict_bool("HAL0_WATCHER", True)
 # /v1 authentication: `auto` requires a key (or a logged-in page session) once any API key
@@ -154,6 +157,25 @@ HAL0_WATCHER: bool = _strict_bool("HAL0_WATCHER", True)
 HAL0_API_AUTH: str = _read("HAL0_API_AUTH", env.str, "auto").strip().lower()
 if HAL0_API_AUTH not in {"auto", "required", "off"}:
     raise ImproperlyConfigured(f"HAL0_API_AUTH={HAL0_API_AUTH!r} must be auto, required or off")
+
+
+def _origins(name: str) -> frozenset[str]:
+    """Browser origins (scheme://host[:port]), lowercase; a path or a bare host is an error,
+    and so is "*": every origin allowed is a decision to name, one by one."""
+    out: set[str] = set()
+    for raw in _read(name, env.list, []):
+        origin = raw.strip().lower().rstrip("/")
+        if not re.fullmatch(r"https?://(\[[0-9a-f:]+\]|[a-z0-9.\-]+)(:\d{1,5})?", origin):
+            raise ImproperlyConfigured(
+                f"{name}: {raw!r} is not an origin (scheme://host[:port], e.g. "
+                "http://localhost:5173; no path, no wildcard)"
+            )
+        out.add(origin)
+    return frozenset(out)
+
+
+# Browser origins allowed to call /v1 (CORS); none by default.
+HAL0_CORS_ORIGINS: frozenset[str] = _origins("HAL0_CORS_ORIGINS")
 HAL0_BIND: str = _read("HAL0_BIND", env.str, "127.0.0.1:8000")
 if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", HAL0_BIND):
     raise ImproperlyConfigured(f"HAL0_BIND={HAL0_BIND!r} must be HOST:PORT")
@@ -165,9 +187,10 @@ HAL0_ADMIN_PASSWORD: str | None = os.environ.get("HAL0_ADMIN_PASSWORD") or None
 # The demo: two tiny GGUF models served by llama-cpp-python as the slots `primary` and
 # `agent-hermes`. Off (0) serves only the manifests in slots/ (your own servers).
 HAL0_DEMO: bool = _strict_bool("HAL0_DEMO", True)
-# Which ASGI server `make run` starts: Daphne (the default, Channels' own) or Uvicorn
-# (httptools + uvloop: about half the CPU per request, see docs/performance.md).
-HAL0_SERVER: str = _read("HAL0_SERVER", env.str, "daphne").strip().lower()
+# Which ASGI server `make run` starts: Uvicorn (httptools + uvloop: about half the CPU per
+# request, see docs/performance.md; and back-pressure: a slow reader's stream waits for it,
+# where Daphne buffers all of it in memory, 80 MB a stream in tests/test_faults.py) or Daphne.
+HAL0_SERVER: str = _read("HAL0_SERVER", env.str, "uvicorn").strip().lower()
 if HAL0_SERVER not in {"daphne", "uvicorn"}:
     raise ImproperlyConfigured(f"HAL0_SERVER={HAL0_SERVER!r} must be daphne or uvicorn")
 

@@ -61,9 +61,10 @@ def pg_url() -> Iterator[str]:
 def _fresh_runtime() -> Iterator[None]:
     """Each test starts with an empty routing table, no watcher and no pooled clients."""
     from dispatch import admission as admission_mod
-    from dispatch import events, health
+    from dispatch import events, forward, health
     from dispatch import store as store_mod
     from dispatch.keys import keyring
+    from dispatch.outliers import outliers
     from dispatch.proxy import upstream
 
     store_mod.store.reset()
@@ -71,6 +72,8 @@ def _fresh_runtime() -> Iterator[None]:
     health.watcher.__init__()  # type: ignore[misc]
     health.leadership.__init__()  # type: ignore[misc]
     admission_mod.admission.reset()
+    outliers.reset()
+    forward._nudged.clear()  # a slot name nudged by the last test is not nudged by this one
     upstream.use_transport(None)
     events.bind_loop(None)  # type: ignore[arg-type]
     yield

@@ -41,6 +41,7 @@ def form_data(slot: Slot, **overrides) -> dict[str, str]:
         "connect_timeout_s": str(slot.connect_timeout_s),
         "first_byte_timeout_s": str(slot.first_byte_timeout_s),
         "idle_timeout_s": str(slot.idle_timeout_s),
+        "max_duration_s": str(slot.max_duration_s),
         "state": slot.state,
         "extra": "{}",
     }
@@ -264,6 +265,7 @@ def test_add_form_creates_a_slot(admin_client):
         "connect_timeout_s": "5",
         "first_byte_timeout_s": "300",
         "idle_timeout_s": "120",
+        "max_duration_s": "0",
         "state": "unknown",
         "extra": "{}",
         "models-TOTAL_FORMS": "1",

@@ -71,7 +71,7 @@ def test_body_over_the_limit_is_413(seed_slots, hal0, settings, fake_pair):
 def test_wrong_method_is_405(client, method):
     r = client.request(method, "/v1/chat/completions")
     assert_error(r, 405, "method_not_allowed")
-    assert r.headers["Allow"] == "POST"
+    assert r.headers["Allow"] == "OPTIONS, POST"
     r = client.post("/v1/models", json={})
     assert_error(r, 405, "method_not_allowed")
 
@@ -91,3 +91,34 @@ def test_the_openai_sdk_parses_our_errors(seed_slots, hal0):
         sdk.chat.completions.create(model=42, messages=[])
     assert exc.value.code == "invalid_model"
     sdk.close()
+
+
+# --- issue 13: what the upstream would accept is accepted -------------------------------------
+
+
+def test_a_lone_surrogate_reaches_the_upstream_untouched(client, fake_pair):
+    # What JavaScript's JSON.stringify writes for a string cut mid-emoji; JSON allows it.
+    raw = b'{"model": "hermes", "messages": [{"role": "user", "content": "cut \\ud83d"}]}'
+    r = client.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 200, r.text
+    (seen,) = [s for s in fake_pair["agent-hermes"][0].requests if s.path.startswith("/v1/chat")]
+    assert seen.body == raw.replace(b'"hermes"', b'"qwen3-coder-reap-25b-a3b-q5km"')
+
+
+def test_a_lone_surrogate_in_an_unknown_model_is_an_openai_shaped_404(client):
+    raw = b'{"model": "nope\\udc00", "messages": []}'
+    r = client.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert_error(r, 404, "model_not_found", "model")
+    assert "nope\udc00" in r.json()["error"]["message"]  # the escape, decoded
+
+
+def test_stream_null_is_treated_as_absent(client):
+    r = client.post(
+        "/v1/chat/completions", json={"model": "hermes", "stream": None, "messages": []}
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"

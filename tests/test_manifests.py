@@ -165,6 +165,10 @@ def test_model_less_hal0_slot_is_fine():
             "slots/x.toml: limits.max_concurrency: must be >= 0",
         ),
         (
+            'name = "a"\nport = 1\n[limits]\nmax_duration_s = -1\n',
+            "slots/x.toml: limits.max_duration_s: must be a finite number >= 0 (0 = off)",
+        ),
+        (
             'name = "a"\nport = 1\nborn = 2024-01-01\n',
             "slots/x.toml: born: dates and times cannot be kept",
         ),
@@ -399,3 +403,12 @@ def test_a_database_refusal_is_reported_and_rolls_back():
     assert "the database refused the import" in str(exc.value)
     assert "refused by trigger" in str(exc.value)
     assert not Slot.objects.exists()
+
+
+def test_max_duration_is_a_limit_off_by_default_and_round_trips():
+    assert parse('name = "a"\nport = 1\n', "a.toml").max_duration_s == 0.0
+    m = parse('name = "a"\nport = 1\n[limits]\nmax_duration_s = 600\n', "a.toml")
+    assert m.max_duration_s == 600.0 and "limits" not in m.extra
+    assert "[limits]\nmax_duration_s = 600\n" in dumps(m)
+    assert parse(dumps(m), "a.toml") == m
+    assert "max_duration_s" not in dumps(parse('name = "a"\nport = 1\n', "a.toml"))

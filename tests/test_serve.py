@@ -189,7 +189,7 @@ def test_serve_without_demo_prints_credentials_once_and_stops_cleanly(
     assert f'base_url="{url}/v1"' in run.output
 
     children = run.children()
-    assert children, "serve runs Daphne as a child process"
+    assert children, "serve runs the ASGI server as a child process"
     assert run.stop(signal.SIGINT) == 0
     assert [pid for pid in children if _alive(pid)] == []
     assert "all stopped" in run.output
@@ -288,7 +288,7 @@ def test_serve_with_demo_starts_both_models_and_stops_them(
     children = run.children()
     commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children}
     assert sum(b"llama_cpp.server" in c for c in commands.values()) == 2
-    assert sum(b"daphne" in c for c in commands.values()) == 1
+    assert sum(b"uvicorn" in c for c in commands.values()) == 1  # make run's default server
 
     # A model server that dies is reported; its slot goes offline, the other still serves.
     hermes = next(pid for pid, c in commands.items() if str(h_port).encode() in c)

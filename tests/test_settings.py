@@ -71,6 +71,10 @@ def started(tmp_path: Path, **env: str) -> dict:
         ("REDIS_URL", "http://127.0.0.1:6379"),
         ("HAL0_BIND", "everywhere"),
         ("HAL0_LOG_LEVEL", "LOUD"),
+        ("HAL0_CORS_ORIGINS", "example.com"),
+        ("HAL0_CORS_ORIGINS", "https://a.example/path"),
+        ("HAL0_CORS_ORIGINS", "*"),
+        ("HAL0_OUTLIER_BACKOFF_S", "-1"),
     ],
 )
 def test_bad_value_stops_start_up_naming_the_variable(tmp_path, name, value):
@@ -142,3 +146,11 @@ def test_given_secret_key_wins_and_is_not_written(tmp_path):
     s = started(tmp_path, SECRET_KEY="from-the-environment")
     assert s["SECRET_KEY"] == "from-the-environment"
     assert not (tmp_path / "data" / "secret_key").exists()
+
+
+def test_cors_origins_default_empty_and_are_read(tmp_path):
+    code = "import django; django.setup(); from django.conf import settings as s; print(s.HAL0_CORS_ORIGINS)"
+    assert start(tmp_path, code).stdout.strip() == "frozenset()"
+    proc = start(tmp_path, code, HAL0_CORS_ORIGINS="https://App.example, http://localhost:5173/")
+    assert proc.returncode == 0, proc.stderr
+    assert eval(proc.stdout) == {"https://app.example", "http://localhost:5173"}

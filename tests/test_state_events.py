@@ -78,3 +78,37 @@ async def test_inflight_counts_reach_the_page_coalesced(transactional_db, django
         "inflight": {"a": 0},
     }
     await comm.disconnect()
+
+
+async def test_an_ejected_slot_shows_degraded_live_with_its_reason(
+    transactional_db, django_user_model
+):
+    from dispatch.outliers import EJECT_AFTER, outliers
+    from dispatch.store import store
+
+    user = await sync_to_async(django_user_model.objects.create_user)("u", password="p")
+    await sync_to_async(add_slot)("a", "http://127.0.0.1:9/v1", ["m1"], state="ready")
+    await sync_to_async(store.reload)()
+    events.bind_loop(asyncio.get_running_loop())
+
+    async def connect() -> tuple[WebsocketCommunicator, dict]:
+        comm = WebsocketCommunicator(DispatchConsumer.as_asgi(), "/ws/dispatch/")
+        comm.scope["user"] = user
+        assert (await comm.connect())[0]
+        return comm, await comm.receive_json_from()
+
+    comm, snap = await connect()
+    assert [s["state"] for s in snap["slots"]] == ["ready"]
+    for _ in range(EJECT_AFTER):
+        outliers.failed("a", "slot 'a' sent no response within 300s", 30)
+    event = await next_state(comm, "a")
+    assert event["slot"]["state"] == "degraded"
+    assert event["slot"]["previous_state"] == "ready"
+    assert "no response within 300s" in event["slot"]["last_error"]
+    late, late_snap = await connect()  # a page opened now sees it in its snapshot
+    assert [s["state"] for s in late_snap["slots"]] == ["degraded"]
+    outliers.succeeded("a")
+    event = await next_state(comm, "a")
+    assert (event["slot"]["previous_state"], event["slot"]["state"]) == ("degraded", "ready")
+    await comm.disconnect()
+    await late.disconnect()

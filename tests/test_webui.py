@@ -470,3 +470,34 @@ def test_the_page_ignores_older_versions_and_asks_again_after_a_gap(chat, seed_s
     pump_until(lambda: '{"type":"snapshot"}' in sent)
     assert sent.count('{"type":"snapshot"}') == 1, sent
     expect(card).to_have_count(1)  # neither event removed it; the snapshot still has it
+
+
+def test_an_ejected_slot_shows_degraded_with_its_reason_live(chat, fake_pair, hal0, settings):
+    # Issue 13: a slot whose probes pass but whose requests hang is taken out of rotation;
+    # the page shows it at once, with the reason, and greys its models out.
+    from playwright.sync_api import expect
+
+    from dispatch.models import Slot
+
+    page = chat
+    settings.HAL0_OUTLIER_BACKOFF_S = 60
+
+    def short_timeout() -> None:
+        slot = Slot.objects.get(name="agent-hermes")
+        slot.first_byte_timeout_s = 0.3
+        slot.save()
+
+    in_plain_thread(short_timeout)
+    hermes, _ = fake_pair["agent-hermes"]
+    hermes.delay_headers_s = 5  # completions hang; /health and /v1/models still answer
+    with httpx.Client(base_url=hal0.url, timeout=10) as c:
+        for _ in range(3):
+            r = c.post("/v1/chat/completions", json={"model": "hermes", "messages": []})
+            assert r.status_code == 504
+    card = page.locator('#slots .slot[data-slot="agent-hermes"]')
+    expect(card.locator(".badge")).to_have_text("degraded")
+    expect(card.locator(".error")).to_contain_text("out of rotation")
+    expect(card.locator(".error")).to_contain_text("no response within 0.3s")
+    expect(option(page, HERMES)).to_be_disabled()
+    expect(option(page, HERMES)).to_have_attribute("title", re.compile("out of rotation"))
+    expect(option(page, PRIMARY)).to_be_enabled()

@@ -1,8 +1,8 @@
 """``manage.py serve``: what ``make run`` runs.
 
 Prepares the database, the slots, an admin user and the static files; starts the demo's two
-model servers (unless ``HAL0_DEMO=0``) and the ASGI server (Daphne, or Uvicorn with
-``HAL0_SERVER=uvicorn``) as child processes; waits until the slots are ready; prints how to
+model servers (unless ``HAL0_DEMO=0``) and the ASGI server (Uvicorn, or Daphne with
+``HAL0_SERVER=daphne``) as child processes; waits until the slots are ready; prints how to
 use it; and on Ctrl-C / SIGTERM stops every child it started.
 """
 
@@ -97,7 +97,7 @@ def local_url(host: str, port: int) -> str:
 class Command(BaseCommand):
     help = (
         "Migrate, import slots/, create the admin user, start the demo model servers "
-        "(HAL0_DEMO) and Daphne on HAL0_BIND; Ctrl-C stops everything."
+        "(HAL0_DEMO) and the ASGI server (HAL0_SERVER) on HAL0_BIND; Ctrl-C stops everything."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:

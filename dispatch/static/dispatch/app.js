@@ -24,6 +24,7 @@ const UNUSABLE = {
   offline: "is offline (the server does not answer)",
   error: "reports an error",
   draining: "is draining (finishing its requests, taking no new ones)",
+  degraded: "is out of rotation (its requests failed while its probes pass)",
   disabled: "is disabled by an operator",
 };
 
