@@ -99,11 +99,15 @@ async def _resolve(
         await health.cold_probe()
         result = resolve(store.table, model, endpoint, admission.inflight, fallback)
     rec.latency_us = result.latency_us
+    rec.decision = result
     if isinstance(result, NoRoute):
         rec.slot = result.slot
         raise ApiError(result.status, result.code, result.message, param="model")
     rec.slot, rec.upstream_model = result.slot, result.upstream_model
     rec.resolution_path = result.resolution_path
+    # The counts the ranking saw, kept for the explanation (they move on at once).
+    inflight = admission.inflight
+    rec.seen_inflight = tuple(inflight.get(t.slot.name, 0) for t in result.targets)
     return result
 
 
@@ -111,15 +115,19 @@ def proxy_view(endpoint: str) -> View:
     async def view(request: HttpRequest) -> HttpResponseBase:
         started = time.perf_counter()
         request_id = _request_id(request)
-        rec = DecisionRecord(request_id=request_id, endpoint=endpoint, model=None)
+        rec = DecisionRecord(request_id=request_id, endpoint=endpoint, model=None, at=time.time())
         try:
             if request.method != "POST":
                 raise ApiError(405, "method_not_allowed", f"Use POST for /v1/{endpoint}.")
-            await authorize(request)
-            body = bodies.parse(_read_body(request))
+            rec.client = await authorize(request)
+            raw = _read_body(request)
+            if settings.HAL0_LOG_BODIES:
+                rec.body = raw[: settings.HAL0_LOG_BODY_MAX_BYTES]
+            body = bodies.parse(raw)
             rec.model = body.model
             table = await store.ensure_loaded()
             decision = await _resolve(table, body.model, endpoint, rec)
+            rec.added_ms = (time.perf_counter() - started) * 1000
 
             def body_for(target: Target) -> bytes:
                 if target.upstream_model is None:
@@ -136,6 +144,8 @@ def proxy_view(endpoint: str) -> View:
                 response["Allow"] = "POST"
             _visibility(response, request_id, rec.slot, rec.resolution_path)
             rec.duration_ms = (time.perf_counter() - started) * 1000
+            if rec.added_ms is None:  # answered by hal0web itself: all of it was ours
+                rec.added_ms = rec.duration_ms
             record(rec)
             return response
         except asyncio.CancelledError:
@@ -149,6 +159,7 @@ def proxy_view(endpoint: str) -> View:
         rec.resolution_path = fwd.resolution_path
         rec.status = fwd.response.status_code
         rec.inflight = admission.inflight.get(fwd.slot.name, 0)
+        rec.ttfb_ms = (time.perf_counter() - started) * 1000
         if fwd.response.is_event_stream:
             return _streaming(fwd, rec, started)
         return await _buffered(fwd, rec, started)
@@ -168,6 +179,8 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
         response = HttpResponse(content, status=fwd.response.status_code)
         for key, value in fwd.response.headers():
             response[key] = value
+        if b'"usage"' in content:
+            _usage(rec, content)
     finally:
         admission.release(fwd.slot.name)
     _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
@@ -178,8 +191,13 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
 
 def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> StreamingHttpResponse:
     async def relay() -> AsyncIterator[bytes]:
+        usage: bytes | None = None
         try:
             async for chunk in fwd.response.chunks():
+                if rec.ttft_ms is None:
+                    rec.ttft_ms = (time.perf_counter() - started) * 1000
+                if b'"usage"' in chunk:
+                    usage = chunk  # the last one wins: OpenAI sends usage in the final chunk
                 yield chunk
         except UpstreamError as exc:
             # Headers are gone already; the only honest thing left is a last error event.
@@ -194,6 +212,8 @@ def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streaming
             await fwd.response.aclose()
             admission.release(fwd.slot.name)
             rec.duration_ms = (time.perf_counter() - started) * 1000
+            if usage is not None:
+                _stream_usage(rec, usage)
             record(rec)
 
     response = StreamingHttpResponse(relay(), status=fwd.response.status_code)
@@ -203,6 +223,40 @@ def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streaming
     response["X-Accel-Buffering"] = "no"
     _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
     return response
+
+
+def _usage(rec: DecisionRecord, content: bytes) -> None:
+    """Token counts from a JSON answer's ``usage``; anything else in it is left alone."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(data, dict):
+        _take_usage(rec, data.get("usage"))
+
+
+def _stream_usage(rec: DecisionRecord, chunk: bytes) -> None:
+    """Token counts from the stream's chunk that carried ``usage`` (the upstream's choice to
+    send; the request is never changed to ask for it)."""
+    for line in reversed(chunk.split(b"\n")):
+        if line.startswith(b"data:") and b'"usage"' in line:
+            try:
+                data = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                return
+            if isinstance(data, dict):
+                _take_usage(rec, data.get("usage"))
+            return
+
+
+def _take_usage(rec: DecisionRecord, usage: object) -> None:
+    if not isinstance(usage, dict):
+        return
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0:
+        rec.prompt_tokens = prompt
+    if isinstance(completion, int) and not isinstance(completion, bool) and completion >= 0:
+        rec.completion_tokens = completion
 
 
 chat_completions = proxy_view("chat/completions")

@@ -1,15 +1,23 @@
-"""Making each routing decision visible: one structured log line and one live event."""
+"""Making each routing decision visible.
+
+``record`` hands each finished request to a list of outputs: the JSON log line, the live
+event, and (when on) the Prometheus metrics and the request log. Every output runs on the
+event loop after the request's work is done, must be cheap (anything slow is queued to a
+thread of its own) and must never fail the request: one that raises is logged and skipped.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
 from dispatch import events
+from dispatch.explain import Explanation, explain, explain_no_route
+from dispatch.resolver import Decision, NoRoute
 
 log = logging.getLogger("hal0.dispatch")
 
@@ -28,8 +36,48 @@ class DecisionRecord:
     duration_ms: float = 0.0
     error: str | None = None
     inflight: int = 0
+    # Who asked: an API key's name, a page user's name, or None (open API).
+    client: str | None = None
+    # Seconds since the epoch when the request arrived (for the request log and charts).
+    at: float = 0.0
+    ttfb_ms: float | None = None  # upstream response headers
+    ttft_ms: float | None = None  # a stream's first body chunk
+    added_ms: float | None = None  # hal0web's own time before forwarding
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    # What the resolver decided, and the in-flight counts it ranked by: enough to explain
+    # the choice later, without doing any of that work while routing.
+    decision: Decision | NoRoute | None = None
+    seen_inflight: tuple[int, ...] = ()
+    # Only with HAL0_LOG_BODIES: the request body as received, capped.
+    body: bytes | None = None
+    _why: Explanation | None = field(default=None, repr=False)
+
+    @property
+    def why(self) -> Explanation | None:
+        """The explanation, built once, on first use by an output."""
+        if self._why is None and self.decision is not None:
+            if isinstance(self.decision, NoRoute):
+                self._why = explain_no_route(self.decision)
+            else:
+                self._why = explain(
+                    self.decision,
+                    self.seen_inflight,
+                    answered_by=self.slot,
+                    resolution_path=self.resolution_path,
+                    status=self.status,
+                )
+        return self._why
+
+    @property
+    def resolution_kind(self) -> str:
+        """The rule family of the resolution path (model, alias, qualified, failover, ...)."""
+        if not self.resolution_path:
+            return "none"
+        return self.resolution_path.split(":", 1)[0]
 
     def as_dict(self) -> dict[str, object]:
+        why = self.why
         return {
             "event": "dispatch.decision",
             "request_id": self.request_id,
@@ -44,15 +92,39 @@ class DecisionRecord:
             "duration_ms": round(self.duration_ms, 2),
             "error": self.error,
             "inflight": self.inflight,
+            "at": round(self.at, 3),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "why": why.as_dict() if why is not None else None,
         }
 
 
-def record(rec: DecisionRecord) -> None:
-    """Log the decision and send it to the live UI; neither may delay or fail the request."""
-    data = rec.as_dict()
+Output = Callable[[DecisionRecord, dict[str, object]], None]
+
+
+def log_output(rec: DecisionRecord, data: dict[str, object]) -> None:
     if log.isEnabledFor(logging.INFO):
         log.info(orjson.dumps(data).decode())
+
+
+def event_output(rec: DecisionRecord, data: dict[str, object]) -> None:
     events.publish({"type": "dispatch.decision", **data})
+
+
+# The outputs every decision goes to, in order. `dispatch.apps` adds the metrics and the
+# request log at start-up when they are on (HAL0_METRICS, HAL0_REQUEST_LOG).
+outputs: list[Output] = [log_output, event_output]
+
+
+def record(rec: DecisionRecord) -> None:
+    """Send the decision to every output; none of them may delay or fail the request."""
+    data = rec.as_dict()
+    for output in outputs:
+        try:
+            output(rec, data)
+        except Exception:  # an output's bug must not turn a served request into a 500
+            log.exception("decision output %s failed", getattr(output, "__name__", output))
 
 
 class InflightReporter:

@@ -106,8 +106,15 @@ if not _db.get("ENGINE") or _db_url.split(":", 1)[0] not in environ.Env.DB_SCHEM
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the watcher write slot state while requests read; the timeout rides out the
     # brief write locks instead of failing with "database is locked".
+    # IMMEDIATE: a transaction takes the write lock when it begins, waiting out the timeout,
+    # instead of failing at once with "database is locked" when it first reads and then
+    # writes while another thread (the request-log writer, the watcher) holds the lock.
     _db.setdefault("OPTIONS", {}).update(
-        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+        {
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+        }
     )
     if _db_url.startswith("sqlite:///") and _db.get("NAME") not in ("", ":memory:"):
         Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +150,20 @@ if HAL0_API_AUTH not in {"auto", "required", "off"}:
 HAL0_BIND: str = _read("HAL0_BIND", env.str, "127.0.0.1:8000")
 if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", HAL0_BIND):
     raise ImproperlyConfigured(f"HAL0_BIND={HAL0_BIND!r} must be HOST:PORT")
+
+# --- seeing the traffic: metrics and the request log ----------------------------------------
+# /metrics (Prometheus text format) and its counters, histograms and gauges.
+HAL0_METRICS: bool = _strict_bool("HAL0_METRICS", True)
+# Anyone may read /metrics when true; otherwise a staff session or an API key is needed.
+HAL0_METRICS_PUBLIC: bool = _strict_bool("HAL0_METRICS_PUBLIC", False)
+# One database row per /v1 request, written in batches by a thread of its own.
+HAL0_REQUEST_LOG: bool = _strict_bool("HAL0_REQUEST_LOG", True)
+HAL0_LOG_RETENTION_DAYS: float = _positive("HAL0_LOG_RETENTION_DAYS", env.float, 14)
+# Rows waiting for the writer; past this a row is dropped (and counted), never waited for.
+HAL0_LOG_QUEUE_SIZE: int = _positive("HAL0_LOG_QUEUE_SIZE", env.int, 10_000)
+# Prompts are not stored unless the operator asks; then each body is cut at the cap.
+HAL0_LOG_BODIES: bool = _strict_bool("HAL0_LOG_BODIES", False)
+HAL0_LOG_BODY_MAX_BYTES: int = _positive("HAL0_LOG_BODY_MAX_KB", env.int, 16) * 1024
 
 # --- `manage.py serve` (what `make run` runs) ---------------------------------------------------
 # The first run creates an `admin` superuser with this password (generated and printed once
