@@ -233,3 +233,36 @@ class ApiKey(models.Model):
         key = "hal0-" + secrets.token_urlsafe(32)
         row = cls.objects.create(name=name, prefix=key[:12], key_hash=hash_key(key))
         return row, key
+
+
+class RequestLog(models.Model):
+    """One row per /v1 request, written in batches by ``dispatch.requestlog``'s thread.
+
+    Never written on the request path and never read by it: the Activity page and the admin
+    read it. Bodies are kept only with HAL0_LOG_BODIES (capped by HAL0_LOG_BODY_MAX_KB).
+    """
+
+    at = models.DateTimeField(db_index=True)
+    request_id = models.CharField(max_length=128, db_index=True)
+    client = models.CharField(max_length=160, blank=True, help_text="key:<name> or user:<name>")
+    endpoint = models.CharField(max_length=32)
+    model = models.CharField(max_length=300, blank=True, help_text="as requested")
+    slot = models.CharField(max_length=32, blank=True, db_index=True)
+    upstream_model = models.CharField(max_length=300, blank=True)
+    resolution = models.CharField(max_length=100, blank=True)
+    status = models.PositiveSmallIntegerField()
+    error = models.CharField(max_length=64, blank=True)
+    duration_ms = models.FloatField()
+    ttft_ms = models.FloatField(null=True, blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    why = models.TextField(blank=True, help_text="why this slot, in words")
+    candidates = models.JSONField(default=list, blank=True)
+    body = models.TextField(blank=True, help_text="only with HAL0_LOG_BODIES")
+
+    class Meta:
+        ordering = ["-at"]
+        verbose_name = "request"
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.endpoint} {self.status}"

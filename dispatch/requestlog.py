@@ -1,0 +1,203 @@
+"""The request log: one database row per /v1 request, written off the request path.
+
+The decision output only turns the record into a tuple of plain values and offers it to a
+bounded queue (``put_nowait``): a full queue drops the row and counts it, it never makes a
+request wait. One thread takes what is queued and writes it with ``bulk_create`` in
+batches, so a burst of a thousand requests is a handful of INSERTs, not a thousand.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as dt
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections
+
+from dispatch.decisions import DecisionRecord
+
+log = logging.getLogger("hal0.requestlog")
+
+BATCH = 500  # rows per INSERT at most
+LINGER_S = 0.2  # how long the writer gathers a batch once the first row arrived
+
+Row = tuple[Any, ...]
+
+
+def _row(rec: DecisionRecord) -> Row:
+    why = rec.why
+    body = ""
+    if rec.body is not None:
+        body = rec.body.decode("utf-8", "replace")
+    return (
+        rec.at,
+        rec.request_id,
+        rec.client or "",
+        rec.endpoint,
+        (rec.model or "")[:300],
+        rec.slot or "",
+        (rec.upstream_model or "")[:300],
+        rec.resolution_path or "",
+        rec.status,
+        rec.error or "",
+        rec.duration_ms,
+        rec.ttft_ms,
+        rec.prompt_tokens,
+        rec.completion_tokens,
+        why.text if why is not None else "",
+        why.as_dict()["candidates"] if why is not None else [],
+        body,
+    )
+
+
+_FIELDS = (
+    "at",
+    "request_id",
+    "client",
+    "endpoint",
+    "model",
+    "slot",
+    "upstream_model",
+    "resolution",
+    "status",
+    "error",
+    "duration_ms",
+    "ttft_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "why",
+    "candidates",
+    "body",
+)
+
+
+class Writer:
+    def __init__(self, limit: int | None = None) -> None:
+        self._limit = limit
+        self._queue: queue.Queue[Row] | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.dropped = 0
+        self.written = 0
+        self._pending = 0  # rows offered and not yet written (or failed)
+
+    def _ensure_queue(self) -> queue.Queue[Row]:
+        q = self._queue
+        if q is None:
+            with self._lock:
+                if self._queue is None:
+                    self._queue = queue.Queue(self._limit or settings.HAL0_LOG_QUEUE_SIZE)
+                q = self._queue
+        return q
+
+    def offer(self, row: Row) -> bool:
+        """Queue ``row`` for writing; False (and counted) when the queue is full."""
+        q = self._ensure_queue()
+        try:
+            q.put_nowait(row)
+        except queue.Full:
+            self.dropped += 1
+            return False
+        with self._lock:
+            self._pending += 1
+        return True
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self._run, name="hal0-requestlog", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        q = self._ensure_queue()
+        while True:
+            batch = [q.get()]
+            deadline = time.monotonic() + LINGER_S
+            while len(batch) < BATCH:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(q.get(timeout=remaining))
+                except queue.Empty:
+                    break
+            try:
+                self._write(batch)
+                self.written += len(batch)
+            except Exception:  # the database may be briefly away: the rows are lost, said so
+                log.warning("could not write %d request-log rows", len(batch), exc_info=True)
+                self.dropped += len(batch)
+            finally:
+                with self._lock:
+                    self._pending -= len(batch)
+
+    def _write(self, batch: list[Row]) -> None:
+        from dispatch.models import RequestLog
+
+        # This thread is outside any request: Django's connection housekeeping is ours.
+        close_old_connections()
+        RequestLog.objects.bulk_create(
+            [
+                RequestLog(
+                    **dict(zip(_FIELDS, row, strict=True)),
+                )
+                for row in _with_datetimes(batch)
+            ]
+        )
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every row offered so far is written (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._pending <= 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
+
+def _with_datetimes(batch: list[Row]) -> list[Row]:
+    utc = dt.UTC
+    return [(dt.datetime.fromtimestamp(r[0], utc), *r[1:]) for r in batch]
+
+
+writer = Writer()
+
+
+def output(rec: DecisionRecord, data: dict[str, object]) -> None:
+    """The decision output (see ``decisions.outputs``)."""
+    if not settings.HAL0_REQUEST_LOG:
+        return
+    if writer.offer(_row(rec)):
+        writer.start()
+
+
+def prune(now: dt.datetime | None = None) -> int:
+    """Delete rows older than HAL0_LOG_RETENTION_DAYS (sync; the watcher runs it)."""
+    from dispatch.models import RequestLog
+
+    close_old_connections()
+    now = now or dt.datetime.now(dt.UTC)
+    cutoff = now - dt.timedelta(days=settings.HAL0_LOG_RETENTION_DAYS)
+    deleted, _ = RequestLog.objects.filter(at__lt=cutoff).delete()
+    if deleted:
+        log.info("pruned %d request-log rows older than %s", deleted, cutoff.isoformat())
+    return deleted
+
+
+def prune_if_on() -> None:
+    """The watcher's housekeeping job (see ``health.housekeeping``)."""
+    if settings.HAL0_REQUEST_LOG:
+        prune()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    if writer._thread is not None and writer._thread.is_alive():
+        writer.flush(2.0)

@@ -1,0 +1,167 @@
+"""The request log: one row per request after a burst, drops counted, retention, bodies off."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+
+import httpx
+
+from dispatch import requestlog
+from dispatch.decisions import DecisionRecord
+
+HERMES_MODEL = "qwen3-coder-reap-25b-a3b-q5km"
+
+
+def chat(client: httpx.Client, model: str, **extra) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "secret prompt"}], **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_one_row_per_request_after_a_burst(seed_slots, hal0, settings):
+    from dispatch.models import ApiKey, RequestLog
+
+    _, key = ApiKey.issue("burst-key")
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with httpx.Client(
+            base_url=hal0.url, timeout=10, headers={"Authorization": f"Bearer {key}"}
+        ) as c:
+            for _ in range(25):
+                r = chat(c, HERMES_MODEL)
+                assert r.status_code == 200
+                with lock:
+                    ids.append(r.headers["X-Request-Id"])
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with httpx.Client(base_url=hal0.url, timeout=10) as c:
+        r = chat(c, "nope")  # refused (401: no key) — still one row
+    assert r.status_code == 401
+    assert requestlog.writer.flush(10)
+    rows = RequestLog.objects.filter(request_id__in=ids)
+    assert rows.count() == 200 == len(set(ids))
+    row = rows.first()
+    assert row is not None
+    assert (row.client, row.endpoint, row.model, row.slot, row.upstream_model) == (
+        "key:burst-key",
+        "chat/completions",
+        HERMES_MODEL,
+        "agent-hermes",
+        HERMES_MODEL,
+    )
+    assert (row.resolution, row.status, row.error) == ("model:agent-hermes", 200, "")
+    assert (row.prompt_tokens, row.completion_tokens) == (3, 4)
+    assert row.duration_ms > 0 and row.ttft_ms is None
+    assert row.why.startswith("answered by agent-hermes: the only slot serving")
+    assert row.candidates == [
+        {
+            "slot": "agent-hermes",
+            "state": "ready",
+            "priority": 0,
+            "inflight": row.candidates[0]["inflight"],
+        }
+    ]
+    assert row.body == ""  # HAL0_LOG_BODIES is off by default: no prompt stored
+    refused = RequestLog.objects.get(request_id=r.headers["X-Request-Id"])
+    assert (refused.status, refused.error, refused.slot) == (401, "missing_api_key", "")
+
+
+def test_bodies_only_when_the_operator_turns_them_on_and_capped(seed_slots, hal0, settings):
+    from dispatch.models import RequestLog
+
+    settings.HAL0_LOG_BODIES = True
+    settings.HAL0_LOG_BODY_MAX_BYTES = 40
+    with httpx.Client(base_url=hal0.url, timeout=10) as c:
+        r = chat(c, HERMES_MODEL)
+    assert requestlog.writer.flush(10)
+    row = RequestLog.objects.get(request_id=r.headers["X-Request-Id"])
+    assert row.body == r.request.content.decode()[:40]
+    assert len(row.body) == 40
+
+
+def _record(i: int) -> DecisionRecord:
+    return DecisionRecord(
+        request_id=f"drop-{i}", endpoint="chat/completions", model="m", status=200, at=time.time()
+    )
+
+
+def test_a_full_queue_drops_and_counts_never_blocks(transactional_db):
+    from dispatch.models import RequestLog
+
+    writer = requestlog.Writer(limit=3)  # its thread not started yet: nothing drains it
+    t0 = time.perf_counter()
+    offered = [writer.offer(requestlog._row(_record(i))) for i in range(10)]
+    assert time.perf_counter() - t0 < 0.05  # put_nowait: no waiting for room
+    assert offered == [True] * 3 + [False] * 7
+    assert writer.dropped == 7
+    writer.start()
+    assert writer.flush(5)
+    assert writer.written == 3
+    assert sorted(RequestLog.objects.values_list("request_id", flat=True)) == [
+        "drop-0",
+        "drop-1",
+        "drop-2",
+    ]
+
+
+def test_the_output_is_a_switch(transactional_db, settings):
+    from dispatch import decisions
+
+    assert requestlog.output in decisions.outputs
+    settings.HAL0_REQUEST_LOG = False
+    before = requestlog.writer.written + requestlog.writer.dropped
+    requestlog.output(_record(99), {})
+    assert requestlog.writer.flush(2)
+    assert requestlog.writer.written + requestlog.writer.dropped == before
+
+
+def _row_at(when: dt.datetime, request_id: str):
+    from dispatch.models import RequestLog
+
+    return RequestLog.objects.create(
+        at=when, request_id=request_id, endpoint="chat/completions", status=200, duration_ms=1.0
+    )
+
+
+def test_retention_prunes_old_rows(transactional_db, settings):
+    from dispatch.models import RequestLog
+
+    settings.HAL0_LOG_RETENTION_DAYS = 14
+    now = dt.datetime.now(dt.UTC)
+    _row_at(now - dt.timedelta(days=15), "old")
+    _row_at(now - dt.timedelta(days=13), "recent")
+    assert requestlog.prune(now) == 1
+    left = RequestLog.objects.filter(request_id__in=["old", "recent"])
+    assert list(left.values_list("request_id", flat=True)) == ["recent"]
+
+
+def test_the_watcher_prunes_when_it_starts(seed_slots, settings):
+    """The process that runs the watcher (the leader) prunes; nothing else has to."""
+    from dispatch.models import RequestLog
+
+    settings.HAL0_LOG_RETENTION_DAYS = 1
+    _row_at(dt.datetime.now(dt.UTC) - dt.timedelta(days=2), "stale")
+    _row_at(dt.datetime.now(dt.UTC), "fresh")
+    from hal0web.asgi import application
+    from tests.fakes import ServerThread
+
+    settings.HAL0_WATCHER = True
+    settings.HAL0_PROBE_INTERVAL_S = 0.2
+    application._started = False
+    server = ServerThread(application).start()
+    try:
+        httpx.get(server.url + "/healthz")
+        deadline = time.monotonic() + 10
+        while RequestLog.objects.filter(request_id="stale").exists():
+            assert time.monotonic() < deadline, "the watcher did not prune"
+            time.sleep(0.1)
+    finally:
+        server.stop()
+    assert RequestLog.objects.filter(request_id="fresh").exists()
