@@ -165,3 +165,45 @@ def test_the_watcher_prunes_when_it_starts(seed_slots, settings):
     finally:
         server.stop()
     assert RequestLog.objects.filter(request_id="fresh").exists()
+
+
+def test_admin_lists_read_only_with_filters_and_search_by_request_id(admin_client, settings):
+    from django.urls import reverse
+
+    from dispatch.models import RequestLog
+
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+    now = dt.datetime.now(dt.UTC)
+    for i, (slot, status) in enumerate([("primary", 200), ("agent-hermes", 200), ("primary", 503)]):
+        RequestLog.objects.create(
+            at=now,
+            request_id=f"req-{i:04d}",
+            client="key:ci",
+            endpoint="chat/completions",
+            model="m",
+            slot=slot,
+            status=status,
+            duration_ms=1.0,
+            why=f"answered by {slot}: test",
+        )
+    url = reverse("admin:dispatch_requestlog_changelist")
+    page = admin_client.get(url).content.decode()
+    assert "req-0000" in page and "req-0002" in page and "answered by agent-hermes: test" in page
+    assert 'href="?slot=agent-hermes"' in page  # the filters: slot, model, status, key, time
+    assert 'href="?status=503"' in page and 'href="?client=key%3Aci"' in page
+    assert "at__gte=" in page
+    found = admin_client.get(url, {"q": "req-0001"}).content.decode()
+    assert "req-0001" in found and "req-0000" not in found
+    only = admin_client.get(url, {"slot": "primary", "status": "503"}).content.decode()
+    assert "req-0002" in only and "req-0000" not in only
+    row = RequestLog.objects.get(request_id="req-0000")
+    assert admin_client.get(reverse("admin:dispatch_requestlog_add")).status_code == 403
+    detail = admin_client.get(reverse("admin:dispatch_requestlog_change", args=[row.pk]))
+    assert detail.status_code == 200 and b'name="_save"' not in detail.content
+    assert (
+        admin_client.post(reverse("admin:dispatch_requestlog_delete", args=[row.pk])).status_code
+        == 403
+    )
