@@ -7,7 +7,8 @@ Prints a markdown report and writes it to ``bench/results/latest.md``.
 
 ``python -m bench transports`` compares the proxy's transports instead (httpx's own pool vs
 the httpx-aiohttp transport vs ours), each behind the seam in hal0web under Uvicorn;
-``python -m bench seam`` measures the seam alone, without Django (bench/seam.py).
+``python -m bench seam`` measures the seam alone, without Django (bench/seam.py);
+``python -m bench cost`` compares metrics and the request log on vs off (bench/cost.py).
 """
 
 from __future__ import annotations
@@ -707,12 +708,17 @@ def main(argv: list[str]) -> int:
         sizes = tuple(float(kb) for kb in argv[1:]) or (0.1, 16.0)
         text = uvloop.run(run_hold(sizes))
         out = RESULTS / "hold.md"
+    elif mode == "cost":
+        from bench import cost
+
+        text = uvloop.run(cost.run())
+        out = RESULTS / "cost.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
-            "usage: python -m bench [all | seam | llama | hold [PROMPT_KB ...] | "
+            "usage: python -m bench [all | seam | llama | hold [PROMPT_KB ...] | cost | "
             "transports [VARIANT ...]]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,

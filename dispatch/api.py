@@ -181,6 +181,8 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
             response[key] = value
         if b'"usage"' in content:
             _usage(rec, content)
+        if rec.body is not None:  # HAL0_LOG_BODIES: keep the answer too, capped the same
+            rec.answer = content[: settings.HAL0_LOG_BODY_MAX_BYTES]
     finally:
         admission.release(fwd.slot.name)
     _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
@@ -190,14 +192,22 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
 
 
 def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> StreamingHttpResponse:
+    # HAL0_LOG_BODIES: what the client was sent, up to the cap (rec.body is set only then).
+    keep = settings.HAL0_LOG_BODY_MAX_BYTES if rec.body is not None else 0
+
     async def relay() -> AsyncIterator[bytes]:
         usage: bytes | None = None
+        kept: list[bytes] = []
+        room = keep
         try:
             async for chunk in fwd.response.chunks():
                 if rec.ttft_ms is None:
                     rec.ttft_ms = (time.perf_counter() - started) * 1000
                 if b'"usage"' in chunk:
                     usage = chunk  # the last one wins: OpenAI sends usage in the final chunk
+                if room > 0:
+                    kept.append(chunk[:room])
+                    room -= len(kept[-1])
                 yield chunk
         except UpstreamError as exc:
             # Headers are gone already; the only honest thing left is a last error event.
@@ -214,6 +224,8 @@ def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streaming
             rec.duration_ms = (time.perf_counter() - started) * 1000
             if usage is not None:
                 _stream_usage(rec, usage)
+            if keep:
+                rec.answer = b"".join(kept)
             record(rec)
 
     response = StreamingHttpResponse(relay(), status=fwd.response.status_code)

@@ -1,4 +1,25 @@
+from typing import Any
+
 from django.apps import AppConfig
+
+
+def sync_outputs(**_: Any) -> None:
+    """Put the metrics and the request log on the decisions and the watcher when they are on.
+
+    Read once here (and again when a test changes a setting) instead of on every request.
+    """
+    from django.conf import settings
+
+    from dispatch import decisions, health, metrics, requestlog
+
+    wanted = [decisions.log_output, decisions.event_output]
+    if settings.HAL0_METRICS:
+        wanted.append(metrics.output)
+    if settings.HAL0_REQUEST_LOG:
+        wanted.append(requestlog.output)
+    decisions.outputs[:] = wanted
+    health.probe_listeners[:] = [metrics.probe_observed] if settings.HAL0_METRICS else []
+    health.housekeeping[:] = [requestlog.prune_if_on]
 
 
 class DispatchConfig(AppConfig):
@@ -8,22 +29,11 @@ class DispatchConfig(AppConfig):
 
     def ready(self) -> None:
         # Connect the model signals that keep the routing table and the live UI in step
-        # with the database; then hang the metrics and the request log on the decisions
-        # and the watcher.
-        # Where each decision goes besides the log line and the live event; each output
-        # checks its own switch (HAL0_METRICS, HAL0_REQUEST_LOG) when called.
-        from dispatch import (
-            decisions,
-            health,
-            metrics,
-            requestlog,
-            signals,  # noqa: F401
-        )
+        # with the database.
+        from django.core.signals import setting_changed
 
-        for output in (metrics.output, requestlog.output):
-            if output not in decisions.outputs:
-                decisions.outputs.append(output)
-        if metrics.probe_observed not in health.probe_listeners:
-            health.probe_listeners.append(metrics.probe_observed)
-        if requestlog.prune_if_on not in health.housekeeping:
-            health.housekeeping.append(requestlog.prune_if_on)
+        from dispatch import signals  # noqa: F401
+
+        sync_outputs()
+        # Sent by override_settings and pytest-django's `settings` fixture only.
+        setting_changed.connect(sync_outputs, dispatch_uid="hal0-sync-outputs")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 
@@ -49,25 +49,17 @@ class DecisionRecord:
     # the choice later, without doing any of that work while routing.
     decision: Decision | NoRoute | None = None
     seen_inflight: tuple[int, ...] = ()
-    # Only with HAL0_LOG_BODIES: the request body as received, capped.
+    # Only with HAL0_LOG_BODIES: the request body as received and the answer as sent, capped.
     body: bytes | None = None
-    _why: Explanation | None = field(default=None, repr=False)
+    answer: bytes | None = None
 
     @property
     def why(self) -> Explanation | None:
-        """The explanation, built once, on first use by an output."""
-        if self._why is None and self.decision is not None:
-            if isinstance(self.decision, NoRoute):
-                self._why = explain_no_route(self.decision)
-            else:
-                self._why = explain(
-                    self.decision,
-                    self.seen_inflight,
-                    answered_by=self.slot,
-                    resolution_path=self.resolution_path,
-                    status=self.status,
-                )
-        return self._why
+        """Why this slot (see ``dispatch.explain``); built when first asked, not routing."""
+        return None if self.decision is None else _explained(self)[0]
+
+    def why_dict(self) -> dict[str, object] | None:
+        return None if self.decision is None else _explained(self)[1]
 
     @property
     def resolution_kind(self) -> str:
@@ -77,7 +69,6 @@ class DecisionRecord:
         return self.resolution_path.split(":", 1)[0]
 
     def as_dict(self) -> dict[str, object]:
-        why = self.why
         return {
             "event": "dispatch.decision",
             "request_id": self.request_id,
@@ -96,8 +87,48 @@ class DecisionRecord:
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
-            "why": why.as_dict() if why is not None else None,
+            "why": self.why_dict(),
         }
+
+
+# Explanations by everything they depend on. Under load most requests repeat a few cases (the
+# same model, on the same table, at the same load): those cost a dictionary lookup, not a new
+# explanation. Bounded like the resolver's suggestions memo.
+_MEMO_LIMIT = 1024
+_memo: dict[tuple[object, ...], tuple[Explanation, dict[str, object]]] = {}
+
+
+def _explained(rec: DecisionRecord) -> tuple[Explanation, dict[str, object]]:
+    decision = rec.decision
+    assert decision is not None
+    if isinstance(decision, NoRoute):
+        key: tuple[object, ...] = (decision.table_version, decision.requested_model, decision.code)
+    else:
+        key = (
+            decision.table_version,
+            decision.requested_model,
+            decision.resolution_path,
+            rec.seen_inflight,
+            rec.slot,
+            rec.resolution_path,
+            0 < rec.status < 400,
+        )
+    found = _memo.get(key)
+    if found is None:
+        if isinstance(decision, NoRoute):
+            why = explain_no_route(decision)
+        else:
+            why = explain(
+                decision,
+                rec.seen_inflight,
+                answered_by=rec.slot,
+                resolution_path=rec.resolution_path,
+                status=rec.status,
+            )
+        if len(_memo) >= _MEMO_LIMIT:
+            _memo.clear()
+        found = _memo[key] = (why, why.as_dict())
+    return found
 
 
 Output = Callable[[DecisionRecord, dict[str, object]], None]

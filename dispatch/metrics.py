@@ -8,29 +8,33 @@ each process keeps its own registry and labels every sample with ``worker`` (its
 scrape each worker (Prometheus sums them with ``sum without (worker)``); with one process,
 as ``make run`` starts, there is one worker and nothing to sum.
 
-Per request the cost is a few dictionary lookups and lock-free-ish increments on children
-created once per label set (``_child``). Everything that is a state rather than an event —
-in-flight and queued counts, slot states, dropped-record counters — is read when scraped
-(``_StateCollector``), so it costs nothing per request.
+Per request the cost must stay in the microseconds (bench: ``python -m bench cost``), and
+prometheus-client's own ``Histogram.observe`` walks its buckets in Python under a lock:
+four of them per request cost more than the rest of the recording. So values are gathered
+in plain dictionaries keyed by label tuples (a bucket found by ``bisect``), on the event
+loop that records them, and handed to prometheus-client as metric families when scraped
+(``_Collector``); the exposition is prometheus-client's. Everything that is a state rather
+than an event — in-flight and queued counts, slot states, dropped-record counters — is read
+from the live objects when scraped, so it costs nothing per request.
 """
 
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from dispatch.decisions import DecisionRecord
 from dispatch.errors import ApiError, error_response
@@ -47,108 +51,197 @@ _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 3
 # hal0web's own added time: tens of microseconds to a few milliseconds.
 _FAST = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
 
-REQUESTS = Counter(
+Labels = tuple[str, ...]
+
+
+class _Counter:
+    def __init__(self, name: str, help_text: str, labels: Labels) -> None:
+        self.name, self.help, self.labels = name, help_text, labels
+        self.values: dict[Labels, float] = {}
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.help, labels=("worker", *self.labels))
+        for labels, value in list(self.values.items()):
+            family.add_metric((WORKER, *labels), value)
+        return family
+
+
+class _Histogram:
+    def __init__(
+        self, name: str, help_text: str, labels: Labels, bounds: tuple[float, ...]
+    ) -> None:
+        self.name, self.help, self.labels = name, help_text, labels
+        self.bounds = bounds
+        self._le = [floatToGoString(b) for b in bounds] + ["+Inf"]
+        # label values -> [count per bucket (the last is +Inf, not cumulative)..., sum]
+        self.values: dict[Labels, list[float]] = {}
+
+    def observe(self, labels: Labels, value: float) -> None:
+        row = self.values.get(labels)
+        if row is None:
+            row = self.values[labels] = [0.0] * (len(self.bounds) + 2)
+        row[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
+        row[-1] += value
+
+    def add(self, labels: Labels, row: list[float]) -> None:
+        """Add another histogram's buckets and sum (same bounds) to ``labels``."""
+        mine = self.values.get(labels)
+        if mine is None:
+            mine = self.values[labels] = [0.0] * (len(self.bounds) + 2)
+        for i, value in enumerate(row):
+            mine[i] += value
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.help, labels=("worker", *self.labels))
+        for labels, row in list(self.values.items()):
+            total, buckets = 0.0, []
+            for le, count in zip(self._le, row[:-1], strict=True):
+                total += count
+                buckets.append((le, total))
+            family.add_metric((WORKER, *labels), buckets, row[-1])
+        return family
+
+
+REQUESTS = _Counter(
     "hal0_requests",
     "Requests to /v1, by endpoint, slot, model, status and resolution kind.",
-    ["worker", "endpoint", "slot", "model", "status", "resolution"],
-    registry=registry,
+    ("endpoint", "slot", "model", "status", "resolution"),
 )
-DURATION = Histogram(
+DURATION = _Histogram(
     "hal0_request_duration_seconds",
     "Whole request time, until the last byte of the answer.",
-    ["worker", "endpoint", "slot"],
-    buckets=_SLOW,
-    registry=registry,
+    ("endpoint", "slot"),
+    _SLOW,
 )
-TTFB = Histogram(
+TTFB = _Histogram(
     "hal0_time_to_first_byte_seconds",
     "Time until the upstream's response headers.",
-    ["worker", "endpoint", "slot"],
-    buckets=_SLOW,
-    registry=registry,
+    ("endpoint", "slot"),
+    _SLOW,
 )
-TTFT = Histogram(
+TTFT = _Histogram(
     "hal0_time_to_first_token_seconds",
     "Streams: time until the first chunk of the answer.",
-    ["worker", "endpoint", "slot"],
-    buckets=_SLOW,
-    registry=registry,
+    ("endpoint", "slot"),
+    _SLOW,
 )
-ADDED = Histogram(
+ADDED = _Histogram(
     "hal0_added_seconds",
     "hal0web's own time before forwarding: reading, authorizing, parsing, resolving.",
-    ["worker", "endpoint"],
-    buckets=_FAST,
-    registry=registry,
+    ("endpoint",),
+    _FAST,
 )
-TOKENS = Counter(
+TOKENS = _Counter(
     "hal0_tokens",
     "Tokens reported by the upstream's usage (JSON answers, a stream's final usage chunk).",
-    ["worker", "slot", "model", "kind"],
-    registry=registry,
+    ("slot", "model", "kind"),
 )
-PROBE_DURATION = Histogram(
-    "hal0_probe_duration_seconds",
-    "Health probe time per slot.",
-    ["worker", "slot"],
-    buckets=_SLOW,
-    registry=registry,
+PROBE_DURATION = _Histogram(
+    "hal0_probe_duration_seconds", "Health probe time per slot.", ("slot",), _SLOW
 )
-PROBE_FAILURES = Counter(
-    "hal0_probe_failures",
-    "Health probes that found the slot offline or in error.",
-    ["worker", "slot"],
-    registry=registry,
+PROBE_FAILURES = _Counter(
+    "hal0_probe_failures", "Health probes that found the slot offline or in error.", ("slot",)
+)
+_EVENTS: tuple[_Counter | _Histogram, ...] = (
+    REQUESTS,
+    DURATION,
+    TTFB,
+    TTFT,
+    ADDED,
+    TOKENS,
+    PROBE_DURATION,
+    PROBE_FAILURES,
 )
 
-# Label children, created once per label set: .labels() takes a lock and validates every
-# call, a dictionary lookup does not.
-_children: dict[tuple[Any, ...], Any] = {}
+
+class _PerRequest:
+    """Everything one request adds, for one label set: one dictionary lookup per request
+    instead of one per metric. Projected onto the families' own labels when scraped."""
+
+    __slots__ = ("added", "completion", "count", "duration", "prompt", "ttfb", "ttft")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.prompt = 0
+        self.completion = 0
+        width = len(_SLOW) + 2  # buckets, +Inf, sum
+        self.duration = [0.0] * width
+        self.ttfb = [0.0] * width
+        self.ttft = [0.0] * width
+        self.added = [0.0] * (len(_FAST) + 2)
 
 
-def _child(metric: Any, *labels: str) -> Any:
-    key = (metric, *labels)
-    child = _children.get(key)
-    if child is None:
-        child = _children[key] = metric.labels(WORKER, *labels)
-    return child
+# (endpoint, slot, model, status, resolution kind) -> what those requests added
+_per_request: dict[Labels, _PerRequest] = {}
 
 
 def output(rec: DecisionRecord, data: dict[str, object]) -> None:
-    """The decision output (see ``decisions.outputs``)."""
-    if not settings.HAL0_METRICS:
-        return
+    """The decision output (see ``decisions.outputs``; there only with HAL0_METRICS)."""
     slot = rec.slot or ""
     # Only a model that routed is a label: anything a client typed would be unbounded.
-    model = rec.model or "" if isinstance(rec.decision, Decision) else ""
-    endpoint = rec.endpoint
-    _child(REQUESTS, endpoint, slot, model, str(rec.status), rec.resolution_kind).inc()
-    _child(DURATION, endpoint, slot).observe(rec.duration_ms / 1000)
+    model = (rec.model or "") if isinstance(rec.decision, Decision) else ""
+    path = rec.resolution_path
+    key = (rec.endpoint, slot, model, str(rec.status), path.split(":", 1)[0] if path else "none")
+    stats = _per_request.get(key)
+    if stats is None:
+        stats = _per_request[key] = _PerRequest()
+    stats.count += 1
+    seconds = rec.duration_ms / 1000
+    row = stats.duration
+    row[bisect_left(_SLOW, seconds)] += 1
+    row[-1] += seconds
     if rec.ttfb_ms is not None:
-        _child(TTFB, endpoint, slot).observe(rec.ttfb_ms / 1000)
+        seconds, row = rec.ttfb_ms / 1000, stats.ttfb
+        row[bisect_left(_SLOW, seconds)] += 1
+        row[-1] += seconds
     if rec.ttft_ms is not None:
-        _child(TTFT, endpoint, slot).observe(rec.ttft_ms / 1000)
+        seconds, row = rec.ttft_ms / 1000, stats.ttft
+        row[bisect_left(_SLOW, seconds)] += 1
+        row[-1] += seconds
     if rec.added_ms is not None:
-        _child(ADDED, endpoint).observe(rec.added_ms / 1000)
+        seconds, row = rec.added_ms / 1000, stats.added
+        row[bisect_left(_FAST, seconds)] += 1
+        row[-1] += seconds
     if rec.prompt_tokens:
-        _child(TOKENS, slot, model, "prompt").inc(rec.prompt_tokens)
+        stats.prompt += rec.prompt_tokens
     if rec.completion_tokens:
-        _child(TOKENS, slot, model, "completion").inc(rec.completion_tokens)
+        stats.completion += rec.completion_tokens
+
+
+def _project() -> None:
+    """Fold the per-request stats into the families' own label sets (at scrape time)."""
+    for metric in (REQUESTS, DURATION, TTFB, TTFT, ADDED, TOKENS):
+        metric.values.clear()
+    for (endpoint, slot, model, status, kind), stats in list(_per_request.items()):
+        REQUESTS.values[(endpoint, slot, model, status, kind)] = float(stats.count)
+        for hist, row in ((DURATION, stats.duration), (TTFB, stats.ttfb), (TTFT, stats.ttft)):
+            if row[-1] or any(row[:-1]):
+                hist.add((endpoint, slot), row)
+        if stats.added[-1] or any(stats.added[:-1]):
+            ADDED.add((endpoint,), stats.added)
+        if stats.prompt:
+            TOKENS.inc((slot, model, "prompt"), stats.prompt)
+        if stats.completion:
+            TOKENS.inc((slot, model, "completion"), stats.completion)
 
 
 def probe_observed(slot: str, seconds: float, state: str) -> None:
     """The watcher's probe hook (see ``health.probe_listeners``)."""
-    if not settings.HAL0_METRICS:
-        return
-    _child(PROBE_DURATION, slot).observe(seconds)
+    PROBE_DURATION.observe((slot,), seconds)
     if state in ("offline", "error"):
-        _child(PROBE_FAILURES, slot).inc()
+        PROBE_FAILURES.inc((slot,))
 
 
-class _StateCollector(Collector):
-    """What is a state, not an event: read from the live objects when scraped."""
+class _Collector(Collector):
+    """The gathered events, and what is a state, read from the live objects when scraped."""
 
     def collect(self) -> Iterator[Metric]:
+        _project()
+        for metric in _EVENTS:
+            yield metric.family()
         from dispatch import events, requestlog
         from dispatch.admission import admission
         from dispatch.store import store
@@ -202,7 +295,7 @@ class _StateCollector(Collector):
             yield family
 
 
-registry.register(_StateCollector())
+registry.register(_Collector())
 
 
 async def view(request: HttpRequest) -> HttpResponse:

@@ -240,6 +240,8 @@ class RequestLog(models.Model):
 
     Never written on the request path and never read by it: the Activity page and the admin
     read it. Bodies are kept only with HAL0_LOG_BODIES (capped by HAL0_LOG_BODY_MAX_KB).
+    Two indexes only (time, for retention and Activity; request id, for the admin's search):
+    every index is paid for on every insert.
     """
 
     at = models.DateTimeField(db_index=True)
@@ -247,7 +249,7 @@ class RequestLog(models.Model):
     client = models.CharField(max_length=160, blank=True, help_text="key:<name> or user:<name>")
     endpoint = models.CharField(max_length=32)
     model = models.CharField(max_length=300, blank=True, help_text="as requested")
-    slot = models.CharField(max_length=32, blank=True, db_index=True)
+    slot = models.CharField(max_length=32, blank=True)
     upstream_model = models.CharField(max_length=300, blank=True)
     resolution = models.CharField(max_length=100, blank=True)
     status = models.PositiveSmallIntegerField()
@@ -258,7 +260,8 @@ class RequestLog(models.Model):
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     why = models.TextField(blank=True, help_text="why this slot, in words")
     candidates = models.JSONField(default=list, blank=True)
-    body = models.TextField(blank=True, help_text="only with HAL0_LOG_BODIES")
+    body = models.TextField(blank=True, help_text="the request body; only with HAL0_LOG_BODIES")
+    answer = models.TextField(blank=True, help_text="the answer as sent; only with HAL0_LOG_BODIES")
 
     class Meta:
         ordering = ["-at"]

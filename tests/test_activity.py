@@ -28,13 +28,8 @@ pytestmark = [
 HERMES_MODEL = "qwen3-coder-reap-25b-a3b-q5km"
 
 
-def test_charts_are_seeded_from_the_log_and_move_when_requests_flow(
-    seed_slots,
-    plain_static,
-    hal0,
-    staff,
-    context,  # noqa: F811 - fixtures from tests.browser
-):
+@pytest.mark.usefixtures("seed_slots", "plain_static", "staff")
+def test_charts_seeded_from_the_log_move_with_traffic(hal0, context):  # noqa: F811
     from playwright.sync_api import expect
 
     from dispatch.models import RequestLog

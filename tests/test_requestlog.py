@@ -68,7 +68,7 @@ def test_one_row_per_request_after_a_burst(seed_slots, hal0, settings):
             "inflight": row.candidates[0]["inflight"],
         }
     ]
-    assert row.body == ""  # HAL0_LOG_BODIES is off by default: no prompt stored
+    assert row.body == row.answer == ""  # HAL0_LOG_BODIES is off by default: nothing stored
     refused = RequestLog.objects.get(request_id=r.headers["X-Request-Id"])
     assert (refused.status, refused.error, refused.slot) == (401, "missing_api_key", "")
 
@@ -84,6 +84,23 @@ def test_bodies_only_when_the_operator_turns_them_on_and_capped(seed_slots, hal0
     row = RequestLog.objects.get(request_id=r.headers["X-Request-Id"])
     assert row.body == r.request.content.decode()[:40]
     assert len(row.body) == 40
+    assert row.answer == r.content.decode()[:40]
+    with (
+        httpx.Client(base_url=hal0.url, timeout=10) as c,
+        c.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": HERMES_MODEL,
+                "stream": True,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        ) as s,
+    ):
+        streamed = s.read().decode()
+    assert requestlog.writer.flush(10)
+    row = RequestLog.objects.get(request_id=s.headers["X-Request-Id"])
+    assert row.answer == streamed[:40] and row.answer.startswith("data: {")
 
 
 def _record(i: int) -> DecisionRecord:
@@ -97,7 +114,7 @@ def test_a_full_queue_drops_and_counts_never_blocks(transactional_db):
 
     writer = requestlog.Writer(limit=3)  # its thread not started yet: nothing drains it
     t0 = time.perf_counter()
-    offered = [writer.offer(requestlog._row(_record(i))) for i in range(10)]
+    offered = [writer.offer(requestlog._row(rec := _record(i), rec.as_dict())) for i in range(10)]
     assert time.perf_counter() - t0 < 0.05  # put_nowait: no waiting for room
     assert offered == [True] * 3 + [False] * 7
     assert writer.dropped == 7
@@ -111,15 +128,16 @@ def test_a_full_queue_drops_and_counts_never_blocks(transactional_db):
     ]
 
 
-def test_the_output_is_a_switch(transactional_db, settings):
-    from dispatch import decisions
+def test_the_outputs_follow_their_switches(transactional_db, settings):
+    from dispatch import decisions, metrics
 
-    assert requestlog.output in decisions.outputs
+    assert requestlog.output in decisions.outputs and metrics.output in decisions.outputs
     settings.HAL0_REQUEST_LOG = False
-    before = requestlog.writer.written + requestlog.writer.dropped
-    requestlog.output(_record(99), {})
-    assert requestlog.writer.flush(2)
-    assert requestlog.writer.written + requestlog.writer.dropped == before
+    assert requestlog.output not in decisions.outputs and metrics.output in decisions.outputs
+    settings.HAL0_METRICS = False
+    assert decisions.outputs == [decisions.log_output, decisions.event_output]
+    settings.HAL0_REQUEST_LOG = True
+    assert decisions.outputs[-1] is requestlog.output
 
 
 def _row_at(when: dt.datetime, request_id: str):
