@@ -2,7 +2,7 @@
 
 The decision output only turns the record into a tuple of plain values and offers it to a
 bounded queue (``put_nowait``): a full queue drops the row and counts it, it never makes a
-request wait. One thread takes what is queued and writes it with ``bulk_create`` in
+request wait. One thread takes what is queued and writes it with one ``executemany`` in
 batches, so a burst of a thousand requests is a handful of INSERTs, not a thousand.
 """
 
