@@ -238,13 +238,28 @@ def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streaming
 
 
 def _usage(rec: DecisionRecord, content: bytes) -> None:
-    """Token counts from a JSON answer's ``usage``; anything else in it is left alone."""
+    """Token counts from a JSON answer's ``usage``; anything else in it is left alone.
+
+    Only the ``usage`` object is parsed, not the answer: an embeddings answer can be
+    megabytes of vectors. A model's text cannot fake the key: inside a JSON string its
+    quotes are escaped (``\\"usage\\"``), so the last bare ``"usage"`` is the key.
+    """
+    key = content.rfind(b'"usage"')
+    start = content.find(b"{", key) if key >= 0 else -1
+    if start < 0:
+        return
+    end = start
+    while True:  # the closing brace of the object (usage may nest *_tokens_details)
+        end = content.find(b"}", end + 1)
+        if end < 0:
+            return
+        part = content[start : end + 1]
+        if part.count(b"{") == part.count(b"}"):
+            break
     try:
-        data = orjson.loads(content)
+        _take_usage(rec, orjson.loads(part))
     except orjson.JSONDecodeError:
         return
-    if isinstance(data, dict):
-        _take_usage(rec, data.get("usage"))
 
 
 def _stream_usage(rec: DecisionRecord, chunk: bytes) -> None:
