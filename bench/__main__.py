@@ -711,14 +711,14 @@ def main(argv: list[str]) -> int:
     elif mode == "cost":
         from bench import cost
 
-        text = uvloop.run(cost.run())
+        text = uvloop.run(cost.run(*(int(n) for n in argv[1:2])))
         out = RESULTS / "cost.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
-            "usage: python -m bench [all | seam | llama | hold [PROMPT_KB ...] | cost | "
+            "usage: python -m bench [all | seam | llama | hold [PROMPT_KB ...] | cost [ROUNDS] | "
             "transports [VARIANT ...]]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,

@@ -29,7 +29,7 @@ def _proc(ws: Workspace, name: str, on: bool) -> Proc:
     return Proc(name, argv, env, HAL0_CORE, port, ws.dir / f"{name}.log")
 
 
-async def run() -> str:
+async def run(rounds: int = ROUNDS) -> str:
     from bench.__main__ import Report, _header, _loadavg, _setup, cell, fmt, signed
 
     started = time.time()
@@ -48,7 +48,7 @@ async def run() -> str:
             Target(on.name, on.base, on),
         ]
         cells: dict[tuple[str, int], list] = {}
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             for conc in CONCURRENCY:
                 for t in targets:
                     cells.setdefault((t.name, conc), []).append(await cell(t, conc, CELL_S))
@@ -70,7 +70,7 @@ async def run() -> str:
                         str(sum(c.errors for c in cells[(t.name, conc)])),
                     ]
                 )
-        rep.add(f"Medians of {ROUNDS} interleaved rounds, {CELL_S:g} s per cell.", "")
+        rep.add(f"Medians of {rounds} interleaved rounds, {CELL_S:g} s per cell.", "")
         rep.table(["target", "conc", "rps", "p50 ms", "p99 ms", "CPU ms/req", "errors"], rows)
         ratio = med(on.name, 16, "rps") / med(off.name, 16, "rps")
         grow = med(on.name, 1, "p50") - med(off.name, 1, "p50")

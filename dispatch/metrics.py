@@ -282,7 +282,7 @@ class _Collector(Collector):
             (
                 "hal0_request_log_dropped",
                 "Request-log rows dropped (the writer's queue was full).",
-                requestlog.writer.dropped,
+                requestlog.writer.lost,
             ),
             (
                 "hal0_request_log_written",

@@ -11,9 +11,9 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import orjson
@@ -79,65 +79,67 @@ _FIELDS = (
 
 
 class Writer:
+    """A bounded queue of rows and the one thread that writes them.
+
+    The queue is a deque: ``append`` and ``popleft`` are atomic, so offering a row takes no
+    lock. The counters are each written by one side only (``offered``/``dropped`` by the
+    event loop, ``written``/``failed`` by the writer), so they need none either.
+    """
+
     def __init__(self, limit: int | None = None) -> None:
         self._limit = limit
-        self._queue: queue.Queue[Row] | None = None
+        self._rows: deque[Row] = deque()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self.dropped = 0
+        self._start_lock = threading.Lock()
+        self._wake = threading.Event()
+        self.offered = 0
+        self.dropped = 0  # the queue was full
         self.written = 0
-        self._pending = 0  # rows offered and not yet written (or failed)
-
-    def _ensure_queue(self) -> queue.Queue[Row]:
-        q = self._queue
-        if q is None:
-            with self._lock:
-                if self._queue is None:
-                    self._queue = queue.Queue(self._limit or settings.HAL0_LOG_QUEUE_SIZE)
-                q = self._queue
-        return q
+        self.failed = 0  # lost with a write that failed (counted in ``dropped`` for /metrics)
 
     def offer(self, row: Row) -> bool:
         """Queue ``row`` for writing; False (and counted) when the queue is full."""
-        q = self._ensure_queue()
-        try:
-            q.put_nowait(row)
-        except queue.Full:
+        limit = self._limit
+        if limit is None:
+            limit = self._limit = settings.HAL0_LOG_QUEUE_SIZE
+        rows = self._rows
+        if len(rows) >= limit:
             self.dropped += 1
             return False
-        with self._lock:
-            self._pending += 1
+        was_empty = not rows
+        rows.append(row)
+        self.offered += 1
+        if was_empty:
+            self._wake.set()  # once per batch, not per row
         return True
 
+    @property
+    def lost(self) -> int:
+        return self.dropped + self.failed
+
     def start(self) -> None:
-        with self._lock:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._start_lock:
             if self._thread is not None and self._thread.is_alive():
                 return
             self._thread = threading.Thread(target=self._run, name="hal0-requestlog", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
-        q = self._ensure_queue()
+        rows = self._rows
         while True:
-            batch = [q.get()]
-            deadline = time.monotonic() + LINGER_S
-            while len(batch) < BATCH:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+            self._wake.wait()
+            self._wake.clear()
+            time.sleep(LINGER_S)  # let a batch gather: one transaction for many rows
+            while rows:
+                batch = [rows.popleft() for _ in range(min(BATCH, len(rows)))]
                 try:
-                    batch.append(q.get(timeout=remaining))
-                except queue.Empty:
-                    break
-            try:
-                self._write(batch)
-                self.written += len(batch)
-            except Exception:  # the database may be briefly away: the rows are lost, said so
-                log.warning("could not write %d request-log rows", len(batch), exc_info=True)
-                self.dropped += len(batch)
-            finally:
-                with self._lock:
-                    self._pending -= len(batch)
+                    self._write(batch)
+                    self.written += len(batch)
+                except Exception:  # the database may be briefly away: the rows are lost, said so
+                    log.warning("could not write %d request-log rows", len(batch), exc_info=True)
+                    self.failed += len(batch)
 
     def _write(self, batch: list[Row]) -> None:
         from django.db import connection, transaction
@@ -156,6 +158,7 @@ class Writer:
         marks = ", ".join(["%s"] * len(_FIELDS))
         sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({marks})"
         if connection.vendor == "sqlite":
+            sql = sql.replace("%s", "?")  # for the sqlite3 connection itself, below
             # What Django's SQLite backend stores: naive UTC text, JSON as text.
             params = [
                 (
@@ -166,29 +169,34 @@ class Writer:
                 )
                 for r in batch
             ]
-        else:
-            at_field, json_field = meta.get_field("at"), meta.get_field("candidates")
-            params = [
-                (
-                    at_field.get_db_prep_save(dt.datetime.fromtimestamp(r[0], dt.UTC), connection),
-                    *r[1:15],
-                    json_field.get_db_prep_save(r[15], connection),
-                    *r[16:],
-                )
-                for r in batch
-            ]
+            with transaction.atomic():
+                # Django's transaction, the driver's own executemany: Django's cursor
+                # wrapper would convert every row's parameters once more.
+                connection.ensure_connection()
+                connection.connection.executemany(sql, params)
+            return
+        at_field, json_field = meta.get_field("at"), meta.get_field("candidates")
+        params = [
+            (
+                at_field.get_db_prep_save(dt.datetime.fromtimestamp(r[0], dt.UTC), connection),
+                *r[1:15],
+                json_field.get_db_prep_save(r[15], connection),
+                *r[16:],
+            )
+            for r in batch
+        ]
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.executemany(sql, params)
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every row offered so far is written (tests, shutdown)."""
+        """Wait until every row offered so far is written or lost (tests, shutdown)."""
+        target = self.offered
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._pending <= 0:
-                    return True
+        while self.written + self.failed < target:
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.01)
-        return False
+        return True
 
 
 writer = Writer()
@@ -196,7 +204,7 @@ writer = Writer()
 
 def output(rec: DecisionRecord, data: dict[str, object]) -> None:
     """The decision output (see ``decisions.outputs``; there only with HAL0_REQUEST_LOG)."""
-    if writer.offer(_row(rec, data)):
+    if writer.offer(_row(rec, data)) and writer._thread is None:
         writer.start()
 
 
