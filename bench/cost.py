@@ -10,9 +10,12 @@ both on >= 95 % of rps with both off; at 1 concurrent, the added p50 grows <= 0.
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 
-from bench.procs import HAL0_CORE, Proc, Workspace, free_port
+import orjson
+
+from bench.procs import HAL0_CORE, PY, ROOT, Proc, Workspace, free_port
 
 ROUNDS = 5
 CELL_S = 2.5
@@ -27,6 +30,30 @@ def _proc(ws: Workspace, name: str, on: bool) -> Proc:
     flag = "true" if on else "false"
     env = {**ws.env, "HAL0_METRICS": flag, "HAL0_REQUEST_LOG": flag}
     return Proc(name, argv, env, HAL0_CORE, port, ws.dir / f"{name}.log")
+
+
+def _records(ws: Workspace, cpu_ms_off: float) -> list[str]:
+    """What the two switches add per request, in-process (bench/records.py), pinned like
+    hal0web; and what that is of the off run's CPU per request at 16 concurrent."""
+    out = subprocess.run(
+        ["taskset", "-c", str(HAL0_CORE), PY, "-m", "bench.records"],
+        # Room for every row: a row dropped would be work not measured.
+        env={**ws.env, "HAL0_LOG_QUEUE_SIZE": "1000000"},
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    r = orjson.loads(out.stdout.strip().splitlines()[-1])
+    share = r["delta_us"] / 1000 / cpu_ms_off * 100 if cpu_ms_off else float("nan")
+    return [
+        f"In-process (bench/records.py, {r['written']:,} rows written): CPU per recorded "
+        f"request {r['off_us']:.1f} µs off, {r['on_us']:.1f} µs on, +{r['delta_us']:.1f} µs "
+        f"(request-log writer thread included) = {share:.1f} % of the off run's "
+        f"{cpu_ms_off:.3f} CPU ms per request at 16 concurrent: the rps bound that CPU alone "
+        f"sets is {100 / (1 + share / 100):.1f} % of off.",
+        "",
+    ]
 
 
 async def run(rounds: int = ROUNDS) -> str:
@@ -96,6 +123,7 @@ async def run(rounds: int = ROUNDS) -> str:
             for a, b in zip(cells[(on.name, 16)], cells[(off.name, 16)], strict=True)
         ]
         rep.add("C=16 on/off per round: " + ", ".join(per_round) + ".", "")
+        rep.add(*_records(ws, med(off.name, 16, "cpu_ms")))
         rep.add(
             f"Total bench time: {time.time() - started:.0f} s; load average at end {_loadavg()}."
         )

@@ -96,6 +96,7 @@ class Writer:
         self.dropped = 0  # the queue was full
         self.written = 0
         self.failed = 0  # lost with a write that failed (counted in ``dropped`` for /metrics)
+        self._quiet_until = 0.0
 
     def offer(self, row: Row) -> bool:
         """Queue ``row`` for writing; False (and counted) when the queue is full."""
@@ -138,8 +139,16 @@ class Writer:
                     self._write(batch)
                     self.written += len(batch)
                 except Exception:  # the database may be briefly away: the rows are lost, said so
-                    log.warning("could not write %d request-log rows", len(batch), exc_info=True)
                     self.failed += len(batch)
+                    now = time.monotonic()
+                    if now >= self._quiet_until:  # once a minute, not once a batch
+                        self._quiet_until = now + 60
+                        log.warning(
+                            "could not write %d request-log rows (%d lost so far)",
+                            len(batch),
+                            self.failed,
+                            exc_info=True,
+                        )
 
     def _write(self, batch: list[Row]) -> None:
         from django.db import connection, transaction
