@@ -24,7 +24,8 @@ from dispatch.decisions import DecisionRecord
 
 log = logging.getLogger("hal0.requestlog")
 
-BATCH = 500  # rows per INSERT at most
+BATCH = 500  # rows per transaction at most
+_ROWS_PER_INSERT = 50
 LINGER_S = 0.2  # how long the writer gathers a batch once the first row arrived
 
 Row = tuple[Any, ...]
@@ -167,7 +168,6 @@ class Writer:
         marks = ", ".join(["%s"] * len(_FIELDS))
         sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({marks})"
         if connection.vendor == "sqlite":
-            sql = sql.replace("%s", "?")  # for the sqlite3 connection itself, below
             # What Django's SQLite backend stores: naive UTC text, JSON as text.
             params = [
                 (
@@ -178,11 +178,18 @@ class Writer:
                 )
                 for r in batch
             ]
+            # Many rows per INSERT (a third less CPU per row than executemany, measured),
+            # through the driver itself under Django's transaction: Django's cursor wrapper
+            # would convert every row's parameters once more. 50 rows x 18 values stay under
+            # SQLite's oldest limit of 999 variables per statement.
+            one = "(" + ", ".join(["?"] * len(_FIELDS)) + ")"
+            head = sql.split(" VALUES ", 1)[0] + " VALUES "
             with transaction.atomic():
-                # Django's transaction, the driver's own executemany: Django's cursor
-                # wrapper would convert every row's parameters once more.
                 connection.ensure_connection()
-                connection.connection.executemany(sql, params)
+                raw = connection.connection
+                for i in range(0, len(params), _ROWS_PER_INSERT):
+                    part = params[i : i + _ROWS_PER_INSERT]
+                    raw.execute(head + ", ".join([one] * len(part)), [v for r in part for v in r])
             return
         at_field, json_field = meta.get_field("at"), meta.get_field("candidates")
         params = [
