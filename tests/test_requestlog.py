@@ -225,3 +225,35 @@ def test_admin_lists_read_only_with_filters_and_search_by_request_id(admin_clien
         admin_client.post(reverse("admin:dispatch_requestlog_delete", args=[row.pk])).status_code
         == 403
     )
+
+
+def test_a_failover_is_explained_in_the_row_and_the_log_line(fake, no_watcher, hal0, caplog):
+    """The preferred slot's server is gone (its state still says ready: nothing probed it):
+    the request fails over, and every output says so in words."""
+    import json
+    import logging
+
+    from dispatch.models import RequestLog
+    from tests.conftest import add_slot
+    from tests.fakes import free_port
+
+    _, server = fake
+    add_slot("first", f"http://127.0.0.1:{free_port()}/v1", ["m1"], priority=5, state="ready")
+    add_slot("second", server.url + "/v1", ["m1"], state="ready")
+    with (
+        caplog.at_level(logging.INFO, logger="hal0.dispatch"),
+        httpx.Client(base_url=hal0.url, timeout=10) as c,
+    ):
+        r = chat(c, "m1")
+    assert r.status_code == 200 and r.headers["X-Hal0-Resolution"] == "failover:first->second"
+    assert requestlog.writer.flush(10)
+    row = RequestLog.objects.get(request_id=r.headers["X-Request-Id"])
+    assert row.why == (
+        "answered by second: first failed before answering, so the request failed over; "
+        "first choice: the highest priority (5) of 2 slots serving 'm1'"
+    )
+    assert [c["slot"] for c in row.candidates] == ["first", "second"]
+    line = next(
+        json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hal0.dispatch"
+    )
+    assert line["why"]["rule"] == "failover" and line["why"]["text"] == row.why
