@@ -21,7 +21,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from dispatch import manifests, states
-from dispatch.models import ApiKey, ModelSource, Slot, SlotModel, SlotState
+from dispatch.models import ApiKey, ModelSource, RequestLog, Slot, SlotModel, SlotState
 
 # The states an operator may set by hand (see dispatch/states.py): draining a slot, and
 # ending that (back to `unknown`: the watcher probes it afresh).
@@ -316,3 +316,45 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for key in queryset:
             key.enabled = False
             key.save(update_fields=["enabled"])
+
+
+@admin.register(RequestLog)
+class RequestLogAdmin(admin.ModelAdmin):
+    """Read-only: the rows are what happened; the request-log writer alone makes them."""
+
+    list_display = (
+        "at",
+        "request_id",
+        "client",
+        "endpoint",
+        "model",
+        "slot",
+        "status",
+        "error",
+        "duration_ms",
+        "ttft_ms",
+        "completion_tokens",
+        "why",
+    )
+    list_filter = (
+        "slot",
+        "model",
+        "status",
+        "client",
+        "endpoint",
+        ("at", admin.DateFieldListFilter),
+    )
+    # Exact request ids (what a client's X-Request-Id header says), no LIKE scan of a big table.
+    search_fields = ("=request_id",)
+    search_help_text = "Search by request id (the X-Request-Id header)."
+    date_hierarchy = "at"
+    show_full_result_count = False  # a COUNT(*) over millions of rows on every page: no
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False

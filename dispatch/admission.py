@@ -45,6 +45,11 @@ class Admission:
         self._gated.clear()
         self.gate = None
 
+    def queued(self, slot: str) -> int:
+        """How many requests wait for a place on ``slot`` (read when /metrics is scraped)."""
+        queue = self._queues.get(slot)
+        return len(queue) if queue else 0
+
     def try_acquire(self, slot: str, limit: int) -> bool:
         count = self._inflight.get(slot, 0)
         if limit and (count >= limit or self._queues.get(slot)):

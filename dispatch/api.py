@@ -109,11 +109,15 @@ async def _resolve(
         await health.cold_probe()
         result = resolve(store.table, model, endpoint, admission.inflight, fallback)
     rec.latency_us = result.latency_us
+    rec.decision = result
     if isinstance(result, NoRoute):
         rec.slot = result.slot
         raise ApiError(result.status, result.code, result.message, param="model")
     rec.slot, rec.upstream_model = result.slot, result.upstream_model
     rec.resolution_path = result.resolution_path
+    # The counts the ranking saw, kept for the explanation (they move on at once).
+    inflight = admission.inflight
+    rec.seen_inflight = tuple(inflight.get(t.slot.name, 0) for t in result.targets)
     return result
 
 
@@ -121,13 +125,17 @@ def proxy_view(endpoint: str) -> View:
     async def view(request: HttpRequest) -> HttpResponseBase:
         started = time.perf_counter()
         request_id = _request_id(request)
-        rec = DecisionRecord(request_id=request_id, endpoint=endpoint, model=None)
+        rec = DecisionRecord(request_id=request_id, endpoint=endpoint, model=None, at=time.time())
         try:
-            await authorize(request)
-            body = bodies.parse(_read_body(request))
+            rec.client = await authorize(request)
+            raw = _read_body(request)
+            if settings.HAL0_LOG_BODIES:
+                rec.body = raw[: settings.HAL0_LOG_BODY_MAX_BYTES]
+            body = bodies.parse(raw)
             rec.model = body.model
             table = await store.ensure_loaded()
             decision = await _resolve(table, body.model, endpoint, rec)
+            rec.added_ms = (time.perf_counter() - started) * 1000
 
             def body_for(target: Target) -> bytes:
                 if target.upstream_model is None:
@@ -142,6 +150,8 @@ def proxy_view(endpoint: str) -> View:
             rec.status, rec.error = err.status, err.code
             _visibility(response, request_id, rec.slot, rec.resolution_path)
             rec.duration_ms = (time.perf_counter() - started) * 1000
+            if rec.added_ms is None:  # answered by hal0web itself: all of it was ours
+                rec.added_ms = rec.duration_ms
             record(rec)
             return response
         except asyncio.CancelledError:
@@ -155,6 +165,7 @@ def proxy_view(endpoint: str) -> View:
         rec.resolution_path = fwd.resolution_path
         rec.status = fwd.response.status_code
         rec.inflight = admission.inflight.get(fwd.slot.name, 0)
+        rec.ttfb_ms = (time.perf_counter() - started) * 1000
         if fwd.response.status_code >= 400:
             return await _upstream_failed(fwd, rec, started)
         if fwd.response.is_event_stream:
@@ -230,6 +241,10 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
     response = HttpResponse(content, status=status)
     for key, value in fwd.response.headers():
         response[key] = value
+    if b'"usage"' in content:
+        _usage(rec, content)
+    if rec.body is not None:  # HAL0_LOG_BODIES: keep the answer too, capped the same
+        rec.answer = content[: settings.HAL0_LOG_BODY_MAX_BYTES]
     return _finish(response, rec, started)
 
 
@@ -274,11 +289,24 @@ async def _upstream_failed(fwd: Forwarded, rec: DecisionRecord, started: float) 
 
 
 def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> StreamingHttpResponse:
+    # HAL0_LOG_BODIES: what the client was sent, up to the cap (rec.body is set only then).
+    keep = settings.HAL0_LOG_BODY_MAX_BYTES if rec.body is not None else 0
+
     async def relay() -> AsyncIterator[bytes]:
         tail = b""  # the last bytes sent: does the stream sit between two events?
+        usage: bytes | None = None
+        kept: list[bytes] = []
+        room = keep
         try:
             async for chunk in fwd.response.chunks():
                 tail = (tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
+                if rec.ttft_ms is None:
+                    rec.ttft_ms = (time.perf_counter() - started) * 1000
+                if b'"usage"' in chunk:
+                    usage = chunk  # the last one wins: OpenAI sends usage in the final chunk
+                if room > 0:
+                    kept.append(chunk[:room])
+                    room -= len(kept[-1])
                 yield chunk
             if not sse_between_events(tail):
                 # The upstream ended cleanly as far as HTTP goes, but in the middle of an
@@ -300,6 +328,10 @@ def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streaming
             await fwd.response.aclose()
             admission.release(fwd.slot.name)
             rec.duration_ms = (time.perf_counter() - started) * 1000
+            if usage is not None:
+                _stream_usage(rec, usage)
+            if keep:
+                rec.answer = b"".join(kept)
             record(rec)
 
     response = StreamingHttpResponse(relay(), status=fwd.response.status_code)
@@ -351,6 +383,55 @@ def _serves(methods: tuple[str, ...], view: Any, label: str) -> Any:
 
     wrapped.__name__ = getattr(view, "__name__", "v1_view")
     return wrapped
+
+
+def _usage(rec: DecisionRecord, content: bytes) -> None:
+    """Token counts from a JSON answer's ``usage``; anything else in it is left alone.
+
+    Only the ``usage`` object is parsed, not the answer: an embeddings answer can be
+    megabytes of vectors. A model's text cannot fake the key: inside a JSON string its
+    quotes are escaped (``\\"usage\\"``), so the last bare ``"usage"`` is the key.
+    """
+    key = content.rfind(b'"usage"')
+    start = content.find(b"{", key) if key >= 0 else -1
+    if start < 0:
+        return
+    end = start
+    while True:  # the closing brace of the object (usage may nest *_tokens_details)
+        end = content.find(b"}", end + 1)
+        if end < 0:
+            return
+        part = content[start : end + 1]
+        if part.count(b"{") == part.count(b"}"):
+            break
+    try:
+        _take_usage(rec, orjson.loads(part))
+    except orjson.JSONDecodeError:
+        return
+
+
+def _stream_usage(rec: DecisionRecord, chunk: bytes) -> None:
+    """Token counts from the stream's chunk that carried ``usage`` (the upstream's choice to
+    send; the request is never changed to ask for it)."""
+    for line in reversed(chunk.split(b"\n")):
+        if line.startswith(b"data:") and b'"usage"' in line:
+            try:
+                data = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                return
+            if isinstance(data, dict):
+                _take_usage(rec, data.get("usage"))
+            return
+
+
+def _take_usage(rec: DecisionRecord, usage: object) -> None:
+    if not isinstance(usage, dict):
+        return
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0:
+        rec.prompt_tokens = prompt
+    if isinstance(completion, int) and not isinstance(completion, bool) and completion >= 0:
+        rec.completion_tokens = completion
 
 
 chat_completions = proxy_view("chat/completions")

@@ -1,4 +1,25 @@
+from typing import Any
+
 from django.apps import AppConfig
+
+
+def sync_outputs(**_: Any) -> None:
+    """Put the metrics and the request log on the decisions and the watcher when they are on.
+
+    Read once here (and again when a test changes a setting) instead of on every request.
+    """
+    from django.conf import settings
+
+    from dispatch import decisions, health, metrics, requestlog
+
+    wanted = [decisions.log_output, decisions.event_output]
+    if settings.HAL0_METRICS:
+        wanted.append(metrics.output)
+    if settings.HAL0_REQUEST_LOG:
+        wanted.append(requestlog.output)
+    decisions.outputs[:] = wanted
+    health.probe_listeners[:] = [metrics.probe_observed] if settings.HAL0_METRICS else []
+    health.housekeeping[:] = [requestlog.prune_if_on]
 
 
 class DispatchConfig(AppConfig):
@@ -9,8 +30,12 @@ class DispatchConfig(AppConfig):
     def ready(self) -> None:
         # Connect the model signals that keep the routing table and the live UI in step
         # with the database.
+        from django.core.signals import setting_changed
         from django.db.models.signals import post_migrate
 
         from dispatch import signals, triggers  # noqa: F401
 
         post_migrate.connect(triggers.install, sender=self)
+        sync_outputs()
+        # Sent by override_settings and pytest-django's `settings` fixture only.
+        setting_changed.connect(sync_outputs, dispatch_uid="hal0-sync-outputs")

@@ -32,7 +32,18 @@ LOCAL_GROUP = f"dispatch.local.{os.getpid()}.{secrets.token_hex(4)}"
 log = logging.getLogger("hal0.events")
 
 # Events published from async code wait here for the one task that sends them, in order.
+# Bounded: a channel layer that stalls (Redis away) must not grow memory without end; what
+# does not fit is dropped and counted (hal0_events_dropped_total).
+QUEUE_LIMIT = 10_000
 _queue: deque[tuple[dict[str, Any], str]] = deque()
+_dropped = 0
+
+
+def dropped() -> int:
+    """Events dropped because the send queue was full, since the process started."""
+    return _dropped
+
+
 _sender: asyncio.Task[None] | None = None
 # The loop the server runs on. The in-memory layer's queues belong to it, so sends from
 # other threads (the admin's sync views, the watcher's database writes) are handed to it.
@@ -65,13 +76,16 @@ def publish(event: dict[str, Any], group: str = GROUP) -> None:
     One task sends whatever is queued, oldest first, and ends when the queue is empty: under
     load a burst of events costs one task, not one each (one per request, on /v1).
     """
-    global _sender
+    global _sender, _dropped
     loop = asyncio.get_running_loop()
     if _sender is not None and _sender.get_loop() is not loop:
         # A sender left on another loop (a finished test's, a restarted server's) will never
         # run again, and what it had queued was for the pages that loop served.
         _queue.clear()
         _sender = None
+    if len(_queue) >= QUEUE_LIMIT:
+        _dropped += 1
+        return
     _queue.append((event, group))
     if _sender is None or _sender.done():
         _sender = loop.create_task(_send_queued())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -152,6 +154,7 @@ class Watcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._probes: dict[str, asyncio.Task[bool]] = {}  # the one probe in flight per slot
         self._probed_at: dict[str, datetime] = {}  # when each slot's state was last known
+        self._housekeeper: asyncio.Task[None] | None = None  # see run_housekeeping
 
     @property
     def running(self) -> bool:
@@ -168,11 +171,16 @@ class Watcher:
         self._supervisor = loop.create_task(
             self._supervise(), name="hal0-watcher", context=contextvars.Context()
         )
+        self._housekeeper = loop.create_task(
+            run_housekeeping(), name="hal0-housekeeping", context=contextvars.Context()
+        )
 
     async def stop(self) -> None:
         tasks: list[asyncio.Task[Any]] = [*self._tasks.values(), *self._probes.values()]
         if self._supervisor is not None:
             tasks.append(self._supervisor)
+        if self._housekeeper is not None:
+            tasks.append(self._housekeeper)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -245,7 +253,9 @@ class Watcher:
 
     async def _probe(self, slot: SlotEntry) -> bool:
         timeout = max(0.5, min(slot.connect_timeout_s, settings.HAL0_PROBE_INTERVAL_S, 5.0))
+        began = time.perf_counter()
         obs = await observe(slot, timeout)
+        probed(slot.name, time.perf_counter() - began, obs.state)
         seen_at = timezone.now()
         if obs.state == "ready":
             outliers.probe_passed(slot.name)  # may end an ejection whose back-off is over
@@ -441,3 +451,33 @@ def suspect(slot: str, reason: str) -> None:
 
 async def cold_probe() -> None:
     await watcher.cold_probe()
+
+
+# --- hooks: what other modules hang on the watcher (metrics, the request log) ---------------
+# Kept apart so the watcher itself stays about slots. Only the process that runs the watcher
+# (the server with HAL0_WATCHER=true, or `manage.py watch`) runs them, so with several workers
+# the housekeeping happens once, not once per worker.
+
+# Called after every probe with (slot, seconds, observed state).
+probe_listeners: list[Callable[[str, float, str], None]] = []
+# Sync jobs run in a thread when the watcher starts and every HOUSEKEEPING_S after.
+housekeeping: list[Callable[[], object]] = []
+HOUSEKEEPING_S = 3600.0
+
+
+def probed(slot: str, seconds: float, state: str) -> None:
+    for listener in probe_listeners:
+        try:
+            listener(slot, seconds, state)
+        except Exception:  # a listener's bug must not stop the probe loop
+            log.exception("probe listener failed")
+
+
+async def run_housekeeping() -> None:
+    while True:
+        for job in housekeeping:
+            try:
+                await sync_to_async(job, thread_sensitive=True)()
+            except Exception:  # the database may be briefly away; the next round tries again
+                log.warning("housekeeping job %s failed", job, exc_info=True)
+        await asyncio.sleep(HOUSEKEEPING_S)

@@ -26,7 +26,8 @@ class KeyRing:
         self.reset()
 
     def reset(self) -> None:
-        self._hashes: frozenset[str] = frozenset()
+        # key hash -> the key's name (who is asking, for the request log)
+        self._hashes: dict[str, str] = {}
         self._any = False
         self._loaded = False
         self.version = -1  # the StateVersion the hashes were read at; -1: never read
@@ -37,9 +38,7 @@ class KeyRing:
         with self._lock:
             # Read first: a change committed during the read shows as a newer number.
             self.version = StateVersion.current()
-            self._hashes = frozenset(
-                ApiKey.objects.filter(enabled=True).values_list("key_hash", flat=True)
-            )
+            self._hashes = dict(ApiKey.objects.filter(enabled=True).values_list("key_hash", "name"))
             # Disabling the last key must not open the API: any key, enabled or not, counts.
             self._any = ApiKey.objects.exists()
             self._loaded = True
@@ -49,9 +48,13 @@ class KeyRing:
             await sync_to_async(self.reload, thread_sensitive=True)()
 
     def knows(self, key: str) -> bool:
+        return self.name_of(key) is not None
+
+    def name_of(self, key: str) -> str | None:
+        """The name of the enabled key ``key``, or None when there is no such key."""
         from dispatch.models import hash_key
 
-        return hash_key(key) in self._hashes
+        return self._hashes.get(hash_key(key))
 
     @property
     def any(self) -> bool:
@@ -69,20 +72,25 @@ def _no_view(request: HttpRequest) -> HttpResponseBase:
 _csrf = CsrfViewMiddleware(_no_view)
 
 
-async def authorize(request: HttpRequest) -> None:
-    """Raise ApiError(401/403) unless the request may use /v1."""
+async def authorize(request: HttpRequest) -> str | None:
+    """Raise ApiError(401/403) unless the request may use /v1.
+
+    Returns who is asking: ``key:<name>`` for an API key, ``user:<username>`` for the page's
+    session, None while the API is open.
+    """
     mode = settings.HAL0_API_AUTH
     if mode == "off":
-        return
+        return None
     await keyring.ensure_loaded()
     if mode == "auto" and not keyring.any:
-        return
+        return None
     auth = request.headers.get("Authorization", "")
     if auth:
         scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or not keyring.knows(key.strip()):
+        name = keyring.name_of(key.strip()) if scheme.lower() == "bearer" else None
+        if name is None:
             raise ApiError(401, "invalid_api_key", "The API key is not valid.")
-        return
+        return f"key:{name}"
     if settings.SESSION_COOKIE_NAME in request.COOKIES:
         engine: Any = import_module(settings.SESSION_ENGINE)
         request.session = engine.SessionStore(request.COOKIES[settings.SESSION_COOKIE_NAME])
@@ -92,7 +100,7 @@ async def authorize(request: HttpRequest) -> None:
             # the page itself: Django's own CSRF check (token header + Origin).
             if _csrf.process_view(request, _no_view, (), {}) is not None:
                 raise ApiError(403, "csrf_failed", "CSRF check failed; reload the page.")
-            return
+            return f"user:{user.get_username()}"
     raise ApiError(
         401,
         "missing_api_key",

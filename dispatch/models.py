@@ -291,3 +291,39 @@ class StateVersion(models.Model):
         first rows in another order could each wait on the other (PostgreSQL; SQLite's
         IMMEDIATE transactions already take one write lock up front)."""
         list(cls.objects.select_for_update().filter(pk=cls.ROW).values_list("pk"))
+
+
+class RequestLog(models.Model):
+    """One row per /v1 request, written in batches by ``dispatch.requestlog``'s thread.
+
+    Never written on the request path and never read by it: the Activity page and the admin
+    read it. Bodies are kept only with HAL0_LOG_BODIES (capped by HAL0_LOG_BODY_MAX_KB).
+    Two indexes only (time, for retention and Activity; request id, for the admin's search):
+    every index is paid for on every insert.
+    """
+
+    at = models.DateTimeField(db_index=True)
+    request_id = models.CharField(max_length=128, db_index=True)
+    client = models.CharField(max_length=160, blank=True, help_text="key:<name> or user:<name>")
+    endpoint = models.CharField(max_length=32)
+    model = models.CharField(max_length=300, blank=True, help_text="as requested")
+    slot = models.CharField(max_length=32, blank=True)
+    upstream_model = models.CharField(max_length=300, blank=True)
+    resolution = models.CharField(max_length=100, blank=True)
+    status = models.PositiveSmallIntegerField()
+    error = models.CharField(max_length=64, blank=True)
+    duration_ms = models.FloatField()
+    ttft_ms = models.FloatField(null=True, blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    why = models.TextField(blank=True, help_text="why this slot, in words")
+    candidates = models.JSONField(default=list, blank=True)
+    body = models.TextField(blank=True, help_text="the request body; only with HAL0_LOG_BODIES")
+    answer = models.TextField(blank=True, help_text="the answer as sent; only with HAL0_LOG_BODIES")
+
+    class Meta:
+        ordering = ["-at"]
+        verbose_name = "request"
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.endpoint} {self.status}"

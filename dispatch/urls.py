@@ -5,6 +5,7 @@ from dispatch import pages
 
 urlpatterns = [
     path("", pages.chat, name="chat"),
+    path("activity/", pages.activity, name="activity"),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
 ]

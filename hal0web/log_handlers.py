@@ -13,19 +13,43 @@ import logging.handlers
 import queue
 from typing import TextIO
 
+# Lines queued and not yet written, at most; past it a line is dropped and counted rather
+# than wait for a writer that stopped (hal0_log_records_dropped_total).
+QUEUE_LIMIT = 100_000
+_dropped = 0
+
+
+def dropped() -> int:
+    """Log records dropped because the writer's queue was full, since the process started."""
+    return _dropped
+
+
+class _Listener(logging.handlers.QueueListener):
+    def enqueue_sentinel(self) -> None:
+        # At close the queue may be full: wait for room (what is queued is written first)
+        # instead of failing the way put_nowait would.
+        self.queue.put(self._sentinel)  # type: ignore[attr-defined]
+
 
 class BackgroundStreamHandler(logging.handlers.QueueHandler):
     """A QueueHandler whose own listener thread writes to ``stream`` (stderr by default)."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
-        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    def __init__(self, stream: TextIO | None = None, limit: int = QUEUE_LIMIT) -> None:
+        records: queue.Queue[logging.LogRecord] = queue.Queue(limit)
         super().__init__(records)
         # The record arrives formatted (QueueHandler.prepare uses this handler's formatter),
         # so the writer prints it as it is.
         self.writer = logging.StreamHandler(stream)
-        self._listener = logging.handlers.QueueListener(records, self.writer)
+        self._listener = _Listener(records, self.writer)
         self._listener.start()
         self._running = True
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        global _dropped
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            _dropped += 1
 
     def close(self) -> None:
         # logging.shutdown() calls this at exit: what is still queued is written first.

@@ -180,6 +180,20 @@ HAL0_BIND: str = _read("HAL0_BIND", env.str, "127.0.0.1:8000")
 if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", HAL0_BIND):
     raise ImproperlyConfigured(f"HAL0_BIND={HAL0_BIND!r} must be HOST:PORT")
 
+# --- seeing the traffic: metrics and the request log ----------------------------------------
+# /metrics (Prometheus text format) and its counters, histograms and gauges.
+HAL0_METRICS: bool = _strict_bool("HAL0_METRICS", True)
+# Anyone may read /metrics when true; otherwise a staff session or an API key is needed.
+HAL0_METRICS_PUBLIC: bool = _strict_bool("HAL0_METRICS_PUBLIC", False)
+# One database row per /v1 request, written in batches by a thread of its own.
+HAL0_REQUEST_LOG: bool = _strict_bool("HAL0_REQUEST_LOG", True)
+HAL0_LOG_RETENTION_DAYS: float = _positive("HAL0_LOG_RETENTION_DAYS", env.float, 14)
+# Rows waiting for the writer; past this a row is dropped (and counted), never waited for.
+HAL0_LOG_QUEUE_SIZE: int = _positive("HAL0_LOG_QUEUE_SIZE", env.int, 10_000)
+# Prompts are not stored unless the operator asks; then each body is cut at the cap.
+HAL0_LOG_BODIES: bool = _strict_bool("HAL0_LOG_BODIES", False)
+HAL0_LOG_BODY_MAX_BYTES: int = _positive("HAL0_LOG_BODY_MAX_KB", env.int, 16) * 1024
+
 # --- `manage.py serve` (what `make run` runs) ---------------------------------------------------
 # The first run creates an `admin` superuser with this password (generated and printed once
 # when unset); the password is never stored anywhere but as Django's hash.

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
 
-from dispatch import api
+from dispatch import api, metrics
 
 urlpatterns = [
     path("v1/chat/completions", api.chat_completions, name="v1-chat"),
@@ -11,6 +11,7 @@ urlpatterns = [
     re_path(r"^v1/models/(?P<model_id>.+)$", api.model_detail, name="v1-model"),
     re_path(r"^v1/(?P<path>.*)$", api.not_found),
     path("healthz", api.healthz, name="healthz"),
+    path("metrics", metrics.view, name="metrics"),
     path("admin/", admin.site.urls),
     path("", include("dispatch.urls")),
 ]

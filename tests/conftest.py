@@ -162,3 +162,8 @@ def hal0(transactional_db: None, settings: Any) -> Iterator[ServerThread]:
     server = ServerThread(application).start()
     yield server
     server.stop()
+    # Request-log rows still queued belong to this test's database: write them before it is
+    # flushed, not into the next test's.
+    from dispatch import requestlog
+
+    requestlog.writer.flush(5)

@@ -54,6 +54,7 @@ class FakeUpstream:
     models_delay_s: float = 0.0  # a slow /v1/models (a loaded server)
     break_after_chunks: int | None = None  # drop the connection mid-stream
     set_cookie: str = ""  # a Set-Cookie header on every completion answer
+    stream_usage: bool = False  # end a stream with a usage-only chunk, as OpenAI's API can
     requests: list[Seen] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
     active: int = 0
@@ -198,6 +199,24 @@ class FakeUpstream:
                         return
                     except TimeoutError:
                         pass
+            if self.stream_usage:
+                usage = {
+                    "id": f"cmpl-{self.name}",
+                    "object": "chat.completion.chunk",
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 5,
+                        "completion_tokens": self.chunks,
+                        "total_tokens": 5 + self.chunks,
+                    },
+                }
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: " + json.dumps(usage).encode() + b"\n\n",
+                        "more_body": True,
+                    }
+                )
             await send(
                 {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
             )

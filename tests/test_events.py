@@ -62,3 +62,15 @@ def test_a_sender_stuck_on_a_closed_loop_does_not_swallow_later_events(
         stuck.cancel()
         old.run_until_complete(asyncio.sleep(0))
         old.close()
+
+
+async def test_a_full_queue_drops_and_counts(monkeypatch) -> None:
+    """The sender cannot keep up (here: it gets no turn at all): past the bound, events are
+    dropped and counted (hal0_events_dropped_total), never queued without end."""
+    monkeypatch.setattr(events, "QUEUE_LIMIT", 10)
+    layer, channel = await _listen()
+    before = events.dropped()
+    for n in range(25):  # no await between: the sender task never runs meanwhile
+        events.publish({"type": "t", "n": n})
+    assert events.dropped() - before == 15
+    assert [e["n"] for e in await _received(layer, channel, 10)] == list(range(10))

@@ -40,3 +40,33 @@ def test_a_reader_that_stopped_reading_does_not_block_logging() -> None:
         log.removeHandler(handler)
         handler.close()
         stream.close()
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking() -> None:
+    from hal0web import log_handlers
+
+    read_fd, write_fd = os.pipe()
+    stream = open(write_fd, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    handler = BackgroundStreamHandler(stream, limit=5)
+    log = logging.getLogger("hal0.test.bounded")
+    log.propagate = False
+    log.addHandler(handler)
+    before = log_handlers.dropped()
+    try:
+        # Nobody reads: the writer blocks inside the pipe's 64 KB, then the queue fills.
+        for i in range(300):
+            log.warning("line %d %s", i, "x" * 1000)
+        assert log_handlers.dropped() - before > 200
+    finally:
+        log.removeHandler(handler)
+
+        def read_all() -> None:
+            with open(read_fd, "rb") as reader:
+                while reader.read(65536):
+                    pass
+
+        drain = threading.Thread(target=read_all, daemon=True)
+        drain.start()
+        handler.close()
+        stream.close()
+        drain.join(timeout=10)

@@ -214,3 +214,36 @@ async def test_group_send_reaches_a_member_on_another_worker(redis_layers):
         for layer in (ours, other):
             await layer.flush()
             await layer.close_pools()
+
+
+WRITE_REQUEST_LOG = """
+import time, django
+django.setup()
+from dispatch import requestlog
+from dispatch.decisions import DecisionRecord
+from dispatch.models import RequestLog
+from dispatch.resolver import resolve
+from dispatch.store import store
+store.reload()
+for i in range(30):
+    rec = DecisionRecord(request_id=f"pg-{i}", endpoint="chat/completions", model="hermes",
+                         slot="agent-hermes", status=200, duration_ms=1.5, at=time.time(),
+                         resolution_path="alias:agent-hermes", completion_tokens=i)
+    rec.decision = resolve(store.table, "hermes", "chat/completions")
+    requestlog.output(rec, rec.as_dict())
+assert requestlog.writer.flush(10)
+row = RequestLog.objects.get(request_id="pg-7")
+print(RequestLog.objects.count(), row.completion_tokens, row.candidates[0]["slot"], row.at.tzname(), row.why)
+"""
+
+
+@pytest.mark.postgres
+def test_the_request_log_writer_on_postgresql(pg_url, tmp_path):
+    """The writer's plain-values INSERT on PostgreSQL: timestamps and JSON as Django stores them."""
+    assert manage(pg_url, tmp_path, "migrate", "-v0").returncode == 0
+    assert manage(pg_url, tmp_path, "slots", "import", "slots/").returncode == 0
+    r = manage(pg_url, tmp_path, "shell", "-c", WRITE_REQUEST_LOG)
+    assert r.returncode == 0, r.stderr
+    count, tokens, slot, tz, why = r.stdout.strip().splitlines()[-1].split(" ", 4)
+    assert (count, tokens, slot, tz) == ("30", "7", "agent-hermes", "UTC")
+    assert why.startswith("answered by agent-hermes: 'hermes' is agent-hermes's alias")

@@ -30,6 +30,8 @@ print(json.dumps({
     "LAYER": s.CHANNEL_LAYERS["default"]["BACKEND"],
     "PROBE": s.HAL0_PROBE_INTERVAL_S,
     "BIND": s.HAL0_BIND,
+    "SEEING": [s.HAL0_METRICS, s.HAL0_METRICS_PUBLIC, s.HAL0_REQUEST_LOG,
+               s.HAL0_LOG_RETENTION_DAYS, s.HAL0_LOG_BODIES, s.HAL0_LOG_BODY_MAX_BYTES],
 }))
 """
 
@@ -75,6 +77,14 @@ def started(tmp_path: Path, **env: str) -> dict:
         ("HAL0_CORS_ORIGINS", "https://a.example/path"),
         ("HAL0_CORS_ORIGINS", "*"),
         ("HAL0_OUTLIER_BACKOFF_S", "-1"),
+        ("HAL0_METRICS", "perhaps"),
+        ("HAL0_METRICS_PUBLIC", "kinda"),
+        ("HAL0_REQUEST_LOG", "2"),
+        ("HAL0_LOG_RETENTION_DAYS", "0"),
+        ("HAL0_LOG_RETENTION_DAYS", "fortnight"),
+        ("HAL0_LOG_QUEUE_SIZE", "-5"),
+        ("HAL0_LOG_BODIES", "all"),
+        ("HAL0_LOG_BODY_MAX_KB", "0"),
     ],
 )
 def test_bad_value_stops_start_up_naming_the_variable(tmp_path, name, value):
@@ -94,6 +104,8 @@ def test_defaults(tmp_path):
     assert s["LAYER"] == "channels.layers.InMemoryChannelLayer"
     assert s["PROBE"] == 5
     assert s["BIND"] == "127.0.0.1:8000"
+    # metrics on but not public, request log on for 14 days, no bodies
+    assert s["SEEING"] == [True, False, True, 14, False, 16 * 1024]
 
 
 def test_values_are_read(tmp_path):

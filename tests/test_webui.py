@@ -164,6 +164,27 @@ def test_the_chosen_slot_answers_and_the_page_says_so(chat, fake_pair):
     expect(page.locator("#model")).to_have_value(HERMES)
 
 
+def test_each_answer_says_why_its_slot_answered(chat, fake_pair):
+    from playwright.sync_api import expect
+
+    page = chat
+    ask(page, HERMES, "why you?")
+    expect(answer(page).locator(".body")).to_contain_text("hello from agent-hermes")
+    # The live decision event's explanation, matched to this answer by its request id.
+    expect(answer(page).locator(".why")).to_have_text(
+        f"answered by agent-hermes: the request pinned slot agent-hermes ('{HERMES}')"
+    )
+    ask(page, PRIMARY, "and you?")
+    expect(answer(page, 1).locator(".why")).to_have_text(
+        f"answered by primary: the request pinned slot primary ('{PRIMARY}')"
+    )
+    # Each answer keeps its own explanation.
+    expect(answer(page).locator(".why")).to_contain_text("agent-hermes")
+    expect(page.locator("#log li").first).to_have_attribute(
+        "title", re.compile("answered by primary")
+    )
+
+
 def test_page_calls_ride_on_the_session_when_the_api_requires_keys(chat, hal0, settings):
     from playwright.sync_api import expect
 

@@ -71,8 +71,17 @@ def test_collectstatic_keeps_the_vendored_modules_and_the_page_links_hashed_name
     assert re.findall(r'^import .* from "([^"]+)";$', source, re.M) == ["marked", "dompurify"]
 
 
-@pytest.mark.parametrize("name", ["marked.esm.js", "purify.es.mjs"])
-def test_vendored_files_match_their_recorded_checksums(name):
+@pytest.mark.parametrize(
+    ("name", "has_map"),
+    [
+        ("marked.esm.js", True),
+        ("purify.es.mjs", True),
+        # uPlot's minified build and stylesheet reference no source map.
+        ("uPlot.iife.min.js", False),
+        ("uPlot.min.css", False),
+    ],
+)
+def test_vendored_files_match_their_recorded_checksums(name, has_map):
     import hashlib
     from pathlib import Path
 
@@ -80,4 +89,21 @@ def test_vendored_files_match_their_recorded_checksums(name):
     recorded = (vendor / "VENDOR.md").read_text()
     digest = hashlib.sha256((vendor / name).read_bytes()).hexdigest()
     assert f"{digest}  {name}" in recorded
-    assert (vendor / f"{name}.map").is_file()
+    assert (vendor / f"{name}.map").is_file() == has_map
+    assert ("sourceMappingURL" in (vendor / name).read_text()) == has_map
+
+
+def test_activity_page_is_for_staff_and_loads_uplot(
+    client, admin_client, settings, django_user_model
+):
+    _storage(settings, PLAIN_STORAGE)
+    assert client.get("/activity/").status_code == 302  # to the login
+    django_user_model.objects.create_user("plain", password="pw-pw-pw-pw")
+    client.login(username="plain", password="pw-pw-pw-pw")
+    assert client.get("/activity/").status_code == 302  # logged in, not staff
+    assert b'href="/activity/"' not in client.get("/").content  # no link for non-staff
+    html = admin_client.get("/activity/").content.decode()
+    assert '<script src="/static/dispatch/vendor/uPlot.iife.min.js"></script>' in html
+    assert 'href="/static/dispatch/vendor/uPlot.min.css"' in html
+    assert '<script id="seed" type="application/json">' in html
+    assert 'href="/activity/"' in admin_client.get("/").content.decode()  # linked from the chat

@@ -33,6 +33,11 @@ let tableVersion = 0;
 // Whether the watcher keeps slot state fresh; when not, no badge may claim a state.
 let watcher = { stale: false, probed_at: null };
 const conversation = []; // the {role, content} turns sent with every request
+// Why this slot: the live decision event carries each request's explanation. It may come
+// before or after the page has its answer's request id, so both sides wait for the other.
+const WHY_KEEP = 200;
+const whyById = new Map(); // request id -> explanation text, the latest WHY_KEEP
+const waitingWhy = new Map(); // request id -> the answer that shows it
 let running = null; // AbortController of the request in flight, if any
 
 // ---- rendering helpers ---------------------------------------------------------------------
@@ -153,11 +158,36 @@ function renderSlots() {
   );
 }
 
+function noteWhy(ev) {
+  const text = ev.why?.text;
+  if (!text) return;
+  const answer = waitingWhy.get(ev.request_id);
+  if (answer) {
+    waitingWhy.delete(ev.request_id);
+    answer.why(text);
+    return;
+  }
+  whyById.set(ev.request_id, text);
+  while (whyById.size > WHY_KEEP) whyById.delete(whyById.keys().next().value);
+}
+
+function showWhy(requestId, answer) {
+  if (!requestId) return;
+  const text = whyById.get(requestId);
+  if (text) {
+    whyById.delete(requestId);
+    answer.why(text);
+  } else {
+    waitingWhy.set(requestId, answer);
+  }
+}
+
 function logDecision(ev) {
   const failed = ev.status >= 400 || ev.error;
+  const why = ev.why?.text ? ` · ${ev.why.text}` : "";
   const item = h(
     "li",
-    { className: failed ? "failed" : "", title: `${ev.request_id}${ev.error ? ` · ${ev.error}` : ""}` },
+    { className: failed ? "failed" : "", title: `${ev.request_id}${ev.error ? ` · ${ev.error}` : ""}${why}` },
     h("time", {}, new Date().toLocaleTimeString()),
     h("span", { className: "route" }, `${ev.model ?? "(no model)"} → ${ev.slot ?? "nowhere"}`),
     h("span", { className: "detail" },
@@ -219,6 +249,7 @@ function onEvent(ev, socket) {
     }
     renderSlots();
   } else if (ev.type === "dispatch.decision") {
+    noteWhy(ev);
     logDecision(ev);
   }
 }
@@ -286,6 +317,15 @@ function addAnswer(model) {
       frame = 0;
       body.innerHTML = markdown(text);
       meta.textContent = line;
+    },
+    why(text) {
+      // The router's own words for where this answer came from (see dispatch/explain.py).
+      let line = item.querySelector(".why");
+      if (!line) {
+        line = h("p", { className: "why" });
+        meta.after(line);
+      }
+      line.textContent = text;
     },
     fail(message) {
       item.classList.remove("pending");
@@ -377,6 +417,7 @@ async function send() {
   let content = "";
   let slot = null;
   let resolution = null;
+  let requestId = null;
   let failure = null;
   let streamed = false;
   try {
@@ -393,6 +434,7 @@ async function send() {
     });
     slot = response.headers.get("X-Hal0-Slot");
     resolution = response.headers.get("X-Hal0-Resolution");
+    requestId = response.headers.get("X-Request-Id");
     if (!response.ok) {
       failure = await describeError(response, model);
     } else {
@@ -437,6 +479,7 @@ async function send() {
     answer.finish([slot ? `routed to ${slot} · ${resolution}` : "", note].filter(Boolean).join(" · "));
   }
   if (failure) answer.fail(failure);
+  showWhy(requestId, answer);
 }
 
 composer.addEventListener("submit", (e) => {
