@@ -26,6 +26,7 @@ from dispatch import demo
 from tests.fake_llama_server import CRASH_ENV, shim
 from tests.fakes import free_port
 from tests.llama_servers import skip_without_demo
+from tests.processes import server_env
 
 READY = "hal0web is ready: "
 
@@ -130,12 +131,18 @@ def _get_json(url: str, run: Served | None = None) -> Any:
         pytest.fail(f"GET {url}: {exc.code} {exc.read()!r}\n{run.output if run else ''}")
 
 
-def _serve_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HAL0_", "PYTEST"))}
-    for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "DEBUG"):
-        env.pop(name, None)
-    env.update(HAL0_ENV_FILE="/nonexistent", HAL0_DATA_DIR=str(data_dir), **extra)
-    return env
+def _demo_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], int, int, int]:
+    """serve's environment with the demo on free ports: (env, hal0web, primary, hermes)."""
+    port, p_port, h_port = free_port(), free_port(), free_port()
+    env = server_env(
+        tmp_path,
+        HAL0_BIND=f"127.0.0.1:{port}",
+        HAL0_DEMO_PRIMARY_PORT=str(p_port),
+        HAL0_DEMO_HERMES_PORT=str(h_port),
+        HAL0_PROBE_INTERVAL_S="1",
+        **extra,
+    )
+    return env, port, p_port, h_port
 
 
 @pytest.fixture
@@ -167,7 +174,7 @@ def test_serve_without_demo_prints_credentials_once_and_stops_cleanly(
     from django.contrib.auth.hashers import check_password
 
     port = free_port()
-    env = _serve_env(tmp_path, HAL0_DEMO="0", HAL0_BIND=f"127.0.0.1:{port}")
+    env = server_env(tmp_path, HAL0_DEMO="0", HAL0_BIND=f"127.0.0.1:{port}")
     run = Served(env)
     serve_runs.append(run)
     run.wait_for(READY, 90)
@@ -208,7 +215,7 @@ def test_serve_without_demo_prints_credentials_once_and_stops_cleanly(
 
 def test_serve_can_run_uvicorn(tmp_path: Path, serve_runs: list[Served]) -> None:
     port = free_port()
-    env = _serve_env(tmp_path, HAL0_DEMO="0", HAL0_SERVER="uvicorn", HAL0_BIND=f"127.0.0.1:{port}")
+    env = server_env(tmp_path, HAL0_DEMO="0", HAL0_SERVER="uvicorn", HAL0_BIND=f"127.0.0.1:{port}")
     run = Served(env)
     serve_runs.append(run)
     run.wait_for(READY, 90)
@@ -222,7 +229,7 @@ def test_serve_can_run_uvicorn(tmp_path: Path, serve_runs: list[Served]) -> None
 
 
 def test_serve_refuses_a_bad_setting(tmp_path: Path) -> None:
-    env = _serve_env(tmp_path, HAL0_DEMO="maybe")
+    env = server_env(tmp_path, HAL0_DEMO="maybe")
     done = subprocess.run(
         [sys.executable, "manage.py", "serve"],
         cwd=settings.BASE_DIR,
@@ -240,14 +247,8 @@ def test_serve_with_demo_starts_both_models_and_stops_them(
     tmp_path: Path, serve_runs: list[Served]
 ) -> None:
     skip_without_demo()
-    port, p_port, h_port = free_port(), free_port(), free_port()
-    env = _serve_env(
-        tmp_path,
-        HAL0_BIND=f"127.0.0.1:{port}",
-        HAL0_DEMO_PRIMARY_PORT=str(p_port),
-        HAL0_DEMO_HERMES_PORT=str(h_port),
-        HAL0_ADMIN_PASSWORD="correct horse battery staple",
-        HAL0_PROBE_INTERVAL_S="1",
+    env, port, p_port, h_port = _demo_env(
+        tmp_path, HAL0_ADMIN_PASSWORD="correct horse battery staple"
     )
     run = Served(env)
     serve_runs.append(run)
@@ -314,13 +315,8 @@ def test_serve_reports_a_model_server_that_crashes_on_its_first_token(
     for AMX does where the process may not use it). serve says so with the log, never calls
     that slot ready, and primary still serves."""
     skip_without_demo()
-    port, p_port, h_port = free_port(), free_port(), free_port()
-    env = _serve_env(
+    env, port, _, _ = _demo_env(
         tmp_path,
-        HAL0_BIND=f"127.0.0.1:{port}",
-        HAL0_DEMO_PRIMARY_PORT=str(p_port),
-        HAL0_DEMO_HERMES_PORT=str(h_port),
-        HAL0_PROBE_INTERVAL_S="1",
         PYTHONPATH=f"{shim(tmp_path / 'shim')}:{settings.BASE_DIR}",
         **{CRASH_ENV: demo.HERMES.alias},
     )

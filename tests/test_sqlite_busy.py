@@ -5,7 +5,6 @@ retried, then saved by the next probe — never lost with a traceback."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,33 +14,15 @@ import pytest
 from django.conf import settings
 
 from tests.fakes import FakeUpstream, ServerThread
-
-
-def _env(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HAL0_", "PYTEST"))}
-    for name in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"):
-        env.pop(name, None)
-    env.update(HAL0_ENV_FILE="/nonexistent", HAL0_DATA_DIR=str(data_dir), HAL0_LOG_LEVEL="INFO")
-    return env
-
-
-def _manage(env: dict[str, str], *args: str) -> None:
-    subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=settings.BASE_DIR,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+from tests.processes import manage, server_env
 
 
 @pytest.fixture
 def embedded(tmp_path: Path) -> dict[str, str]:
     """A fresh embedded database (settings' own SQLite options) holding the demo's slots."""
-    env = _env(tmp_path)
-    _manage(env, "migrate", "-v0")
-    _manage(env, "slots", "import", str(settings.BASE_DIR / "slots"))
+    env = server_env(tmp_path, HAL0_LOG_LEVEL="INFO")
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(settings.BASE_DIR / "slots"))
     return env
 
 
