@@ -29,7 +29,6 @@ from bench import load, resolver
 from bench.procs import (
     HAL0_CORE,
     LOAD_CORE,
-    SLOT,
     Proc,
     Workspace,
     daphne_proc,
@@ -688,34 +687,38 @@ async def run_transports(names: tuple[str, ...] = ("httpx", "httpx-aiohttp", "ai
 
 
 async def run_scale(redis_url: str = "redis://127.0.0.1:6379/15") -> str:
-    """What coordinating several processes costs one: Uvicorn with and without Redis, on a
-    slot with a (never reached) max_concurrency, so the Redis run pays for both the live
-    events and the global places (dispatch.redis_places)."""
+    """What coordinating several processes costs one: Uvicorn with and without Redis, on the
+    usual slot (no limit: Redis carries the live events) and on a slot with a max_concurrency
+    it never reaches (Redis also keeps the global places, dispatch.redis_places)."""
     started = time.time()
     rep = Report()
     ws = Workspace()
-    plain = uvicorn_proc(ws, "uvicorn")
-    redis = uvicorn_proc(ws, "uvicorn+redis")
-    redis.extra_env["REDIS_URL"] = redis_url
-    servers = [plain, redis]
+    servers = []
+    for limit in (0, 1000):
+        for redis in (False, True):
+            name = "uvicorn" + ("+redis" if redis else "") + (f"+limit{limit}" if limit else "")
+            proc = uvicorn_proc(ws, name)
+            if redis:
+                proc.extra_env["REDIS_URL"] = redis_url
+            proc.database_sql = f"UPDATE dispatch_slot SET max_concurrency = {limit}"
+            servers.append(proc)
     fake: Proc | None = None
-    limit = (
-        "from dispatch.models import Slot; "
-        f"Slot.objects.filter(name={SLOT!r}).update(max_concurrency=1000)"
-    )
     try:
-        fake = await _setup(ws, servers, limit)
+        fake = await _setup(ws, servers)
         _header(rep, "hal0web: the cost of coordination (Redis on vs off)", started, servers, fake)
         targets = [Target("direct", fake.base, None)] + [Target(p.name, p.base, p) for p in servers]
         cells = await non_streaming(targets, rep)
-        off = _median_cell(cells[("uvicorn", KEY_CONC)]).rps
-        on = _median_cell(cells[("uvicorn+redis", KEY_CONC)]).rps
-        ratio = on / off if off else float("nan")
-        rep.add(
-            f"**Redis on / off at {KEY_CONC} concurrent: {fmt(on, 0)} / {fmt(off, 0)} rps = "
-            f"{fmt(ratio * 100, 1)} %** (target >= 90 %: {'met' if ratio >= 0.9 else 'NOT met'}).",
-            "",
-        )
+        for suffix, what in (("", "no limit"), ("+limit1000", "max_concurrency 1000")):
+            off = _median_cell(cells[("uvicorn" + suffix, KEY_CONC)])
+            on = _median_cell(cells[("uvicorn+redis" + suffix, KEY_CONC)])
+            ratio = on.rps / off.rps if off.rps else float("nan")
+            rep.add(
+                f"**{what}: Redis on / off at {KEY_CONC} concurrent: {fmt(on.rps, 0)} / "
+                f"{fmt(off.rps, 0)} rps = {fmt(ratio * 100, 1)} %; CPU per request "
+                f"{fmt(on.cpu_ms, 3)} / {fmt(off.cpu_ms, 3)} ms** (target >= 90 %: "
+                f"{'met' if ratio >= 0.9 else 'NOT met'}).",
+                "",
+            )
         rep.add(
             f"Total bench time: {time.time() - started:.0f} s; load average at end {_loadavg()}."
         )

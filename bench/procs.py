@@ -58,6 +58,7 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     extra_env: dict[str, str] = field(default_factory=dict)
     database: tuple[Path, Path] | None = None  # (the workspace's, this process's own copy)
+    database_sql: str = ""  # run on this process's copy before it starts (a variant's setting)
 
     @property
     def base(self) -> str:
@@ -74,6 +75,8 @@ class Proc:
             src, dst = (sqlite3.connect(path) for path in self.database)
             with src, dst:
                 src.backup(dst)
+                if self.database_sql:
+                    dst.execute(self.database_sql)
             src.close()
             dst.close()
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process

@@ -25,6 +25,9 @@ from dispatch.leases import IDENTITY
 log = logging.getLogger("hal0.places")
 
 TTL_S = 10.0
+MAX_CONNECTIONS = 32  # per process: requests beyond wait for one (the pool's timeout: 5 s)
+_UNCHECKED = ""  # a place let through while Redis was away: nothing to give back
+_WARN_EVERY_S = 60.0
 _MAX_PAUSE_S = 0.2  # the longest a waiter sleeps between two tries
 
 _TAKE = """
@@ -40,8 +43,8 @@ return 0
 """
 _RENEW = """
 local t = redis.call('TIME')
-local until = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until, ARGV[i]) end
+local expiry = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000))
 return 1
 """
@@ -54,8 +57,9 @@ def _key(slot: str) -> str:
 class RedisPlaces:
     """The gate ``dispatch.admission`` consults for limited slots when Redis is configured."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, ttl_s: float = TTL_S) -> None:
         self.url = url
+        self.ttl_s = ttl_s
         self._ids = itertools.count(1)
         self._held: dict[str, list[str]] = {}
         # redis.asyncio clients belong to the loop they first ran on: one per loop.
@@ -64,24 +68,42 @@ class RedisPlaces:
         )
         self._renewer: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._warned_at = -_WARN_EVERY_S
 
     def _client(self) -> Any:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = aioredis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
+            # A bounded pool that makes a request wait for a connection: redis-py's default
+            # pool raises "Too many connections" under a burst instead.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url, max_connections=MAX_CONNECTIONS, timeout=5, socket_timeout=5,
+                socket_connect_timeout=5,
+            )  # fmt: skip
+            client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) it
             self._clients[loop] = client
         return client
 
     async def acquire(self, slot: str, limit: int, timeout: float) -> bool:
-        """Take one of ``limit`` places on ``slot``; try again until ``timeout`` runs out."""
+        """Take one of ``limit`` places on ``slot``; try again until ``timeout`` runs out.
+
+        With Redis away the request is let through (this process's own count still holds):
+        a router that stops routing because its bookkeeping is down helps nobody. Said once
+        a minute in the log.
+        """
         lease = f"{IDENTITY}:{next(self._ids)}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         pause = 0.01
         client = self._client()
         while True:
-            if await client.eval(_TAKE, 1, _key(slot), limit, TTL_S, lease):
+            try:
+                taken = await client.eval(_TAKE, 1, _key(slot), limit, self.ttl_s, lease)
+            except (aioredis.RedisError, OSError) as exc:
+                self._warn(f"places on slot {slot} not checked in Redis ({exc}); letting through")
+                self._held.setdefault(slot, []).append(_UNCHECKED)
+                return True
+            if taken:
                 self._held.setdefault(slot, []).append(lease)
                 self._ensure_renewer()
                 return True
@@ -99,6 +121,8 @@ class RedisPlaces:
         lease = held.pop()
         if not held:
             self._held.pop(slot, None)
+        if lease == _UNCHECKED:
+            return
         task = asyncio.get_running_loop().create_task(self._give_back(slot, lease))
         self._pending.add(task)  # keep a reference until it has run
         task.add_done_callback(self._pending.discard)
@@ -109,6 +133,12 @@ class RedisPlaces:
         except Exception:  # the lease expires on its own within TTL_S
             log.warning("could not give back a place on slot %s", slot, exc_info=True)
 
+    def _warn(self, text: str) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._warned_at >= _WARN_EVERY_S:
+            self._warned_at = now
+            log.warning(text)
+
     def _ensure_renewer(self) -> None:
         loop = asyncio.get_running_loop()
         if self._renewer is None or self._renewer.done() or self._renewer.get_loop() is not loop:
@@ -116,13 +146,14 @@ class RedisPlaces:
 
     async def _renew(self) -> None:
         while self._held:
-            await asyncio.sleep(TTL_S / 3)
-            for slot, leases in list(self._held.items()):
+            await asyncio.sleep(self.ttl_s / 3)
+            for slot, held in list(self._held.items()):
+                leases = [lease for lease in held if lease != _UNCHECKED]
                 if not leases:
                     continue
                 try:
-                    await self._client().eval(_RENEW, 1, _key(slot), TTL_S, *leases)
-                except Exception:  # tried again in TTL_S / 3, before anything expires
+                    await self._client().eval(_RENEW, 1, _key(slot), self.ttl_s, *leases)
+                except Exception:  # tried again in a third of the TTL, before anything expires
                     log.warning("could not renew the places on slot %s", slot, exc_info=True)
 
     async def aclose(self) -> None:
