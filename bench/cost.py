@@ -1,7 +1,7 @@
 """``python -m bench cost``: what metrics and the request log cost a request.
 
-The same hal0web (Uvicorn, the production server, on its own core) twice over one data
-directory: once with ``HAL0_METRICS=false HAL0_REQUEST_LOG=false``, once with both on; cells
+The same hal0web (Uvicorn, the production server, on its own core) twice, each on its own
+copy of one database: once with ``HAL0_METRICS=false HAL0_REQUEST_LOG=false``, once with both on; cells
 at 1 and 16 concurrent, interleaved off/on in every round so drift on the machine hits both
 alike, each figure the median of the rounds. Targets (issue 16): at 16 concurrent, rps with
 both on >= 95 % of rps with both off; at 1 concurrent, the added p50 grows <= 0.05 ms.
@@ -28,8 +28,9 @@ def _proc(ws: Workspace, name: str, on: bool) -> Proc:
     port = free_port()
     argv = server_command("uvicorn", "127.0.0.1", port, access_log=None)
     flag = "true" if on else "false"
-    env = {**ws.env, "HAL0_METRICS": flag, "HAL0_REQUEST_LOG": flag}
-    return Proc(name, argv, env, HAL0_CORE, port, ws.dir / f"{name}.log")
+    proc = ws.server(name, argv, port)  # its own copy of the database: SQLite serves one
+    proc.extra_env.update(HAL0_METRICS=flag, HAL0_REQUEST_LOG=flag)
+    return proc
 
 
 def _records(ws: Workspace, cpu_ms_off: float) -> list[str]:
