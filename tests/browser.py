@@ -23,6 +23,16 @@ CHROMIUM_ARGS = [
 ]
 PASSWORD = "correct-horse-battery"
 
+# The marks of every test module that drives a page: `pytestmark = BROWSER_MARKS`.
+BROWSER_MARKS = [
+    pytest.mark.browser,
+    # WhiteNoise hands Django a sync file iterator, and Django under ASGI says so once per
+    # static file it serves; harmless (the file is read in a thread), so not an error here.
+    pytest.mark.filterwarnings(
+        "ignore:StreamingHttpResponse must consume synchronous iterators:Warning"
+    ),
+]
+
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:

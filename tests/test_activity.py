@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.browser import (  # noqa: F401 - fixtures
+    BROWSER_MARKS,
     browser,
     context,
     log_in,
@@ -17,13 +18,7 @@ from tests.browser import (  # noqa: F401 - fixtures
     staff,
 )
 
-pytestmark = [
-    pytest.mark.browser,
-    # As in test_webui: WhiteNoise's sync file iterator under ASGI, harmless.
-    pytest.mark.filterwarnings(
-        "ignore:StreamingHttpResponse must consume synchronous iterators:Warning"
-    ),
-]
+pytestmark = BROWSER_MARKS
 
 HERMES_MODEL = "qwen3-coder-reap-25b-a3b-q5km"
 

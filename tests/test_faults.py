@@ -158,27 +158,23 @@ def test_a_stream_that_ends_between_events_is_left_alone(raw, no_watcher, hal0):
     assert r.text == (EVENT + b"data: [DONE]\n\n").decode()
 
 
-def test_an_error_right_after_a_complete_event_adds_no_blank_line(raw, no_watcher, hal0):
-    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
-        sock.sendall(SSE_HEAD + chunk(EVENT))
-        time.sleep(0.2)
-        reset(sock)
-        return False
+def one_event_then_reset(sock: socket.socket, req: RawRequest) -> bool:
+    """A stream cut right after one complete event."""
+    sock.sendall(SSE_HEAD + chunk(EVENT))
+    time.sleep(0.2)
+    reset(sock)
+    return False
 
-    raw(behaviour)
+
+def test_an_error_right_after_a_complete_event_adds_no_blank_line(raw, no_watcher, hal0):
+    raw(one_event_then_reset)
     r = post(hal0, stream=True)
     assert r.text.startswith(EVENT.decode() + "data: {")
     assert json.loads(events(r.text)[1])["error"]["code"] == "upstream_broken"
 
 
 def test_the_openai_sdk_sees_the_error_event_after_a_cut(raw, no_watcher, hal0):
-    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
-        sock.sendall(SSE_HEAD + chunk(EVENT))
-        time.sleep(0.2)
-        reset(sock)
-        return False
-
-    raw(behaviour)
+    raw(one_event_then_reset)
     sdk = openai.OpenAI(base_url=hal0.url + "/v1", api_key="x", max_retries=0)
     stream = sdk.chat.completions.create(model="m1", messages=[], stream=True)
     with pytest.raises(openai.APIError) as exc:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.browser import (  # noqa: F401 - fixtures
+    BROWSER_MARKS,
     browser,
     context,
     log_in,
@@ -22,14 +23,7 @@ from tests.browser import (  # noqa: F401 - fixtures
 )
 from tests.fakes import ServerThread
 
-pytestmark = [
-    pytest.mark.browser,
-    # WhiteNoise hands Django a sync file iterator, and Django under ASGI says so once per
-    # static file it serves; harmless (the file is read in a thread), so not an error here.
-    pytest.mark.filterwarnings(
-        "ignore:StreamingHttpResponse must consume synchronous iterators:Warning"
-    ),
-]
+pytestmark = BROWSER_MARKS
 
 HERMES = "agent-hermes/qwen3-coder-reap-25b-a3b-q5km"
 PRIMARY = "primary/qwen3-coder-40b"
