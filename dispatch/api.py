@@ -218,17 +218,24 @@ def _proxy_error(rec: DecisionRecord, err: ApiError, upstream_status: int) -> Ht
 async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> HttpResponse:
     status = fwd.response.status_code
     try:
-        content = await fwd.response.read()
+        content = await fwd.response.read(int(settings.HAL0_MAX_RESPONSE_MB * 2**20))
     except UpstreamError as exc:
-        err = (
-            ApiError(504, "upstream_timeout", exc.message)
-            if exc.kind == "timeout"  # max_duration_s
-            else ApiError(502, "upstream_broken", exc.message)
-        )
+        if exc.kind == "timeout":  # max_duration_s
+            err = ApiError(504, "upstream_timeout", exc.message)
+        elif exc.kind == "too_large":
+            err = ApiError(
+                502,
+                "upstream_response_too_large",
+                f"Slot '{fwd.slot.name}': {exc.message} (HAL0_MAX_RESPONSE_MB); "
+                "ask for less, or stream it.",
+            )
+        else:
+            err = ApiError(502, "upstream_broken", exc.message)
         return _finish(_proxy_error(rec, err, status), rec, started)
     finally:
         admission.release(fwd.slot.name)
-    if status not in _NO_BODY and not _is_json(content):
+    encoded = bool(fwd.response.encoding)  # one we do not decode: it passes as it came
+    if status not in _NO_BODY and not encoded and not _is_json(content):
         # An OpenAI client would fail on it with its JSON parser's words, or worse, take a
         # proxy's HTML page for an answer: say what happened instead.
         err = ApiError(
@@ -241,7 +248,7 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
     response = HttpResponse(content, status=status)
     for key, value in fwd.response.headers():
         response[key] = value
-    if b'"usage"' in content:
+    if not encoded and b'"usage"' in content:
         _usage(rec, content)
     if rec.body is not None:  # HAL0_LOG_BODIES: keep the answer too, capped the same
         rec.answer = content[: settings.HAL0_LOG_BODY_MAX_BYTES]
@@ -291,6 +298,9 @@ async def _upstream_failed(fwd: Forwarded, rec: DecisionRecord, started: float) 
 def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> StreamingHttpResponse:
     # HAL0_LOG_BODIES: what the client was sent, up to the cap (rec.body is set only then).
     keep = settings.HAL0_LOG_BODY_MAX_BYTES if rec.body is not None else 0
+    # A compressed stream (the upstream ignored our Accept-Encoding: identity) goes through
+    # as it came, header and all: its bytes are no events to look into or to end with one.
+    plain = not fwd.response.encoding
 
     async def relay() -> AsyncIterator[bytes]:
         tail = b""  # the last bytes sent: does the stream sit between two events?
@@ -302,13 +312,13 @@ def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streaming
                 tail = (tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
                 if rec.ttft_ms is None:
                     rec.ttft_ms = (time.perf_counter() - started) * 1000
-                if b'"usage"' in chunk:
+                if plain and b'"usage"' in chunk:
                     usage = chunk  # the last one wins: OpenAI sends usage in the final chunk
                 if room > 0:
                     kept.append(chunk[:room])
                     room -= len(kept[-1])
                 yield chunk
-            if not sse_between_events(tail):
+            if plain and not sse_between_events(tail):
                 # The upstream ended cleanly as far as HTTP goes, but in the middle of an
                 # event: a client's parser would drop the cut event without a word.
                 rec.error = "upstream_truncated"
@@ -316,9 +326,11 @@ def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streaming
                     rec.error, "the upstream ended the stream in the middle of an event", tail
                 )
         except UpstreamError as exc:
-            # Headers are gone already; the only honest thing left is a last error event.
+            # Headers are gone already; the only honest thing left is a last error event
+            # (in a compressed stream it would be garbage: the cut alone says it failed).
             rec.error = f"upstream_{exc.kind}"
-            yield sse_error(rec.error, exc.message, tail)
+            if plain:
+                yield sse_error(rec.error, exc.message, tail)
         except BaseException:
             rec.error = "client_disconnected"
             raise

@@ -55,9 +55,10 @@ async def observe(slot: SlotEntry, timeout: float) -> Observation:
         health_url = server_root(slot) + "/health"
     elif slot.kind == "lemonade":
         health_url = upstream_url(slot, "health")
-    probes = [upstream.probe(upstream_url(slot, "models"), timeout, slot.api_key_env)]
+    limit = int(settings.HAL0_MAX_RESPONSE_MB * 2**20)
+    probes = [upstream.probe(upstream_url(slot, "models"), timeout, limit, slot.api_key_env)]
     if health_url:
-        probes.append(upstream.probe(health_url, timeout, slot.api_key_env))
+        probes.append(upstream.probe(health_url, timeout, limit, slot.api_key_env))
     results = await asyncio.gather(*probes)
     models = results[0]
     health = results[1] if health_url else None

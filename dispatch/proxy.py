@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import os
 import weakref
+import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ import aiohttp
 import aiohttp.payload
 import httpx
 
+from dispatch import redact
 from dispatch.table import SlotEntry
 
 # Connection-level headers (RFC 9110 §7.6.1) and ones we recompute; never forwarded.
@@ -39,17 +42,28 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Client headers that belong to hal0web, not to the upstream: the client's credentials for
-# us, the WebUI's session and CSRF cookies, and encodings (we ask upstreams for identity so
-# SSE is never held back by a compressor).
+# us (in every header the SDKs put them: OpenAI's, Azure's, Anthropic's) and for a proxy
+# between, the WebUI's session and CSRF cookies, and encodings (we ask upstreams for
+# identity so SSE is never held back by a compressor). A slot's own credential is added
+# from its api_key_env.
 _NOT_UPSTREAM = HOP_BY_HOP | {
     "authorization",
+    "x-api-key",
+    "api-key",
+    "proxy-authorization",
     "cookie",
     "x-csrftoken",
     "accept-encoding",
     "origin",
     "referer",
 }
-_NOT_DOWNSTREAM = HOP_BY_HOP | {"content-encoding", "set-cookie", "server", "date"}
+# Upstream headers that are not the client's business: its cookies, its identity, and its
+# CORS answer (which browser origins may read /v1 is hal0web's decision: HAL0_CORS_ORIGINS).
+_NOT_DOWNSTREAM = HOP_BY_HOP | {"set-cookie", "server", "date"}
+_NOT_DOWNSTREAM_PREFIX = "access-control-"
+# Encodings a buffered answer is decoded from (under a cap) to be checked and read; any other
+# passes through as it came, with its Content-Encoding.
+_DECODED = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 class UpstreamError(Exception):
@@ -81,6 +95,10 @@ class UpstreamResponse:
     ``idle_timeout_s`` is the longest silence allowed between two pieces of the body,
     streaming or not: a slow but steady answer is not a dead one. ``deadline`` (loop time,
     from the slot's ``max_duration_s``) caps the whole request when set.
+
+    A body the upstream compressed (though asked for identity) streams through as it is,
+    with its Content-Encoding; ``read`` decodes gzip and deflate under its cap and then
+    drops that header.
     """
 
     def __init__(
@@ -95,6 +113,9 @@ class UpstreamResponse:
         self._deadline = deadline
         self._max_duration = max_duration_s
         self.status_code = response.status_code
+        self.encoding = response.headers.get("content-encoding", "").strip().lower()
+        if self.encoding == "identity":
+            self.encoding = ""
 
     @property
     def content_type(self) -> str:
@@ -109,18 +130,29 @@ class UpstreamResponse:
 
     def headers(self) -> Iterable[tuple[str, str]]:
         for key, value in self._response.headers.multi_items():
-            if key.lower() not in _NOT_DOWNSTREAM:
-                yield key, value
+            name = key.lower()
+            if name in _NOT_DOWNSTREAM or name.startswith(_NOT_DOWNSTREAM_PREFIX):
+                continue
+            if name == "content-encoding" and not self.encoding:
+                continue  # decoded by read(), or identity
+            yield key, value
 
-    async def read(self) -> bytes:
-        """The whole body; each piece within the idle timeout (not the whole body)."""
-        parts: list[bytes] = []
+    async def read(self, limit: int) -> bytes:
+        """The whole body, decoded from gzip or deflate, at most ``limit`` bytes of it
+        (else ``UpstreamError("too_large")``); each piece within the idle timeout.
+
+        The cap holds while decoding, piece by piece: a 10 KB gzip bomb never becomes 10 MB
+        in memory on the way to being refused.
+        """
+        body = BoundedBody(self.encoding, limit)
         try:
             async for chunk in self.chunks():
-                parts.append(chunk)
+                body.add(chunk)
         finally:
             await self._response.aclose()
-        return b"".join(parts)
+        if body.decoded:
+            self.encoding = ""
+        return body.value()
 
     async def read_prefix(self, limit: int) -> bytes:
         """At most ``limit`` bytes of the body (an error page, to quote), then close: an
@@ -176,6 +208,37 @@ class UpstreamResponse:
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+class BoundedBody:
+    """A body gathered up to a cap, decoded from gzip or deflate on the way."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.limit = limit
+        wbits = _DECODED.get(encoding)
+        self._inflate = zlib.decompressobj(wbits) if wbits is not None else None
+        self.decoded = self._inflate is not None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        if self._inflate is not None:
+            try:
+                # One byte past the room left is enough to know the cap is passed.
+                chunk = self._inflate.decompress(chunk, self.limit - self._size + 1)
+            except zlib.error as exc:
+                raise UpstreamError(
+                    "broken", f"the upstream's compressed body is bad: {exc}"
+                ) from exc
+        self._size += len(chunk)
+        if self._size > self.limit:
+            raise UpstreamError(
+                "too_large", f"the upstream's answer is larger than {self.limit / 2**20:g} MB"
+            )
+        self._parts.append(chunk)
+
+    def value(self) -> bytes:
+        return b"".join(self._parts)
 
 
 def _describe(exc: BaseException) -> str:
@@ -513,36 +576,44 @@ class Upstream:
             httpx.WriteError,
         ) as exc:
             raise UpstreamError(
-                "unreachable", f"slot '{slot.name}' at {slot.url} is unreachable: {_describe(exc)}"
+                "unreachable",
+                f"slot '{slot.name}' at {redact.masked(slot.url)} is unreachable: {_describe(exc)}",
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError("unreachable", f"slot '{slot.name}': {_describe(exc)}") from exc
         return UpstreamResponse(response, slot.idle_timeout_s, deadline, slot.max_duration_s)
 
-    async def probe(self, url: str, timeout: float, api_key_env: str = "") -> ProbeResult:
-        """GET ``url`` for a health probe: status and parsed JSON, never an exception."""
-        headers = {"accept": "application/json"}
+    async def probe(
+        self, url: str, timeout: float, limit: int, api_key_env: str = ""
+    ) -> ProbeResult:
+        """GET ``url`` for a health probe: status and parsed JSON (at most ``limit`` bytes of
+        it, decoded), never an exception."""
+        headers = {"accept": "application/json", "accept-encoding": "identity"}
         key = os.environ.get(api_key_env) if api_key_env else None
         if key:
             headers["authorization"] = f"Bearer {key}"
         try:
             async with asyncio.timeout(timeout):
                 response = await self._send(httpx.Request("GET", url, headers=headers))
+                content = BoundedBody(response.headers.get("content-encoding", "").lower(), limit)
                 try:
-                    await response.aread()
+                    async for chunk in response.aiter_raw():
+                        content.add(chunk)
                 finally:
                     await response.aclose()
         except TimeoutError:
             return ProbeResult(None, None, f"no answer within {timeout:g}s", timed_out=True)
         except httpx.HTTPError as exc:
             return ProbeResult(None, None, _describe(exc))
+        except UpstreamError as exc:
+            return ProbeResult(response.status_code, None, exc.message)
+        raw = content.value()
         try:
-            body = response.json()
+            body = json.loads(raw)
         except ValueError:
             body = None
-        return ProbeResult(
-            response.status_code, body, "" if response.is_success else response.text[:300]
-        )
+        error = "" if response.is_success else raw[:300].decode("utf-8", "replace")
+        return ProbeResult(response.status_code, body, error)
 
 
 upstream = Upstream()

@@ -143,6 +143,8 @@ else:
 # --- routing behaviour -----------------------------------------------------------------------
 HAL0_FALLBACK_SLOT: str | None = os.environ.get("HAL0_FALLBACK_SLOT") or None
 HAL0_MAX_BODY_MB: float = _positive("HAL0_MAX_BODY_MB", env.float, 32)
+# The most of an upstream's non-streamed answer (decoded) held in memory; past it, 502.
+HAL0_MAX_RESPONSE_MB: float = _positive("HAL0_MAX_RESPONSE_MB", env.float, 64)
 HAL0_PROBE_INTERVAL_S: float = _positive("HAL0_PROBE_INTERVAL_S", env.float, 5)
 HAL0_COLD_PROBE_S: float = _positive("HAL0_COLD_PROBE_S", env.float, 2, allow_zero=True)
 HAL0_SWAP_WAIT_S: float = _positive("HAL0_SWAP_WAIT_S", env.float, 30, allow_zero=True)
@@ -317,7 +319,12 @@ if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "formatters": {
+        "plain": {
+            "()": "hal0web.log_handlers.OneLineFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        }
+    },
     # One line per request: written by a thread of its own, never by the event loop.
     "handlers": {
         "console": {"()": "hal0web.log_handlers.BackgroundStreamHandler", "formatter": "plain"}

@@ -37,6 +37,9 @@ async def test_open_forwards_body_and_filters_headers():
                 "x-extra": "yes",
                 "connection": "close",
                 "set-cookie": "a=b",
+                # Which browser origins may read /v1 is hal0web's call, not the upstream's.
+                "access-control-allow-origin": "*",
+                "access-control-allow-credentials": "true",
             },
         )
 
@@ -48,18 +51,23 @@ async def test_open_forwards_body_and_filters_headers():
         {
             "Content-Type": "application/json",
             "Authorization": "Bearer client",
+            # hal0web's key as the anthropic SDK and Azure clients send it, and a proxy's.
+            "x-api-key": "hal0-client-key",
+            "api-key": "hal0-client-key",
+            "Proxy-Authorization": "Basic cHJveHk6cHc=",
             "Cookie": "s=1",
             "Connection": "keep-alive",
             "X-Custom": "1",
         },
     )
     assert resp.status_code == 201
-    assert await resp.read() == b'{"ok":1}'
+    assert await resp.read(2**20) == b'{"ok":1}'
     assert dict(resp.headers()) == {"content-type": "application/json", "x-extra": "yes"}
     req = seen[0]
     assert str(req.url) == "http://upstream.test/v1/chat/completions"
     assert req.content == b'{"model":"m"}'
-    assert "authorization" not in req.headers and "cookie" not in req.headers
+    for name in ("authorization", "cookie", "x-api-key", "api-key", "proxy-authorization"):
+        assert name not in req.headers, name
     assert req.headers["x-custom"] == "1" and req.headers["accept-encoding"] == "identity"
     await up.aclose()
 
@@ -68,7 +76,7 @@ async def test_slot_key_is_sent_from_its_env_var(monkeypatch):
     monkeypatch.setenv("SLOT_KEY_T", "sk-1")
     seen: list[httpx.Request] = []
     up = Upstream(httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200)))
-    await (await up.open(slot(api_key_env="SLOT_KEY_T"), "x", b"{}", {})).read()
+    await (await up.open(slot(api_key_env="SLOT_KEY_T"), "x", b"{}", {})).read(2**20)
     assert seen[0].headers["authorization"] == "Bearer sk-1"
     await up.aclose()
 
@@ -84,7 +92,7 @@ async def test_a_cookie_one_upstream_answer_sets_never_rides_on_a_later_request(
 
     up = Upstream(httpx.MockTransport(handler))
     for _ in range(2):
-        await (await up.open(slot(), "chat/completions", b"{}", {})).read()
+        await (await up.open(slot(), "chat/completions", b"{}", {})).read(2**20)
     assert len(seen) == 2 and "cookie" not in seen[1].headers
     await up.aclose()
 
