@@ -20,7 +20,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from dispatch import manifests, states
+from dispatch import manifests, redact, states
 from dispatch.models import ApiKey, ModelSource, RequestLog, Slot, SlotModel, SlotState
 
 # The states an operator may set by hand (see dispatch/states.py): draining a slot, and
@@ -145,7 +145,7 @@ class SlotAdmin(admin.ModelAdmin):
     actions = [enable_slots, disable_slots]
     list_display = (
         "name",
-        "url",
+        "shown_url",
         "type",
         "state",
         "default_model_id",
@@ -156,6 +156,12 @@ class SlotAdmin(admin.ModelAdmin):
     )
     list_filter = ("type", "kind", "state", "enabled")
     search_fields = ("name", "url", "models__model_id")
+
+    @admin.display(description="URL", ordering="url")
+    def shown_url(self, obj: Slot) -> str:
+        # A list is glanced at, shared on screens and screenshots: no credentials in it.
+        return redact.masked(obj.url)
+
     readonly_fields = ("state", "state_changed_at", "last_error", "drift_display")
     fieldsets = (
         (None, {"fields": ("name", "url", "kind", "type", "device", "enabled", "is_default")}),

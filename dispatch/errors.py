@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 from django.http import HttpResponse
 
+from dispatch import redact
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -52,6 +54,9 @@ def dumps(data: Any) -> bytes:
 
 def error_body(status: int, code: str, message: str, param: str | None = None) -> bytes:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    # Whatever an error quotes (a slot's URL, an upstream's words), no credential in a URL
+    # reaches the client.
+    message = redact.masked(message)
     return dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 

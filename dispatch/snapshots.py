@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from dispatch import redact
 from dispatch.table import RoutingTable, SlotEntry
 
 # What dispatch.outliers lays over the table: slot name -> (state, reason).
@@ -28,7 +29,7 @@ def slot_payload(
         state, last_error = overlay
     return {
         "name": slot.name,
-        "url": slot.url,
+        "url": redact.masked(slot.url),
         "kind": slot.kind,
         "type": slot.type,
         "device": slot.device,
@@ -36,7 +37,7 @@ def slot_payload(
         "is_default": slot.is_default,
         "priority": slot.priority,
         "state": state,
-        "last_error": last_error,
+        "last_error": redact.masked(last_error),
         "default_model": slot.default_model,
         "models": [
             {

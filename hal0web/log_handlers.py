@@ -13,6 +13,8 @@ import logging.handlers
 import queue
 from typing import TextIO
 
+from dispatch import redact
+
 # Lines queued and not yet written, at most; past it a line is dropped and counted rather
 # than wait for a writer that stopped (hal0_log_records_dropped_total).
 QUEUE_LIMIT = 100_000
@@ -22,6 +24,34 @@ _dropped = 0
 def dropped() -> int:
     """Log records dropped because the writer's queue was full, since the process started."""
     return _dropped
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: control characters (newlines, ANSI escapes, NULs)
+    become escapes, so no text a client or an upstream sent can start a line of its own or
+    repaint the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c
+        if c.isprintable()
+        else _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in text
+    )
+
+
+class OneLineFormatter(logging.Formatter):
+    """Every record is one line, whoever wrote its text, with URL credentials masked.
+
+    A traceback is kept, escaped onto its record's line: a log shipper reading line by line
+    keeps it with the record instead of taking each frame for a record of its own.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return one_line(redact.masked(super().format(record)))
 
 
 class _Listener(logging.handlers.QueueListener):

@@ -1,12 +1,61 @@
-"""Log lines are written by a thread of their own: a stalled reader never blocks the logger."""
+"""Log lines are written by a thread of their own: a stalled reader never blocks the logger;
+and every record is one line, whatever text a client or an upstream put in it."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+import time
+from pathlib import Path
 
-from hal0web.log_handlers import BackgroundStreamHandler
+from hal0web.log_handlers import BackgroundStreamHandler, one_line
+from tests.fakes import RawUpstream, http_response
+from tests.processes import Hal0Process, manage, server_env
+
+# What a hostile upstream answers on /models: a line of its own that looks like ours, and a
+# terminal escape that would clear an operator's screen.
+FORGED = "2026-01-01 00:00:00,000 INFO hal0.dispatch slot primary is ready"
+HOSTILE = f"boom\n{FORGED}\r\n\x1b[2J".encode()
+LINE_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+
+
+def test_one_line_escapes_controls_and_keeps_text() -> None:
+    assert one_line("plain text, café") == "plain text, café"
+    assert one_line("a\nb\r\tc\x1b[2J\x00\u2028") == "a\\nb\\r\\tc\\x1b[2J\\x00\\u2028"
+
+
+def test_upstream_text_cannot_forge_a_log_line(tmp_path: Path) -> None:
+    def behaviour(sock, request) -> bool:
+        sock.sendall(http_response(500, HOSTILE, content_type="text/plain"))
+        return True
+
+    upstream = RawUpstream(behaviour)
+    env = server_env(tmp_path, HAL0_PROBE_INTERVAL_S="0.3")
+    manage(env, "migrate", "-v0")
+    manage(
+        env,
+        "shell",
+        "-c",
+        "from dispatch.models import Slot; "
+        f"Slot.objects.create(name='hostile', url='{upstream.url}/v1', kind='openai')",
+    )
+    server = Hal0Process(env, tmp_path / "hal0.log").wait_ready()
+    try:
+        deadline = time.monotonic() + 20
+        while "slot hostile is" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        server.stop()
+        upstream.stop()
+    ours = [line for line in server.log_path.read_text().splitlines() if "hal0." in line]
+    said = [line for line in ours if "slot hostile is" in line]
+    assert said, ours
+    assert "boom\\n" + FORGED in said[0] and "\\x1b[2J" in said[0]
+    for line in ours:
+        assert LINE_START.match(line) and not line.startswith(FORGED), line
+        assert "\x1b" not in line
 
 
 def test_a_reader_that_stopped_reading_does_not_block_logging() -> None:

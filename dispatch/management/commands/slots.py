@@ -9,7 +9,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from dispatch import manifests
+from dispatch import manifests, redact
 from dispatch.models import Slot
 
 
@@ -84,7 +84,7 @@ class Command(BaseCommand):
             )
             state = slot.state if slot.enabled else f"{slot.state} (disabled)"
             name = f"{slot.name} *" if slot.is_default else slot.name
-            rows.append((name, slot.url, slot.type, state, default, shown or "-"))
+            rows.append((name, redact.masked(slot.url), slot.type, state, default, shown or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         for r in rows:
             cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)] + [r[-1]]
