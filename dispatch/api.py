@@ -9,12 +9,12 @@ import asyncio
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Set
 from typing import Any
 
 import orjson
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -56,7 +56,7 @@ _ids = itertools.count(1)
 
 def _request_id(request: HttpRequest) -> str:
     given = request.headers.get("X-Request-Id", "")
-    if given and len(given) <= 128 and given.isprintable():
+    if given and len(given) <= 128 and given.isascii() and given.isprintable():
         return given
     return f"{_ID_PREFIX}{next(_ids):016x}"
 
@@ -91,7 +91,22 @@ def _visibility(
 
 
 def _forward_headers(request: HttpRequest, request_id: str) -> dict[str, str]:
-    headers = {k: v for k, v in request.headers.items()}
+    """The client's headers as text. The server hands them over decoded as latin-1 (what
+    HTTP/1.1 allows on the wire); a value that is UTF-8 on the wire (``X-Title: café``) goes
+    upstream as the same bytes. Any other byte sequence is not text either end can agree
+    on: 400, not a guess."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        if not value.isascii():
+            try:
+                value = value.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                raise ApiError(
+                    400,
+                    "invalid_header",
+                    f"The {name!r} header is not UTF-8 text; send it as UTF-8 or ASCII.",
+                ) from None
+        headers[name] = value
     headers["X-Request-Id"] = request_id
     return headers
 
@@ -369,6 +384,9 @@ def _serves(methods: tuple[str, ...], view: Any, label: str) -> Any:
         origins = settings.HAL0_CORS_ORIGINS
         origin = request.headers.get("Origin")
         response: HttpResponseBase
+        refused = _refused(request, origin, origins)
+        if refused is not None:
+            return _fail(request, refused)
         if request.method == "OPTIONS":
             response = HttpResponse(status=204)
             response["Allow"] = allow
@@ -395,6 +413,37 @@ def _serves(methods: tuple[str, ...], view: Any, label: str) -> Any:
 
     wrapped.__name__ = getattr(view, "__name__", "v1_view")
     return wrapped
+
+
+def _refused(request: HttpRequest, origin: str | None, origins: Set[str]) -> ApiError | None:
+    """Why a request must not reach /v1 at all, from where it comes; None when it may.
+
+    The host must be one of ALLOWED_HOSTS (as for the page and the admin): otherwise any
+    web page could reach an install without keys by DNS rebinding. A browser names the page
+    that sends a request in ``Origin`` (non-browser clients send none): only the page's own
+    origin and HAL0_CORS_ORIGINS may call, so a foreign page cannot even send blind
+    cross-origin POSTs (a ``text/plain`` form post needs no preflight). A preflight from a
+    foreign origin still gets its plain answer, without CORS headers: the browser refuses.
+    """
+    try:
+        host = request.get_host()
+    except DisallowedHost:
+        given = excerpt(request.META.get("HTTP_HOST", "").encode("latin-1", "replace"), 80)
+        return ApiError(
+            400,
+            "invalid_host",
+            f"hal0web does not answer to the host {given!r}; add it to ALLOWED_HOSTS.",
+        )
+    if origin is None or request.method == "OPTIONS" or cors.allowed(origin, origins):
+        return None
+    if cors.same_origin(origin, request.scheme, host):
+        return None
+    return ApiError(
+        403,
+        "origin_not_allowed",
+        f"Requests from the web page at {excerpt(origin.encode('latin-1', 'replace'), 80)!r}"
+        " may not call this API; add its origin to HAL0_CORS_ORIGINS to allow it.",
+    )
 
 
 def _usage(rec: DecisionRecord, content: bytes) -> None:
@@ -533,6 +582,10 @@ model_detail = _serves(("GET", "HEAD"), _model_detail, "/v1/models/{id}")
 
 
 async def not_found(request: HttpRequest, path: str) -> HttpResponse:
+    origin, origins = request.headers.get("Origin"), settings.HAL0_CORS_ORIGINS
+    refused = _refused(request, origin, origins)
+    if refused is not None:
+        return _fail(request, refused)
     response = _fail(
         request,
         ApiError(
@@ -543,9 +596,7 @@ async def not_found(request: HttpRequest, path: str) -> HttpResponse:
         ),
     )
     # A browser app can read the 404 too.
-    for key, value in cors.actual(
-        request.headers.get("Origin"), settings.HAL0_CORS_ORIGINS
-    ).items():
+    for key, value in cors.actual(origin, origins).items():
         response[key] = value
     return response
 

@@ -32,6 +32,11 @@ def allowed(origin: str | None, origins: Set[str]) -> bool:
     return bool(origin) and origin is not None and origin.lower() in origins
 
 
+def same_origin(origin: str, scheme: str | None, host: str) -> bool:
+    """Whether ``origin`` is the API's own (scheme, host and port): the page's calls."""
+    return origin.lower() == f"{scheme}://{host}".lower()
+
+
 def preflight(
     origin: str | None, origins: Set[str], allow: str, request_headers: str | None
 ) -> dict[str, str]:

@@ -14,7 +14,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import aget_user
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase, QueryDict
 from django.middleware.csrf import CsrfViewMiddleware
 
 from dispatch.errors import ApiError
@@ -97,7 +97,10 @@ async def authorize(request: HttpRequest) -> str | None:
         user = await aget_user(request)
         if user.is_authenticated:
             # The page's calls carry the session cookie, so they must prove they come from
-            # the page itself: Django's own CSRF check (token header + Origin).
+            # the page itself: Django's own CSRF check (token header + Origin). The token
+            # comes in the header only: the body is the upstream's, never parsed as a form
+            # (a form or multipart body would be read as one, and fail, inside the check).
+            request.POST = QueryDict()
             if _csrf.process_view(request, _no_view, (), {}) is not None:
                 raise ApiError(403, "csrf_failed", "CSRF check failed; reload the page.")
             return f"user:{user.get_username()}"

@@ -540,7 +540,10 @@ class Upstream:
             method,
             upstream_url(slot, path),
             content=body,
-            headers=out,
+            # As bytes: httpx encodes str values as ASCII and would fail on a client's UTF-8
+            # text (its Headers then read the bytes back as UTF-8 for aiohttp, which writes
+            # them as UTF-8 again: the upstream gets what the client sent).
+            headers=[(k.encode("latin-1"), v.encode()) for k, v in out.items()],
             extensions={"timeout": {"connect": slot.connect_timeout_s}},
         )
         wait = slot.first_byte_timeout_s

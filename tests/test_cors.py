@@ -91,9 +91,11 @@ def test_a_stream_carries_the_origin(client):
         r.read()
 
 
-def test_a_request_from_another_origin_gets_no_cors_headers(client):
+def test_a_request_from_another_origin_is_refused_without_cors_headers(client):
+    # Refused outright (issue 14), not only unreadable: a blind POST would still run.
     r = client.get("/v1/models", headers={"Origin": "https://evil.example"})
-    assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert "Access-Control-Allow-Origin" not in r.headers
 
 
 @pytest.mark.parametrize(

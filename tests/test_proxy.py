@@ -218,7 +218,7 @@ def test_client_gone_before_the_upstream_answers_frees_the_slot(one_fake, hal0, 
     with caplog.at_level("INFO", logger="hal0.dispatch"):
         sock = socket.create_connection(("127.0.0.1", port))
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
