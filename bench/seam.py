@@ -88,7 +88,7 @@ async def run() -> str:
 
                         async def seam(u: Upstream = up) -> None:
                             r = await u.open(slot, "chat/completions", BODY, HEADERS)
-                            await r.read()
+                            await r.read(2**26)
 
                         cpu, rps = await _measure(seam, conc)
                         await up.aclose()

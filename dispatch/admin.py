@@ -22,6 +22,7 @@ from django.utils.html import format_html, format_html_join
 
 from dispatch import manifests, redact, states
 from dispatch.models import ApiKey, ModelSource, RequestLog, Slot, SlotModel, SlotState
+from dispatch.scopes import split_patterns
 
 # The states an operator may set by hand (see dispatch/states.py): draining a slot, and
 # ending that (back to `unknown`: the watcher probes it afresh).
@@ -272,9 +273,25 @@ class SlotModelAdmin(admin.ModelAdmin):
 
 
 class ApiKeyForm(forms.ModelForm):
+    # Typed as text (one pattern per line, or separated by commas), kept as a JSON list.
+    allowed_models = forms.CharField(
+        label="Models",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text=ApiKey._meta.get_field("allowed_models").help_text,
+    )
+
     class Meta:
         model = ApiKey
-        fields = ("name", "enabled")
+        fields = ("name", "enabled", "allowed_models", "expires_at")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["allowed_models"] = "\n".join(self.instance.allowed_models or [])
+
+    def clean_allowed_models(self) -> list[str]:
+        return split_patterns(self.cleaned_data.get("allowed_models") or "")
 
 
 @admin.register(ApiKey)
@@ -282,17 +299,37 @@ class ApiKeyAdmin(admin.ModelAdmin):
     """Keys are made here and shown once; only their hash is kept."""
 
     form = ApiKeyForm
-    list_display = ("name", "prefix", "enabled", "created_at")
+    list_display = (
+        "name",
+        "prefix",
+        "enabled",
+        "models_shown",
+        "expires_at",
+        "last_used",
+        "created_at",
+    )
     list_filter = ("enabled",)
     search_fields = ("name", "prefix")
-    readonly_fields = ("prefix", "created_at")
+    readonly_fields = ("prefix", "created_at", "last_used")
     actions = ("enable_keys", "disable_keys")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
+        return super().get_queryset(request).select_related("use")
+
+    @admin.display(description="models")
+    def models_shown(self, obj: ApiKey) -> str:
+        return ", ".join(obj.allowed_models or []) or "all"
+
+    @admin.display(description="last used (within 30 s)")
+    def last_used(self, obj: ApiKey) -> Any:
+        use = getattr(obj, "use", None)
+        return use.last_used_at if use is not None else "never"
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
             return
-        row, key = ApiKey.issue(obj.name)
+        row, key = ApiKey.issue(obj.name, obj.allowed_models, obj.expires_at)
         obj.pk, obj.prefix, obj.key_hash, obj.created_at = (
             row.pk,
             row.prefix,

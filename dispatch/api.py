@@ -41,6 +41,7 @@ from dispatch.keys import authorize
 from dispatch.outliers import outliers
 from dispatch.proxy import UpstreamError
 from dispatch.resolver import Decision, NoRoute, Target, resolve
+from dispatch.scopes import Scope, model_names
 from dispatch.store import store
 from dispatch.table import RoutingTable
 
@@ -112,7 +113,7 @@ def _forward_headers(request: HttpRequest, request_id: str) -> dict[str, str]:
 
 
 async def _resolve(
-    table: RoutingTable, model: str | None, endpoint: str, rec: DecisionRecord
+    table: RoutingTable, model: str | None, endpoint: str, rec: DecisionRecord, scope: Scope
 ) -> Decision:
     fallback = settings.HAL0_FALLBACK_SLOT
     result = resolve(table, model, endpoint, admission.inflight, fallback)
@@ -124,6 +125,19 @@ async def _resolve(
         await health.cold_probe()
         result = resolve(store.table, model, endpoint, admission.inflight, fallback)
     rec.latency_us = result.latency_us
+    if isinstance(result, Decision) and not scope.everything:
+        narrowed = scope.narrow(result)
+        if narrowed is None:
+            rec.decision = result
+            shown = "the default model" if model is None else f"the model '{model}'"
+            raise ApiError(
+                403,
+                "model_not_allowed",
+                f"This API key ({rec.client}) may not use {shown}; its models: "
+                f"{', '.join(scope.patterns)}.",
+                param="model",
+            )
+        result = narrowed
     rec.decision = result
     if isinstance(result, NoRoute):
         rec.slot = result.slot
@@ -142,14 +156,15 @@ def proxy_view(endpoint: str) -> View:
         request_id = _request_id(request)
         rec = DecisionRecord(request_id=request_id, endpoint=endpoint, model=None, at=time.time())
         try:
-            rec.client = await authorize(request)
+            caller = await authorize(request)
+            rec.client = caller.client
             raw = _read_body(request)
             if settings.HAL0_LOG_BODIES:
                 rec.body = raw[: settings.HAL0_LOG_BODY_MAX_BYTES]
             body = bodies.parse(raw)
             rec.model = body.model
             table = await store.ensure_loaded()
-            decision = await _resolve(table, body.model, endpoint, rec)
+            decision = await _resolve(table, body.model, endpoint, rec, caller.scope)
             rec.added_ms = (time.perf_counter() - started) * 1000
 
             def body_for(target: Target) -> bytes:
@@ -508,11 +523,16 @@ def _fail(request: HttpRequest, err: ApiError, allow: str | None = None) -> Http
     return response
 
 
-def _model_entries(table: RoutingTable) -> list[dict[str, Any]]:
-    """One entry per bare model id, then one per slot/model pair."""
+def _model_entries(table: RoutingTable, scope: Scope) -> list[dict[str, Any]]:
+    """One entry per bare model id, then one per slot/model pair: those ``scope`` allows."""
     created = 0
     data: list[dict[str, Any]] = []
     for model_id in table.known_ids:
+        if not scope.everything and not any(
+            scope.allows(model_names(table.slots[name], model_id))
+            for name in table.by_model[model_id]
+        ):
+            continue
         decision = resolve(table, model_id, "chat/completions", admission.inflight)
         owner = decision.slot if isinstance(decision, Decision) else None
         data.append(
@@ -537,6 +557,8 @@ def _model_entries(table: RoutingTable) -> list[dict[str, Any]]:
         if not slot.enabled:
             continue
         for model_id, entry in slot.models.items():
+            if not scope.allows(model_names(slot, model_id)):
+                continue
             data.append(
                 {
                     "id": f"{slot.name}/{model_id}",
@@ -551,23 +573,24 @@ def _model_entries(table: RoutingTable) -> list[dict[str, Any]]:
 
 async def _models(request: HttpRequest) -> HttpResponse:
     try:
-        await authorize(request)
+        caller = await authorize(request)
     except ApiError as err:
         return _fail(request, err)
     table = await store.ensure_loaded()
     return HttpResponse(
-        orjson.dumps({"object": "list", "data": _model_entries(table)}),
+        orjson.dumps({"object": "list", "data": _model_entries(table, caller.scope)}),
         content_type="application/json",
     )
 
 
 async def _model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
     try:
-        await authorize(request)
+        caller = await authorize(request)
     except ApiError as err:
         return _fail(request, err)
     table = await store.ensure_loaded()
-    for entry in _model_entries(table):
+    # A model out of the key's scope is as unknown to it as one nobody serves.
+    for entry in _model_entries(table, caller.scope):
         if entry["id"] == model_id:
             return HttpResponse(orjson.dumps(entry), content_type="application/json")
     return _fail(

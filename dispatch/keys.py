@@ -8,6 +8,8 @@ no key (the page) loads its session.
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
@@ -17,7 +19,34 @@ from django.contrib.auth import aget_user
 from django.http import HttpRequest, HttpResponseBase, QueryDict
 from django.middleware.csrf import CsrfViewMiddleware
 
+from dispatch import keyuse
 from dispatch.errors import ApiError
+from dispatch.scopes import EVERYTHING, Scope
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """An enabled key as the ring holds it: who it is and what it may do."""
+
+    id: int
+    name: str
+    scope: Scope
+    expires_at: float | None  # epoch seconds; None: never
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking (``key:<name>``, ``user:<username>``, None while the API is open) and
+    what they may use."""
+
+    client: str | None
+    scope: Scope = EVERYTHING
+
+
+OPEN = Caller(None)
 
 
 class KeyRing:
@@ -26,8 +55,8 @@ class KeyRing:
         self.reset()
 
     def reset(self) -> None:
-        # key hash -> the key's name (who is asking, for the request log)
-        self._hashes: dict[str, str] = {}
+        # key hash -> the key (who is asking, for the request log, and its scope)
+        self._hashes: dict[str, Key] = {}
         self._any = False
         self._loaded = False
         self.version = -1  # the StateVersion the hashes were read at; -1: never read
@@ -38,7 +67,17 @@ class KeyRing:
         with self._lock:
             # Read first: a change committed during the read shows as a newer number.
             self.version = StateVersion.current()
-            self._hashes = dict(ApiKey.objects.filter(enabled=True).values_list("key_hash", "name"))
+            self._hashes = {
+                key_hash: Key(
+                    pk,
+                    name,
+                    Scope(tuple(patterns or ())),
+                    expires_at.timestamp() if expires_at else None,
+                )
+                for pk, key_hash, name, patterns, expires_at in ApiKey.objects.filter(
+                    enabled=True
+                ).values_list("pk", "key_hash", "name", "allowed_models", "expires_at")
+            }
             # Disabling the last key must not open the API: any key, enabled or not, counts.
             self._any = ApiKey.objects.exists()
             self._loaded = True
@@ -48,10 +87,10 @@ class KeyRing:
             await sync_to_async(self.reload, thread_sensitive=True)()
 
     def knows(self, key: str) -> bool:
-        return self.name_of(key) is not None
+        return self.find(key) is not None
 
-    def name_of(self, key: str) -> str | None:
-        """The name of the enabled key ``key``, or None when there is no such key."""
+    def find(self, key: str) -> Key | None:
+        """The enabled key ``key``, or None when there is no such key."""
         from dispatch.models import hash_key
 
         return self._hashes.get(hash_key(key))
@@ -72,25 +111,32 @@ def _no_view(request: HttpRequest) -> HttpResponseBase:
 _csrf = CsrfViewMiddleware(_no_view)
 
 
-async def authorize(request: HttpRequest) -> str | None:
-    """Raise ApiError(401/403) unless the request may use /v1.
-
-    Returns who is asking: ``key:<name>`` for an API key, ``user:<username>`` for the page's
-    session, None while the API is open.
-    """
+async def authorize(request: HttpRequest) -> Caller:
+    """Raise ApiError(401/403) unless the request may use /v1; who is asking, and what they
+    may use (a key's model allowlist; the page's users and an open API: everything)."""
     mode = settings.HAL0_API_AUTH
     if mode == "off":
-        return None
+        return OPEN
     await keyring.ensure_loaded()
     if mode == "auto" and not keyring.any:
-        return None
+        return OPEN
     auth = request.headers.get("Authorization", "")
     if auth:
-        scheme, _, key = auth.partition(" ")
-        name = keyring.name_of(key.strip()) if scheme.lower() == "bearer" else None
-        if name is None:
+        scheme, _, given = auth.partition(" ")
+        key = keyring.find(given.strip()) if scheme.lower() == "bearer" else None
+        if key is None:
             raise ApiError(401, "invalid_api_key", "The API key is not valid.")
-        return f"key:{name}"
+        now = time.time()
+        if key.expired(now):
+            assert key.expires_at is not None
+            raise ApiError(
+                401,
+                "expired_api_key",
+                f"The API key '{key.name}' expired at "
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(key.expires_at))}.",
+            )
+        keyuse.used(key.id, now)
+        return Caller(f"key:{key.name}", key.scope)
     if settings.SESSION_COOKIE_NAME in request.COOKIES:
         engine: Any = import_module(settings.SESSION_ENGINE)
         request.session = engine.SessionStore(request.COOKIES[settings.SESSION_COOKIE_NAME])
@@ -103,7 +149,7 @@ async def authorize(request: HttpRequest) -> str | None:
             request.POST = QueryDict()
             if _csrf.process_view(request, _no_view, (), {}) is not None:
                 raise ApiError(403, "csrf_failed", "CSRF check failed; reload the page.")
-            return f"user:{user.get_username()}"
+            return Caller(f"user:{user.get_username()}")
     raise ApiError(
         401,
         "missing_api_key",

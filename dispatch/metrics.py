@@ -21,6 +21,7 @@ from the live objects when scraped, so it costs nothing per request.
 from __future__ import annotations
 
 import os
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -326,6 +327,7 @@ async def _may_read(request: HttpRequest) -> bool:
     if auth:
         scheme, _, key = auth.partition(" ")
         await keyring.ensure_loaded()
-        return scheme.lower() == "bearer" and keyring.name_of(key.strip()) is not None
+        found = keyring.find(key.strip()) if scheme.lower() == "bearer" else None
+        return found is not None and not found.expired(time.time())
     user = await request.auser()
     return bool(user.is_active and user.is_staff)

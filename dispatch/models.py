@@ -220,16 +220,41 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class ApiKey(models.Model):
-    """A key for the /v1 API. Only its SHA-256 is stored; the key is shown once, on creation."""
+def validate_model_patterns(value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ValidationError("must be a list of glob patterns", code="invalid")
+    for pattern in value:
+        if not pattern or pattern != pattern.strip() or len(pattern) > 255:
+            raise ValidationError(
+                f"{pattern!r} is not a pattern: non-empty, no surrounding spaces, at most 255",
+                code="invalid",
+            )
 
-    name = models.CharField(max_length=100, help_text="Who or what uses this key.")
+
+class ApiKey(models.Model):
+    """A key for the /v1 API. Only its SHA-256 is stored; the key is shown once, on creation.
+
+    Its scope: the models it may use (glob patterns over model ids, aliases and
+    ``slot/model`` ids; none = every model) and when it stops working.
+    """
+
+    name = models.CharField(max_length=100, unique=True, help_text="Who or what uses this key.")
     prefix = models.CharField(
         max_length=16, editable=False, help_text="The key's first characters."
     )
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    allowed_models = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_model_patterns],
+        help_text="Models this key may use: glob patterns such as qwen3-*, primary/*, hermes "
+        "(model ids, aliases or slot/model ids). Empty: every model.",
+    )
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="The key stops working at this moment. Empty: never."
+    )
 
     class Meta:
         verbose_name = "API key"
@@ -239,11 +264,32 @@ class ApiKey(models.Model):
         return f"{self.name} ({self.prefix}…)"
 
     @classmethod
-    def issue(cls, name: str) -> tuple[ApiKey, str]:
+    def issue(
+        cls, name: str, models: list[str] | None = None, expires_at: datetime | None = None
+    ) -> tuple[ApiKey, str]:
         """Create a key; returns the row and the plaintext key (the only time it exists)."""
         key = "hal0-" + secrets.token_urlsafe(32)
-        row = cls.objects.create(name=name, prefix=key[:12], key_hash=hash_key(key))
+        row = cls(
+            name=name,
+            prefix=key[:12],
+            key_hash=hash_key(key),
+            allowed_models=list(models or []),
+            expires_at=expires_at,
+        )
+        row.full_clean()
+        row.save()
         return row, key
+
+
+class ApiKeyUse(models.Model):
+    """When a key was last used: written in batches by each process (``dispatch.keyuse``).
+
+    A table of its own, without the StateVersion trigger: a key's use changes nothing any
+    process holds, so recording it must not make every process reload its keys.
+    """
+
+    key = models.OneToOneField(ApiKey, on_delete=models.CASCADE, related_name="use")
+    last_used_at = models.DateTimeField()
 
 
 class StateVersion(models.Model):

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestAborted, RequestDataTooBig
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
@@ -18,7 +19,7 @@ from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix, set_urlconf
 
-from dispatch import events, health, leases
+from dispatch import events, health, keyuse, leases
 from dispatch.admission import admission
 from dispatch.proxy import upstream
 from dispatch.store import store
@@ -184,6 +185,11 @@ class Hal0Application:
             gc.freeze()
 
     async def _shutdown(self) -> None:
+        try:
+            # The last uses since the last batch: the admin's "last used" stays true.
+            await sync_to_async(keyuse.recorder.flush, thread_sensitive=True)()
+        except Exception:
+            log.warning("could not record when API keys were last used", exc_info=True)
         if admission.gate is not None:
             await admission.gate.aclose()
         await health.leadership.stop()

@@ -91,7 +91,9 @@ def page(client, django_user_model, settings) -> httpx.Client:
     settings.HAL0_API_AUTH = "required"
     django_user_model.objects.create_user("alice", password="pw-alice-1")
     form = client.get("/accounts/login/")
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text).group(1)
+    found = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)
+    assert found is not None
+    token = found.group(1)
     r = client.post(
         "/accounts/login/",
         data={"username": "alice", "password": "pw-alice-1", "csrfmiddlewaretoken": token},

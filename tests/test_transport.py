@@ -51,7 +51,7 @@ async def test_use_transport_still_overrides_it() -> None:
     up.use_transport(httpx.MockTransport(lambda r: httpx.Response(299, content=b"mocked")))
     response = await up.open(_slot("http://127.0.0.1:9"), "chat/completions", BODY, {})
     assert response.status_code == 299
-    assert await response.read() == b"mocked"
+    assert await response.read(2**26) == b"mocked"
     await up.aclose()
 
 
@@ -62,7 +62,7 @@ async def test_non_streaming_status_headers_and_body(fake, up: Upstream) -> None
     )
     assert response.status_code == 200
     assert ("x-upstream-slot", "solo") in list(response.headers())
-    assert b'"hello from solo"' in await response.read()
+    assert b'"hello from solo"' in await response.read(2**26)
     assert app.requests[-1].body == BODY
 
 
@@ -71,7 +71,7 @@ async def test_upstream_error_status_passes_through(fake, up: Upstream) -> None:
     app.fail_status = 418
     response = await up.open(_slot(server.url), "chat/completions", BODY, {})
     assert response.status_code == 418
-    assert await response.read() == b'{"error": {"message": "solo says no"}}'
+    assert await response.read(2**26) == b'{"error": {"message": "solo says no"}}'
 
 
 async def test_each_sse_event_arrives_as_its_own_chunk(fake, up: Upstream) -> None:
@@ -123,7 +123,7 @@ async def test_connections_are_reused_between_requests(fake, up: Upstream) -> No
     slot = _slot(server.url)
     for _ in range(3):
         response = await up.open(slot, "chat/completions", BODY, {})
-        await response.read()
+        await response.read(2**26)
     transport = up.transport
     assert isinstance(transport, AiohttpTransport)
     session = transport._get_session()
@@ -136,6 +136,6 @@ async def test_cookies_an_upstream_sets_are_not_kept_for_later_requests(fake, up
     app, server = fake
     app.set_cookie = "sid=user-a; Path=/"
     for _ in range(2):
-        await (await up.open(_slot(server.url), "chat/completions", BODY, {})).read()
+        await (await up.open(_slot(server.url), "chat/completions", BODY, {})).read(2**26)
     assert [r.path for r in app.requests] == ["/v1/chat/completions"] * 2
     assert "cookie" not in app.requests[1].headers
