@@ -123,3 +123,32 @@ def test_a_strong_password_is_taken_in_the_admin(admin_client):
         {"username": "ann", "password1": GOOD, "password2": GOOD, "usable_password": "true"},
     )
     assert r.status_code == 302, r.content.decode()
+
+
+@pytest.mark.postgres
+def test_the_lockout_holds_on_postgresql(tmp_path, pg_url):
+    """django-axes keeps attempts in the database: its migrations run with ours, and the
+    lockout holds on PostgreSQL (the multi-worker setup) as on SQLite."""
+    from tests.processes import Hal0Process, manage, server_env
+
+    env = server_env(tmp_path, DATABASE_URL=pg_url, HAL0_WATCHER="false", HAL0_LOGIN_FAILURES="2")
+    manage(env, "migrate", "-v0")
+    manage(
+        env,
+        "shell",
+        "-c",
+        "from django.contrib.auth import get_user_model; "
+        f"get_user_model().objects.create_user('ann', password={GOOD!r})",
+    )
+    server = Hal0Process(env, tmp_path / "hal0.log").wait_ready()
+    try:
+        path = "/accounts/login/"
+        assert log_in(server.url, "127.0.0.60", "ann", "guess-1", path).status_code == 200
+        assert_locked(log_in(server.url, "127.0.0.61", "ann", "guess-2", path))
+        assert_locked(log_in(server.url, "127.0.0.62", "ann", GOOD, path))
+        listed = manage(env, "axes_list_attempts")
+        assert "ann" in listed
+        manage(env, "axes_reset_username", "ann")  # the README's way out
+        assert log_in(server.url, "127.0.0.62", "ann", GOOD, path).status_code == 302
+    finally:
+        server.stop()
