@@ -8,7 +8,9 @@ and ports of the machines behind hal0web.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -20,15 +22,24 @@ from dispatch.snapshots import snapshot
 from dispatch.store import store
 
 
+def _public_slot(slot: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in slot.items() if k != "url"}
+    # A probe's error quotes the host it could not reach ("Cannot connect to host 10.0.0.7:8002
+    # ..."): the part of the URL a non-staff page must not learn from the error either.
+    host = urlsplit(slot.get("url") or "").hostname
+    if host and isinstance(out.get("last_error"), str):
+        out["last_error"] = re.sub(
+            re.escape(host), "(the slot's host)", out["last_error"], flags=re.I
+        )
+    return out
+
+
 def without_urls(event: dict[str, Any]) -> dict[str, Any]:
     """The event as a non-staff page sees it: each slot's payload without its ``url``."""
     if isinstance(event.get("slot"), dict):  # slot.state / slot.models / slot.updated
-        return {**event, "slot": {k: v for k, v in event["slot"].items() if k != "url"}}
+        return {**event, "slot": _public_slot(event["slot"])}
     if isinstance(event.get("slots"), list):  # the snapshot
-        return {
-            **event,
-            "slots": [{k: v for k, v in s.items() if k != "url"} for s in event["slots"]],
-        }
+        return {**event, "slots": [_public_slot(s) for s in event["slots"]]}
     return event
 
 

@@ -187,6 +187,33 @@ def test_each_user_hears_only_their_own_decisions_and_no_slot_urls(
             assert ("url" in about[0]["slot"]) is (name == "op"), name
 
 
+def test_a_probe_error_does_not_name_the_slots_host_to_non_staff(
+    seed_slots, fake_pair, hal0, staff_cookie
+):
+    ann = login_cookie("ann")
+    with (
+        open_feed(hal0.port, staff_cookie, hal0.url) as op,
+        open_feed(hal0.port, ann, hal0.url) as theirs,
+    ):
+        for ws in (op, theirs):
+            assert json.loads(ws.recv(timeout=5))["type"] == "snapshot"
+        fake_pair["primary"][1].stop()  # the watcher's next probe finds nobody there
+
+        def offline(ws: ClientConnection) -> dict[str, Any]:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                event = json.loads(ws.recv(timeout=10))
+                slot = event.get("slot")
+                if isinstance(slot, dict) and slot["name"] == "primary" and slot["last_error"]:
+                    return slot
+            raise AssertionError("primary never went offline")
+
+        staff_view, their_view = offline(op), offline(theirs)
+    assert "127.0.0.1" in staff_view["last_error"], staff_view
+    assert "127.0.0.1" not in their_view["last_error"], their_view
+    assert "(the slot's host)" in their_view["last_error"]
+
+
 def test_the_activity_page_is_staffs_alone(seed_slots, hal0, staff_cookie):
     ann = login_cookie("ann")
     r = httpx.get(hal0.url + "/activity/", headers={"Cookie": ann})
