@@ -129,17 +129,11 @@ def test_a_strong_password_is_taken_in_the_admin(admin_client):
 def test_the_lockout_holds_on_postgresql(tmp_path, pg_url):
     """django-axes keeps attempts in the database: its migrations run with ours, and the
     lockout holds on PostgreSQL (the multi-worker setup) as on SQLite."""
-    from tests.processes import Hal0Process, manage, server_env
+    from tests.processes import Hal0Process, create_user, manage, server_env
 
     env = server_env(tmp_path, DATABASE_URL=pg_url, HAL0_WATCHER="false", HAL0_LOGIN_FAILURES="2")
     manage(env, "migrate", "-v0")
-    manage(
-        env,
-        "shell",
-        "-c",
-        "from django.contrib.auth import get_user_model; "
-        f"get_user_model().objects.create_user('ann', password={GOOD!r})",
-    )
+    create_user(env, "ann", GOOD)
     server = Hal0Process(env, tmp_path / "hal0.log").wait_ready()
     try:
         path = "/accounts/login/"

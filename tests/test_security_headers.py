@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import Hal0Process, manage, server_env
+from tests.processes import Hal0Process, create_user, manage, server_env
 
 PASSWORD = "correct-horse-battery"
 
@@ -95,13 +95,7 @@ def test_by_default_no_hsts_and_no_secure_cookies(live):
 def https_server(tmp_path: Path):
     env = server_env(tmp_path, HAL0_HTTPS="true", HAL0_WATCHER="false")
     manage(env, "migrate", "-v0")
-    manage(
-        env,
-        "shell",
-        "-c",
-        "from django.contrib.auth import get_user_model; "
-        f"get_user_model().objects.create_user('ann', password={PASSWORD!r})",
-    )
+    create_user(env, "ann", PASSWORD)
     server = Hal0Process(env, tmp_path / "hal0.log").wait_ready()
     yield server
     server.stop()
