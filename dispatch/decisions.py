@@ -139,7 +139,8 @@ def log_output(rec: DecisionRecord, data: dict[str, object]) -> None:
 
 
 def event_output(rec: DecisionRecord, data: dict[str, object]) -> None:
-    events.publish({"type": "dispatch.decision", **data})
+    # Who asked decides who hears it: staff see every decision, a page user their own.
+    events.publish_decision({"type": "dispatch.decision", **data}, rec.client)
 
 
 # The outputs every decision goes to, in order. `dispatch.apps` adds the metrics and the

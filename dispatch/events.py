@@ -1,13 +1,15 @@
 """The only module that talks to the channel layer.
 
-Everything the live UI hears goes through here: decisions to one group every page joins,
-table changes to the pages of the process whose table changed. Sends are fire and forget: an
+Everything the live UI hears goes through here: decisions to the staff's pages and to the
+asking user's, in-flight counts to every page, table changes to the pages of the process
+whose table changed. Sends are fire and forget: an
 event never delays or fails the request or the database write that caused it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import secrets
@@ -19,6 +21,10 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 GROUP = "dispatch"
+# Who may see which decision (issue 14): staff pages hear every one; any other user's pages
+# hear only their own requests', in a group per user. A page joins one or the other, so what
+# it must not see is never even sent to it (not sent and then filtered).
+STAFF_GROUP = "dispatch.staff"
 # This process's own pages. A change to the table reaches every process (dispatch.sync), and
 # each tells its own pages what its table now holds: sent to GROUP, a page would hear each
 # change once from every process. Decisions are made once, by one process, so they go to
@@ -68,6 +74,19 @@ async def send(event: dict[str, Any], group: str = GROUP) -> None:
         await layer.group_send(group, _message(event))
     except Exception:  # a broken layer must not break routing; say so and go on
         log.warning("could not broadcast %s", event.get("type"), exc_info=True)
+
+
+def user_group(username: str) -> str:
+    """The group of one user's pages. Usernames may hold characters group names may not
+    (``@``, ``+``, non-ASCII), so the name is hashed."""
+    return "dispatch.user." + hashlib.sha256(username.encode()).hexdigest()[:32]
+
+
+def publish_decision(event: dict[str, Any], client: str | None) -> None:
+    """A decision for the staff's pages and, when a page user asked, for that user's."""
+    publish(event, STAFF_GROUP)
+    if client is not None and client.startswith("user:"):
+        publish(event, user_group(client.removeprefix("user:")))
 
 
 def publish(event: dict[str, Any], group: str = GROUP) -> None:
@@ -120,19 +139,24 @@ def send_from_sync(event: dict[str, Any], group: str) -> None:
         async_to_sync(send)(event, group)
 
 
-async def join(channel_name: str) -> None:
-    """A page joins: it hears every decision, and the table changes of its own process."""
-    layer = get_channel_layer()
-    if layer is not None:
-        await layer.group_add(GROUP, channel_name)
-        await layer.group_add(LOCAL_GROUP, channel_name)
+def _page_groups(staff: bool, username: str) -> tuple[str, ...]:
+    return (GROUP, LOCAL_GROUP, STAFF_GROUP if staff else user_group(username))
 
 
-async def leave(channel_name: str) -> None:
+async def join(channel_name: str, *, staff: bool, username: str) -> None:
+    """A page joins: it hears the in-flight counts, the table changes of its own process, and
+    every decision (staff) or its user's own."""
     layer = get_channel_layer()
     if layer is not None:
-        await layer.group_discard(GROUP, channel_name)
-        await layer.group_discard(LOCAL_GROUP, channel_name)
+        for group in _page_groups(staff, username):
+            await layer.group_add(group, channel_name)
+
+
+async def leave(channel_name: str, *, staff: bool, username: str) -> None:
+    layer = get_channel_layer()
+    if layer is not None:
+        for group in _page_groups(staff, username):
+            await layer.group_discard(group, channel_name)
 
 
 async def listen(group: str, handle: Callable[[dict[str, Any]], None]) -> None:

@@ -113,13 +113,20 @@ _csrf = CsrfViewMiddleware(_no_view)
 
 async def authorize(request: HttpRequest) -> Caller:
     """Raise ApiError(401/403) unless the request may use /v1; who is asking, and what they
-    may use (a key's model allowlist; the page's users and an open API: everything)."""
+    may use (a key's model allowlist; the page's users and an open API: everything).
+
+    Who is asking: ``key:<name>`` for an API key, ``user:<username>`` for the page's session
+    (also while the API is open: a user's page hears only its own decisions), None for
+    anyone else while the API is open.
+    """
     mode = settings.HAL0_API_AUTH
-    if mode == "off":
-        return OPEN
-    await keyring.ensure_loaded()
-    if mode == "auto" and not keyring.any:
-        return OPEN
+    if mode == "off" or (mode == "auto" and not await _keys_exist()):
+        # Open to anyone; the request is still the page user's when it provably comes from
+        # their page (the same CSRF check), so their page hears its own decisions.
+        user = await _session_user(request)
+        if user is None or not _from_the_page(request):
+            return OPEN
+        return Caller(f"user:{user.get_username()}")
     auth = request.headers.get("Authorization", "")
     if auth:
         scheme, _, given = auth.partition(" ")
@@ -137,22 +144,39 @@ async def authorize(request: HttpRequest) -> Caller:
             )
         keyuse.used(key.id, now)
         return Caller(f"key:{key.name}", key.scope)
-    if settings.SESSION_COOKIE_NAME in request.COOKIES:
-        engine: Any = import_module(settings.SESSION_ENGINE)
-        request.session = engine.SessionStore(request.COOKIES[settings.SESSION_COOKIE_NAME])
-        user = await aget_user(request)
-        if user.is_authenticated:
-            # The page's calls carry the session cookie, so they must prove they come from
-            # the page itself: Django's own CSRF check (token header + Origin). The token
-            # comes in the header only: the body is the upstream's, never parsed as a form
-            # (a form or multipart body would be read as one, and fail, inside the check).
-            request.POST = QueryDict()
-            if _csrf.process_view(request, _no_view, (), {}) is not None:
-                raise ApiError(403, "csrf_failed", "CSRF check failed; reload the page.")
-            return Caller(f"user:{user.get_username()}")
+    user = await _session_user(request)
+    if user is not None:
+        # The page's calls carry the session cookie, so they must prove they come from
+        # the page itself.
+        if not _from_the_page(request):
+            raise ApiError(403, "csrf_failed", "CSRF check failed; reload the page.")
+        return Caller(f"user:{user.get_username()}")
     raise ApiError(
         401,
         "missing_api_key",
         "This hal0web requires an API key: send `Authorization: Bearer <key>` "
         "(create keys in the admin).",
     )
+
+
+def _from_the_page(request: HttpRequest) -> bool:
+    """Django's own CSRF check (token header + Origin). The token comes in the header only:
+    the body is the upstream's, never parsed as a form (a form or multipart body would be
+    read as one, and fail, inside the check)."""
+    request.POST = QueryDict()
+    return _csrf.process_view(request, _no_view, (), {}) is None
+
+
+async def _keys_exist() -> bool:
+    await keyring.ensure_loaded()
+    return keyring.any
+
+
+async def _session_user(request: HttpRequest) -> Any:
+    """The page's logged-in user from the session cookie, or None (no cookie: no lookup)."""
+    if settings.SESSION_COOKIE_NAME not in request.COOKIES:
+        return None
+    engine: Any = import_module(settings.SESSION_ENGINE)
+    request.session = engine.SessionStore(request.COOKIES[settings.SESSION_COOKIE_NAME])
+    user = await aget_user(request)
+    return user if user.is_authenticated else None

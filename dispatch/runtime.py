@@ -109,6 +109,9 @@ class BareASGIHandler(ASGIHandler):
         response: HttpResponseBase | None = None
         try:
             response = await self._respond(scope, body_file)
+            # What SecurityMiddleware adds to every other answer, and /v1 has no middleware:
+            # a browser must never sniff an error's text or a stream as HTML to run.
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
             await self.send_response(response, send)
         except asyncio.CancelledError:
             if not aborted:

@@ -13,18 +13,18 @@ django_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from dispatch.runtime import Hal0Application, api_asgi_application  # noqa: E402
+from dispatch.ws_origin import SameOriginValidator  # noqa: E402
 from dispatch.ws_urls import websocket_urlpatterns  # noqa: E402
 
 application = Hal0Application(
     ProtocolTypeRouter(
         {
             "http": django_app,
-            "websocket": AllowedHostsOriginValidator(
-                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-            ),
+            # The feed opens only from the server's own origin (scheme, host and port) or a
+            # CSRF-trusted one: dispatch/ws_origin.py says why the host alone is not enough.
+            "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     ),
     api=api_asgi_application(),

@@ -6,6 +6,7 @@ reads ``django.conf.settings`` at call time, never at import time.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import secrets
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import environ
+from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -230,6 +232,52 @@ _max_body = int(HAL0_MAX_BODY_MB * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = _max_body
 FILE_UPLOAD_MAX_MEMORY_SIZE = _max_body
 
+# --- hardening (issue 14) --------------------------------------------------------------------
+# Guessing is slow: after HAL0_LOGIN_FAILURES failed logins (the admin's or the page's) a
+# username is locked from every address, and an address for every username, until
+# HAL0_LOGIN_LOCKOUT_MIN minutes pass (django-axes, attempts kept in the database).
+HAL0_LOGIN_FAILURES: int = _positive("HAL0_LOGIN_FAILURES", env.int, 5)
+HAL0_LOGIN_LOCKOUT_MIN: float = _positive("HAL0_LOGIN_LOCKOUT_MIN", env.float, 15)
+AXES_FAILURE_LIMIT = HAL0_LOGIN_FAILURES
+AXES_COOLOFF_TIME = dt.timedelta(minutes=HAL0_LOGIN_LOCKOUT_MIN)
+# Two criteria, either of which locks: per user (across addresses) and per address (across
+# users). Not the username+address pair, which an attacker escapes by changing either.
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+# Attempts during a lockout do not extend it: an attacker who keeps guessing still gets
+# HAL0_LOGIN_FAILURES tries per period, and the locked-out owner gets back in after it.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+# Successful logins are not written down (a row each, kept forever); failures are.
+AXES_DISABLE_ACCESS_LOG = True
+
+# HAL0_HTTPS=true: hal0web is reached over HTTPS (behind a TLS proxy that sets
+# X-Forwarded-Proto). Browsers are told to keep to HTTPS (HSTS, a year; subdomains are not
+# ours to promise) and cookies never travel in clear. No redirect to HTTPS here: the proxy in
+# front owns port 80, and a proxy that forgot the header would loop.
+HAL0_HTTPS: bool = _strict_bool("HAL0_HTTPS", False)
+if HAL0_HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_HSTS_SECONDS = 365 * 24 * 3600
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = False
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+SECURE_SSL_REDIRECT = False
+# Every page, the admin included, runs only scripts and styles served from here: no inline
+# script, no eval, no third-party origin (the vendored libraries are static files). The
+# WebSocket and /v1 are 'self' too ('self' covers ws:/wss: to the same host and port).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    }
+}
+
 # --- Django ----------------------------------------------------------------------------------
 # Not "daphne": it only adds a runserver and would load Twisted (+26 MB) into every process,
 # Uvicorn's too. `make run` starts Daphne itself.
@@ -242,6 +290,8 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "channels",
+    "axes",
+    "csp",
     "dispatch",
 ]
 
@@ -256,6 +306,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "hal0web.urls"
@@ -277,8 +330,18 @@ TEMPLATES = [
     },
 ]
 
+# Django's whole set: `password` and `12345678` are refused (common, numeric), and so is a
+# password too close to the username. Also applied to HAL0_ADMIN_PASSWORD (manage.py serve).
 AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# django-axes first: it refuses a locked-out login before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat"

@@ -54,6 +54,17 @@ def manage(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
+def create_user(env: dict[str, str], username: str, password: str) -> None:
+    """A user in the processes' database, who logs in through the form."""
+    manage(
+        env,
+        "shell",
+        "-c",
+        "from django.contrib.auth import get_user_model; "
+        f"get_user_model().objects.create_user({username!r}, password={password!r})",
+    )
+
+
 def session_cookie(env: dict[str, str], username: str = "ann", staff: bool = False) -> str:
     """Create a user and a logged-in session in the processes' database: its Cookie header."""
     code = (

@@ -34,6 +34,16 @@ def cookie(transactional_db) -> bytes:
 
 
 @pytest.fixture
+def staff_cookie(transactional_db) -> bytes:
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.create_user("op", password="not-a-real-password", is_staff=True)
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}".encode()
+
+
+@pytest.fixture
 def slots(transactional_db):
     return {
         "primary": add_slot("primary", "http://127.0.0.1:9/v1", ["big"], is_default=True),
@@ -44,7 +54,9 @@ def slots(transactional_db):
 
 
 def socket(app, cookie: bytes | None = None, origin: bytes = ORIGIN) -> WebsocketCommunicator:
-    headers = [(b"origin", origin)]
+    # The communicator sends only the headers given; a browser always sends Host, which the
+    # Origin check compares with.
+    headers = [(b"host", b"localhost"), (b"origin", origin)]
     if cookie:
         headers.append((b"cookie", cookie))
     return WebsocketCommunicator(app, "/ws/dispatch/", headers=headers)
@@ -153,8 +165,9 @@ async def test_page_can_ask_for_a_fresh_snapshot_and_noise_is_ignored(app, cooki
         await comm.disconnect()
 
 
-async def test_routing_decisions_reach_the_socket(app, cookie, seed_slots, fake_pair):
-    comm, _ = await connected(app, cookie)
+async def test_routing_decisions_reach_the_socket(app, staff_cookie, seed_slots, fake_pair):
+    # Staff: the open API's requests are nobody's, and only staff see every decision.
+    comm, _ = await connected(app, staff_cookie)
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:

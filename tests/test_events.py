@@ -14,7 +14,7 @@ from dispatch import events
 async def _listen() -> tuple[Any, str]:
     layer = get_channel_layer()
     channel = await layer.new_channel()
-    await events.join(channel)
+    await events.join(channel, staff=True, username="op")
     return layer, channel
 
 

@@ -46,7 +46,7 @@ async def test_an_idle_websocket_stays_open_under_redis(
     blocks for in BZPOPMIN: an idle page's socket then died every 5-9 s (close 1006)."""
     env = server_env(tmp_path, REDIS_URL=redis_url_or_skip(), HAL0_WATCHER="false")
     manage(env, "migrate", "-v0")
-    cookie = session_cookie(env)
+    cookie = session_cookie(env, staff=True)  # the open API's requests: staff see them
     server = Hal0Process(env, tmp_path / "hal0.log").wait_ready()
     processes.append(server)
     ws_url = f"ws://127.0.0.1:{server.port}/ws/dispatch/"

@@ -85,10 +85,11 @@ def test_header_bytes_that_are_not_text_get_400(client, value):
     assert r.headers["x-request-id"].isascii()
 
 
-@pytest.fixture
-def page(client, django_user_model, settings) -> httpx.Client:
-    """The client logged in as the page is: session cookie, CSRF header, own Origin."""
-    settings.HAL0_API_AUTH = "required"
+@pytest.fixture(params=["required", "auto"])
+def page(client, django_user_model, settings, request) -> httpx.Client:
+    """The client logged in as the page is: session cookie, CSRF header, own Origin; with
+    keys required, and with the API open (the page's requests are still named its user's)."""
+    settings.HAL0_API_AUTH = request.param
     django_user_model.objects.create_user("alice", password="pw-alice-1")
     form = client.get("/accounts/login/")
     found = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)

@@ -189,7 +189,7 @@ async def test_group_send_reaches_a_member_on_another_worker(redis_layers):
         await other.group_add(events.GROUP, theirs)
         # ...and one on this worker does too, through the app's own join().
         mine = await ours.new_channel()
-        await events.join(mine)
+        await events.join(mine, staff=True, username="op")
 
         # This worker broadcasts through the app's one sending path.
         await events.send({"type": "slot.state", "slot": "primary", "state": "ready"})
@@ -206,7 +206,7 @@ async def test_group_send_reaches_a_member_on_another_worker(redis_layers):
             "type": "dispatch.event",
             "event": {"n": 2},
         }
-        await events.leave(mine)
+        await events.leave(mine, staff=True, username="op")
         await other.group_send(events.GROUP, {"type": "dispatch.event", "event": {"n": 3}})
         assert (await asyncio.wait_for(other.receive(theirs), 10))["event"] == {"n": 2}
         assert (await asyncio.wait_for(other.receive(theirs), 10))["event"] == {"n": 3}

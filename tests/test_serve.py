@@ -228,18 +228,35 @@ def test_serve_can_run_uvicorn(tmp_path: Path, serve_runs: list[Served]) -> None
     assert [pid for pid in children if _alive(pid)] == []
 
 
-def test_serve_refuses_a_bad_setting(tmp_path: Path) -> None:
-    env = server_env(tmp_path, HAL0_DEMO="maybe")
+def _serve_refuses(env: dict[str, str]) -> str:
+    """Run `manage.py serve`, which must stop before serving: its stderr."""
     done = subprocess.run(
         [sys.executable, "manage.py", "serve"],
         cwd=settings.BASE_DIR,
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
-    assert done.returncode != 0
-    assert "HAL0_DEMO='maybe' is not a boolean" in done.stderr
+    assert done.returncode != 0, done.stdout
+    return done.stderr
+
+
+def test_serve_refuses_a_bad_setting(tmp_path: Path) -> None:
+    stderr = _serve_refuses(server_env(tmp_path, HAL0_DEMO="maybe"))
+    assert "HAL0_DEMO='maybe' is not a boolean" in stderr
+
+
+@pytest.mark.parametrize("weak", ["password", "12345678"])
+def test_serve_refuses_a_weak_admin_password_naming_the_variable(tmp_path: Path, weak: str) -> None:
+    # Issue 14: the superuser's password meets the same rules as any other.
+    stderr = _serve_refuses(server_env(tmp_path, HAL0_DEMO="0", HAL0_ADMIN_PASSWORD=weak))
+    last = stderr.strip().splitlines()[-1]
+    assert "HAL0_ADMIN_PASSWORD is too weak" in last, stderr
+    assert "too common" in last or "entirely numeric" in last
+    # Refused before the user exists: a later run with a good password creates it.
+    with sqlite3.connect(tmp_path / "hal0web.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM auth_user").fetchone() == (0,)
 
 
 @pytest.mark.llama

@@ -85,6 +85,10 @@ def started(tmp_path: Path, **env: str) -> dict:
         ("HAL0_LOG_QUEUE_SIZE", "-5"),
         ("HAL0_LOG_BODIES", "all"),
         ("HAL0_LOG_BODY_MAX_KB", "0"),
+        ("HAL0_LOGIN_FAILURES", "0"),
+        ("HAL0_LOGIN_FAILURES", "many"),
+        ("HAL0_LOGIN_LOCKOUT_MIN", "soon"),
+        ("HAL0_HTTPS", "maybe"),
     ],
 )
 def test_bad_value_stops_start_up_naming_the_variable(tmp_path, name, value):
@@ -166,3 +170,35 @@ def test_cors_origins_default_empty_and_are_read(tmp_path):
     proc = start(tmp_path, code, HAL0_CORS_ORIGINS="https://App.example, http://localhost:5173/")
     assert proc.returncode == 0, proc.stderr
     assert eval(proc.stdout) == {"https://app.example", "http://localhost:5173"}
+
+
+HARDENING = """
+import json, django
+django.setup()
+from django.conf import settings as s
+print(json.dumps({
+    "axes": [s.AXES_FAILURE_LIMIT, s.AXES_COOLOFF_TIME.total_seconds(), s.AXES_LOCKOUT_PARAMETERS],
+    "https": [s.SECURE_HSTS_SECONDS, s.SECURE_HSTS_INCLUDE_SUBDOMAINS, s.SESSION_COOKIE_SECURE,
+              s.CSRF_COOKIE_SECURE, s.SECURE_PROXY_SSL_HEADER, s.SECURE_SSL_REDIRECT],
+}))
+"""
+
+
+def test_login_throttling_and_https_defaults_and_values(tmp_path):
+    proc = start(tmp_path, HARDENING)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["axes"] == [5, 15 * 60, ["username", "ip_address"]]
+    assert s["https"] == [0, False, False, False, None, False]
+    proc = start(
+        tmp_path,
+        HARDENING,
+        HAL0_LOGIN_FAILURES="3",
+        HAL0_LOGIN_LOCKOUT_MIN="0.5",
+        HAL0_HTTPS="true",
+    )
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["axes"] == [3, 30, ["username", "ip_address"]]
+    year = 365 * 24 * 3600
+    assert s["https"] == [year, False, True, True, ["HTTP_X_FORWARDED_PROTO", "https"], False]

@@ -192,6 +192,20 @@ class Command(BaseCommand):
         if User.objects.filter(is_superuser=True).exists():
             return None
         given = settings.HAL0_ADMIN_PASSWORD
+        if given:
+            # The rules every password meets (AUTH_PASSWORD_VALIDATORS) hold for this one too:
+            # `password` or `12345678` would make the superuser the easiest account to guess.
+            from django.contrib.auth.password_validation import validate_password
+            from django.core.exceptions import ValidationError
+
+            try:
+                validate_password(given, User(username="admin"))
+            except ValidationError as exc:
+                raise CommandError(
+                    "HAL0_ADMIN_PASSWORD is too weak for the admin user: "
+                    + " ".join(exc.messages)
+                    + " Choose another, or unset it to have one generated."
+                ) from exc
         password = given or secrets.token_urlsafe(12)
         user, _ = User.objects.get_or_create(username="admin")
         user.is_staff = user.is_superuser = user.is_active = True

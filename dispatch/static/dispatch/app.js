@@ -1,10 +1,14 @@
 // hal0web chat page: a slot picker kept live over the WebSocket, streaming chat through
 // /v1/chat/completions, and a side panel of slot cards and recent routing decisions.
-import { marked } from "marked";
-import DOMPurify from "dompurify";
 
 const $ = (id) => document.getElementById(id);
 const app = $("app");
+// The vendored libraries, at the URLs the page names ({% static %}: hashed in production).
+// Not an import map: that is an inline script, which the Content-Security-Policy refuses.
+const [{ marked }, { default: DOMPurify }] = await Promise.all([
+  import(app.dataset.marked),
+  import(app.dataset.dompurify),
+]);
 const picker = $("model");
 const composer = $("composer");
 const promptBox = $("prompt");
