@@ -72,11 +72,12 @@ def _no_view(request: HttpRequest) -> HttpResponseBase:
 _csrf = CsrfViewMiddleware(_no_view)
 
 
-async def authorize(request: HttpRequest) -> str | None:
+async def authorize(request: HttpRequest, key_header: str | None = None) -> str | None:
     """Raise ApiError(401/403) unless the request may use /v1.
 
     Returns who is asking: ``key:<name>`` for an API key, ``user:<username>`` for the page's
-    session, None while the API is open.
+    session, None while the API is open. ``key_header`` is another header that may carry the
+    key, bare (``x-api-key``, where the ``anthropic`` SDK sends it: see dispatch.endpoints).
     """
     mode = settings.HAL0_API_AUTH
     if mode == "off":
@@ -88,6 +89,12 @@ async def authorize(request: HttpRequest) -> str | None:
     if auth:
         scheme, _, key = auth.partition(" ")
         name = keyring.name_of(key.strip()) if scheme.lower() == "bearer" else None
+        if name is None:
+            raise ApiError(401, "invalid_api_key", "The API key is not valid.")
+        return f"key:{name}"
+    bare = request.headers.get(key_header, "") if key_header else ""
+    if bare:
+        name = keyring.name_of(bare.strip())
         if name is None:
             raise ApiError(401, "invalid_api_key", "The API key is not valid.")
         return f"key:{name}"

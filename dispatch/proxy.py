@@ -43,6 +43,7 @@ HOP_BY_HOP = frozenset(
 # SSE is never held back by a compressor).
 _NOT_UPSTREAM = HOP_BY_HOP | {
     "authorization",
+    "x-api-key",  # hal0web's key as the anthropic SDK sends it (dispatch.endpoints)
     "cookie",
     "x-csrftoken",
     "accept-encoding",

@@ -134,7 +134,10 @@ def test_model_less_hal0_slot_is_fine():
         ('name = "a"\nurl = "ftp://h/v1"\n', "slots/x.toml: url: must be an http:// or https://"),
         ('name = "a"\nport = 70000\n', "slots/x.toml: port: must be an integer between 1 and"),
         ('name = "a"\nport = 1\nkind = "tgi"\n', "slots/x.toml: kind: Value 'tgi' is not a valid"),
-        ('name = "a"\nport = 1\ntype = "tts"\n', "slots/x.toml: type: Value 'tts' is not a valid"),
+        (
+            'name = "a"\nport = 1\ntype = "video"\n',
+            "slots/x.toml: type: Value 'video' is not a valid",
+        ),
         ('name = "a"\nport = 1\nenabled = "yes"\n', "slots/x.toml: enabled: must be a boolean"),
         ('name = "a"\nport = 1\npriority = 1.5\n', "slots/x.toml: priority: must be an integer"),
         ('name = "a"\nport = 1\napi_key_env = "my key"\n', "slots/x.toml: api_key_env: must be"),
