@@ -166,3 +166,60 @@ def test_redis_keeps_the_record_with_a_ttl(settings):
         client.close()
     finally:
         affinity.reset()
+
+
+# --- across real server processes: every worker finds every id -------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("store", ["database", pytest.param("redis", marks=pytest.mark.redis)])
+def test_a_response_made_through_one_worker_is_found_by_another(tmp_path, pg_url, store):
+    from tests.fake_endpoints import EndpointUpstream
+    from tests.fakes import ServerThread
+    from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env
+
+    fakes = {n: EndpointUpstream(n, models=[f"model-{n}"]) for n in ("one", "two")}
+    servers = [ServerThread(f).start() for f in fakes.values()]
+    folder = tmp_path / "slots"
+    folder.mkdir()
+    for (name, _), server in zip(fakes.items(), servers, strict=True):
+        (folder / f"{name}.toml").write_text(
+            f'name = "{name}"\nurl = "{server.url}/v1"\n[model]\ndefault = "model-{name}"\n'
+        )
+    extra = {"REDIS_URL": redis_url_or_skip()} if store == "redis" else {}
+    env = server_env(tmp_path, DATABASE_URL=pg_url, HAL0_PROBE_INTERVAL_S="1", **extra)
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(folder))
+    workers = [Hal0Process(env, tmp_path / f"worker-{i}.log") for i in (1, 2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        first, second = (
+            openai.OpenAI(base_url=w.url + "/v1", api_key="x", max_retries=0) for w in workers
+        )
+        made = first.responses.create(model="model-two", input="hi")
+        # The other worker has never seen it: only the shared store knows where it lives.
+        raw = second.responses.with_raw_response.retrieve(made.id)
+        assert raw.headers["x-hal0-resolution"] == "affinity:two"
+        assert raw.parse().id == made.id
+        with second.responses.create(model="model-one", input="hi", stream=True) as stream:
+            streamed = next(e.response.id for e in stream if e.type == "response.created")
+        follow = first.responses.with_raw_response.create(
+            model="model-two", input="more", previous_response_id=streamed
+        )
+        assert follow.headers["x-hal0-resolution"] == "affinity:one"
+        if store == "database":
+            count = manage(
+                env,
+                "shell",
+                "-c",
+                "from dispatch.models import ResponseAffinity as R; print(R.objects.count())",
+            )
+            assert count.strip().splitlines()[-1] == "3"
+        first.close()
+        second.close()
+    finally:
+        for w in workers:
+            w.stop()
+        for s in servers:
+            s.stop()
