@@ -409,20 +409,33 @@ def _streaming(
         finally:
             # Runs on normal end, on upstream failure, and when the client disconnects (Django
             # cancels this generator): closing the response closes the upstream connection.
-            await fwd.response.aclose()
-            admission.release(fwd.slot.name)
-            rec.duration_ms = (time.perf_counter() - started) * 1000
+            await _ended(fwd, rec, started)
             if usage is not None:
                 _stream_usage(rec, usage)
             if keep:
                 rec.answer = b"".join(kept)
             record(rec)
 
-    response = StreamingHttpResponse(relay(), status=fwd.response.status_code)
+    response = _relayed(relay(), fwd, rec)
+    response["Cache-Control"] = "no-cache"
+    return response
+
+
+async def _ended(fwd: Forwarded, rec: DecisionRecord, started: float) -> None:
+    """A relayed body is over (or abandoned): the upstream connection and the slot's place
+    go back at once."""
+    await fwd.response.aclose()
+    admission.release(fwd.slot.name)
+    rec.duration_ms = (time.perf_counter() - started) * 1000
+
+
+def _relayed(
+    body: AsyncIterator[bytes], fwd: Forwarded, rec: DecisionRecord
+) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(body, status=fwd.response.status_code)
     for key, value in fwd.response.headers():
         response[key] = value
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
+    response["X-Accel-Buffering"] = "no"  # nginx must not hold it back
     _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
     return response
 
@@ -446,17 +459,10 @@ def _passthrough(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streami
             rec.error = "client_disconnected"
             raise
         finally:
-            await fwd.response.aclose()
-            admission.release(fwd.slot.name)
-            rec.duration_ms = (time.perf_counter() - started) * 1000
+            await _ended(fwd, rec, started)
             record(rec)
 
-    response = StreamingHttpResponse(relay(), status=fwd.response.status_code)
-    for key, value in fwd.response.headers():
-        response[key] = value
-    response["X-Accel-Buffering"] = "no"
-    _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
-    return response
+    return _relayed(relay(), fwd, rec)
 
 
 def _serves(methods: tuple[str, ...], view: Any, label: str, shape: str = "openai") -> Any:

@@ -216,3 +216,13 @@ def fleet(
             is_default=name == "llm-a",
         )
     return {name: fake for name, (fake, _) in fleet_servers.items()}
+
+
+@pytest.fixture
+def fleet_sdk(fleet: dict[str, Any], hal0: ServerThread) -> Iterator[Any]:
+    """The official `openai` SDK pointed at hal0web in front of the fleet."""
+    import openai
+
+    client = openai.OpenAI(base_url=hal0.url + "/v1", api_key="unused", max_retries=0)
+    yield client
+    client.close()

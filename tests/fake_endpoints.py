@@ -17,7 +17,7 @@ from email import policy
 from email.parser import BytesParser
 from typing import Any
 
-from tests.fakes import Receive, Seen, Send, _json
+from tests.fakes import Receive, Seen, Send, _json, read_request
 
 SPEECH_CHUNKS = 3
 
@@ -73,20 +73,9 @@ class EndpointUpstream:
         return [s for s in self.requests if s.path not in ("/health", "/v1/models")]
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_request(scope, receive, send)
+        if body is None:
+            return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         path, method = scope["path"], scope["method"]
         query = scope.get("query_string", b"").decode()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 
 import httpx
-import openai
 import pytest
 
 from dispatch.models import ApiKey
@@ -15,15 +14,8 @@ WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256)) * 64  # a 16 KB "recor
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(255 - i % 256 for i in range(4096))
 
 
-@pytest.fixture
-def sdk(fleet, hal0):
-    client = openai.OpenAI(base_url=hal0.url + "/v1", api_key="unused", max_retries=0)
-    yield client
-    client.close()
-
-
-def test_transcription_is_routed_by_its_form_field(sdk, fleet):
-    raw = sdk.audio.transcriptions.with_raw_response.create(
+def test_transcription_is_routed_by_its_form_field(fleet_sdk, fleet):
+    raw = fleet_sdk.audio.transcriptions.with_raw_response.create(
         model="whisper-b", file=("talk.wav", WAV, "audio/wav")
     )
     assert raw.headers["x-hal0-slot"] == "stt-b"
@@ -32,7 +24,7 @@ def test_transcription_is_routed_by_its_form_field(sdk, fleet):
     assert WAV in sent.body  # the file part as the client sent it
     assert not fleet["stt-a"].seen("/v1/audio/transcriptions")
     # response_format=text: a plain-text answer passes as it is.
-    text = sdk.audio.transcriptions.create(
+    text = fleet_sdk.audio.transcriptions.create(
         model="whisper-a", file=("x.wav", WAV, "audio/wav"), response_format="text"
     )
     assert text.strip() == f"stt-a heard x.wav ({len(WAV)} bytes) as whisper-a"
@@ -79,8 +71,8 @@ def test_a_form_without_a_model_goes_to_no_default_silently(fleet, hal0):
     assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
 
 
-def test_speech_streams_the_audio_bytes_through(sdk, fleet):
-    with sdk.audio.speech.with_streaming_response.create(
+def test_speech_streams_the_audio_bytes_through(fleet_sdk, fleet):
+    with fleet_sdk.audio.speech.with_streaming_response.create(
         model="voice-b", voice="alloy", input="hello"
     ) as response:
         assert response.headers["x-hal0-slot"] == "tts-b"
@@ -89,10 +81,10 @@ def test_speech_streams_the_audio_bytes_through(sdk, fleet):
     assert audio == b"".join(f"ID3 tts-b alloy voice-b {i};".encode() for i in range(3))
 
 
-def test_images_generate_and_edit(sdk, fleet, hal0):
-    made = sdk.images.generate(model="paint-b", prompt="a cat")
+def test_images_generate_and_edit(fleet_sdk, fleet, hal0):
+    made = fleet_sdk.images.generate(model="paint-b", prompt="a cat")
     assert base64.b64decode(made.data[0].b64_json) == b"img-b drew a cat as paint-b"
-    edited = sdk.images.edit(model="paint", image=("cat.png", PNG, "image/png"), prompt="hat")
+    edited = fleet_sdk.images.edit(model="paint", image=("cat.png", PNG, "image/png"), prompt="hat")
     assert (
         base64.b64decode(edited.data[0].b64_json)
         == f"img-a edited cat.png ({len(PNG)} bytes) as paint-a".encode()

@@ -11,15 +11,8 @@ from asgiref.sync import async_to_sync
 from dispatch.affinity import StreamSniffer, affinity, response_id
 
 
-@pytest.fixture
-def sdk(fleet, hal0):
-    client = openai.OpenAI(base_url=hal0.url + "/v1", api_key="unused", max_retries=0)
-    yield client
-    client.close()
-
-
-def test_create_lands_on_the_slot_serving_the_model(sdk, fleet):
-    raw = sdk.responses.with_raw_response.create(model="beta", input="hi")
+def test_create_lands_on_the_slot_serving_the_model(fleet_sdk, fleet):
+    raw = fleet_sdk.responses.with_raw_response.create(model="beta", input="hi")
     assert raw.headers["x-hal0-slot"] == "llm-b"
     assert raw.headers["x-hal0-resolution"] == "model:llm-b"
     made = raw.parse()
@@ -27,16 +20,16 @@ def test_create_lands_on_the_slot_serving_the_model(sdk, fleet):
     assert made.id.startswith("resp_llm-b_")
     assert fleet["llm-b"].seen("/v1/responses")[-1].json["model"] == "beta"
     # An alias is rewritten, as on every endpoint.
-    made = sdk.responses.create(model="al", input="hi")
+    made = fleet_sdk.responses.create(model="al", input="hi")
     assert made.output_text == "hello from llm-a"
     assert fleet["llm-a"].seen("/v1/responses")[-1].json["model"] == "alpha"
 
 
-def test_a_stream_passes_event_by_event_and_its_id_is_recorded(sdk, fleet):
+def test_a_stream_passes_event_by_event_and_its_id_is_recorded(fleet_sdk, fleet):
     kinds = []
     text = ""
     made_id = None
-    with sdk.responses.create(model="beta", input="hi", stream=True) as stream:
+    with fleet_sdk.responses.create(model="beta", input="hi", stream=True) as stream:
         for event in stream:
             kinds.append(event.type)
             if event.type == "response.created":
@@ -48,14 +41,14 @@ def test_a_stream_passes_event_by_event_and_its_id_is_recorded(sdk, fleet):
     assert text == "hello from llm-b"
     assert made_id is not None and made_id.startswith("resp_llm-b_")
     # Recorded from the stream's response.created: a follow-up finds its slot.
-    again = sdk.responses.retrieve(made_id)
+    again = fleet_sdk.responses.retrieve(made_id)
     assert again.id == made_id
 
 
-def test_previous_response_id_goes_to_the_slot_that_made_it(sdk, fleet):
-    first = sdk.responses.create(model="beta", input="hi")
+def test_previous_response_id_goes_to_the_slot_that_made_it(fleet_sdk, fleet):
+    first = fleet_sdk.responses.create(model="beta", input="hi")
     # `model` alone would pick llm-a; the id's slot wins.
-    raw = sdk.responses.with_raw_response.create(
+    raw = fleet_sdk.responses.with_raw_response.create(
         model="alpha", input="and then?", previous_response_id=first.id
     )
     assert raw.headers["x-hal0-slot"] == "llm-b"
@@ -64,40 +57,40 @@ def test_previous_response_id_goes_to_the_slot_that_made_it(sdk, fleet):
     assert not [s for s in fleet["llm-a"].seen("/v1/responses") if "previous_response_id" in s.json]
 
 
-def test_retrieve_input_items_cancel_and_delete_follow_the_id(sdk, fleet):
-    made = sdk.responses.create(model="beta", input="remember me")
-    other = sdk.responses.create(model="alpha", input="me too")
-    raw = sdk.responses.with_raw_response.retrieve(made.id)
+def test_retrieve_input_items_cancel_and_delete_follow_the_id(fleet_sdk, fleet):
+    made = fleet_sdk.responses.create(model="beta", input="remember me")
+    other = fleet_sdk.responses.create(model="alpha", input="me too")
+    raw = fleet_sdk.responses.with_raw_response.retrieve(made.id)
     assert raw.headers["x-hal0-resolution"] == "affinity:llm-b"
     assert raw.parse().id == made.id
-    assert sdk.responses.retrieve(other.id).id == other.id  # and that one on llm-a
-    items = sdk.responses.input_items.list(made.id, limit=5)
+    assert fleet_sdk.responses.retrieve(other.id).id == other.id  # and that one on llm-a
+    items = fleet_sdk.responses.input_items.list(made.id, limit=5)
     assert [i.content[0].text for i in items.data] == ["remember me"]
     # The query string goes upstream as sent.
     assert fleet["llm-b"].calls()[-1].path == f"/v1/responses/{made.id}/input_items?limit=5"
-    assert sdk.responses.cancel(made.id).status == "cancelled"
-    sdk.responses.delete(made.id)
+    assert fleet_sdk.responses.cancel(made.id).status == "cancelled"
+    fleet_sdk.responses.delete(made.id)
     assert fleet["llm-b"].calls()[-1].path == f"/v1/responses/{made.id}"
     # Deleted upstream: the slot that held it says so (its own 404 passes through).
     with pytest.raises(openai.NotFoundError):
-        sdk.responses.retrieve(made.id)
+        fleet_sdk.responses.retrieve(made.id)
 
 
-def test_an_unknown_id_is_a_404_never_a_guess(sdk, fleet):
+def test_an_unknown_id_is_a_404_never_a_guess(fleet_sdk, fleet):
     with pytest.raises(openai.NotFoundError) as exc:
-        sdk.responses.retrieve("resp_nobody_made_this")
+        fleet_sdk.responses.retrieve("resp_nobody_made_this")
     assert exc.value.code == "response_not_found"
     with pytest.raises(openai.NotFoundError) as exc:
-        sdk.responses.create(model="alpha", input="x", previous_response_id="resp_unknown")
+        fleet_sdk.responses.create(model="alpha", input="x", previous_response_id="resp_unknown")
     assert exc.value.code == "response_not_found"
     for name in ("llm-a", "llm-b"):
         assert not [s for s in fleet[name].requests if "resp_unknown" in s.path + repr(s.body)]
 
 
-def test_responses_only_reach_slots_that_offer_them(sdk, fleet, hal0):
+def test_responses_only_reach_slots_that_offer_them(fleet_sdk, fleet, hal0):
     # A transcription model has no Responses endpoint: a clear 404, nothing forwarded.
     with pytest.raises(openai.NotFoundError) as exc:
-        sdk.responses.create(model="whisper-a", input="hi")
+        fleet_sdk.responses.create(model="whisper-a", input="hi")
     assert exc.value.code == "endpoint_not_supported"
     assert "stt-a" in exc.value.message and "audio/transcriptions" in exc.value.message
     assert not fleet["stt-a"].seen("/v1/responses")
