@@ -550,7 +550,9 @@ def _stream_usage(rec: DecisionRecord, chunk: bytes) -> None:
 def _take_usage(rec: DecisionRecord, usage: object) -> None:
     if not isinstance(usage, dict):
         return
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    # OpenAI's chat names, or the Responses API's and Anthropic's (input/output_tokens).
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
     if isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0:
         rec.prompt_tokens = prompt
     if isinstance(completion, int) and not isinstance(completion, bool) and completion >= 0:

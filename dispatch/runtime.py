@@ -20,6 +20,7 @@ from django.urls import set_script_prefix, set_urlconf
 
 from dispatch import events, health, leases
 from dispatch.admission import admission
+from dispatch.affinity import affinity
 from dispatch.endpoints import ROOT_PATHS
 from dispatch.proxy import upstream
 from dispatch.store import store
@@ -189,6 +190,7 @@ class Hal0Application:
             await admission.gate.aclose()
         await health.leadership.stop()
         await health.watcher.stop()
+        await affinity.aclose()
         await upstream.aclose()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
