@@ -117,9 +117,12 @@ class Slot(models.Model):
     priority = models.IntegerField(
         default=0, help_text="Higher wins when several slots serve the same model."
     )
+    # Nullable: a row inserted by raw SQL (a shell, a script) names no endpoints, which is the
+    # type's defaults, as an empty list is.
     endpoints = models.JSONField(
         default=list,
         blank=True,
+        null=True,
         validators=[validate_endpoints],
         help_text="The endpoints it serves (chat/completions, responses, rerank, audio/speech, "
         "...); empty: its type's defaults.",
@@ -211,7 +214,8 @@ class SlotModel(models.Model):
     is_default = models.BooleanField("default", default=False)
     # What the upstream's /models said of the model at the last probe that changed it (less
     # id and object): context_length, capabilities, meta, created, owned_by...
-    upstream_fields = models.JSONField(default=dict, blank=True, editable=False)
+    # Nullable for the same reason as Slot.endpoints (raw SQL inserts name none).
+    upstream_fields = models.JSONField(default=dict, blank=True, null=True, editable=False)
 
     class Meta:
         ordering = ["slot__name", "-is_default", "model_id"]
