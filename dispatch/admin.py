@@ -21,6 +21,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from dispatch import manifests, redact, states
+from dispatch.endpoints import DEFAULT_ENDPOINTS, OFFERABLE
 from dispatch.models import ApiKey, ModelSource, RequestLog, Slot, SlotModel, SlotState
 from dispatch.scopes import split_patterns
 
@@ -54,9 +55,22 @@ class SlotForm(forms.ModelForm):
         ],
     )
 
+    endpoints = forms.MultipleChoiceField(
+        required=False,
+        choices=[(e, e) for e in OFFERABLE],
+        widget=forms.CheckboxSelectMultiple,
+        help_text="The endpoints this slot serves. None ticked: its type's defaults ("
+        + "; ".join(f"{t}: {', '.join(sorted(e))}" for t, e in DEFAULT_ENDPOINTS.items())
+        + ").",
+    )
+
     class Meta:
         model = Slot
         exclude = ("state", "state_changed_at", "last_error", "drift")
+
+    def clean_endpoints(self) -> list[str]:
+        chosen = set(self.cleaned_data.get("endpoints") or ())
+        return [e for e in OFFERABLE if e in chosen]  # the manifest's order
 
     def clean_extra(self) -> Any:
         extra = self.cleaned_data.get("extra")
@@ -148,6 +162,7 @@ class SlotAdmin(admin.ModelAdmin):
         "name",
         "shown_url",
         "type",
+        "endpoints_display",
         "state",
         "default_model_id",
         "model_count",
@@ -166,7 +181,7 @@ class SlotAdmin(admin.ModelAdmin):
     readonly_fields = ("state", "state_changed_at", "last_error", "drift_display")
     fieldsets = (
         (None, {"fields": ("name", "url", "kind", "type", "device", "enabled", "is_default")}),
-        ("Routing", {"fields": ("priority", "api_key_env")}),
+        ("Routing", {"fields": ("endpoints", "priority", "api_key_env")}),
         (
             "Limits",
             {
@@ -216,6 +231,13 @@ class SlotAdmin(admin.ModelAdmin):
     def default_model_id(self, obj: Slot) -> str:
         m = obj.default_model
         return m.model_id if m else "-"
+
+    @admin.display(description="endpoints")
+    def endpoints_display(self, obj: Slot) -> str:
+        listed = obj.endpoints or []
+        if listed:
+            return ", ".join(listed)
+        return ", ".join(sorted(DEFAULT_ENDPOINTS.get(obj.type, ()))) + " (type default)"
 
     @admin.display(description="models", ordering="n_models")
     def model_count(self, obj: Slot) -> int:

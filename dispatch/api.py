@@ -26,7 +26,9 @@ from django.utils.cache import patch_vary_headers
 
 from dispatch import bodies, cors, health
 from dispatch.admission import admission
+from dispatch.affinity import StreamSniffer, affinity, response_id
 from dispatch.decisions import DecisionRecord, record
+from dispatch.endpoints import ENDPOINTS, SERVED_TEXT, Endpoint, upstream_path
 from dispatch.errors import (
     ApiError,
     error_response,
@@ -40,8 +42,8 @@ from dispatch.forward import Forwarded, forward
 from dispatch.keys import authorize
 from dispatch.outliers import outliers
 from dispatch.proxy import UpstreamError
-from dispatch.resolver import Decision, NoRoute, Target, resolve
-from dispatch.scopes import Scope, model_names
+from dispatch.resolver import Decision, NoRoute, Target, candidates, pinned, resolve
+from dispatch.scopes import EVERYTHING, Scope, model_names
 from dispatch.store import store
 from dispatch.table import RoutingTable
 
@@ -112,6 +114,31 @@ def _forward_headers(request: HttpRequest, request_id: str) -> dict[str, str]:
     return headers
 
 
+def _decided(
+    result: Decision | NoRoute, rec: DecisionRecord, scope: Scope, model: str | None
+) -> Decision:
+    """Note what was decided in the record; a NoRoute is the client's error, and so is a
+    decision none of whose slots the caller's key may use for ``model``."""
+    rec.latency_us = result.latency_us
+    if isinstance(result, Decision) and not scope.everything:
+        narrowed = scope.narrow(result)
+        if narrowed is None:
+            rec.decision = result
+            raise _not_allowed(rec, scope, model)
+        result = narrowed
+    rec.decision = result
+    if isinstance(result, NoRoute):
+        rec.slot = result.slot
+        param = "model" if result.code != "response_not_found" else None
+        raise ApiError(result.status, result.code, result.message, param=param)
+    rec.slot, rec.upstream_model = result.slot, result.upstream_model
+    rec.resolution_path = result.resolution_path
+    # The counts the ranking saw, kept for the explanation (they move on at once).
+    inflight = admission.inflight
+    rec.seen_inflight = tuple(inflight.get(t.slot.name, 0) for t in result.targets)
+    return result
+
+
 async def _resolve(
     table: RoutingTable, model: str | None, endpoint: str, rec: DecisionRecord, scope: Scope
 ) -> Decision:
@@ -124,59 +151,113 @@ async def _resolve(
         rec.cache_state = "cold"
         await health.cold_probe()
         result = resolve(store.table, model, endpoint, admission.inflight, fallback)
-    rec.latency_us = result.latency_us
-    if isinstance(result, Decision) and not scope.everything:
-        narrowed = scope.narrow(result)
-        if narrowed is None:
-            rec.decision = result
-            shown = "the default model" if model is None else f"the model '{model}'"
-            raise ApiError(
-                403,
-                "model_not_allowed",
-                f"This API key ({rec.client}) may not use {shown}; its models: "
-                f"{', '.join(scope.patterns)}.",
-                param="model",
-            )
-        result = narrowed
-    rec.decision = result
-    if isinstance(result, NoRoute):
-        rec.slot = result.slot
-        raise ApiError(result.status, result.code, result.message, param="model")
-    rec.slot, rec.upstream_model = result.slot, result.upstream_model
-    rec.resolution_path = result.resolution_path
-    # The counts the ranking saw, kept for the explanation (they move on at once).
-    inflight = admission.inflight
-    rec.seen_inflight = tuple(inflight.get(t.slot.name, 0) for t in result.targets)
-    return result
+    return _decided(result, rec, scope, model)
 
 
-def proxy_view(endpoint: str) -> View:
-    async def view(request: HttpRequest) -> HttpResponseBase:
+def _not_allowed(rec: DecisionRecord, scope: Scope, model: str | None) -> ApiError:
+    shown = "the default model" if model is None else f"the model '{model}'"
+    return ApiError(
+        403,
+        "model_not_allowed",
+        f"This API key ({rec.client}) may not use {shown}; its models: "
+        f"{', '.join(scope.patterns)}.",
+        param="model",
+    )
+
+
+async def _follow(
+    table: RoutingTable,
+    rid: str,
+    model: str | None,
+    endpoint: str,
+    rec: DecisionRecord,
+    scope: Scope,
+) -> Decision:
+    """The slot that made response ``rid``: it alone holds it. Never a guess: an id hal0web
+    did not see made is a 404."""
+    rec.cache_state = "stale" if store.stale else "fresh"
+    slot = await affinity.lookup(rid)
+    if slot is None:
+        raise ApiError(
+            404,
+            "response_not_found",
+            f"No response with id '{rid}' was made through hal0web (or it is older than "
+            f"HAL0_RESPONSE_RETENTION_DAYS = {settings.HAL0_RESPONSE_RETENTION_DAYS:g}).",
+        )
+    decision = pinned(table, slot, model, endpoint, rid)
+    if model is None and isinstance(decision, Decision) and not scope.everything:
+        # A response read or cancelled by its id names no model: the key needs a model it
+        # may use on that slot (ids are unguessable; the slot is what it reaches).
+        pinned_slot = decision.target.slot
+        if not any(scope.allows(model_names(pinned_slot, m)) for m in pinned_slot.models):
+            rec.decision = decision
+            raise _not_allowed(rec, scope, model)
+        return _decided(decision, rec, EVERYTHING, model)
+    return _decided(decision, rec, scope, model)
+
+
+class _Body:
+    """The request body as far as routing needs it: the model it names, and the bytes to
+    send each target (only ``model`` rewritten, never re-encoded)."""
+
+    def __init__(self, ep: Endpoint, request: HttpRequest, raw: bytes) -> None:
+        self.raw = raw
+        self.model: str | None = None
+        self.previous: str | None = None  # a Responses request's previous_response_id
+        self._json: bodies.ParsedBody | None = None
+        self._form: bodies.FormBody | None = None
+        if ep.model_in == "json":
+            self._json = bodies.parse(raw)
+            self.model = self._json.model
+            if ep.records_response:
+                previous = self._json.data.get("previous_response_id")
+                self.previous = previous if isinstance(previous, str) and previous else None
+        elif ep.model_in == "form":
+            self._form = bodies.parse_form(raw, request.headers.get("Content-Type", ""))
+            self.model = self._form.model
+
+    def for_target(self, target: Target) -> bytes:
+        if target.upstream_model is None:
+            return self.raw
+        if self._json is not None:
+            return bodies.with_model(self._json, target.upstream_model)
+        if self._form is not None:
+            return bodies.with_form_model(self._form, target.upstream_model)
+        return self.raw
+
+
+def proxy_view(ep: Endpoint) -> View:
+    shape = ep.shape
+
+    async def view(request: HttpRequest, **kwargs: str) -> HttpResponseBase:
         started = time.perf_counter()
         request_id = _request_id(request)
-        rec = DecisionRecord(request_id=request_id, endpoint=endpoint, model=None, at=time.time())
+        rec = DecisionRecord(request_id=request_id, endpoint=ep.name, model=None, at=time.time())
         try:
-            caller = await authorize(request)
+            caller = await authorize(request, ep.key_header)
             rec.client = caller.client
-            raw = _read_body(request)
+            raw = _read_body(request) if request.method == "POST" else b""
             if settings.HAL0_LOG_BODIES:
                 rec.body = raw[: settings.HAL0_LOG_BODY_MAX_BYTES]
-            body = bodies.parse(raw)
+            body = _Body(ep, request, raw)
             rec.model = body.model
             table = await store.ensure_loaded()
-            decision = await _resolve(table, body.model, endpoint, rec, caller.scope)
+            rid = kwargs.get("response_id") or body.previous
+            if rid is not None:
+                decision = await _follow(table, rid, body.model, ep.offer, rec, caller.scope)
+            else:
+                decision = await _resolve(table, body.model, ep.offer, rec, caller.scope)
             rec.added_ms = (time.perf_counter() - started) * 1000
-
-            def body_for(target: Target) -> bytes:
-                if target.upstream_model is None:
-                    return body.raw
-                return bodies.with_model(body, target.upstream_model)
-
             fwd = await forward(
-                decision, endpoint, body_for, _forward_headers(request, request_id), health.suspect
+                decision,
+                upstream_path(request.path, request.META.get("QUERY_STRING", "")),
+                body.for_target,
+                _forward_headers(request, request_id),
+                health.suspect,
+                method=request.method or "POST",
             )
         except ApiError as err:
-            response = error_response(err)
+            response = error_response(err, shape)
             rec.status, rec.error = err.status, err.code
             _visibility(response, request_id, rec.slot, rec.resolution_path)
             rec.duration_ms = (time.perf_counter() - started) * 1000
@@ -197,13 +278,15 @@ def proxy_view(endpoint: str) -> View:
         rec.inflight = admission.inflight.get(fwd.slot.name, 0)
         rec.ttfb_ms = (time.perf_counter() - started) * 1000
         if fwd.response.status_code >= 400:
-            return await _upstream_failed(fwd, rec, started)
+            return await _upstream_failed(fwd, rec, started, shape)
         if fwd.response.is_event_stream:
-            return _streaming(fwd, rec, started)
-        return await _buffered(fwd, rec, started)
+            return _streaming(fwd, rec, started, shape, ep.records_response)
+        if ep.answer == "bytes":
+            return _passthrough(fwd, rec, started)
+        return await _buffered(fwd, rec, started, shape, ep.records_response)
 
-    view.__name__ = f"v1_{endpoint.replace('/', '_')}"
-    return _serves(("POST",), view, f"/v1/{endpoint}")
+    view.__name__ = f"v1_{ep.name.replace('/', '_').replace('{', '').replace('}', '')}"
+    return _serves(ep.methods, view, ep.label, shape)
 
 
 # Statuses whose answer has no body to check.
@@ -238,14 +321,18 @@ def _finish(response: HttpResponse, rec: DecisionRecord, started: float) -> Http
     return response
 
 
-def _proxy_error(rec: DecisionRecord, err: ApiError, upstream_status: int) -> HttpResponse:
-    response = error_response(err)
+def _proxy_error(
+    rec: DecisionRecord, err: ApiError, upstream_status: int, shape: str = "openai"
+) -> HttpResponse:
+    response = error_response(err, shape)
     response["X-Hal0-Upstream-Status"] = str(upstream_status)
     rec.status, rec.error = err.status, err.code
     return response
 
 
-async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> HttpResponse:
+async def _buffered(
+    fwd: Forwarded, rec: DecisionRecord, started: float, shape: str, records_response: bool
+) -> HttpResponse:
     status = fwd.response.status_code
     try:
         content = await fwd.response.read(int(settings.HAL0_MAX_RESPONSE_MB * 2**20))
@@ -261,7 +348,7 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
             )
         else:
             err = ApiError(502, "upstream_broken", exc.message)
-        return _finish(_proxy_error(rec, err, status), rec, started)
+        return _finish(_proxy_error(rec, err, status, shape), rec, started)
     finally:
         admission.release(fwd.slot.name)
     encoded = bool(fwd.response.encoding)  # one we do not decode: it passes as it came
@@ -274,7 +361,12 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
             f"Slot '{fwd.slot.name}' answered {status} with a body that is not JSON: "
             f"{excerpt(content) or '(empty)'}",
         )
-        return _finish(_proxy_error(rec, err, status), rec, started)
+        return _finish(_proxy_error(rec, err, status, shape), rec, started)
+    if records_response:
+        rid = response_id(content)
+        if rid is not None:
+            # Before the client has the id: from then on every worker must find it.
+            await affinity.remember(rid, fwd.slot.name)
     response = HttpResponse(content, status=status)
     for key, value in fwd.response.headers():
         response[key] = value
@@ -285,7 +377,9 @@ async def _buffered(fwd: Forwarded, rec: DecisionRecord, started: float) -> Http
     return _finish(response, rec, started)
 
 
-async def _upstream_failed(fwd: Forwarded, rec: DecisionRecord, started: float) -> HttpResponse:
+async def _upstream_failed(
+    fwd: Forwarded, rec: DecisionRecord, started: float, shape: str
+) -> HttpResponse:
     """An upstream's error answer, before any byte reached the client.
 
     The model server's own OpenAI-shaped error passes as it is (its status and words are
@@ -318,19 +412,23 @@ async def _upstream_failed(fwd: Forwarded, rec: DecisionRecord, started: float) 
         "upstream_error",
         f"Slot '{fwd.slot.name}' answered {status}" + (f": {said}" if said else " with no body"),
     )
-    response = _proxy_error(rec, err, status)
+    response = _proxy_error(rec, err, status, shape)
     retry_after = fwd.response.header("retry-after")
     if retry_after and err.status in (429, 503):
         response["Retry-After"] = retry_after
     return _finish(response, rec, started)
 
 
-def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> StreamingHttpResponse:
+def _streaming(
+    fwd: Forwarded, rec: DecisionRecord, started: float, shape: str, records_response: bool
+) -> StreamingHttpResponse:
     # HAL0_LOG_BODIES: what the client was sent, up to the cap (rec.body is set only then).
     keep = settings.HAL0_LOG_BODY_MAX_BYTES if rec.body is not None else 0
     # A compressed stream (the upstream ignored our Accept-Encoding: identity) goes through
     # as it came, header and all: its bytes are no events to look into or to end with one.
     plain = not fwd.response.encoding
+    # A Responses stream names its response in its first event, response.created.
+    sniffer = StreamSniffer() if records_response and plain else None
 
     async def relay() -> AsyncIterator[bytes]:
         tail = b""  # the last bytes sent: does the stream sit between two events?
@@ -347,45 +445,90 @@ def _streaming(fwd: Forwarded, rec: DecisionRecord, started: float) -> Streaming
                 if room > 0:
                     kept.append(chunk[:room])
                     room -= len(kept[-1])
+                if sniffer is not None and not sniffer.done:
+                    rid = sniffer.feed(chunk)
+                    if rid is not None:  # recorded before the client sees the id
+                        await affinity.remember(rid, fwd.slot.name)
                 yield chunk
             if plain and not sse_between_events(tail):
                 # The upstream ended cleanly as far as HTTP goes, but in the middle of an
                 # event: a client's parser would drop the cut event without a word.
                 rec.error = "upstream_truncated"
                 yield sse_error(
-                    rec.error, "the upstream ended the stream in the middle of an event", tail
+                    rec.error,
+                    "the upstream ended the stream in the middle of an event",
+                    tail,
+                    shape,
                 )
         except UpstreamError as exc:
             # Headers are gone already; the only honest thing left is a last error event
             # (in a compressed stream it would be garbage: the cut alone says it failed).
             rec.error = f"upstream_{exc.kind}"
             if plain:
-                yield sse_error(rec.error, exc.message, tail)
+                yield sse_error(rec.error, exc.message, tail, shape)
         except BaseException:
             rec.error = "client_disconnected"
             raise
         finally:
             # Runs on normal end, on upstream failure, and when the client disconnects (Django
             # cancels this generator): closing the response closes the upstream connection.
-            await fwd.response.aclose()
-            admission.release(fwd.slot.name)
-            rec.duration_ms = (time.perf_counter() - started) * 1000
+            await _ended(fwd, rec, started)
             if usage is not None:
                 _stream_usage(rec, usage)
             if keep:
                 rec.answer = b"".join(kept)
             record(rec)
 
-    response = StreamingHttpResponse(relay(), status=fwd.response.status_code)
+    response = _relayed(relay(), fwd, rec)
+    response["Cache-Control"] = "no-cache"
+    return response
+
+
+async def _ended(fwd: Forwarded, rec: DecisionRecord, started: float) -> None:
+    """A relayed body is over (or abandoned): the upstream connection and the slot's place
+    go back at once."""
+    await fwd.response.aclose()
+    admission.release(fwd.slot.name)
+    rec.duration_ms = (time.perf_counter() - started) * 1000
+
+
+def _relayed(
+    body: AsyncIterator[bytes], fwd: Forwarded, rec: DecisionRecord
+) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(body, status=fwd.response.status_code)
     for key, value in fwd.response.headers():
         response[key] = value
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
+    response["X-Accel-Buffering"] = "no"  # nginx must not hold it back
     _visibility(response, rec.request_id, rec.slot, rec.resolution_path)
     return response
 
 
-def _serves(methods: tuple[str, ...], view: Any, label: str) -> Any:
+def _passthrough(fwd: Forwarded, rec: DecisionRecord, started: float) -> StreamingHttpResponse:
+    """A 2xx answer that is bytes, not JSON (speech audio, a transcript as text/srt/vtt):
+    passed through as it arrives, unchecked and unchanged."""
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in fwd.response.chunks():
+                if rec.ttft_ms is None:
+                    rec.ttft_ms = (time.perf_counter() - started) * 1000
+                yield chunk
+        except UpstreamError as exc:
+            # Audio has no error event: a body cut short must not look whole, so the
+            # connection ends without the body's last chunk.
+            rec.error = f"upstream_{exc.kind}"
+            raise
+        except BaseException:
+            rec.error = "client_disconnected"
+            raise
+        finally:
+            await _ended(fwd, rec, started)
+            record(rec)
+
+    return _relayed(relay(), fwd, rec)
+
+
+def _serves(methods: tuple[str, ...], view: Any, label: str, shape: str = "openai") -> Any:
     """``view`` answering only ``methods``, with OPTIONS (and CORS) handled around it.
 
     OPTIONS answers 204 with ``Allow`` (RFC 9110), plus a CORS preflight answer when the
@@ -401,7 +544,7 @@ def _serves(methods: tuple[str, ...], view: Any, label: str) -> Any:
         response: HttpResponseBase
         refused = _refused(request, origin, origins)
         if refused is not None:
-            return _fail(request, refused)
+            return _fail(request, refused, shape=shape)
         if request.method == "OPTIONS":
             response = HttpResponse(status=204)
             response["Allow"] = allow
@@ -417,6 +560,7 @@ def _serves(methods: tuple[str, ...], view: Any, label: str) -> Any:
                     request,
                     ApiError(405, "method_not_allowed", f"Use {verbs} for {label}."),
                     allow,
+                    shape,
                 )
             cors_headers = cors.actual(origin, origins)
         for key, value in cors_headers.items():
@@ -503,72 +647,113 @@ def _stream_usage(rec: DecisionRecord, chunk: bytes) -> None:
 def _take_usage(rec: DecisionRecord, usage: object) -> None:
     if not isinstance(usage, dict):
         return
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    # OpenAI's chat names, or the Responses API's and Anthropic's (input/output_tokens).
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
     if isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0:
         rec.prompt_tokens = prompt
     if isinstance(completion, int) and not isinstance(completion, bool) and completion >= 0:
         rec.completion_tokens = completion
 
 
-chat_completions = proxy_view("chat/completions")
-completions = proxy_view("completions")
-embeddings = proxy_view("embeddings")
-
-
-def _fail(request: HttpRequest, err: ApiError, allow: str | None = None) -> HttpResponse:
-    response = error_response(err)
+def _fail(
+    request: HttpRequest, err: ApiError, allow: str | None = None, shape: str = "openai"
+) -> HttpResponse:
+    response = error_response(err, shape)
     response["X-Request-Id"] = _request_id(request)
     if allow:
         response["Allow"] = allow
     return response
 
 
-def _model_entries(table: RoutingTable, scope: Scope) -> list[dict[str, Any]]:
-    """One entry per bare model id, then one per slot/model pair: those ``scope`` allows."""
-    created = 0
+def _entry(model_id: str, fields: Any, owner: str, hal0: dict[str, Any]) -> dict[str, Any]:
+    """One /v1/models entry: the upstream's own fields (context_length, capabilities, meta,
+    created, owned_by...) as its /models gave them, hal0web's id, and the `hal0` object."""
+    return {
+        "created": 0,
+        "owned_by": owner,
+        **fields,
+        "id": model_id,
+        "object": "model",
+        "hal0": hal0,
+    }
+
+
+def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[dict[str, Any]]:
+    """Each model once, by its bare id, with the slots serving it (hal0web picks and fails
+    over among them). With ``everything`` also the aliases and each slot/model pair: a
+    client's model list would show each model two or three times (llama-swap's
+    ``includeAliasesInList``). Every listed id routes. Only what ``scope`` allows is
+    listed: a key's model allowlist shows in its /v1/models as in its routing."""
+    inflight = admission.inflight
     data: list[dict[str, Any]] = []
     for model_id in table.known_ids:
-        if not scope.everything and not any(
-            scope.allows(model_names(table.slots[name], model_id))
-            for name in table.by_model[model_id]
-        ):
+        ranked = [
+            c
+            for c in candidates(table, model_id, inflight)
+            if scope.allows(model_names(c[0], model_id))
+        ]
+        if not ranked:
             continue
-        decision = resolve(table, model_id, "chat/completions", admission.inflight)
-        owner = decision.slot if isinstance(decision, Decision) else None
+        if not everything and all(source == "alias" for _, _, source in ranked):
+            continue
+        first = ranked[0][0]
         data.append(
-            {
-                "id": model_id,
-                "object": "model",
-                "created": created,
-                "owned_by": owner or "hal0web",
-                "hal0": {
+            _entry(
+                model_id,
+                _upstream_fields(first, model_id),
+                first.name,
+                {
                     "slots": [
                         {
-                            "name": name,
-                            "state": table.slots[name].state,
-                            "source": table.slots[name].models[model_id].source,
+                            "name": slot.name,
+                            "state": slot.state,
+                            "source": source,
+                            "endpoints": sorted(slot.endpoints),
                         }
-                        for name in table.by_model[model_id]
+                        for slot, _, source in ranked
                     ]
                 },
-            }
+            )
         )
+    if not everything:
+        return data
     for slot in table.slots.values():
         if not slot.enabled:
             continue
-        for model_id, entry in slot.models.items():
+        for model_id, model in slot.models.items():
             if not scope.allows(model_names(slot, model_id)):
                 continue
             data.append(
-                {
-                    "id": f"{slot.name}/{model_id}",
-                    "object": "model",
-                    "created": created,
-                    "owned_by": slot.name,
-                    "hal0": {"slot": slot.name, "state": slot.state, "source": entry.source},
-                }
+                _entry(
+                    f"{slot.name}/{model_id}",
+                    _upstream_fields(slot, model_id),
+                    slot.name,
+                    {
+                        "slot": slot.name,
+                        "state": slot.state,
+                        "source": model.source,
+                        "endpoints": sorted(slot.endpoints),
+                    },
+                )
             )
     return data
+
+
+def _upstream_fields(slot: Any, model_id: str) -> Any:
+    """What the slot's server said of the model (an alias: of the model it stands for)."""
+    model = slot.models[model_id]
+    if model.source == "alias":
+        target = slot.models.get(model.upstream_model)
+        return target.upstream_fields if target is not None else {}
+    return model.upstream_fields
+
+
+def _list_all(request: HttpRequest) -> bool:
+    flag = request.GET.get("all")
+    if flag is None:
+        return bool(settings.HAL0_MODELS_LIST_ALL)
+    return flag.strip().lower() in ("1", "true", "yes", "on")
 
 
 async def _models(request: HttpRequest) -> HttpResponse:
@@ -578,7 +763,9 @@ async def _models(request: HttpRequest) -> HttpResponse:
         return _fail(request, err)
     table = await store.ensure_loaded()
     return HttpResponse(
-        orjson.dumps({"object": "list", "data": _model_entries(table, caller.scope)}),
+        orjson.dumps(
+            {"object": "list", "data": _model_entries(table, _list_all(request), caller.scope)}
+        ),
         content_type="application/json",
     )
 
@@ -590,7 +777,7 @@ async def _model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
         return _fail(request, err)
     table = await store.ensure_loaded()
     # A model out of the key's scope is as unknown to it as one nobody serves.
-    for entry in _model_entries(table, caller.scope):
+    for entry in _model_entries(table, True, caller.scope):
         if entry["id"] == model_id:
             return HttpResponse(orjson.dumps(entry), content_type="application/json")
     return _fail(
@@ -599,9 +786,16 @@ async def _model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
     )
 
 
-# GET and HEAD (the server sends HEAD's headers without the body).
-models = _serves(("GET", "HEAD"), _models, "/v1/models")
-model_detail = _serves(("GET", "HEAD"), _model_detail, "/v1/models/{id}")
+def _own_view(ep: Endpoint) -> View:
+    # GET and HEAD (the server sends HEAD's headers without the body).
+    handler = {"models": _models, "models/{id}": _model_detail}[ep.name]
+    return _serves(ep.methods, handler, ep.label)
+
+
+# Each entry of the endpoint table, its view (hal0web/urls.py routes its paths to it).
+VIEWS: dict[str, View] = {
+    ep.name: (_own_view(ep) if ep.model_in == "none" else proxy_view(ep)) for ep in ENDPOINTS
+}
 
 
 async def not_found(request: HttpRequest, path: str) -> HttpResponse:
@@ -614,8 +808,7 @@ async def not_found(request: HttpRequest, path: str) -> HttpResponse:
         ApiError(
             404,
             "not_found",
-            f"Unknown endpoint /v1/{path}. hal0web serves chat/completions, completions, "
-            "embeddings and models.",
+            f"Unknown endpoint /v1/{path}. {SERVED_TEXT}.",
         ),
     )
     # A browser app can read the 404 too.

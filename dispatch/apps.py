@@ -10,7 +10,7 @@ def sync_outputs(**_: Any) -> None:
     """
     from django.conf import settings
 
-    from dispatch import decisions, health, metrics, requestlog
+    from dispatch import affinity_db, decisions, health, metrics, requestlog
 
     wanted = [decisions.log_output, decisions.event_output]
     if settings.HAL0_METRICS:
@@ -20,6 +20,8 @@ def sync_outputs(**_: Any) -> None:
     decisions.outputs[:] = wanted
     health.probe_listeners[:] = [metrics.probe_observed] if settings.HAL0_METRICS else []
     health.housekeeping[:] = [requestlog.prune_if_on]
+    if not settings.REDIS_URL:  # (Redis expires its records itself)
+        health.housekeeping.append(affinity_db.prune)
 
 
 class DispatchConfig(AppConfig):

@@ -196,3 +196,102 @@ def with_model(body: ParsedBody, upstream_model: str) -> bytes:
         done = end
     out.append(raw[done:])
     return b"".join(out)
+
+
+# --- multipart/form-data (audio transcriptions, image edits) --------------------------------
+# The body is a file and a few fields. Only the parts' headers are read, to find the `model`
+# field; the file's bytes are skipped by a find() for the next delimiter, never decoded or
+# re-encoded, and an alias rewrite replaces only the bytes of that field's value.
+
+_FORM_BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.I)
+# `; name=` (not `; filename=`: there the `name=` follows "file", not the separator).
+_PART_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?;[ \t]*name=(?:"([^"]*)"|([^;\s]+))')
+_PART_FILE = re.compile(rb"(?im)^content-disposition:[^\r\n]*;[ \t]*filename\*?=")
+
+
+@dataclass(frozen=True, slots=True)
+class FormBody:
+    raw: bytes
+    boundary: bytes
+    model: str | None
+    # Where each `model` field's value lies in `raw` (parsers differ on which of two wins).
+    model_spans: tuple[tuple[int, int], ...]
+    first_part: int  # where the first delimiter starts: a missing `model` goes before it
+
+
+def _bad_form(message: str) -> ApiError:
+    return ApiError(400, "invalid_request_error", message)
+
+
+def parse_form(raw: bytes, content_type: str) -> FormBody:
+    """Find the ``model`` field of a multipart/form-data body without re-encoding any of it."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "multipart/form-data":
+        raise _bad_form(
+            f"This endpoint takes multipart/form-data (a file and its fields), not "
+            f"{media or 'a body without a Content-Type'}."
+        )
+    m = _FORM_BOUNDARY.search(content_type)
+    if m is None:
+        raise _bad_form("The multipart/form-data Content-Type names no boundary.")
+    boundary = (m.group(1) or m.group(2)).encode("latin-1")
+    delimiter = b"--" + boundary
+    between = b"\r\n" + delimiter  # every delimiter after the first follows a line break
+    first = pos = raw.find(delimiter)
+    if pos < 0:
+        raise _bad_form("The multipart body has no part (its boundary never occurs).")
+    spans: list[tuple[int, int]] = []
+    model: str | None = None
+    while True:
+        pos += len(delimiter)
+        if raw.startswith(b"--", pos):  # the close delimiter: the last part has ended
+            break
+        head_end = raw.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            raise _bad_form("A part of the multipart body has no end to its headers.")
+        start = head_end + 4
+        end = raw.find(between, start)
+        if end < 0:
+            raise _bad_form("The multipart body ends without its closing boundary.")
+        head = raw[pos:head_end]
+        name = _PART_NAME.search(head)
+        # The `model` field; a file part that happens to be named so is not it.
+        is_model = name is not None and (name.group(1) or name.group(2)) == b"model"
+        if is_model and _PART_FILE.search(head) is None:
+            try:
+                value = raw[start:end].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(
+                    400, "invalid_model", "`model` must be UTF-8 text.", param="model"
+                ) from None
+            spans.append((start, end))
+            if model is None:
+                model = value
+        pos = end + 2  # at the next delimiter
+    return FormBody(raw, boundary, model, tuple(spans), first)
+
+
+def with_form_model(form: FormBody, upstream_model: str) -> bytes:
+    """The body with its ``model`` field set to ``upstream_model``; every other byte as sent
+    (the boundary, the file, the other fields). Only the Content-Length changes."""
+    if form.model == upstream_model and len(form.model_spans) == 1:
+        return form.raw
+    value = upstream_model.encode()
+    raw = form.raw
+    if not form.model_spans:
+        # Absent (a default slot's model): a part of its own, first.
+        part = (
+            b"--"
+            + form.boundary
+            + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+            + value
+            + b"\r\n"
+        )
+        return raw[: form.first_part] + part + raw[form.first_part :]
+    out: list[bytes] = []
+    done = 0
+    for start, end in form.model_spans:
+        out += (raw[done:start], value)
+        done = end
+    out.append(raw[done:])
+    return b"".join(out)

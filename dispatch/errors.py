@@ -1,4 +1,7 @@
-"""Errors in the shape the official ``openai`` SDK parses: {"error": {message, type, param, code}}."""
+"""Errors in the shape the client of a path parses: the ``openai`` SDK's
+{"error": {message, type, param, code}}, or on the Anthropic Messages paths the
+``anthropic`` SDK's {"type": "error", "error": {type, message}} (the endpoint table says
+which path takes which: ``dispatch.endpoints``)."""
 
 from __future__ import annotations
 
@@ -52,7 +55,30 @@ def dumps(data: Any) -> bytes:
         return json.dumps(data, separators=(",", ":")).encode()
 
 
-def error_body(status: int, code: str, message: str, param: str | None = None) -> bytes:
+# Anthropic's error types by status (its API reference, "Errors"); a 5xx of a gateway is its
+# api_error, a 503 its overloaded_error (what the SDK retries and reports as such).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def error_body(
+    status: int, code: str, message: str, param: str | None = None, shape: str = "openai"
+) -> bytes:
+    if shape == "anthropic":
+        kind = _ANTHROPIC_TYPES.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
+        # hal0web's own code rides along in the error object (the SDK keeps the body).
+        return dumps({"type": "error", "error": {"type": kind, "message": message, "code": code}})
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     # Whatever an error quotes (a slot's URL, an upstream's words), no credential in a URL
     # reaches the client.
@@ -60,9 +86,9 @@ def error_body(status: int, code: str, message: str, param: str | None = None) -
     return dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
-def error_response(err: ApiError) -> HttpResponse:
+def error_response(err: ApiError, shape: str = "openai") -> HttpResponse:
     response = HttpResponse(
-        error_body(err.status, err.code, err.message, err.param),
+        error_body(err.status, err.code, err.message, err.param, shape),
         status=err.status,
         content_type="application/json",
     )
@@ -98,7 +124,8 @@ def upstream_error_status(upstream_status: int) -> int:
 
 
 def is_openai_error(data: Any) -> bool:
-    """Already the shape the SDKs parse: {"error": {"message": "...", ...}}."""
+    """Already the shape the SDKs parse: {"error": {"message": "...", ...}} (Anthropic's
+    {"type": "error", "error": {...}} has it too)."""
     error = data.get("error") if isinstance(data, dict) else None
     return isinstance(error, dict) and isinstance(error.get("message"), str)
 
@@ -127,12 +154,14 @@ def sse_between_events(tail: bytes) -> bool:
     return not tail or tail.endswith(_EVENT_ENDS)
 
 
-def sse_error(code: str, message: str, tail: bytes = b"") -> bytes:
+def sse_error(code: str, message: str, tail: bytes = b"", shape: str = "openai") -> bytes:
     """The last event of a stream that failed after its first byte.
 
     ``tail`` is the end of what was already sent: if an event was cut there, a blank line
     ends it first, so the error is one complete event a client's parser can read, not glued
     onto half an event (which the client would see as one invalid JSON, losing both).
+    Anthropic's streams name their events: its error event is ``event: error``.
     """
     close = b"" if sse_between_events(tail) else b"\n\n"
-    return close + b"data: " + error_body(502, code, message) + b"\n\n"
+    name = b"event: error\n" if shape == "anthropic" else b""
+    return close + name + b"data: " + error_body(502, code, message, shape=shape) + b"\n\n"

@@ -97,6 +97,11 @@ def explain(
         rule, why = "pinned", f"the request pinned slot {final} ('{model}')"
     elif kind == "slot":
         rule, why = "slot", f"the request named the slot {final}; its default model is '{upstream}'"
+    elif kind == "affinity":
+        rule, why = (
+            "affinity",
+            f"{final} made the response the request refers to, and alone holds it",
+        )
     elif kind == "default":
         rule, why = "default", f"the request named no model; {final} is the default slot"
     elif kind == "fallback":
@@ -140,7 +145,7 @@ def explain(
             why = (
                 f"{before} failed before answering, so the request failed over; first choice: {why}"
             )
-        elif kind not in ("qualified", "slot", "default", "fallback"):
+        elif kind not in ("qualified", "slot", "default", "fallback", "affinity"):
             rule = "failover"  # the resolver's own: the operator's preferred slot is down
     text = f"{head}: {why}"
     return Explanation(rule, text, candidates, final, failover)

@@ -126,6 +126,7 @@ async def forward(
     body_for: Callable[[Target], bytes],
     headers: dict[str, str],
     on_suspect: Callable[[str, str], None],
+    method: str = "POST",
 ) -> Forwarded:
     """Open the upstream response for ``decision``; the caller owns (and must close) it.
 
@@ -171,7 +172,7 @@ async def forward(
             )
         attempts.append(slot.name)
         try:
-            response = await upstream.open(slot, path, body_for(target), headers)
+            response = await upstream.open(slot, path, body_for(target), headers, method)
         except UpstreamError as exc:
             admission.release(slot.name)
             if slot.state == "ready":  # a probe's "offline" is the watcher's to act on

@@ -12,7 +12,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -46,6 +46,22 @@ class Observation:
     error: str
     advertised: tuple[str, ...] | None  # model ids from /models; None when not read
     timed_out: bool = False  # /models gave no answer in time (as opposed to refusing)
+    # model id -> the rest of its /models entry (context_length, capabilities, meta...)
+    details: Mapping[str, Mapping[str, Any]] | None = None
+
+
+# Fields of a /models entry that are not kept: hal0web writes its own id and object.
+_NOT_KEPT = frozenset({"id", "object"})
+# Fields that do not count as a change on their own: llama.cpp's server answers `created`
+# with the time of each request, and every probe would otherwise write.
+_VOLATILE = frozenset({"created"})
+
+
+def fields_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether a model's upstream fields changed in a way worth writing."""
+    return {k: v for k, v in old.items() if k not in _VOLATILE} != {
+        k: v for k, v in new.items() if k not in _VOLATILE
+    }
 
 
 async def observe(slot: SlotEntry, timeout: float) -> Observation:
@@ -71,12 +87,15 @@ async def observe(slot: SlotEntry, timeout: float) -> Observation:
         return Observation(BUSY, models.error, None)
     state = states.classify(slot.kind, h_status, health.body if health else None, models.status)
     advertised: tuple[str, ...] | None = None
+    details: dict[str, Mapping[str, Any]] | None = None
     if models.status == 200 and isinstance(models.body, dict):
         data = models.body.get("data")
         if isinstance(data, list):
-            advertised = tuple(
-                str(m["id"]) for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
-            )
+            entries = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+            advertised = tuple(str(m["id"]) for m in entries)
+            details = {
+                str(m["id"]): {k: v for k, v in m.items() if k not in _NOT_KEPT} for m in entries
+            }
     error = ""
     if state in ("offline", "error"):
         error = (
@@ -84,7 +103,7 @@ async def observe(slot: SlotEntry, timeout: float) -> Observation:
         )
     elif state == "loading":
         error = ""
-    return Observation(state, error, advertised, timed_out=models.timed_out)
+    return Observation(state, error, advertised, timed_out=models.timed_out, details=details)
 
 
 def apply(slot_name: str, obs: Observation) -> bool:
@@ -123,6 +142,18 @@ def apply(slot_name: str, obs: Observation) -> bool:
             has_default = any(
                 m.is_default for m in rows if m.source != "discovered" or m.model_id in advertised
             )
+            details = obs.details or {}
+            for m in rows:
+                # What the server says of each model it serves, declared or discovered.
+                fields = details.get(m.model_id)
+                if (
+                    m.source != ModelSource.ALIAS
+                    and m.model_id in advertised
+                    and fields is not None
+                    and fields_changed(m.upstream_fields or {}, fields)
+                ):
+                    m.upstream_fields = dict(fields)
+                    m.save(update_fields=["upstream_fields"])
             for model_id in obs.advertised:
                 if model_id not in known:
                     SlotModel.objects.create(
@@ -131,6 +162,7 @@ def apply(slot_name: str, obs: Observation) -> bool:
                         upstream_model=model_id,
                         source=ModelSource.DISCOVERED,
                         is_default=not has_default,
+                        upstream_fields=dict(details.get(model_id) or {}),
                     )
                     has_default = True
             drift = sorted(u for u in upstreams if u not in advertised)
@@ -339,6 +371,15 @@ def _unchanged(slot: SlotEntry, obs: Observation) -> bool:
         return False
     if advertised - set(slot.models):
         return False
+    details = obs.details or {}
+    for model_id, entry in slot.models.items():
+        fields = details.get(model_id)
+        if (
+            entry.source != "alias"
+            and fields is not None
+            and fields_changed(entry.upstream_fields, fields)
+        ):
+            return False
     return tuple(sorted(u for u in declared_upstream if u not in advertised)) == tuple(slot.drift)
 
 

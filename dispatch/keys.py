@@ -111,13 +111,14 @@ def _no_view(request: HttpRequest) -> HttpResponseBase:
 _csrf = CsrfViewMiddleware(_no_view)
 
 
-async def authorize(request: HttpRequest) -> Caller:
+async def authorize(request: HttpRequest, key_header: str | None = None) -> Caller:
     """Raise ApiError(401/403) unless the request may use /v1; who is asking, and what they
     may use (a key's model allowlist; the page's users and an open API: everything).
 
     Who is asking: ``key:<name>`` for an API key, ``user:<username>`` for the page's session
     (also while the API is open: a user's page hears only its own decisions), None for
-    anyone else while the API is open.
+    anyone else while the API is open. ``key_header`` is another header that may carry the
+    key, bare (``x-api-key``, where the ``anthropic`` SDK sends it: see dispatch.endpoints).
     """
     mode = settings.HAL0_API_AUTH
     if mode == "off" or (mode == "auto" and not await _keys_exist()):
@@ -128,9 +129,13 @@ async def authorize(request: HttpRequest) -> Caller:
             return OPEN
         return Caller(f"user:{user.get_username()}")
     auth = request.headers.get("Authorization", "")
-    if auth:
-        scheme, _, given = auth.partition(" ")
-        key = keyring.find(given.strip()) if scheme.lower() == "bearer" else None
+    bare = request.headers.get(key_header, "") if key_header else ""
+    if auth or bare:
+        if auth:
+            scheme, _, given = auth.partition(" ")
+            key = keyring.find(given.strip()) if scheme.lower() == "bearer" else None
+        else:
+            key = keyring.find(bare.strip())
         if key is None:
             raise ApiError(401, "invalid_api_key", "The API key is not valid.")
         now = time.time()

@@ -28,6 +28,7 @@ from typing import Any
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import IntegrityError, transaction
 
+from dispatch.endpoints import OFFERABLE
 from dispatch.models import ModelSource, Slot, SlotModel, StateVersion
 from dispatch.toml_writer import Inline, dumps_table
 
@@ -40,6 +41,7 @@ _TOP_KEYS = (
     "port",
     "kind",
     "type",
+    "endpoints",
     "device",
     "enabled",
     "default",
@@ -69,6 +71,7 @@ DECLARED_FIELDS = (
     "url",
     "kind",
     "type",
+    "endpoints",
     "device",
     "enabled",
     "is_default",
@@ -83,6 +86,7 @@ _FIELD_KEYS = {
     "url": "url",
     "kind": "kind",
     "type": "type",
+    "endpoints": "endpoints",
     "device": "device",
     "enabled": "enabled",
     "is_default": "default",
@@ -131,6 +135,8 @@ class Manifest:
     url: str
     kind: str = "llamacpp"
     type: str = "llm"
+    # The endpoints the slot serves (dispatch.endpoints names); empty: the type's defaults.
+    endpoints: tuple[str, ...] = ()
     device: str = ""
     enabled: bool = True
     is_default: bool = False
@@ -147,7 +153,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def slot_fields(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in DECLARED_FIELDS}
+        fields = {f: getattr(self, f) for f in DECLARED_FIELDS}
+        fields["endpoints"] = list(self.endpoints)  # a JSON list in the database
+        return fields
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,9 @@ def parse(text: str, path: str) -> Manifest:
         "priority": _get(c, doc, "priority", int),
         "api_key_env": _get(c, doc, "api_key_env", str),
     }
+    listed = _get(c, doc, "endpoints", list)
+    if listed is not None:
+        values["endpoints"] = _endpoints(c, listed)
 
     default_model: str | None = None
     models: list[str] = []
@@ -294,6 +305,21 @@ def parse(text: str, path: str) -> Manifest:
     )
 
 
+def _endpoints(c: _Collector, listed: list[Any]) -> tuple[str, ...]:
+    """A manifest's `endpoints`: known names only, in the endpoint table's order."""
+    if not listed:
+        c.add("endpoints", "must name at least one endpoint (leave it out for the type's defaults)")
+    names: set[str] = set()
+    for i, item in enumerate(listed):
+        if not isinstance(item, str):
+            c.add(f"endpoints[{i}]", f"must be a string, not {_toml_type(item)}")
+        elif item not in OFFERABLE:
+            c.add(f"endpoints[{i}]", f"unknown endpoint {item!r}; known: {', '.join(OFFERABLE)}")
+        else:
+            names.add(item)
+    return tuple(e for e in OFFERABLE if e in names)
+
+
 def _check_fields(
     c: _Collector, fields: dict[str, Any], url_key: str, wants: Sequence[_Want]
 ) -> None:
@@ -302,6 +328,8 @@ def _check_fields(
     Rules that need the database (unique names, one default slot per type) run in ``apply``.
     """
     present = {k: v for k, v in fields.items() if v is not None}
+    if "endpoints" in present:
+        present["endpoints"] = list(present["endpoints"])  # checked above, name by name
     try:
         Slot(**present).clean_fields(exclude=[k for k in ("name", "url") if k not in present])
     except ValidationError as exc:
@@ -530,6 +558,7 @@ def from_slot(slot: Slot) -> Manifest:
         url=slot.url,
         kind=slot.kind,
         type=slot.type,
+        endpoints=tuple(e for e in OFFERABLE if e in (slot.endpoints or ())),
         device=slot.device,
         enabled=slot.enabled,
         is_default=slot.is_default,
@@ -570,9 +599,10 @@ def dumps(m: Manifest) -> str:
         doc["url"] = m.url
         if port is not None:
             doc["port"] = port
+    doc.update(kind=m.kind, type=m.type)
+    if m.endpoints:
+        doc["endpoints"] = list(m.endpoints)
     doc.update(
-        kind=m.kind,
-        type=m.type,
         device=m.device,
         enabled=m.enabled,
         default=m.is_default,

@@ -16,6 +16,8 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
+from dispatch import endpoints as endpoint_table
+
 SLOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -30,9 +32,13 @@ class SlotKind(models.TextChoices):
 
 
 class SlotType(models.TextChoices):
+    # hal0's slot types; each one's default endpoints are in dispatch.endpoints.
     LLM = "llm", "LLM"
     EMBEDDING = "embedding", "Embedding"
     RERANKING = "reranking", "Reranking"
+    TRANSCRIPTION = "transcription", "Transcription (speech to text)"
+    TTS = "tts", "Text to speech"
+    IMAGE = "image", "Image"
 
 
 class SlotState(models.TextChoices):
@@ -72,6 +78,20 @@ def validate_env_name(value: str) -> None:
         raise ValidationError("must be an environment variable name", code="invalid_env")
 
 
+def validate_endpoints(value: object) -> None:
+    """A slot's `endpoints`: names from dispatch.endpoints.OFFERABLE, or empty (the type's
+    defaults)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValidationError("must be a list of endpoint names", code="invalid_endpoints")
+    unknown = [v for v in value if v not in endpoint_table.OFFERABLE]
+    if unknown:
+        raise ValidationError(
+            f"unknown endpoint {', '.join(map(repr, unknown))}; known: "
+            + ", ".join(endpoint_table.OFFERABLE),
+            code="invalid_endpoints",
+        )
+
+
 def validate_model_id(value: str) -> None:
     if not value or value != value.strip() or any(c in value for c in "\r\n\t"):
         raise ValidationError("must be a non-empty id without surrounding spaces", code="invalid")
@@ -96,6 +116,16 @@ class Slot(models.Model):
     )
     priority = models.IntegerField(
         default=0, help_text="Higher wins when several slots serve the same model."
+    )
+    # Nullable: a row inserted by raw SQL (a shell, a script) names no endpoints, which is the
+    # type's defaults, as an empty list is.
+    endpoints = models.JSONField(
+        default=list,
+        blank=True,
+        null=True,
+        validators=[validate_endpoints],
+        help_text="The endpoints it serves (chat/completions, responses, rerank, audio/speech, "
+        "...); empty: its type's defaults.",
     )
     api_key_env = models.CharField(
         "API key env var",
@@ -182,6 +212,10 @@ class SlotModel(models.Model):
         max_length=16, choices=ModelSource.choices, default=ModelSource.MANIFEST
     )
     is_default = models.BooleanField("default", default=False)
+    # What the upstream's /models said of the model at the last probe that changed it (less
+    # id and object): context_length, capabilities, meta, created, owned_by...
+    # Nullable for the same reason as Slot.endpoints (raw SQL inserts name none).
+    upstream_fields = models.JSONField(default=dict, blank=True, null=True, editable=False)
 
     class Meta:
         ordering = ["slot__name", "-is_default", "model_id"]
@@ -373,3 +407,23 @@ class RequestLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.endpoint} {self.status}"
+
+
+class ResponseAffinity(models.Model):
+    """Which slot made a Responses API response: later requests naming its id
+    (``previous_response_id``, ``GET /v1/responses/{id}``) go there, the only server that
+    holds it. Written when the response (or its stream's ``response.created``) passes, read
+    by every worker; pruned after HAL0_RESPONSE_RETENTION_DAYS by the watcher's process.
+    Not a routing-table table: no trigger bumps StateVersion for it (dispatch.triggers).
+    """
+
+    response_id = models.CharField(max_length=200, primary_key=True)
+    slot = models.CharField(max_length=32)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        verbose_name = "response affinity"
+        verbose_name_plural = "response affinities"
+
+    def __str__(self) -> str:
+        return f"{self.response_id} -> {self.slot}"

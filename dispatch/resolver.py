@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from dispatch.table import ENDPOINT_TYPES, STATE_RANK, RoutingTable, SlotEntry
+from dispatch.endpoints import TYPES_OF
+from dispatch.table import STATE_RANK, RoutingTable, SlotEntry
 
 _NO_INFLIGHT: Mapping[str, int] = MappingProxyType({})
 _UNUSABLE = frozenset({"offline", "error", "draining"})
@@ -71,12 +72,19 @@ def _source_path(source: str) -> str:
     return _PATH_PREFIX.get(source, "model")
 
 
-def _candidates(
-    table: RoutingTable, model_id: str, inflight: Mapping[str, int]
+def candidates(
+    table: RoutingTable,
+    model_id: str,
+    inflight: Mapping[str, int] = _NO_INFLIGHT,
+    endpoint: str | None = None,
 ) -> list[tuple[SlotEntry, str, str]]:
+    """The enabled slots serving ``model_id`` (and offering ``endpoint``, when given), best
+    first: (slot, upstream model, source)."""
     found = []
     for name in table.by_model.get(model_id, ()):
         slot = table.slots[name]
+        if endpoint is not None and endpoint not in slot.endpoints:
+            continue
         entry = slot.models[model_id]
         found.append((slot, entry.upstream_model, entry.source))
     # Ready, then loading, then the rest; then the operator's priority; then the least busy.
@@ -92,16 +100,20 @@ def _candidates(
 
 
 def _by_model(
-    table: RoutingTable, requested: str, inflight: Mapping[str, int], t0: int
-) -> Decision:
+    table: RoutingTable, requested: str, endpoint: str, inflight: Mapping[str, int], t0: int
+) -> Decision | NoRoute:
     names = table.by_model[requested]
     if len(names) == 1:  # the common case: one slot serves the model, nothing to rank
         slot = table.slots[names[0]]
+        if endpoint not in slot.endpoints:
+            return _not_offered(table, requested, endpoint, names, t0)
         entry = slot.models[requested]
         target = Target(slot, entry.upstream_model, entry.source)
         path = f"{_source_path(entry.source)}:{slot.name}"
         return Decision(requested, (target,), path, _elapsed(t0), table.version)
-    found = _candidates(table, requested, inflight)
+    found = candidates(table, requested, inflight, endpoint)
+    if not found:
+        return _not_offered(table, requested, endpoint, names, t0)
     chosen, _, source = found[0]
     path = f"{_source_path(source)}:{chosen.name}"
     # The operator's first choice (highest priority) is down and we picked another: say so.
@@ -110,6 +122,67 @@ def _by_model(
         path = f"failover:{preferred.name}->{chosen.name}"
     targets = tuple(Target(s, up, src) for s, up, src in found)
     return Decision(requested, targets, path, _elapsed(t0), table.version)
+
+
+def _not_offered(
+    table: RoutingTable, requested: str, endpoint: str, names: Sequence[str], t0: int
+) -> NoRoute:
+    """404 for a model whose slots do not offer ``endpoint``: never a forward that fails
+    upstream, never another slot by default. Names the slots and what they do offer."""
+    offers = "; ".join(
+        f"slot '{n}' offers {', '.join(sorted(table.slots[n].endpoints)) or 'nothing'}"
+        for n in names
+    )
+    return NoRoute(
+        requested,
+        404,
+        "endpoint_not_supported",
+        f"No slot serving '{requested}' offers {endpoint}: {offers}.",
+        _elapsed(t0),
+        table.version,
+        slot=names[0] if len(names) == 1 else None,
+    )
+
+
+def pinned(
+    table: RoutingTable,
+    slot_name: str,
+    requested_model: str | None,
+    endpoint: str,
+    response_id: str,
+) -> Decision | NoRoute:
+    """The slot that made response ``response_id`` (it alone holds it), whatever ``model``
+    alone would pick: resolution ``affinity:<slot>``. The model, when the request names one
+    the slot serves, goes upstream under the slot's own name for it; otherwise as sent."""
+    t0 = time.perf_counter_ns()
+    slot = table.slots.get(slot_name)
+    if slot is None:
+        return NoRoute(
+            requested_model,
+            404,
+            "response_not_found",
+            f"Response '{response_id}' was made by slot '{slot_name}', which no longer exists.",
+            _elapsed(t0),
+            table.version,
+            slot=slot_name,
+        )
+    if not slot.enabled:
+        return NoRoute(
+            requested_model,
+            503,
+            "slot_unavailable",
+            f"Slot '{slot_name}', which holds response '{response_id}', is disabled.",
+            _elapsed(t0),
+            table.version,
+            slot=slot_name,
+        )
+    if endpoint not in slot.endpoints:
+        return _not_offered(table, requested_model or slot_name, endpoint, (slot_name,), t0)
+    entry = slot.models.get(requested_model) if requested_model else None
+    target = Target(slot, entry.upstream_model if entry else None, "affinity")
+    return Decision(
+        requested_model, (target,), f"affinity:{slot_name}", _elapsed(t0), table.version
+    )
 
 
 def _elapsed(t0: int) -> float:
@@ -159,17 +232,26 @@ def resolve(
     t0 = time.perf_counter_ns()
     version = table.version
 
-    # 4. No model in the body: the default slot of the endpoint's type.
+    # 4. No model in the body: the default slot of a type that offers the endpoint.
     if requested_model is None or requested_model == "":
-        slot_type = ENDPOINT_TYPES.get(endpoint, "llm")
-        name = table.default_slot.get(slot_type)
-        if name is None or table.slots[name].default_model is None:
+        types = TYPES_OF.get(endpoint, ("llm",))
+        name = next(
+            (
+                n
+                for n in (table.default_slot.get(t) for t in types)
+                if n is not None
+                and endpoint in table.slots[n].endpoints
+                and table.slots[n].default_model is not None
+            ),
+            None,
+        )
+        if name is None:
             return NoRoute(
                 requested_model,
                 400,
                 "model_required",
-                f"This request names no model and no default {slot_type} slot is configured; "
-                "set `model` in the request body.",
+                f"This request names no model and no default {' or '.join(types)} slot "
+                f"offering {endpoint} is configured; set `model` in the request.",
                 _elapsed(t0),
                 version,
             )
@@ -197,6 +279,8 @@ def resolve(
                         version,
                         slot=prefix,
                     )
+                if endpoint not in slot_entry.endpoints:
+                    return _not_offered(table, requested_model, endpoint, (prefix,), t0)
                 target = Target(slot_entry, entry.upstream_model, "qualified")
                 return Decision(
                     requested_model, (target,), f"qualified:{prefix}", _elapsed(t0), version
@@ -236,6 +320,8 @@ def resolve(
                 version,
                 slot=requested_model,
             )
+        if endpoint not in slot_entry.endpoints:
+            return _not_offered(table, requested_model, endpoint, (requested_model,), t0)
         target = Target(slot_entry, slot_entry.default_model, "slot")
         return Decision(
             requested_model, (target,), f"slot:{requested_model}", _elapsed(t0), version
@@ -243,12 +329,12 @@ def resolve(
 
     # 3. A model id or alias served by one or more enabled slots.
     if requested_model in table.by_model:
-        return _by_model(table, requested_model, inflight, t0)
+        return _by_model(table, requested_model, endpoint, inflight, t0)
 
     # 5. Nothing serves it. Only an operator's explicit opt-in sends it somewhere anyway.
     if fallback_slot is not None:
         fb = slots.get(fallback_slot)
-        if fb is not None and fb.enabled:
+        if fb is not None and fb.enabled and endpoint in fb.endpoints:
             target = Target(fb, requested_model, "fallback")
             return Decision(
                 requested_model, (target,), f"fallback:{fallback_slot}", _elapsed(t0), version

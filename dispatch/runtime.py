@@ -21,6 +21,8 @@ from django.urls import set_script_prefix, set_urlconf
 
 from dispatch import events, health, keyuse, leases
 from dispatch.admission import admission
+from dispatch.affinity import affinity
+from dispatch.endpoints import ROOT_PATHS
 from dispatch.proxy import upstream
 from dispatch.store import store
 
@@ -155,7 +157,7 @@ def api_asgi_application() -> BareASGIHandler:
 
 
 class Hal0Application:
-    """Routes /v1 to the bare handler and starts the watcher with the first connection.
+    """Routes /v1 (and the API paths outside it, such as /rerank) to the bare handler and starts the watcher with the first connection.
 
     Daphne sends no ASGI lifespan events, so the runtime starts lazily on the first scope of
     any kind; under a server that does send them (Uvicorn) it starts at start-up and the
@@ -197,6 +199,7 @@ class Hal0Application:
             await admission.gate.aclose()
         await health.leadership.stop()
         await health.watcher.stop()
+        await affinity.aclose()
         await upstream.aclose()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -205,7 +208,9 @@ class Hal0Application:
             return
         if not self._started:
             await self._startup()
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (
+            scope["path"].startswith("/v1/") or scope["path"] in ROOT_PATHS
+        ):
             await self.api(scope, receive, send)
         else:
             await self.app(scope, receive, send)

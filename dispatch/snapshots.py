@@ -49,6 +49,8 @@ def slot_payload(
             for m in models
         ],
         "drift": list(slot.drift),
+        "endpoints": sorted(slot.endpoints),
+        "endpoints_listed": slot.endpoints_listed,
         "inflight": inflight,
         "max_concurrency": slot.max_concurrency,
     }
@@ -131,4 +133,5 @@ def _without(slot: SlotEntry) -> tuple[Any, ...]:
         slot.first_byte_timeout_s,
         slot.idle_timeout_s,
         slot.max_duration_s,
+        slot.endpoints,
     )

@@ -13,9 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from types import MappingProxyType
 
 from asgiref.sync import sync_to_async
 
+from dispatch.endpoints import defaults_for
 from dispatch.table import EMPTY_TABLE, ModelEntry, RoutingTable, SlotEntry, make_slot
 
 
@@ -26,9 +28,16 @@ def load_table(version: int) -> RoutingTable:
     entries: list[SlotEntry] = []
     for slot in Slot.objects.prefetch_related("models").order_by("name"):
         models = [
-            ModelEntry(m.model_id, m.upstream_model or m.model_id, m.source, m.is_default)
+            ModelEntry(
+                m.model_id,
+                m.upstream_model or m.model_id,
+                m.source,
+                m.is_default,
+                MappingProxyType(dict(m.upstream_fields or {})),
+            )
             for m in slot.models.all()
         ]
+        listed = list(slot.endpoints or ())
         entries.append(
             make_slot(
                 slot.name,
@@ -49,6 +58,8 @@ def load_table(version: int) -> RoutingTable:
                 idle_timeout_s=slot.idle_timeout_s,
                 max_duration_s=slot.max_duration_s,
                 drift=tuple(slot.drift or ()),
+                endpoints=frozenset(listed) if listed else defaults_for(slot.type),
+                endpoints_listed=bool(listed),
             )
         )
     return RoutingTable.build(version, entries)

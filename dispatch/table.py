@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
+
+from dispatch.endpoints import defaults_for
 
 # Preference among candidate slots: ready first, then loading, then never probed, then the rest.
 STATE_RANK: Mapping[str, int] = MappingProxyType(
     {"ready": 0, "loading": 1, "unknown": 2, "error": 3, "offline": 3, "draining": 4}
-)
-
-ENDPOINT_TYPES: Mapping[str, str] = MappingProxyType(
-    {"chat/completions": "llm", "completions": "llm", "embeddings": "embedding"}
 )
 
 
@@ -27,6 +26,13 @@ class ModelEntry:
     upstream_model: str
     source: str  # manifest | alias | discovered
     is_default: bool = False
+    # What the upstream's own /models said of it (context_length, capabilities, meta,
+    # created, owned_by...), less id and object: /v1/models shows it next to hal0web's.
+    # Not compared: it changes no route and nothing the page shows (a new table still has
+    # a new version, so it is published).
+    upstream_fields: Mapping[str, Any] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +56,11 @@ class SlotEntry:
     models: Mapping[str, ModelEntry] = field(default_factory=lambda: MappingProxyType({}))
     default_model: str | None = None
     drift: tuple[str, ...] = ()
+    # The endpoints it serves (dispatch.endpoints names): its manifest's `endpoints`, or its
+    # type's defaults. A request for an endpoint the slot does not offer never reaches it.
+    endpoints: frozenset[str] = frozenset()
+    # Whether `endpoints` was listed (kept for the manifest and the admin) or is the default.
+    endpoints_listed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +117,11 @@ def make_slot(
     models: Iterable[ModelEntry] = (),
     **kwargs: object,
 ) -> SlotEntry:
-    """Convenience constructor: freezes the model mapping and derives the default model."""
+    """Convenience constructor: freezes the model mapping and derives the default model and,
+    unless given, the endpoints (the type's defaults)."""
     model_list = list(models)
+    if "endpoints" not in kwargs:
+        kwargs["endpoints"] = defaults_for(str(kwargs.get("type", "llm")))
     default = next((m.model_id for m in model_list if m.is_default), None)
     if default is None:
         default = next((m.model_id for m in model_list if m.source != "alias"), None)

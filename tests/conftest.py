@@ -63,6 +63,7 @@ def _fresh_runtime() -> Iterator[None]:
     from dispatch import admission as admission_mod
     from dispatch import events, forward, health
     from dispatch import store as store_mod
+    from dispatch.affinity import affinity
     from dispatch.keys import keyring
     from dispatch.outliers import outliers
     from dispatch.proxy import upstream
@@ -73,6 +74,7 @@ def _fresh_runtime() -> Iterator[None]:
     health.leadership.__init__()  # type: ignore[misc]
     admission_mod.admission.reset()
     outliers.reset()
+    affinity.reset()  # this test's response ids only, in the store its settings choose
     forward._nudged.clear()  # a slot name nudged by the last test is not nudged by this one
     upstream.use_transport(None)
     events.bind_loop(None)  # type: ignore[arg-type]
@@ -167,3 +169,60 @@ def hal0(transactional_db: None, settings: Any) -> Iterator[ServerThread]:
     from dispatch import requestlog
 
     requestlog.writer.flush(5)
+
+
+# --- a fleet: two slots for each kind of endpoint, each its own server --------------------
+# slot name -> (type, declared models, aliases). Two of each, so a request that lands on the
+# wrong slot fails its test.
+FLEET: dict[str, tuple[str, list[str], dict[str, str]]] = {
+    "llm-a": ("llm", ["alpha"], {"al": "alpha"}),
+    "llm-b": ("llm", ["beta"], {}),
+    "rr-a": ("reranking", ["rerank-a"], {}),
+    "rr-b": ("reranking", ["rerank-b"], {}),
+    "stt-a": ("transcription", ["whisper-a"], {"whisper": "whisper-a"}),
+    "stt-b": ("transcription", ["whisper-b"], {}),
+    "tts-a": ("tts", ["voice-a"], {}),
+    "tts-b": ("tts", ["voice-b"], {}),
+    "img-a": ("image", ["paint-a"], {"paint": "paint-a"}),
+    "img-b": ("image", ["paint-b"], {}),
+}
+
+
+@pytest.fixture(scope="module")
+def fleet_servers() -> Iterator[dict[str, tuple[Any, ServerThread]]]:
+    from tests.fake_endpoints import EndpointUpstream
+
+    servers = {}
+    for name, (_, models, _) in FLEET.items():
+        fake = EndpointUpstream(name, models=list(models))
+        servers[name] = (fake, ServerThread(fake).start())
+    yield servers
+    for _, server in servers.values():
+        server.stop()
+
+
+@pytest.fixture
+def fleet(
+    fleet_servers: dict[str, tuple[Any, ServerThread]], transactional_db: None
+) -> dict[str, Any]:
+    """The fleet's slots in the database; the fakes by slot name."""
+    for name, (slot_type, models, aliases) in FLEET.items():
+        add_slot(
+            name,
+            fleet_servers[name][1].url + "/v1",
+            models,
+            type=slot_type,
+            aliases=aliases,
+            is_default=name == "llm-a",
+        )
+    return {name: fake for name, (fake, _) in fleet_servers.items()}
+
+
+@pytest.fixture
+def fleet_sdk(fleet: dict[str, Any], hal0: ServerThread) -> Iterator[Any]:
+    """The official `openai` SDK pointed at hal0web in front of the fleet."""
+    import openai
+
+    client = openai.OpenAI(base_url=hal0.url + "/v1", api_key="unused", max_retries=0)
+    yield client
+    client.close()

@@ -326,3 +326,20 @@ def test_the_form_says_where_max_concurrency_holds(admin_client, two_slots, sett
     settings.REDIS_URL = "redis://127.0.0.1:6379/0"
     html = admin_client.get(change_url(hermes)).content.decode()
     assert "Holds across all server processes (kept in Redis)." in html
+
+
+def test_endpoints_are_shown_and_set_in_the_admin(admin_client, two_slots):
+    _, hermes = two_slots
+    html = admin_client.get(CHANGELIST).content.decode()
+    assert "chat/completions, completions, messages, responses (type default)" in html
+    r = admin_client.get(change_url(hermes))
+    assert 'value="audio/speech"' in r.content.decode()  # a checkbox per endpoint
+    data = form_data(hermes)
+    data["endpoints"] = ["embeddings", "chat/completions"]
+    r = admin_client.post(change_url(hermes), data)
+    assert r.status_code == 302, r.context["adminform"].form.errors
+    hermes.refresh_from_db()
+    assert hermes.endpoints == ["chat/completions", "embeddings"]
+    assert "chat/completions, embeddings" in admin_client.get(CHANGELIST).content.decode()
+    r = admin_client.post(change_url(hermes), {**form_data(hermes), "endpoints": ["video"]})
+    assert r.status_code == 200 and "endpoints" in r.context["adminform"].form.errors

@@ -225,3 +225,77 @@ def test_non_json_constants_are_still_refused(raw):
 
 def test_stream_null_is_treated_as_absent():
     assert parse(b'{"model": "m", "stream": null}').stream is False
+
+
+# --- issue 15: multipart/form-data, only the `model` field ---------------------------------
+
+from dispatch.bodies import parse_form, with_form_model  # noqa: E402
+
+BOUNDARY = "----hal0Boundary7MA4YWxk"
+FILE = bytes(range(256)) * 40 + b"\r\n--not-the-boundary\r\n"  # binary, with a fake delimiter
+
+
+def _form(*parts: tuple[str, bytes, str | None]) -> bytes:
+    out = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        extra = "\r\nContent-Type: application/octet-stream" if filename else ""
+        out += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}{extra}\r\n\r\n".encode()
+        out += value + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode()
+
+
+CT = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def test_the_model_field_is_found_past_a_binary_file():
+    raw = _form(("file", FILE, "a.wav"), ("model", b"whisper", None), ("language", b"de", None))
+    form = parse_form(raw, CT)
+    assert form.model == "whisper"
+    out = with_form_model(form, "whisper-large-v3")
+    assert out == raw.replace(b"\r\n\r\nwhisper\r\n", b"\r\n\r\nwhisper-large-v3\r\n")
+    assert with_form_model(form, "whisper") is raw
+
+
+def test_a_file_part_named_model_is_not_the_field_and_a_quoted_boundary_is_read():
+    raw = _form(("model", b"binary", "model.bin"), ("model", b"m1", None))
+    form = parse_form(raw, f'multipart/form-data; boundary="{BOUNDARY}"')
+    assert form.model == "m1" and len(form.model_spans) == 1
+
+
+def test_a_missing_model_field_is_added_as_the_first_part():
+    import email
+    from email import policy
+
+    raw = _form(("file", FILE, "a.wav"))
+    form = parse_form(raw, CT)
+    assert form.model is None
+    out = with_form_model(form, "d")
+    assert out.endswith(raw)
+    message = email.message_from_bytes(
+        f"Content-Type: {CT}\r\n\r\n".encode() + out, policy=policy.HTTP
+    )
+    parts = list(message.iter_parts())
+    assert parts[0].get_param("name", header="content-disposition") == "model"
+    assert parts[0].get_payload(decode=True) == b"d"
+    assert parts[1].get_payload(decode=True) == FILE
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "words"),
+    [
+        (b"{}", "application/json", "multipart/form-data"),
+        (b"x", "multipart/form-data", "no boundary"),
+        (b"nothing here", CT, "no part"),
+        (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=model".encode(), CT, "headers"),
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\nm'.encode(),
+            CT,
+            "closing boundary",
+        ),
+    ],
+)
+def test_bad_forms_are_400(raw, content_type, words):
+    with pytest.raises(ApiError) as exc:
+        parse_form(raw, content_type)
+    assert exc.value.status == 400 and words in exc.value.message

@@ -83,15 +83,24 @@ def prompt_tokens(reply: Any) -> int:
     return int(reply.usage.prompt_tokens)
 
 
-def test_models_list_shows_both_models_with_their_slots(client: OpenAI) -> None:
-    models = {m.id: m for m in client.models.list()}
+def test_models_list_shows_both_models_with_their_slots(
+    client: OpenAI, llama_pair: dict[str, demo.LlamaServer]
+) -> None:
+    # Each model once by default; the alias and the slot/model ids on request.
+    assert {m.id for m in client.models.list()} == {SMOL, GEMMA}
+    models = {m.id: m for m in client.models.list(extra_query={"all": "true"})}
     assert {SMOL, GEMMA, "hermes", f"primary/{SMOL}", f"agent-hermes/{GEMMA}"} <= set(models)
     for model_id, slot in ((SMOL, "primary"), (GEMMA, "agent-hermes"), ("hermes", "agent-hermes")):
         info = models[model_id].model_extra["hal0"]  # type: ignore[index]
         assert [s["name"] for s in info["slots"]] == [slot]
         assert info["slots"][0]["state"] == "ready"
-    assert models[f"agent-hermes/{GEMMA}"].owned_by == "agent-hermes"
-    assert models[f"primary/{SMOL}"].owned_by == "primary"
+    assert models[f"agent-hermes/{GEMMA}"].model_extra["hal0"]["slot"] == "agent-hermes"  # type: ignore[index]
+    # The model server's own fields, as its /v1/models gives them, not replaced by ours.
+    for slot, server in llama_pair.items():
+        direct = OpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=60)
+        own = {m.id: m for m in direct.models.list()}[server.model.alias]
+        direct.close()
+        assert models[f"{slot}/{server.model.alias}"].owned_by == own.owned_by
 
 
 @pytest.mark.parametrize(

@@ -134,7 +134,10 @@ def test_model_less_hal0_slot_is_fine():
         ('name = "a"\nurl = "ftp://h/v1"\n', "slots/x.toml: url: must be an http:// or https://"),
         ('name = "a"\nport = 70000\n', "slots/x.toml: port: must be an integer between 1 and"),
         ('name = "a"\nport = 1\nkind = "tgi"\n', "slots/x.toml: kind: Value 'tgi' is not a valid"),
-        ('name = "a"\nport = 1\ntype = "tts"\n', "slots/x.toml: type: Value 'tts' is not a valid"),
+        (
+            'name = "a"\nport = 1\ntype = "video"\n',
+            "slots/x.toml: type: Value 'video' is not a valid",
+        ),
         ('name = "a"\nport = 1\nenabled = "yes"\n', "slots/x.toml: enabled: must be a boolean"),
         ('name = "a"\nport = 1\npriority = 1.5\n', "slots/x.toml: priority: must be an integer"),
         ('name = "a"\nport = 1\napi_key_env = "my key"\n', "slots/x.toml: api_key_env: must be"),
@@ -412,3 +415,60 @@ def test_max_duration_is_a_limit_off_by_default_and_round_trips():
     assert "[limits]\nmax_duration_s = 600\n" in dumps(m)
     assert parse(dumps(m), "a.toml") == m
     assert "max_duration_s" not in dumps(parse('name = "a"\nport = 1\n', "a.toml"))
+
+
+# --- issue 15: which endpoints a slot serves ------------------------------------------------
+
+
+def test_endpoints_are_listed_by_their_v1_names_and_default_by_type():
+    assert parse('name = "a"\nport = 1\n', "a.toml").endpoints == ()  # the type's defaults
+    m = parse(
+        'name = "a"\nport = 1\ntype = "llm"\nendpoints = ["embeddings", "chat/completions"]\n',
+        "a.toml",
+    )
+    assert m.endpoints == ("chat/completions", "embeddings")  # the table's order
+    text = dumps(m)
+    assert 'type = "llm"\nendpoints = ["chat/completions", "embeddings"]\n' in text
+    assert parse(text, "a.toml") == m
+    assert "endpoints" not in dumps(parse('name = "a"\nport = 1\n', "a.toml"))
+    for t in ("transcription", "tts", "image", "reranking"):  # hal0's slot types
+        assert parse(f'name = "a"\nport = 1\ntype = "{t}"\n', "a.toml").type == t
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'name = "a"\nport = 1\nendpoints = ["chat/completions", "video"]\n',
+            "slots/x.toml: endpoints[1]: unknown endpoint 'video'; known: chat/completions,",
+        ),
+        ('name = "a"\nport = 1\nendpoints = [1]\n', "slots/x.toml: endpoints[0]: must be a string"),
+        (
+            'name = "a"\nport = 1\nendpoints = "rerank"\n',
+            "slots/x.toml: endpoints: must be an array",
+        ),
+        (
+            'name = "a"\nport = 1\nendpoints = []\n',
+            "slots/x.toml: endpoints: must name at least one",
+        ),
+    ],
+)
+def test_bad_endpoints_are_manifest_errors(text, expected):
+    errors = errors_of(text)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+@pytest.mark.django_db
+def test_endpoints_are_imported_exported_and_reach_the_table():
+    from dispatch.store import load_table
+
+    text = 'name = "a"\nport = 1\ntype = "llm"\nendpoints = ["rerank", "chat/completions"]\n'
+    manifests.apply([parse(text, "a.toml")])
+    slot = Slot.objects.get(name="a")
+    assert slot.endpoints == ["chat/completions", "rerank"]
+    assert dumps(from_slot(slot)) == dumps(parse(text, "a.toml"))
+    entry = load_table(1).slots["a"]
+    assert entry.endpoints == {"chat/completions", "rerank"} and entry.endpoints_listed
+    manifests.apply([parse('name = "a"\nport = 1\ntype = "tts"\n', "a.toml")])
+    entry = load_table(2).slots["a"]
+    assert entry.endpoints == {"audio/speech"} and not entry.endpoints_listed

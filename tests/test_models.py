@@ -61,7 +61,7 @@ def test_bad_urls(url):
 
 
 def test_kind_and_type_choices():
-    errors = slot_errors(kind="tgi", type="tts")
+    errors = slot_errors(kind="tgi", type="video")
     assert set(errors) == {"kind", "type"}
 
 
@@ -152,3 +152,10 @@ def test_default_model_property():
     slot = add_slot("s", "http://127.0.0.1:1/v1", ["first", "second"])
     assert slot.default_model is not None and slot.default_model.model_id == "first"
     assert add_slot("empty", "http://127.0.0.1:2/v1").default_model is None
+
+
+def test_endpoints_are_names_from_the_endpoint_table():
+    assert "endpoints" not in slot_errors(endpoints=[])
+    assert "endpoints" not in slot_errors(endpoints=["rerank", "audio/speech"])
+    assert "endpoints" in slot_errors(endpoints=["rerank", "video"])
+    assert "endpoints" in slot_errors(endpoints="rerank")

@@ -143,27 +143,65 @@ def test_client_authorization_never_reaches_upstream_and_slot_key_does(
     assert "authorization" not in fake_pair["primary"][0].requests[-1].headers
 
 
-def test_models_lists_bare_and_qualified_ids(client):
+def test_models_lists_each_model_once_and_the_rest_on_request(client):
     data = client.get("/v1/models").json()
     assert data["object"] == "list"
-    by_id = {m["id"]: m for m in data["data"]}
-    bare = by_id[HERMES_MODEL]
+    ids = [m["id"] for m in data["data"]]
+    # Once each, bare: no alias, no slot/model id (a client's dropdown shows each model once).
+    assert sorted(ids) == sorted([HERMES_MODEL, "qwen3-coder-40b"])
+    bare = {m["id"]: m for m in data["data"]}[HERMES_MODEL]
     assert bare["owned_by"] == "agent-hermes"
+    state = bare["hal0"]["slots"][0]["state"]
     assert bare["hal0"]["slots"] == [
-        {"name": "agent-hermes", "state": bare["hal0"]["slots"][0]["state"], "source": "manifest"}
+        {
+            "name": "agent-hermes",
+            "state": state,
+            "source": "manifest",
+            "endpoints": ["chat/completions", "completions", "messages", "responses"],
+        }
     ]
+    every = client.get("/v1/models?all=true").json()["data"]
+    by_id = {m["id"]: m for m in every}
     pinned = by_id[f"agent-hermes/{HERMES_MODEL}"]
     assert pinned["hal0"]["slot"] == "agent-hermes" and pinned["owned_by"] == "agent-hermes"
     assert by_id["hermes"]["hal0"]["slots"][0]["source"] == "alias"
+    assert len(every) == len(by_id) == 2 + 1 + 3  # bare, the alias, each slot/model pair
     assert (
         client.get(f"/v1/models/agent-hermes/{HERMES_MODEL}").json()["id"]
         == f"agent-hermes/{HERMES_MODEL}"
     )
+    assert client.get("/v1/models/hermes").json()["id"] == "hermes"
     r = client.get("/v1/models/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
-def test_embeddings_route_by_model(client, fake_pair):
+def test_every_listed_model_id_routes(client, settings):
+    for query in ("", "?all=true"):
+        for entry in client.get("/v1/models" + query).json()["data"]:
+            r = chat(client, entry["id"])
+            assert r.status_code == 200, (entry["id"], r.text)
+
+
+def test_the_setting_lists_everything_without_asking(client, settings):
+    settings.HAL0_MODELS_LIST_ALL = True
+    ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert {"hermes", f"agent-hermes/{HERMES_MODEL}"} <= ids
+    ids = {m["id"] for m in client.get("/v1/models?all=false").json()["data"]}
+    assert ids == {HERMES_MODEL, "qwen3-coder-40b"}
+
+
+def test_embeddings_go_only_to_a_slot_that_offers_them(client, fake_pair, seed_slots):
+    # An llm slot does not offer embeddings by default: a clear 404, nothing forwarded.
+    r = client.post("/v1/embeddings", json={"model": "hermes", "input": "x"})
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "endpoint_not_supported"
+    assert "agent-hermes" in err["message"] and "chat/completions" in err["message"]
+    assert not [s for s in fake_pair["agent-hermes"][0].requests if s.path == "/v1/embeddings"]
+    # Listed in its manifest (`endpoints = [...]`), it does.
+    slot = seed_slots["agent-hermes"]
+    slot.endpoints = ["chat/completions", "embeddings"]
+    slot.save()
     r = client.post("/v1/embeddings", json={"model": "hermes", "input": "x"})
     assert r.status_code == 200 and r.json()["slot"] == "agent-hermes"
 
@@ -181,7 +219,9 @@ def test_official_openai_sdk_unchanged(seed_slots, hal0):
     pieces = [c.choices[0].delta.content for c in stream]
     assert pieces[0] == "hello from primary" and len(pieces) == 3
     ids = {m.id for m in sdk.models.list()}
-    assert {HERMES_MODEL, "qwen3-coder-40b", f"agent-hermes/{HERMES_MODEL}"} <= ids
+    assert ids == {HERMES_MODEL, "qwen3-coder-40b"}
+    ids = {m.id for m in sdk.models.list(extra_query={"all": "true"})}
+    assert {HERMES_MODEL, "qwen3-coder-40b", f"agent-hermes/{HERMES_MODEL}", "hermes"} <= ids
     with pytest.raises(openai.NotFoundError) as exc:
         sdk.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     assert exc.value.code == "model_not_found"

@@ -72,14 +72,12 @@ def test_a_key_uses_only_its_models_and_sees_only_them(client):
     assert "hermes-only" in error["message"] and "qwen3-coder-40b" in error["message"]
     r = client.post("/v1/chat/completions", json={**CODER, "model": "primary"}, headers=auth(key))
     assert r.status_code == 403  # a slot by name is its default model: out of scope too
-    ids = {
-        m.id
-        for m in openai.OpenAI(
-            base_url=client.base_url.join("/v1").__str__(), api_key=key
-        ).models.list()
-    }
-    assert ids and not any("qwen3-coder-40b" in i for i in ids), ids
+    sdk = openai.OpenAI(base_url=str(client.base_url.join("/v1")), api_key=key)
+    assert {m.id for m in sdk.models.list()} == {"qwen3-coder-reap-25b-a3b-q5km"}
+    every_name = client.get("/v1/models?all=true", headers=auth(key)).json()["data"]
+    ids = {m["id"] for m in every_name}
     assert "hermes" in ids and "agent-hermes/hermes" in ids
+    assert not any("qwen3-coder-40b" in i for i in ids), ids
     assert client.get("/v1/models/hermes", headers=auth(key)).status_code == 200
     r = client.get("/v1/models/qwen3-coder-40b", headers=auth(key))
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
@@ -197,3 +195,16 @@ def test_the_admin_makes_a_scoped_key_and_shows_its_use(admin_client):
     assert "hermes, primary/*, qwen3-*" in listing and "never" in listing
     page = admin_client.get(f"/admin/dispatch/apikey/{row.pk}/change/").content.decode()
     assert "hermes\nprimary/*\nqwen3-*" in page
+
+
+def test_the_scope_holds_on_the_anthropic_path_with_its_own_error_shape(client):
+    _, key = ApiKey.issue("hermes-only", ["hermes"])
+    r = client.post(
+        "/v1/messages",
+        json={"model": "qwen3-coder-40b", "max_tokens": 8, "messages": []},
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+    )
+    assert r.status_code == 403, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == "permission_error", body
+    assert "may not use the model 'qwen3-coder-40b'" in body["error"]["message"]

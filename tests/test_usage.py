@@ -58,3 +58,15 @@ def test_stream_usage_chunk():
     r = rec()
     _stream_usage(r, chunk)
     assert (r.prompt_tokens, r.completion_tokens) == (7, 3)
+
+
+def test_responses_and_anthropic_name_their_counts_input_and_output():
+    r = rec()
+    _usage(
+        r,
+        b'{"id": "resp_1", "object": "response", "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}}',
+    )
+    assert (r.prompt_tokens, r.completion_tokens) == (3, 4)
+    r = rec()
+    _usage(r, b'{"type": "message", "usage": {"input_tokens": 9, "output_tokens": 2}}')
+    assert (r.prompt_tokens, r.completion_tokens) == (9, 2)

@@ -85,7 +85,10 @@ function unusable(slot) {
     const detail = slot.last_error ? `: ${slot.last_error}` : "";
     return `${slot.name} ${UNUSABLE[slot.state]}${detail}`;
   }
-  if (slot.type !== "llm") return `${slot.name} is a ${slot.type} slot, not a chat model`;
+  // The page talks to /v1/chat/completions: a slot that does not offer it cannot answer here.
+  if (!(slot.endpoints ?? []).includes("chat/completions")) {
+    return `${slot.name} (${slot.type}) does not offer chat/completions`;
+  }
   return null;
 }
 
@@ -95,7 +98,9 @@ let pickerShows = ""; // what the picker was last built from: unchanged input, n
 
 function renderPicker() {
   // Rebuilding closes a dropdown the user has open, so only do it when something shown changed.
-  const shows = JSON.stringify(sortedSlots().map((s) => [s.name, s.state, s.type, s.last_error, s.models]));
+  const shows = JSON.stringify(
+    sortedSlots().map((s) => [s.name, s.state, s.type, s.endpoints, s.last_error, s.models]),
+  );
   if (shows === pickerShows) return;
   pickerShows = shows;
   const wanted = localStorage.getItem(STORE_KEY) || picker.value;
@@ -140,6 +145,11 @@ function slotCard(slot) {
     h("header", {}, h("h3", {}, slot.name), h("span", { className: "badge" }, state)),
     h("p", { className: "meta" }, `${slot.kind} · ${slot.type} · in flight ${slot.inflight}${limit}`),
     h("ul", { className: "models" }, ...models),
+    h(
+      "p",
+      { className: "endpoints", title: slot.endpoints_listed ? "listed in its manifest" : `the defaults of type ${slot.type}` },
+      `serves ${(slot.endpoints ?? []).join(", ") || "nothing"}`,
+    ),
     slot.drift.length
       ? h("p", { className: "warn" }, `Declared but not served by the upstream: ${slot.drift.join(", ")}`)
       : null,

@@ -1,0 +1,47 @@
+"""Response affinity in Redis: one key per response, expiring after the retention bound."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any
+
+import redis.asyncio as aioredis
+from django.conf import settings
+
+
+def _key(response_id: str) -> str:
+    return f"hal0:response:{response_id}"
+
+
+class RedisAffinity:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        # redis.asyncio clients belong to the loop they first ran on: one per loop.
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _client(self) -> Any:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = aioredis.Redis.from_url(
+                self.url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True
+            )
+            self._clients[loop] = client
+        return client
+
+    async def remember(self, response_id: str, slot: str) -> None:
+        ttl = max(1, int(settings.HAL0_RESPONSE_RETENTION_DAYS * 86400))
+        await self._client().set(_key(response_id), slot, ex=ttl)
+
+    async def lookup(self, response_id: str) -> str | None:
+        found = await self._client().get(_key(response_id))
+        return found if isinstance(found, str) else None
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        client = self._clients.pop(loop, None)
+        if client is not None:
+            await client.aclose()

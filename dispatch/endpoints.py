@@ -1,0 +1,188 @@
+"""The endpoint table: every API path hal0web serves, and how each one is routed.
+
+The single source of these facts. The URL patterns (``hal0web/urls.py``), the paths the lean
+handler takes (``runtime``), the 404's list of endpoints, each path's ``Allow`` header, the
+error shape, which header may carry hal0web's key, the slot types that offer an endpoint by
+default and the names a manifest's ``endpoints = [...]`` may use are all derived from
+``ENDPOINTS`` below. Adding an endpoint is one entry here (plus its tests).
+
+Pure: no Django, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+from urllib.parse import quote
+
+# Where the request names its model:
+#   json      the top-level "model" of a JSON body
+#   form      the "model" field of a multipart/form-data body (audio, image edits)
+#   response  nowhere: the response id in the path says which slot made it (Responses API)
+#   none      not routed to a slot at all (hal0web answers itself: /v1/models)
+ModelIn = Literal["json", "form", "response", "none"]
+# The error body a client of the path parses: OpenAI's, or Anthropic's (/v1/messages).
+Shape = Literal["openai", "anthropic"]
+# What a 2xx answer is: JSON (checked before it goes out), or bytes passed through as they
+# come (audio, a transcription in text/srt/vtt). An event stream is told by its content type.
+Answer = Literal["json", "bytes"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One URL pattern (or several spellings of it) and how its requests are routed."""
+
+    # What a manifest's `endpoints` list, the metrics and the request log call it. Entries
+    # that are part of another endpoint (count_tokens of messages, a response by id) name
+    # that one in `offered_as`: a slot offers both or neither.
+    name: str
+    # Django path() patterns from the root, first the canonical one. What is sent upstream is
+    # the path as the client spelt it, less the leading "v1/" (slot URLs are the API root).
+    paths: tuple[str, ...]
+    # Slot types that offer the endpoint when their manifest lists no `endpoints`.
+    types: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("POST",)
+    model_in: ModelIn = "json"
+    answer: Answer = "json"
+    shape: Shape = "openai"
+    # Its answers carry an id that later requests refer to (a Responses API response):
+    # hal0web records which slot made it.
+    records_response: bool = False
+    offered_as: str | None = None
+
+    @property
+    def offer(self) -> str:
+        """The endpoint a slot must offer to serve this one."""
+        return self.offered_as or self.name
+
+    @property
+    def allow(self) -> str:
+        """The ``Allow`` header of its paths (RFC 9110): its methods and OPTIONS."""
+        return ", ".join(sorted({*self.methods, "OPTIONS"}))
+
+    @property
+    def key_header(self) -> str | None:
+        """A header besides ``Authorization`` that may carry hal0web's API key: the
+        ``anthropic`` SDK sends its key as ``x-api-key``."""
+        return "x-api-key" if self.shape == "anthropic" else None
+
+    @property
+    def label(self) -> str:
+        """The canonical path as a client reads it (``/v1/responses/{response_id}``)."""
+        return "/" + _PARAM.sub(r"{\1}", self.paths[0])
+
+
+_PARAM = re.compile(r"<(?:\w+:)?(\w+)>")
+
+_LLM = ("llm",)
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("chat/completions", ("v1/chat/completions",), _LLM),
+    Endpoint("completions", ("v1/completions",), _LLM),
+    Endpoint("responses", ("v1/responses",), _LLM, records_response=True),
+    # A response lives on the server that made it: these follow its id there.
+    Endpoint(
+        "responses/{id}",
+        ("v1/responses/<str:response_id>",),
+        _LLM,
+        methods=("GET", "DELETE"),
+        model_in="response",
+        offered_as="responses",
+    ),
+    Endpoint(
+        "responses/{id}/input_items",
+        ("v1/responses/<str:response_id>/input_items",),
+        _LLM,
+        methods=("GET",),
+        model_in="response",
+        offered_as="responses",
+    ),
+    Endpoint(
+        "responses/{id}/cancel",
+        ("v1/responses/<str:response_id>/cancel",),
+        _LLM,
+        model_in="response",
+        offered_as="responses",
+    ),
+    Endpoint("messages", ("v1/messages",), _LLM, shape="anthropic"),
+    Endpoint(
+        "messages/count_tokens",
+        ("v1/messages/count_tokens",),
+        _LLM,
+        shape="anthropic",
+        offered_as="messages",
+    ),
+    Endpoint("embeddings", ("v1/embeddings",), ("embedding",)),
+    # llama.cpp serves all three spellings; Jina and Cohere clients use /v1/rerank, some
+    # (Open WebUI's external reranker) the root /rerank.
+    Endpoint("rerank", ("v1/rerank", "v1/reranking", "rerank"), ("reranking",)),
+    Endpoint(
+        "audio/transcriptions",
+        ("v1/audio/transcriptions",),
+        ("transcription",),
+        model_in="form",
+        answer="bytes",
+    ),
+    Endpoint(
+        "audio/translations",
+        ("v1/audio/translations",),
+        ("transcription",),
+        model_in="form",
+        answer="bytes",
+    ),
+    Endpoint("audio/speech", ("v1/audio/speech",), ("tts",), answer="bytes"),
+    Endpoint("images/generations", ("v1/images/generations",), ("image",)),
+    Endpoint("images/edits", ("v1/images/edits",), ("image",), model_in="form"),
+    Endpoint("images/variations", ("v1/images/variations",), ("image",), model_in="form"),
+    # Answered by hal0web itself from the routing table.
+    Endpoint("models", ("v1/models",), methods=("GET", "HEAD"), model_in="none"),
+    Endpoint(
+        "models/{id}", ("v1/models/<path:model_id>",), methods=("GET", "HEAD"), model_in="none"
+    ),
+)
+
+BY_NAME: Mapping[str, Endpoint] = MappingProxyType({e.name: e for e in ENDPOINTS})
+
+# The endpoints a slot can offer, as a manifest's `endpoints` names them.
+OFFERABLE: tuple[str, ...] = tuple(e.name for e in ENDPOINTS if e.types and e.offered_as is None)
+
+# Every slot type, in the order the admin lists them (hal0's slot types).
+SLOT_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for e in ENDPOINTS for t in e.types))
+
+# type -> the endpoints its slots offer when the manifest lists none.
+DEFAULT_ENDPOINTS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        t: frozenset(e.name for e in ENDPOINTS if t in e.types and e.offered_as is None)
+        for t in SLOT_TYPES
+    }
+)
+
+# endpoint (as offered) -> the slot types that offer it by default, for a request that
+# names no model: the default slot of one of those types takes it.
+TYPES_OF: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {e.name: e.types for e in ENDPOINTS if e.offered_as is None}
+)
+
+# Paths outside /v1 that are API paths all the same (the lean handler, key auth, no CSRF).
+ROOT_PATHS: frozenset[str] = frozenset(
+    "/" + p for e in ENDPOINTS for p in e.paths if not p.startswith("v1/")
+)
+
+# The sentence of the 404 for a path hal0web does not serve.
+SERVED_TEXT = "hal0web serves " + ", ".join(
+    "/" + _PARAM.sub(r"{\1}", p) for e in ENDPOINTS for p in e.paths
+)
+
+
+def defaults_for(slot_type: str) -> frozenset[str]:
+    """The endpoints a slot of ``slot_type`` offers when its manifest lists none."""
+    return DEFAULT_ENDPOINTS.get(slot_type, frozenset())
+
+
+def upstream_path(path: str, query: str = "") -> str:
+    """The path sent to a slot (its URL is the API root) for a request to ``path`` (as
+    decoded) with ``query`` (as sent): the client's spelling, less the leading ``/v1/``."""
+    sent = quote(path.lstrip("/").removeprefix("v1/"))
+    return f"{sent}?{query}" if query else sent
