@@ -13,6 +13,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 
+from dispatch.retention import prune_older
+
 log = logging.getLogger("hal0.affinity")
 
 
@@ -45,13 +47,8 @@ def prune(now: dt.datetime | None = None) -> int:
     """Delete records older than HAL0_RESPONSE_RETENTION_DAYS (sync; the watcher runs it)."""
     from dispatch.models import ResponseAffinity
 
-    close_old_connections()
-    now = now or dt.datetime.now(dt.UTC)
-    cutoff = now - dt.timedelta(days=settings.HAL0_RESPONSE_RETENTION_DAYS)
-    deleted, _ = ResponseAffinity.objects.filter(created_at__lt=cutoff).delete()
-    if deleted:
-        log.info("pruned %d response records older than %s", deleted, cutoff.isoformat())
-    return deleted
+    days = settings.HAL0_RESPONSE_RETENTION_DAYS
+    return prune_older(ResponseAffinity, "created_at", days, "response records", log, now)
 
 
 class DatabaseAffinity:

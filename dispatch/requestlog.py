@@ -21,6 +21,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from dispatch.decisions import DecisionRecord
+from dispatch.retention import prune_older
 
 log = logging.getLogger("hal0.requestlog")
 
@@ -228,13 +229,8 @@ def prune(now: dt.datetime | None = None) -> int:
     """Delete rows older than HAL0_LOG_RETENTION_DAYS (sync; the watcher runs it)."""
     from dispatch.models import RequestLog
 
-    close_old_connections()
-    now = now or dt.datetime.now(dt.UTC)
-    cutoff = now - dt.timedelta(days=settings.HAL0_LOG_RETENTION_DAYS)
-    deleted, _ = RequestLog.objects.filter(at__lt=cutoff).delete()
-    if deleted:
-        log.info("pruned %d request-log rows older than %s", deleted, cutoff.isoformat())
-    return deleted
+    days = settings.HAL0_LOG_RETENTION_DAYS
+    return prune_older(RequestLog, "at", days, "request-log rows", log, now)
 
 
 def prune_if_on() -> None:
