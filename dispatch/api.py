@@ -28,7 +28,7 @@ from dispatch import bodies, cors, health
 from dispatch.admission import admission
 from dispatch.affinity import StreamSniffer, affinity, response_id
 from dispatch.decisions import DecisionRecord, record
-from dispatch.endpoints import ENDPOINTS, SERVED_TEXT, Endpoint, upstream_path
+from dispatch.endpoints import BY_NAME, ENDPOINTS, SERVED_TEXT, Endpoint, upstream_path
 from dispatch.errors import (
     ApiError,
     error_response,
@@ -695,7 +695,16 @@ def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[
         ]
         if not ranked:
             continue
-        if not everything and all(source == "alias" for _, _, source in ranked):
+        # Aliases only on request; but a key that may use a model by its alias alone sees
+        # the alias (every listed id routes, for the key that lists it).
+        if (
+            not everything
+            and all(s == "alias" for _, _, s in ranked)
+            and (
+                scope.everything
+                or any(scope.allows(model_names(slot, up or "")) for slot, up, _ in ranked)
+            )
+        ):
             continue
         first = ranked[0][0]
         data.append(
@@ -756,9 +765,12 @@ def _list_all(request: HttpRequest) -> bool:
     return flag.strip().lower() in ("1", "true", "yes", "on")
 
 
+_MODELS_KEY_HEADER = BY_NAME["models"].key_header
+
+
 async def _models(request: HttpRequest) -> HttpResponse:
     try:
-        caller = await authorize(request)
+        caller = await authorize(request, _MODELS_KEY_HEADER)
     except ApiError as err:
         return _fail(request, err)
     table = await store.ensure_loaded()
@@ -772,7 +784,7 @@ async def _models(request: HttpRequest) -> HttpResponse:
 
 async def _model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
     try:
-        caller = await authorize(request)
+        caller = await authorize(request, _MODELS_KEY_HEADER)
     except ApiError as err:
         return _fail(request, err)
     table = await store.ensure_loaded()

@@ -66,8 +66,9 @@ class Endpoint:
     @property
     def key_header(self) -> str | None:
         """A header besides ``Authorization`` that may carry hal0web's API key: the
-        ``anthropic`` SDK sends its key as ``x-api-key``."""
-        return "x-api-key" if self.shape == "anthropic" else None
+        ``anthropic`` SDK sends its key as ``x-api-key``, to its own paths and to the model
+        list both SDKs read."""
+        return "x-api-key" if self.shape == "anthropic" or self.model_in == "none" else None
 
     @property
     def label(self) -> str:

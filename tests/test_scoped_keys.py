@@ -208,3 +208,13 @@ def test_the_scope_holds_on_the_anthropic_path_with_its_own_error_shape(client):
     body = r.json()
     assert body["type"] == "error" and body["error"]["type"] == "permission_error", body
     assert "may not use the model 'qwen3-coder-40b'" in body["error"]["message"]
+
+
+def test_the_model_list_takes_the_key_from_x_api_key_too(client):
+    # The anthropic SDK lists models with its key in x-api-key, as it sends messages.
+    _, key = ApiKey.issue("claude-code", ["hermes"])
+    assert client.get("/v1/models", headers={"x-api-key": "hal0-wrong"}).status_code == 401
+    r = client.get("/v1/models", headers={"x-api-key": key})
+    assert r.status_code == 200, r.text
+    assert [m["id"] for m in r.json()["data"]] == ["hermes"]  # the one name it may use
+    assert client.get("/v1/models/hermes", headers={"x-api-key": key}).status_code == 200
