@@ -110,10 +110,10 @@ def versions() -> str:
 
 
 def transport_name() -> str:
-    from dispatch import proxy
+    from dispatch.upstream import proxy
 
     if hasattr(proxy, "AiohttpTransport"):
-        return "aiohttp's pool behind httpx's API (dispatch.proxy.AiohttpTransport)"
+        return "aiohttp's pool behind httpx's API (dispatch.upstream.proxy.AiohttpTransport)"
     return "httpx's own pool"
 
 
@@ -415,7 +415,7 @@ async def growth(
 def resolver_section(rep: Report) -> list[resolver.ResolverResult]:
     results = resolver.run()
     rep.add(
-        f"### Resolver: dispatch.resolver.resolve over {resolver.SLOTS} slots x "
+        f"### Resolver: dispatch.routing.resolver.resolve over {resolver.SLOTS} slots x "
         f"{resolver.MODELS_PER_SLOT} models (in-process, time.perf_counter_ns per call)",
         "",
     )
@@ -689,7 +689,7 @@ async def run_transports(names: tuple[str, ...] = ("httpx", "httpx-aiohttp", "ai
 async def run_scale(redis_url: str = "redis://127.0.0.1:6379/15") -> str:
     """What coordinating several processes costs one: Uvicorn with and without Redis, on the
     usual slot (no limit: Redis carries the live events) and on a slot with a max_concurrency
-    it never reaches (Redis also keeps the global places, dispatch.redis_places)."""
+    it never reaches (Redis also keeps the global places, dispatch.coordination.redis_places)."""
     started = time.time()
     rep = Report()
     ws = Workspace()

@@ -13,7 +13,7 @@ import time
 import aiohttp
 
 from bench.procs import HAL0_CORE, LOAD_CORE, Proc, Workspace, daphne_proc, free_port, uvicorn_proc
-from dispatch import demo
+from dispatch.lifecycle import demo
 
 MODEL = "smollm2-135m-instruct"
 ROUNDS = 12

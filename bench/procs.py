@@ -168,7 +168,7 @@ class Workspace:
         return Proc(name, argv, self.env, core, port, self.dir / f"{name}.log")
 
     def server(self, name: str, argv: list[str], port: int) -> Proc:
-        """A hal0web server process. SQLite serves one server process (dispatch.leases), so
+        """A hal0web server process. SQLite serves one server process (dispatch.coordination.leases), so
         each gets its own copy of the database, made when it starts, after setup()."""
         # Only [a-z0-9-] in the file name: a URL's "+" would be read as a space.
         db = self.dir / (re.sub(r"[^a-z0-9-]", "-", name.lower()) + ".sqlite3")

@@ -31,10 +31,10 @@ def main() -> int:
     import django
 
     django.setup()
-    from dispatch import decisions, metrics, requestlog
-    from dispatch.decisions import DecisionRecord
-    from dispatch.resolver import Decision, resolve
-    from dispatch.table import ModelEntry, RoutingTable, make_slot
+    from dispatch.observability import decisions, metrics, requestlog
+    from dispatch.observability.decisions import DecisionRecord
+    from dispatch.routing.resolver import Decision, resolve
+    from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
 
     table = RoutingTable.build(
         1,

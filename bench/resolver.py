@@ -6,8 +6,8 @@ import random
 import time
 from dataclasses import dataclass
 
-from dispatch.resolver import Decision, resolve
-from dispatch.table import ModelEntry, RoutingTable, make_slot
+from dispatch.routing.resolver import Decision, resolve
+from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
 
 SLOTS = 100
 MODELS_PER_SLOT = 20

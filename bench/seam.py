@@ -1,7 +1,7 @@
 """The proxy seam alone, without Django: CPU per request of ``Upstream.open`` + ``read``.
 
 ``python -m bench seam``: the fake upstream on core 0; this process, the client, on core 1.
-Compares httpx's own pool, the httpx-aiohttp transport and dispatch.proxy.AiohttpTransport
+Compares httpx's own pool, the httpx-aiohttp transport and dispatch.upstream.proxy.AiohttpTransport
 (all behind ``Upstream``, i.e. httpx's API), and a bare aiohttp session (no httpx at all),
 sequentially and at 16 and 64 concurrent, two interleaved rounds each.
 """
@@ -43,8 +43,8 @@ async def _measure(one, conc: int) -> tuple[float, float]:
 async def run() -> str:
     import aiohttp
 
-    from dispatch.proxy import Upstream
-    from dispatch.table import ModelEntry, make_slot
+    from dispatch.routing.table import ModelEntry, make_slot
+    from dispatch.upstream.proxy import Upstream
 
     ws = Workspace()
     fake = fake_proc(ws)

@@ -1,7 +1,7 @@
 """hal0web under Uvicorn (uvloop, httptools) with a chosen transport behind the proxy seam.
 
 Used by ``python -m bench transports`` to compare transports in one run, each in its own
-process: httpx's own pool, the httpx-aiohttp package's transport, and dispatch.proxy's
+process: httpx's own pool, the httpx-aiohttp package's transport, and dispatch.upstream.proxy's
 AiohttpTransport. Run: ``python -m bench.serve {httpx|httpx-aiohttp|aiohttp|default} PORT``.
 """
 
@@ -15,7 +15,7 @@ import uvicorn
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hal0web.settings")
 
-from dispatch.proxy import AiohttpTransport, upstream
+from dispatch.upstream.proxy import AiohttpTransport, upstream
 from hal0web.asgi import application
 
 LIMITS = httpx.Limits(max_connections=10_000, max_keepalive_connections=1000)
@@ -50,7 +50,7 @@ def without_thread_hops() -> None:
     from django.core.handlers import asgi as dj_asgi
     from django.db import close_old_connections, reset_queries
 
-    from dispatch.runtime import BareASGIHandler
+    from dispatch.api.runtime import BareASGIHandler
 
     signals.request_started.disconnect(reset_queries)
     signals.request_started.disconnect(close_old_connections)

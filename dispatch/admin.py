@@ -20,12 +20,14 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from dispatch import manifests, redact, states
-from dispatch.endpoints import DEFAULT_ENDPOINTS, OFFERABLE
+from dispatch.lib import redact
+from dispatch.manifests import manifests
 from dispatch.models import ApiKey, ModelSource, RequestLog, Slot, SlotModel, SlotState
-from dispatch.scopes import split_patterns
+from dispatch.routing import states
+from dispatch.routing.endpoints import DEFAULT_ENDPOINTS, OFFERABLE
+from dispatch.routing.scopes import split_patterns
 
-# The states an operator may set by hand (see dispatch/states.py): draining a slot, and
+# The states an operator may set by hand (see dispatch/routing/states.py): draining a slot, and
 # ending that (back to `unknown`: the watcher probes it afresh).
 OPERATOR_STATES = (SlotState.DRAINING, SlotState.UNKNOWN)
 

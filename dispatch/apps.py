@@ -10,7 +10,9 @@ def sync_outputs(**_: Any) -> None:
     """
     from django.conf import settings
 
-    from dispatch import affinity_db, decisions, health, metrics, requestlog
+    from dispatch.coordination import affinity_db
+    from dispatch.lifecycle import health
+    from dispatch.observability import decisions, metrics, requestlog
 
     wanted = [decisions.log_output, decisions.event_output]
     if settings.HAL0_METRICS:
@@ -35,7 +37,8 @@ class DispatchConfig(AppConfig):
         from django.core.signals import setting_changed
         from django.db.models.signals import post_migrate
 
-        from dispatch import signals, triggers  # noqa: F401
+        from dispatch import signals  # noqa: F401
+        from dispatch.coordination import triggers
 
         post_migrate.connect(triggers.install, sender=self)
         sync_outputs()

@@ -16,7 +16,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
-from dispatch import endpoints as endpoint_table
+from dispatch.routing import endpoints as endpoint_table
 
 SLOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -32,7 +32,7 @@ class SlotKind(models.TextChoices):
 
 
 class SlotType(models.TextChoices):
-    # hal0's slot types; each one's default endpoints are in dispatch.endpoints.
+    # hal0's slot types; each one's default endpoints are in dispatch.routing.endpoints.
     LLM = "llm", "LLM"
     EMBEDDING = "embedding", "Embedding"
     RERANKING = "reranking", "Reranking"
@@ -79,7 +79,7 @@ def validate_env_name(value: str) -> None:
 
 
 def validate_endpoints(value: object) -> None:
-    """A slot's `endpoints`: names from dispatch.endpoints.OFFERABLE, or empty (the type's
+    """A slot's `endpoints`: names from dispatch.routing.endpoints.OFFERABLE, or empty (the type's
     defaults)."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValidationError("must be a list of endpoint names", code="invalid_endpoints")
@@ -316,7 +316,7 @@ class ApiKey(models.Model):
 
 
 class ApiKeyUse(models.Model):
-    """When a key was last used: written in batches by each process (``dispatch.keyuse``).
+    """When a key was last used: written in batches by each process (``dispatch.observability.keyuse``).
 
     A table of its own, without the StateVersion trigger: a key's use changes nothing any
     process holds, so recording it must not make every process reload its keys.
@@ -332,7 +332,7 @@ class StateVersion(models.Model):
     Bumped by database triggers (migration 0003) in the same transaction as any change to
     them, whoever makes it and however: the admin, ``slots import``, the watcher, a shell's
     ``save()`` or ``update()``. A process whose copy carries
-    another number reloads (``dispatch.sync``); one that has applied version N routes and
+    another number reloads (``dispatch.coordination.sync``); one that has applied version N routes and
     authorizes exactly as every other process at N.
     """
 
@@ -374,7 +374,7 @@ class StateVersion(models.Model):
 
 
 class RequestLog(models.Model):
-    """One row per /v1 request, written in batches by ``dispatch.requestlog``'s thread.
+    """One row per /v1 request, written in batches by ``dispatch.observability.requestlog``'s thread.
 
     Never written on the request path and never read by it: the Activity page and the admin
     read it. Bodies are kept only with HAL0_LOG_BODIES (capped by HAL0_LOG_BODY_MAX_KB).
@@ -414,7 +414,7 @@ class ResponseAffinity(models.Model):
     (``previous_response_id``, ``GET /v1/responses/{id}``) go there, the only server that
     holds it. Written when the response (or its stream's ``response.created``) passes, read
     by every worker; pruned after HAL0_RESPONSE_RETENTION_DAYS by the watcher's process.
-    Not a routing-table table: no trigger bumps StateVersion for it (dispatch.triggers).
+    Not a routing-table table: no trigger bumps StateVersion for it (dispatch.coordination.triggers).
     """
 
     response_id = models.CharField(max_length=200, primary_key=True)

@@ -1,7 +1,7 @@
 """Database changes → (after commit) a new routing table and key set → events for the live UI.
 
 One path for every change, whoever makes it: the admin, the manifest importer, the watcher,
-a shell. Other processes follow through the version (``dispatch.sync``).
+a shell. Other processes follow through the version (``dispatch.coordination.sync``).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from dispatch import events, sync
-from dispatch.admission import admission
-from dispatch.decisions import InflightReporter
+from dispatch.coordination import events, sync
+from dispatch.coordination.store import store
 from dispatch.models import ApiKey, Slot, SlotModel
-from dispatch.outliers import outliers
-from dispatch.snapshots import slot_payload, table_events
-from dispatch.store import store
-from dispatch.table import RoutingTable
+from dispatch.observability.decisions import InflightReporter
+from dispatch.routing.table import RoutingTable
+from dispatch.upstream.admission import admission
+from dispatch.upstream.outliers import outliers
+from dispatch.web.snapshots import slot_payload, table_events
 
 
 @receiver(post_save, sender=Slot)
@@ -33,7 +33,7 @@ def _changed(sender: type, **kwargs: Any) -> None:
         return
     conn = transaction.get_connection()
     # The database's triggers bump StateVersion; this process reloads as soon as it commits
-    # (others within dispatch.sync's check interval). One reload per transaction however
+    # (others within dispatch.coordination.sync's check interval). One reload per transaction however
     # many rows it saves (an import saves hundreds): Django drops the queued callback itself
     # if the transaction rolls back.
     if any(func is sync.committed for _, func, _ in conn.run_on_commit):
@@ -55,7 +55,7 @@ def _announce_outlier(name: str) -> None:
     over = outliers.overlay().get(name)
     payload = slot_payload(slot, admission.inflight.get(name, 0), over)
     payload["previous_state"] = slot.state if over is not None else "degraded"
-    # Ejections are this process's own judgement (dispatch.outliers): its own pages hear it.
+    # Ejections are this process's own judgement (dispatch.upstream.outliers): its own pages hear it.
     versions = {"from_version": table.version, "version": table.version}
     events.tell_own_pages({"type": "slot.state", **versions, "slot": payload})
 

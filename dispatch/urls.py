@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dispatch import pages
+from dispatch.web import pages
 
 urlpatterns = [
     path("", pages.chat, name="chat"),

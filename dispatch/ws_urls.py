@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from dispatch.consumers import DispatchConsumer
+from dispatch.web.consumers import DispatchConsumer
 
 websocket_urlpatterns = [
     path("ws/dispatch/", DispatchConsumer.as_asgi()),

@@ -14,8 +14,8 @@ django_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from dispatch.runtime import Hal0Application, api_asgi_application  # noqa: E402
-from dispatch.ws_origin import SameOriginValidator  # noqa: E402
+from dispatch.api.runtime import Hal0Application, api_asgi_application  # noqa: E402
+from dispatch.web.ws_origin import SameOriginValidator  # noqa: E402
 from dispatch.ws_urls import websocket_urlpatterns  # noqa: E402
 
 application = Hal0Application(
@@ -23,7 +23,7 @@ application = Hal0Application(
         {
             "http": django_app,
             # The feed opens only from the server's own origin (scheme, host and port) or a
-            # CSRF-trusted one: dispatch/ws_origin.py says why the host alone is not enough.
+            # CSRF-trusted one: dispatch/web/ws_origin.py says why the host alone is not enough.
             "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     ),

@@ -151,11 +151,11 @@ HAL0_PROBE_INTERVAL_S: float = _positive("HAL0_PROBE_INTERVAL_S", env.float, 5)
 HAL0_COLD_PROBE_S: float = _positive("HAL0_COLD_PROBE_S", env.float, 2, allow_zero=True)
 HAL0_SWAP_WAIT_S: float = _positive("HAL0_SWAP_WAIT_S", env.float, 30, allow_zero=True)
 HAL0_QUEUE_WAIT_S: float = _positive("HAL0_QUEUE_WAIT_S", env.float, 30, allow_zero=True)
-# How long hal0web remembers which slot made a Responses API response (dispatch/affinity.py).
+# How long hal0web remembers which slot made a Responses API response (dispatch/coordination/affinity.py).
 HAL0_RESPONSE_RETENTION_DAYS: float = _positive("HAL0_RESPONSE_RETENTION_DAYS", env.float, 30)
 # /v1/models lists aliases and slot/model ids too, not only each model once (?all=true).
 HAL0_MODELS_LIST_ALL: bool = _strict_bool("HAL0_MODELS_LIST_ALL", False)
-# Outlier ejection (dispatch/outliers.py): how long a slot whose probes pass but whose
+# Outlier ejection (dispatch/upstream/outliers.py): how long a slot whose probes pass but whose
 # requests fail is out of rotation, doubled per repeat; 0 turns ejection off.
 HAL0_OUTLIER_BACKOFF_S: float = _positive("HAL0_OUTLIER_BACKOFF_S", env.float, 30, allow_zero=True)
 # The watcher runs inside the server process unless a deployment runs `manage.py watch`.
@@ -388,13 +388,16 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {
-            "()": "hal0web.log_handlers.OneLineFormatter",
+            "()": "dispatch.observability.log_handlers.OneLineFormatter",
             "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
         }
     },
     # One line per request: written by a thread of its own, never by the event loop.
     "handlers": {
-        "console": {"()": "hal0web.log_handlers.BackgroundStreamHandler", "formatter": "plain"}
+        "console": {
+            "()": "dispatch.observability.log_handlers.BackgroundStreamHandler",
+            "formatter": "plain",
+        }
     },
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {

@@ -1,11 +1,12 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
 
-from dispatch import api, metrics
-from dispatch.endpoints import ENDPOINTS
+from dispatch.api import views as api
+from dispatch.observability import metrics
+from dispatch.routing.endpoints import ENDPOINTS
 
 urlpatterns = [
-    # Every API path, from the endpoint table (dispatch/endpoints.py).
+    # Every API path, from the endpoint table (dispatch/routing/endpoints.py).
     *(
         path(p, api.VIEWS[ep.name], name=f"api-{ep.name}" if i == 0 else None)
         for ep in ENDPOINTS

@@ -60,13 +60,15 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture(autouse=True)
 def _fresh_runtime() -> Iterator[None]:
     """Each test starts with an empty routing table, no watcher and no pooled clients."""
-    from dispatch import admission as admission_mod
-    from dispatch import events, forward, health
-    from dispatch import store as store_mod
-    from dispatch.affinity import affinity
-    from dispatch.keys import keyring
-    from dispatch.outliers import outliers
-    from dispatch.proxy import upstream
+    from dispatch.api.keys import keyring
+    from dispatch.coordination import events
+    from dispatch.coordination import store as store_mod
+    from dispatch.coordination.affinity import affinity
+    from dispatch.lifecycle import health
+    from dispatch.upstream import admission as admission_mod
+    from dispatch.upstream import forward
+    from dispatch.upstream.outliers import outliers
+    from dispatch.upstream.proxy import upstream
 
     store_mod.store.reset()
     keyring.reset()
@@ -166,7 +168,7 @@ def hal0(transactional_db: None, settings: Any) -> Iterator[ServerThread]:
     server.stop()
     # Request-log rows still queued belong to this test's database: write them before it is
     # flushed, not into the next test's.
-    from dispatch import requestlog
+    from dispatch.observability import requestlog
 
     requestlog.writer.flush(5)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch import demo
+from dispatch.lifecycle import demo
 from tests.fakes import free_port
 
 

@@ -28,7 +28,7 @@ def main(role: str, seconds: float, url: str = "") -> None:
         return probe_while_locked(url)
     from django.db import OperationalError, transaction
 
-    from dispatch.health import Observation, apply
+    from dispatch.lifecycle.health import Observation, apply
     from dispatch.models import Slot
 
     done, errors = 0, []
@@ -62,10 +62,10 @@ def probe_while_locked(url: str) -> None:
     db = connections["default"].settings_dict
     db["OPTIONS"]["timeout"] = 0.2
 
-    from dispatch.health import watcher
+    from dispatch.coordination.store import store
+    from dispatch.lifecycle.health import watcher
     from dispatch.models import Slot
-    from dispatch.proxy import upstream
-    from dispatch.store import store
+    from dispatch.upstream.proxy import upstream
 
     Slot.objects.filter(name="primary").update(url=url)
     store.reload()

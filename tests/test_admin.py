@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
+from dispatch.coordination.store import store
 from dispatch.models import Slot, SlotModel
-from dispatch.store import store
 from tests.conftest import add_slot
 
 pytestmark = pytest.mark.django_db

@@ -13,7 +13,7 @@ import pytest
 
 from bench import load, resolver
 from bench.fake import FakeProtocol
-from dispatch.resolver import Decision, NoRoute, resolve
+from dispatch.routing.resolver import Decision, NoRoute, resolve
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatch.bodies import parse, with_model
-from dispatch.errors import ApiError
+from dispatch.api.bodies import parse, with_model
+from dispatch.wire.errors import ApiError
 
 
 def test_rewrite_touches_only_the_model_value():
@@ -229,7 +229,7 @@ def test_stream_null_is_treated_as_absent():
 
 # --- issue 15: multipart/form-data, only the `model` field ---------------------------------
 
-from dispatch.bodies import parse_form, with_form_model  # noqa: E402
+from dispatch.api.bodies import parse_form, with_form_model  # noqa: E402
 
 BOUNDARY = "----hal0Boundary7MA4YWxk"
 FILE = bytes(range(256)) * 40 + b"\r\n--not-the-boundary\r\n"  # binary, with a fake delimiter

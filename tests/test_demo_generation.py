@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from dispatch import demo
+from dispatch.lifecycle import demo
 from tests.fake_llama_server import CRASH_ENV
 from tests.fakes import FakeUpstream, ServerThread, free_port
 

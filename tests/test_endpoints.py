@@ -7,15 +7,15 @@ import httpx
 import pytest
 from django.urls import resolve as resolve_url
 
-from dispatch import endpoints
-from dispatch.endpoints import BY_NAME, DEFAULT_ENDPOINTS, ENDPOINTS, OFFERABLE, SLOT_TYPES
 from dispatch.models import SlotType
-from dispatch.resolver import NoRoute, pinned, resolve
-from dispatch.table import ModelEntry, RoutingTable, make_slot
+from dispatch.routing import endpoints
+from dispatch.routing.endpoints import BY_NAME, DEFAULT_ENDPOINTS, ENDPOINTS, OFFERABLE, SLOT_TYPES
+from dispatch.routing.resolver import NoRoute, pinned, resolve
+from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
 
 
 def test_every_path_of_the_table_is_routed_to_its_view():
-    from dispatch import api
+    from dispatch.api import views as api
 
     for ep in ENDPOINTS:
         for path in ep.paths:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from channels.layers import get_channel_layer
 
-from dispatch import events
+from dispatch.coordination import events
 
 
 async def _listen() -> tuple[Any, str]:

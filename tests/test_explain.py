@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dispatch.explain import explain, explain_no_route
-from dispatch.resolver import Decision, NoRoute, resolve
-from dispatch.table import ModelEntry, RoutingTable, make_slot
+from dispatch.routing.explain import explain, explain_no_route
+from dispatch.routing.resolver import Decision, NoRoute, resolve
+from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
 
 MODEL = "qwen3-coder-25b"
 

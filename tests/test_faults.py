@@ -93,13 +93,13 @@ def assert_proxy_error(r: httpx.Response, status: int, code: str) -> dict[str, A
 
 def in_rotation(name: str = "a") -> None:
     """One fault is not an outlier: the slot still takes requests."""
-    from dispatch.outliers import outliers
+    from dispatch.upstream.outliers import outliers
 
     assert outliers.admit(name) and outliers.degraded(name) is None
 
 
 def no_leaked_place() -> None:
-    from dispatch.admission import admission
+    from dispatch.upstream.admission import admission
 
     deadline = time.monotonic() + 5
     while admission.inflight and time.monotonic() < deadline:
@@ -457,7 +457,7 @@ def _broken_server(sock: socket.socket, req: RawRequest) -> bool:
 
 
 def _state(name: str) -> str:
-    from dispatch.store import store
+    from dispatch.coordination.store import store
 
     slot = store.table.slots.get(name)
     return slot.state if slot is not None else "?"

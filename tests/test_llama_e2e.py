@@ -17,7 +17,7 @@ import pytest
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from dispatch import demo
+from dispatch.lifecycle import demo
 from tests.conftest import add_slot
 from tests.llama_servers import slot_states, start_pair, wait_for_state
 

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from hal0web.log_handlers import BackgroundStreamHandler, one_line
+from dispatch.observability.log_handlers import BackgroundStreamHandler, one_line
 from tests.fakes import RawUpstream, http_response
 from tests.processes import Hal0Process, manage, server_env
 
@@ -92,7 +92,7 @@ def test_a_reader_that_stopped_reading_does_not_block_logging() -> None:
 
 
 def test_a_full_queue_drops_and_counts_instead_of_blocking() -> None:
-    from hal0web import log_handlers
+    from dispatch.observability import log_handlers
 
     read_fd, write_fd = os.pipe()
     stream = open(write_fd, "w", encoding="utf-8")  # noqa: SIM115 - closed below

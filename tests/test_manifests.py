@@ -9,8 +9,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dispatch import manifests
-from dispatch.manifests import ManifestErrors, dumps, from_slot, parse
+from dispatch.manifests import manifests
+from dispatch.manifests.manifests import ManifestErrors, dumps, from_slot, parse
 from dispatch.models import Slot, SlotModel
 from tests.conftest import add_slot
 
@@ -460,7 +460,7 @@ def test_bad_endpoints_are_manifest_errors(text, expected):
 
 @pytest.mark.django_db
 def test_endpoints_are_imported_exported_and_reach_the_table():
-    from dispatch.store import load_table
+    from dispatch.coordination.store import load_table
 
     text = 'name = "a"\nport = 1\ntype = "llm"\nendpoints = ["rerank", "chat/completions"]\n'
     manifests.apply([parse(text, "a.toml")])

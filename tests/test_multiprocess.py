@@ -17,7 +17,7 @@ import pytest
 import websockets
 from django.conf import settings
 
-from dispatch.sync import stale_after_s
+from dispatch.coordination.sync import stale_after_s
 from tests.fakes import FakeUpstream, ServerThread, free_port
 from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env, session_cookie
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dispatch.outliers import EJECT_AFTER, Outliers
+from dispatch.upstream.outliers import EJECT_AFTER, Outliers
 
 
 class Clock:

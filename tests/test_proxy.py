@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from dispatch.proxy import Upstream, UpstreamError
-from dispatch.table import make_slot
+from dispatch.routing.table import make_slot
+from dispatch.upstream.proxy import Upstream, UpstreamError
 from tests.conftest import add_slot
 from tests.fakes import FakeUpstream, ServerThread, free_port
 
@@ -208,7 +208,7 @@ def test_client_disconnect_cancels_the_upstream_request_within_a_second(one_fake
 
 
 def test_client_gone_before_the_upstream_answers_frees_the_slot(one_fake, hal0, caplog):
-    from dispatch.admission import admission
+    from dispatch.upstream.admission import admission
 
     fake, server = one_fake
     add_slot("solo", server.url + "/v1", ["m1"])

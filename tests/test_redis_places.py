@@ -1,4 +1,4 @@
-"""max_concurrency across processes, at the seam: dispatch.redis_places against a real Redis.
+"""max_concurrency across processes, at the seam: dispatch.coordination.redis_places against a real Redis.
 
 Two RedisPlaces objects stand for two worker processes: they share nothing but Redis."""
 
@@ -21,7 +21,7 @@ def slot() -> str:
 
 
 async def test_a_place_held_past_its_ttl_is_renewed_and_returns_when_given_back(slot):
-    from dispatch.redis_places import RedisPlaces
+    from dispatch.coordination.redis_places import RedisPlaces
 
     url = redis_url_or_skip()
     one, two = RedisPlaces(url, ttl_s=0.6), RedisPlaces(url, ttl_s=0.6)
@@ -39,7 +39,7 @@ async def test_a_place_held_past_its_ttl_is_renewed_and_returns_when_given_back(
 
 async def test_a_place_nobody_renews_expires(slot):
     """A crashed worker renews nothing: its places come back after the TTL."""
-    from dispatch.redis_places import RedisPlaces
+    from dispatch.coordination.redis_places import RedisPlaces
 
     url = redis_url_or_skip()
     crashed, alive = RedisPlaces(url, ttl_s=0.5), RedisPlaces(url, ttl_s=0.5)
@@ -52,7 +52,7 @@ async def test_a_place_nobody_renews_expires(slot):
 
 
 async def test_with_redis_away_requests_are_let_through(slot, caplog):
-    from dispatch.redis_places import RedisPlaces
+    from dispatch.coordination.redis_places import RedisPlaces
 
     away = RedisPlaces(f"redis://127.0.0.1:{free_port()}/0")
     try:

@@ -8,8 +8,8 @@ import time
 
 import httpx
 
-from dispatch import requestlog
-from dispatch.decisions import DecisionRecord
+from dispatch.observability import requestlog
+from dispatch.observability.decisions import DecisionRecord
 
 HERMES_MODEL = "qwen3-coder-reap-25b-a3b-q5km"
 
@@ -129,7 +129,7 @@ def test_a_full_queue_drops_and_counts_never_blocks(transactional_db):
 
 
 def test_the_outputs_follow_their_switches(transactional_db, settings):
-    from dispatch import decisions, metrics
+    from dispatch.observability import decisions, metrics
 
     assert requestlog.output in decisions.outputs and metrics.output in decisions.outputs
     settings.HAL0_REQUEST_LOG = False

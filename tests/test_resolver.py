@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatch.resolver import Decision, NoRoute, resolve
-from dispatch.table import ModelEntry, RoutingTable, make_slot
+from dispatch.routing.resolver import Decision, NoRoute, resolve
+from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
 
 
 def m(model_id: str, default: bool = False, source: str = "manifest", upstream: str | None = None):

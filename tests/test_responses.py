@@ -8,7 +8,7 @@ import openai
 import pytest
 from asgiref.sync import async_to_sync
 
-from dispatch.affinity import StreamSniffer, affinity, response_id
+from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
 
 
 def test_create_lands_on_the_slot_serving_the_model(fleet_sdk, fleet):
@@ -110,7 +110,7 @@ def test_the_record_is_kept_out_of_the_state_version(no_watcher, fleet, hal0):
 def test_retention_prunes_old_records(transactional_db, settings):
     import datetime as dt
 
-    from dispatch import affinity_db
+    from dispatch.coordination import affinity_db
     from dispatch.models import ResponseAffinity
 
     settings.HAL0_RESPONSE_RETENTION_DAYS = 1

@@ -178,7 +178,7 @@ def redis_layers(settings):
 async def test_group_send_reaches_a_member_on_another_worker(redis_layers):
     from channels.layers import get_channel_layer
 
-    from dispatch import events
+    from dispatch.coordination import events
 
     other = redis_layers
     ours = get_channel_layer()
@@ -219,11 +219,11 @@ async def test_group_send_reaches_a_member_on_another_worker(redis_layers):
 WRITE_REQUEST_LOG = """
 import time, django
 django.setup()
-from dispatch import requestlog
-from dispatch.decisions import DecisionRecord
+from dispatch.observability import requestlog
+from dispatch.observability.decisions import DecisionRecord
 from dispatch.models import RequestLog
-from dispatch.resolver import resolve
-from dispatch.store import store
+from dispatch.routing.resolver import resolve
+from dispatch.coordination.store import store
 store.reload()
 for i in range(30):
     rec = DecisionRecord(request_id=f"pg-{i}", endpoint="chat/completions", model="hermes",

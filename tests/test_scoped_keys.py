@@ -14,11 +14,11 @@ import openai
 import pytest
 from django.core.management import CommandError, call_command
 
-from dispatch.keyuse import recorder
 from dispatch.models import ApiKey, ApiKeyUse, StateVersion
-from dispatch.resolver import resolve
-from dispatch.scopes import Scope
-from dispatch.table import ModelEntry, RoutingTable, make_slot
+from dispatch.observability.keyuse import recorder
+from dispatch.routing.resolver import resolve
+from dispatch.routing.scopes import Scope
+from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
 
 HERMES = {"model": "hermes", "messages": [{"role": "user", "content": "hi"}]}
 CODER = {"model": "qwen3-coder-40b", "messages": [{"role": "user", "content": "hi"}]}

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import websockets
 
-from dispatch import redact
+from dispatch.lib import redact
 from tests.fakes import free_port
 from tests.processes import Hal0Process, manage, server_env
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from dispatch import demo
+from dispatch.lifecycle import demo
 from tests.fake_llama_server import CRASH_ENV, shim
 from tests.fakes import free_port
 from tests.llama_servers import skip_without_demo

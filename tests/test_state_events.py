@@ -7,9 +7,10 @@ import asyncio
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from dispatch import events, health
-from dispatch.consumers import DispatchConsumer
-from dispatch.proxy import upstream
+from dispatch.coordination import events
+from dispatch.lifecycle import health
+from dispatch.upstream.proxy import upstream
+from dispatch.web.consumers import DispatchConsumer
 from tests.conftest import add_slot
 
 
@@ -57,7 +58,7 @@ async def test_state_changes_arrive_in_order(fake, settings, django_user_model):
 
 
 async def test_inflight_counts_reach_the_page_coalesced(transactional_db, django_user_model):
-    from dispatch.admission import admission
+    from dispatch.upstream.admission import admission
 
     user = await sync_to_async(django_user_model.objects.create_user)("u", password="p")
     events.bind_loop(asyncio.get_running_loop())
@@ -83,8 +84,8 @@ async def test_inflight_counts_reach_the_page_coalesced(transactional_db, django
 async def test_an_ejected_slot_shows_degraded_live_with_its_reason(
     transactional_db, django_user_model
 ):
-    from dispatch.outliers import EJECT_AFTER, outliers
-    from dispatch.store import store
+    from dispatch.coordination.store import store
+    from dispatch.upstream.outliers import EJECT_AFTER, outliers
 
     user = await sync_to_async(django_user_model.objects.create_user)("u", password="p")
     await sync_to_async(add_slot)("a", "http://127.0.0.1:9/v1", ["m1"], state="ready")

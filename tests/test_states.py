@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatch import states
+from dispatch.routing import states
 
 
 def test_probes_never_enter_or_leave_draining():

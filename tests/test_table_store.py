@@ -10,7 +10,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import transaction
 
-from dispatch.store import store
+from dispatch.coordination.store import store
 from tests.conftest import add_slot
 
 

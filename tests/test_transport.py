@@ -15,8 +15,8 @@ from typing import cast
 import httpx
 import pytest
 
-from dispatch.proxy import AiohttpTransport, Upstream, UpstreamError
-from dispatch.table import ModelEntry, SlotEntry, make_slot
+from dispatch.routing.table import ModelEntry, SlotEntry, make_slot
+from dispatch.upstream.proxy import AiohttpTransport, Upstream, UpstreamError
 from tests.fakes import FakeUpstream, ServerThread, free_port
 
 BODY = b'{"model": "m1", "messages": []}'

@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from dispatch.api import _stream_usage, _usage
-from dispatch.decisions import DecisionRecord
+from dispatch.api.views import _stream_usage, _usage
+from dispatch.observability.decisions import DecisionRecord
 
 
 def rec() -> DecisionRecord:

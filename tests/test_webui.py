@@ -445,7 +445,7 @@ def test_stale_slot_state_shows_as_unknown_until_the_watcher_beats_again(
 def test_the_page_ignores_older_versions_and_asks_again_after_a_gap(chat, seed_slots):
     from playwright.sync_api import expect
 
-    from dispatch import events
+    from dispatch.coordination import events
 
     page = chat
     sent: list[str] = []

@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from dispatch.models import ApiKey
-from dispatch.scopes import split_patterns
+from dispatch.routing.scopes import split_patterns
 
 
 def _date(text: str) -> dt.datetime:

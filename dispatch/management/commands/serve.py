@@ -24,7 +24,7 @@ from django.contrib.staticfiles.finders import get_finders
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from dispatch import demo
+from dispatch.lifecycle import demo
 
 READY_TIMEOUT_S = 180.0  # the model servers load in about a second; this is a last resort
 OWN_SLOTS_WAIT_S = 5.0  # without the demo, give your servers' first probes this long

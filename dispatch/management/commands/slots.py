@@ -9,7 +9,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from dispatch import manifests, redact
+from dispatch.lib import redact
+from dispatch.manifests import manifests
 from dispatch.models import Slot
 
 

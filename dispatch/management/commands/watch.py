@@ -12,7 +12,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from dispatch import health, sync
+from dispatch.coordination import sync
+from dispatch.lifecycle import health
 
 
 class Command(BaseCommand):
@@ -39,6 +40,6 @@ class Command(BaseCommand):
         await stop.wait()
         await sync.stop_following()
         await health.leadership.stop()
-        from dispatch.proxy import upstream
+        from dispatch.upstream.proxy import upstream
 
         await upstream.aclose()

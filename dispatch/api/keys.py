@@ -1,0 +1,187 @@
+"""Who may call /v1: an API key (Bearer), or the chat page's logged-in session with CSRF.
+
+Key hashes live in memory, reloaded after any ApiKey change commits, so checking a key costs
+one SHA-256 and a set lookup — no database query on the request path. Only a request with
+no key (the page) loads its session.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth import aget_user
+from django.http import HttpRequest, HttpResponseBase, QueryDict
+from django.middleware.csrf import CsrfViewMiddleware
+
+from dispatch.observability import keyuse
+from dispatch.routing.scopes import EVERYTHING, Scope
+from dispatch.wire.errors import ApiError
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """An enabled key as the ring holds it: who it is and what it may do."""
+
+    id: int
+    name: str
+    scope: Scope
+    expires_at: float | None  # epoch seconds; None: never
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking (``key:<name>``, ``user:<username>``, None while the API is open) and
+    what they may use."""
+
+    client: str | None
+    scope: Scope = EVERYTHING
+
+
+OPEN = Caller(None)
+
+
+class KeyRing:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        # key hash -> the key (who is asking, for the request log, and its scope)
+        self._hashes: dict[str, Key] = {}
+        self._any = False
+        self._loaded = False
+        self.version = -1  # the StateVersion the hashes were read at; -1: never read
+
+    def reload(self) -> None:
+        from dispatch.models import ApiKey, StateVersion
+
+        with self._lock:
+            # Read first: a change committed during the read shows as a newer number.
+            self.version = StateVersion.current()
+            self._hashes = {
+                key_hash: Key(
+                    pk,
+                    name,
+                    Scope(tuple(patterns or ())),
+                    expires_at.timestamp() if expires_at else None,
+                )
+                for pk, key_hash, name, patterns, expires_at in ApiKey.objects.filter(
+                    enabled=True
+                ).values_list("pk", "key_hash", "name", "allowed_models", "expires_at")
+            }
+            # Disabling the last key must not open the API: any key, enabled or not, counts.
+            self._any = ApiKey.objects.exists()
+            self._loaded = True
+
+    async def ensure_loaded(self) -> None:
+        if not self._loaded:
+            await sync_to_async(self.reload, thread_sensitive=True)()
+
+    def knows(self, key: str) -> bool:
+        return self.find(key) is not None
+
+    def find(self, key: str) -> Key | None:
+        """The enabled key ``key``, or None when there is no such key."""
+        from dispatch.models import hash_key
+
+        return self._hashes.get(hash_key(key))
+
+    @property
+    def any(self) -> bool:
+        return self._any
+
+
+keyring = KeyRing()
+
+
+def _no_view(request: HttpRequest) -> HttpResponseBase:
+    # Never called: the middleware is used for its check alone (process_view).
+    raise AssertionError("not a view")
+
+
+_csrf = CsrfViewMiddleware(_no_view)
+
+
+async def authorize(request: HttpRequest, key_header: str | None = None) -> Caller:
+    """Raise ApiError(401/403) unless the request may use /v1; who is asking, and what they
+    may use (a key's model allowlist; the page's users and an open API: everything).
+
+    Who is asking: ``key:<name>`` for an API key, ``user:<username>`` for the page's session
+    (also while the API is open: a user's page hears only its own decisions), None for
+    anyone else while the API is open. ``key_header`` is another header that may carry the
+    key, bare (``x-api-key``, where the ``anthropic`` SDK sends it: see dispatch.routing.endpoints).
+    """
+    mode = settings.HAL0_API_AUTH
+    if mode == "off" or (mode == "auto" and not await _keys_exist()):
+        # Open to anyone; the request is still the page user's when it provably comes from
+        # their page (the same CSRF check), so their page hears its own decisions.
+        user = await _session_user(request)
+        if user is None or not _from_the_page(request):
+            return OPEN
+        return Caller(f"user:{user.get_username()}")
+    auth = request.headers.get("Authorization", "")
+    bare = request.headers.get(key_header, "") if key_header else ""
+    if auth or bare:
+        if auth:
+            scheme, _, given = auth.partition(" ")
+            key = keyring.find(given.strip()) if scheme.lower() == "bearer" else None
+        else:
+            key = keyring.find(bare.strip())
+        if key is None:
+            raise ApiError(401, "invalid_api_key", "The API key is not valid.")
+        now = time.time()
+        if key.expired(now):
+            assert key.expires_at is not None
+            raise ApiError(
+                401,
+                "expired_api_key",
+                f"The API key '{key.name}' expired at "
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(key.expires_at))}.",
+            )
+        keyuse.used(key.id, now)
+        return Caller(f"key:{key.name}", key.scope)
+    user = await _session_user(request)
+    if user is not None:
+        # The page's calls carry the session cookie, so they must prove they come from
+        # the page itself.
+        if not _from_the_page(request):
+            raise ApiError(403, "csrf_failed", "CSRF check failed; reload the page.")
+        return Caller(f"user:{user.get_username()}")
+    raise ApiError(
+        401,
+        "missing_api_key",
+        "This hal0web requires an API key: send `Authorization: Bearer <key>` "
+        "(create keys in the admin).",
+    )
+
+
+def _from_the_page(request: HttpRequest) -> bool:
+    """Django's own CSRF check (token header + Origin). The token comes in the header only:
+    the body is the upstream's, never parsed as a form (a form or multipart body would be
+    read as one, and fail, inside the check)."""
+    request.POST = QueryDict()
+    return _csrf.process_view(request, _no_view, (), {}) is None
+
+
+async def _keys_exist() -> bool:
+    await keyring.ensure_loaded()
+    return keyring.any
+
+
+async def _session_user(request: HttpRequest) -> Any:
+    """The page's logged-in user from the session cookie, or None (no cookie: no lookup)."""
+    if settings.SESSION_COOKIE_NAME not in request.COOKIES:
+        return None
+    engine: Any = import_module(settings.SESSION_ENGINE)
+    request.session = engine.SessionStore(request.COOKIES[settings.SESSION_COOKIE_NAME])
+    user = await aget_user(request)
+    return user if user.is_authenticated else None

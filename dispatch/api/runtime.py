@@ -1,0 +1,248 @@
+"""Process runtime: the middleware-free handler for /v1, and start-up/shutdown of the watcher
+and the upstream client around whichever ASGI server runs us."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import RequestAborted, RequestDataTooBig
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpRequest, HttpResponseBase
+from django.urls import set_script_prefix, set_urlconf
+
+from dispatch.coordination import events, leases
+from dispatch.coordination.affinity import affinity
+from dispatch.coordination.store import store
+from dispatch.lifecycle import health
+from dispatch.observability import keyuse
+from dispatch.routing.endpoints import ROOT_PATHS
+from dispatch.upstream.admission import admission
+from dispatch.upstream.proxy import upstream
+
+log = logging.getLogger("hal0.runtime")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+Send = Callable[[Mapping[str, Any]], Awaitable[None]]
+
+
+class _BodyTooBig(io.BytesIO):
+    """A body that went past HAL0_MAX_BODY_MB: reading it raises, as Django's own check does."""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        raise RequestDataTooBig()
+
+
+class BareASGIHandler(ASGIHandler):
+    """Django's ASGI handler, lean for /v1: async end to end, no thread hop per request.
+
+    The stock handler spends two or three thread hops on every request (bench: ~1 ms of CPU
+    each under load): a ThreadSensitiveContext (a new executor per request), the
+    request_started/request_finished signals (their receivers manage database connections
+    through ``sync_to_async``) and ``response.close()`` through ``sync_to_async``. /v1 views
+    never touch the ORM per request, so this handler does without all three, and without
+    middleware: the API does its own (async) checks in the views. What little sync work it
+    does (a first table load, a page session lookup) runs in asgiref's one shared thread,
+    whose connections the watcher keeps fresh (``health.apply``).
+    """
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        # Private names of BaseHandler, stable since Django 3.1; the stubs do not list them.
+        get_response = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
+        self._middleware_chain = convert_exception_to_response(get_response)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handle(scope, receive, send)
+
+    async def read_body(self, receive: Receive) -> io.BytesIO:
+        # A /v1 body is JSON the view reads into memory whole anyway, bounded by
+        # HAL0_MAX_BODY_MB; Django's spooled temp file would cost more than most bodies.
+        # The bound holds while reading, so a chunked upload cannot grow past it either: past
+        # it, reading stops and the view, reading the body, answers 413 in its own words.
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestAborted()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if limit is not None and size > limit:
+                return _BodyTooBig()
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return io.BytesIO(b"".join(parts))
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+
+        # As Django does, a disconnect while the view runs or streams cancels it, so a
+        # streaming view's generator is closed and the upstream request with it. Django runs
+        # the view in a second task beside the listener; cancelling this one instead saves
+        # a task and an asyncio.wait per request.
+        task = asyncio.current_task()
+        assert task is not None
+        aborted = False
+
+        async def cancel_on_disconnect() -> None:
+            nonlocal aborted
+            # After the whole body, the only message left to receive is http.disconnect. (Past
+            # HAL0_MAX_BODY_MB it is more body, unread: the 413 goes out without a listener.)
+            if (await receive())["type"] == "http.disconnect":
+                aborted = True
+                task.cancel()
+
+        listener = asyncio.create_task(cancel_on_disconnect())
+        response: HttpResponseBase | None = None
+        try:
+            response = await self._respond(scope, body_file)
+            # What SecurityMiddleware adds to every other answer, and /v1 has no middleware:
+            # a browser must never sniff an error's text or a stream as HTML to run.
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
+            await self.send_response(response, send)
+        except asyncio.CancelledError:
+            if not aborted:
+                raise  # the server is shutting down: let it
+            task.uncancel()  # the client went away: that ends this request, not the server
+        finally:
+            listener.cancel()
+            if response is not None:
+                # What response.close() does, minus the request_finished signal (see above).
+                for closer in response._resource_closers:  # type: ignore[attr-defined]
+                    closer()
+
+    async def _respond(self, scope: Scope, body_file: io.BytesIO) -> HttpResponseBase:
+        """The view's response; the request (and its body) go as soon as the view returns.
+
+        A stream can run for minutes, thousands at once, each from a prompt of tens of KB:
+        once the upstream has the body nothing here needs it, so nothing keeps it.
+        """
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:  # Django's own 400 (or 413) for a malformed request
+            body_file.close()
+            assert error_response is not None  # create_request gives one or the other
+            return error_response
+        try:
+            return await self.get_response_async(request)
+        finally:
+            request.close()
+            body_file.close()  # frees its buffer: the body's last reference here
+
+    async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
+        # Django's version also logs every 4xx/5xx answer, through a thread hop each. /v1
+        # logs every request itself (hal0.dispatch), with more to say; uncaught exceptions
+        # are still logged by convert_exception_to_response.
+        set_urlconf(settings.ROOT_URLCONF)
+        response: HttpResponseBase = await self._middleware_chain(request)  # type: ignore[misc]
+        return response
+
+
+def api_asgi_application() -> BareASGIHandler:
+    return BareASGIHandler()
+
+
+class Hal0Application:
+    """Routes /v1 (and the API paths outside it, such as /rerank) to the bare handler and starts the watcher with the first connection.
+
+    Daphne sends no ASGI lifespan events, so the runtime starts lazily on the first scope of
+    any kind; under a server that does send them (Uvicorn) it starts at start-up and the
+    upstream client is closed cleanly at shutdown.
+    """
+
+    def __init__(self, app: Any, api: Any) -> None:
+        self.app = app
+        self.api = api
+        self._started = False
+
+    async def _startup(self) -> None:
+        if not self._started:
+            # Before anything starts: a second server on the embedded database is refused
+            # (each request gets the error again, so it cannot half-start).
+            leases.claim_embedded()
+            self._started = True
+            if settings.REDIS_URL:
+                # Several processes share Redis: max_concurrency holds across all of them.
+                from dispatch.coordination.redis_places import RedisPlaces
+
+                admission.gate = RedisPlaces(settings.REDIS_URL)
+            events.bind_loop(asyncio.get_running_loop())
+            await store.ensure_loaded()
+            health.ensure_running()
+            _on_daphne_shutdown(self._shutdown)
+            # Everything loaded so far (Django, the app, the table) lives as long as the
+            # process: take it out of the collector's sight, so full collections stay short
+            # and do not stall the streams this loop carries.
+            gc.freeze()
+
+    async def _shutdown(self) -> None:
+        try:
+            # The last uses since the last batch: the admin's "last used" stays true.
+            await sync_to_async(keyuse.recorder.flush, thread_sensitive=True)()
+        except Exception:
+            log.warning("could not record when API keys were last used", exc_info=True)
+        if admission.gate is not None:
+            await admission.gate.aclose()
+        await health.leadership.stop()
+        await health.watcher.stop()
+        await affinity.aclose()
+        await upstream.aclose()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if not self._started:
+            await self._startup()
+        if scope["type"] == "http" and (
+            scope["path"].startswith("/v1/") or scope["path"] in ROOT_PATHS
+        ):
+            await self.api(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._startup()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _on_daphne_shutdown(shutdown: Callable[[], Awaitable[None]]) -> None:
+    """Daphne sends no lifespan events; close cleanly when its Twisted reactor stops."""
+    # Look the reactor up without importing it: importing installs one, which must never
+    # happen under another server.
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None or not getattr(reactor, "running", False):
+        return
+    from twisted.internet.defer import Deferred
+
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: Deferred.fromFuture(asyncio.ensure_future(shutdown()))
+    )

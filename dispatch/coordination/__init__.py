@@ -1,0 +1,1 @@
+"""How processes converge: the table store, sync, leases, the bus, affinity stores."""

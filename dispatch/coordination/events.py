@@ -1,0 +1,183 @@
+"""The only module that talks to the channel layer.
+
+Everything the live UI hears goes through here: decisions to the staff's pages and to the
+asking user's, in-flight counts to every page, table changes to the pages of the process
+whose table changed. Sends are fire and forget: an
+event never delays or fails the request or the database write that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+GROUP = "dispatch"
+# Who may see which decision (issue 14): staff pages hear every one; any other user's pages
+# hear only their own requests', in a group per user. A page joins one or the other, so what
+# it must not see is never even sent to it (not sent and then filtered).
+STAFF_GROUP = "dispatch.staff"
+# This process's own pages. A change to the table reaches every process (dispatch.coordination.sync), and
+# each tells its own pages what its table now holds: sent to GROUP, a page would hear each
+# change once from every process. Decisions are made once, by one process, so they go to
+# GROUP for every page.
+REJOIN_S = 3600.0
+# Every process's version check listens here: a commit anywhere wakes it at once.
+SYNC_GROUP = "hal0.sync"
+# The leading watcher's ear: pokes from other processes (a request that failed there).
+WATCHER_GROUP = "hal0.watcher"
+LOCAL_GROUP = f"dispatch.local.{os.getpid()}.{secrets.token_hex(4)}"
+log = logging.getLogger("hal0.events")
+
+# Events published from async code wait here for the one task that sends them, in order.
+# Bounded: a channel layer that stalls (Redis away) must not grow memory without end; what
+# does not fit is dropped and counted (hal0_events_dropped_total).
+QUEUE_LIMIT = 10_000
+_queue: deque[tuple[dict[str, Any], str]] = deque()
+_dropped = 0
+
+
+def dropped() -> int:
+    """Events dropped because the send queue was full, since the process started."""
+    return _dropped
+
+
+_sender: asyncio.Task[None] | None = None
+# The loop the server runs on. The in-memory layer's queues belong to it, so sends from
+# other threads (the admin's sync views, the watcher's database writes) are handed to it.
+_home: asyncio.AbstractEventLoop | None = None
+
+
+def bind_loop(loop: asyncio.AbstractEventLoop) -> None:
+    global _home
+    _home = loop
+
+
+def _message(event: dict[str, Any]) -> dict[str, Any]:
+    # "type" routes the message to the consumer's handler; the event rides inside.
+    return {"type": "dispatch.event", "event": event}
+
+
+async def send(event: dict[str, Any], group: str = GROUP) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        await layer.group_send(group, _message(event))
+    except Exception:  # a broken layer must not break routing; say so and go on
+        log.warning("could not broadcast %s", event.get("type"), exc_info=True)
+
+
+def user_group(username: str) -> str:
+    """The group of one user's pages. Usernames may hold characters group names may not
+    (``@``, ``+``, non-ASCII), so the name is hashed."""
+    return "dispatch.user." + hashlib.sha256(username.encode()).hexdigest()[:32]
+
+
+def publish_decision(event: dict[str, Any], client: str | None) -> None:
+    """A decision for the staff's pages and, when a page user asked, for that user's."""
+    publish(event, STAFF_GROUP)
+    if client is not None and client.startswith("user:"):
+        publish(event, user_group(client.removeprefix("user:")))
+
+
+def publish(event: dict[str, Any], group: str = GROUP) -> None:
+    """From async code: queue the send and return at once.
+
+    One task sends whatever is queued, oldest first, and ends when the queue is empty: under
+    load a burst of events costs one task, not one each (one per request, on /v1).
+    """
+    global _sender, _dropped
+    loop = asyncio.get_running_loop()
+    if _sender is not None and _sender.get_loop() is not loop:
+        # A sender left on another loop (a finished test's, a restarted server's) will never
+        # run again, and what it had queued was for the pages that loop served.
+        _queue.clear()
+        _sender = None
+    if len(_queue) >= QUEUE_LIMIT:
+        _dropped += 1
+        return
+    _queue.append((event, group))
+    if _sender is None or _sender.done():
+        _sender = loop.create_task(_send_queued())
+
+
+async def _send_queued() -> None:
+    while _queue:
+        await send(*_queue.popleft())
+
+
+def tell_own_pages(event: dict[str, Any]) -> None:
+    """From sync code (after a reload): send to this process's pages."""
+    send_from_sync(event, LOCAL_GROUP)
+
+
+def tell_every_process(event: dict[str, Any]) -> None:
+    """From sync code (after a commit): wake every process's version check at once."""
+    send_from_sync(event, SYNC_GROUP)
+
+
+def send_from_sync(event: dict[str, Any], group: str) -> None:
+    """Send from sync code, bridging into the server's event loop when one runs."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is not None and (running is _home or _home is None):
+        publish(event, group)  # already on the loop: schedule, don't block it
+    elif _home is not None and _home.is_running():
+        asyncio.run_coroutine_threadsafe(send(event, group), _home)
+    else:
+        async_to_sync(send)(event, group)
+
+
+def _page_groups(staff: bool, username: str) -> tuple[str, ...]:
+    return (GROUP, LOCAL_GROUP, STAFF_GROUP if staff else user_group(username))
+
+
+async def join(channel_name: str, *, staff: bool, username: str) -> None:
+    """A page joins: it hears the in-flight counts, the table changes of its own process, and
+    every decision (staff) or its user's own."""
+    layer = get_channel_layer()
+    if layer is not None:
+        for group in _page_groups(staff, username):
+            await layer.group_add(group, channel_name)
+
+
+async def leave(channel_name: str, *, staff: bool, username: str) -> None:
+    layer = get_channel_layer()
+    if layer is not None:
+        for group in _page_groups(staff, username):
+            await layer.group_discard(group, channel_name)
+
+
+async def listen(group: str, handle: Callable[[dict[str, Any]], None]) -> None:
+    """Hear what is sent to ``group`` until cancelled; ``handle`` gets each event."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    channel = await layer.new_channel()
+    try:
+        while True:
+            # Joined again now and then: channels-redis forgets a member after a day.
+            await layer.group_add(group, channel)
+            try:
+                async with asyncio.timeout(REJOIN_S):
+                    while True:
+                        message = await layer.receive(channel)
+                        handle(message.get("event") or {})
+            except TimeoutError:
+                continue
+    finally:
+        try:
+            await layer.group_discard(group, channel)
+        except Exception:  # the layer may be gone with the loop; nothing is left to undo
+            log.debug("could not leave %s", group, exc_info=True)

@@ -1,0 +1,179 @@
+"""The process's current routing table: loaded from the database, swapped atomically.
+
+Model signals schedule a reload after the transaction commits (see ``dispatch.signals``), so
+requests never query the database: they read ``store.table``, one immutable snapshot. Async
+code that needs to know when the table changes (a request waiting out a model swap) awaits
+``next_change()``, woken from whichever thread did the reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import MappingProxyType
+
+from asgiref.sync import sync_to_async
+
+from dispatch.routing.endpoints import defaults_for
+from dispatch.routing.table import EMPTY_TABLE, ModelEntry, RoutingTable, SlotEntry, make_slot
+
+
+def load_table(version: int) -> RoutingTable:
+    """Read every slot and its models from the database into a new table (sync, ORM)."""
+    from dispatch.models import Slot
+
+    entries: list[SlotEntry] = []
+    for slot in Slot.objects.prefetch_related("models").order_by("name"):
+        models = [
+            ModelEntry(
+                m.model_id,
+                m.upstream_model or m.model_id,
+                m.source,
+                m.is_default,
+                MappingProxyType(dict(m.upstream_fields or {})),
+            )
+            for m in slot.models.all()
+        ]
+        listed = list(slot.endpoints or ())
+        entries.append(
+            make_slot(
+                slot.name,
+                slot.url,
+                models,
+                kind=slot.kind,
+                type=slot.type,
+                device=slot.device,
+                enabled=slot.enabled,
+                is_default=slot.is_default,
+                priority=slot.priority,
+                state=slot.state,
+                last_error=slot.last_error,
+                api_key_env=slot.api_key_env,
+                max_concurrency=slot.max_concurrency,
+                connect_timeout_s=slot.connect_timeout_s,
+                first_byte_timeout_s=slot.first_byte_timeout_s,
+                idle_timeout_s=slot.idle_timeout_s,
+                max_duration_s=slot.max_duration_s,
+                drift=tuple(slot.drift or ()),
+                endpoints=frozenset(listed) if listed else defaults_for(slot.type),
+                endpoints_listed=bool(listed),
+            )
+        )
+    return RoutingTable.build(version, entries)
+
+
+class TableStore:
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[RoutingTable, RoutingTable], None]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the table (not the listeners): the next use loads it afresh."""
+        self._table: RoutingTable = EMPTY_TABLE
+        self._loaded = False
+        self._lock = threading.Lock()
+        self._checked_at = 0.0  # monotonic time of the last reload, changed or not
+        # Set once this process follows the database (dispatch.coordination.sync): the table is stale
+        # once it has not been checked against the database for this long...
+        self.max_age: float | None = None
+        # ...or once the watcher's last full probe round is older than this.
+        self.heartbeat_max_age: float | None = None
+        self.probed_at: datetime | None = None  # the watcher's heartbeat, read from the database
+        self.watcher = ""  # who wrote it
+        self._following_since: datetime | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    @property
+    def table(self) -> RoutingTable:
+        return self._table
+
+    def follow(self, max_age: float, heartbeat_max_age: float) -> None:
+        self.max_age, self.heartbeat_max_age = max_age, heartbeat_max_age
+        if self._following_since is None:
+            self._following_since = datetime.now(UTC)
+
+    @property
+    def stale(self) -> bool:
+        """True when the table may lag the truth: this process could not check the database
+        lately, or the slot states in it are older than the watcher should let them be (no
+        watcher runs, or it is stuck). Until a first heartbeat the clock starts when this
+        process began to follow."""
+        if self.max_age is not None and time.monotonic() - self._checked_at > self.max_age:
+            return True
+        known = self.probed_at or self._following_since
+        if self.heartbeat_max_age is None or known is None:
+            return False
+        return (datetime.now(UTC) - known).total_seconds() > self.heartbeat_max_age
+
+    def freshness(self) -> dict[str, object]:
+        """What /healthz and the page say about it."""
+        return {
+            "stale": self.stale,
+            "probed_at": self.probed_at.isoformat() if self.probed_at else None,
+            "leader": self.watcher or None,
+        }
+
+    def reload(self) -> RoutingTable:
+        """Rebuild from the database and publish (sync: call from a thread, not the loop).
+
+        The table carries the database's ``StateVersion``, read before the rows: a change
+        that commits in between leaves a newer table under an older number, which the next
+        version check (``dispatch.coordination.sync``) reloads. A reload that finds nothing changed
+        publishes nothing.
+        """
+        from dispatch.models import StateVersion
+
+        with self._lock:
+            table = load_table(StateVersion.current())
+            if (
+                not self._loaded
+                or table.version != self._table.version
+                or table.slots != self._table.slots
+            ):
+                self.publish(table)
+            self._checked_at = time.monotonic()
+        return self._table
+
+    def mark_checked(self, probed_at: datetime | None = None, watcher: str = "") -> None:
+        """The database was just read: its version, and the watcher's heartbeat."""
+        self._checked_at = time.monotonic()
+        self.probed_at, self.watcher = probed_at, watcher
+
+    async def ensure_loaded(self) -> RoutingTable:
+        if not self._loaded:
+            await sync_to_async(self.reload, thread_sensitive=True)()
+        return self._table
+
+    def publish(self, table: RoutingTable) -> None:
+        old, self._table, self._loaded = self._table, table, True
+        waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            if not loop.is_closed() and not fut.done():
+                loop.call_soon_threadsafe(_wake, fut)
+        for listener in list(self._listeners):
+            listener(old, table)
+
+    def on_change(self, listener: Callable[[RoutingTable, RoutingTable], None]) -> None:
+        self._listeners.append(listener)
+
+    def next_change(self) -> asyncio.Future[None]:
+        """A future resolved when the next table is published (from any thread).
+
+        Take it *before* looking at the table: then a change between the look and the wait
+        resolves it instead of being missed. Cancel it if you stop waiting.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append((loop, fut))
+        return fut
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+store = TableStore()

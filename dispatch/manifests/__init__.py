@@ -1,0 +1,1 @@
+"""hal0 TOML slot manifests: parse, export, apply."""

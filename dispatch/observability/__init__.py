@@ -1,0 +1,1 @@
+"""What is seen of the traffic: decisions, metrics, the request log, log lines."""

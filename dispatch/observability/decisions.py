@@ -1,0 +1,204 @@
+"""Making each routing decision visible.
+
+``record`` hands each finished request to a list of outputs: the JSON log line, the live
+event, and (when on) the Prometheus metrics and the request log. Every output runs on the
+event loop after the request's work is done, must be cheap (anything slow is queued to a
+thread of its own) and must never fail the request: one that raises is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from dispatch.coordination import events
+from dispatch.routing.explain import Explanation, explain, explain_no_route
+from dispatch.routing.resolver import Decision, NoRoute
+from dispatch.wire.errors import dumps
+
+log = logging.getLogger("hal0.dispatch")
+
+
+@dataclass(slots=True)
+class DecisionRecord:
+    request_id: str
+    endpoint: str
+    model: str | None
+    slot: str | None = None
+    upstream_model: str | None = None
+    resolution_path: str | None = None
+    cache_state: str = "fresh"
+    latency_us: float = 0.0
+    status: int = 0
+    duration_ms: float = 0.0
+    error: str | None = None
+    inflight: int = 0
+    # Who asked: an API key's name, a page user's name, or None (open API).
+    client: str | None = None
+    # Seconds since the epoch when the request arrived (for the request log and charts).
+    at: float = 0.0
+    ttfb_ms: float | None = None  # upstream response headers
+    ttft_ms: float | None = None  # a stream's first body chunk
+    added_ms: float | None = None  # hal0web's own time before forwarding
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    # What the resolver decided, and the in-flight counts it ranked by: enough to explain
+    # the choice later, without doing any of that work while routing.
+    decision: Decision | NoRoute | None = None
+    seen_inflight: tuple[int, ...] = ()
+    # Only with HAL0_LOG_BODIES: the request body as received and the answer as sent, capped.
+    body: bytes | None = None
+    answer: bytes | None = None
+
+    @property
+    def why(self) -> Explanation | None:
+        """Why this slot (see ``dispatch.routing.explain``); built when first asked, not routing."""
+        return None if self.decision is None else _explained(self)[0]
+
+    def why_dict(self) -> dict[str, object] | None:
+        return None if self.decision is None else _explained(self)[1]
+
+    @property
+    def resolution_kind(self) -> str:
+        """The rule family of the resolution path (model, alias, qualified, failover, ...)."""
+        if not self.resolution_path:
+            return "none"
+        return self.resolution_path.split(":", 1)[0]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "event": "dispatch.decision",
+            "request_id": self.request_id,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "slot": self.slot,
+            "upstream_model": self.upstream_model,
+            "resolution_path": self.resolution_path,
+            "cache_state": self.cache_state,
+            "latency_us": round(self.latency_us, 2),
+            "status": self.status,
+            "duration_ms": round(self.duration_ms, 2),
+            "error": self.error,
+            "inflight": self.inflight,
+            "at": round(self.at, 3),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "why": self.why_dict(),
+        }
+
+
+# Explanations by everything they depend on. Under load most requests repeat a few cases (the
+# same model, on the same table, at the same load): those cost a dictionary lookup, not a new
+# explanation. Bounded like the resolver's suggestions memo.
+_MEMO_LIMIT = 1024
+_memo: dict[tuple[object, ...], tuple[Explanation, dict[str, object]]] = {}
+
+
+def _explained(rec: DecisionRecord) -> tuple[Explanation, dict[str, object]]:
+    decision = rec.decision
+    assert decision is not None
+    if isinstance(decision, NoRoute):
+        key: tuple[object, ...] = (decision.table_version, decision.requested_model, decision.code)
+    else:
+        key = (
+            decision.table_version,
+            decision.requested_model,
+            decision.resolution_path,
+            rec.seen_inflight,
+            rec.slot,
+            rec.resolution_path,
+            0 < rec.status < 400,
+        )
+    found = _memo.get(key)
+    if found is None:
+        if isinstance(decision, NoRoute):
+            why = explain_no_route(decision)
+        else:
+            why = explain(
+                decision,
+                rec.seen_inflight,
+                answered_by=rec.slot,
+                resolution_path=rec.resolution_path,
+                status=rec.status,
+            )
+        if len(_memo) >= _MEMO_LIMIT:
+            _memo.clear()
+        found = _memo[key] = (why, why.as_dict())
+    return found
+
+
+Output = Callable[[DecisionRecord, dict[str, object]], None]
+
+
+def log_output(rec: DecisionRecord, data: dict[str, object]) -> None:
+    if log.isEnabledFor(logging.INFO):
+        log.info(dumps(data).decode())
+
+
+def event_output(rec: DecisionRecord, data: dict[str, object]) -> None:
+    # Who asked decides who hears it: staff see every decision, a page user their own.
+    events.publish_decision({"type": "dispatch.decision", **data}, rec.client)
+
+
+# The outputs every decision goes to, in order. `dispatch.apps` adds the metrics and the
+# request log at start-up when they are on (HAL0_METRICS, HAL0_REQUEST_LOG).
+outputs: list[Output] = [log_output, event_output]
+
+
+def record(rec: DecisionRecord) -> None:
+    """Send the decision to every output; none of them may delay or fail the request."""
+    data = rec.as_dict()
+    if rec.model is not None and not rec.model.isascii():
+        # A lone surrogate (accepted: bodies.loads) cannot be encoded as UTF-8, which a log
+        # line, a channel-layer message and a database row all need: keep it as its escape.
+        data["model"] = rec.model.encode("utf-8", "backslashreplace").decode()
+    for output in outputs:
+        try:
+            output(rec, data)
+        except Exception:  # an output's bug must not turn a served request into a 500
+            log.exception("decision output %s failed", getattr(output, "__name__", output))
+
+
+class InflightReporter:
+    """Tells the live UI how busy each slot is, at most every ``interval`` seconds.
+
+    Under load counts change thousands of times a second; the page needs a few updates a
+    second, so changes are gathered and sent as one `slot.inflight` event per interval.
+    """
+
+    def __init__(self, counts: Mapping[str, int], interval: float = 0.1) -> None:
+        self._counts = counts
+        self._interval = interval
+        self._dirty: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._send: Callable[[dict[str, object]], None] = events.publish
+
+    def note(self, slot: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._dirty.add(slot)  # the next note on a loop sends it
+            return
+        if self._timer_loop is not loop:
+            if self._timer_loop is not None:
+                # A timer left on another (stopped) loop never fires, and what it gathered
+                # was for the pages that loop served: start afresh on this one.
+                self._dirty.clear()
+            self._timer, self._timer_loop = None, loop
+        self._dirty.add(slot)
+        if self._timer is None:
+            self._timer = loop.call_later(self._interval, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        dirty, self._dirty = self._dirty, set()
+        self._send(
+            {
+                "type": "slot.inflight",
+                "inflight": {s: self._counts.get(s, 0) for s in sorted(dirty)},
+            }
+        )

@@ -1,0 +1,1 @@
+"""The routing core: the table, states, the resolver, scopes, explanations. Pure: no ORM, no I/O."""

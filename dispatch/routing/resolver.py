@@ -1,0 +1,356 @@
+"""Resolution: which slot serves a request. A pure function over an immutable table.
+
+No ORM, no HTTP, no clock other than the one that times the decision itself, so it is cheap
+(a few microseconds), deterministic and property-tested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import heapq
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from dispatch.routing.endpoints import TYPES_OF
+from dispatch.routing.table import STATE_RANK, RoutingTable, SlotEntry
+
+_NO_INFLIGHT: Mapping[str, int] = MappingProxyType({})
+_UNUSABLE = frozenset({"offline", "error", "draining"})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One slot that can serve the request, and the model name to send it."""
+
+    slot: SlotEntry
+    upstream_model: str | None
+    source: str  # manifest | alias | discovered | default | slot | fallback | qualified
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    requested_model: str | None
+    targets: tuple[Target, ...]  # the chosen target first, then ordered fallbacks
+    resolution_path: str
+    latency_us: float
+    table_version: int
+
+    @property
+    def target(self) -> Target:
+        return self.targets[0]
+
+    @property
+    def slot(self) -> str:
+        return self.targets[0].slot.name
+
+    @property
+    def upstream_model(self) -> str | None:
+        return self.targets[0].upstream_model
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return tuple(t.slot.name for t in self.targets)
+
+
+@dataclass(frozen=True, slots=True)
+class NoRoute:
+    requested_model: str | None
+    status: int
+    code: str
+    message: str
+    latency_us: float
+    table_version: int
+    slot: str | None = None
+
+
+_PATH_PREFIX: Mapping[str, str] = MappingProxyType({"alias": "alias", "discovered": "discovered"})
+
+
+def _source_path(source: str) -> str:
+    return _PATH_PREFIX.get(source, "model")
+
+
+def candidates(
+    table: RoutingTable,
+    model_id: str,
+    inflight: Mapping[str, int] = _NO_INFLIGHT,
+    endpoint: str | None = None,
+) -> list[tuple[SlotEntry, str, str]]:
+    """The enabled slots serving ``model_id`` (and offering ``endpoint``, when given), best
+    first: (slot, upstream model, source)."""
+    found = []
+    for name in table.by_model.get(model_id, ()):
+        slot = table.slots[name]
+        if endpoint is not None and endpoint not in slot.endpoints:
+            continue
+        entry = slot.models[model_id]
+        found.append((slot, entry.upstream_model, entry.source))
+    # Ready, then loading, then the rest; then the operator's priority; then the least busy.
+    found.sort(
+        key=lambda c: (
+            STATE_RANK.get(c[0].state, 5),
+            -c[0].priority,
+            inflight.get(c[0].name, 0),
+            c[0].name,
+        )
+    )
+    return found
+
+
+def _by_model(
+    table: RoutingTable, requested: str, endpoint: str, inflight: Mapping[str, int], t0: int
+) -> Decision | NoRoute:
+    names = table.by_model[requested]
+    if len(names) == 1:  # the common case: one slot serves the model, nothing to rank
+        slot = table.slots[names[0]]
+        if endpoint not in slot.endpoints:
+            return _not_offered(table, requested, endpoint, names, t0)
+        entry = slot.models[requested]
+        target = Target(slot, entry.upstream_model, entry.source)
+        path = f"{_source_path(entry.source)}:{slot.name}"
+        return Decision(requested, (target,), path, _elapsed(t0), table.version)
+    found = candidates(table, requested, inflight, endpoint)
+    if not found:
+        return _not_offered(table, requested, endpoint, names, t0)
+    chosen, _, source = found[0]
+    path = f"{_source_path(source)}:{chosen.name}"
+    # The operator's first choice (highest priority) is down and we picked another: say so.
+    preferred = min(found, key=lambda c: (-c[0].priority, c[0].name))[0]
+    if preferred.name != chosen.name and preferred.state in _UNUSABLE:
+        path = f"failover:{preferred.name}->{chosen.name}"
+    targets = tuple(Target(s, up, src) for s, up, src in found)
+    return Decision(requested, targets, path, _elapsed(t0), table.version)
+
+
+def _not_offered(
+    table: RoutingTable, requested: str, endpoint: str, names: Sequence[str], t0: int
+) -> NoRoute:
+    """404 for a model whose slots do not offer ``endpoint``: never a forward that fails
+    upstream, never another slot by default. Names the slots and what they do offer."""
+    offers = "; ".join(
+        f"slot '{n}' offers {', '.join(sorted(table.slots[n].endpoints)) or 'nothing'}"
+        for n in names
+    )
+    return NoRoute(
+        requested,
+        404,
+        "endpoint_not_supported",
+        f"No slot serving '{requested}' offers {endpoint}: {offers}.",
+        _elapsed(t0),
+        table.version,
+        slot=names[0] if len(names) == 1 else None,
+    )
+
+
+def pinned(
+    table: RoutingTable,
+    slot_name: str,
+    requested_model: str | None,
+    endpoint: str,
+    response_id: str,
+) -> Decision | NoRoute:
+    """The slot that made response ``response_id`` (it alone holds it), whatever ``model``
+    alone would pick: resolution ``affinity:<slot>``. The model, when the request names one
+    the slot serves, goes upstream under the slot's own name for it; otherwise as sent."""
+    t0 = time.perf_counter_ns()
+    slot = table.slots.get(slot_name)
+    if slot is None:
+        return NoRoute(
+            requested_model,
+            404,
+            "response_not_found",
+            f"Response '{response_id}' was made by slot '{slot_name}', which no longer exists.",
+            _elapsed(t0),
+            table.version,
+            slot=slot_name,
+        )
+    if not slot.enabled:
+        return NoRoute(
+            requested_model,
+            503,
+            "slot_unavailable",
+            f"Slot '{slot_name}', which holds response '{response_id}', is disabled.",
+            _elapsed(t0),
+            table.version,
+            slot=slot_name,
+        )
+    if endpoint not in slot.endpoints:
+        return _not_offered(table, requested_model or slot_name, endpoint, (slot_name,), t0)
+    entry = slot.models.get(requested_model) if requested_model else None
+    target = Target(slot, entry.upstream_model if entry else None, "affinity")
+    return Decision(
+        requested_model, (target,), f"affinity:{slot_name}", _elapsed(t0), table.version
+    )
+
+
+def _elapsed(t0: int) -> float:
+    return (time.perf_counter_ns() - t0) / 1000.0
+
+
+_MEMO_LIMIT = 1024
+_PREFILTER = 64
+
+
+def _pairs(text: str) -> frozenset[str]:
+    low = text.lower()
+    return frozenset(low[i : i + 2] for i in range(len(low) - 1))
+
+
+def suggestions(table: RoutingTable, requested: str) -> tuple[str, ...]:
+    """Up to three known ids (or slot names) close to ``requested``."""
+    memo = table.suggest_memo
+    found = memo.get(requested)
+    if found is None:
+        if not table.id_pairs:
+            names = list(table.known_ids) + [s for s in table.slots if table.slots[s].enabled]
+            table.id_pairs.extend((i, _pairs(i)) for i in names)
+        want = _pairs(requested)
+        # difflib compares slowly; rank by shared letter pairs first and keep the closest.
+        ranked = heapq.nlargest(_PREFILTER, table.id_pairs, key=lambda p: len(want & p[1]))
+        pool = [i for i, _ in ranked]
+        found = tuple(difflib.get_close_matches(requested, pool, n=3, cutoff=0.4))
+        if len(memo) >= _MEMO_LIMIT:  # bounded: random garbage ids must not grow it forever
+            memo.clear()
+        memo[requested] = found
+    return found
+
+
+def resolve(
+    table: RoutingTable,
+    requested_model: str | None,
+    endpoint: str,
+    inflight: Mapping[str, int] = _NO_INFLIGHT,
+    fallback_slot: str | None = None,
+) -> Decision | NoRoute:
+    """Decide where a request for ``requested_model`` on ``endpoint`` goes.
+
+    Order: ``slot/model`` qualified id; a slot's name; a model id or alias; no model at all
+    (the endpoint type's default slot); the operator's opt-in fallback slot; else no route.
+    """
+    t0 = time.perf_counter_ns()
+    version = table.version
+
+    # 4. No model in the body: the default slot of a type that offers the endpoint.
+    if requested_model is None or requested_model == "":
+        types = TYPES_OF.get(endpoint, ("llm",))
+        name = next(
+            (
+                n
+                for n in (table.default_slot.get(t) for t in types)
+                if n is not None
+                and endpoint in table.slots[n].endpoints
+                and table.slots[n].default_model is not None
+            ),
+            None,
+        )
+        if name is None:
+            return NoRoute(
+                requested_model,
+                400,
+                "model_required",
+                f"This request names no model and no default {' or '.join(types)} slot "
+                f"offering {endpoint} is configured; set `model` in the request.",
+                _elapsed(t0),
+                version,
+            )
+        slot = table.slots[name]
+        target = Target(slot, slot.default_model, "default")
+        return Decision(requested_model, (target,), f"default:{name}", _elapsed(t0), version)
+
+    slots = table.slots
+    # 1. slot/model. Model ids may contain "/" themselves (vLLM's "Qwen/Qwen3-8B"), so the
+    # prefix is a qualifier only when it names a slot.
+    slash = requested_model.find("/")
+    if slash > 0:
+        prefix, rest = requested_model[:slash], requested_model[slash + 1 :]
+        slot_entry = slots.get(prefix)
+        if slot_entry is not None:
+            entry = slot_entry.models.get(rest)
+            if entry is not None:
+                if not slot_entry.enabled:
+                    return NoRoute(
+                        requested_model,
+                        503,
+                        "slot_unavailable",
+                        f"Slot '{prefix}' is disabled.",
+                        _elapsed(t0),
+                        version,
+                        slot=prefix,
+                    )
+                if endpoint not in slot_entry.endpoints:
+                    return _not_offered(table, requested_model, endpoint, (prefix,), t0)
+                target = Target(slot_entry, entry.upstream_model, "qualified")
+                return Decision(
+                    requested_model, (target,), f"qualified:{prefix}", _elapsed(t0), version
+                )
+            if requested_model not in table.by_model:
+                return NoRoute(
+                    requested_model,
+                    404,
+                    "model_not_found",
+                    f"Slot '{prefix}' does not serve model '{rest}'."
+                    + _hint(sorted(slot_entry.models)),
+                    _elapsed(t0),
+                    version,
+                    slot=prefix,
+                )
+
+    # 2. A slot's name: that slot's default model.
+    slot_entry = slots.get(requested_model)
+    if slot_entry is not None and requested_model not in table.by_model:
+        if not slot_entry.enabled:
+            return NoRoute(
+                requested_model,
+                503,
+                "slot_unavailable",
+                f"Slot '{requested_model}' is disabled.",
+                _elapsed(t0),
+                version,
+                slot=requested_model,
+            )
+        if slot_entry.default_model is None:
+            return NoRoute(
+                requested_model,
+                404,
+                "model_not_found",
+                f"Slot '{requested_model}' has no models yet.",
+                _elapsed(t0),
+                version,
+                slot=requested_model,
+            )
+        if endpoint not in slot_entry.endpoints:
+            return _not_offered(table, requested_model, endpoint, (requested_model,), t0)
+        target = Target(slot_entry, slot_entry.default_model, "slot")
+        return Decision(
+            requested_model, (target,), f"slot:{requested_model}", _elapsed(t0), version
+        )
+
+    # 3. A model id or alias served by one or more enabled slots.
+    if requested_model in table.by_model:
+        return _by_model(table, requested_model, endpoint, inflight, t0)
+
+    # 5. Nothing serves it. Only an operator's explicit opt-in sends it somewhere anyway.
+    if fallback_slot is not None:
+        fb = slots.get(fallback_slot)
+        if fb is not None and fb.enabled and endpoint in fb.endpoints:
+            target = Target(fb, requested_model, "fallback")
+            return Decision(
+                requested_model, (target,), f"fallback:{fallback_slot}", _elapsed(t0), version
+            )
+    return NoRoute(
+        requested_model,
+        404,
+        "model_not_found",
+        f"The model '{requested_model}' does not exist or no slot serves it."
+        + _hint(suggestions(table, requested_model)),
+        _elapsed(t0),
+        version,
+    )
+
+
+def _hint(ids: Sequence[str]) -> str:
+    if not ids:
+        return ""
+    return " Did you mean: " + ", ".join(f"'{i}'" for i in ids[:3]) + "?"

@@ -1,0 +1,134 @@
+"""The routing table: an immutable snapshot of slots and the models they serve.
+
+Pure data. It is built from plain values (see ``dispatch.coordination.store`` for the ORM loader), never
+mutated, and replaced whole when anything changes, so a request reads one consistent view
+without locks and without touching the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from dispatch.routing.endpoints import defaults_for
+
+# Preference among candidate slots: ready first, then loading, then never probed, then the rest.
+STATE_RANK: Mapping[str, int] = MappingProxyType(
+    {"ready": 0, "loading": 1, "unknown": 2, "error": 3, "offline": 3, "draining": 4}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    model_id: str
+    upstream_model: str
+    source: str  # manifest | alias | discovered
+    is_default: bool = False
+    # What the upstream's own /models said of it (context_length, capabilities, meta,
+    # created, owned_by...), less id and object: /v1/models shows it next to hal0web's.
+    # Not compared: it changes no route and nothing the page shows (a new table still has
+    # a new version, so it is published).
+    upstream_fields: Mapping[str, Any] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SlotEntry:
+    name: str
+    url: str
+    kind: str = "llamacpp"
+    type: str = "llm"
+    device: str = ""
+    enabled: bool = True
+    is_default: bool = False
+    priority: int = 0
+    state: str = "unknown"
+    last_error: str = ""
+    api_key_env: str = ""
+    max_concurrency: int = 0
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 300.0
+    idle_timeout_s: float = 120.0
+    max_duration_s: float = 0.0  # 0: no cap
+    models: Mapping[str, ModelEntry] = field(default_factory=lambda: MappingProxyType({}))
+    default_model: str | None = None
+    drift: tuple[str, ...] = ()
+    # The endpoints it serves (dispatch.routing.endpoints names): its manifest's `endpoints`, or its
+    # type's defaults. A request for an endpoint the slot does not offer never reaches it.
+    endpoints: frozenset[str] = frozenset()
+    # Whether `endpoints` was listed (kept for the manifest and the admin) or is the default.
+    endpoints_listed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTable:
+    version: int
+    slots: Mapping[str, SlotEntry]
+    # model id -> names of the enabled slots that serve it (declared, alias or discovered)
+    by_model: Mapping[str, tuple[str, ...]]
+    # slot type -> name of the enabled default slot of that type
+    default_slot: Mapping[str, str]
+    known_ids: tuple[str, ...]
+    # Memo of close-id suggestions for misses (difflib over every id costs tens of ms at
+    # 100 x 20): a burst of the same mistyped id pays once per table.
+    suggest_memo: dict[str, tuple[str, ...]] = field(
+        default_factory=dict, compare=False, repr=False, hash=False
+    )
+    # Each suggestible id with its letter pairs, filled on the first miss.
+    id_pairs: list[tuple[str, frozenset[str]]] = field(
+        default_factory=list, compare=False, repr=False, hash=False
+    )
+
+    @classmethod
+    def build(cls, version: int, slots: Iterable[SlotEntry]) -> RoutingTable:
+        by_name = {s.name: s for s in slots}
+        by_model: dict[str, list[str]] = {}
+        defaults: dict[str, str] = {}
+        for s in by_name.values():
+            if not s.enabled:
+                continue
+            if s.is_default:
+                defaults.setdefault(s.type, s.name)
+            for model_id in s.models:
+                by_model.setdefault(model_id, []).append(s.name)
+        return cls(
+            version=version,
+            slots=MappingProxyType(by_name),
+            by_model=MappingProxyType({k: tuple(v) for k, v in by_model.items()}),
+            default_slot=MappingProxyType(defaults),
+            known_ids=tuple(sorted(by_model)),
+        )
+
+    @property
+    def unprobed(self) -> tuple[str, ...]:
+        """Enabled slots never probed yet: a miss may only mean we have not asked them."""
+        return tuple(s.name for s in self.slots.values() if s.enabled and s.state == "unknown")
+
+
+EMPTY_TABLE = RoutingTable.build(0, ())
+
+
+def make_slot(
+    name: str,
+    url: str,
+    models: Iterable[ModelEntry] = (),
+    **kwargs: object,
+) -> SlotEntry:
+    """Convenience constructor: freezes the model mapping and derives the default model and,
+    unless given, the endpoints (the type's defaults)."""
+    model_list = list(models)
+    if "endpoints" not in kwargs:
+        kwargs["endpoints"] = defaults_for(str(kwargs.get("type", "llm")))
+    default = next((m.model_id for m in model_list if m.is_default), None)
+    if default is None:
+        default = next((m.model_id for m in model_list if m.source != "alias"), None)
+    return SlotEntry(
+        name=name,
+        url=url,
+        models=MappingProxyType({m.model_id: m for m in model_list}),
+        default_model=default,
+        **kwargs,  # type: ignore[arg-type]
+    )

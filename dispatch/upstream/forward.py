@@ -1,0 +1,234 @@
+"""From a decision to an open upstream response, honouring slot state.
+
+The resolver said where a request should go; this is where that meets the slots as they are
+now: wait out a model swap, skip a slot that is down, queue for a full slot, and fail over
+once when the chosen slot fails before its first byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from dispatch.coordination.store import store
+from dispatch.routing.resolver import Decision, Target
+from dispatch.routing.table import SlotEntry
+from dispatch.upstream.admission import admission
+from dispatch.upstream.outliers import outliers
+from dispatch.upstream.proxy import UpstreamError, UpstreamResponse, upstream
+from dispatch.wire.errors import ApiError
+
+_FAILOVER_STATUSES = frozenset({502, 503})
+_DOWN = frozenset({"offline", "error", "draining"})
+
+
+@dataclass
+class Forwarded:
+    response: UpstreamResponse
+    slot: SlotEntry
+    upstream_model: str | None
+    resolution_path: str
+    attempts: list[str] = field(default_factory=list)
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def _current(target: Target) -> SlotEntry | None:
+    """The slot as the newest table knows it (its state may have moved since resolution)."""
+    return store.table.slots.get(target.slot.name)
+
+
+async def _await_ready(target: Target) -> SlotEntry:
+    """Wait while the slot is loading; return it once it is not (or raise 503 slot_loading)."""
+    wait = settings.HAL0_SWAP_WAIT_S
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        # Register for the next change *before* looking, so a change between the look and the
+        # wait cannot be missed.
+        changed = store.next_change()
+        slot = _current(target)
+        if slot is None or not slot.enabled:
+            changed.cancel()
+            raise ApiError(
+                503,
+                "slot_unavailable",
+                f"Slot '{target.slot.name}' was removed or disabled.",
+                headers=_retry_after(1),  # a retry is resolved afresh
+            )
+        if slot.state != "loading":
+            changed.cancel()
+            return slot
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            changed.cancel()
+            raise ApiError(
+                503,
+                "slot_loading",
+                f"Slot '{slot.name}' is still loading its model after {wait:g}s; try again shortly.",
+                headers=_retry_after(min(wait, 10) or 5),
+            )
+        try:
+            await asyncio.wait_for(changed, remaining)
+        except TimeoutError:
+            pass
+
+
+# When a request last asked the watcher to look at a down slot (loop time, per slot).
+_nudged: dict[str, float] = {}
+NUDGE_EVERY_S = 1.0
+
+
+def _nudge(slot: SlotEntry, on_suspect: Callable[[str, str], None]) -> bool:
+    """Ask the in-process watcher to probe a down slot now, at most once a second per slot
+    (a burst of requests must not become a burst of probes). True when a probe is now
+    under way or was started less than a second ago: a retry in 1 s sees its result."""
+    if not settings.HAL0_WATCHER or slot.state not in ("offline", "error"):
+        # Probed elsewhere (`manage.py watch`) or by nobody (draining is the operator's).
+        return False
+    now = asyncio.get_running_loop().time()
+    if now - _nudged.get(slot.name, -math.inf) >= NUDGE_EVERY_S:
+        _nudged[slot.name] = now
+        on_suspect(slot.name, f"a request found it {slot.state}")
+    return True
+
+
+def _degraded(slot: SlotEntry) -> ApiError:
+    return ApiError(
+        503,
+        "slot_unavailable",
+        f"Slot '{slot.name}' is degraded: {outliers.degraded(slot.name)}",
+        headers=_retry_after(outliers.retry_after(slot.name)),
+    )
+
+
+def _unavailable(slot: SlotEntry, probing: bool) -> ApiError:
+    """503 for a down slot. Retry-After says when a retry can help: right after the probe
+    just asked for (1 s), else the next scheduled probe (HAL0_PROBE_INTERVAL_S). The SDKs
+    honour it, twice by default: 5 s each made a dead slot cost their users 10 s."""
+    detail = f": {slot.last_error}" if slot.last_error else ""
+    return ApiError(
+        503,
+        "slot_unavailable",
+        f"Slot '{slot.name}' is {slot.state}{detail}",
+        headers=_retry_after(1 if probing else settings.HAL0_PROBE_INTERVAL_S),
+    )
+
+
+async def forward(
+    decision: Decision,
+    path: str,
+    body_for: Callable[[Target], bytes],
+    headers: dict[str, str],
+    on_suspect: Callable[[str, str], None],
+    method: str = "POST",
+) -> Forwarded:
+    """Open the upstream response for ``decision``; the caller owns (and must close) it.
+
+    The caller must also ``admission.release(result.slot.name)`` when the response is done.
+    """
+    targets = list(decision.targets)
+    path_label = decision.resolution_path
+    attempts: list[str] = []
+    first_failed: str | None = None
+    last_error: ApiError | None = None
+    i = 0
+    while i < len(targets):
+        target = targets[i]
+        i += 1
+        slot = _current(target)
+        if slot is None or not slot.enabled:
+            continue
+        if slot.state == "loading":
+            try:
+                slot = await _await_ready(target)
+            except ApiError as err:
+                last_error = err
+                if first_failed is None and any(_usable_later(t) for t in targets[i:]):
+                    continue
+                raise
+        if slot.state in _DOWN:
+            last_error = last_error or _unavailable(slot, _nudge(slot, on_suspect))
+            first_failed = first_failed or slot.name
+            continue
+        if not outliers.admit(slot.name):
+            # Out of rotation (its probes pass, its requests did not): fail over at once
+            # rather than wait out first_byte_timeout_s again.
+            last_error = last_error or _degraded(slot)
+            first_failed = first_failed or slot.name
+            continue
+        if not await admission.acquire(slot.name, slot.max_concurrency, settings.HAL0_QUEUE_WAIT_S):
+            outliers.abandoned(slot.name)
+            raise ApiError(
+                429,
+                "slot_busy",
+                f"Slot '{slot.name}' is at its limit of {slot.max_concurrency} concurrent requests.",
+                headers=_retry_after(settings.HAL0_QUEUE_WAIT_S or 1),
+            )
+        attempts.append(slot.name)
+        try:
+            response = await upstream.open(slot, path, body_for(target), headers, method)
+        except UpstreamError as exc:
+            admission.release(slot.name)
+            if slot.state == "ready":  # a probe's "offline" is the watcher's to act on
+                outliers.failed(slot.name, exc.message, settings.HAL0_OUTLIER_BACKOFF_S)
+            else:
+                outliers.abandoned(slot.name)
+            on_suspect(slot.name, exc.message)
+            last_error = _transport_error(exc)
+            if first_failed is None:
+                first_failed = slot.name
+                continue  # fail over once, before any byte reached the client
+            raise last_error from exc
+        except BaseException:
+            # The client went away while the slot was still thinking (a long prompt, a model
+            # loading): its place on the slot must not outlive it.
+            admission.release(slot.name)
+            outliers.abandoned(slot.name)
+            raise
+        if response.status_code < 500:
+            outliers.succeeded(slot.name)  # it answered: not an outlier (any more)
+        else:
+            outliers.abandoned(slot.name)
+        if response.status_code in _FAILOVER_STATUSES and first_failed is None and i < len(targets):
+            admission.release(slot.name)
+            await response.aclose()
+            on_suspect(slot.name, f"upstream answered {response.status_code}")
+            first_failed = slot.name
+            last_error = ApiError(
+                503,
+                "slot_unavailable",
+                f"Slot '{slot.name}' answered {response.status_code} and no other slot could serve.",
+                # on_suspect above has the watcher probing it now.
+                headers=_retry_after(
+                    1 if settings.HAL0_WATCHER else settings.HAL0_PROBE_INTERVAL_S
+                ),
+            )
+            continue
+        if first_failed is not None and first_failed != slot.name:
+            path_label = f"failover:{first_failed}->{slot.name}"
+        return Forwarded(response, slot, target.upstream_model, path_label, attempts)
+    if last_error is not None:
+        raise last_error
+    raise ApiError(
+        503,
+        "slot_unavailable",
+        f"No enabled slot serves '{decision.requested_model}'.",
+        headers=_retry_after(1),  # a retry is resolved afresh
+    )
+
+
+def _usable_later(target: Target) -> bool:
+    slot = _current(target)
+    return slot is not None and slot.enabled and slot.state not in _DOWN
+
+
+def _transport_error(exc: UpstreamError) -> ApiError:
+    if exc.kind == "timeout":
+        return ApiError(504, "upstream_timeout", exc.message)
+    return ApiError(502, "upstream_unreachable", exc.message)

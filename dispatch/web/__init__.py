@@ -1,0 +1,1 @@
+"""The pages: chat and Activity, the live feed and its WebSocket."""

@@ -1,0 +1,90 @@
+"""The live UI's WebSocket: a snapshot on connect, then every dispatch event as it happens.
+
+What a page hears depends on who is looking (issue 14): staff see every decision and each
+slot's URL; any other user sees the decisions of their own requests only (``events.join``
+puts the page in its user's group, not the staff's) and no slot URLs, which may name hosts
+and ports of the machines behind hal0web.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from dispatch.coordination import events
+from dispatch.coordination.store import store
+from dispatch.upstream.admission import admission
+from dispatch.upstream.outliers import outliers
+from dispatch.web.snapshots import snapshot
+
+
+def _public_slot(slot: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in slot.items() if k != "url"}
+    # A probe's error quotes the host it could not reach ("Cannot connect to host 10.0.0.7:8002
+    # ..."): the part of the URL a non-staff page must not learn from the error either.
+    host = urlsplit(slot.get("url") or "").hostname
+    if host and isinstance(out.get("last_error"), str):
+        out["last_error"] = re.sub(
+            re.escape(host), "(the slot's host)", out["last_error"], flags=re.I
+        )
+    return out
+
+
+def without_urls(event: dict[str, Any]) -> dict[str, Any]:
+    """The event as a non-staff page sees it: each slot's payload without its ``url``."""
+    if isinstance(event.get("slot"), dict):  # slot.state / slot.models / slot.updated
+        return {**event, "slot": _public_slot(event["slot"])}
+    if isinstance(event.get("slots"), list):  # the snapshot
+        return {**event, "slots": [_public_slot(s) for s in event["slots"]]}
+    return event
+
+
+class DispatchConsumer(AsyncWebsocketConsumer):
+    staff = False
+    username = ""
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)
+            return
+        # Read once per connection, like the session itself: a user made staff (or no longer)
+        # sees accordingly from their next connection, which the page opens on any drop.
+        self.staff, self.username = bool(user.is_staff), user.get_username()
+        # Join first, then read the table: a change in between arrives as a delta after the
+        # snapshot instead of being lost.
+        await events.join(self.channel_name, staff=self.staff, username=self.username)
+        await self.accept()
+        await self._send_snapshot()
+
+    async def disconnect(self, code: int) -> None:
+        if self.username:  # refused connections never joined
+            await events.leave(self.channel_name, staff=self.staff, username=self.username)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        # The page may ask for a fresh snapshot (for current in-flight counts, say). Anything
+        # else, malformed JSON included, is ignored: a client's noise must not close the socket.
+        try:
+            message = orjson.loads(text_data or bytes_data or b"")
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(message, dict) and message.get("type") == "snapshot":
+            await self._send_snapshot()
+
+    async def _send_snapshot(self) -> None:
+        table = await store.ensure_loaded()
+        await self._send_event(
+            snapshot(table, admission.inflight, store.freshness(), outliers.overlay())
+        )
+
+    async def _send_event(self, event: dict[str, Any]) -> None:
+        await self.send(
+            text_data=orjson.dumps(event if self.staff else without_urls(event)).decode()
+        )
+
+    async def dispatch_event(self, message: dict[str, Any]) -> None:
+        await self._send_event(message["event"])
