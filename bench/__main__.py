@@ -8,7 +8,8 @@ Prints a markdown report and writes it to ``bench/results/latest.md``.
 ``python -m bench transports`` compares the proxy's transports instead (httpx's own pool vs
 the httpx-aiohttp transport vs ours), each behind the seam in hal0web under Uvicorn;
 ``python -m bench seam`` measures the seam alone, without Django (bench/seam.py);
-``python -m bench cost`` compares metrics and the request log on vs off (bench/cost.py).
+``python -m bench cost`` compares metrics and the request log on vs off (bench/cost.py);
+``python -m bench commits REV`` compares this tree with another commit (bench/commits.py).
 """
 
 from __future__ import annotations
@@ -762,13 +763,18 @@ def main(argv: list[str]) -> int:
 
         text = uvloop.run(cost.run(*(int(n) for n in argv[1:2])))
         out = RESULTS / "cost.md"
+    elif mode == "commits" and argv[1:]:
+        from bench import commits
+
+        text = uvloop.run(commits.run(argv[1], *(int(n) for n in argv[2:3])))
+        out = RESULTS / "commits.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
             "usage: python -m bench [all | seam | llama | hold [PROMPT_KB ...] | cost [ROUNDS] | "
-            "transports [VARIANT ...] | scale [REDIS_URL]]\n"
+            "transports [VARIANT ...] | scale [REDIS_URL] | commits REV [ROUNDS]]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import time
+from typing import Any
 
 import orjson
 
@@ -57,8 +58,53 @@ def _records(ws: Workspace, cpu_ms_off: float) -> list[str]:
     ]
 
 
+Cells = dict[tuple[str, int], list[Any]]
+
+
+async def interleaved(
+    targets: list[Any], rounds: int, concurrency: tuple[int, ...] = CONCURRENCY
+) -> Cells:
+    """Every target's cell at every concurrency, once per round, in turn: drift on the
+    machine hits them all alike."""
+    from bench.__main__ import cell
+
+    cells: Cells = {}
+    for _ in range(rounds):
+        for conc in concurrency:
+            for t in targets:
+                cells.setdefault((t.name, conc), []).append(await cell(t, conc, CELL_S))
+    return cells
+
+
+def median(cells: Cells, name: str, conc: int, attr: str) -> float:
+    return statistics.median(getattr(c, attr) for c in cells[(name, conc)])
+
+
+def table_rows(
+    cells: Cells, targets: list[Any], concurrency: tuple[int, ...] = CONCURRENCY
+) -> list[list[str]]:
+    """One row per target and concurrency: medians of rps, p50, p99, CPU per request."""
+    from bench.__main__ import fmt
+
+    rows = []
+    for conc in concurrency:
+        for t in targets:
+            rows.append(
+                [
+                    t.name,
+                    str(conc),
+                    fmt(median(cells, t.name, conc, "rps"), 0),
+                    fmt(median(cells, t.name, conc, "p50"), 3),
+                    fmt(median(cells, t.name, conc, "p99"), 3),
+                    "" if t.proc is None else fmt(median(cells, t.name, conc, "cpu_ms"), 3),
+                    str(sum(c.errors for c in cells[(t.name, conc)])),
+                ]
+            )
+    return rows
+
+
 async def run(rounds: int = ROUNDS) -> str:
-    from bench.__main__ import Report, _header, _loadavg, _setup, cell, fmt, signed
+    from bench.__main__ import Report, _header, _loadavg, _setup, signed
 
     started = time.time()
     rep = Report()
@@ -75,29 +121,12 @@ async def run(rounds: int = ROUNDS) -> str:
             Target(off.name, off.base, off),
             Target(on.name, on.base, on),
         ]
-        cells: dict[tuple[str, int], list] = {}
-        for _ in range(rounds):
-            for conc in CONCURRENCY:
-                for t in targets:
-                    cells.setdefault((t.name, conc), []).append(await cell(t, conc, CELL_S))
+        cells = await interleaved(targets, rounds)
 
         def med(name: str, conc: int, attr: str) -> float:
-            return statistics.median(getattr(c, attr) for c in cells[(name, conc)])
+            return median(cells, name, conc, attr)
 
-        rows = []
-        for conc in CONCURRENCY:
-            for t in targets:
-                rows.append(
-                    [
-                        t.name,
-                        str(conc),
-                        fmt(med(t.name, conc, "rps"), 0),
-                        fmt(med(t.name, conc, "p50"), 3),
-                        fmt(med(t.name, conc, "p99"), 3),
-                        "" if t.proc is None else fmt(med(t.name, conc, "cpu_ms"), 3),
-                        str(sum(c.errors for c in cells[(t.name, conc)])),
-                    ]
-                )
+        rows = table_rows(cells, targets)
         rep.add(f"Medians of {rounds} interleaved rounds, {CELL_S:g} s per cell.", "")
         rep.table(["target", "conc", "rps", "p50 ms", "p99 ms", "CPU ms/req", "errors"], rows)
         ratio = med(on.name, 16, "rps") / med(off.name, 16, "rps")

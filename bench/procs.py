@@ -59,6 +59,7 @@ class Proc:
     extra_env: dict[str, str] = field(default_factory=dict)
     database: tuple[Path, Path] | None = None  # (the workspace's, this process's own copy)
     database_sql: str = ""  # run on this process's copy before it starts (a variant's setting)
+    cwd: Path = ROOT  # another checkout's code (bench/commits.py) runs from its own tree
 
     @property
     def base(self) -> str:
@@ -83,7 +84,7 @@ class Proc:
         self.popen = subprocess.Popen(
             ["taskset", "-c", str(self.core), *self.argv],
             env={**self.env, **self.extra_env},
-            cwd=ROOT,
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=_raise_nofile,
