@@ -111,10 +111,10 @@ def versions() -> str:
 
 
 def transport_name() -> str:
-    from dispatch.upstream import proxy
+    from dispatch.upstream import pool
 
-    if hasattr(proxy, "AiohttpTransport"):
-        return "aiohttp's pool behind httpx's API (dispatch.upstream.proxy.AiohttpTransport)"
+    if hasattr(pool, "AiohttpTransport"):
+        return "aiohttp's pool behind httpx's API (dispatch.upstream.pool.AiohttpTransport)"
     return "httpx's own pool"
 
 

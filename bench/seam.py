@@ -1,7 +1,7 @@
 """The proxy seam alone, without Django: CPU per request of ``Upstream.open`` + ``read``.
 
 ``python -m bench seam``: the fake upstream on core 0; this process, the client, on core 1.
-Compares httpx's own pool, the httpx-aiohttp transport and dispatch.upstream.proxy.AiohttpTransport
+Compares httpx's own pool, the httpx-aiohttp transport and dispatch.upstream.pool.AiohttpTransport
 (all behind ``Upstream``, i.e. httpx's API), and a bare aiohttp session (no httpx at all),
 sequentially and at 16 and 64 concurrent, two interleaved rounds each.
 """
@@ -44,7 +44,7 @@ async def run() -> str:
     import aiohttp
 
     from dispatch.routing.table import ModelEntry, make_slot
-    from dispatch.upstream.proxy import Upstream
+    from dispatch.upstream.client import Upstream
 
     ws = Workspace()
     fake = fake_proc(ws)

@@ -1,7 +1,7 @@
 """hal0web under Uvicorn (uvloop, httptools) with a chosen transport behind the proxy seam.
 
 Used by ``python -m bench transports`` to compare transports in one run, each in its own
-process: httpx's own pool, the httpx-aiohttp package's transport, and dispatch.upstream.proxy's
+process: httpx's own pool, the httpx-aiohttp package's transport, and dispatch.upstream.pool's
 AiohttpTransport. Run: ``python -m bench.serve {httpx|httpx-aiohttp|aiohttp|default} PORT``.
 """
 
@@ -15,7 +15,8 @@ import uvicorn
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hal0web.settings")
 
-from dispatch.upstream.proxy import AiohttpTransport, upstream
+from dispatch.upstream.client import upstream
+from dispatch.upstream.pool import AiohttpTransport
 from hal0web.asgi import application
 
 LIMITS = httpx.Limits(max_connections=10_000, max_keepalive_connections=1000)

@@ -11,7 +11,7 @@ def sync_outputs(**_: Any) -> None:
     from django.conf import settings
 
     from dispatch.coordination import affinity_db
-    from dispatch.lifecycle import health
+    from dispatch.lifecycle import hooks
     from dispatch.observability import decisions, metrics, requestlog
 
     wanted = [decisions.log_output, decisions.event_output]
@@ -20,10 +20,10 @@ def sync_outputs(**_: Any) -> None:
     if settings.HAL0_REQUEST_LOG:
         wanted.append(requestlog.output)
     decisions.outputs[:] = wanted
-    health.probe_listeners[:] = [metrics.probe_observed] if settings.HAL0_METRICS else []
-    health.housekeeping[:] = [requestlog.prune_if_on]
+    hooks.probe_listeners[:] = [metrics.probe_observed] if settings.HAL0_METRICS else []
+    hooks.housekeeping[:] = [requestlog.prune_if_on]
     if not settings.REDIS_URL:  # (Redis expires its records itself)
-        health.housekeeping.append(affinity_db.prune)
+        hooks.housekeeping.append(affinity_db.prune)
 
 
 class DispatchConfig(AppConfig):

@@ -64,16 +64,17 @@ def _fresh_runtime() -> Iterator[None]:
     from dispatch.coordination import events
     from dispatch.coordination import store as store_mod
     from dispatch.coordination.affinity import affinity
-    from dispatch.lifecycle import health
+    from dispatch.lifecycle.leadership import leadership
+    from dispatch.lifecycle.watcher import watcher
     from dispatch.upstream import admission as admission_mod
     from dispatch.upstream import forward
+    from dispatch.upstream.client import upstream
     from dispatch.upstream.outliers import outliers
-    from dispatch.upstream.proxy import upstream
 
     store_mod.store.reset()
     keyring.reset()
-    health.watcher.__init__()  # type: ignore[misc]
-    health.leadership.__init__()  # type: ignore[misc]
+    watcher.__init__()  # type: ignore[misc]
+    leadership.__init__()  # type: ignore[misc]
     admission_mod.admission.reset()
     outliers.reset()
     affinity.reset()  # this test's response ids only, in the store its settings choose

@@ -28,7 +28,8 @@ def main(role: str, seconds: float, url: str = "") -> None:
         return probe_while_locked(url)
     from django.db import OperationalError, transaction
 
-    from dispatch.lifecycle.health import Observation, apply
+    from dispatch.lifecycle.persistence import apply
+    from dispatch.lifecycle.probe import Observation
     from dispatch.models import Slot
 
     done, errors = 0, []
@@ -63,9 +64,9 @@ def probe_while_locked(url: str) -> None:
     db["OPTIONS"]["timeout"] = 0.2
 
     from dispatch.coordination.store import store
-    from dispatch.lifecycle.health import watcher
+    from dispatch.lifecycle.watcher import watcher
     from dispatch.models import Slot
-    from dispatch.upstream.proxy import upstream
+    from dispatch.upstream.client import upstream
 
     Slot.objects.filter(name="primary").update(url=url)
     store.reload()

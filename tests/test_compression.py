@@ -17,7 +17,7 @@ import zlib
 import httpx
 import pytest
 
-from dispatch.upstream.proxy import Upstream
+from dispatch.upstream.client import Upstream
 from tests.fakes import RawUpstream, chunk, http_response
 from tests.test_faults import COMPLETION, SSE_HEAD, raw  # noqa: F401 - the fixture
 

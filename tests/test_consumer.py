@@ -185,7 +185,7 @@ async def test_routing_decisions_reach_the_socket(app, staff_cookie, seed_slots,
         assert event["request_id"] == r.headers["x-request-id"]
     finally:
         await comm.disconnect()
-        from dispatch.upstream.proxy import upstream
+        from dispatch.upstream.client import upstream
 
         await upstream.aclose()  # its pooled connections belong to this test's loop
 

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from dispatch.routing.table import make_slot
-from dispatch.upstream.proxy import Upstream, UpstreamError
+from dispatch.upstream.client import Upstream
+from dispatch.upstream.response import UpstreamError
 from tests.conftest import add_slot
 from tests.fakes import FakeUpstream, ServerThread, free_port
 

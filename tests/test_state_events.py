@@ -8,8 +8,8 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from dispatch.coordination import events
-from dispatch.lifecycle import health
-from dispatch.upstream.proxy import upstream
+from dispatch.lifecycle.watcher import watcher
+from dispatch.upstream.client import upstream
 from dispatch.web.consumers import DispatchConsumer
 from tests.conftest import add_slot
 
@@ -37,7 +37,7 @@ async def test_state_changes_arrive_in_order(fake, settings, django_user_model):
     snap = await comm.receive_json_from()
     assert snap["type"] == "snapshot"
     assert [s["state"] for s in snap["slots"]] == ["unknown"]
-    health.watcher.start()
+    watcher.start()
     try:
         seen = [await next_state(comm, "a")]
         f.health = "loading"
@@ -45,7 +45,7 @@ async def test_state_changes_arrive_in_order(fake, settings, django_user_model):
         f.health = "ready"
         seen.append(await next_state(comm, "a"))
     finally:
-        await health.watcher.stop()
+        await watcher.stop()
         await upstream.aclose()  # the probes' pooled connections belong to this test's loop
         await comm.disconnect()
     assert [(e["slot"]["previous_state"], e["slot"]["state"]) for e in seen] == [

@@ -18,18 +18,3 @@ def test_probes_never_enter_or_leave_draining():
 def test_unknown_states_are_refused():
     with pytest.raises(states.IllegalTransition):
         states.check("ready", "sleeping")
-
-
-@pytest.mark.parametrize(
-    ("kind", "health", "body", "models", "expected"),
-    [
-        ("llamacpp", None, None, None, "offline"),
-        ("llamacpp", 503, None, 503, "loading"),  # "Loading model"
-        ("llamacpp", 200, None, 200, "ready"),
-        ("openai", None, None, 500, "error"),
-        ("lemonade", 200, {"model_loaded": None}, 200, "loading"),
-        ("lemonade", 200, {"model_loaded": "m"}, 200, "ready"),
-    ],
-)
-def test_classify(kind, health, body, models, expected):
-    assert states.classify(kind, health, body, models) == expected

@@ -16,7 +16,9 @@ import httpx
 import pytest
 
 from dispatch.routing.table import ModelEntry, SlotEntry, make_slot
-from dispatch.upstream.proxy import AiohttpTransport, Upstream, UpstreamError
+from dispatch.upstream.client import Upstream
+from dispatch.upstream.pool import AiohttpTransport
+from dispatch.upstream.response import UpstreamError
 from tests.fakes import FakeUpstream, ServerThread, free_port
 
 BODY = b'{"model": "m1", "messages": []}'

@@ -22,11 +22,12 @@ from django.urls import set_script_prefix, set_urlconf
 from dispatch.coordination import events, leases
 from dispatch.coordination.affinity import affinity
 from dispatch.coordination.store import store
-from dispatch.lifecycle import health
+from dispatch.lifecycle.leadership import ensure_running, leadership
+from dispatch.lifecycle.watcher import watcher
 from dispatch.observability import keyuse
 from dispatch.routing.endpoints import ROOT_PATHS
 from dispatch.upstream.admission import admission
-from dispatch.upstream.proxy import upstream
+from dispatch.upstream.client import upstream
 
 log = logging.getLogger("hal0.runtime")
 
@@ -52,7 +53,7 @@ class BareASGIHandler(ASGIHandler):
     never touch the ORM per request, so this handler does without all three, and without
     middleware: the API does its own (async) checks in the views. What little sync work it
     does (a first table load, a page session lookup) runs in asgiref's one shared thread,
-    whose connections the watcher keeps fresh (``health.apply``).
+    whose connections the watcher keeps fresh (``dispatch.lifecycle.persistence.apply``).
     """
 
     def load_middleware(self, is_async: bool = False) -> None:
@@ -184,7 +185,7 @@ class Hal0Application:
                 admission.gate = RedisPlaces(settings.REDIS_URL)
             events.bind_loop(asyncio.get_running_loop())
             await store.ensure_loaded()
-            health.ensure_running()
+            ensure_running()
             _on_daphne_shutdown(self._shutdown)
             # Everything loaded so far (Django, the app, the table) lives as long as the
             # process: take it out of the collector's sight, so full collections stay short
@@ -199,8 +200,8 @@ class Hal0Application:
             log.warning("could not record when API keys were last used", exc_info=True)
         if admission.gate is not None:
             await admission.gate.aclose()
-        await health.leadership.stop()
-        await health.watcher.stop()
+        await leadership.stop()
+        await watcher.stop()
         await affinity.aclose()
         await upstream.aclose()
 

@@ -28,7 +28,8 @@ from dispatch.api import bodies, cors
 from dispatch.api.keys import authorize
 from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
 from dispatch.coordination.store import store
-from dispatch.lifecycle import health
+from dispatch.lifecycle.leadership import ensure_running
+from dispatch.lifecycle.watcher import cold_probe, suspect
 from dispatch.observability.decisions import DecisionRecord, record
 from dispatch.routing.endpoints import BY_NAME, ENDPOINTS, SERVED_TEXT, Endpoint, upstream_path
 from dispatch.routing.resolver import Decision, NoRoute, Target, candidates, pinned, resolve
@@ -37,7 +38,7 @@ from dispatch.routing.table import RoutingTable
 from dispatch.upstream.admission import admission
 from dispatch.upstream.forward import Forwarded, forward
 from dispatch.upstream.outliers import outliers
-from dispatch.upstream.proxy import UpstreamError
+from dispatch.upstream.response import UpstreamError
 from dispatch.wire.errors import (
     ApiError,
     error_response,
@@ -150,7 +151,7 @@ async def _resolve(
         # Cold start: some slot has not been asked what it serves yet. Ask (once, shared by
         # every request that misses now), then look again before turning the request away.
         rec.cache_state = "cold"
-        await health.cold_probe()
+        await cold_probe()
         result = resolve(store.table, model, endpoint, admission.inflight, fallback)
     return _decided(result, rec, scope, model)
 
@@ -254,7 +255,7 @@ def proxy_view(ep: Endpoint) -> View:
                 upstream_path(request.path, request.META.get("QUERY_STRING", "")),
                 body.for_target,
                 _forward_headers(request, request_id),
-                health.suspect,
+                suspect,
                 method=request.method or "POST",
             )
         except ApiError as err:
@@ -834,7 +835,7 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     """200 while the slot state is kept fresh; 503 once it is stale (no watcher keeps it,
     or this process cannot read the database), so a load balancer stops trusting it."""
     table = await store.ensure_loaded()
-    health.ensure_running()
+    ensure_running()
     watcher = store.freshness()
     response = JsonResponse(
         {

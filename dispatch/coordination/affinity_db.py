@@ -21,7 +21,7 @@ log = logging.getLogger("hal0.affinity")
 def save(response_id: str, slot: str) -> None:
     from dispatch.models import ResponseAffinity
 
-    close_old_connections()  # asgiref's shared thread, outside any request (as health.apply)
+    close_old_connections()  # asgiref's shared thread, outside any request (as persistence.apply)
     # One statement, insert or replace: the same id again (a retried write) is harmless.
     ResponseAffinity.objects.bulk_create(
         [ResponseAffinity(response_id=response_id, slot=slot, created_at=dt.datetime.now(dt.UTC))],

@@ -230,7 +230,7 @@ def _project() -> None:
 
 
 def probe_observed(slot: str, seconds: float, state: str) -> None:
-    """The watcher's probe hook (see ``health.probe_listeners``)."""
+    """The watcher's probe hook (see ``dispatch.lifecycle.hooks.probe_listeners``)."""
     PROBE_DURATION.observe((slot,), seconds)
     if state in ("offline", "error"):
         PROBE_FAILURES.inc((slot,))

@@ -234,7 +234,7 @@ def prune(now: dt.datetime | None = None) -> int:
 
 
 def prune_if_on() -> None:
-    """The watcher's housekeeping job (see ``health.housekeeping``)."""
+    """The watcher's housekeeping job (see ``dispatch.lifecycle.hooks.housekeeping``)."""
     if settings.HAL0_REQUEST_LOG:
         prune()
 

@@ -36,28 +36,3 @@ def after_probe(current: str, observed: str) -> str:
         return current
     check(current, observed)
     return observed
-
-
-def classify(
-    kind: str,
-    health_status: int | None,
-    health_body: object,
-    models_status: int | None,
-) -> str:
-    """What a probe saw, as a state: `offline`, `loading`, `ready` or `error`."""
-    if models_status is None and health_status is None:
-        return "offline"
-    if health_status == 503:
-        return "loading"  # llama.cpp: {"error": {"message": "Loading model"}}
-    lemonade_idle = (
-        kind == "lemonade" and isinstance(health_body, dict) and not health_body.get("model_loaded")
-    )
-    if health_status == 200 and lemonade_idle:
-        return "loading"
-    if models_status is None:
-        return "offline"
-    if models_status == 200:
-        return "ready"
-    if models_status == 503:
-        return "loading"
-    return "error"

@@ -18,8 +18,9 @@ from dispatch.coordination.store import store
 from dispatch.routing.resolver import Decision, Target
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.admission import admission
+from dispatch.upstream.client import upstream
 from dispatch.upstream.outliers import outliers
-from dispatch.upstream.proxy import UpstreamError, UpstreamResponse, upstream
+from dispatch.upstream.response import UpstreamError, UpstreamResponse
 from dispatch.wire.errors import ApiError
 
 _FAILOVER_STATUSES = frozenset({502, 503})

@@ -13,7 +13,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from dispatch.coordination import sync
-from dispatch.lifecycle import health
+from dispatch.lifecycle.leadership import leadership
 
 
 class Command(BaseCommand):
@@ -31,7 +31,7 @@ class Command(BaseCommand):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # It stands for the lease like any server process: one watcher probes at a time.
-        health.leadership.start()
+        leadership.start()
         # Other processes (the admin in a server worker, an import) change slots too: follow
         # the state version so new or removed slots are picked up.
         sync.ensure_following()
@@ -39,7 +39,7 @@ class Command(BaseCommand):
         self.stdout.flush()
         await stop.wait()
         await sync.stop_following()
-        await health.leadership.stop()
-        from dispatch.upstream.proxy import upstream
+        await leadership.stop()
+        from dispatch.upstream.client import upstream
 
         await upstream.aclose()

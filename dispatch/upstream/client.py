@@ -1,0 +1,178 @@
+"""The one seam to upstream servers, and the only place that sends to them.
+
+Requests are opened here and their bodies streamed back raw; health probes use the same
+transport. Callers see ``UpstreamResponse`` and ``UpstreamError`` (``dispatch.upstream.response``),
+never httpx, so the transport behind the seam (``dispatch.upstream.pool``; the performance
+issue chose it by measurement) can change without touching them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from dispatch.lib import redact
+from dispatch.routing.table import SlotEntry
+from dispatch.upstream.headers import for_upstream
+from dispatch.upstream.pool import AiohttpTransport, describe
+from dispatch.upstream.response import BoundedBody, UpstreamError, UpstreamResponse
+from dispatch.upstream.urls import upstream_url
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    status: int | None  # None: no HTTP answer at all
+    body: Any  # parsed JSON, or None
+    error: str = ""
+    timed_out: bool = False  # connected (or tried to) but no answer in time: slow, not gone
+
+
+class Upstream:
+    """One transport per event loop, sized for hundreds of concurrent streams.
+
+    The seam is httpx's transport API (``httpx.Request`` in, ``httpx.Response`` out), called
+    directly, without an ``httpx.AsyncClient`` around it. The client's extras are all wrong
+    for a router: its cookie jar would keep a cookie one upstream answer sets and send it
+    with every later request, whoever makes it; and its URL merging, auth and redirect
+    flows and event hooks, features a proxy must not use, took about a tenth of the /v1
+    path's CPU in a profile (docs/performance.md).
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._given = transport
+        self._transports: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, httpx.AsyncBaseTransport
+        ] = weakref.WeakKeyDictionary()
+
+    def use_transport(self, transport: httpx.AsyncBaseTransport | None) -> None:
+        """Swap the transport (tests use httpx.MockTransport here); drops pooled ones."""
+        self._given = transport
+        self._transports = weakref.WeakKeyDictionary()
+
+    @property
+    def transport(self) -> httpx.AsyncBaseTransport:
+        loop = asyncio.get_running_loop()
+        transport = self._transports.get(loop)
+        if transport is None:
+            # Tests put an httpx.MockTransport here; otherwise aiohttp's pool (see
+            # AiohttpTransport), one per event loop: its connections belong to that loop.
+            transport = self._given if self._given is not None else AiohttpTransport()
+            self._transports[loop] = transport
+        return transport
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport = self._transports.pop(loop, None)
+        if transport is not None:
+            await transport.aclose()
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        # The response does not keep the request (httpx.AsyncClient would): once the upstream
+        # has the body, a stream that runs for minutes has no use for it.
+        return await self.transport.handle_async_request(request)
+
+    async def open(
+        self,
+        slot: SlotEntry,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        method: str = "POST",
+    ) -> UpstreamResponse:
+        """Send a request and wait for the response headers (not the body)."""
+        out = for_upstream(headers)
+        out["accept-encoding"] = "identity"
+        key = os.environ.get(slot.api_key_env) if slot.api_key_env else None
+        if key:
+            out["authorization"] = f"Bearer {key}"
+        request = httpx.Request(
+            method,
+            upstream_url(slot, path),
+            content=body,
+            # As bytes: httpx encodes str values as ASCII and would fail on a client's UTF-8
+            # text (its Headers then read the bytes back as UTF-8 for aiohttp, which writes
+            # them as UTF-8 again: the upstream gets what the client sent).
+            headers=[(k.encode("latin-1"), v.encode()) for k, v in out.items()],
+            extensions={"timeout": {"connect": slot.connect_timeout_s}},
+        )
+        wait = slot.first_byte_timeout_s
+        deadline: float | None = None
+        if slot.max_duration_s > 0:
+            # The cap runs from here, the moment the request goes to the slot: time spent
+            # waiting for a place (HAL0_QUEUE_WAIT_S) or a model swap has its own limits.
+            deadline = asyncio.get_running_loop().time() + slot.max_duration_s
+            wait = min(wait, slot.max_duration_s)
+        try:
+            async with asyncio.timeout(wait):
+                response = await self._send(request)
+        except TimeoutError as exc:
+            if wait < slot.first_byte_timeout_s:
+                raise UpstreamError(
+                    "timeout",
+                    f"slot '{slot.name}': the request ran past its max_duration_s of "
+                    f"{slot.max_duration_s:g}s before any answer",
+                ) from exc
+            raise UpstreamError(
+                "timeout",
+                f"slot '{slot.name}' sent no response within {slot.first_byte_timeout_s:g}s",
+            ) from exc
+        except httpx.ConnectTimeout as exc:
+            raise UpstreamError(
+                "timeout",
+                f"could not connect to slot '{slot.name}' within {slot.connect_timeout_s:g}s",
+            ) from exc
+        except (
+            httpx.ConnectError,
+            httpx.RemoteProtocolError,
+            httpx.ReadError,
+            httpx.WriteError,
+        ) as exc:
+            raise UpstreamError(
+                "unreachable",
+                f"slot '{slot.name}' at {redact.masked(slot.url)} is unreachable: {describe(exc)}",
+            ) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError("unreachable", f"slot '{slot.name}': {describe(exc)}") from exc
+        return UpstreamResponse(response, slot.idle_timeout_s, deadline, slot.max_duration_s)
+
+    async def probe(
+        self, url: str, timeout: float, limit: int, api_key_env: str = ""
+    ) -> ProbeResult:
+        """GET ``url`` for a health probe: status and parsed JSON (at most ``limit`` bytes of
+        it, decoded), never an exception."""
+        headers = {"accept": "application/json", "accept-encoding": "identity"}
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._send(httpx.Request("GET", url, headers=headers))
+                content = BoundedBody(response.headers.get("content-encoding", "").lower(), limit)
+                try:
+                    async for chunk in response.aiter_raw():
+                        content.add(chunk)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            return ProbeResult(None, None, f"no answer within {timeout:g}s", timed_out=True)
+        except httpx.HTTPError as exc:
+            return ProbeResult(None, None, describe(exc))
+        except UpstreamError as exc:
+            return ProbeResult(response.status_code, None, exc.message)
+        raw = content.value()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        error = "" if response.is_success else raw[:300].decode("utf-8", "replace")
+        return ProbeResult(response.status_code, body, error)
+
+
+upstream = Upstream()

@@ -1,0 +1,42 @@
+"""The kinds of model server a slot can be, one module each, registered here.
+
+Here in ``upstream`` rather than ``lifecycle``: a kind is knowledge of an upstream server
+(where its health and model list are, how to read them, what it speaks), which the watcher
+uses to probe, ``dispatch.models`` to offer the choices, and forwarding may use to know a
+server's protocols. The probing itself (I/O, timing, persistence) stays in
+``dispatch.lifecycle``. Pure, so ``dispatch.models`` imports it at no cost.
+
+A new kind is one module here (a ``Kind`` subclass as ``KIND``) and one line in ``_KINDS``;
+``dispatch.models.SlotKind`` takes its choices from ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from dispatch.upstream.kinds import flm, lemonade, llamacpp, ollama, openai, vllm
+from dispatch.upstream.kinds.base import Kind, Listing
+
+__all__ = ["GENERIC", "REGISTRY", "Kind", "Listing", "get"]
+
+# In the order the admin lists them (and the migrations' choices: keep it).
+_KINDS: tuple[Kind, ...] = (
+    llamacpp.KIND,
+    lemonade.KIND,
+    vllm.KIND,
+    ollama.KIND,
+    flm.KIND,
+    openai.KIND,
+)
+
+REGISTRY: Mapping[str, Kind] = MappingProxyType({k.name: k for k in _KINDS})
+
+# What a slot of a kind hal0web does not know (a row written past the model's checks) is
+# taken for: a plain OpenAI-compatible server.
+GENERIC: Kind = openai.KIND
+
+
+def get(name: str) -> Kind:
+    """The kind named ``name`` (``Slot.kind``); the generic one when there is none such."""
+    return REGISTRY.get(name, GENERIC)

@@ -1,0 +1,187 @@
+"""An upstream's answer as callers see it (``UpstreamResponse``), and ``UpstreamError``.
+
+The body is read with the slot's timeouts and, when buffered, under a cap that holds while
+decoding (``BoundedBody``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncIterator, Iterable
+
+import httpx
+
+from dispatch.upstream.headers import for_downstream
+from dispatch.upstream.pool import describe
+
+# Encodings a buffered answer is decoded from (under a cap) to be checked and read; any other
+# passes through as it came, with its Content-Encoding.
+_DECODED = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+class UpstreamError(Exception):
+    """A transport failure talking to a slot.
+
+    ``kind`` is one of: ``unreachable`` (refused, DNS, reset before any response),
+    ``timeout`` (no response headers in time, or no connection in time), ``idle`` (a stream
+    went quiet for longer than the slot's idle timeout), ``broken`` (the connection failed
+    mid-body).
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class UpstreamResponse:
+    """An upstream's answer, headers in; its body read with the slot's timeouts.
+
+    ``idle_timeout_s`` is the longest silence allowed between two pieces of the body,
+    streaming or not: a slow but steady answer is not a dead one. ``deadline`` (loop time,
+    from the slot's ``max_duration_s``) caps the whole request when set.
+
+    A body the upstream compressed (though asked for identity) streams through as it is,
+    with its Content-Encoding; ``read`` decodes gzip and deflate under its cap and then
+    drops that header.
+    """
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        idle_timeout_s: float,
+        deadline: float | None = None,
+        max_duration_s: float = 0.0,
+    ) -> None:
+        self._response = response
+        self._idle = idle_timeout_s
+        self._deadline = deadline
+        self._max_duration = max_duration_s
+        self.status_code = response.status_code
+        self.encoding = response.headers.get("content-encoding", "").strip().lower()
+        if self.encoding == "identity":
+            self.encoding = ""
+
+    @property
+    def content_type(self) -> str:
+        return self._response.headers.get("content-type", "")
+
+    @property
+    def is_event_stream(self) -> bool:
+        return self.content_type.startswith("text/event-stream")
+
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name)
+
+    def headers(self) -> Iterable[tuple[str, str]]:
+        for key, value in self._response.headers.multi_items():
+            name = key.lower()
+            if not for_downstream(name):
+                continue
+            if name == "content-encoding" and not self.encoding:
+                continue  # decoded by read(), or identity
+            yield key, value
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body, decoded from gzip or deflate, at most ``limit`` bytes of it
+        (else ``UpstreamError("too_large")``); each piece within the idle timeout.
+
+        The cap holds while decoding, piece by piece: a 10 KB gzip bomb never becomes 10 MB
+        in memory on the way to being refused.
+        """
+        body = BoundedBody(self.encoding, limit)
+        try:
+            async for chunk in self.chunks():
+                body.add(chunk)
+        finally:
+            await self._response.aclose()
+        if body.decoded:
+            self.encoding = ""
+        return body.value()
+
+    async def read_prefix(self, limit: int) -> bytes:
+        """At most ``limit`` bytes of the body (an error page, to quote), then close: an
+        upstream's error answer cannot make us hold megabytes."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in self.chunks():
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= limit:
+                    break
+        except UpstreamError:
+            pass  # what arrived before the failure is all there is to quote
+        finally:
+            await self._response.aclose()
+        return b"".join(parts)[:limit]
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as the upstream sends it: no re-chunking, no buffering."""
+        if self._response.is_stream_consumed:
+            # Built in memory with its body already read (httpx.MockTransport at the seam).
+            if self._response.content:
+                yield self._response.content
+            return
+        raw = self._response.aiter_raw().__aiter__()
+        loop = asyncio.get_running_loop()
+        while True:
+            wait, capped = self._idle, False
+            if self._deadline is not None:
+                left = self._deadline - loop.time()
+                if left <= wait:
+                    wait, capped = max(left, 0.0), True
+            try:
+                async with asyncio.timeout(wait):
+                    chunk = await raw.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:
+                if capped:
+                    raise UpstreamError("timeout", self.over_time()) from exc
+                raise UpstreamError(
+                    "idle", f"upstream sent nothing for {self._idle:g}s (idle_timeout_s)"
+                ) from exc
+            except httpx.TransportError as exc:
+                raise UpstreamError(
+                    "broken", f"upstream connection failed: {describe(exc)}"
+                ) from exc
+            yield chunk
+
+    def over_time(self) -> str:
+        return f"the request ran past the slot's max_duration_s of {self._max_duration:g}s"
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class BoundedBody:
+    """A body gathered up to a cap, decoded from gzip or deflate on the way."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.limit = limit
+        wbits = _DECODED.get(encoding)
+        self._inflate = zlib.decompressobj(wbits) if wbits is not None else None
+        self.decoded = self._inflate is not None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        if self._inflate is not None:
+            try:
+                # One byte past the room left is enough to know the cap is passed.
+                chunk = self._inflate.decompress(chunk, self.limit - self._size + 1)
+            except zlib.error as exc:
+                raise UpstreamError(
+                    "broken", f"the upstream's compressed body is bad: {exc}"
+                ) from exc
+        self._size += len(chunk)
+        if self._size > self.limit:
+            raise UpstreamError(
+                "too_large", f"the upstream's answer is larger than {self.limit / 2**20:g} MB"
+            )
+        self._parts.append(chunk)
+
+    def value(self) -> bytes:
+        return b"".join(self._parts)

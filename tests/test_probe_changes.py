@@ -1,0 +1,75 @@
+"""What a probe result changes in a slot: one pure decision, used to skip a write and to do it."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from dispatch.coordination.store import store
+from dispatch.lifecycle.changes import Changes, changes
+from dispatch.lifecycle.persistence import apply
+from dispatch.lifecycle.probe import Observation
+from dispatch.models import Slot
+from dispatch.routing.table import ModelEntry, make_slot
+from tests.conftest import add_slot
+
+
+def slot(state="ready", error="", drift=(), models=()):
+    return make_slot("s", "http://h/v1", models, state=state, last_error=error, drift=drift)
+
+
+def declared(model_id, default=False, fields=None):
+    return ModelEntry(model_id, model_id, "manifest", default, MappingProxyType(fields or {}))
+
+
+def test_the_steady_state_changes_nothing():
+    s = slot(models=[declared("m", True, {"context_length": 8, "created": 1})])
+    obs = Observation("ready", "", ("m",), details={"m": {"context_length": 8, "created": 2}})
+    assert not changes(s, obs)  # `created` alone is no change
+    assert not changes(
+        slot(state="offline", error="refused"), Observation("offline", "refused", None)
+    )
+
+
+def test_a_state_and_an_error_change():
+    c = changes(slot(state="ready"), Observation("offline", "refused", None))
+    assert c == Changes(state="offline", last_error="refused")
+    assert c.slot_changed
+
+
+def test_a_draining_slot_keeps_its_state_and_its_error():
+    assert not changes(slot(state="draining", error="x"), Observation("offline", "refused", None))
+
+
+def test_models_are_discovered_dropped_and_drift_is_noted():
+    s = slot(
+        models=[
+            declared("want"),
+            ModelEntry("gone", "gone", "discovered", True),
+            ModelEntry("alias", "want", "alias"),
+        ]
+    )
+    c = changes(s, Observation("ready", "", ("new", "other"), details={"new": {"x": 1}}))
+    assert c.dropped == {"gone"}
+    assert c.added == ("new", "other")
+    assert c.first_is_default  # the default was the dropped one
+    assert c.drift == ("want",)
+    assert c.slot_changed  # by its drift
+
+
+def test_changed_upstream_fields_are_written_but_not_for_an_alias():
+    s = slot(models=[declared("m", True, {"context_length": 8})])
+    c = changes(s, Observation("ready", "", ("m",), details={"m": {"context_length": 16}}))
+    assert c.fields == {"m": {"context_length": 16}} and not c.slot_changed
+
+
+def test_what_apply_writes_is_what_the_table_then_finds_unchanged(transactional_db):
+    add_slot("s", "http://h/v1", ["want"])
+    obs = Observation("ready", "", ("want", "extra"), details={"extra": {"owned_by": "me"}})
+    before = changes(store.reload().slots["s"], obs)
+    assert before.added == ("extra",) and before.state == "ready"
+    assert apply("s", obs) is True  # the slot's row changed (its state)
+    after = store.reload().slots["s"]
+    assert not changes(after, obs)  # so the watcher's next identical probe writes nothing
+    assert after.models["extra"].upstream_fields == {"owned_by": "me"}
+    assert Slot.objects.get(name="s").state == "ready"
+    assert apply("s", obs) is False
