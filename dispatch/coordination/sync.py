@@ -20,8 +20,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 
-from dispatch.api.keys import keyring
 from dispatch.coordination import events
+from dispatch.coordination.keyring import keyring
 from dispatch.coordination.store import store
 
 log = logging.getLogger("hal0.sync")
