@@ -6,7 +6,7 @@ and the ejections this way).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Generic, ParamSpec
 
 P = ParamSpec("P")
@@ -47,11 +47,5 @@ class Listeners(Generic[P]):
             except Exception:
                 log.exception("a listener of %s failed: %r", self.name, listener)
 
-    def __iter__(self) -> Iterator[Callable[P, object]]:
-        return iter(tuple(self._listeners))
-
     def __len__(self) -> int:
         return len(self._listeners)
-
-    def __contains__(self, listener: object) -> bool:
-        return listener in self._listeners
