@@ -32,14 +32,16 @@ class DispatchConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Connect the model signals that keep the routing table and the live UI in step
-        # with the database.
+        # Connect the model signals that keep the routing table in step with the database,
+        # and the live feed that tells the pages what changes.
         from django.core.signals import setting_changed
         from django.db.models.signals import post_migrate
 
         from dispatch import signals  # noqa: F401
         from dispatch.coordination import triggers
+        from dispatch.web import live
 
+        live.install()
         post_migrate.connect(triggers.install, sender=self)
         sync_outputs()
         # Sent by override_settings and pytest-django's `settings` fixture only.

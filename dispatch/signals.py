@@ -1,7 +1,9 @@
-"""Database changes → (after commit) a new routing table and key set → events for the live UI.
+"""Database changes → (after commit) a new routing table and key set.
 
 One path for every change, whoever makes it: the admin, the manifest importer, the watcher,
-a shell. Other processes follow through the version (``dispatch.coordination.sync``).
+a shell. Other processes follow through the version (``dispatch.coordination.sync``). The
+pages hear of the new table from the live feed (``dispatch.web.live``), which listens to the
+table store.
 """
 
 from __future__ import annotations
@@ -12,14 +14,8 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from dispatch.coordination import events, sync
-from dispatch.coordination.store import store
+from dispatch.coordination import sync
 from dispatch.models import ApiKey, Slot, SlotModel
-from dispatch.observability.decisions import InflightReporter
-from dispatch.routing.table import RoutingTable
-from dispatch.upstream.admission import admission
-from dispatch.upstream.outliers import outliers
-from dispatch.web.snapshots import slot_payload, table_events
 
 
 @receiver(post_save, sender=Slot)
@@ -39,27 +35,3 @@ def _changed(sender: type, **kwargs: Any) -> None:
     if any(func is sync.committed for _, func, _ in conn.run_on_commit):
         return
     transaction.on_commit(sync.committed)
-
-
-def _announce(old: RoutingTable, new: RoutingTable) -> None:
-    for event in table_events(old, new, admission.inflight, outliers.overlay()):
-        events.tell_own_pages(event)
-
-
-def _announce_outlier(name: str) -> None:
-    """An ejection began or ended: the table did not change, so say it here."""
-    table = store.table
-    slot = table.slots.get(name)
-    if slot is None:
-        return
-    over = outliers.overlay().get(name)
-    payload = slot_payload(slot, admission.inflight.get(name, 0), over)
-    payload["previous_state"] = slot.state if over is not None else "degraded"
-    # Ejections are this process's own judgement (dispatch.upstream.outliers): its own pages hear it.
-    versions = {"from_version": table.version, "version": table.version}
-    events.tell_own_pages({"type": "slot.state", **versions, "slot": payload})
-
-
-store.on_change(_announce)
-outliers.on_change(_announce_outlier)
-admission.on_change(InflightReporter(admission.inflight).note)

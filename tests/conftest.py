@@ -60,10 +60,10 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture(autouse=True)
 def _fresh_runtime() -> Iterator[None]:
     """Each test starts with an empty routing table, no watcher and no pooled clients."""
-    from dispatch.api.keys import keyring
     from dispatch.coordination import events
     from dispatch.coordination import store as store_mod
     from dispatch.coordination.affinity import affinity
+    from dispatch.coordination.keyring import keyring
     from dispatch.lifecycle.leadership import leadership
     from dispatch.lifecycle.watcher import watcher
     from dispatch.upstream import admission as admission_mod

@@ -1,40 +1,26 @@
 """Who may call /v1: an API key (Bearer), or the chat page's logged-in session with CSRF.
 
-Key hashes live in memory, reloaded after any ApiKey change commits, so checking a key costs
-one SHA-256 and a set lookup — no database query on the request path. Only a request with
-no key (the page) loads its session.
+Key hashes live in memory (``dispatch.coordination.keyring``), reloaded after any ApiKey
+change commits, so checking a key costs one SHA-256 and a set lookup — no database query on
+the request path. Only a request with no key (the page) loads its session.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import aget_user
 from django.http import HttpRequest, HttpResponseBase, QueryDict
 from django.middleware.csrf import CsrfViewMiddleware
 
+from dispatch.coordination.keyring import keyring
 from dispatch.observability import keyuse
 from dispatch.routing.scopes import EVERYTHING, Scope
 from dispatch.wire.errors import ApiError
-
-
-@dataclass(frozen=True, slots=True)
-class Key:
-    """An enabled key as the ring holds it: who it is and what it may do."""
-
-    id: int
-    name: str
-    scope: Scope
-    expires_at: float | None  # epoch seconds; None: never
-
-    def expired(self, now: float) -> bool:
-        return self.expires_at is not None and now >= self.expires_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,60 +33,6 @@ class Caller:
 
 
 OPEN = Caller(None)
-
-
-class KeyRing:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.reset()
-
-    def reset(self) -> None:
-        # key hash -> the key (who is asking, for the request log, and its scope)
-        self._hashes: dict[str, Key] = {}
-        self._any = False
-        self._loaded = False
-        self.version = -1  # the StateVersion the hashes were read at; -1: never read
-
-    def reload(self) -> None:
-        from dispatch.models import ApiKey, StateVersion
-
-        with self._lock:
-            # Read first: a change committed during the read shows as a newer number.
-            self.version = StateVersion.current()
-            self._hashes = {
-                key_hash: Key(
-                    pk,
-                    name,
-                    Scope(tuple(patterns or ())),
-                    expires_at.timestamp() if expires_at else None,
-                )
-                for pk, key_hash, name, patterns, expires_at in ApiKey.objects.filter(
-                    enabled=True
-                ).values_list("pk", "key_hash", "name", "allowed_models", "expires_at")
-            }
-            # Disabling the last key must not open the API: any key, enabled or not, counts.
-            self._any = ApiKey.objects.exists()
-            self._loaded = True
-
-    async def ensure_loaded(self) -> None:
-        if not self._loaded:
-            await sync_to_async(self.reload, thread_sensitive=True)()
-
-    def knows(self, key: str) -> bool:
-        return self.find(key) is not None
-
-    def find(self, key: str) -> Key | None:
-        """The enabled key ``key``, or None when there is no such key."""
-        from dispatch.models import hash_key
-
-        return self._hashes.get(hash_key(key))
-
-    @property
-    def any(self) -> bool:
-        return self._any
-
-
-keyring = KeyRing()
 
 
 def _no_view(request: HttpRequest) -> HttpResponseBase:

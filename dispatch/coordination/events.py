@@ -1,9 +1,10 @@
-"""The only module that talks to the channel layer.
+"""The only module that talks to the channel layer: the bus.
 
-Everything the live UI hears goes through here: decisions to the staff's pages and to the
-asking user's, in-flight counts to every page, table changes to the pages of the process
-whose table changed. Sends are fire and forget: an
-event never delays or fails the request or the database write that caused it.
+Everything the live UI hears goes through here (built by the live feed, ``dispatch.web.live``):
+decisions to the staff's pages and to the asking user's, in-flight counts to every page, table
+changes to the pages of the process whose table changed. The processes' own messages ride it
+too (a commit waking every version check, a poke for the watcher). Sends are fire and forget:
+an event never delays or fails the request or the database write that caused it.
 """
 
 from __future__ import annotations
@@ -25,16 +26,17 @@ GROUP = "dispatch"
 # hear only their own requests', in a group per user. A page joins one or the other, so what
 # it must not see is never even sent to it (not sent and then filtered).
 STAFF_GROUP = "dispatch.staff"
-# This process's own pages. A change to the table reaches every process (dispatch.coordination.sync), and
-# each tells its own pages what its table now holds: sent to GROUP, a page would hear each
-# change once from every process. Decisions are made once, by one process, so they go to
-# GROUP for every page.
-REJOIN_S = 3600.0
 # Every process's version check listens here: a commit anywhere wakes it at once.
 SYNC_GROUP = "hal0.sync"
 # The leading watcher's ear: pokes from other processes (a request that failed there).
 WATCHER_GROUP = "hal0.watcher"
+# This process's own pages. A change to the table reaches every process
+# (dispatch.coordination.sync), and each tells its own pages what its table now holds: sent
+# to GROUP, a page would hear each change once from every process. Decisions are made once,
+# by one process, so they go to GROUP for every page.
 LOCAL_GROUP = f"dispatch.local.{os.getpid()}.{secrets.token_hex(4)}"
+# How often ``listen`` joins its group again (channels-redis forgets a member after a day).
+REJOIN_S = 3600.0
 log = logging.getLogger("hal0.events")
 
 # Events published from async code wait here for the one task that sends them, in order.

@@ -17,6 +17,7 @@ from types import MappingProxyType
 
 from asgiref.sync import sync_to_async
 
+from dispatch.lib.listeners import Listeners
 from dispatch.routing.endpoints import defaults_for
 from dispatch.routing.table import EMPTY_TABLE, ModelEntry, RoutingTable, SlotEntry, make_slot
 
@@ -67,7 +68,7 @@ def load_table(version: int) -> RoutingTable:
 
 class TableStore:
     def __init__(self) -> None:
-        self._listeners: list[Callable[[RoutingTable, RoutingTable], None]] = []
+        self._listeners: Listeners[[RoutingTable, RoutingTable]] = Listeners("the table store")
         self.reset()
 
     def reset(self) -> None:
@@ -153,11 +154,12 @@ class TableStore:
         for loop, fut in waiters:
             if not loop.is_closed() and not fut.done():
                 loop.call_soon_threadsafe(_wake, fut)
-        for listener in list(self._listeners):
-            listener(old, table)
+        self._listeners.notify(old, table)
 
     def on_change(self, listener: Callable[[RoutingTable, RoutingTable], None]) -> None:
-        self._listeners.append(listener)
+        """Call ``listener(old, new)`` after each new table is swapped in (from the thread
+        that reloaded)."""
+        self._listeners.add(listener)
 
     def next_change(self) -> asyncio.Future[None]:
         """A future resolved when the next table is published (from any thread).

@@ -20,9 +20,10 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 
-from dispatch.api.keys import keyring
 from dispatch.coordination import events
+from dispatch.coordination.keyring import keyring
 from dispatch.coordination.store import store
+from dispatch.lib.listeners import Listeners
 
 log = logging.getLogger("hal0.sync")
 
@@ -36,6 +37,11 @@ STALE_AFTER_S = 3.0
 # of the interval, and the heartbeat and this check each add a tick.
 STALE_PROBES = 3
 STALE_MIN_S = 3.0
+
+
+# Told ``store.freshness()`` when the slot state turns stale or fresh again (the live feed
+# tells this process's pages: dispatch.web.live).
+freshness_changed: Listeners[[dict[str, object]]] = Listeners("the freshness")
 
 
 def stale_after_s(probe_interval_s: float) -> float:
@@ -72,7 +78,7 @@ def catch_up() -> bool:
 
 async def follow() -> None:
     """Check the version every ``VERSION_CHECK_S``, for as long as the loop runs, and tell
-    this process's pages when the slot state turns stale or fresh again."""
+    ``freshness_changed`` when the slot state turns stale or fresh again."""
     store.follow(
         max_age=STALE_AFTER_S, heartbeat_max_age=stale_after_s(settings.HAL0_PROBE_INTERVAL_S)
     )
@@ -100,9 +106,10 @@ async def _follow(wake: asyncio.Event, was_stale: bool) -> None:
             log.warning("could not check the state version", exc_info=True)
         if store.stale != was_stale:
             was_stale = store.stale
+            freshness = store.freshness()
             if was_stale:
-                log.warning("slot state is stale: %s", store.freshness())
-            events.tell_own_pages({"type": "watcher", **store.freshness()})
+                log.warning("slot state is stale: %s", freshness)
+            freshness_changed.notify(freshness)
 
 
 _follower: asyncio.Task[None] | None = None

@@ -1,19 +1,19 @@
 """Making each routing decision visible.
 
-``record`` hands each finished request to a list of outputs: the JSON log line, the live
-event, and (when on) the Prometheus metrics and the request log. Every output runs on the
+``record`` hands each finished request to a list of outputs: the JSON log line, the
+decision's listeners (the live feed, ``dispatch.web.live``, which tells the pages), and (when
+on) the Prometheus metrics and the request log. Every output runs on the
 event loop after the request's work is done, must be cheap (anything slow is queued to a
 thread of its own) and must never fail the request: one that raises is logged and skipped.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from dispatch.coordination import events
+from dispatch.lib.listeners import Listeners
 from dispatch.routing.explain import Explanation, explain, explain_no_route
 from dispatch.routing.resolver import Decision, NoRoute
 from dispatch.wire.errors import dumps
@@ -138,9 +138,14 @@ def log_output(rec: DecisionRecord, data: dict[str, object]) -> None:
         log.info(dumps(data).decode())
 
 
+# Whoever else hears of each decision: the live feed subscribes here (``dispatch.web.live``),
+# so this module knows nothing of pages.
+recorded: Listeners[[DecisionRecord, dict[str, object]]] = Listeners("the decisions")
+
+
 def event_output(rec: DecisionRecord, data: dict[str, object]) -> None:
-    # Who asked decides who hears it: staff see every decision, a page user their own.
-    events.publish_decision({"type": "dispatch.decision", **data}, rec.client)
+    """The output the live feed hears decisions through: tells ``recorded``'s listeners."""
+    recorded.notify(rec, data)
 
 
 # The outputs every decision goes to, in order. `dispatch.apps` adds the metrics and the
@@ -160,45 +165,3 @@ def record(rec: DecisionRecord) -> None:
             output(rec, data)
         except Exception:  # an output's bug must not turn a served request into a 500
             log.exception("decision output %s failed", getattr(output, "__name__", output))
-
-
-class InflightReporter:
-    """Tells the live UI how busy each slot is, at most every ``interval`` seconds.
-
-    Under load counts change thousands of times a second; the page needs a few updates a
-    second, so changes are gathered and sent as one `slot.inflight` event per interval.
-    """
-
-    def __init__(self, counts: Mapping[str, int], interval: float = 0.1) -> None:
-        self._counts = counts
-        self._interval = interval
-        self._dirty: set[str] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None
-        self._send: Callable[[dict[str, object]], None] = events.publish
-
-    def note(self, slot: str) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._dirty.add(slot)  # the next note on a loop sends it
-            return
-        if self._timer_loop is not loop:
-            if self._timer_loop is not None:
-                # A timer left on another (stopped) loop never fires, and what it gathered
-                # was for the pages that loop served: start afresh on this one.
-                self._dirty.clear()
-            self._timer, self._timer_loop = None, loop
-        self._dirty.add(slot)
-        if self._timer is None:
-            self._timer = loop.call_later(self._interval, self._flush)
-
-    def _flush(self) -> None:
-        self._timer = None
-        dirty, self._dirty = self._dirty, set()
-        self._send(
-            {
-                "type": "slot.inflight",
-                "inflight": {s: self._counts.get(s, 0) for s in sorted(dirty)},
-            }
-        )

@@ -321,7 +321,7 @@ async def view(request: HttpRequest) -> HttpResponse:
 
 
 async def _may_read(request: HttpRequest) -> bool:
-    from dispatch.api.keys import keyring
+    from dispatch.coordination.keyring import keyring
 
     auth = request.headers.get("Authorization", "")
     if auth:

@@ -80,75 +80,95 @@ def explain(
         Candidate(t.slot.name, t.slot.state, t.slot.priority, counts[i])
         for i, t in enumerate(decision.targets)
     )
-    chosen = decision.target
-    final = answered_by or chosen.slot.name
+    final = answered_by or decision.target.slot.name
     path = resolution_path or decision.resolution_path
     verb = "answered by" if 0 < status < 400 else "routed to"
-    head = f"{verb} {final}"
-    model = decision.requested_model
-    upstream = chosen.upstream_model
-    kind = decision.resolution_path.split(":", 1)[0]
-
+    rule, why = _why(decision, candidates, final)
     failover: str | None = None
     if path.startswith("failover:"):
         failover = path.removeprefix("failover:")
+        rule, why = _after_failover(decision, rule, why, failover, final)
+    return Explanation(rule, f"{verb} {final}: {why}", candidates, final, failover)
 
+
+# The resolution paths that name their slot outright (no ranking among candidates).
+_NAMED = ("qualified", "slot", "default", "fallback", "affinity")
+
+
+def _kind(decision: Decision) -> str:
+    return decision.resolution_path.split(":", 1)[0]
+
+
+def _why(decision: Decision, candidates: tuple[Candidate, ...], final: str) -> tuple[str, str]:
+    """The rule that chose the slot, and why, as the resolver decided it."""
+    model = decision.requested_model
+    upstream = decision.target.upstream_model
+    kind = _kind(decision)
     if kind == "qualified":
-        rule, why = "pinned", f"the request pinned slot {final} ('{model}')"
-    elif kind == "slot":
-        rule, why = "slot", f"the request named the slot {final}; its default model is '{upstream}'"
-    elif kind == "affinity":
-        rule, why = (
-            "affinity",
-            f"{final} made the response the request refers to, and alone holds it",
+        return "pinned", f"the request pinned slot {final} ('{model}')"
+    if kind == "slot":
+        return "slot", f"the request named the slot {final}; its default model is '{upstream}'"
+    if kind == "affinity":
+        return "affinity", f"{final} made the response the request refers to, and alone holds it"
+    if kind == "default":
+        return "default", f"the request named no model; {final} is the default slot"
+    if kind == "fallback":
+        return (
+            "fallback",
+            f"no slot serves '{model}'; the operator's fallback slot (HAL0_FALLBACK_SLOT) takes it",
         )
-    elif kind == "default":
-        rule, why = "default", f"the request named no model; {final} is the default slot"
-    elif kind == "fallback":
-        rule = "fallback"
-        why = (
-            f"no slot serves '{model}'; the operator's fallback slot (HAL0_FALLBACK_SLOT) takes it"
-        )
-    elif len(candidates) == 1:
+    if len(candidates) == 1:
         c = candidates[0]
-        if chosen.source == "alias":
-            rule, why = (
+        if decision.target.source == "alias":
+            return (
                 "alias",
                 f"'{model}' is {c.slot}'s alias for '{upstream}', the only slot serving it",
             )
+        return "only", f"the only slot serving '{model}' ({c.state})"
+    return _ranked(decision, candidates)
+
+
+def _ranked(decision: Decision, candidates: tuple[Candidate, ...]) -> tuple[str, str]:
+    """Why the first of several candidates: the first of the resolver's keys that set it
+    ahead of the second, and which of the others were down."""
+    first, second = candidates[0], candidates[1]
+    rule = _ranking_rule(first, second)
+    chosen = decision.target
+    served = f"'{decision.requested_model}'" + (
+        f" (alias for '{chosen.upstream_model}')" if chosen.source == "alias" else ""
+    )
+    if rule == "state":
+        same = [c for c in candidates if c.state == first.state]
+        if len(same) == 1:
+            why = f"the only {first.state} slot serving {served}"
         else:
-            rule, why = "only", f"the only slot serving '{model}' ({c.state})"
+            why = f"ranked first of {len(candidates)} slots serving {served}: {first.state} before {second.state}"
+    elif rule == "priority":
+        why = f"the highest priority ({first.priority}) of {len(candidates)} slots serving {served}"
+    elif rule == "least_busy":
+        why = f"the least busy ({first.inflight} in flight) of {len(candidates)} {first.state} slots serving {served}"
     else:
-        first, second = candidates[0], candidates[1]
-        rule = _ranking_rule(first, second)
-        served = f"'{model}'" + (f" (alias for '{upstream}')" if chosen.source == "alias" else "")
-        if rule == "state":
-            same = [c for c in candidates if c.state == first.state]
-            if len(same) == 1:
-                why = f"the only {first.state} slot serving {served}"
-            else:
-                why = f"ranked first of {len(candidates)} slots serving {served}: {first.state} before {second.state}"
-        elif rule == "priority":
-            why = f"the highest priority ({first.priority}) of {len(candidates)} slots serving {served}"
-        elif rule == "least_busy":
-            why = f"the least busy ({first.inflight} in flight) of {len(candidates)} {first.state} slots serving {served}"
-        else:
-            why = f"tied with {second.slot} on state, priority and load; first by name of the slots serving {served}"
-        others = [c for c in candidates[1:] if c.state in ("offline", "error", "draining")]
-        if others:
-            why += "; " + ", ".join(f"{c.slot} was {c.state}" for c in others)
-    if failover is not None:
+        why = f"tied with {second.slot} on state, priority and load; first by name of the slots serving {served}"
+    others = [c for c in candidates[1:] if c.state in ("offline", "error", "draining")]
+    if others:
+        why += "; " + ", ".join(f"{c.slot} was {c.state}" for c in others)
+    return rule, why
+
+
+def _after_failover(
+    decision: Decision, rule: str, why: str, failover: str, final: str
+) -> tuple[str, str]:
+    """The rule and reason once the request failed over (``failover`` is "a->b")."""
+    if final != decision.target.slot.name:
+        # forward() went past the chosen slot: it failed before answering.
         before = failover.split("->", 1)[0]
-        if final != chosen.slot.name:
-            # forward() went past the chosen slot: it failed before answering.
-            rule = "failover"
-            why = (
-                f"{before} failed before answering, so the request failed over; first choice: {why}"
-            )
-        elif kind not in ("qualified", "slot", "default", "fallback", "affinity"):
-            rule = "failover"  # the resolver's own: the operator's preferred slot is down
-    text = f"{head}: {why}"
-    return Explanation(rule, text, candidates, final, failover)
+        return (
+            "failover",
+            f"{before} failed before answering, so the request failed over; first choice: {why}",
+        )
+    if _kind(decision) not in _NAMED:
+        return "failover", why  # the resolver's own: the operator's preferred slot is down
+    return rule, why
 
 
 def explain_no_route(no_route: NoRoute) -> Explanation:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Protocol
 
+from dispatch.lib.listeners import Listeners
+
 
 class Gate(Protocol):
     async def acquire(self, slot: str, limit: int, timeout: float) -> bool: ...
@@ -27,17 +29,13 @@ class Admission:
         self._inflight: dict[str, int] = {}
         self._queues: dict[str, deque[asyncio.Future[None]]] = {}
         self.inflight: Mapping[str, int] = MappingProxyType(self._inflight)
-        self._listeners: list[Callable[[str], None]] = []
+        self._listeners: Listeners[[str]] = Listeners("admission")
         self.gate: Gate | None = None
         self._gated: dict[str, int] = {}  # places this process holds at the gate, per slot
 
     def on_change(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(slot)`` whenever the slot's in-flight count changes."""
-        self._listeners.append(listener)
-
-    def _changed(self, slot: str) -> None:
-        for listener in self._listeners:
-            listener(slot)
+        self._listeners.add(listener)
 
     def reset(self) -> None:
         self._inflight.clear()
@@ -55,7 +53,7 @@ class Admission:
         if limit and (count >= limit or self._queues.get(slot)):
             return False
         self._inflight[slot] = count + 1
-        self._changed(slot)
+        self._listeners.notify(slot)
         return True
 
     async def acquire(self, slot: str, limit: int, timeout: float) -> bool:
@@ -126,7 +124,7 @@ class Admission:
             self._inflight[slot] = count
         else:
             self._inflight.pop(slot, None)
-        self._changed(slot)
+        self._listeners.notify(slot)
 
 
 admission = Admission()

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dispatch.lib.listeners import Listeners
+
 EJECT_AFTER = 3
 MAX_BACKOFF_FACTOR = 8
 DEGRADED = "degraded"
@@ -39,15 +41,11 @@ class Outliers:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._records: dict[str, _Record] = {}
-        self._listeners: list[Callable[[str], None]] = []
+        self._listeners: Listeners[[str]] = Listeners("outliers")
 
     def on_change(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(slot)`` when the slot is ejected or comes back."""
-        self._listeners.append(listener)
-
-    def _changed(self, slot: str) -> None:
-        for listener in self._listeners:
-            listener(slot)
+        self._listeners.add(listener)
 
     def reset(self) -> None:
         self._records.clear()
@@ -94,7 +92,7 @@ class Outliers:
         """The slot answered: its record is cleared, and an ejected slot is back."""
         r = self._records.pop(slot, None)
         if r is not None and r.until:
-            self._changed(slot)
+            self._listeners.notify(slot)
 
     def abandoned(self, slot: str) -> None:
         """An admitted request ended without a verdict (client gone, slot full, a 5xx)."""
@@ -109,7 +107,7 @@ class Outliers:
         if r is None or not r.until or r.trial or self._clock() < r.until:
             return
         r.until, r.failures, r.reason = 0.0, 0, ""  # ejections kept: the back-off grows
-        self._changed(slot)
+        self._listeners.notify(slot)
 
     def _eject(self, slot: str, r: _Record, reason: str, backoff_s: float) -> None:
         r.ejections += 1
@@ -120,7 +118,7 @@ class Outliers:
             f"taken out of rotation for {backoff_s * factor:g}s after {EJECT_AFTER} failed "
             f"requests while its probes pass: {reason}"
         )
-        self._changed(slot)
+        self._listeners.notify(slot)
 
 
 outliers = Outliers()

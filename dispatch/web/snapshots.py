@@ -1,4 +1,5 @@
-"""Plain-JSON views of the routing table for the live UI, and the events between two tables.
+"""Plain-JSON views of the routing table for the live UI: each slot, and the snapshot a page
+gets on connecting (the events that follow are the live feed's: ``dispatch.web.live``).
 
 Pure: the same table always gives the same payloads, so the WebSocket snapshot, the deltas
 and the tests agree by construction.
@@ -71,67 +72,3 @@ def snapshot(
         ],
         "watcher": dict(watcher),
     }
-
-
-def _models_key(slot: SlotEntry) -> tuple[Any, ...]:
-    return (slot.default_model, tuple(sorted(slot.models.items())), slot.drift)
-
-
-def table_events(
-    old: RoutingTable,
-    new: RoutingTable,
-    inflight: Mapping[str, int],
-    overlay: Overlay | None = None,
-) -> list[dict[str, Any]]:
-    """What a UI that showed ``old`` needs to hear to show ``new``, most specific first."""
-    over = overlay or {}
-    events: list[dict[str, Any]] = []
-    # Both ends, so a page can tell a stale event (to an older version) from a gap (from a
-    # version after the one it holds).
-    versions = {"from_version": old.version, "version": new.version}
-    for name in old.slots.keys() - new.slots.keys():
-        events.append({"type": "slot.deleted", **versions, "slot": name})
-    for name, slot in new.slots.items():
-        before = old.slots.get(name)
-        if before == slot:
-            continue
-        payload = slot_payload(slot, inflight.get(name, 0), over.get(name))
-        if before is None:
-            kind = "slot.updated"
-        else:
-            changed_state = (before.state, before.enabled, before.last_error) != (
-                slot.state,
-                slot.enabled,
-                slot.last_error,
-            )
-            changed_models = _models_key(before) != _models_key(slot)
-            rest_before = _without(before)
-            rest_now = _without(slot)
-            if rest_before != rest_now or (changed_state and changed_models):
-                kind = "slot.updated"
-            elif changed_models:
-                kind = "slot.models"
-            else:
-                kind = "slot.state"
-            if kind == "slot.state":
-                payload["previous_state"] = before.state if before.enabled else "disabled"
-        events.append({"type": kind, **versions, "slot": payload})
-    return events
-
-
-def _without(slot: SlotEntry) -> tuple[Any, ...]:
-    return (
-        slot.url,
-        slot.kind,
-        slot.type,
-        slot.device,
-        slot.is_default,
-        slot.priority,
-        slot.api_key_env,
-        slot.max_concurrency,
-        slot.connect_timeout_s,
-        slot.first_byte_timeout_s,
-        slot.idle_timeout_s,
-        slot.max_duration_s,
-        slot.endpoints,
-    )
