@@ -1,5 +1,4 @@
-"""From a routed request to a decision the caller may use: resolve its model, or follow a
-response id to the slot that holds it, within the caller's key's scope."""
+"""Where a request goes: its model resolved, or its response id followed, in the key's scope."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Who may call /v1: an API key (Bearer, or x-api-key where it is taken), or the chat page's logged-in session with CSRF.
+"""Who may call /v1: an API key (Bearer, or x-api-key), or the page's session with CSRF.
 
 Key hashes live in memory, reloaded after any ApiKey change commits, so checking a key costs
 one SHA-256 and a set lookup — no database query on the request path. Only a request with

@@ -1,5 +1,4 @@
-"""/metrics: the Prometheus exposition of ``dispatch.observability.metrics``, for a staff
-session, an API key (as the API takes it), or anyone with HAL0_METRICS_PUBLIC."""
+"""/metrics: the Prometheus exposition, for staff, an API key, or all (HAL0_METRICS_PUBLIC)."""
 
 from __future__ import annotations
 

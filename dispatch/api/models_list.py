@@ -1,5 +1,4 @@
-"""The model list hal0web answers itself: /v1/models and /v1/models/{id}, from the routing
-table, as the caller's key may see it."""
+"""/v1/models and /v1/models/{id}, answered from the routing table as the caller's key sees it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Relaying an upstream's answer to the client: buffered JSON (checked), streams (ended with
-an error event of their protocol when they fail), bytes passed through, upstream errors."""
+"""Relaying an upstream's answer: buffered JSON (checked), streams, bytes, upstream errors."""
 
 from __future__ import annotations
 

@@ -6,10 +6,11 @@ stream was cut inside one) and how to frame one more event after what was alread
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 
-class Framing:
+class Framing(ABC):
     """A stream format. ``content_type`` is the media type an upstream names it by."""
 
     content_type: str
@@ -35,12 +36,13 @@ class Framing:
         close = b"" if self.between_events(tail) else self._close
         return close + self._frame(payload, name)
 
+    @abstractmethod
     def payloads(self, chunk: bytes) -> Iterator[bytes]:
-        """The JSON payloads of the whole events in ``chunk``, last first."""
-        raise NotImplementedError
+        """The JSON payloads of the events in ``chunk``, last first."""
 
+    @abstractmethod
     def _frame(self, payload: bytes, name: str | None) -> bytes:
-        raise NotImplementedError
+        """One event carrying ``payload`` (named ``name`` where the framing names events)."""
 
 
 class ServerSentEvents(Framing):

@@ -8,6 +8,7 @@ its content type is (``streamed_as``). Pure: no Django, no I/O.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, NamedTuple
 
 import orjson
@@ -28,7 +29,7 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-class WireProtocol:
+class WireProtocol(ABC):
     """What hal0web must know of one protocol to answer in it and to read what it sends."""
 
     name: str
@@ -46,8 +47,9 @@ class WireProtocol:
     def __repr__(self) -> str:
         return f"<{self.name} protocol>"
 
+    @abstractmethod
     def error_data(self, status: int, code: str, message: str, param: str | None) -> Any:
-        raise NotImplementedError
+        """hal0web's error as this protocol's clients parse one."""
 
     def error_body(self, status: int, code: str, message: str, param: str | None = None) -> bytes:
         return dumps(self.error_data(status, code, message, param))
