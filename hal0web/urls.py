@@ -1,20 +1,20 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
 
-from dispatch.api import views as api
-from dispatch.observability import metrics
+from dispatch.api import guard, health, metrics_view
+from dispatch.api.views import VIEWS
 from dispatch.routing.endpoints import ENDPOINTS
 
 urlpatterns = [
     # Every API path, from the endpoint table (dispatch/routing/endpoints.py).
     *(
-        path(p, api.VIEWS[ep.name], name=f"api-{ep.name}" if i == 0 else None)
+        path(p, VIEWS[ep.name], name=f"api-{ep.name}" if i == 0 else None)
         for ep in ENDPOINTS
         for i, p in enumerate(ep.paths)
     ),
-    re_path(r"^v1/(?P<path>.*)$", api.not_found),
-    path("healthz", api.healthz, name="healthz"),
-    path("metrics", metrics.view, name="metrics"),
+    re_path(r"^v1/(?P<path>.*)$", guard.not_found),
+    path("healthz", health.healthz, name="healthz"),
+    path("metrics", metrics_view.view, name="metrics"),
     path("admin/", admin.site.urls),
     path("", include("dispatch.urls")),
 ]

@@ -293,3 +293,24 @@ def test_two_workers_give_totals_that_add_up(upstream, tmp_path, pg_url):
         )
         == 8
     )
+
+
+def test_a_key_in_x_api_key_reads_metrics_through_the_apis_own_check(seed_slots, hal0, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from dispatch.models import ApiKey
+
+    settings.HAL0_METRICS_PUBLIC = False
+    _, key = ApiKey.issue("prometheus")
+    ok = httpx.get(hal0.url + "/metrics", headers={"x-api-key": key})
+    assert ok.status_code == 200 and "hal0_requests" in ok.text
+    bad = httpx.get(hal0.url + "/metrics", headers={"x-api-key": "nope"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+    # An expired key is refused as the API refuses it.
+    row, old = ApiKey.issue("old")
+    row.expires_at = timezone.now() - timedelta(hours=1)
+    row.save()
+    gone = httpx.get(hal0.url + "/metrics", headers={"x-api-key": old})
+    assert gone.status_code == 401 and gone.json()["error"]["code"] == "expired_api_key"

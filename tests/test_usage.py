@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from dispatch.api.views import _stream_usage, _usage
+from dispatch.api.relay import answer_usage as _usage
+from dispatch.api.relay import stream_usage as _stream_usage
 from dispatch.observability.decisions import DecisionRecord
 
 

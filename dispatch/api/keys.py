@@ -1,4 +1,4 @@
-"""Who may call /v1: an API key (Bearer), or the chat page's logged-in session with CSRF.
+"""Who may call /v1: an API key (Bearer, or x-api-key), or the page's session with CSRF.
 
 Key hashes live in memory (``dispatch.coordination.keyring``), reloaded after any ApiKey
 change commits, so checking a key costs one SHA-256 and a set lookup — no database query on
@@ -17,7 +17,7 @@ from django.contrib.auth import aget_user
 from django.http import HttpRequest, HttpResponseBase, QueryDict
 from django.middleware.csrf import CsrfViewMiddleware
 
-from dispatch.coordination.keyring import keyring
+from dispatch.coordination.keyring import Key, keyring
 from dispatch.observability import keyuse
 from dispatch.routing.scopes import EVERYTHING, Scope
 from dispatch.wire.errors import ApiError
@@ -60,26 +60,8 @@ async def authorize(request: HttpRequest, key_header: str | None = None) -> Call
         if user is None or not _from_the_page(request):
             return OPEN
         return Caller(f"user:{user.get_username()}")
-    auth = request.headers.get("Authorization", "")
-    bare = request.headers.get(key_header, "") if key_header else ""
-    if auth or bare:
-        if auth:
-            scheme, _, given = auth.partition(" ")
-            key = keyring.find(given.strip()) if scheme.lower() == "bearer" else None
-        else:
-            key = keyring.find(bare.strip())
-        if key is None:
-            raise ApiError(401, "invalid_api_key", "The API key is not valid.")
-        now = time.time()
-        if key.expired(now):
-            assert key.expires_at is not None
-            raise ApiError(
-                401,
-                "expired_api_key",
-                f"The API key '{key.name}' expired at "
-                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(key.expires_at))}.",
-            )
-        keyuse.used(key.id, now)
+    key = presented_key(request, key_header)
+    if key is not None:
         return Caller(f"key:{key.name}", key.scope)
     user = await _session_user(request)
     if user is not None:
@@ -94,6 +76,34 @@ async def authorize(request: HttpRequest, key_header: str | None = None) -> Call
         "This hal0web requires an API key: send `Authorization: Bearer <key>` "
         "(create keys in the admin).",
     )
+
+
+def presented_key(request: HttpRequest, key_header: str | None = None) -> Key | None:
+    """The valid key the request presents (``Authorization: Bearer``, or bare in
+    ``key_header``), noted as used; None when it presents none; ApiError(401) for a key that
+    is unknown or expired. The key ring must be loaded."""
+    auth = request.headers.get("Authorization", "")
+    bare = request.headers.get(key_header, "") if key_header else ""
+    if not (auth or bare):
+        return None
+    if auth:
+        scheme, _, given = auth.partition(" ")
+        key = keyring.find(given.strip()) if scheme.lower() == "bearer" else None
+    else:
+        key = keyring.find(bare.strip())
+    if key is None:
+        raise ApiError(401, "invalid_api_key", "The API key is not valid.")
+    now = time.time()
+    if key.expired(now):
+        assert key.expires_at is not None
+        raise ApiError(
+            401,
+            "expired_api_key",
+            f"The API key '{key.name}' expired at "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(key.expires_at))}.",
+        )
+    keyuse.used(key.id, now)
+    return key
 
 
 def _from_the_page(request: HttpRequest) -> bool:

@@ -10,8 +10,9 @@ thread of its own) and must never fail the request: one that raises is logged an
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dispatch.lib.listeners import Listeners
 from dispatch.routing.explain import Explanation, explain, explain_no_route
@@ -51,6 +52,68 @@ class DecisionRecord:
     # Only with HAL0_LOG_BODIES: the request body as received and the answer as sent, capped.
     body: bytes | None = None
     answer: bytes | None = None
+    # perf_counter() when the request arrived: every *_ms above is measured from it.
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    @classmethod
+    def arrived(cls, request_id: str, endpoint: str) -> DecisionRecord:
+        """The record of a request that arrives now."""
+        return cls(request_id=request_id, endpoint=endpoint, model=None, at=time.time())
+
+    def since_arrival_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+    def decided(
+        self,
+        result: Decision | NoRoute,
+        seen_inflight: tuple[int, ...] = (),
+        allowed: bool = True,
+    ) -> None:
+        """What the resolver decided (``seen_inflight``: the counts its ranking saw). A
+        decision the caller may not use is kept to explain; no slot was chosen."""
+        self.decision = result
+        self.latency_us = result.latency_us
+        if not allowed:
+            return
+        if isinstance(result, NoRoute):
+            self.slot = result.slot
+        else:
+            self.slot, self.upstream_model = result.slot, result.upstream_model
+            self.resolution_path = result.resolution_path
+            self.seen_inflight = seen_inflight
+
+    def forwarding(self) -> None:
+        """hal0web's own work is done: what follows is the upstream's time."""
+        self.added_ms = self.since_arrival_ms()
+
+    def answered(
+        self, slot: str, upstream_model: str | None, resolution_path: str, status: int
+    ) -> None:
+        """The upstream that answered (after any failover) sent its headers."""
+        self.slot, self.upstream_model = slot, upstream_model
+        self.resolution_path, self.status = resolution_path, status
+        self.ttfb_ms = self.since_arrival_ms()
+
+    def first_chunk(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = self.since_arrival_ms()
+
+    def failed(self, status: int, error: str) -> None:
+        self.status, self.error = status, error
+
+    def took(self, prompt: int | None, completion: int | None) -> None:
+        """Token counts the upstream reported (None: not reported)."""
+        if prompt is not None:
+            self.prompt_tokens = prompt
+        if completion is not None:
+            self.completion_tokens = completion
+
+    def ended(self, by_us: bool = False) -> None:
+        """The answer is over: the whole request's time. An answer hal0web gave itself
+        (``by_us``) before forwarding was all hal0web's own time."""
+        self.duration_ms = self.since_arrival_ms()
+        if by_us and self.added_ms is None:
+            self.added_ms = self.duration_ms
 
     @property
     def why(self) -> Explanation | None:

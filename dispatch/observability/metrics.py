@@ -21,13 +21,10 @@ from the live objects when scraped, so it costs nothing per request.
 from __future__ import annotations
 
 import os
-import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from django.conf import settings
-from django.http import HttpRequest, HttpResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -40,7 +37,6 @@ from prometheus_client.utils import floatToGoString
 from dispatch.observability.decisions import DecisionRecord
 from dispatch.routing.resolver import Decision
 from dispatch.routing.states import TRANSITIONS
-from dispatch.wire.errors import ApiError, error_response
 
 WORKER = str(os.getpid())
 
@@ -297,37 +293,3 @@ class _Collector(Collector):
 
 
 registry.register(_Collector())
-
-
-async def view(request: HttpRequest) -> HttpResponse:
-    """/metrics: for a staff session, an API key, or anyone with HAL0_METRICS_PUBLIC."""
-    if not settings.HAL0_METRICS:
-        return error_response(ApiError(404, "not_found", "Metrics are off (HAL0_METRICS=false)."))
-    if request.method not in ("GET", "HEAD"):
-        response = error_response(ApiError(405, "method_not_allowed", "Use GET for /metrics."))
-        response["Allow"] = "GET, HEAD"
-        return response
-    if not settings.HAL0_METRICS_PUBLIC and not await _may_read(request):
-        return error_response(
-            ApiError(
-                401,
-                "missing_api_key",
-                "/metrics needs a staff login, `Authorization: Bearer <API key>`, or "
-                "HAL0_METRICS_PUBLIC=true.",
-            )
-        )
-    body = generate_latest(registry)
-    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
-
-
-async def _may_read(request: HttpRequest) -> bool:
-    from dispatch.coordination.keyring import keyring
-
-    auth = request.headers.get("Authorization", "")
-    if auth:
-        scheme, _, key = auth.partition(" ")
-        await keyring.ensure_loaded()
-        found = keyring.find(key.strip()) if scheme.lower() == "bearer" else None
-        return found is not None and not found.expired(time.time())
-    user = await request.auser()
-    return bool(user.is_active and user.is_staff)

@@ -1,10 +1,10 @@
 """The endpoint table: every API path hal0web serves, and how each one is routed.
 
 The single source of these facts. The URL patterns (``hal0web/urls.py``), the paths the lean
-handler takes (``runtime``), the 404's list of endpoints, each path's ``Allow`` header, the
-error shape, which header may carry hal0web's key, the slot types that offer an endpoint by
-default and the names a manifest's ``endpoints = [...]`` may use are all derived from
-``ENDPOINTS`` below. Adding an endpoint is one entry here (plus its tests).
+handler takes (``runtime``), the 404's list of endpoints, each path's ``Allow`` header, its
+wire protocol (error shape, stream framing), which header may carry hal0web's key, the slot
+types that offer an endpoint by default and the names a manifest's ``endpoints = [...]`` may
+use are all derived from ``ENDPOINTS`` below. Adding an endpoint is one entry here (plus its tests).
 
 Pure: no Django, no I/O.
 """
@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
-from urllib.parse import quote
+
+from dispatch.wire.adapters import upstream_path as upstream_path  # the path a slot is sent
+from dispatch.wire.protocols import ANTHROPIC, OPENAI, WireProtocol
 
 # Where the request names its model:
 #   json      the top-level "model" of a JSON body
@@ -24,8 +26,6 @@ from urllib.parse import quote
 #   response  nowhere: the response id in the path says which slot made it (Responses API)
 #   none      not routed to a slot at all (hal0web answers itself: /v1/models)
 ModelIn = Literal["json", "form", "response", "none"]
-# The error body a client of the path parses: OpenAI's, or Anthropic's (/v1/messages).
-Shape = Literal["openai", "anthropic"]
 # What a 2xx answer is: JSON (checked before it goes out), or bytes passed through as they
 # come (audio, a transcription in text/srt/vtt). An event stream is told by its content type.
 Answer = Literal["json", "bytes"]
@@ -47,7 +47,9 @@ class Endpoint:
     methods: tuple[str, ...] = ("POST",)
     model_in: ModelIn = "json"
     answer: Answer = "json"
-    shape: Shape = "openai"
+    # The protocol its clients speak: the shape of hal0web's errors on it, its streams'
+    # framing and error event, where its answers carry token counts.
+    protocol: WireProtocol = OPENAI
     # Its answers carry an id that later requests refer to (a Responses API response):
     # hal0web records which slot made it.
     records_response: bool = False
@@ -68,7 +70,7 @@ class Endpoint:
         """A header besides ``Authorization`` that may carry hal0web's API key: the
         ``anthropic`` SDK sends its key as ``x-api-key``, to its own paths and to the model
         list both SDKs read."""
-        return "x-api-key" if self.shape == "anthropic" or self.model_in == "none" else None
+        return ANTHROPIC.key_header if self.model_in == "none" else self.protocol.key_header
 
     @property
     def label(self) -> str:
@@ -107,12 +109,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         model_in="response",
         offered_as="responses",
     ),
-    Endpoint("messages", ("v1/messages",), _LLM, shape="anthropic"),
+    Endpoint("messages", ("v1/messages",), _LLM, protocol=ANTHROPIC),
     Endpoint(
         "messages/count_tokens",
         ("v1/messages/count_tokens",),
         _LLM,
-        shape="anthropic",
+        protocol=ANTHROPIC,
         offered_as="messages",
     ),
     Endpoint("embeddings", ("v1/embeddings",), ("embedding",)),
@@ -180,10 +182,3 @@ SERVED_TEXT = "hal0web serves " + ", ".join(
 def defaults_for(slot_type: str) -> frozenset[str]:
     """The endpoints a slot of ``slot_type`` offers when its manifest lists none."""
     return DEFAULT_ENDPOINTS.get(slot_type, frozenset())
-
-
-def upstream_path(path: str, query: str = "") -> str:
-    """The path sent to a slot (its URL is the API root) for a request to ``path`` (as
-    decoded) with ``query`` (as sent): the client's spelling, less the leading ``/v1/``."""
-    sent = quote(path.lstrip("/").removeprefix("v1/"))
-    return f"{sent}?{query}" if query else sent

@@ -15,6 +15,7 @@ from types import MappingProxyType
 
 from dispatch.routing.endpoints import TYPES_OF
 from dispatch.routing.table import STATE_RANK, RoutingTable, SlotEntry
+from dispatch.wire import adapters
 
 _NO_INFLIGHT: Mapping[str, int] = MappingProxyType({})
 _UNUSABLE = frozenset({"offline", "error", "draining"})
@@ -65,6 +66,12 @@ class NoRoute:
     slot: str | None = None
 
 
+def _offers(slot: SlotEntry, endpoint: str) -> bool:
+    """Whether ``slot`` can serve ``endpoint``: it offers it, or a request adapter turns the
+    request into one it offers (``dispatch.wire.adapters``)."""
+    return adapters.serves(endpoint, slot.endpoints)
+
+
 _PATH_PREFIX: Mapping[str, str] = MappingProxyType({"alias": "alias", "discovered": "discovered"})
 
 
@@ -83,7 +90,7 @@ def candidates(
     found = []
     for name in table.by_model.get(model_id, ()):
         slot = table.slots[name]
-        if endpoint is not None and endpoint not in slot.endpoints:
+        if endpoint is not None and not _offers(slot, endpoint):
             continue
         entry = slot.models[model_id]
         found.append((slot, entry.upstream_model, entry.source))
@@ -105,7 +112,7 @@ def _by_model(
     names = table.by_model[requested]
     if len(names) == 1:  # the common case: one slot serves the model, nothing to rank
         slot = table.slots[names[0]]
-        if endpoint not in slot.endpoints:
+        if not _offers(slot, endpoint):
             return _not_offered(table, requested, endpoint, names, t0)
         entry = slot.models[requested]
         target = Target(slot, entry.upstream_model, entry.source)
@@ -176,7 +183,7 @@ def pinned(
             table.version,
             slot=slot_name,
         )
-    if endpoint not in slot.endpoints:
+    if not _offers(slot, endpoint):
         return _not_offered(table, requested_model or slot_name, endpoint, (slot_name,), t0)
     entry = slot.models.get(requested_model) if requested_model else None
     target = Target(slot, entry.upstream_model if entry else None, "affinity")
@@ -226,127 +233,138 @@ def resolve(
 ) -> Decision | NoRoute:
     """Decide where a request for ``requested_model`` on ``endpoint`` goes.
 
-    Order: ``slot/model`` qualified id; a slot's name; a model id or alias; no model at all
-    (the endpoint type's default slot); the operator's opt-in fallback slot; else no route.
+    In this order: no model at all (the endpoint type's default slot); a ``slot/model``
+    qualified id; a slot's name; a model id or alias; the operator's opt-in fallback slot;
+    else no route.
     """
     t0 = time.perf_counter_ns()
-    version = table.version
-
-    # 4. No model in the body: the default slot of a type that offers the endpoint.
     if requested_model is None or requested_model == "":
-        types = TYPES_OF.get(endpoint, ("llm",))
-        name = next(
-            (
-                n
-                for n in (table.default_slot.get(t) for t in types)
-                if n is not None
-                and endpoint in table.slots[n].endpoints
-                and table.slots[n].default_model is not None
-            ),
-            None,
+        return _by_default(table, requested_model, endpoint, t0)
+    found = _by_qualified_id(table, requested_model, endpoint, t0)
+    if found is None:
+        found = _by_slot_name(table, requested_model, endpoint, t0)
+    if found is None and requested_model in table.by_model:
+        found = _by_model(table, requested_model, endpoint, inflight, t0)
+    if found is None:
+        found = _by_fallback(table, requested_model, endpoint, fallback_slot, t0)
+    return found
+
+
+def _by_default(
+    table: RoutingTable, requested_model: str | None, endpoint: str, t0: int
+) -> Decision | NoRoute:
+    """No model in the body: the default slot of a type that offers the endpoint."""
+    types = TYPES_OF.get(endpoint, ("llm",))
+    name = next(
+        (
+            n
+            for n in (table.default_slot.get(t) for t in types)
+            if n is not None
+            and _offers(table.slots[n], endpoint)
+            and table.slots[n].default_model is not None
+        ),
+        None,
+    )
+    if name is None:
+        return NoRoute(
+            requested_model,
+            400,
+            "model_required",
+            f"This request names no model and no default {' or '.join(types)} slot "
+            f"offering {endpoint} is configured; set `model` in the request.",
+            _elapsed(t0),
+            table.version,
         )
-        if name is None:
-            return NoRoute(
-                requested_model,
-                400,
-                "model_required",
-                f"This request names no model and no default {' or '.join(types)} slot "
-                f"offering {endpoint} is configured; set `model` in the request.",
-                _elapsed(t0),
-                version,
-            )
-        slot = table.slots[name]
-        target = Target(slot, slot.default_model, "default")
-        return Decision(requested_model, (target,), f"default:{name}", _elapsed(t0), version)
+    slot = table.slots[name]
+    target = Target(slot, slot.default_model, "default")
+    return Decision(requested_model, (target,), f"default:{name}", _elapsed(t0), table.version)
 
-    slots = table.slots
-    # 1. slot/model. Model ids may contain "/" themselves (vLLM's "Qwen/Qwen3-8B"), so the
-    # prefix is a qualifier only when it names a slot.
-    slash = requested_model.find("/")
-    if slash > 0:
-        prefix, rest = requested_model[:slash], requested_model[slash + 1 :]
-        slot_entry = slots.get(prefix)
-        if slot_entry is not None:
-            entry = slot_entry.models.get(rest)
-            if entry is not None:
-                if not slot_entry.enabled:
-                    return NoRoute(
-                        requested_model,
-                        503,
-                        "slot_unavailable",
-                        f"Slot '{prefix}' is disabled.",
-                        _elapsed(t0),
-                        version,
-                        slot=prefix,
-                    )
-                if endpoint not in slot_entry.endpoints:
-                    return _not_offered(table, requested_model, endpoint, (prefix,), t0)
-                target = Target(slot_entry, entry.upstream_model, "qualified")
-                return Decision(
-                    requested_model, (target,), f"qualified:{prefix}", _elapsed(t0), version
-                )
-            if requested_model not in table.by_model:
-                return NoRoute(
-                    requested_model,
-                    404,
-                    "model_not_found",
-                    f"Slot '{prefix}' does not serve model '{rest}'."
-                    + _hint(sorted(slot_entry.models)),
-                    _elapsed(t0),
-                    version,
-                    slot=prefix,
-                )
 
-    # 2. A slot's name: that slot's default model.
-    slot_entry = slots.get(requested_model)
-    if slot_entry is not None and requested_model not in table.by_model:
-        if not slot_entry.enabled:
-            return NoRoute(
-                requested_model,
-                503,
-                "slot_unavailable",
-                f"Slot '{requested_model}' is disabled.",
-                _elapsed(t0),
-                version,
-                slot=requested_model,
-            )
-        if slot_entry.default_model is None:
-            return NoRoute(
-                requested_model,
-                404,
-                "model_not_found",
-                f"Slot '{requested_model}' has no models yet.",
-                _elapsed(t0),
-                version,
-                slot=requested_model,
-            )
-        if endpoint not in slot_entry.endpoints:
-            return _not_offered(table, requested_model, endpoint, (requested_model,), t0)
-        target = Target(slot_entry, slot_entry.default_model, "slot")
-        return Decision(
-            requested_model, (target,), f"slot:{requested_model}", _elapsed(t0), version
-        )
-
-    # 3. A model id or alias served by one or more enabled slots.
-    if requested_model in table.by_model:
-        return _by_model(table, requested_model, endpoint, inflight, t0)
-
-    # 5. Nothing serves it. Only an operator's explicit opt-in sends it somewhere anyway.
-    if fallback_slot is not None:
-        fb = slots.get(fallback_slot)
-        if fb is not None and fb.enabled and endpoint in fb.endpoints:
-            target = Target(fb, requested_model, "fallback")
-            return Decision(
-                requested_model, (target,), f"fallback:{fallback_slot}", _elapsed(t0), version
-            )
+def _disabled(table: RoutingTable, requested: str, slot: str, t0: int) -> NoRoute:
     return NoRoute(
-        requested_model,
+        requested,
+        503,
+        "slot_unavailable",
+        f"Slot '{slot}' is disabled.",
+        _elapsed(t0),
+        table.version,
+        slot=slot,
+    )
+
+
+def _by_qualified_id(
+    table: RoutingTable, requested: str, endpoint: str, t0: int
+) -> Decision | NoRoute | None:
+    """``slot/model``. Model ids may contain "/" themselves (vLLM's "Qwen/Qwen3-8B"), so the
+    prefix is a qualifier only when it names a slot; None when it is no qualified id."""
+    prefix, slash, rest = requested.partition("/")
+    slot = table.slots.get(prefix) if slash and prefix else None
+    if slot is None:
+        return None
+    entry = slot.models.get(rest)
+    if entry is None:
+        if requested in table.by_model:
+            return None
+        return NoRoute(
+            requested,
+            404,
+            "model_not_found",
+            f"Slot '{prefix}' does not serve model '{rest}'." + _hint(sorted(slot.models)),
+            _elapsed(t0),
+            table.version,
+            slot=prefix,
+        )
+    if not slot.enabled:
+        return _disabled(table, requested, prefix, t0)
+    if not _offers(slot, endpoint):
+        return _not_offered(table, requested, endpoint, (prefix,), t0)
+    target = Target(slot, entry.upstream_model, "qualified")
+    return Decision(requested, (target,), f"qualified:{prefix}", _elapsed(t0), table.version)
+
+
+def _by_slot_name(
+    table: RoutingTable, requested: str, endpoint: str, t0: int
+) -> Decision | NoRoute | None:
+    """A slot's name (that is no model id as well): that slot's default model."""
+    slot = table.slots.get(requested)
+    if slot is None or requested in table.by_model:
+        return None
+    if not slot.enabled:
+        return _disabled(table, requested, requested, t0)
+    if slot.default_model is None:
+        return NoRoute(
+            requested,
+            404,
+            "model_not_found",
+            f"Slot '{requested}' has no models yet.",
+            _elapsed(t0),
+            table.version,
+            slot=requested,
+        )
+    if not _offers(slot, endpoint):
+        return _not_offered(table, requested, endpoint, (requested,), t0)
+    target = Target(slot, slot.default_model, "slot")
+    return Decision(requested, (target,), f"slot:{requested}", _elapsed(t0), table.version)
+
+
+def _by_fallback(
+    table: RoutingTable, requested: str, endpoint: str, fallback_slot: str | None, t0: int
+) -> Decision | NoRoute:
+    """Nothing serves it. Only an operator's explicit opt-in sends it somewhere anyway."""
+    fb = table.slots.get(fallback_slot) if fallback_slot is not None else None
+    if fb is not None and fb.enabled and _offers(fb, endpoint):
+        target = Target(fb, requested, "fallback")
+        return Decision(
+            requested, (target,), f"fallback:{fallback_slot}", _elapsed(t0), table.version
+        )
+    return NoRoute(
+        requested,
         404,
         "model_not_found",
-        f"The model '{requested_model}' does not exist or no slot serves it."
-        + _hint(suggestions(table, requested_model)),
+        f"The model '{requested}' does not exist or no slot serves it."
+        + _hint(suggestions(table, requested)),
         _elapsed(t0),
-        version,
+        table.version,
     )
 
 

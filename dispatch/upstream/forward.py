@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from django.conf import settings
 
@@ -21,6 +21,8 @@ from dispatch.upstream.admission import admission
 from dispatch.upstream.client import upstream
 from dispatch.upstream.outliers import outliers
 from dispatch.upstream.response import UpstreamError, UpstreamResponse
+from dispatch.wire import adapters
+from dispatch.wire.adapters import ClientRequest, Outgoing
 from dispatch.wire.errors import ApiError
 
 _FAILOVER_STATUSES = frozenset({502, 503})
@@ -33,7 +35,6 @@ class Forwarded:
     slot: SlotEntry
     upstream_model: str | None
     resolution_path: str
-    attempts: list[str] = field(default_factory=list)
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
@@ -121,71 +122,63 @@ def _unavailable(slot: SlotEntry, probing: bool) -> ApiError:
     )
 
 
-async def forward(
-    decision: Decision,
-    path: str,
-    body_for: Callable[[Target], bytes],
-    headers: dict[str, str],
-    on_suspect: Callable[[str, str], None],
-    method: str = "POST",
-) -> Forwarded:
-    """Open the upstream response for ``decision``; the caller owns (and must close) it.
+class _Attempts:
+    """What trying the targets in turn has found so far: the first slot that failed (there is
+    one failover, before any byte reached the client) and the error to give if none serves."""
 
-    The caller must also ``admission.release(result.slot.name)`` when the response is done.
-    """
-    targets = list(decision.targets)
-    path_label = decision.resolution_path
-    attempts: list[str] = []
-    first_failed: str | None = None
-    last_error: ApiError | None = None
-    i = 0
-    while i < len(targets):
-        target = targets[i]
-        i += 1
+    def __init__(self, decision: Decision, on_suspect: Callable[[str, str], None]) -> None:
+        self.decision = decision
+        self.on_suspect = on_suspect
+        self.first_failed: str | None = None
+        self.last_error: ApiError | None = None
+
+    def failed(self, slot: SlotEntry, error: ApiError) -> None:
+        self.last_error = self.last_error or error
+        self.first_failed = self.first_failed or slot.name
+
+    async def usable(self, target: Target, later: list[Target]) -> SlotEntry | None:
+        """The target's slot once it can take the request; None to go on to the next."""
         slot = _current(target)
         if slot is None or not slot.enabled:
-            continue
+            return None
         if slot.state == "loading":
             try:
                 slot = await _await_ready(target)
             except ApiError as err:
-                last_error = err
-                if first_failed is None and any(_usable_later(t) for t in targets[i:]):
-                    continue
+                self.last_error = err
+                if self.first_failed is None and any(_usable_later(t) for t in later):
+                    return None
                 raise
         if slot.state in _DOWN:
-            last_error = last_error or _unavailable(slot, _nudge(slot, on_suspect))
-            first_failed = first_failed or slot.name
-            continue
+            self.failed(slot, _unavailable(slot, _nudge(slot, self.on_suspect)))
+            return None
         if not outliers.admit(slot.name):
             # Out of rotation (its probes pass, its requests did not): fail over at once
             # rather than wait out first_byte_timeout_s again.
-            last_error = last_error or _degraded(slot)
-            first_failed = first_failed or slot.name
-            continue
-        if not await admission.acquire(slot.name, slot.max_concurrency, settings.HAL0_QUEUE_WAIT_S):
-            outliers.abandoned(slot.name)
-            raise ApiError(
-                429,
-                "slot_busy",
-                f"Slot '{slot.name}' is at its limit of {slot.max_concurrency} concurrent requests.",
-                headers=_retry_after(settings.HAL0_QUEUE_WAIT_S or 1),
-            )
-        attempts.append(slot.name)
+            self.failed(slot, _degraded(slot))
+            return None
+        return slot
+
+    async def open(
+        self, slot: SlotEntry, sent: Outgoing, headers: dict[str, str], method: str
+    ) -> UpstreamResponse | None:
+        """The slot's response (its place on the slot taken); None when it could not be
+        reached and the next target may be tried."""
+        await _admit(slot)
         try:
-            response = await upstream.open(slot, path, body_for(target), headers, method)
+            response = await upstream.open(slot, sent.path, sent.body, headers, method)
         except UpstreamError as exc:
             admission.release(slot.name)
             if slot.state == "ready":  # a probe's "offline" is the watcher's to act on
                 outliers.failed(slot.name, exc.message, settings.HAL0_OUTLIER_BACKOFF_S)
             else:
                 outliers.abandoned(slot.name)
-            on_suspect(slot.name, exc.message)
-            last_error = _transport_error(exc)
-            if first_failed is None:
-                first_failed = slot.name
-                continue  # fail over once, before any byte reached the client
-            raise last_error from exc
+            self.on_suspect(slot.name, exc.message)
+            self.last_error = _transport_error(exc)
+            if self.first_failed is None:
+                self.first_failed = slot.name
+                return None  # fail over once, before any byte reached the client
+            raise self.last_error from exc
         except BaseException:
             # The client went away while the slot was still thinking (a long prompt, a model
             # loading): its place on the slot must not outlive it.
@@ -196,32 +189,80 @@ async def forward(
             outliers.succeeded(slot.name)  # it answered: not an outlier (any more)
         else:
             outliers.abandoned(slot.name)
-        if response.status_code in _FAILOVER_STATUSES and first_failed is None and i < len(targets):
-            admission.release(slot.name)
-            await response.aclose()
-            on_suspect(slot.name, f"upstream answered {response.status_code}")
-            first_failed = slot.name
-            last_error = ApiError(
-                503,
-                "slot_unavailable",
-                f"Slot '{slot.name}' answered {response.status_code} and no other slot could serve.",
-                # on_suspect above has the watcher probing it now.
-                headers=_retry_after(
-                    1 if settings.HAL0_WATCHER else settings.HAL0_PROBE_INTERVAL_S
-                ),
-            )
+        return response
+
+    async def passed_on(self, slot: SlotEntry, response: UpstreamResponse, more: bool) -> bool:
+        """Whether the slot's 502/503 is left for the next target (closed, its place freed)."""
+        status = response.status_code
+        if status not in _FAILOVER_STATUSES or self.first_failed is not None or not more:
+            return False
+        admission.release(slot.name)
+        await response.aclose()
+        self.on_suspect(slot.name, f"upstream answered {status}")
+        self.first_failed = slot.name
+        self.last_error = ApiError(
+            503,
+            "slot_unavailable",
+            f"Slot '{slot.name}' answered {status} and no other slot could serve.",
+            # on_suspect above has the watcher probing it now.
+            headers=_retry_after(1 if settings.HAL0_WATCHER else settings.HAL0_PROBE_INTERVAL_S),
+        )
+        return True
+
+    def resolution_path(self, slot: SlotEntry) -> str:
+        if self.first_failed is not None and self.first_failed != slot.name:
+            return f"failover:{self.first_failed}->{slot.name}"
+        return self.decision.resolution_path
+
+    def error(self) -> ApiError:
+        """Why no target served."""
+        return self.last_error or ApiError(
+            503,
+            "slot_unavailable",
+            f"No enabled slot serves '{self.decision.requested_model}'.",
+            headers=_retry_after(1),  # a retry is resolved afresh
+        )
+
+
+async def _admit(slot: SlotEntry) -> None:
+    """A place on the slot, waiting up to HAL0_QUEUE_WAIT_S for one; else 429."""
+    if not await admission.acquire(slot.name, slot.max_concurrency, settings.HAL0_QUEUE_WAIT_S):
+        outliers.abandoned(slot.name)
+        raise ApiError(
+            429,
+            "slot_busy",
+            f"Slot '{slot.name}' is at its limit of {slot.max_concurrency} concurrent requests.",
+            headers=_retry_after(settings.HAL0_QUEUE_WAIT_S or 1),
+        )
+
+
+async def forward(
+    decision: Decision,
+    endpoint: str,
+    request: ClientRequest,
+    headers: dict[str, str],
+    on_suspect: Callable[[str, str], None],
+    method: str = "POST",
+) -> Forwarded:
+    """Open the upstream response for ``decision``; the caller owns (and must close) it.
+
+    Each target is sent what it is asked for (``dispatch.wire.adapters``: the path and body
+    for the endpoint its slot offers), by ``endpoint`` (as slots offer it) and the client's
+    ``request``. The caller must also ``admission.release(result.slot.name)`` when the
+    response is done.
+    """
+    targets = list(decision.targets)
+    attempts = _Attempts(decision, on_suspect)
+    for i, target in enumerate(targets):
+        slot = await attempts.usable(target, targets[i + 1 :])
+        if slot is None:
             continue
-        if first_failed is not None and first_failed != slot.name:
-            path_label = f"failover:{first_failed}->{slot.name}"
-        return Forwarded(response, slot, target.upstream_model, path_label, attempts)
-    if last_error is not None:
-        raise last_error
-    raise ApiError(
-        503,
-        "slot_unavailable",
-        f"No enabled slot serves '{decision.requested_model}'.",
-        headers=_retry_after(1),  # a retry is resolved afresh
-    )
+        sent = adapters.outgoing(endpoint, target.slot.endpoints, request, target.upstream_model)
+        response = await attempts.open(slot, sent, headers, method)
+        if response is None or await attempts.passed_on(slot, response, i + 1 < len(targets)):
+            continue
+        return Forwarded(response, slot, target.upstream_model, attempts.resolution_path(slot))
+    raise attempts.error()
 
 
 def _usable_later(target: Target) -> bool:

@@ -1,0 +1,283 @@
+"""Relaying an upstream's answer: buffered JSON (checked), streams, bytes, upstream errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpResponse, StreamingHttpResponse
+
+from dispatch.api import bodies
+from dispatch.api.responses import error_response, visible
+from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
+from dispatch.observability.decisions import DecisionRecord, record
+from dispatch.upstream.admission import admission
+from dispatch.upstream.forward import Forwarded
+from dispatch.upstream.response import UpstreamError
+from dispatch.wire.errors import ApiError, excerpt, is_openai_error, upstream_error_status
+from dispatch.wire.protocols import OPENAI, WireProtocol, streamed_as
+
+# Statuses whose answer has no body to check.
+_NO_BODY = frozenset({204, 205, 304})
+# How much of an upstream's error answer is read (to quote or pass through); the rest is
+# dropped with the connection.
+_ERROR_READ_LIMIT = 64 * 1024
+# Answers up to this size are parsed whole to check they are JSON (orjson: ~1 ms a MB);
+# a larger one (a big batch of embeddings) would hold the event loop, and every stream on
+# it, for tens of ms, so only its ends are looked at. (A body cut short is caught anyway:
+# its Content-Length or chunked framing is not met.)
+_PARSE_CHECK_BYTES = 1024 * 1024
+
+
+def answer_usage(rec: DecisionRecord, content: bytes, protocol: WireProtocol = OPENAI) -> None:
+    """Token counts from a JSON answer (``protocol`` says where it keeps them)."""
+    usage = protocol.usage_in_answer(content)
+    if usage is not None:
+        rec.took(*usage)
+
+
+def stream_usage(rec: DecisionRecord, chunk: bytes, protocol: WireProtocol = OPENAI) -> None:
+    """Token counts from the stream's chunk that carried them (the upstream's choice to
+    send; the request is never changed to ask for it)."""
+    usage = protocol.usage_in_stream(chunk)
+    if usage is not None:
+        rec.took(*usage)
+
+
+def _is_json(content: bytes) -> bool:
+    if len(content) <= _PARSE_CHECK_BYTES:
+        try:
+            bodies.loads(content)
+        except ValueError:
+            return False
+        return True
+    first, last = content[:64].lstrip()[:1], content[-64:].rstrip()[-1:]
+    return (first, last) in ((b"{", b"}"), (b"[", b"]"))
+
+
+def _finish(response: HttpResponse, rec: DecisionRecord) -> HttpResponse:
+    visible(response, rec)
+    rec.ended()
+    record(rec)
+    return response
+
+
+def _proxy_error(
+    rec: DecisionRecord, err: ApiError, upstream_status: int, protocol: WireProtocol
+) -> HttpResponse:
+    response = error_response(err, protocol)
+    response["X-Hal0-Upstream-Status"] = str(upstream_status)
+    rec.failed(err.status, err.code)
+    return response
+
+
+def _with_headers(response: HttpResponse, fwd: Forwarded) -> HttpResponse:
+    for key, value in fwd.response.headers():
+        response[key] = value
+    return response
+
+
+def _read_failed(fwd: Forwarded, exc: UpstreamError) -> ApiError:
+    if exc.kind == "timeout":  # max_duration_s
+        return ApiError(504, "upstream_timeout", exc.message)
+    if exc.kind == "too_large":
+        return ApiError(
+            502,
+            "upstream_response_too_large",
+            f"Slot '{fwd.slot.name}': {exc.message} (HAL0_MAX_RESPONSE_MB); "
+            "ask for less, or stream it.",
+        )
+    return ApiError(502, "upstream_broken", exc.message)
+
+
+async def buffered(
+    fwd: Forwarded, rec: DecisionRecord, protocol: WireProtocol, records_response: bool
+) -> HttpResponse:
+    """A 2xx JSON answer, read whole and checked before it goes out."""
+    status = fwd.response.status_code
+    try:
+        content = await fwd.response.read(int(settings.HAL0_MAX_RESPONSE_MB * 2**20))
+    except UpstreamError as exc:
+        return _finish(_proxy_error(rec, _read_failed(fwd, exc), status, protocol), rec)
+    finally:
+        admission.release(fwd.slot.name)
+    encoded = bool(fwd.response.encoding)  # one we do not decode: it passes as it came
+    if status not in _NO_BODY and not encoded and not _is_json(content):
+        # An OpenAI client would fail on it with its JSON parser's words, or worse, take a
+        # proxy's HTML page for an answer: say what happened instead.
+        err = ApiError(
+            502,
+            "upstream_invalid_response",
+            f"Slot '{fwd.slot.name}' answered {status} with a body that is not JSON: "
+            f"{excerpt(content) or '(empty)'}",
+        )
+        return _finish(_proxy_error(rec, err, status, protocol), rec)
+    if records_response:
+        rid = response_id(content)
+        if rid is not None:
+            # Before the client has the id: from then on every worker must find it.
+            await affinity.remember(rid, fwd.slot.name)
+    response = _with_headers(HttpResponse(content, status=status), fwd)
+    if not encoded and protocol.usage_marker in content:
+        answer_usage(rec, content, protocol)
+    if rec.body is not None:  # HAL0_LOG_BODIES: keep the answer too, capped the same
+        rec.answer = content[: settings.HAL0_LOG_BODY_MAX_BYTES]
+    return _finish(response, rec)
+
+
+async def upstream_failed(
+    fwd: Forwarded, rec: DecisionRecord, protocol: WireProtocol
+) -> HttpResponse:
+    """An upstream's error answer, before any byte reached the client.
+
+    The model server's own OpenAI-shaped error passes as it is (its status and words are
+    the most precise thing to tell the client: context too long, a bad parameter). Anything
+    else (an HTML error page from a proxy or a crashed server, JSON of another shape, a
+    stream) becomes hal0web's own error, ``upstream_error``, with the upstream's status kept
+    where it means something to the client and a short excerpt of what it said.
+    """
+    status = fwd.response.status_code
+    try:
+        content = await fwd.response.read_prefix(_ERROR_READ_LIMIT)
+    finally:
+        admission.release(fwd.slot.name)
+    data: Any = None
+    stream = streamed_as(protocol, fwd.response.content_type) is not None
+    if not stream and len(content) < _ERROR_READ_LIMIT:
+        try:
+            data = bodies.loads(content)
+        except ValueError:
+            pass
+    if is_openai_error(data):
+        response = _with_headers(HttpResponse(content, status=status), fwd)
+        response["X-Hal0-Upstream-Status"] = str(status)
+        rec.error = "upstream_error"
+        return _finish(response, rec)
+    said = excerpt(content)
+    err = ApiError(
+        upstream_error_status(status),
+        "upstream_error",
+        f"Slot '{fwd.slot.name}' answered {status}" + (f": {said}" if said else " with no body"),
+    )
+    response = _proxy_error(rec, err, status, protocol)
+    retry_after = fwd.response.header("retry-after")
+    if retry_after and err.status in (429, 503):
+        response["Retry-After"] = retry_after
+    return _finish(response, rec)
+
+
+async def _ended(fwd: Forwarded, rec: DecisionRecord) -> None:
+    """A relayed body is over (or abandoned): the upstream connection and the slot's place
+    go back at once."""
+    await fwd.response.aclose()
+    admission.release(fwd.slot.name)
+    rec.ended()
+
+
+def _relayed(
+    body: AsyncIterator[bytes], fwd: Forwarded, rec: DecisionRecord
+) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(body, status=fwd.response.status_code)
+    for key, value in fwd.response.headers():
+        response[key] = value
+    response["X-Accel-Buffering"] = "no"  # nginx must not hold it back
+    visible(response, rec)
+    return response
+
+
+def passthrough(fwd: Forwarded, rec: DecisionRecord) -> StreamingHttpResponse:
+    """A 2xx answer that is bytes, not JSON (speech audio, a transcript as text/srt/vtt):
+    passed through as it arrives, unchecked and unchanged."""
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in fwd.response.chunks():
+                rec.first_chunk()
+                yield chunk
+        except UpstreamError as exc:
+            # Audio has no error event: a body cut short must not look whole, so the
+            # connection ends without the body's last chunk.
+            rec.error = f"upstream_{exc.kind}"
+            raise
+        except BaseException:
+            rec.error = "client_disconnected"
+            raise
+        finally:
+            await _ended(fwd, rec)
+            record(rec)
+
+    return _relayed(relay(), fwd, rec)
+
+
+class _Watch:
+    """What a stream relay keeps an eye on as chunks pass: the last bytes sent (does the
+    stream sit between two events?), the chunk with the token counts, what is logged."""
+
+    def __init__(self, rec: DecisionRecord, protocol: WireProtocol, plain: bool) -> None:
+        self.tail = b""
+        self.usage: bytes | None = None
+        # HAL0_LOG_BODIES: what the client was sent, up to the cap (rec.body is set only then).
+        self.room = settings.HAL0_LOG_BODY_MAX_BYTES if rec.body is not None else 0
+        self.kept: list[bytes] | None = [] if self.room else None
+        self.marker = protocol.usage_marker if plain else None
+
+    def saw(self, chunk: bytes) -> None:
+        self.tail = (self.tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
+        if self.marker is not None and self.marker in chunk:
+            self.usage = chunk  # the last one wins: OpenAI sends usage in the final chunk
+        if self.kept is not None and self.room > 0:
+            self.kept.append(chunk[: self.room])
+            self.room -= len(self.kept[-1])
+
+
+def streaming(
+    fwd: Forwarded, rec: DecisionRecord, protocol: WireProtocol, records_response: bool
+) -> StreamingHttpResponse:
+    """A stream in ``protocol``'s framing, relayed as it arrives. A failure after the first
+    byte ends it with one error event of that protocol (an SSE event, an NDJSON line)."""
+    # A compressed stream (the upstream ignored our Accept-Encoding: identity) goes through
+    # as it came, header and all: its bytes are no events to look into or to end with one.
+    plain = not fwd.response.encoding
+    # A Responses stream names its response in its first event, response.created.
+    sniffer = StreamSniffer() if records_response and plain else None
+    watch = _Watch(rec, protocol, plain)
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in fwd.response.chunks():
+                watch.saw(chunk)
+                rec.first_chunk()
+                if sniffer is not None and not sniffer.done:
+                    rid = sniffer.feed(chunk)
+                    if rid is not None:  # recorded before the client sees the id
+                        await affinity.remember(rid, fwd.slot.name)
+                yield chunk
+            if plain and not protocol.between_events(watch.tail):
+                # The upstream ended cleanly as far as HTTP goes, but in the middle of an
+                # event: a client's parser would drop the cut event without a word.
+                rec.error = "upstream_truncated"
+                cut = "the upstream ended the stream in the middle of an event"
+                yield protocol.error_event(rec.error, cut, watch.tail)
+        except UpstreamError as exc:
+            # Headers are gone already; the only honest thing left is a last error event
+            # (in a compressed stream it would be garbage: the cut alone says it failed).
+            rec.error = f"upstream_{exc.kind}"
+            if plain:
+                yield protocol.error_event(rec.error, exc.message, watch.tail)
+        except BaseException:
+            rec.error = "client_disconnected"
+            raise
+        finally:
+            # Runs on normal end, on upstream failure, and when the client disconnects (Django
+            # cancels this generator): closing the response closes the upstream connection.
+            await _ended(fwd, rec)
+            if watch.usage is not None:
+                stream_usage(rec, watch.usage, protocol)
+            if watch.kept is not None:
+                rec.answer = b"".join(watch.kept)
+            record(rec)
+
+    response = _relayed(relay(), fwd, rec)
+    response["Cache-Control"] = "no-cache"
+    return response
