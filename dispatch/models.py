@@ -17,6 +17,7 @@ from django.db import models
 from django.db.models import Q
 
 from dispatch.routing import endpoints as endpoint_table
+from dispatch.routing.states import State
 
 SLOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -39,15 +40,6 @@ class SlotType(models.TextChoices):
     TRANSCRIPTION = "transcription", "Transcription (speech to text)"
     TTS = "tts", "Text to speech"
     IMAGE = "image", "Image"
-
-
-class SlotState(models.TextChoices):
-    UNKNOWN = "unknown", "unknown"
-    OFFLINE = "offline", "offline"
-    LOADING = "loading", "loading"
-    READY = "ready", "ready"
-    ERROR = "error", "error"
-    DRAINING = "draining", "draining"
 
 
 class ModelSource(models.TextChoices):
@@ -144,7 +136,10 @@ class Slot(models.Model):
     max_duration_s = models.FloatField(
         default=0.0, help_text="Cap on a whole request once sent to the slot; 0 = no cap."
     )
-    state = models.CharField(max_length=16, choices=SlotState.choices, default=SlotState.UNKNOWN)
+    # The names are dispatch.routing.states'; labelled by themselves.
+    state = models.CharField(
+        max_length=16, choices=[(s.value, s.value) for s in State], default=State.UNKNOWN.value
+    )
     state_changed_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True, default="")
     # Declared models the server did not advertise at its last probe (drift).

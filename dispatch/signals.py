@@ -16,6 +16,7 @@ from dispatch.coordination import events, sync
 from dispatch.coordination.store import store
 from dispatch.models import ApiKey, Slot, SlotModel
 from dispatch.observability.decisions import InflightReporter
+from dispatch.routing.states import DEGRADED
 from dispatch.routing.table import RoutingTable
 from dispatch.upstream.admission import admission
 from dispatch.upstream.outliers import outliers
@@ -54,7 +55,7 @@ def _announce_outlier(name: str) -> None:
         return
     over = outliers.overlay().get(name)
     payload = slot_payload(slot, admission.inflight.get(name, 0), over)
-    payload["previous_state"] = slot.state if over is not None else "degraded"
+    payload["previous_state"] = slot.state if over is not None else DEGRADED
     # Ejections are this process's own judgement (dispatch.upstream.outliers): its own pages hear it.
     versions = {"from_version": table.version, "version": table.version}
     events.tell_own_pages({"type": "slot.state", **versions, "slot": payload})

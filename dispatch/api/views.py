@@ -30,6 +30,7 @@ from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
 from dispatch.coordination.store import store
 from dispatch.lifecycle import health
 from dispatch.observability.decisions import DecisionRecord, record
+from dispatch.routing import states
 from dispatch.routing.endpoints import BY_NAME, ENDPOINTS, SERVED_TEXT, Endpoint, upstream_path
 from dispatch.routing.resolver import Decision, NoRoute, Target, candidates, pinned, resolve
 from dispatch.routing.scopes import EVERYTHING, Scope, model_names
@@ -842,10 +843,10 @@ async def healthz(request: HttpRequest) -> JsonResponse:
             "version": table.version,
             "slots": {
                 s.name: (
-                    "disabled"
+                    states.DISABLED
                     if not s.enabled
-                    else "degraded"
-                    if s.state == "ready" and outliers.degraded(s.name)
+                    else states.DEGRADED
+                    if s.state == states.READY and outliers.degraded(s.name)
                     else s.state
                 )
                 for s in table.slots.values()

@@ -98,11 +98,11 @@ async def observe(slot: SlotEntry, timeout: float) -> Observation:
                 str(m["id"]): {k: v for k, v in m.items() if k not in _NOT_KEPT} for m in entries
             }
     error = ""
-    if state in ("offline", "error"):
+    if state in states.PROBED_DOWN:
         error = (
             models.error or (health.error if health else "") or f"/models answered {models.status}"
         )
-    elif state == "loading":
+    elif state == states.LOADING:
         error = ""
     return Observation(state, error, advertised, timed_out=models.timed_out, details=details)
 
@@ -129,10 +129,10 @@ def apply(slot_name: str, obs: Observation) -> bool:
             slot.state = new_state
             slot.state_changed_at = timezone.now()
             changed += ["state", "state_changed_at"]
-        if slot.last_error != obs.error and slot.state != "draining":
+        if slot.last_error != obs.error and slot.state != states.DRAINING:
             slot.last_error = obs.error
             changed.append("last_error")
-        if obs.state == "ready" and obs.advertised is not None:
+        if obs.state == states.READY and obs.advertised is not None:
             advertised = set(obs.advertised)
             rows = list(slot.models.all())
             known = {m.model_id for m in rows}
@@ -257,7 +257,7 @@ class Watcher:
                 log.exception("probe of slot %s failed", name)
             slot = store.table.slots.get(name)
             interval = settings.HAL0_PROBE_INTERVAL_S
-            if slot is not None and slot.state in ("loading", "offline", "unknown"):
+            if slot is not None and slot.state in states.NOT_UP_YET:
                 wait, backoff = min(backoff, interval), min(backoff * 2, interval)
             else:
                 wait, backoff = interval, 1.0
@@ -291,7 +291,7 @@ class Watcher:
         obs = await observe(slot, timeout)
         probed(slot.name, time.perf_counter() - began, obs.state)
         seen_at = timezone.now()
-        if obs.state == "ready":
+        if obs.state == states.READY:
             outliers.probe_passed(slot.name)  # may end an ejection whose back-off is over
         if obs.state == BUSY:
             self._probed_at[slot.name] = seen_at  # it answered: its state stands
@@ -361,9 +361,9 @@ class Watcher:
 def _unchanged(slot: SlotEntry, obs: Observation) -> bool:
     if states.after_probe(slot.state, obs.state) != slot.state:
         return False
-    if slot.state != "draining" and slot.last_error != obs.error:
+    if slot.state != states.DRAINING and slot.last_error != obs.error:
         return False
-    if obs.state != "ready" or obs.advertised is None:
+    if obs.state != states.READY or obs.advertised is None:
         return True
     advertised = set(obs.advertised)
     discovered = {m for m, e in slot.models.items() if e.source == "discovered"}

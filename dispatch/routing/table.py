@@ -13,11 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from dispatch.routing.endpoints import defaults_for
-
-# Preference among candidate slots: ready first, then loading, then never probed, then the rest.
-STATE_RANK: Mapping[str, int] = MappingProxyType(
-    {"ready": 0, "loading": 1, "unknown": 2, "error": 3, "offline": 3, "draining": 4}
-)
+from dispatch.routing.states import UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +41,7 @@ class SlotEntry:
     enabled: bool = True
     is_default: bool = False
     priority: int = 0
-    state: str = "unknown"
+    state: str = UNKNOWN
     last_error: str = ""
     api_key_env: str = ""
     max_concurrency: int = 0
@@ -105,7 +101,7 @@ class RoutingTable:
     @property
     def unprobed(self) -> tuple[str, ...]:
         """Enabled slots never probed yet: a miss may only mean we have not asked them."""
-        return tuple(s.name for s in self.slots.values() if s.enabled and s.state == "unknown")
+        return tuple(s.name for s in self.slots.values() if s.enabled and s.state == UNKNOWN)
 
 
 EMPTY_TABLE = RoutingTable.build(0, ())

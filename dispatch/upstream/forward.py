@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 
 from dispatch.coordination.store import store
+from dispatch.routing import states
 from dispatch.routing.resolver import Decision, Target
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.admission import admission
@@ -23,7 +24,6 @@ from dispatch.upstream.proxy import UpstreamError, UpstreamResponse, upstream
 from dispatch.wire.errors import ApiError
 
 _FAILOVER_STATUSES = frozenset({502, 503})
-_DOWN = frozenset({"offline", "error", "draining"})
 
 
 @dataclass
@@ -61,7 +61,7 @@ async def _await_ready(target: Target) -> SlotEntry:
                 f"Slot '{target.slot.name}' was removed or disabled.",
                 headers=_retry_after(1),  # a retry is resolved afresh
             )
-        if slot.state != "loading":
+        if slot.state != states.LOADING:
             changed.cancel()
             return slot
         remaining = deadline - asyncio.get_running_loop().time()
@@ -88,7 +88,7 @@ def _nudge(slot: SlotEntry, on_suspect: Callable[[str, str], None]) -> bool:
     """Ask the in-process watcher to probe a down slot now, at most once a second per slot
     (a burst of requests must not become a burst of probes). True when a probe is now
     under way or was started less than a second ago: a retry in 1 s sees its result."""
-    if not settings.HAL0_WATCHER or slot.state not in ("offline", "error"):
+    if not settings.HAL0_WATCHER or slot.state not in states.PROBED_DOWN:
         # Probed elsewhere (`manage.py watch`) or by nobody (draining is the operator's).
         return False
     now = asyncio.get_running_loop().time()
@@ -144,7 +144,7 @@ async def forward(
         slot = _current(target)
         if slot is None or not slot.enabled:
             continue
-        if slot.state == "loading":
+        if slot.state == states.LOADING:
             try:
                 slot = await _await_ready(target)
             except ApiError as err:
@@ -152,7 +152,7 @@ async def forward(
                 if first_failed is None and any(_usable_later(t) for t in targets[i:]):
                     continue
                 raise
-        if slot.state in _DOWN:
+        if slot.state in states.DOWN:
             last_error = last_error or _unavailable(slot, _nudge(slot, on_suspect))
             first_failed = first_failed or slot.name
             continue
@@ -175,7 +175,7 @@ async def forward(
             response = await upstream.open(slot, path, body_for(target), headers, method)
         except UpstreamError as exc:
             admission.release(slot.name)
-            if slot.state == "ready":  # a probe's "offline" is the watcher's to act on
+            if slot.state == states.READY:  # a probe's "offline" is the watcher's to act on
                 outliers.failed(slot.name, exc.message, settings.HAL0_OUTLIER_BACKOFF_S)
             else:
                 outliers.abandoned(slot.name)
@@ -225,7 +225,7 @@ async def forward(
 
 def _usable_later(target: Target) -> bool:
     slot = _current(target)
-    return slot is not None and slot.enabled and slot.state not in _DOWN
+    return slot is not None and slot.enabled and slot.state not in states.DOWN
 
 
 def _transport_error(exc: UpstreamError) -> ApiError:

@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dispatch.routing.states import DEGRADED
+
 EJECT_AFTER = 3
 MAX_BACKOFF_FACTOR = 8
-DEGRADED = "degraded"
 
 
 @dataclass(slots=True)

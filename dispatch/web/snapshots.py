@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dispatch.lib import redact
+from dispatch.routing import states
 from dispatch.routing.table import RoutingTable, SlotEntry
 
 # What dispatch.upstream.outliers lays over the table: slot name -> (state, reason).
@@ -24,8 +25,8 @@ def slot_payload(
     models = sorted(
         slot.models.values(), key=lambda m: (not m.is_default, m.source == "alias", m.model_id)
     )
-    state, last_error = (slot.state if slot.enabled else "disabled"), slot.last_error
-    if overlay is not None and state == "ready":
+    state, last_error = (slot.state if slot.enabled else states.DISABLED), slot.last_error
+    if overlay is not None and state == states.READY:
         state, last_error = overlay
     return {
         "name": slot.name,
@@ -70,6 +71,8 @@ def snapshot(
             slot_payload(s, inflight.get(s.name, 0), over.get(s.name)) for s in table.slots.values()
         ],
         "watcher": dict(watcher),
+        # The page names, groups and explains states as the server does (it has no copy).
+        "states": states.page_states(),
     }
 
 
@@ -114,7 +117,7 @@ def table_events(
             else:
                 kind = "slot.state"
             if kind == "slot.state":
-                payload["previous_state"] = before.state if before.enabled else "disabled"
+                payload["previous_state"] = before.state if before.enabled else states.DISABLED
         events.append({"type": kind, **versions, "slot": payload})
     return events
 
