@@ -21,7 +21,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from dispatch.lib import redact
-from dispatch.manifests import manifests
+from dispatch.manifests.export import extra_problems
 from dispatch.models import ApiKey, ModelSource, RequestLog, Slot, SlotModel
 from dispatch.routing import states
 from dispatch.routing.endpoints import DEFAULT_ENDPOINTS, OFFERABLE
@@ -78,7 +78,7 @@ class SlotForm(forms.ModelForm):
         extra = self.cleaned_data.get("extra")
         if extra is None:  # the field left empty: no extra keys
             return {}
-        problems = manifests.extra_problems(extra)
+        problems = extra_problems(extra)
         if problems:
             raise forms.ValidationError([f"{k}: {msg}" if k else msg for k, msg in problems])
         return extra

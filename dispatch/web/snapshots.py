@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dispatch.lib import redact
-from dispatch.routing import states
+from dispatch.routing import slot_fields, states
 from dispatch.routing.table import RoutingTable, SlotEntry
 
 # What dispatch.upstream.outliers lays over the table: slot name -> (state, reason).
@@ -28,15 +28,11 @@ def slot_payload(
     state, last_error = (slot.state if slot.enabled else states.DISABLED), slot.last_error
     if overlay is not None and state == states.READY:
         state, last_error = overlay
+    # Every field the page shows (dispatch.routing.slot_fields), then those it shows in
+    # another shape or derived from the table.
     return {
-        "name": slot.name,
+        **{f.name: getattr(slot, f.name) for f in slot_fields.PAYLOAD},
         "url": redact.masked(slot.url),
-        "kind": slot.kind,
-        "type": slot.type,
-        "device": slot.device,
-        "enabled": slot.enabled,
-        "is_default": slot.is_default,
-        "priority": slot.priority,
         "state": state,
         "last_error": redact.masked(last_error),
         "default_model": slot.default_model,
@@ -53,7 +49,6 @@ def slot_payload(
         "endpoints": sorted(slot.endpoints),
         "endpoints_listed": slot.endpoints_listed,
         "inflight": inflight,
-        "max_concurrency": slot.max_concurrency,
     }
 
 
