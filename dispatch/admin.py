@@ -21,15 +21,15 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from dispatch.lib import redact
-from dispatch.manifests import manifests
-from dispatch.models import ApiKey, ModelSource, RequestLog, Slot, SlotModel, SlotState
+from dispatch.manifests.export import extra_problems
+from dispatch.models import ApiKey, ModelSource, RequestLog, Slot, SlotModel
 from dispatch.routing import states
 from dispatch.routing.endpoints import DEFAULT_ENDPOINTS, OFFERABLE
 from dispatch.routing.scopes import split_patterns
 
 # The states an operator may set by hand (see dispatch/routing/states.py): draining a slot, and
 # ending that (back to `unknown`: the watcher probes it afresh).
-OPERATOR_STATES = (SlotState.DRAINING, SlotState.UNKNOWN)
+OPERATOR_STATES = (states.DRAINING, states.UNKNOWN)
 
 
 def shared_models(model_ids: Iterable[str], exclude_slot_id: int | None) -> dict[str, list[str]]:
@@ -52,8 +52,8 @@ class SlotForm(forms.ModelForm):
         required=False,
         choices=[
             ("", "(leave as it is)"),
-            (SlotState.DRAINING, "draining: finish what is in flight, take nothing new"),
-            (SlotState.UNKNOWN, "unknown: end draining, let the watcher probe it afresh"),
+            (states.DRAINING, "draining: finish what is in flight, take nothing new"),
+            (states.UNKNOWN, "unknown: end draining, let the watcher probe it afresh"),
         ],
     )
 
@@ -78,14 +78,14 @@ class SlotForm(forms.ModelForm):
         extra = self.cleaned_data.get("extra")
         if extra is None:  # the field left empty: no extra keys
             return {}
-        problems = manifests.extra_problems(extra)
+        problems = extra_problems(extra)
         if problems:
             raise forms.ValidationError([f"{k}: {msg}" if k else msg for k, msg in problems])
         return extra
 
     def clean_set_state(self) -> str:
         new: str = self.cleaned_data.get("set_state") or ""
-        current = self.instance.state if self.instance.pk else SlotState.UNKNOWN
+        current = self.instance.state if self.instance.pk else states.UNKNOWN
         if not new or new == current:
             return ""
         if new not in OPERATOR_STATES:
@@ -272,7 +272,7 @@ class SlotAdmin(admin.ModelAdmin):
             obj.state = new_state
             obj.state_changed_at = timezone.now()
             touched = ["state", "state_changed_at"]
-            if new_state == SlotState.UNKNOWN:
+            if new_state == states.UNKNOWN:
                 obj.last_error = ""
                 touched.append("last_error")
         if not change:

@@ -17,6 +17,8 @@ from django.db import models
 from django.db.models import Q
 
 from dispatch.routing import endpoints as endpoint_table
+from dispatch.routing.slot_fields import DEFAULTS
+from dispatch.routing.states import State
 from dispatch.upstream import kinds
 
 SLOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -38,15 +40,6 @@ class SlotType(models.TextChoices):
     TRANSCRIPTION = "transcription", "Transcription (speech to text)"
     TTS = "tts", "Text to speech"
     IMAGE = "image", "Image"
-
-
-class SlotState(models.TextChoices):
-    UNKNOWN = "unknown", "unknown"
-    OFFLINE = "offline", "offline"
-    LOADING = "loading", "loading"
-    READY = "ready", "ready"
-    ERROR = "error", "error"
-    DRAINING = "draining", "draining"
 
 
 class ModelSource(models.TextChoices):
@@ -99,6 +92,8 @@ def validate_model_id(value: str) -> None:
 
 
 class Slot(models.Model):
+    # Every field is declared in dispatch.routing.slot_fields (with the places that carry it);
+    # the defaults below are read from there.
     name = models.CharField(max_length=32, unique=True, validators=[validate_slot_name])
     url = models.CharField(
         "URL",
@@ -106,15 +101,18 @@ class Slot(models.Model):
         validators=[validate_upstream_url],
         help_text="The upstream's OpenAI API root, e.g. http://127.0.0.1:8002/v1",
     )
-    kind = models.CharField(max_length=16, choices=SlotKind.choices, default=SlotKind.LLAMACPP)
-    type = models.CharField(max_length=16, choices=SlotType.choices, default=SlotType.LLM)
-    device = models.CharField(max_length=64, blank=True, default="")
-    enabled = models.BooleanField(default=True)
+    kind = models.CharField(max_length=16, choices=SlotKind.choices, default=DEFAULTS["kind"])
+    type = models.CharField(max_length=16, choices=SlotType.choices, default=DEFAULTS["type"])
+    device = models.CharField(max_length=64, blank=True, default=DEFAULTS["device"])
+    enabled = models.BooleanField(default=DEFAULTS["enabled"])
     is_default = models.BooleanField(
-        "default", default=False, help_text="Serves requests of this type that name no model."
+        "default",
+        default=DEFAULTS["is_default"],
+        help_text="Serves requests of this type that name no model.",
     )
     priority = models.IntegerField(
-        default=0, help_text="Higher wins when several slots serve the same model."
+        default=DEFAULTS["priority"],
+        help_text="Higher wins when several slots serve the same model.",
     )
     # Nullable: a row inserted by raw SQL (a shell, a script) names no endpoints, which is the
     # type's defaults, as an empty list is.
@@ -130,22 +128,29 @@ class Slot(models.Model):
         "API key env var",
         max_length=128,
         blank=True,
-        default="",
+        default=DEFAULTS["api_key_env"],
         validators=[validate_env_name],
         help_text="Name of the environment variable holding the upstream's key (never the key).",
     )
-    max_concurrency = models.PositiveIntegerField(default=0, help_text="0 = unlimited")
-    connect_timeout_s = models.FloatField(default=5.0)
-    first_byte_timeout_s = models.FloatField(default=300.0)
+    max_concurrency = models.PositiveIntegerField(
+        default=DEFAULTS["max_concurrency"], help_text="0 = unlimited"
+    )
+    connect_timeout_s = models.FloatField(default=DEFAULTS["connect_timeout_s"])
+    first_byte_timeout_s = models.FloatField(default=DEFAULTS["first_byte_timeout_s"])
     idle_timeout_s = models.FloatField(
-        default=120.0, help_text="The longest silence between two bytes of an answer."
+        default=DEFAULTS["idle_timeout_s"],
+        help_text="The longest silence between two bytes of an answer.",
     )
     max_duration_s = models.FloatField(
-        default=0.0, help_text="Cap on a whole request once sent to the slot; 0 = no cap."
+        default=DEFAULTS["max_duration_s"],
+        help_text="Cap on a whole request once sent to the slot; 0 = no cap.",
     )
-    state = models.CharField(max_length=16, choices=SlotState.choices, default=SlotState.UNKNOWN)
+    # The names are dispatch.routing.states'; labelled by themselves.
+    state = models.CharField(
+        max_length=16, choices=[(s.value, s.value) for s in State], default=DEFAULTS["state"]
+    )
     state_changed_at = models.DateTimeField(null=True, blank=True)
-    last_error = models.TextField(blank=True, default="")
+    last_error = models.TextField(blank=True, default=DEFAULTS["last_error"])
     # Declared models the server did not advertise at its last probe (drift).
     drift = models.JSONField(default=list, blank=True)
     # Manifest keys hal0 uses that we do not model, kept verbatim for export.

@@ -9,8 +9,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dispatch.manifests import manifests
-from dispatch.manifests.manifests import ManifestErrors, dumps, from_slot, parse
+from dispatch.manifests.apply import apply
+from dispatch.manifests.export import dumps, from_slot
+from dispatch.manifests.parse import load, parse
+from dispatch.manifests.shape import TOP_KEYS, Manifest, ManifestErrors, sorted_json
 from dispatch.models import Slot, SlotModel
 from tests.conftest import add_slot
 
@@ -234,7 +236,7 @@ def test_dumps_keeps_hal0_keys_and_port():
 
 def test_dumps_writes_url_once_it_no_longer_matches_port():
     m = parse(HAL0_STYLE, "brain.toml")
-    moved = manifests.Manifest(**{**m.__dict__, "url": "http://gpu-box:8089/v1"})
+    moved = Manifest(**{**m.__dict__, "url": "http://gpu-box:8089/v1"})
     doc = tomllib.loads(dumps(moved))
     assert doc["url"] == "http://gpu-box:8089/v1"
     assert doc["port"] == 8089  # hal0's key, still kept verbatim
@@ -260,7 +262,7 @@ _values = st.recursive(
     max_leaves=12,
 )
 _extras = st.dictionaries(
-    _keys.filter(lambda k: k not in (*manifests._TOP_KEYS, "model", "limits")), _values, max_size=4
+    _keys.filter(lambda k: k not in (*TOP_KEYS, "model", "limits")), _values, max_size=4
 )
 
 
@@ -269,10 +271,10 @@ _extras = st.dictionaries(
 @example(extra={"0\n": {}})  # a key ending in a newline is not a bare key
 @example(extra={"0\n": [{}]})
 def test_writer_round_trips_any_unknown_keys(extra):
-    m = manifests.Manifest(path="p.toml", name="p", url="http://h/v1", extra=extra)
+    m = Manifest(path="p.toml", name="p", url="http://h/v1", extra=extra)
     text = dumps(m)
     back = parse(text, "p.toml")
-    assert back.extra == manifests._sorted_json(extra)
+    assert back.extra == sorted_json(extra)
     assert dumps(back) == text
 
 
@@ -287,7 +289,7 @@ def write(dir_: Path, name: str, text: str) -> Path:
 
 @pytest.mark.django_db
 def test_apply_creates_slot_models_and_aliases():
-    report = manifests.apply([parse(HERMES, "agent-hermes.toml")])
+    report = apply([parse(HERMES, "agent-hermes.toml")])
     assert report.created == ["agent-hermes"]
     slot = Slot.objects.get(name="agent-hermes")
     assert (slot.priority, slot.max_concurrency, slot.connect_timeout_s) == (3, 4, 2.5)
@@ -301,7 +303,7 @@ def test_apply_creates_slot_models_and_aliases():
 
 @pytest.mark.django_db
 def test_reimport_keeps_discovered_models_and_runtime_fields():
-    manifests.apply([parse(HERMES, "agent-hermes.toml")])
+    apply([parse(HERMES, "agent-hermes.toml")])
     slot = Slot.objects.get(name="agent-hermes")
     SlotModel.objects.create(slot=slot, model_id="found-by-probe", source="discovered")
     Slot.objects.filter(pk=slot.pk).update(
@@ -309,7 +311,7 @@ def test_reimport_keeps_discovered_models_and_runtime_fields():
     )
     changed = HERMES.replace('models = ["qwen3-coder-reap-25b-a3b-q5km", "qwen3-8b"]\n', "")
     changed = changed.replace("hermes = ", "herm = ")
-    report = manifests.apply([parse(changed, "agent-hermes.toml")])
+    report = apply([parse(changed, "agent-hermes.toml")])
     assert list(report.updated) == ["agent-hermes"]
     slot.refresh_from_db()
     assert (slot.state, slot.last_error, slot.drift) == ("ready", "old", ["qwen3-8b"])
@@ -327,7 +329,7 @@ def test_declaring_a_discovered_model_takes_over_its_row():
     slot = add_slot("s", "http://127.0.0.1:9/v1")
     SlotModel.objects.create(slot=slot, model_id="m1", source="discovered", is_default=True)
     SlotModel.objects.create(slot=slot, model_id="m2", source="discovered")
-    manifests.apply([parse('name = "s"\nport = 9\n[model]\ndefault = "m2"\n', "s.toml")])
+    apply([parse('name = "s"\nport = 9\n[model]\ndefault = "m2"\n', "s.toml")])
     rows = {m.model_id: (m.source, m.is_default) for m in slot.models.all()}
     assert rows == {"m1": ("discovered", False), "m2": ("manifest", True)}
 
@@ -339,7 +341,7 @@ def test_moving_the_default_slot_between_slots():
     a = 'name = "a"\nport = 1\ndefault = false\n[model]\ndefault = "x"\n'
     b = 'name = "b"\nport = 2\ndefault = true\n[model]\ndefault = "y"\n'
     # b comes first in the list; the importer still clears a's flag before setting b's.
-    manifests.apply([parse(b, "b.toml"), parse(a, "a.toml")])
+    apply([parse(b, "b.toml"), parse(a, "a.toml")])
     assert list(Slot.objects.filter(is_default=True).values_list("name", flat=True)) == ["b"]
 
 
@@ -349,7 +351,7 @@ def test_a_second_default_slot_is_an_error_and_imports_nothing():
     b = 'name = "b"\nport = 2\ndefault = true\n[model]\ndefault = "y"\n'
     new = 'name = "c"\nport = 3\n'
     with pytest.raises(ManifestErrors) as exc:
-        manifests.apply([parse(new, "c.toml"), parse(b, "b.toml")])
+        apply([parse(new, "c.toml"), parse(b, "b.toml")])
     assert any(
         str(e).startswith("b.toml: default: slot 'a' is already the default llm slot")
         for e in exc.value.errors
@@ -362,7 +364,7 @@ def test_load_reports_duplicates_and_missing_paths(tmp_path):
     write(tmp_path, "one.toml", 'name = "same"\nport = 1\n')
     write(tmp_path, "two.toml", 'name = "same"\nport = 2\n')
     with pytest.raises(ManifestErrors) as exc:
-        manifests.load([tmp_path, tmp_path / "nope.toml"])
+        load([tmp_path, tmp_path / "nope.toml"])
     shown = [str(e) for e in exc.value.errors]
     assert f"{tmp_path}/two.toml: name: 'same' is also defined in {tmp_path}/one.toml" in shown
     assert f"{tmp_path}/nope.toml: no such file or directory" in shown
@@ -370,17 +372,17 @@ def test_load_reports_duplicates_and_missing_paths(tmp_path):
 
 @pytest.mark.django_db
 def test_export_import_export_is_byte_identical_with_extra_keys(tmp_path):
-    manifests.apply(
+    apply(
         [
             parse(HERMES, "agent-hermes.toml"),
             parse(HAL0_STYLE, "brain.toml"),
-            *manifests.load([REPO / "slots" / "primary.toml"]),
+            *load([REPO / "slots" / "primary.toml"]),
         ]
     )
     first = {s.name: dumps(from_slot(s)) for s in Slot.objects.prefetch_related("models")}
     assert set(first) == {"agent-hermes", "brain", "primary"}
     paths = [write(tmp_path, f"{n}.toml", t) for n, t in first.items()]
-    report = manifests.apply(manifests.load(paths))
+    report = apply(load(paths))
     assert report.unchanged == ["agent-hermes", "brain", "primary"]
     second = {s.name: dumps(from_slot(s)) for s in Slot.objects.prefetch_related("models")}
     assert second == first
@@ -402,7 +404,7 @@ def test_a_database_refusal_is_reported_and_rolls_back():
     fine = parse('name = "a-fine-one"\nport = 1\n', "a.toml")
     boom = parse('name = "boom"\nport = 2\n', "boom.toml")
     with pytest.raises(ManifestErrors) as exc:
-        manifests.apply([fine, boom])
+        apply([fine, boom])
     assert "the database refused the import" in str(exc.value)
     assert "refused by trigger" in str(exc.value)
     assert not Slot.objects.exists()
@@ -463,12 +465,12 @@ def test_endpoints_are_imported_exported_and_reach_the_table():
     from dispatch.coordination.store import load_table
 
     text = 'name = "a"\nport = 1\ntype = "llm"\nendpoints = ["rerank", "chat/completions"]\n'
-    manifests.apply([parse(text, "a.toml")])
+    apply([parse(text, "a.toml")])
     slot = Slot.objects.get(name="a")
     assert slot.endpoints == ["chat/completions", "rerank"]
     assert dumps(from_slot(slot)) == dumps(parse(text, "a.toml"))
     entry = load_table(1).slots["a"]
     assert entry.endpoints == {"chat/completions", "rerank"} and entry.endpoints_listed
-    manifests.apply([parse('name = "a"\nport = 1\ntype = "tts"\n', "a.toml")])
+    apply([parse('name = "a"\nport = 1\ntype = "tts"\n', "a.toml")])
     entry = load_table(2).slots["a"]
     assert entry.endpoints == {"audio/speech"} and not entry.endpoints_listed

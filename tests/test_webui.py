@@ -516,3 +516,24 @@ def test_an_ejected_slot_shows_degraded_with_its_reason_live(chat, fake_pair, ha
     expect(option(page, HERMES)).to_be_disabled()
     expect(option(page, HERMES)).to_have_attribute("title", re.compile("out of rotation"))
     expect(option(page, PRIMARY)).to_be_enabled()
+
+
+def test_the_page_takes_state_words_and_tones_from_the_snapshot(chat, monkeypatch):
+    """The page keeps no list of states: regroup one on the server (here `ready` made
+    unusable and shown in a new tone) and a fresh snapshot changes the picker and the card."""
+    from playwright.sync_api import expect
+
+    from dispatch.routing import states
+
+    page = chat
+    card = page.locator('#slots .slot[data-slot="primary"]')
+    expect(card).to_have_class(re.compile(r"\btone-ok\b"))
+    expect(option(page, PRIMARY)).to_be_enabled()
+    monkeypatch.setattr(
+        states, "UNUSABLE_WHY", {**states.UNUSABLE_WHY, "ready": "is held back by this test"}
+    )
+    monkeypatch.setattr(states, "TONES", {**states.TONES, "ready": "test-only"})
+    page.reload()  # a new socket: a new snapshot, with the server's current states
+    expect(card).to_have_class(re.compile(r"\btone-test-only\b"))
+    expect(option(page, PRIMARY)).to_be_disabled()
+    expect(option(page, PRIMARY)).to_have_attribute("title", "primary is held back by this test")

@@ -6,6 +6,7 @@ from django.http import HttpRequest, JsonResponse
 
 from dispatch.coordination.store import store
 from dispatch.lifecycle.leadership import ensure_running
+from dispatch.routing import states
 from dispatch.upstream.outliers import outliers
 
 
@@ -21,10 +22,10 @@ async def healthz(request: HttpRequest) -> JsonResponse:
             "version": table.version,
             "slots": {
                 s.name: (
-                    "disabled"
+                    states.DISABLED
                     if not s.enabled
-                    else "degraded"
-                    if s.state == "ready" and outliers.degraded(s.name)
+                    else states.DEGRADED
+                    if s.state == states.READY and outliers.degraded(s.name)
                     else s.state
                 )
                 for s in table.slots.values()

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from asgiref.sync import sync_to_async
 
 from dispatch.lib.listeners import Listeners
+from dispatch.routing import slot_fields
 from dispatch.routing.endpoints import defaults_for
 from dispatch.routing.table import EMPTY_TABLE, ModelEntry, RoutingTable, SlotEntry, make_slot
 
@@ -38,31 +39,16 @@ def load_table(version: int) -> RoutingTable:
             )
             for m in slot.models.all()
         ]
+        # Every field the table carries (dispatch.routing.slot_fields), then those stored in
+        # another shape: JSON lists, and no endpoints listed meaning the type's.
+        values = {f.name: getattr(slot, f.name) for f in slot_fields.TABLE}
         listed = list(slot.endpoints or ())
-        entries.append(
-            make_slot(
-                slot.name,
-                slot.url,
-                models,
-                kind=slot.kind,
-                type=slot.type,
-                device=slot.device,
-                enabled=slot.enabled,
-                is_default=slot.is_default,
-                priority=slot.priority,
-                state=slot.state,
-                last_error=slot.last_error,
-                api_key_env=slot.api_key_env,
-                max_concurrency=slot.max_concurrency,
-                connect_timeout_s=slot.connect_timeout_s,
-                first_byte_timeout_s=slot.first_byte_timeout_s,
-                idle_timeout_s=slot.idle_timeout_s,
-                max_duration_s=slot.max_duration_s,
-                drift=tuple(slot.drift or ()),
-                endpoints=frozenset(listed) if listed else defaults_for(slot.type),
-                endpoints_listed=bool(listed),
-            )
+        values.update(
+            drift=tuple(slot.drift or ()),
+            endpoints=frozenset(listed) if listed else defaults_for(slot.type),
+            endpoints_listed=bool(listed),
         )
+        entries.append(make_slot(models=models, **values))
     return RoutingTable.build(version, entries)
 
 

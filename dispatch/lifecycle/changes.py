@@ -32,7 +32,7 @@ def fields_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 def reads_models(obs: Observation) -> bool:
     """Whether the observation says anything of the slot's models: only a ready server's
     model list does."""
-    return obs.state == "ready" and obs.advertised is not None
+    return obs.state == states.READY and obs.advertised is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ def changes(slot: SlotEntry, obs: Observation) -> Changes:
     """What ``obs`` changes in ``slot``. A draining slot keeps its state and its last error."""
     state = states.after_probe(slot.state, obs.state)
     new_state = state if state != slot.state else None
-    new_error = obs.error if state != "draining" and slot.last_error != obs.error else None
+    new_error = obs.error if state != states.DRAINING and slot.last_error != obs.error else None
     if not reads_models(obs) or obs.advertised is None:
         return Changes(new_state, new_error)
     advertised = set(obs.advertised)

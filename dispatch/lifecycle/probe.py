@@ -11,6 +11,7 @@ from typing import Any
 
 from django.conf import settings
 
+from dispatch.routing import states
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream import kinds
 from dispatch.upstream.client import upstream
@@ -50,7 +51,7 @@ async def observe(slot: SlotEntry, timeout: float) -> Observation:
     state = kind.classify(h_status, health.body if health else None, models.status)
     listing = kind.listing(models.body) if models.status == 200 else None
     error = ""
-    if state in ("offline", "error"):
+    if state in states.PROBED_DOWN:
         error = (
             models.error or (health.error if health else "") or f"/models answered {models.status}"
         )

@@ -25,6 +25,7 @@ from dispatch.coordination.store import store
 from dispatch.lifecycle import hooks, persistence
 from dispatch.lifecycle.changes import changes
 from dispatch.lifecycle.probe import BUSY, observe
+from dispatch.routing import states
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.admission import admission
 from dispatch.upstream.outliers import outliers
@@ -110,7 +111,7 @@ class Watcher:
                 log.exception("probe of slot %s failed", name)
             slot = store.table.slots.get(name)
             interval = settings.HAL0_PROBE_INTERVAL_S
-            if slot is not None and slot.state in ("loading", "offline", "unknown"):
+            if slot is not None and slot.state in states.NOT_UP_YET:
                 wait, backoff = min(backoff, interval), min(backoff * 2, interval)
             else:
                 wait, backoff = interval, 1.0
@@ -144,7 +145,7 @@ class Watcher:
         obs = await observe(slot, timeout)
         hooks.probed(slot.name, time.perf_counter() - began, obs.state)
         seen_at = timezone.now()
-        if obs.state == "ready":
+        if obs.state == states.READY:
             outliers.probe_passed(slot.name)  # may end an ejection whose back-off is over
         if obs.state == BUSY:
             self._probed_at[slot.name] = seen_at  # it answered: its state stands

@@ -36,7 +36,7 @@ from prometheus_client.utils import floatToGoString
 
 from dispatch.observability.decisions import DecisionRecord
 from dispatch.routing.resolver import Decision
-from dispatch.routing.states import TRANSITIONS
+from dispatch.routing.states import DISABLED, PROBED_DOWN, TRANSITIONS
 
 WORKER = str(os.getpid())
 
@@ -228,7 +228,7 @@ def _project() -> None:
 def probe_observed(slot: str, seconds: float, state: str) -> None:
     """The watcher's probe hook (see ``dispatch.lifecycle.hooks.probe_listeners``)."""
     PROBE_DURATION.observe((slot,), seconds)
-    if state in ("offline", "error"):
+    if state in PROBED_DOWN:
         PROBE_FAILURES.inc((slot,))
 
 
@@ -259,8 +259,8 @@ class _Collector(Collector):
         for name, slot in sorted(table.slots.items()):
             inflight.add_metric([WORKER, name], admission.inflight.get(name, 0))
             queued.add_metric([WORKER, name], admission.queued(name))
-            current = slot.state if slot.enabled else "disabled"
-            for s in (*sorted(TRANSITIONS), "disabled"):
+            current = slot.state if slot.enabled else DISABLED
+            for s in (*sorted(TRANSITIONS), DISABLED):
                 state.add_metric([WORKER, name, s], 1.0 if s == current else 0.0)
         yield inflight
         yield queued

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dispatch.routing import states
 from dispatch.routing.resolver import Decision, NoRoute
-from dispatch.routing.table import STATE_RANK
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +52,9 @@ def _describe(c: Candidate) -> str:
 
 def _ranking_rule(first: Candidate, second: Candidate) -> str:
     """Which of the resolver's keys put ``first`` ahead of ``second`` (see resolver._candidates)."""
-    if STATE_RANK.get(first.state, 5) != STATE_RANK.get(second.state, 5):
+    if states.RANK.get(first.state, states.RANK_LAST) != states.RANK.get(
+        second.state, states.RANK_LAST
+    ):
         return "state"
     if first.priority != second.priority:
         return "priority"
@@ -149,7 +151,7 @@ def _ranked(decision: Decision, candidates: tuple[Candidate, ...]) -> tuple[str,
         why = f"the least busy ({first.inflight} in flight) of {len(candidates)} {first.state} slots serving {served}"
     else:
         why = f"tied with {second.slot} on state, priority and load; first by name of the slots serving {served}"
-    others = [c for c in candidates[1:] if c.state in ("offline", "error", "draining")]
+    others = [c for c in candidates[1:] if c.state in states.DOWN]
     if others:
         why += "; " + ", ".join(f"{c.slot} was {c.state}" for c in others)
     return rule, why

@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from dispatch.routing import states
 from dispatch.routing.endpoints import TYPES_OF
-from dispatch.routing.table import STATE_RANK, RoutingTable, SlotEntry
+from dispatch.routing.table import RoutingTable, SlotEntry
 from dispatch.wire import adapters
 
 _NO_INFLIGHT: Mapping[str, int] = MappingProxyType({})
-_UNUSABLE = frozenset({"offline", "error", "draining"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +97,7 @@ def candidates(
     # Ready, then loading, then the rest; then the operator's priority; then the least busy.
     found.sort(
         key=lambda c: (
-            STATE_RANK.get(c[0].state, 5),
+            states.RANK.get(c[0].state, states.RANK_LAST),
             -c[0].priority,
             inflight.get(c[0].name, 0),
             c[0].name,
@@ -125,7 +125,7 @@ def _by_model(
     path = f"{_source_path(source)}:{chosen.name}"
     # The operator's first choice (highest priority) is down and we picked another: say so.
     preferred = min(found, key=lambda c: (-c[0].priority, c[0].name))[0]
-    if preferred.name != chosen.name and preferred.state in _UNUSABLE:
+    if preferred.name != chosen.name and preferred.state in states.DOWN:
         path = f"failover:{preferred.name}->{chosen.name}"
     targets = tuple(Target(s, up, src) for s, up, src in found)
     return Decision(requested, targets, path, _elapsed(t0), table.version)

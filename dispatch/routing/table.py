@@ -13,11 +13,8 @@ from types import MappingProxyType
 from typing import Any
 
 from dispatch.routing.endpoints import defaults_for
-
-# Preference among candidate slots: ready first, then loading, then never probed, then the rest.
-STATE_RANK: Mapping[str, int] = MappingProxyType(
-    {"ready": 0, "loading": 1, "unknown": 2, "error": 3, "offline": 3, "draining": 4}
-)
+from dispatch.routing.slot_fields import DEFAULTS as _D
+from dispatch.routing.states import UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,28 +34,33 @@ class ModelEntry:
 
 @dataclass(frozen=True, slots=True)
 class SlotEntry:
+    """One slot as the router sees it. Written out (not generated) so that attribute access
+    stays a plain slot read on the request path; its fields are those of
+    ``dispatch.routing.slot_fields`` carried by the table, with their defaults (checked by
+    tests/test_slot_fields.py), and the few derived here (models, default, endpoints_listed)."""
+
     name: str
     url: str
-    kind: str = "llamacpp"
-    type: str = "llm"
-    device: str = ""
-    enabled: bool = True
-    is_default: bool = False
-    priority: int = 0
-    state: str = "unknown"
-    last_error: str = ""
-    api_key_env: str = ""
-    max_concurrency: int = 0
-    connect_timeout_s: float = 5.0
-    first_byte_timeout_s: float = 300.0
-    idle_timeout_s: float = 120.0
-    max_duration_s: float = 0.0  # 0: no cap
+    kind: str = _D["kind"]
+    type: str = _D["type"]
+    device: str = _D["device"]
+    enabled: bool = _D["enabled"]
+    is_default: bool = _D["is_default"]
+    priority: int = _D["priority"]
+    state: str = _D["state"]
+    last_error: str = _D["last_error"]
+    api_key_env: str = _D["api_key_env"]
+    max_concurrency: int = _D["max_concurrency"]
+    connect_timeout_s: float = _D["connect_timeout_s"]
+    first_byte_timeout_s: float = _D["first_byte_timeout_s"]
+    idle_timeout_s: float = _D["idle_timeout_s"]
+    max_duration_s: float = _D["max_duration_s"]  # 0: no cap
     models: Mapping[str, ModelEntry] = field(default_factory=lambda: MappingProxyType({}))
     default_model: str | None = None
-    drift: tuple[str, ...] = ()
+    drift: tuple[str, ...] = _D["drift"]
     # The endpoints it serves (dispatch.routing.endpoints names): its manifest's `endpoints`, or its
     # type's defaults. A request for an endpoint the slot does not offer never reaches it.
-    endpoints: frozenset[str] = frozenset()
+    endpoints: frozenset[str] = frozenset(_D["endpoints"])
     # Whether `endpoints` was listed (kept for the manifest and the admin) or is the default.
     endpoints_listed: bool = False
 
@@ -105,7 +107,7 @@ class RoutingTable:
     @property
     def unprobed(self) -> tuple[str, ...]:
         """Enabled slots never probed yet: a miss may only mean we have not asked them."""
-        return tuple(s.name for s in self.slots.values() if s.enabled and s.state == "unknown")
+        return tuple(s.name for s in self.slots.values() if s.enabled and s.state == UNKNOWN)
 
 
 EMPTY_TABLE = RoutingTable.build(0, ())

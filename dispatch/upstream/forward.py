@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from dispatch.coordination.store import store
+from dispatch.routing import states
 from dispatch.routing.resolver import Decision, Target
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.admission import admission
@@ -26,7 +27,6 @@ from dispatch.wire.adapters import ClientRequest, Outgoing
 from dispatch.wire.errors import ApiError
 
 _FAILOVER_STATUSES = frozenset({502, 503})
-_DOWN = frozenset({"offline", "error", "draining"})
 
 
 @dataclass
@@ -63,7 +63,7 @@ async def _await_ready(target: Target) -> SlotEntry:
                 f"Slot '{target.slot.name}' was removed or disabled.",
                 headers=_retry_after(1),  # a retry is resolved afresh
             )
-        if slot.state != "loading":
+        if slot.state != states.LOADING:
             changed.cancel()
             return slot
         remaining = deadline - asyncio.get_running_loop().time()
@@ -90,7 +90,7 @@ def _nudge(slot: SlotEntry, on_suspect: Callable[[str, str], None]) -> bool:
     """Ask the in-process watcher to probe a down slot now, at most once a second per slot
     (a burst of requests must not become a burst of probes). True when a probe is now
     under way or was started less than a second ago: a retry in 1 s sees its result."""
-    if not settings.HAL0_WATCHER or slot.state not in ("offline", "error"):
+    if not settings.HAL0_WATCHER or slot.state not in states.PROBED_DOWN:
         # Probed elsewhere (`manage.py watch`) or by nobody (draining is the operator's).
         return False
     now = asyncio.get_running_loop().time()
@@ -141,7 +141,7 @@ class _Attempts:
         slot = _current(target)
         if slot is None or not slot.enabled:
             return None
-        if slot.state == "loading":
+        if slot.state == states.LOADING:
             try:
                 slot = await _await_ready(target)
             except ApiError as err:
@@ -149,7 +149,7 @@ class _Attempts:
                 if self.first_failed is None and any(_usable_later(t) for t in later):
                     return None
                 raise
-        if slot.state in _DOWN:
+        if slot.state in states.DOWN:
             self.failed(slot, _unavailable(slot, _nudge(slot, self.on_suspect)))
             return None
         if not outliers.admit(slot.name):
@@ -169,7 +169,7 @@ class _Attempts:
             response = await upstream.open(slot, sent.path, sent.body, headers, method)
         except UpstreamError as exc:
             admission.release(slot.name)
-            if slot.state == "ready":  # a probe's "offline" is the watcher's to act on
+            if slot.state == states.READY:  # a probe's "offline" is the watcher's to act on
                 outliers.failed(slot.name, exc.message, settings.HAL0_OUTLIER_BACKOFF_S)
             else:
                 outliers.abandoned(slot.name)
@@ -267,7 +267,7 @@ async def forward(
 
 def _usable_later(target: Target) -> bool:
     slot = _current(target)
-    return slot is not None and slot.enabled and slot.state not in _DOWN
+    return slot is not None and slot.enabled and slot.state not in states.DOWN
 
 
 def _transport_error(exc: UpstreamError) -> ApiError:

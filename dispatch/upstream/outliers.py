@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dispatch.lib.listeners import Listeners
+from dispatch.routing.states import DEGRADED
 
 EJECT_AFTER = 3
 MAX_BACKOFF_FACTOR = 8
-DEGRADED = "degraded"
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from dispatch.coordination import events, sync
 from dispatch.coordination.store import store
 from dispatch.observability import decisions
 from dispatch.observability.decisions import DecisionRecord
+from dispatch.routing import slot_fields, states
 from dispatch.routing.table import RoutingTable, SlotEntry
 from dispatch.upstream.admission import admission
 from dispatch.upstream.outliers import outliers
@@ -55,7 +56,7 @@ def table_events(
         kind = "slot.updated" if before is None else _change_kind(before, slot)
         if kind == "slot.state":
             assert before is not None
-            payload["previous_state"] = before.state if before.enabled else "disabled"
+            payload["previous_state"] = before.state if before.enabled else states.DISABLED
         found.append({"type": kind, **versions, "slot": payload})
     return found
 
@@ -80,23 +81,15 @@ def _models_key(slot: SlotEntry) -> tuple[Any, ...]:
     return (slot.default_model, tuple(sorted(slot.models.items())), slot.drift)
 
 
+# The table fields whose change is a `slot.state` (state, enabled, last_error) or a
+# `slot.models` (drift, with the models); a change in any other is a `slot.updated`.
+_STATE_OR_MODELS = frozenset({"name", "state", "enabled", "last_error", "drift"})
+_REST = tuple(f.name for f in slot_fields.TABLE if f.name not in _STATE_OR_MODELS)
+
+
 def _without(slot: SlotEntry) -> tuple[Any, ...]:
     """The slot without its state and models: a change here is a ``slot.updated``."""
-    return (
-        slot.url,
-        slot.kind,
-        slot.type,
-        slot.device,
-        slot.is_default,
-        slot.priority,
-        slot.api_key_env,
-        slot.max_concurrency,
-        slot.connect_timeout_s,
-        slot.first_byte_timeout_s,
-        slot.idle_timeout_s,
-        slot.max_duration_s,
-        slot.endpoints,
-    )
+    return tuple(getattr(slot, name) for name in _REST)
 
 
 # --- the other events ------------------------------------------------------------------------
@@ -112,7 +105,7 @@ def ejection_event(
         return None
     over = overlay.get(name)
     payload = slot_payload(slot, inflight.get(name, 0), over)
-    payload["previous_state"] = slot.state if over is not None else "degraded"
+    payload["previous_state"] = slot.state if over is not None else states.DEGRADED
     versions = {"from_version": table.version, "version": table.version}
     return {"type": "slot.state", **versions, "slot": payload}
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dispatch.lib import redact
+from dispatch.routing import slot_fields, states
 from dispatch.routing.table import RoutingTable, SlotEntry
 
 # What dispatch.upstream.outliers lays over the table: slot name -> (state, reason).
@@ -25,18 +26,14 @@ def slot_payload(
     models = sorted(
         slot.models.values(), key=lambda m: (not m.is_default, m.source == "alias", m.model_id)
     )
-    state, last_error = (slot.state if slot.enabled else "disabled"), slot.last_error
-    if overlay is not None and state == "ready":
+    state, last_error = (slot.state if slot.enabled else states.DISABLED), slot.last_error
+    if overlay is not None and state == states.READY:
         state, last_error = overlay
+    # Every field the page shows (dispatch.routing.slot_fields), then those it shows in
+    # another shape or derived from the table.
     return {
-        "name": slot.name,
+        **{f.name: getattr(slot, f.name) for f in slot_fields.PAYLOAD},
         "url": redact.masked(slot.url),
-        "kind": slot.kind,
-        "type": slot.type,
-        "device": slot.device,
-        "enabled": slot.enabled,
-        "is_default": slot.is_default,
-        "priority": slot.priority,
         "state": state,
         "last_error": redact.masked(last_error),
         "default_model": slot.default_model,
@@ -53,7 +50,6 @@ def slot_payload(
         "endpoints": sorted(slot.endpoints),
         "endpoints_listed": slot.endpoints_listed,
         "inflight": inflight,
-        "max_concurrency": slot.max_concurrency,
     }
 
 
@@ -71,4 +67,6 @@ def snapshot(
             slot_payload(s, inflight.get(s.name, 0), over.get(s.name)) for s in table.slots.values()
         ],
         "watcher": dict(watcher),
+        # The page names, groups and explains states as the server does (it has no copy).
+        "states": states.page_states(),
     }

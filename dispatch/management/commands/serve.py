@@ -25,6 +25,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from dispatch.lifecycle import demo
+from dispatch.routing.states import DISABLED, PROBED_DOWN, READY, UNKNOWN
 
 READY_TIMEOUT_S = 180.0  # the model servers load in about a second; this is a last resort
 OWN_SLOTS_WAIT_S = 5.0  # without the demo, give your servers' first probes this long
@@ -280,11 +281,11 @@ class Command(BaseCommand):
                 if settings.HAL0_DEMO:
                     wanted = [s.model.slot for s in self.llama]
                     # A demo slot whose server was stopped must be seen down, never "ready".
-                    if all(states.get(name) == "ready" for name in wanted) and all(
-                        states.get(name) in ("offline", "error") for name in self.failed
+                    if all(states.get(name) == READY for name in wanted) and all(
+                        states.get(name) in PROBED_DOWN for name in self.failed
                     ):
                         return states
-                elif not any(s == "unknown" for s in states.values()) or (
+                elif not any(s == UNKNOWN for s in states.values()) or (
                     time.monotonic() > own_deadline
                 ):
                     return states
@@ -335,7 +336,7 @@ class Command(BaseCommand):
         lines = ["", f"hal0web is ready: {url}/", ""]
         for slot in Slot.objects.order_by("name").prefetch_related("models"):
             default = next((m.model_id for m in slot.models.all() if m.is_default), "-")
-            state = states.get(slot.name, "disabled" if not slot.enabled else "unknown")
+            state = states.get(slot.name, DISABLED if not slot.enabled else UNKNOWN)
             lines.append(f"  slot {slot.name:<14} {state:<8} {slot.url}  default model {default}")
             if slot.name in self.failed:
                 lines.append(f"       {'':<14} {self.failed[slot.name]}")

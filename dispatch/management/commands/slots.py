@@ -10,7 +10,10 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from dispatch.lib import redact
-from dispatch.manifests import manifests
+from dispatch.manifests.apply import apply
+from dispatch.manifests.export import dumps, from_slot
+from dispatch.manifests.parse import load
+from dispatch.manifests.shape import ManifestErrors
 from dispatch.models import Slot
 
 
@@ -45,9 +48,9 @@ class Command(BaseCommand):
 
     def _import(self, paths: list[str], *, prune: bool, dry_run: bool) -> None:
         try:
-            loaded = manifests.load(paths)
-            report = manifests.apply(loaded, prune=prune, dry_run=dry_run)
-        except manifests.ManifestErrors as exc:
+            loaded = load(paths)
+            report = apply(loaded, prune=prune, dry_run=dry_run)
+        except ManifestErrors as exc:
             # CommandError: a non-zero exit with every problem, one per line.
             raise CommandError(
                 f"{len(exc.errors)} problem(s), nothing imported:\n{exc}", returncode=1
@@ -59,7 +62,7 @@ class Command(BaseCommand):
         directory.mkdir(parents=True, exist_ok=True)
         slots = Slot.objects.prefetch_related("models").order_by("name")
         try:
-            texts = {s.name: manifests.dumps(manifests.from_slot(s)) for s in slots}
+            texts = {s.name: dumps(from_slot(s)) for s in slots}
         except ValueError as exc:  # extra keys set by hand that TOML cannot carry
             raise CommandError(f"nothing exported: {exc}", returncode=1) from exc
         for slot in slots:

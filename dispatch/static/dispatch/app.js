@@ -23,19 +23,15 @@ const STORE_KEY = "hal0.model";
 const LOG_SIZE = 50;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15000;
-// Why a slot in this state cannot take a request; shown as the disabled options' title.
-const UNUSABLE = {
-  offline: "is offline (the server does not answer)",
-  error: "reports an error",
-  draining: "is draining (finishing its requests, taking no new ones)",
-  degraded: "is out of rotation (its requests failed while its probes pass)",
-  disabled: "is disabled by an operator",
-};
 
 const slots = new Map(); // slot name -> the server's latest payload for it
 let tableVersion = 0;
 // Whether the watcher keeps slot state fresh; when not, no badge may claim a state.
 let watcher = { stale: false, probed_at: null };
+// The server's states (dispatch/routing/states.py), from the snapshot that comes before any
+// slot: the badge a stale watcher leaves, why a slot in each unusable state cannot take a
+// request, and the tone (ok, warn, bad) each is shown in.
+let states = null;
 const conversation = []; // the {role, content} turns sent with every request
 // Why this slot: the live decision event carries each request's explanation. It may come
 // before or after the page has its answer's request id, so both sides wait for the other.
@@ -81,9 +77,10 @@ function sortedSlots() {
 
 // Null when the slot's models can be chosen, else why not.
 function unusable(slot) {
-  if (UNUSABLE[slot.state]) {
+  const why = states.unusable[slot.state];
+  if (why) {
     const detail = slot.last_error ? `: ${slot.last_error}` : "";
-    return `${slot.name} ${UNUSABLE[slot.state]}${detail}`;
+    return `${slot.name} ${why}${detail}`;
   }
   // The page talks to /v1/chat/completions: a slot that does not offer it cannot answer here.
   if (!(slot.endpoints ?? []).includes("chat/completions")) {
@@ -134,14 +131,14 @@ picker.addEventListener("change", () => localStorage.setItem(STORE_KEY, picker.v
 
 function slotCard(slot) {
   const limit = slot.max_concurrency ? ` / ${slot.max_concurrency}` : "";
-  const state = watcher.stale ? "unknown" : slot.state;
+  const state = watcher.stale ? states.unknown : slot.state;
   const models = slot.models.map((m) =>
     h("li", {}, h("code", {}, m.id), m.default ? " default" : "", m.source === "alias" ? ` → ${m.upstream}` : "",
       m.source === "discovered" ? " (discovered)" : ""),
   );
   return h(
     "article",
-    { className: `slot state-${state}`, dataset: { slot: slot.name, state } },
+    { className: `slot state-${state} tone-${states.tones[state] ?? "none"}`, dataset: { slot: slot.name, state } },
     h("header", {}, h("h3", {}, slot.name), h("span", { className: "badge" }, state)),
     h("p", { className: "meta" }, `${slot.kind} · ${slot.type} · in flight ${slot.inflight}${limit}`),
     h("ul", { className: "models" }, ...models),
@@ -243,6 +240,8 @@ function onEvent(ev, socket) {
     for (const slot of ev.slots) slots.set(slot.name, slot);
     tableVersion = ev.version;
     watcher = ev.watcher ?? watcher;
+    states = ev.states ?? states;
+    pickerShows = ""; // the states' words may have changed with the server: rebuild
     render();
   } else if (ev.type === "watcher") {
     watcher = ev;

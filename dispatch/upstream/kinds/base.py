@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from dispatch.routing import states
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.urls import upstream_url
 
@@ -53,16 +54,16 @@ class Kind:
         ``health_status`` is None when there was no health answer (or no health endpoint).
         """
         if models_status is None and health_status is None:
-            return "offline"
+            return states.OFFLINE
         if health_status == 503:
-            return "loading"  # a health endpoint's way to say "not yet" (llama.cpp's)
+            return states.LOADING  # a health endpoint's way to say "not yet" (llama.cpp's)
         if models_status is None:
-            return "offline"
+            return states.OFFLINE
         if models_status == 200:
-            return "ready"
+            return states.READY
         if models_status == 503:
-            return "loading"
-        return "error"
+            return states.LOADING
+        return states.ERROR
 
     def listing(self, body: object) -> Listing | None:
         """The models a ``/models`` answer (parsed JSON) lists; None when it lists none in a

@@ -7,6 +7,7 @@ reads as ``loading``. ``GET /api/v1/models`` lists the models it can serve.
 
 from __future__ import annotations
 
+from dispatch.routing import states
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.kinds.base import Kind
 from dispatch.upstream.urls import upstream_url
@@ -24,7 +25,7 @@ class Lemonade(Kind):
     ) -> str:
         idle = isinstance(health_body, dict) and not health_body.get("model_loaded")
         if health_status == 200 and idle:
-            return "loading"
+            return states.LOADING
         return super().classify(health_status, health_body, models_status)
 
 
