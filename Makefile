@@ -49,6 +49,7 @@ run: $(RUN_DEPS)
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(VENV)/.stamp-dev
 	$(BIN)/mypy .

@@ -16,16 +16,16 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
+from dispatch import kinds
 from dispatch.routing import endpoints as endpoint_table
 from dispatch.routing.slot_fields import DEFAULTS
 from dispatch.routing.states import State
-from dispatch.upstream import kinds
 
 SLOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-# The kinds registered in dispatch.upstream.kinds, in its order (SlotKind.LLAMACPP, ...).
+# The kinds registered in dispatch.kinds, in its order (SlotKind.LLAMACPP, ...).
 # Enum's functional form, which django-stubs does not type (it knows only the class form).
 SlotKind = models.TextChoices(  # type: ignore[call-overload]
     "SlotKind", [(k.name.upper(), (k.name, k.label)) for k in kinds.REGISTRY.values()]

@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 
-from dispatch.observability.retention import prune_older
+from dispatch.coordination.retention import prune_older
 
 log = logging.getLogger("hal0.affinity")
 

@@ -11,9 +11,9 @@ from typing import Any
 
 from django.conf import settings
 
+from dispatch import kinds
 from dispatch.routing import states
 from dispatch.routing.table import SlotEntry
-from dispatch.upstream import kinds
 from dispatch.upstream.client import upstream
 
 # Not a slot state: what a probe saw when the server is up but too busy to list its models.

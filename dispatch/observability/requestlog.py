@@ -20,8 +20,8 @@ import orjson
 from django.conf import settings
 from django.db import close_old_connections
 
+from dispatch.coordination.retention import prune_older
 from dispatch.observability.decisions import DecisionRecord
-from dispatch.observability.retention import prune_older
 
 log = logging.getLogger("hal0.requestlog")
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import httpx
 
+from dispatch.kinds.urls import upstream_url
 from dispatch.lib import redact
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.headers import for_upstream
 from dispatch.upstream.pool import AiohttpTransport, describe
 from dispatch.upstream.response import BoundedBody, UpstreamError, UpstreamResponse
-from dispatch.upstream.urls import upstream_url
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from dispatch.kinds.urls import upstream_url
 from dispatch.routing import states
 from dispatch.routing.table import SlotEntry
-from dispatch.upstream.urls import upstream_url
 
 # Fields of a /models entry that are not kept: hal0web writes its own id and object.
 _NOT_KEPT = frozenset({"id", "object"})

@@ -9,9 +9,9 @@ endpoint", and a 404 with no ``/models`` answer as "busy".
 
 from __future__ import annotations
 
+from dispatch.kinds.base import Kind
+from dispatch.kinds.urls import server_root
 from dispatch.routing.table import SlotEntry
-from dispatch.upstream.kinds.base import Kind
-from dispatch.upstream.urls import server_root
 
 
 class LlamaCpp(Kind):

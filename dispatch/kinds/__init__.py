@@ -1,10 +1,12 @@
 """The kinds of model server a slot can be, one module each, registered here.
 
-Here in ``upstream`` rather than ``lifecycle``: a kind is knowledge of an upstream server
-(where its health and model list are, how to read them, what it speaks), which the watcher
-uses to probe, ``dispatch.models`` to offer the choices, and forwarding may use to know a
-server's protocols. The probing itself (I/O, timing, persistence) stays in
-``dispatch.lifecycle``. Pure, so ``dispatch.models`` imports it at no cost.
+A room of its own, below ``upstream``, ``lifecycle`` and ``coordination``: a kind is
+knowledge of a server (where its health and model list are, how to read them, what it
+speaks), which the watcher uses to probe, ``dispatch.models`` to offer the choices, and
+forwarding may use to know a server's protocols. Sans-I/O: a kind says what to ask and how
+to read the answer; the asking (I/O, timing, persistence) is ``dispatch.lifecycle``'s and
+``dispatch.upstream``'s. So ``dispatch.models`` imports it at no cost, and the layering
+(pyproject.toml) keeps it so.
 
 A new kind is one module here (a ``Kind`` subclass as ``KIND``) and one line in ``_KINDS``;
 ``dispatch.models.SlotKind`` takes its choices from ``REGISTRY``.
@@ -15,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from dispatch.upstream.kinds import flm, lemonade, llamacpp, ollama, openai, vllm
-from dispatch.upstream.kinds.base import Kind, Listing
+from dispatch.kinds import flm, lemonade, llamacpp, ollama, openai, vllm
+from dispatch.kinds.base import Kind, Listing
 
 __all__ = ["GENERIC", "REGISTRY", "Kind", "Listing", "get"]
 

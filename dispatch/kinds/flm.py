@@ -5,7 +5,7 @@ server.
 
 from __future__ import annotations
 
-from dispatch.upstream.kinds.base import Kind
+from dispatch.kinds.base import Kind
 
 
 class FastFlowLM(Kind):

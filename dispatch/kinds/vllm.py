@@ -7,7 +7,7 @@ up, so ``/models`` alone tells the state; its ``/health`` would add nothing hal0
 
 from __future__ import annotations
 
-from dispatch.upstream.kinds.base import Kind
+from dispatch.kinds.base import Kind
 
 
 class VLLM(Kind):

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dispatch.upstream.kinds.base import Kind
+from dispatch.kinds.base import Kind
 
 
 class OpenAICompatible(Kind):

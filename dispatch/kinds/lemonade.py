@@ -7,10 +7,10 @@ reads as ``loading``. ``GET /api/v1/models`` lists the models it can serve.
 
 from __future__ import annotations
 
+from dispatch.kinds.base import Kind
+from dispatch.kinds.urls import upstream_url
 from dispatch.routing import states
 from dispatch.routing.table import SlotEntry
-from dispatch.upstream.kinds.base import Kind
-from dispatch.upstream.urls import upstream_url
 
 
 class Lemonade(Kind):

@@ -8,7 +8,7 @@ all hal0web reads today. ``/api/ps`` is where the lifecycle will read which mode
 
 from __future__ import annotations
 
-from dispatch.upstream.kinds.base import Kind
+from dispatch.kinds.base import Kind
 
 
 class Ollama(Kind):
