@@ -1,0 +1,55 @@
+"""The process runtime's singletons, and how a test puts each back as a fresh process has it.
+
+hal0web keeps its runtime in module-level objects made at import time (the routing table, the
+key ring, the watcher, ...). A test that ran before must leave none of its state to the next,
+so every reset lives in this one list: a new singleton is added here once, and when a module
+moves, this is the one place in tests/ that imports it to fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
+    # Imported when called, not at collection: Django's settings must be configured first.
+    from dispatch.api.keys import keyring
+    from dispatch.coordination import events
+    from dispatch.coordination.affinity import affinity
+    from dispatch.coordination.store import store
+    from dispatch.lifecycle import health
+    from dispatch.upstream import forward
+    from dispatch.upstream.admission import admission
+    from dispatch.upstream.outliers import outliers
+    from dispatch.upstream.proxy import upstream
+
+    return (
+        ("store", store.reset),
+        ("keyring", keyring.reset),
+        # The watcher and the leadership have no reset of their own: made anew in place.
+        ("watcher", health.watcher.__init__),  # type: ignore[misc]
+        ("leadership", health.leadership.__init__),  # type: ignore[misc]
+        ("admission", admission.reset),
+        ("outliers", outliers.reset),
+        # This test's response ids only, in the store its settings choose.
+        ("affinity", affinity.reset),
+        # A slot name nudged by the last test is not nudged by this one.
+        ("nudged", forward._nudged.clear),
+        ("transport", lambda: upstream.use_transport(None)),
+        ("events loop", lambda: events.bind_loop(None)),  # type: ignore[arg-type]
+    )
+
+
+def names() -> list[str]:
+    """What a reset puts back, in order."""
+    return [name for name, _ in _resets()]
+
+
+def reset(*parts: str) -> None:
+    """Put the runtime back as a fresh process has it: all of it, or only the parts named."""
+    unknown = set(parts) - set(names())
+    if unknown:
+        raise ValueError(f"not a part of the runtime: {sorted(unknown)}; the parts: {names()}")
+    for name, put_back in _resets():
+        if not parts or name in parts:
+            put_back()
