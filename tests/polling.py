@@ -1,0 +1,55 @@
+"""Waiting for something another thread or process does: one poll loop for the whole suite.
+
+hal0web, the fakes and the watcher run beside the test (threads, processes), so a test that
+needs their effect polls for it. ``wait_until`` (and ``await_until`` inside an event loop)
+call a check until it answers something true and return that answer; on timeout the test
+fails with what it waited for and the last answer seen, which is usually why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
+
+T = TypeVar("T")
+
+EVERY_S = 0.05
+
+
+def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
+    return AssertionError(f"timed out after {timeout:g} s waiting for {what}; last saw {last!r}")
+
+
+def wait_until(
+    check: Callable[[], T], what: str, timeout: float = 5.0, every: float = EVERY_S
+) -> T:
+    """Call ``check`` until it returns something true, and return that; fail after
+    ``timeout`` seconds naming ``what`` and the last value seen. An exception from ``check``
+    fails at once: a check that may fail on the way catches what it expects itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise _timed_out(what, timeout, last)
+        time.sleep(every)
+
+
+async def await_until(
+    check: Callable[[], T | Awaitable[T]], what: str, timeout: float = 5.0, every: float = EVERY_S
+) -> T:
+    """``wait_until`` for a test running in an event loop: sleeps without blocking the loop,
+    and ``check`` may be a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = check()
+        last = cast(T, await answer if inspect.isawaitable(answer) else answer)
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise _timed_out(what, timeout, last)
+        await asyncio.sleep(every)

@@ -1,0 +1,53 @@
+"""The suite's one poll loop (tests/polling.py): it returns what it waited for, and a
+timeout says what was awaited and what was last seen."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from tests.polling import await_until, wait_until
+
+
+def test_it_returns_the_first_true_answer() -> None:
+    calls = itertools.count(1)
+    assert wait_until(lambda: "done" if next(calls) == 3 else "", "the third call", every=0) == (
+        "done"
+    )
+    assert next(calls) == 4  # not called again once answered
+
+
+def test_a_timeout_names_what_was_awaited_and_the_last_answer() -> None:
+    states = iter(["offline", "loading", "loading", "loading", "loading", "loading", "loading"])
+    started = time.monotonic()
+    with pytest.raises(AssertionError) as failed:
+        wait_until(lambda: next(states) == "ready", "slot a to be ready", timeout=0.1, every=0.02)
+    assert time.monotonic() - started >= 0.1
+    assert str(failed.value) == (
+        "timed out after 0.1 s waiting for slot a to be ready; last saw False"
+    )
+    with pytest.raises(AssertionError, match=r"waiting for the models; last saw \{\}"):
+        wait_until(dict, "the models", timeout=0)
+
+
+def test_an_error_in_the_check_fails_at_once() -> None:
+    def check() -> bool:
+        raise KeyError("slot a")
+
+    started = time.monotonic()
+    with pytest.raises(KeyError):
+        wait_until(check, "slot a", timeout=5)
+    assert time.monotonic() - started < 1
+
+
+async def test_the_async_twin_awaits_coroutine_checks() -> None:
+    calls = itertools.count()
+
+    async def check() -> int:
+        return next(calls)
+
+    assert await await_until(check, "a positive count", every=0) == 1
+    with pytest.raises(AssertionError, match="waiting for never; last saw None"):
+        await await_until(lambda: None, "never", timeout=0.05, every=0.01)
