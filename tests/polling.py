@@ -19,28 +19,44 @@ T = TypeVar("T")
 EVERY_S = 0.05
 
 
-def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
-    return AssertionError(f"timed out after {timeout:g} s waiting for {what}; last saw {last!r}")
+def _timed_out(
+    what: str, timeout: float, last: object, show: Callable[[], object] | None
+) -> AssertionError:
+    if show is None:
+        seen = f"last saw {last!r}"
+    else:
+        now = show()
+        seen = f"now:\n{now}" if isinstance(now, str) else f"now {now!r}"  # a log reads as lines
+    return AssertionError(f"timed out after {timeout:g} s waiting for {what}; {seen}")
 
 
 def wait_until(
-    check: Callable[[], T], what: str, timeout: float = 5.0, every: float = EVERY_S
+    check: Callable[[], T],
+    what: str,
+    timeout: float = 5.0,
+    every: float = EVERY_S,
+    show: Callable[[], object] | None = None,
 ) -> T:
     """Call ``check`` until it returns something true, and return that; fail after
-    ``timeout`` seconds naming ``what`` and the last value seen. An exception from ``check``
-    fails at once: a check that may fail on the way catches what it expects itself."""
+    ``timeout`` seconds naming ``what`` and the last value seen, or what ``show`` says then
+    when the check only answers yes or no. An exception from ``check`` fails at once: a
+    check that may fail on the way catches what it expects itself."""
     deadline = time.monotonic() + timeout
     while True:
         last = check()
         if last:
             return last
         if time.monotonic() >= deadline:
-            raise _timed_out(what, timeout, last)
+            raise _timed_out(what, timeout, last, show)
         time.sleep(every)
 
 
 async def await_until(
-    check: Callable[[], T | Awaitable[T]], what: str, timeout: float = 5.0, every: float = EVERY_S
+    check: Callable[[], T | Awaitable[T]],
+    what: str,
+    timeout: float = 5.0,
+    every: float = EVERY_S,
+    show: Callable[[], object] | None = None,
 ) -> T:
     """``wait_until`` for a test running in an event loop: sleeps without blocking the loop,
     and ``check`` may be a coroutine function."""
@@ -51,5 +67,5 @@ async def await_until(
         if last:
             return last
         if time.monotonic() >= deadline:
-            raise _timed_out(what, timeout, last)
+            raise _timed_out(what, timeout, last, show)
         await asyncio.sleep(every)

@@ -32,6 +32,19 @@ def test_a_timeout_names_what_was_awaited_and_the_last_answer() -> None:
         wait_until(dict, "the models", timeout=0)
 
 
+def test_a_yes_or_no_check_can_show_what_it_looked_at() -> None:
+    states = {"a": "loading"}
+    with pytest.raises(AssertionError) as failed:
+        wait_until(lambda: states["a"] == "ready", "a ready", timeout=0, show=lambda: states)
+    assert str(failed.value).endswith("waiting for a ready; now {'a': 'loading'}")
+
+
+def test_what_is_shown_as_text_reads_as_lines() -> None:
+    with pytest.raises(AssertionError) as failed:
+        wait_until(lambda: False, "a line", timeout=0, show=lambda: "one\ntwo")
+    assert str(failed.value).endswith("waiting for a line; now:\none\ntwo")
+
+
 def test_an_error_in_the_check_fails_at_once() -> None:
     def check() -> bool:
         raise KeyError("slot a")
