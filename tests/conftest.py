@@ -174,12 +174,10 @@ FLEET: dict[str, tuple[str, list[str], dict[str, str]]] = {
 
 
 @pytest.fixture(scope="module")
-def fleet_servers() -> Iterator[dict[str, tuple[Any, ServerThread]]]:
-    from tests.fake_endpoints import EndpointUpstream
-
+def fleet_servers() -> Iterator[dict[str, tuple[FakeUpstream, ServerThread]]]:
     servers = {}
     for name, (_, models, _) in FLEET.items():
-        fake = EndpointUpstream(name, models=list(models))
+        fake = FakeUpstream(name, models=list(models), listing="llama.cpp")
         servers[name] = (fake, ServerThread(fake).start())
     yield servers
     for _, server in servers.values():

@@ -1,7 +1,7 @@
 """The fault matrix (issue 13): misbehaving upstreams on raw loopback sockets, and what the
 client gets, the slot's state, and the upstream connections left open.
 
-Each fake is a ``RawUpstream`` (tests/fakes.py) given a behaviour: a function that writes
+Each fake is a ``RawUpstream`` (tests/raw_upstream.py) given a behaviour: a function that writes
 whatever it likes on the socket for one request. Nothing of hal0web is mocked; the
 watcher is off (``no_watcher``) unless a test is about slot state, so a probe never races
 the fault under test.
@@ -20,8 +20,8 @@ import openai
 import pytest
 
 from tests.conftest import add_slot
-from tests.fakes import RawRequest, RawUpstream, chunk, http_response, reset
 from tests.polling import wait_until
+from tests.raw_upstream import RawRequest, RawUpstream, chunk, http_response, reset
 
 CHAT = "/v1/chat/completions"
 EVENT = b'data: {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": []}\n\n'

@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 
 from dispatch.observability.log_handlers import BackgroundStreamHandler, one_line
-from tests.fakes import RawUpstream, http_response
 from tests.polling import wait_until
 from tests.processes import Hal0Process, manage, server_env
+from tests.raw_upstream import RawUpstream, http_response
 
 # What a hostile upstream answers on /models: a line of its own that looks like ours, and a
 # terminal escape that would clear an operator's screen.

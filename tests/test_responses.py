@@ -168,11 +168,10 @@ def test_redis_keeps_the_record_with_a_ttl(settings):
 @pytest.mark.postgres
 @pytest.mark.parametrize("store", ["database", pytest.param("redis", marks=pytest.mark.redis)])
 def test_a_response_made_through_one_worker_is_found_by_another(tmp_path, pg_url, store):
-    from tests.fake_endpoints import EndpointUpstream
-    from tests.fakes import ServerThread
+    from tests.fakes import FakeUpstream, ServerThread
     from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env
 
-    fakes = {n: EndpointUpstream(n, models=[f"model-{n}"]) for n in ("one", "two")}
+    fakes = {n: FakeUpstream(n, models=[f"model-{n}"], listing="llama.cpp") for n in ("one", "two")}
     servers = [ServerThread(f).start() for f in fakes.values()]
     folder = tmp_path / "slots"
     folder.mkdir()
