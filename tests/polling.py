@@ -9,10 +9,9 @@ fails with what it waited for and the last answer seen, which is usually why.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -52,18 +51,17 @@ def wait_until(
 
 
 async def await_until(
-    check: Callable[[], T | Awaitable[T]],
+    check: Callable[[], T],
     what: str,
     timeout: float = 5.0,
     every: float = EVERY_S,
     show: Callable[[], object] | None = None,
 ) -> T:
-    """``wait_until`` for a test running in an event loop: sleeps without blocking the loop,
-    and ``check`` may be a coroutine function."""
+    """``wait_until`` for a test running in an event loop: the same loop, sleeping without
+    blocking the loop (what it waits for is done by another thread or process)."""
     deadline = time.monotonic() + timeout
     while True:
-        answer = check()
-        last = cast(T, await answer if inspect.isawaitable(answer) else answer)
+        last = check()
         if last:
             return last
         if time.monotonic() >= deadline:

@@ -55,12 +55,17 @@ def test_an_error_in_the_check_fails_at_once() -> None:
     assert time.monotonic() - started < 1
 
 
-async def test_the_async_twin_awaits_coroutine_checks() -> None:
-    calls = itertools.count()
+async def test_the_async_twin_lets_the_loop_run_while_it_waits() -> None:
+    import asyncio
 
-    async def check() -> int:
-        return next(calls)
+    done: list[str] = []
 
-    assert await await_until(check, "a positive count", every=0) == 1
+    async def finish_later() -> None:
+        await asyncio.sleep(0.05)
+        done.append("done")
+
+    task = asyncio.create_task(finish_later())  # runs only while the wait yields the loop
+    assert await await_until(lambda: done, "the task to finish", every=0.01) == ["done"]
+    await task
     with pytest.raises(AssertionError, match="waiting for never; last saw None"):
         await await_until(lambda: None, "never", timeout=0.05, every=0.01)
