@@ -9,34 +9,52 @@ moves, this is the one place in tests/ that imports it to fix.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 
-def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
+def singletons() -> SimpleNamespace:
+    """The runtime's objects, by the names the resets use."""
     # Imported when called, not at collection: Django's settings must be configured first.
     from dispatch.api.keys import keyring
     from dispatch.coordination import events
     from dispatch.coordination.affinity import affinity
     from dispatch.coordination.store import store
-    from dispatch.lifecycle import health
-    from dispatch.upstream import forward
+    from dispatch.lifecycle.health import leadership, watcher
     from dispatch.upstream.admission import admission
+    from dispatch.upstream.forward import _nudged
     from dispatch.upstream.outliers import outliers
     from dispatch.upstream.proxy import upstream
 
+    return SimpleNamespace(
+        store=store,
+        keyring=keyring,
+        watcher=watcher,
+        leadership=leadership,
+        admission=admission,
+        outliers=outliers,
+        affinity=affinity,
+        nudged=_nudged,
+        upstream=upstream,
+        events=events,
+    )
+
+
+def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
+    the = singletons()
     return (
-        ("store", store.reset),
-        ("keyring", keyring.reset),
+        ("store", the.store.reset),
+        ("keyring", the.keyring.reset),
         # The watcher and the leadership have no reset of their own: made anew in place.
-        ("watcher", health.watcher.__init__),  # type: ignore[misc]
-        ("leadership", health.leadership.__init__),  # type: ignore[misc]
-        ("admission", admission.reset),
-        ("outliers", outliers.reset),
+        ("watcher", the.watcher.__init__),
+        ("leadership", the.leadership.__init__),
+        ("admission", the.admission.reset),
+        ("outliers", the.outliers.reset),
         # This test's response ids only, in the store its settings choose.
-        ("affinity", affinity.reset),
+        ("affinity", the.affinity.reset),
         # A slot name nudged by the last test is not nudged by this one.
-        ("nudged", forward._nudged.clear),
-        ("transport", lambda: upstream.use_transport(None)),
-        ("events loop", lambda: events.bind_loop(None)),  # type: ignore[arg-type]
+        ("nudged", the.nudged.clear),
+        ("transport", lambda: the.upstream.use_transport(None)),
+        ("events loop", lambda: the.events.bind_loop(None)),
     )
 
 
