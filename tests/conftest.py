@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import settings as hypothesis_settings
 
+from tests import runtime
 from tests.fakes import FakeUpstream, ServerThread
 
 # Tests never read the developer's .env or data directory.
@@ -58,31 +59,12 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_runtime() -> Iterator[None]:
-    """Each test starts with an empty routing table, no watcher and no pooled clients."""
-    from dispatch.coordination import events
-    from dispatch.coordination import store as store_mod
-    from dispatch.coordination.affinity import affinity
-    from dispatch.coordination.keyring import keyring
-    from dispatch.lifecycle.leadership import leadership
-    from dispatch.lifecycle.watcher import watcher
-    from dispatch.upstream import admission as admission_mod
-    from dispatch.upstream import forward
-    from dispatch.upstream.client import upstream
-    from dispatch.upstream.outliers import outliers
-
-    store_mod.store.reset()
-    keyring.reset()
-    watcher.__init__()  # type: ignore[misc]
-    leadership.__init__()  # type: ignore[misc]
-    admission_mod.admission.reset()
-    outliers.reset()
-    affinity.reset()  # this test's response ids only, in the store its settings choose
-    forward._nudged.clear()  # a slot name nudged by the last test is not nudged by this one
-    upstream.use_transport(None)
-    events.bind_loop(None)  # type: ignore[arg-type]
+def fresh_runtime() -> Iterator[None]:
+    """Each test starts with an empty routing table, no watcher and no pooled clients: the
+    whole process runtime put back through one list (tests/runtime.py)."""
+    runtime.reset()
     yield
-    upstream.use_transport(None)
+    runtime.reset("transport")  # a test's mock transport is not left in the pool's place
 
 
 @pytest.fixture
@@ -192,12 +174,10 @@ FLEET: dict[str, tuple[str, list[str], dict[str, str]]] = {
 
 
 @pytest.fixture(scope="module")
-def fleet_servers() -> Iterator[dict[str, tuple[Any, ServerThread]]]:
-    from tests.fake_endpoints import EndpointUpstream
-
+def fleet_servers() -> Iterator[dict[str, tuple[FakeUpstream, ServerThread]]]:
     servers = {}
     for name, (_, models, _) in FLEET.items():
-        fake = EndpointUpstream(name, models=list(models))
+        fake = FakeUpstream(name, models=list(models), listing="llama.cpp")
         servers[name] = (fake, ServerThread(fake).start())
     yield servers
     for _, server in servers.values():

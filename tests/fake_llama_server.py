@@ -22,7 +22,8 @@ from typing import Any
 
 import uvicorn
 
-from tests.fakes import FakeUpstream, Receive, Send
+from tests.fake_wire import Receive, Send
+from tests.fakes import FakeUpstream
 
 CRASH_ENV = "HAL0_TEST_CRASH_ON_GENERATE"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from dispatch.lifecycle import demo
 from tests.fakes import free_port
+from tests.polling import wait_until
 
 
 def skip_without_demo() -> None:
@@ -53,11 +53,10 @@ def slot_states(base_url: str) -> dict[str, str]:
 
 def wait_for_state(base_url: str, slot: str, state: str, timeout: float = 30.0) -> None:
     """Poll hal0web's /healthz until ``slot`` is in ``state`` (fails the test otherwise)."""
-    deadline = time.monotonic() + timeout
-    seen: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        seen = slot_states(base_url)
-        if seen.get(slot) == state:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"slot {slot} did not become {state} within {timeout:.0f} s; last seen {seen}")
+    wait_until(
+        lambda: slot_states(base_url).get(slot) == state,
+        f"slot {slot} to become {state}",
+        timeout,
+        every=0.1,
+        show=lambda: slot_states(base_url),
+    )

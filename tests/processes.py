@@ -8,7 +8,6 @@ import random
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ from django.conf import settings
 
 from dispatch.management.commands.serve import server_command
 from tests.fakes import free_port
+from tests.polling import wait_until
 
 REDIS_HOST = ("127.0.0.1", 6379)
 
@@ -100,17 +100,16 @@ class Hal0Process:
         return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 30) -> Hal0Process:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"hal0web exited ({self.proc.returncode}):\n{self.log()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code in (200, 503):
-                    return self
+                return httpx.get(self.url + "/healthz", timeout=2).status_code in (200, 503)
             except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"hal0web did not answer within {timeout:.0f} s:\n{self.log()}")
+                return False
+
+        wait_until(answers, f"hal0web on port {self.port} to answer", timeout, 0.1, show=self.log)
+        return self
 
     def log(self) -> str:
         self._log.flush()

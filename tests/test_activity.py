@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import time
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ from tests.browser import (  # noqa: F401 - fixtures
     plain_static,
     staff,
 )
+from tests.polling import wait_until
 
 pytestmark = BROWSER_MARKS
 
@@ -86,10 +86,7 @@ def test_charts_seeded_from_the_log_move_with_traffic(hal0, context):  # noqa: F
     )
     # The line moved: the chart's pixels are not what they were before the requests (uPlot
     # draws on the next frame, so give it a few).
-    deadline = time.monotonic() + 5
-    while canvas.screenshot() == before:
-        assert time.monotonic() < deadline, "the chart did not change"
-        page.wait_for_timeout(100)
+    wait_until(lambda: canvas.screenshot() != before, "the chart to change", 5, 0.1)
     # The table filters as you type, and new rows obey the filter.
     page.get_by_label("Filter").fill("agent-hermes")
     expect(page.locator("#requests tbody tr:visible")).to_have_count(6)

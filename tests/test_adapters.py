@@ -4,7 +4,6 @@ endpoint only through an adapter."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -13,11 +12,13 @@ import pytest
 
 from dispatch.models import Slot
 from dispatch.routing.resolver import Decision, NoRoute, resolve
+from dispatch.routing.states import READY
 from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
 from dispatch.wire import adapters
 from dispatch.wire.adapters import ClientRequest, Outgoing
 from tests.conftest import add_slot
 from tests.fakes import FakeUpstream, ServerThread
+from tests.polling import wait_until
 
 # A made-up endpoint a slot can offer; the test adapter serves chat/completions on it by
 # sending the request to the slot's /completions, its body rewritten.
@@ -104,12 +105,10 @@ def test_the_resolver_considers_a_slot_serving_the_endpoint_through_an_adapter()
 
 
 def _wait_ready(*names: str) -> None:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if all(Slot.objects.get(name=n).state == "ready" for n in names):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{names} not ready")
+    wait_until(
+        lambda: all(Slot.objects.get(name=n).state == READY for n in names),
+        f"slots {names} ready",
+    )
 
 
 def test_forward_sends_each_target_its_own_path_and_body(adapter, transactional_db, hal0):

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from dispatch.upstream.client import Upstream
-from tests.fakes import RawUpstream, chunk, http_response
+from tests.raw_upstream import RawUpstream, chunk, http_response
 from tests.test_faults import COMPLETION, SSE_HEAD, raw  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.usefixtures("no_watcher")

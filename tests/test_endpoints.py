@@ -12,6 +12,7 @@ from dispatch.routing import endpoints
 from dispatch.routing.endpoints import BY_NAME, DEFAULT_ENDPOINTS, ENDPOINTS, OFFERABLE, SLOT_TYPES
 from dispatch.routing.resolver import NoRoute, pinned, resolve
 from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
+from tests.polling import wait_until
 
 
 def test_every_path_of_the_table_is_routed_to_its_view():
@@ -161,18 +162,6 @@ def test_pinned_sends_a_response_to_its_slot_whatever_the_model():
     assert gone.status == 404
 
 
-def _wait(predicate, timeout: float = 5.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def test_models_keep_the_upstreams_own_fields(client, settings):
     from dispatch.models import StateVersion
 
@@ -181,7 +170,7 @@ def test_models_keep_the_upstreams_own_fields(client, settings):
         entry = data.get("beta")
         return entry if entry and "context_length" in entry else None
 
-    entry = _wait(beta)
+    entry = wait_until(beta, "model beta listed with its upstream's fields")
     assert entry["context_length"] == 4096
     assert entry["capabilities"] == ["completion"]
     assert entry["meta"] == {"n_ctx_train": 4096, "server": "llm-b"}
@@ -190,10 +179,12 @@ def test_models_keep_the_upstreams_own_fields(client, settings):
     detail = client.get("/v1/models/llm-b/beta").json()
     assert detail["context_length"] == 4096 and detail["hal0"]["slot"] == "llm-b"
     # An alias shows its model's fields.
-    alias = _wait(lambda: client.get("/v1/models/al").json().get("meta"))
+    alias = wait_until(lambda: client.get("/v1/models/al").json().get("meta"), "alias al's meta")
     assert alias["server"] == "llm-a"
     # The upstream's `created` moves with every probe (llama.cpp's does): not a change.
-    _wait(lambda: set(client.get("/healthz").json()["slots"].values()) == {"ready"})
+    wait_until(
+        lambda: set(client.get("/healthz").json()["slots"].values()) == {"ready"}, "all ready"
+    )
     import time
 
     before = StateVersion.current()

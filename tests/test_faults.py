@@ -1,7 +1,7 @@
 """The fault matrix (issue 13): misbehaving upstreams on raw loopback sockets, and what the
 client gets, the slot's state, and the upstream connections left open.
 
-Each fake is a ``RawUpstream`` (tests/fakes.py) given a behaviour: a function that writes
+Each fake is a ``RawUpstream`` (tests/raw_upstream.py) given a behaviour: a function that writes
 whatever it likes on the socket for one request. Nothing of hal0web is mocked; the
 watcher is off (``no_watcher``) unless a test is about slot state, so a probe never races
 the fault under test.
@@ -20,7 +20,8 @@ import openai
 import pytest
 
 from tests.conftest import add_slot
-from tests.fakes import RawRequest, RawUpstream, chunk, http_response, reset
+from tests.polling import wait_until
+from tests.raw_upstream import RawRequest, RawUpstream, chunk, http_response, reset
 
 CHAT = "/v1/chat/completions"
 EVENT = b'data: {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": []}\n\n'
@@ -76,10 +77,13 @@ def events(text: str) -> list[str]:
 
 
 def wait_closed(upstream: RawUpstream, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while upstream.open_connections and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert upstream.open_connections == 0, "hal0web left an upstream connection open"
+    wait_until(
+        lambda: upstream.open_connections == 0,
+        "hal0web to close every upstream connection",
+        timeout,
+        every=0.02,
+        show=lambda: f"{upstream.open_connections} open",
+    )
 
 
 def assert_proxy_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -101,10 +105,12 @@ def in_rotation(name: str = "a") -> None:
 def no_leaked_place() -> None:
     from dispatch.upstream.admission import admission
 
-    deadline = time.monotonic() + 5
-    while admission.inflight and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not admission.inflight
+    wait_until(
+        lambda: not admission.inflight,
+        "every admission place given back",
+        every=0.02,
+        show=lambda: dict(admission.inflight),
+    )
 
 
 # --- item 2: an error after the first byte is one complete SSE event ------------------------
@@ -464,10 +470,12 @@ def _state(name: str) -> str:
 
 
 def _wait_state(name: str, state: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while _state(name) != state and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _state(name) == state
+    wait_until(
+        lambda: _state(name) == state,
+        f"slot {name} to be {state}",
+        timeout,
+        show=lambda: _state(name),
+    )
 
 
 def _probes(upstream: RawUpstream) -> int:
@@ -485,10 +493,7 @@ def test_a_down_slot_answers_retry_after_1_and_is_probed_at_once(raw, hal0, sett
     assert "error" in err["message"]
     assert r.headers["Retry-After"] == "1"
     # The request asked the watcher to look now, so a retry after 1 s sees a fresh probe.
-    deadline = time.monotonic() + 1
-    while _probes(upstream) == before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _probes(upstream) > before, "no probe within the Retry-After"
+    wait_until(lambda: _probes(upstream) > before, "a probe within the Retry-After", 1, 0.02)
 
 
 def test_the_sdk_default_retries_give_up_on_a_down_slot_in_about_two_seconds(raw, hal0, settings):
@@ -669,14 +674,15 @@ def served(tmp_path):
             command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         started.append(proc)
-        deadline = time.monotonic() + 30
-        while True:
+
+        def answers() -> bool:
             try:
                 httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                break
             except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.2)
+                return False
+            return True
+
+        wait_until(answers, "the server to start", 30, every=0.2)
         return f"http://127.0.0.1:{port}", proc.pid, upstream
 
     yield start

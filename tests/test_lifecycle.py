@@ -8,22 +8,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 
 import httpx
 
 from dispatch.models import Slot
 from tests.conftest import add_slot
 from tests.fakes import FakeUpstream, ServerThread, free_port
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.polling import wait_until
 
 
 def state_of(name: str) -> str:
@@ -39,13 +30,13 @@ def test_offline_to_ready_within_two_probe_intervals(transactional_db, hal0, set
     port = free_port()
     add_slot("a", f"http://127.0.0.1:{port}/v1", ["m1"])
     kick(hal0)
-    wait_for(lambda: state_of("a") == "offline", what="offline")
+    wait_until(lambda: state_of("a") == "offline", what="offline")
     assert Slot.objects.get(name="a").last_error
     server = ServerThread(FakeUpstream("a", models=["m1"]), port=port).start()
     try:
         started = time.monotonic()
         # Backoff while offline is capped at the probe interval (0.2 s in tests).
-        wait_for(lambda: state_of("a") == "ready", timeout=5, what="ready")
+        wait_until(lambda: state_of("a") == "ready", timeout=5, what="ready")
         assert time.monotonic() - started < 2 * settings.HAL0_PROBE_INTERVAL_S + 1.0
         slot = Slot.objects.get(name="a")
         assert slot.last_error == "" and slot.state_changed_at is not None
@@ -58,11 +49,11 @@ def test_loading_and_error_states_follow_health(fake, hal0):
     add_slot("a", server.url + "/v1", ["m1"])
     f.health = "loading"
     kick(hal0)
-    wait_for(lambda: state_of("a") == "loading", what="loading")
+    wait_until(lambda: state_of("a") == "loading", what="loading")
     f.health = "error"
-    wait_for(lambda: state_of("a") == "error", what="error")
+    wait_until(lambda: state_of("a") == "error", what="error")
     f.health = "ready"
-    wait_for(lambda: state_of("a") == "ready", what="ready")
+    wait_until(lambda: state_of("a") == "ready", what="ready")
 
 
 def test_discovered_models_appear_and_disappear_and_drift_is_flagged(fake, hal0):
@@ -70,7 +61,7 @@ def test_discovered_models_appear_and_disappear_and_drift_is_flagged(fake, hal0)
     f.models = ["m1", "extra-1"]
     add_slot("a", server.url + "/v1", ["m1", "declared-only"])
     kick(hal0)
-    wait_for(
+    wait_until(
         lambda: Slot.objects.get(name="a").models.filter(model_id="extra-1").exists(),
         what="discovered",
     )
@@ -81,11 +72,11 @@ def test_discovered_models_appear_and_disappear_and_drift_is_flagged(fake, hal0)
         r = c.post("/v1/chat/completions", json={"model": "extra-1", "messages": []})
         assert r.status_code == 200 and r.headers["X-Hal0-Resolution"] == "discovered:a"
         f.models = ["m1", "declared-only"]
-        wait_for(
+        wait_until(
             lambda: not Slot.objects.get(name="a").models.filter(model_id="extra-1").exists(),
             what="gone",
         )
-        wait_for(lambda: Slot.objects.get(name="a").drift == [], what="drift cleared")
+        wait_until(lambda: Slot.objects.get(name="a").drift == [], what="drift cleared")
         r = c.post("/v1/chat/completions", json={"model": "extra-1", "messages": []})
         assert r.status_code == 404
 
@@ -112,7 +103,7 @@ def test_request_during_loading_waits_and_is_served_when_ready(fake, hal0):
     add_slot("a", server.url + "/v1", ["m1"])
     f.health = "loading"
     kick(hal0)
-    wait_for(lambda: state_of("a") == "loading", what="loading")
+    wait_until(lambda: state_of("a") == "loading", what="loading")
     result: list[httpx.Response] = []
     t = threading.Thread(
         target=lambda: result.append(
@@ -137,7 +128,7 @@ def test_loading_too_long_is_503_slot_loading_with_retry_after(fake, hal0, setti
     add_slot("a", server.url + "/v1", ["m1"])
     f.health = "loading"
     kick(hal0)
-    wait_for(lambda: state_of("a") == "loading", what="loading")
+    wait_until(lambda: state_of("a") == "loading", what="loading")
     r = httpx.post(
         hal0.url + "/v1/chat/completions", json={"model": "m1", "messages": []}, timeout=10
     )
@@ -151,7 +142,7 @@ def test_offline_slot_with_another_serving_the_model_fails_over(fake, hal0):
     add_slot("down", f"http://127.0.0.1:{free_port()}/v1", ["m1"], priority=10)
     add_slot("a", server.url + "/v1", ["m1"])
     kick(hal0)
-    wait_for(lambda: state_of("down") == "offline" and state_of("a") == "ready", what="states")
+    wait_until(lambda: state_of("down") == "offline" and state_of("a") == "ready", what="states")
     r = httpx.post(
         hal0.url + "/v1/chat/completions", json={"model": "m1", "messages": []}, timeout=10
     )
@@ -163,7 +154,7 @@ def test_offline_slot_with_another_serving_the_model_fails_over(fake, hal0):
 def test_offline_slot_alone_is_503_slot_unavailable_with_its_error(transactional_db, hal0):
     add_slot("down", f"http://127.0.0.1:{free_port()}/v1", ["m1"])
     kick(hal0)
-    wait_for(lambda: state_of("down") == "offline", what="offline")
+    wait_until(lambda: state_of("down") == "offline", what="offline")
     r = httpx.post(
         hal0.url + "/v1/chat/completions", json={"model": "m1", "messages": []}, timeout=10
     )
@@ -181,7 +172,7 @@ def test_refused_connection_before_first_byte_fails_over(fake, hal0, settings):
     add_slot("dead", dead_server.url + "/v1", ["m1"], priority=10)
     add_slot("a", server.url + "/v1", ["m1"])
     kick(hal0)
-    wait_for(lambda: state_of("dead") == "ready" and state_of("a") == "ready", what="both ready")
+    wait_until(lambda: state_of("dead") == "ready" and state_of("a") == "ready", what="both ready")
     dead_server.stop()  # still "ready" in the table; the next connection is refused
     r = httpx.post(
         hal0.url + "/v1/chat/completions", json={"model": "m1", "messages": []}, timeout=10
@@ -190,7 +181,7 @@ def test_refused_connection_before_first_byte_fails_over(fake, hal0, settings):
     assert r.json()["slot"] == "a"
     assert r.headers["X-Hal0-Resolution"] == "failover:dead->a"
     # Passive health: the failure triggered an immediate probe, long before the 60 s interval.
-    wait_for(lambda: state_of("dead") == "offline", timeout=5, what="dead marked offline")
+    wait_until(lambda: state_of("dead") == "offline", timeout=5, what="dead marked offline")
 
 
 def test_upstream_503_before_first_byte_fails_over_once(fake, hal0):
@@ -201,7 +192,7 @@ def test_upstream_503_before_first_byte_fails_over_once(fake, hal0):
         add_slot("sick", sick_server.url + "/v1", ["m1"], priority=10)
         add_slot("a", server.url + "/v1", ["m1"])
         kick(hal0)
-        wait_for(lambda: state_of("sick") == "ready" and state_of("a") == "ready", what="ready")
+        wait_until(lambda: state_of("sick") == "ready" and state_of("a") == "ready", what="ready")
         r = httpx.post(
             hal0.url + "/v1/chat/completions", json={"model": "m1", "messages": []}, timeout=10
         )
@@ -254,7 +245,7 @@ def test_draining_is_the_operators_and_probes_leave_it(fake, hal0):
     _f, server = fake
     add_slot("a", server.url + "/v1", ["m1"])
     kick(hal0)
-    wait_for(lambda: state_of("a") == "ready", what="ready")
+    wait_until(lambda: state_of("a") == "ready", what="ready")
     slot = Slot.objects.get(name="a")
     slot.state = "draining"
     slot.save()
@@ -270,7 +261,7 @@ def test_a_slow_probe_while_requests_flow_is_not_offline(fake, hal0, settings):
     f, server = fake
     add_slot("a", server.url + "/v1", ["m1"], connect_timeout_s=0.3)  # probe timeout 0.3 s
     kick(hal0)
-    wait_for(lambda: state_of("a") == "ready", what="ready")
+    wait_until(lambda: state_of("a") == "ready", what="ready")
     f.models_delay_s = 1.0  # /models now answers too late for a probe
     f.chunks, f.chunk_gap_s = 20, 0.1
     r = httpx.post(
@@ -281,7 +272,7 @@ def test_a_slow_probe_while_requests_flow_is_not_offline(fake, hal0, settings):
     assert r.text.count("data: ") == 21
     assert state_of("a") == "ready", "probes timed out during a healthy stream"
     # Nothing in flight: a probe that times out now does mean trouble.
-    wait_for(lambda: state_of("a") == "offline", timeout=5, what="offline once idle")
+    wait_until(lambda: state_of("a") == "offline", timeout=5, what="offline once idle")
 
 
 def test_one_probe_per_slot_in_flight_however_many_ask(fake, hal0):

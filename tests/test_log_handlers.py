@@ -7,12 +7,12 @@ import logging
 import os
 import re
 import threading
-import time
 from pathlib import Path
 
 from dispatch.observability.log_handlers import BackgroundStreamHandler, one_line
-from tests.fakes import RawUpstream, http_response
+from tests.polling import wait_until
 from tests.processes import Hal0Process, manage, server_env
+from tests.raw_upstream import RawUpstream, http_response
 
 # What a hostile upstream answers on /models: a line of its own that looks like ours, and a
 # terminal escape that would clear an operator's screen.
@@ -43,9 +43,7 @@ def test_upstream_text_cannot_forge_a_log_line(tmp_path: Path) -> None:
     )
     server = Hal0Process(env, tmp_path / "hal0.log").wait_ready()
     try:
-        deadline = time.monotonic() + 20
-        while "slot hostile is" not in server.log() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: "slot hostile is" in server.log(), "the watcher's line", 20, 0.2)
     finally:
         server.stop()
         upstream.stop()

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import add_slot
 from tests.fakes import FakeUpstream, ServerThread
+from tests.polling import wait_until
 
 HERMES_MODEL = "qwen3-coder-reap-25b-a3b-q5km"
 REPO = Path(__file__).resolve().parent.parent
@@ -68,14 +69,15 @@ def test_every_family_and_label_after_known_traffic(public_metrics, seed_slots, 
         ) as r:
             r.read()
         assert chat(client, "no-such-model").status_code == 404
-        deadline = time.monotonic() + 10
-        while True:
+
+        def scraped_once_gone_failed() -> tuple[httpx.Response, dict] | None:
             r = client.get("/metrics")
             after = scrape(r.text)
-            probed = value(after, "hal0_probe_failures_total", slot="gone")
-            if probed or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+            return (r, after) if value(after, "hal0_probe_failures_total", slot="gone") else None
+
+        scraped = wait_until(scraped_once_gone_failed, "a failed probe of slot gone", 10, 0.2)
+        assert scraped is not None
+        r, after = scraped
     assert r.headers["content-type"].startswith("text/plain; version=")
 
     def delta(name: str, **labels: str) -> float:
@@ -112,7 +114,7 @@ def test_every_family_and_label_after_known_traffic(public_metrics, seed_slots, 
     assert value(after, "hal0_slot_state", slot="agent-hermes", state="offline") == 0
     assert value(after, "hal0_slot_state", slot="gone", state="offline") == 1
     assert value(after, "hal0_probe_duration_seconds_count", slot="agent-hermes") > 0
-    assert probed > 0
+    assert value(after, "hal0_probe_failures_total", slot="gone") > 0
     # Counters live as long as the process: earlier tests' slots of the same name count too.
     assert delta("hal0_probe_failures_total", slot="agent-hermes") == 0
     kinds = families(r.text)
@@ -220,6 +222,25 @@ def _worker(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes
         )
 
 
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _solo_requests(text: str) -> tuple[str, float]:
+    """One worker's scrape: who it says it is, and the requests it counted for slot solo."""
+    [(worker, count)] = [
+        (s.labels["worker"], s.value)
+        for family in text_string_to_metric_families(text)
+        if family.name == "hal0_requests"
+        for s in family.samples
+        if s.name == "hal0_requests_total" and s.labels["slot"] == "solo"
+    ]
+    return worker, count
+
+
 @pytest.mark.postgres
 def test_two_workers_give_totals_that_add_up(upstream, tmp_path, pg_url):
     """Two server processes: PostgreSQL, since the embedded SQLite serves one."""
@@ -249,15 +270,13 @@ def test_two_workers_give_totals_that_add_up(upstream, tmp_path, pg_url):
     procs = [_worker(env, p, tmp_path / f"worker-{p}.log") for p in ports]
     try:
         for port in ports:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, (tmp_path / f"worker-{port}.log").read_text()
-                time.sleep(0.1)
+            wait_until(
+                lambda port=port: _healthy(port),
+                f"worker {port} to answer /healthz",
+                30,
+                0.1,
+                show=(tmp_path / f"worker-{port}.log").read_text,
+            )
         sent = {ports[0]: 3, ports[1]: 5}
         for port, n in sent.items():
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
@@ -269,17 +288,9 @@ def test_two_workers_give_totals_that_add_up(upstream, tmp_path, pg_url):
             p.terminate()
         for p in procs:
             p.wait(timeout=10)
-    workers = set()
-    per_worker = []
-    for text in texts:
-        for family in text_string_to_metric_families(text):
-            if family.name == "hal0_requests":
-                for s in family.samples:
-                    if s.name == "hal0_requests_total" and s.labels["slot"] == "solo":
-                        workers.add(s.labels["worker"])
-                        per_worker.append(s.value)
-    assert len(workers) == 2  # each process says who it is
-    assert sorted(per_worker) == [3, 5]
+    per_worker = [_solo_requests(text) for text in texts]
+    assert len({worker for worker, _ in per_worker}) == 2  # each process says who it is
+    assert sorted(count for _, count in per_worker) == [3, 5]
     total = scrape("".join(texts))
     assert (
         value(

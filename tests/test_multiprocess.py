@@ -19,6 +19,7 @@ from django.conf import settings
 
 from dispatch.coordination.sync import stale_after_s
 from tests.fakes import FakeUpstream, ServerThread, free_port
+from tests.polling import wait_until
 from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env, session_cookie
 
 
@@ -66,10 +67,7 @@ async def test_an_idle_websocket_stays_open_under_redis(
 def _until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
     """Poll ``predicate`` every 20 ms; the seconds it took to hold (fails after ``timeout``)."""
     started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s ({predicate!r})")
-        time.sleep(0.02)
+    wait_until(predicate, what, timeout, every=0.02)
     return time.monotonic() - started
 
 

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from tests.conftest import add_slot
-from tests.fakes import RawRequest, RawUpstream, chunk, reset
+from tests.polling import wait_until
+from tests.raw_upstream import RawRequest, RawUpstream, chunk, reset
 
 NDJSON_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -79,9 +80,7 @@ def test_an_ndjson_stream_arrives_unchanged_chunk_by_chunk(raw, no_watcher, hal0
                 sent += 1
     assert chunks == LINES
     # Counted with Ollama's names, from its last line.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not caplog.records:
-        time.sleep(0.02)
+    wait_until(lambda: caplog.records, "the decision's log line")
     line = json.loads(caplog.records[-1].getMessage())
     assert (line["prompt_tokens"], line["completion_tokens"], line["error"]) == (5, 2, None)
 

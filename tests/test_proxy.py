@@ -17,6 +17,7 @@ from dispatch.upstream.client import Upstream
 from dispatch.upstream.response import UpstreamError
 from tests.conftest import add_slot
 from tests.fakes import FakeUpstream, ServerThread, free_port
+from tests.polling import wait_until
 
 # --- unit: the seam, with httpx.MockTransport ------------------------------------------------
 
@@ -201,10 +202,7 @@ def test_client_disconnect_cancels_the_upstream_request_within_a_second(one_fake
     assert fake.active == 1
     closed_at = time.monotonic()
     sock.close()
-    deadline = closed_at + 5
-    while not fake.disconnects and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert fake.disconnects, "the upstream never saw the client go away"
+    wait_until(lambda: fake.disconnects, "the upstream to see the client go away", 5, 0.01)
     assert fake.disconnects[0] - closed_at < 1.0
 
 
@@ -223,20 +221,21 @@ def test_client_gone_before_the_upstream_answers_frees_the_slot(one_fake, hal0, 
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        deadline = time.monotonic() + 5
-        while not [r for r in fake.requests if r.path == "/v1/chat/completions"] and (
-            time.monotonic() < deadline
-        ):
-            time.sleep(0.01)
+        wait_until(
+            lambda: [r for r in fake.requests if r.path == "/v1/chat/completions"],
+            "the request to reach the upstream",
+            5,
+            0.01,
+        )
         assert admission.inflight.get("solo") == 1
         sock.close()
-        deadline = time.monotonic() + 5
-        while admission.inflight.get("solo") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not admission.inflight.get("solo"), "the slot kept a place for a client long gone"
-        deadline = time.monotonic() + 5
-        while not _decisions(caplog) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(
+            lambda: not admission.inflight.get("solo"),
+            "the slot to give back the place of a client long gone",
+            5,
+            0.01,
+        )
+        wait_until(lambda: _decisions(caplog), "the request's decision line", 5, 0.01)
     (decision,) = _decisions(caplog)
     assert decision["slot"] == "solo" and decision["error"] == "client_disconnected"
 

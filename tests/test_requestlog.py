@@ -10,6 +10,7 @@ import httpx
 
 from dispatch.observability import requestlog
 from dispatch.observability.decisions import DecisionRecord
+from tests.polling import wait_until
 
 HERMES_MODEL = "qwen3-coder-reap-25b-a3b-q5km"
 
@@ -176,10 +177,12 @@ def test_the_watcher_prunes_when_it_starts(seed_slots, settings):
     server = ServerThread(application).start()
     try:
         httpx.get(server.url + "/healthz")
-        deadline = time.monotonic() + 10
-        while RequestLog.objects.filter(request_id="stale").exists():
-            assert time.monotonic() < deadline, "the watcher did not prune"
-            time.sleep(0.1)
+        wait_until(
+            lambda: not RequestLog.objects.filter(request_id="stale").exists(),
+            "the watcher to prune the stale row",
+            10,
+            0.1,
+        )
     finally:
         server.stop()
     assert RequestLog.objects.filter(request_id="fresh").exists()

@@ -9,6 +9,7 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
+from tests import runtime
 
 
 def test_create_lands_on_the_slot_serving_the_model(fleet_sdk, fleet):
@@ -140,7 +141,7 @@ def test_redis_keeps_the_record_with_a_ttl(settings):
     redis = pytest.importorskip("redis")
     settings.REDIS_URL = "redis://127.0.0.1:6379/0"
     settings.HAL0_RESPONSE_RETENTION_DAYS = 1
-    affinity.reset()
+    runtime.reset("affinity")  # the Redis store, now that REDIS_URL names one
     try:
 
         async def run() -> tuple[str | None, str | None]:
@@ -158,7 +159,7 @@ def test_redis_keeps_the_record_with_a_ttl(settings):
         client.delete("hal0:response:resp_redis_test")
         client.close()
     finally:
-        affinity.reset()
+        runtime.reset("affinity")  # its Redis client is not the next test's
 
 
 # --- across real server processes: every worker finds every id -------------------------------
@@ -167,11 +168,10 @@ def test_redis_keeps_the_record_with_a_ttl(settings):
 @pytest.mark.postgres
 @pytest.mark.parametrize("store", ["database", pytest.param("redis", marks=pytest.mark.redis)])
 def test_a_response_made_through_one_worker_is_found_by_another(tmp_path, pg_url, store):
-    from tests.fake_endpoints import EndpointUpstream
-    from tests.fakes import ServerThread
+    from tests.fakes import FakeUpstream, ServerThread
     from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env
 
-    fakes = {n: EndpointUpstream(n, models=[f"model-{n}"]) for n in ("one", "two")}
+    fakes = {n: FakeUpstream(n, models=[f"model-{n}"], listing="llama.cpp") for n in ("one", "two")}
     servers = [ServerThread(f).start() for f in fakes.values()]
     folder = tmp_path / "slots"
     folder.mkdir()

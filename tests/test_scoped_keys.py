@@ -19,6 +19,7 @@ from dispatch.observability.keyuse import recorder
 from dispatch.routing.resolver import resolve
 from dispatch.routing.scopes import Scope
 from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
+from tests.polling import wait_until
 
 HERMES = {"model": "hermes", "messages": [{"role": "user", "content": "hi"}]}
 CODER = {"model": "qwen3-coder-40b", "messages": [{"role": "user", "content": "hi"}]}
@@ -89,13 +90,15 @@ def test_a_key_uses_only_its_models_and_sees_only_them(client):
 
 
 def until_refused(client: httpx.Client, key: str, within_s: float = 5) -> httpx.Response:
-    """The answer to ``key`` once every process has its change (or after ``within_s``)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        r = client.post("/v1/chat/completions", json=HERMES, headers=auth(key))
-        if r.status_code == 401 or time.monotonic() > deadline:
-            return r
-        time.sleep(0.1)
+    """The answer to ``key`` once every process has its change."""
+    last: list[httpx.Response] = []
+
+    def refused() -> bool:
+        last[:] = [client.post("/v1/chat/completions", json=HERMES, headers=auth(key))]
+        return last[0].status_code == 401
+
+    wait_until(refused, "the key to be refused", within_s, 0.1, show=lambda: last[0].text)
+    return last[0]
 
 
 def test_an_expired_key_is_refused_with_its_expiry(client):
@@ -155,9 +158,7 @@ def test_last_use_is_written_in_batches_not_per_request(client, monkeypatch):
     assert not ApiKeyUse.objects.exists()  # 20 requests, not one write
     before = time.time()
     recorder.wake()
-    deadline = time.monotonic() + 5
-    while not ApiKeyUse.objects.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(ApiKeyUse.objects.exists, "the key's use to be recorded")
     use = ApiKeyUse.objects.get(key=row)
     assert before - 60 < use.last_used_at.timestamp() <= time.time()
     # Recording a use changes nothing any process holds: no reload for it.

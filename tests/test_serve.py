@@ -26,6 +26,7 @@ from dispatch.lifecycle import demo
 from tests.fake_llama_server import CRASH_ENV, shim
 from tests.fakes import free_port
 from tests.llama_servers import skip_without_demo
+from tests.polling import wait_until
 from tests.processes import server_env
 
 READY = "hal0web is ready: "
@@ -312,11 +313,13 @@ def test_serve_with_demo_starts_both_models_and_stops_them(
     hermes = next(pid for pid, c in commands.items() if str(h_port).encode() in c)
     os.kill(hermes, signal.SIGKILL)
     run.wait_for("model server agent-hermes exited", 30)
-    deadline = time.monotonic() + 30
-    while _get_json(url + "/healthz", run)["slots"]["agent-hermes"] != "offline":
-        if time.monotonic() > deadline:
-            pytest.fail(f"agent-hermes never went offline:\n{run.output}")
-        time.sleep(0.2)
+    wait_until(
+        lambda: _get_json(url + "/healthz", run)["slots"]["agent-hermes"] == "offline",
+        "agent-hermes to go offline",
+        30,
+        0.2,
+        show=lambda: run.output,
+    )
     assert _get_json(url + "/healthz", run)["slots"]["primary"] == "ready"
 
     assert run.stop(signal.SIGINT) == 0

@@ -7,8 +7,6 @@ rest of the proxy relies on: bodies pass as they arrive, errors keep their meani
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import cast
 
@@ -20,6 +18,7 @@ from dispatch.upstream.client import Upstream
 from dispatch.upstream.pool import AiohttpTransport
 from dispatch.upstream.response import UpstreamError
 from tests.fakes import FakeUpstream, ServerThread, free_port
+from tests.polling import await_until
 
 BODY = b'{"model": "m1", "messages": []}'
 STREAM_BODY = b'{"model": "m1", "stream": true, "messages": []}'
@@ -113,10 +112,8 @@ async def test_abandoned_stream_closes_the_upstream_connection(fake, up: Upstrea
     await stream.__anext__()
     await stream.aclose()
     await response.aclose()
-    deadline = time.monotonic() + 5
-    while not app.disconnects and time.monotonic() < deadline:  # noqa: ASYNC110 - the fake runs in another thread; no Event to share
-        await asyncio.sleep(0.02)
-    assert app.disconnects, "the upstream never saw the client go away"
+    # The fake runs in another thread: no Event to share, so poll.
+    await await_until(lambda: app.disconnects, "the upstream to see the client go away", every=0.02)
     assert app.active == 0
 
 

@@ -7,12 +7,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.fakes import FakeUpstream, ServerThread
+from tests.polling import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,15 +72,9 @@ def test_watch_runs_standalone_and_stops_cleanly_on_sigterm(tmp_path, fake):
         def state() -> str:
             return db.execute("select state from dispatch_slot where name='w'").fetchone()[0]
 
-        deadline = time.monotonic() + 20
-        while state() != "ready" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert state() == "ready"
+        wait_until(lambda: state() == "ready", "slot w to be ready", 20, show=state)
         f.health = "loading"
-        deadline = time.monotonic() + 10
-        while state() != "loading" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert state() == "loading"
+        wait_until(lambda: state() == "loading", "slot w to be loading", 10, show=state)
         db.close()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)

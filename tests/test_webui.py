@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 
 import httpx
 import pytest
@@ -22,6 +21,7 @@ from tests.browser import (  # noqa: F401 - fixtures
     staff,
 )
 from tests.fakes import ServerThread
+from tests.polling import wait_until
 
 pytestmark = BROWSER_MARKS
 
@@ -57,14 +57,6 @@ def ask(page, model: str, text: str) -> None:
     page.select_option("#model", model)
     page.get_by_label("Message").fill(text)
     page.get_by_label("Message").press("Enter")
-
-
-def eventually(check, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
 
 
 def in_plain_thread(fn) -> None:
@@ -275,11 +267,11 @@ def test_stop_ends_a_long_stream_and_the_upstream_sees_the_disconnect(chat, fake
     card = page.locator('#slots .slot[data-slot="agent-hermes"] .meta')
     expect(card).to_contain_text("in flight 1")
     page.get_by_role("button", name="Stop").click()
-    eventually(lambda: hermes.disconnects, "the fake upstream saw the client go away")
+    wait_until(lambda: hermes.disconnects, "the fake upstream saw the client go away", 10)
     expect(answer(page).locator(".meta")).to_contain_text("stopped")
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
     expect(page.get_by_role("button", name="Stop")).to_be_disabled()
-    eventually(lambda: hermes.active == 0, "the upstream stream ended")
+    wait_until(lambda: hermes.active == 0, "the upstream stream ended", 10)
     expect(card).to_contain_text("in flight 0")
 
 
