@@ -142,6 +142,7 @@ class Watcher:
     async def _probe(self, slot: SlotEntry) -> bool:
         timeout = max(0.5, min(slot.connect_timeout_s, settings.HAL0_PROBE_INTERVAL_S, 5.0))
         began = time.perf_counter()
+        flowing = admission.inflight.get(slot.name, 0)
         obs = await observe(slot, timeout)
         hooks.probed(slot.name, time.perf_counter() - began, obs.state)
         seen_at = timezone.now()
@@ -150,10 +151,12 @@ class Watcher:
         if obs.state == BUSY:
             self._probed_at[slot.name] = seen_at  # it answered: its state stands
             return False
-        if obs.timed_out and admission.inflight.get(slot.name, 0):
-            # Requests to it are under way (the proxy hears from it): a probe that timed out
-            # means a loaded server or a lagging loop, not a dead one. A refused connection
-            # still counts, and so does a timeout once nothing is in flight.
+        if obs.timed_out and (flowing or admission.inflight.get(slot.name, 0)):
+            # Requests to it were under way when the probe began or are now (the proxy hears
+            # from it): a probe that timed out means a loaded server or a lagging loop, not a
+            # dead one. (Only "now" lost the race with a stream that ended while its probe
+            # waited.) A refused connection still counts, and so does a timeout begun and
+            # ended with nothing in flight.
             self._probed_at[slot.name] = seen_at
             return False
         current = store.table.slots.get(slot.name)
