@@ -28,7 +28,15 @@ async def decide(
     rec.cache_state = "stale" if store.stale else "fresh"
     if response_id is not None:
         return await _follow(table, response_id, model, endpoint, rec, scope)
-    return await _resolve(table, model, endpoint, rec, scope)
+    fallback = settings.HAL0_FALLBACK_SLOT
+    result = resolve(table, model, endpoint, admission.inflight, fallback)
+    if isinstance(result, NoRoute) and result.code == "model_not_found" and table.unprobed:
+        # Cold start: some slot has not been asked what it serves yet. Ask (once, shared by
+        # every request that misses now), then look again before turning the request away.
+        rec.cache_state = "cold"
+        await cold_probe()
+        result = resolve(store.table, model, endpoint, admission.inflight, fallback)
+    return _decided(result, rec, scope, model)
 
 
 def _decided(
@@ -50,20 +58,6 @@ def _decided(
     inflight = admission.inflight
     rec.decided(result, tuple(inflight.get(t.slot.name, 0) for t in result.targets))
     return result
-
-
-async def _resolve(
-    table: RoutingTable, model: str | None, endpoint: str, rec: DecisionRecord, scope: Scope
-) -> Decision:
-    fallback = settings.HAL0_FALLBACK_SLOT
-    result = resolve(table, model, endpoint, admission.inflight, fallback)
-    if isinstance(result, NoRoute) and result.code == "model_not_found" and table.unprobed:
-        # Cold start: some slot has not been asked what it serves yet. Ask (once, shared by
-        # every request that misses now), then look again before turning the request away.
-        rec.cache_state = "cold"
-        await cold_probe()
-        result = resolve(store.table, model, endpoint, admission.inflight, fallback)
-    return _decided(result, rec, scope, model)
 
 
 def _not_allowed(rec: DecisionRecord, scope: Scope, model: str | None) -> ApiError:

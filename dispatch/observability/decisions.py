@@ -206,9 +206,9 @@ def log_output(rec: DecisionRecord, data: dict[str, object]) -> None:
 recorded: Listeners[[DecisionRecord, dict[str, object]]] = Listeners("the decisions")
 
 
-def event_output(rec: DecisionRecord, data: dict[str, object]) -> None:
-    """The output the live feed hears decisions through: tells ``recorded``'s listeners."""
-    recorded.notify(rec, data)
+# The output the live feed hears decisions through: ``recorded``'s listeners, told directly
+# (no wrapper call per request).
+event_output: Output = recorded.notify
 
 
 # The outputs every decision goes to, in order. `dispatch.apps` adds the metrics and the

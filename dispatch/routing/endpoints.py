@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
@@ -54,11 +54,12 @@ class Endpoint:
     # hal0web records which slot made it.
     records_response: bool = False
     offered_as: str | None = None
+    # The endpoint a slot must offer to serve this one (``offered_as``, else itself): read
+    # twice on every request, so set once.
+    offer: str = field(init=False)
 
-    @property
-    def offer(self) -> str:
-        """The endpoint a slot must offer to serve this one."""
-        return self.offered_as or self.name
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "offer", self.offered_as or self.name)
 
     @property
     def allow(self) -> str:

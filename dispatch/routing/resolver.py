@@ -69,7 +69,7 @@ class NoRoute:
 def _offers(slot: SlotEntry, endpoint: str) -> bool:
     """Whether ``slot`` can serve ``endpoint``: it offers it, or a request adapter turns the
     request into one it offers (``dispatch.wire.adapters``)."""
-    return adapters.serves(endpoint, slot.endpoints)
+    return endpoint in slot.endpoints or adapters.serves(endpoint, slot.endpoints)
 
 
 _PATH_PREFIX: Mapping[str, str] = MappingProxyType({"alias": "alias", "discovered": "discovered"})
@@ -240,8 +240,12 @@ def resolve(
     t0 = time.perf_counter_ns()
     if requested_model is None or requested_model == "":
         return _by_default(table, requested_model, endpoint, t0)
-    found = _by_qualified_id(table, requested_model, endpoint, t0)
-    if found is None:
+    # The cheap tests first: most requests name a plain model id, and pay no call for the
+    # steps that cannot apply.
+    found = None
+    if "/" in requested_model:
+        found = _by_qualified_id(table, requested_model, endpoint, t0)
+    if found is None and requested_model in table.slots:
         found = _by_slot_name(table, requested_model, endpoint, t0)
     if found is None and requested_model in table.by_model:
         found = _by_model(table, requested_model, endpoint, inflight, t0)

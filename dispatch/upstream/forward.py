@@ -136,19 +136,21 @@ class _Attempts:
         self.last_error = self.last_error or error
         self.first_failed = self.first_failed or slot.name
 
-    async def usable(self, target: Target, later: list[Target]) -> SlotEntry | None:
-        """The target's slot once it can take the request; None to go on to the next."""
-        slot = _current(target)
+    async def ready(self, target: Target, later: list[Target]) -> SlotEntry | None:
+        """A loading slot once it is ready (the swap wait); None to go on to the next."""
+        try:
+            return await _await_ready(target)
+        except ApiError as err:
+            self.last_error = err
+            if self.first_failed is None and any(_usable_later(t) for t in later):
+                return None
+            raise
+
+    def usable(self, slot: SlotEntry | None) -> SlotEntry | None:
+        """The slot if it can take the request now; None to go on to the next. (Not a
+        coroutine: this runs for every request, and only a loading slot makes it wait.)"""
         if slot is None or not slot.enabled:
             return None
-        if slot.state == states.LOADING:
-            try:
-                slot = await _await_ready(target)
-            except ApiError as err:
-                self.last_error = err
-                if self.first_failed is None and any(_usable_later(t) for t in later):
-                    return None
-                raise
         if slot.state in states.DOWN:
             self.failed(slot, _unavailable(slot, _nudge(slot, self.on_suspect)))
             return None
@@ -164,7 +166,9 @@ class _Attempts:
     ) -> UpstreamResponse | None:
         """The slot's response (its place on the slot taken); None when it could not be
         reached and the next target may be tried."""
-        await _admit(slot)
+        if not await admission.acquire(slot.name, slot.max_concurrency, settings.HAL0_QUEUE_WAIT_S):
+            outliers.abandoned(slot.name)
+            raise _busy(slot)
         try:
             response = await upstream.open(slot, sent.path, sent.body, headers, method)
         except UpstreamError as exc:
@@ -192,9 +196,10 @@ class _Attempts:
         return response
 
     async def passed_on(self, slot: SlotEntry, response: UpstreamResponse, more: bool) -> bool:
-        """Whether the slot's 502/503 is left for the next target (closed, its place freed)."""
+        """Whether the slot's 502/503 is left for the next target (closed, its place freed).
+        Called only for those statuses: no coroutine for every other answer."""
         status = response.status_code
-        if status not in _FAILOVER_STATUSES or self.first_failed is not None or not more:
+        if self.first_failed is not None or not more:
             return False
         admission.release(slot.name)
         await response.aclose()
@@ -224,16 +229,14 @@ class _Attempts:
         )
 
 
-async def _admit(slot: SlotEntry) -> None:
-    """A place on the slot, waiting up to HAL0_QUEUE_WAIT_S for one; else 429."""
-    if not await admission.acquire(slot.name, slot.max_concurrency, settings.HAL0_QUEUE_WAIT_S):
-        outliers.abandoned(slot.name)
-        raise ApiError(
-            429,
-            "slot_busy",
-            f"Slot '{slot.name}' is at its limit of {slot.max_concurrency} concurrent requests.",
-            headers=_retry_after(settings.HAL0_QUEUE_WAIT_S or 1),
-        )
+def _busy(slot: SlotEntry) -> ApiError:
+    """No place on the slot within HAL0_QUEUE_WAIT_S."""
+    return ApiError(
+        429,
+        "slot_busy",
+        f"Slot '{slot.name}' is at its limit of {slot.max_concurrency} concurrent requests.",
+        headers=_retry_after(settings.HAL0_QUEUE_WAIT_S or 1),
+    )
 
 
 async def forward(
@@ -254,12 +257,19 @@ async def forward(
     targets = list(decision.targets)
     attempts = _Attempts(decision, on_suspect)
     for i, target in enumerate(targets):
-        slot = await attempts.usable(target, targets[i + 1 :])
+        slot = _current(target)
+        if slot is not None and slot.enabled and slot.state == states.LOADING:
+            slot = await attempts.ready(target, targets[i + 1 :])
+        slot = attempts.usable(slot)
         if slot is None:
             continue
         sent = adapters.outgoing(endpoint, target.slot.endpoints, request, target.upstream_model)
         response = await attempts.open(slot, sent, headers, method)
-        if response is None or await attempts.passed_on(slot, response, i + 1 < len(targets)):
+        if response is None:
+            continue
+        if response.status_code in _FAILOVER_STATUSES and await attempts.passed_on(
+            slot, response, i + 1 < len(targets)
+        ):
             continue
         return Forwarded(response, slot, target.upstream_model, attempts.resolution_path(slot))
     raise attempts.error()

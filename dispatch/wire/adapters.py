@@ -85,14 +85,14 @@ def adapter_for(called: str, offers: Set[str]) -> Adapter | None:
 
 def serves(called: str, offers: Set[str]) -> bool:
     """Whether a slot offering ``offers`` can serve the endpoint ``called``."""
-    return adapter_for(called, offers) is not None
+    return called in offers or adapter_for(called, offers) is not None
 
 
 def outgoing(
     called: str, offers: Set[str], request: ClientRequest, upstream_model: str | None
 ) -> Outgoing:
     """What a target whose slot offers ``offers`` is sent for ``request`` to ``called``."""
-    adapter = adapter_for(called, offers)
+    adapter = passthrough if called in offers else adapter_for(called, offers)
     if adapter is None:  # the resolver only picks slots that serve the endpoint
         raise LookupError(f"no slot offering {sorted(offers)} serves {called}")
     return adapter(request, upstream_model)
