@@ -9,7 +9,9 @@ Prints a markdown report and writes it to ``bench/results/latest.md``.
 the httpx-aiohttp transport vs ours), each behind the seam in hal0web under Uvicorn;
 ``python -m bench seam`` measures the seam alone, without Django (bench/seam.py);
 ``python -m bench cost`` compares metrics and the request log on vs off (bench/cost.py);
-``python -m bench commits REV`` compares this tree with another commit (bench/commits.py).
+``python -m bench commits REV`` compares this tree with another commit (bench/commits.py),
+and ``python -m bench instructions REV`` does in instructions per request, which do not
+swing (bench/instructions.py, under callgrind).
 """
 
 from __future__ import annotations
@@ -768,13 +770,18 @@ def main(argv: list[str]) -> int:
 
         text = uvloop.run(commits.run(argv[1], *(int(n) for n in argv[2:3])))
         out = RESULTS / "commits.md"
+    elif mode == "instructions" and argv[1:]:
+        from bench import instructions
+
+        text = instructions.run(argv[1])
+        out = RESULTS / "instructions.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
             "usage: python -m bench [all | seam | llama | hold [PROMPT_KB ...] | cost [ROUNDS] | "
-            "transports [VARIANT ...] | scale [REDIS_URL] | commits REV [ROUNDS]]\n"
+            "transports [VARIANT ...] | scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,
         )

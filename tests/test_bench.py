@@ -119,3 +119,25 @@ def test_stream_body_carries_a_prompt_of_the_asked_size() -> None:
     body = orjson.loads(load.stream_body(16))
     assert body["stream"] is True and body["model"] == orjson.loads(load.STREAM_BODY)["model"]
     assert len(body["messages"][0]["content"]) == 16_000
+
+
+@pytest.mark.parametrize("case", ["chat", "stream32"])
+def test_the_in_process_driver_gets_each_case_answered(case: str, tmp_path) -> None:
+    """bench/inproc.py (what `python -m bench instructions` counts) really routes its
+    requests: it exits non-zero when one is answered with anything but 200."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "inproc.py"), case, "3"],
+        cwd=root,
+        env={**env, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,144 @@
+"""``python bench/inproc.py CASE N``: N requests of one case through hal0web's ASGI app in
+this process, the upstream a canned httpx transport; no sockets, no load generator.
+
+Run under callgrind by ``python -m bench instructions``: with nothing on the machine or the
+clock in the way (no network, no background loop whose work grows with wall time), the
+instructions it takes are the same from run to run, so two commits compare to a fraction of
+a percent where wall-clock cells swing by tens. Run as a file, not a module, so that it can
+drive another checkout's code (its directory first on ``PYTHONPATH``); it knows the module
+names from before ``dispatch/`` had rooms too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+ANSWER = (
+    b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":'
+    b'"assistant","content":"hi"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":1}}'
+)
+CHUNK = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+MESSAGES = b'"messages":[{"role":"user","content":"hi"}]'
+CASES = {
+    "chat": b'{"model":"bench-model",' + MESSAGES + b"}",
+    "stream32": b'{"model":"bench-model","stream":true,' + MESSAGES + b"}",
+}
+WARM = 50
+
+
+class _Stream(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(32):
+            yield CHUNK
+        yield b"data: [DONE]\n\n"
+
+
+class Canned(httpx.AsyncBaseTransport):
+    """A model server that answers at once: what is measured is hal0web alone."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if b'"stream":true' in request.content:
+            stream_headers = {"content-type": "text/event-stream"}
+            return httpx.Response(200, headers=stream_headers, stream=_Stream())
+        return httpx.Response(200, headers={"content-type": "application/json"}, content=ANSWER)
+
+
+def _setup() -> Any:
+    """A fresh database with one slot; the app, its upstream transport canned."""
+    data = tempfile.mkdtemp(prefix="hal0-inproc-")
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        os.environ.pop(name, None)
+    os.environ.update(
+        HAL0_DATA_DIR=data,
+        HAL0_ENV_FILE=os.path.join(data, "no.env"),
+        DJANGO_SETTINGS_MODULE="hal0web.settings",
+        HAL0_WATCHER="false",
+        HAL0_LOG_LEVEL="WARNING",
+        DEBUG="0",
+    )
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    from dispatch.models import Slot, SlotModel
+
+    slot = Slot.objects.create(
+        name="bench", url="http://127.0.0.1:9/v1", kind="openai", is_default=True, state="ready"
+    )
+    SlotModel.objects.create(slot=slot, model_id="bench-model", is_default=True)
+    before_rooms = importlib.util.find_spec("dispatch.proxy") is not None
+    client = importlib.import_module(
+        "dispatch.proxy" if before_rooms else "dispatch.upstream.client"
+    )
+    sync = importlib.import_module(
+        "dispatch.sync" if before_rooms else "dispatch.coordination.sync"
+    )
+    # The version check every 0.25 s is no request's work, and under callgrind (50x slower)
+    # it would run 50x as often per request.
+    sync.ensure_following = lambda: None  # type: ignore[attr-defined]
+    client.upstream.use_transport(Canned())
+    from hal0web.asgi import application
+
+    return application
+
+
+def _scope() -> dict[str, Any]:
+    path = "/v1/chat/completions"
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def _one(app: Any, body: bytes) -> None:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client never goes away
+        return {}
+
+    status: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(_scope(), receive, send)
+    if status != [200]:
+        raise SystemExit(f"the request was answered {status}, not 200")
+
+
+async def run(case: str, n: int) -> None:
+    app = _setup()
+    body = CASES[case]
+    for _ in range(WARM + n):
+        await _one(app, body)
+
+
+if __name__ == "__main__":
+    asyncio.run(run(sys.argv[1], int(sys.argv[2])))
