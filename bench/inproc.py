@@ -133,12 +133,12 @@ async def _one(app: Any, body: bytes) -> None:
         raise SystemExit(f"the request was answered {status}, not 200")
 
 
-async def run(case: str, n: int) -> None:
-    app = _setup()
+async def run(app: Any, case: str, n: int) -> None:
     body = CASES[case]
     for _ in range(WARM + n):
         await _one(app, body)
 
 
 if __name__ == "__main__":
-    asyncio.run(run(sys.argv[1], int(sys.argv[2])))
+    application = _setup()  # Django's set-up and migrate: before the event loop runs
+    asyncio.run(run(application, sys.argv[1], int(sys.argv[2])))
