@@ -39,12 +39,16 @@ def test_a_listener_that_raises_is_logged_and_the_rest_still_run(caplog):
     assert "the test room" in record.getMessage() and record.exc_info is not None
 
 
-def test_remove_and_pop_undo_an_add():
+def test_remove_undoes_an_add():
     heard: list[str] = []
     listeners: Listeners[[str]] = Listeners("test")
+
+    def upper(s: str) -> None:
+        heard.append(s.upper())
+
     listeners.add(heard.append)
-    listeners.add(lambda s: heard.append(s.upper()))
-    listeners.pop()
+    listeners.add(upper)
+    listeners.remove(upper)
     listeners.notify("a")
     listeners.remove(heard.append)
     listeners.notify("b")

@@ -33,14 +33,18 @@ def test_a_commit_swaps_in_a_new_table_and_a_rollback_does_not():
 @pytest.mark.django_db(transaction=True)
 def test_one_transaction_of_many_saves_reloads_once():
     seen: list[int] = []
-    store.on_change(lambda old, new: seen.append(new.version))
+
+    def heard(old, new) -> None:
+        seen.append(new.version)
+
+    store.on_change(heard)
     store.reload()
     seen.clear()
     with transaction.atomic():
         for i in range(10):
             add_slot(f"s{i}", f"http://127.0.0.1:{i + 1}/v1", [f"m{i}"])
     assert len(seen) == 1 and len(store.table.slots) == 10
-    store._listeners.pop()
+    store._listeners.remove(heard)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -35,10 +35,6 @@ class Listeners(Generic[P]):
         """Stop calling ``listener``; ValueError if it was not added."""
         self._listeners.remove(listener)
 
-    def pop(self) -> Callable[P, object]:
-        """Remove and return the listener added last (undoing an ``add``)."""
-        return self._listeners.pop()
-
     def notify(self, *args: P.args, **kwargs: P.kwargs) -> None:
         # Over a copy: a listener may add or remove listeners while it runs.
         for listener in tuple(self._listeners):
