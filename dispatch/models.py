@@ -19,7 +19,7 @@ from django.db.models import Q
 from dispatch import kinds
 from dispatch.routing import endpoints as endpoint_table
 from dispatch.routing.slot_fields import DEFAULTS
-from dispatch.routing.states import State
+from dispatch.routing.states import LOADED, Load, State
 
 SLOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -153,6 +153,17 @@ class Slot(models.Model):
     last_error = models.TextField(blank=True, default=DEFAULTS["last_error"])
     # Declared models the server did not advertise at its last probe (drift).
     drift = models.JSONField(default=list, blank=True)
+    # What the server says of loading its models (the watcher's, from dispatch.kinds).
+    loads_models = models.BooleanField(
+        default=DEFAULTS["loads_models"],
+        editable=False,
+        help_text="The server loads and unloads models when asked; hal0web asks for it.",
+    )
+    model_limit = models.PositiveIntegerField(
+        default=DEFAULTS["model_limit"],
+        editable=False,
+        help_text="How many models the server keeps loaded at once; 0 = no limit it tells.",
+    )
     # Manifest keys hal0 uses that we do not model, kept verbatim for export.
     extra = models.JSONField(default=dict, blank=True)
 
@@ -220,6 +231,17 @@ class SlotModel(models.Model):
     # id and object): context_length, capabilities, meta, created, owned_by...
     # Nullable for the same reason as Slot.endpoints (raw SQL inserts name none).
     upstream_fields = models.JSONField(default=dict, blank=True, null=True, editable=False)
+    # Its load state (dispatch.routing.states.Load): the watcher's reading of the server, or
+    # the loader's since (dispatch.lifecycle.loader); never set by hand.
+    load_state = models.CharField(
+        max_length=16, choices=[(s.value, s.value) for s in Load], default=LOADED, editable=False
+    )
+    load_progress = models.FloatField(null=True, blank=True, editable=False)
+    load_error = models.TextField(blank=True, default="", editable=False)
+    last_used_at = models.FloatField(default=0.0, editable=False)  # epoch seconds
+    pinned = models.BooleanField(
+        default=False, help_text="Never unloaded by hal0web to make room for another model."
+    )
 
     class Meta:
         ordering = ["slot__name", "-is_default", "model_id"]

@@ -47,6 +47,8 @@ SAMPLES: dict[str, Any] = {
     "state_changed_at": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
     "last_error": "it broke",
     "drift": ("gone-model",),
+    "loads_models": True,
+    "model_limit": 2,
     "extra": {"runtime": "rocm"},
 }
 

@@ -36,6 +36,11 @@ def load_table(version: int) -> RoutingTable:
                 m.source,
                 m.is_default,
                 MappingProxyType(dict(m.upstream_fields or {})),
+                load=m.load_state,
+                progress=m.load_progress,
+                load_error=m.load_error,
+                pinned=m.pinned,
+                last_used=m.last_used_at,
             )
             for m in slot.models.all()
         ]

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from dispatch.kinds import flm, lemonade, llamacpp, ollama, openai, vllm
-from dispatch.kinds.base import Kind, Listing
+from dispatch.kinds.base import Call, Kind, Listing, Loads, ModelLoad
 
-__all__ = ["GENERIC", "REGISTRY", "Kind", "Listing", "get"]
+__all__ = ["GENERIC", "REGISTRY", "Call", "Kind", "Listing", "Loads", "ModelLoad", "get"]
 
 # In the order the admin lists them (and the migrations' choices: keep it).
 _KINDS: tuple[Kind, ...] = (

@@ -11,6 +11,9 @@ from dispatch.kinds.urls import upstream_url
 from dispatch.routing import states
 from dispatch.routing.table import SlotEntry
 
+# JSON as the probe parsed it (None when the answer was not JSON).
+Json = Any
+
 # Fields of a /models entry that are not kept: hal0web writes its own id and object.
 _NOT_KEPT = frozenset({"id", "object"})
 
@@ -24,14 +27,46 @@ class Listing:
     details: Mapping[str, Mapping[str, Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class ModelLoad:
+    """One model's load state as its server says it (``states.Load`` names)."""
+
+    state: str
+    progress: float | None = None  # 0..1, where the server reports it
+    error: str = ""  # why the last load failed, in the server's words
+
+
+@dataclass(frozen=True, slots=True)
+class Loads:
+    """What a server says of loading its models: the state of each model it can serve (by
+    the id it knows it by), whether it loads and unloads them when asked, and how many it
+    keeps loaded at once (0: no limit it tells)."""
+
+    models: Mapping[str, ModelLoad]
+    loads_models: bool = False
+    model_limit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A request a kind wants made of its server: to load or unload a model."""
+
+    method: str
+    url: str
+    body: Mapping[str, Any] | None = None
+    # How long the call may take: a server that answers only once the model is in memory
+    # (Lemonade, Ollama) holds it open for the whole load.
+    timeout_s: float = 600.0
+
+
 class Kind:
     """What hal0web knows of one kind of model server, and how it reads what the server says.
 
     Subclasses override only where their server differs from a plain OpenAI-compatible one.
     Every method is pure; the watcher (``dispatch.lifecycle.probe``) does the asking.
 
-    The slot lifecycle will add its part here, per kind: which models a server has loaded,
-    and loading and unloading one.
+    The lifecycle's part is here too, per kind: which models a server has loaded (read at
+    each probe, and pushed where the server pushes), and loading and unloading one.
     """
 
     name: ClassVar[str]  # the value stored in Slot.kind
@@ -81,8 +116,73 @@ class Kind:
             },
         )
 
+    # --- loading and unloading models (dispatch.lifecycle.loader does the asking) -----------
+
+    def loads_url(self, slot: SlotEntry) -> str | None:
+        """Where the server says which of its models are loaded, asked at each probe beside
+        ``/models``; None: ``/models`` (or the health answer) says it."""
+        return None
+
+    def read_loads(self, listing_body: Json, health_body: Json, loads_body: Json) -> Loads | None:
+        """The load state of the server's models, from what the probe read: the ``/models``
+        answer, the health answer and the ``loads_url`` answer (each None when not read).
+        None: the server says nothing of loading, and every model it lists is loaded (a plain
+        OpenAI-compatible server, a single-model server)."""
+        return None
+
+    def events_url(self, slot: SlotEntry) -> str | None:
+        """A Server-Sent Events stream where the server pushes its models' state changes;
+        None: it pushes nothing, the probe's readings are all there is."""
+        return None
+
+    def read_event(self, event: str, data: Json) -> tuple[str, ModelLoad] | None:
+        """One pushed event as (the model's id on the server, its new load state); None for
+        an event that says nothing of one model's load state (the caller then re-reads the
+        whole list with a probe when ``event`` is not empty)."""
+        return None
+
+    def load_call(self, slot: SlotEntry, model: str) -> Call | None:
+        """How to ask the server to load ``model`` (its id on the server); None: it cannot be
+        asked."""
+        return None
+
+    def unload_call(self, slot: SlotEntry, model: str) -> Call | None:
+        """How to ask the server to unload ``model``; None: it cannot be asked."""
+        return None
+
+    def call_failed(self, status: int | None, body: Json) -> str | None:
+        """Why a load or unload call failed, in the server's words; None when it succeeded.
+        ``status`` is None when the call got no answer."""
+        if status is not None and 200 <= status < 300:
+            if isinstance(body, dict) and body.get("success") is False:
+                return _message(body) or "the server said it did not succeed"
+            return None
+        said = _message(body)
+        if status is None:
+            return said or "no answer"
+        return f"{status}: {said}" if said else f"answered {status}"
+
+    # Whether a successful load call means the model is loaded (the server held the call open
+    # for the whole load); False: the call only starts it, and the probe's readings or the
+    # pushed events say when it is done.
+    load_call_waits: ClassVar[bool] = True
+
     def endpoints(self, slot: SlotEntry) -> frozenset[str]:
         """The endpoints (``dispatch.routing.endpoints`` names) the server speaks: for now
         what the slot says (its manifest's list, or its type's defaults). A kind that can
         ask its server will answer from what it says."""
         return slot.endpoints
+
+
+def _message(body: Json) -> str:
+    """An error message out of a JSON answer in the shapes servers use."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        for key in ("error", "message", "detail", "status"):
+            if isinstance(body.get(key), str):
+                return str(body[key])
+    if isinstance(body, str):
+        return body[:300]
+    return ""

@@ -69,6 +69,11 @@ FIELDS: tuple[SlotField, ...] = (
     SlotField("last_error", str, "", payload=True),
     # Declared models the server did not advertise at its last probe.
     SlotField("drift", tuple, (), payload=True),
+    # What the server says of its models' loading (dispatch.kinds), read at each probe: whether
+    # it loads and unloads them when asked (then hal0web asks, dispatch.lifecycle.loader),
+    # and how many it keeps loaded at once (0: no limit it tells).
+    SlotField("loads_models", bool, False, payload=True),
+    SlotField("model_limit", int, 0, payload=True),
     # The manifest keys hal0 uses that hal0web does not model, kept verbatim for export: the
     # manifest carries them as its unknown keys, never under a key of their own.
     SlotField("extra", dict, MappingProxyType({}), table=False),

@@ -101,6 +101,51 @@ def page_states() -> dict[str, object]:
     }
 
 
+# --- Model load states: beside the slot's, one per model the slot lists -------------------------
+
+
+class Load(StrEnum):
+    """Where a model is, as its server says (``dispatch.kinds``: each kind reads its own
+    server's words into these), or as hal0web's own loader has it between two readings."""
+
+    LOADED = "loaded"
+    LOADING = "loading"  # asked to load (by hal0web or the server itself); progress if known
+    UNLOADED = "unloaded"  # on the server's disk, not in memory: a request waits for a load
+    UNLOADING = "unloading"  # hal0web is evicting it: its requests in flight finish first
+    FAILED = "failed"  # the last load failed; the reason is kept
+    SLEEPING = "sleeping"  # in the server, paged out: it wakes on the next request by itself
+
+
+LOADED: str = Load.LOADED.value
+LOAD_LOADING: str = Load.LOADING.value
+UNLOADED: str = Load.UNLOADED.value
+UNLOADING: str = Load.UNLOADING.value
+FAILED: str = Load.FAILED.value
+SLEEPING: str = Load.SLEEPING.value
+
+# A request for a model in one of these goes to the server as it is: no load asked first.
+SERVABLE: frozenset[str] = frozenset({LOADED, SLEEPING})
+# In memory (counts toward the server's limit of loaded models).
+RESIDENT: frozenset[str] = frozenset({LOADED, LOAD_LOADING, UNLOADING, SLEEPING})
+# How the page colours a model in each load state; unlisted: neutral.
+LOAD_TONES: Mapping[str, str] = MappingProxyType(
+    {LOADED: "ok", LOAD_LOADING: "warn", UNLOADING: "warn", FAILED: "bad"}
+)
+
+# The page sees a slot that is draining with nothing left in flight as this (never stored).
+DRAINED = "drained"
+
+
+def page_loads() -> dict[str, object]:
+    """What the page needs to know of model load states (in the WebSocket snapshot)."""
+    return {
+        "names": [s.value for s in Load],
+        "servable": sorted(SERVABLE),
+        "tones": dict(LOAD_TONES),
+        "drained": DRAINED,
+    }
+
+
 class IllegalTransition(ValueError):
     pass
 

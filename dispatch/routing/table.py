@@ -14,7 +14,7 @@ from typing import Any
 
 from dispatch.routing.endpoints import defaults_for
 from dispatch.routing.slot_fields import DEFAULTS as _D
-from dispatch.routing.states import UNKNOWN
+from dispatch.routing.states import LOADED, UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,16 @@ class ModelEntry:
     upstream_fields: Mapping[str, Any] = field(
         default_factory=lambda: MappingProxyType({}), compare=False
     )
+    # Its load state (dispatch.routing.states.Load) as the server last said or hal0web's
+    # loader since set, the load's progress (0..1) when the server tells it, and why the
+    # last load failed. Aliases carry their target's.
+    load: str = LOADED
+    progress: float | None = None
+    load_error: str = ""
+    pinned: bool = False  # the operator's: hal0web never unloads it
+    # When a request last used it (epoch seconds, as the loader last wrote it): least recently
+    # used goes first when a slot must make room.
+    last_used: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,8 @@ class SlotEntry:
     models: Mapping[str, ModelEntry] = field(default_factory=lambda: MappingProxyType({}))
     default_model: str | None = None
     drift: tuple[str, ...] = _D["drift"]
+    loads_models: bool = _D["loads_models"]
+    model_limit: int = _D["model_limit"]
     # The endpoints it serves (dispatch.routing.endpoints names): its manifest's `endpoints`, or its
     # type's defaults. A request for an endpoint the slot does not offer never reaches it.
     endpoints: frozenset[str] = frozenset(_D["endpoints"])
