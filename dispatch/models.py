@@ -145,6 +145,12 @@ class Slot(models.Model):
         default=DEFAULTS["max_duration_s"],
         help_text="Cap on a whole request once sent to the slot; 0 = no cap.",
     )
+    unload_idle_s = models.FloatField(
+        "unload idle model after (s)",
+        default=DEFAULTS["unload_idle_s"],
+        help_text="A model no request used for this long is unloaded; 0 = never (hal0's "
+        "idle_timeout_s).",
+    )
     # The names are dispatch.routing.states'; labelled by themselves.
     state = models.CharField(
         max_length=16, choices=[(s.value, s.value) for s in State], default=DEFAULTS["state"]
@@ -242,6 +248,9 @@ class SlotModel(models.Model):
     pinned = models.BooleanField(
         default=False, help_text="Never unloaded by hal0web to make room for another model."
     )
+    # An operator's ask (the admin, the page, `manage.py slots load/unload`) that the leading
+    # process's loader has not yet acted on: "load", "unload" or "".
+    wanted = models.CharField(max_length=8, blank=True, default="", editable=False)
 
     class Meta:
         ordering = ["slot__name", "-is_default", "model_id"]

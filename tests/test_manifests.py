@@ -113,7 +113,8 @@ def test_port_means_local_url_and_is_kept():
     assert m.url == "http://127.0.0.1:8089/v1"
     assert m.extra["port"] == 8089
     assert m.extra["runtime"] == "container"
-    assert m.extra["idle_timeout_s"] == 600  # hal0's own key, not [limits]
+    assert m.unload_idle_s == 600  # hal0's own key, not [limits]: unload a model idle this long
+    assert "idle_timeout_s" not in m.extra
     assert m.idle_timeout_s == 120.0
     assert m.extra["model"] == {"context_size": 65536, "defaults": {"extra_args": ["-fa", "on"]}}
     assert m.extra["limits"] == {"burst": 3}

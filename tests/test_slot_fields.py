@@ -43,6 +43,7 @@ SAMPLES: dict[str, Any] = {
     "first_byte_timeout_s": 2.5,
     "idle_timeout_s": 3.5,
     "max_duration_s": 4.5,
+    "unload_idle_s": 900.0,
     "state": "ready",
     "state_changed_at": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
     "last_error": "it broke",

@@ -44,6 +44,17 @@ STALE_MIN_S = 3.0
 freshness_changed: Listeners[[dict[str, object]]] = Listeners("the freshness")
 
 
+# Told each piece of the leading loader's news (dispatch.lifecycle.loader), heard by every
+# process: which model a slot is loading and how far, which it is evicting, and the queue of
+# requests waiting on it, in order. A waiting request reads its place from it
+# (dispatch.upstream.loads), the live feed shows it (dispatch.web.live). Ephemeral: what
+# lasts (a model's load state) is in the database like any other state.
+#   {"type": "loads", "slot": str, "loading": str | None, "progress": float | None,
+#    "evicting": str | None, "queue": [{"ticket": str, "model": str, "since": float}, ...],
+#    "failed": {ticket: reason}, "at": float}
+loads_news: Listeners[[dict[str, object]]] = Listeners("the loader's news")
+
+
 def stale_after_s(probe_interval_s: float) -> float:
     return max(STALE_PROBES * probe_interval_s, STALE_MIN_S)
 
@@ -84,9 +95,13 @@ async def follow() -> None:
     )
     was_stale = store.stale
     wake = asyncio.Event()
-    listener = asyncio.get_running_loop().create_task(
-        events.listen(events.SYNC_GROUP, lambda _event: wake.set())
-    )
+    def heard(event: dict[str, object]) -> None:
+        if event.get("type") == "loads":
+            loads_news.notify(event)
+        else:
+            wake.set()
+
+    listener = asyncio.get_running_loop().create_task(events.listen(events.SYNC_GROUP, heard))
     try:
         await _follow(wake, was_stale)
     finally:

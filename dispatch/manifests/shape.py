@@ -92,6 +92,7 @@ class Manifest:
     first_byte_timeout_s: float = _D["first_byte_timeout_s"]
     idle_timeout_s: float = _D["idle_timeout_s"]
     max_duration_s: float = _D["max_duration_s"]
+    unload_idle_s: float = _D["unload_idle_s"]  # hal0's top-level idle_timeout_s
     extra: dict[str, Any] = field(default_factory=dict)
 
     def slot_fields(self) -> dict[str, Any]:

@@ -64,6 +64,9 @@ FIELDS: tuple[SlotField, ...] = (
     SlotField("first_byte_timeout_s", float, 300.0, manifest="limits.first_byte_timeout_s"),
     SlotField("idle_timeout_s", float, 120.0, manifest="limits.idle_timeout_s"),
     SlotField("max_duration_s", float, 0.0, manifest="limits.max_duration_s"),  # 0: no cap
+    # hal0's own top-level `idle_timeout_s`: a model no request used for this long is unloaded
+    # (through the loader, as any unload); 0: never.
+    SlotField("unload_idle_s", float, 0.0, payload=True, manifest="idle_timeout_s"),
     SlotField("state", str, UNKNOWN, payload=True),
     SlotField("state_changed_at", dt.datetime, None, table=False),
     SlotField("last_error", str, "", payload=True),

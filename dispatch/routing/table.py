@@ -65,6 +65,7 @@ class SlotEntry:
     first_byte_timeout_s: float = _D["first_byte_timeout_s"]
     idle_timeout_s: float = _D["idle_timeout_s"]
     max_duration_s: float = _D["max_duration_s"]  # 0: no cap
+    unload_idle_s: float = _D["unload_idle_s"]  # 0: never
     models: Mapping[str, ModelEntry] = field(default_factory=lambda: MappingProxyType({}))
     default_model: str | None = None
     drift: tuple[str, ...] = _D["drift"]
