@@ -95,6 +95,7 @@ async def follow() -> None:
     )
     was_stale = store.stale
     wake = asyncio.Event()
+
     def heard(event: dict[str, object]) -> None:
         if event.get("type") == "loads":
             loads_news.notify(event)
