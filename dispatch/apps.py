@@ -1,3 +1,4 @@
+import contextlib
 from typing import Any
 
 from django.apps import AppConfig
@@ -21,6 +22,18 @@ def sync_outputs(**_: Any) -> None:
         wanted.append(requestlog.output)
     decisions.outputs[:] = wanted
     hooks.probe_listeners[:] = [metrics.probe_observed] if settings.HAL0_METRICS else []
+    from dispatch.lifecycle import loader
+    from dispatch.upstream.loads import loads
+
+    for listeners, listener in (
+        (loader.loaded, metrics.model_loaded),
+        (loader.unloaded, metrics.model_unloaded),
+        (loads.waited, metrics.queue_waited),
+    ):
+        with contextlib.suppress(ValueError):  # not added yet
+            listeners.remove(listener)  # type: ignore[arg-type]
+        if settings.HAL0_METRICS:
+            listeners.add(listener)  # type: ignore[arg-type]
     hooks.housekeeping[:] = [requestlog.prune_if_on]
     if not settings.REDIS_URL:  # (Redis expires its records itself)
         hooks.housekeeping.append(affinity_db.prune)
@@ -42,6 +55,10 @@ class DispatchConfig(AppConfig):
         from dispatch.web import live
 
         live.install()
+        from dispatch.coordination import sync
+        from dispatch.upstream.loads import loads
+
+        sync.loads_news.add(loads.heard)
         post_migrate.connect(triggers.install, sender=self)
         sync_outputs()
         # Sent by override_settings and pytest-django's `settings` fixture only.

@@ -150,6 +150,10 @@ HAL0_MAX_RESPONSE_MB: float = _positive("HAL0_MAX_RESPONSE_MB", env.float, 64)
 HAL0_PROBE_INTERVAL_S: float = _positive("HAL0_PROBE_INTERVAL_S", env.float, 5)
 HAL0_COLD_PROBE_S: float = _positive("HAL0_COLD_PROBE_S", env.float, 2, allow_zero=True)
 HAL0_SWAP_WAIT_S: float = _positive("HAL0_SWAP_WAIT_S", env.float, 30, allow_zero=True)
+# Before a slot at its limit of loaded models swaps one out for another, the requests still in
+# flight (or queued) on the model it would unload are served first, for at most this long
+# (fewer swaps under interleaved load; nothing starves). 0: swap at once.
+HAL0_SWAP_HOLD_S: float = _positive("HAL0_SWAP_HOLD_S", env.float, 10, allow_zero=True)
 HAL0_QUEUE_WAIT_S: float = _positive("HAL0_QUEUE_WAIT_S", env.float, 30, allow_zero=True)
 # How long hal0web remembers which slot made a Responses API response (dispatch/coordination/affinity.py).
 HAL0_RESPONSE_RETENTION_DAYS: float = _positive("HAL0_RESPONSE_RETENTION_DAYS", env.float, 30)

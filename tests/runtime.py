@@ -19,11 +19,13 @@ def singletons() -> SimpleNamespace:
     from dispatch.coordination.affinity import affinity
     from dispatch.coordination.keyring import keyring
     from dispatch.coordination.store import store
+    from dispatch.lifecycle import loader, persistence
     from dispatch.lifecycle.leadership import leadership
     from dispatch.lifecycle.watcher import watcher
     from dispatch.upstream.admission import admission
     from dispatch.upstream.client import upstream
     from dispatch.upstream.forward import _nudged
+    from dispatch.upstream.loads import loads
     from dispatch.upstream.outliers import outliers
 
     return SimpleNamespace(
@@ -37,6 +39,9 @@ def singletons() -> SimpleNamespace:
         nudged=_nudged,
         upstream=upstream,
         events=events,
+        loads=loads,
+        loader=loader.loader,
+        held=persistence.held,
     )
 
 
@@ -56,6 +61,10 @@ def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
         ("nudged", the.nudged.clear),
         ("transport", lambda: the.upstream.use_transport(None)),
         ("events loop", lambda: the.events.bind_loop(None)),
+        ("loads", the.loads.reset),
+        # The loader's queues' tasks belong to the finished test's loop: forgotten, not stopped.
+        ("loader", the.loader.forget),
+        ("held", the.held.clear),
     )
 
 

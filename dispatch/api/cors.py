@@ -18,6 +18,7 @@ EXPOSED = ", ".join(
         "X-Request-Id",
         "X-Hal0-Slot",
         "X-Hal0-Resolution",
+        "X-Hal0-Queued-Ms",
         "X-Hal0-Error",
         "X-Hal0-Upstream-Status",
     )

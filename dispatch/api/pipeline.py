@@ -6,6 +6,7 @@ Served by a middleware-free handler (see ``hal0web/asgi.py``): all async, no thr
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -20,10 +21,13 @@ from dispatch.coordination.store import store
 from dispatch.lifecycle.watcher import suspect
 from dispatch.observability.decisions import DecisionRecord, record
 from dispatch.routing.endpoints import Endpoint
+from dispatch.routing.resolver import Decision
 from dispatch.upstream.admission import admission
 from dispatch.upstream.forward import Forwarded, forward
+from dispatch.upstream.loads import Waiting
 from dispatch.wire.adapters import ClientRequest
 from dispatch.wire.errors import ApiError
+from dispatch.wire.framing import SSE
 from dispatch.wire.protocols import streamed_as
 
 
@@ -74,12 +78,14 @@ class _Body:
     def __init__(self, ep: Endpoint, request: HttpRequest, raw: bytes) -> None:
         self.raw = raw
         self.model: str | None = None
+        self.streams = False  # it asks for a stream ("stream": true)
         self.previous: str | None = None  # a Responses request's previous_response_id
         self._json: bodies.ParsedBody | None = None
         self._form: bodies.FormBody | None = None
         if ep.model_in == "json":
             self._json = bodies.parse(raw)
             self.model = self._json.model
+            self.streams = self._json.data.get("stream") is True
             if ep.records_response:
                 previous = self._json.data.get("previous_response_id")
                 self.previous = previous if isinstance(previous, str) and previous else None
@@ -97,10 +103,31 @@ class _Body:
         return self.raw
 
 
-async def _forwarded(
+class _Call:
+    """A request decided and ready to forward: forwarding may start as a task when it is a
+    stream that may wait for its model (see ``waits``)."""
+
+    def __init__(self, ep: Endpoint, decision: Decision, client: ClientRequest, headers: dict[str, str], method: str, streams: bool) -> None:  # fmt: skip
+        self.ep, self.decision, self.client = ep, decision, client
+        self.headers, self.method = headers, method
+        # An SSE stream to a slot that loads models on request: a wait for its model may
+        # start the stream early, to say how the wait goes (relay.waiting_stream).
+        self.may_wait = (
+            streams
+            and ep.protocol.framing is SSE
+            and any(t.slot.loads_models for t in decision.targets)
+        )
+
+    def forward(self, on_wait: Callable[[Waiting], None] | None = None) -> Awaitable[Forwarded]:
+        return forward(
+            self.decision, self.ep.offer, self.client, self.headers, suspect, self.method, on_wait
+        )
+
+
+async def _decided(
     ep: Endpoint, request: HttpRequest, rec: DecisionRecord, response_id: str | None
-) -> Forwarded:
-    """The open upstream response for the request; ApiError when hal0web answers itself."""
+) -> _Call:
+    """The request authorized, read and decided; ApiError when hal0web answers itself."""
     caller = await authorize(request, ep.key_header)
     rec.client = caller.client
     raw = _read_body(request) if request.method == "POST" else b""
@@ -112,13 +139,44 @@ async def _forwarded(
     rid = response_id or body.previous
     decision = await decide(table, body.model, ep.offer, rec, caller.scope, rid)
     rec.forwarding()
-    return await forward(
+    return _Call(
+        ep,
         decision,
-        ep.offer,
         ClientRequest(request.path, request.META.get("QUERY_STRING", ""), body),
         _forward_headers(request, rec.request_id),
-        suspect,
-        method=request.method or "POST",
+        request.method or "POST",
+        body.streams,
+    )
+
+
+# A stream that has waited this long for its model, and still waits, starts now (with SSE
+# comments saying how the wait goes); one served sooner never sees a comment.
+EARLY_AFTER_S = 1.0
+
+
+async def _forward_or_start(call: _Call, rec: DecisionRecord) -> Forwarded | HttpResponseBase:
+    """Forward; a stream that waits for its model for long is answered at once instead
+    (relay.waiting_stream), its forwarding going on in a task the stream follows."""
+    waits: list[Waiting] = []
+    forwarding = asyncio.ensure_future(call.forward(waits.append))
+    try:
+        while True:
+            await asyncio.wait((forwarding,), timeout=EARLY_AFTER_S)
+            if forwarding.done():
+                return forwarding.result()
+            if waits:
+                break
+    except BaseException:
+        forwarding.cancel()
+        raise
+    rec.slot = waits[-1].slot
+    rec.queued_ms = waits[-1].waited_s * 1000
+    return relay.waiting_stream(
+        forwarding,
+        lambda: waits[-1] if waits else None,
+        rec,
+        call.ep.protocol,
+        call.ep.records_response,
     )
 
 
@@ -126,10 +184,18 @@ def proxy_view(ep: Endpoint) -> View:
     async def view(request: HttpRequest, **kwargs: str) -> HttpResponseBase:
         rec = DecisionRecord.arrived(request_id(request), ep.name)
         try:
-            fwd = await _forwarded(ep, request, rec, kwargs.get("response_id"))
+            call = await _decided(ep, request, rec, kwargs.get("response_id"))
+            if call.may_wait:
+                outcome = await _forward_or_start(call, rec)
+                if not isinstance(outcome, Forwarded):
+                    return outcome
+                fwd = outcome
+            else:
+                fwd = await call.forward()
         except ApiError as err:
             response = error_response(err, ep.protocol)
             rec.failed(err.status, err.code)
+            rec.queued_ms = err.queued_s * 1000
             visible(response, rec)
             rec.ended(by_us=True)
             record(rec)
@@ -143,6 +209,7 @@ def proxy_view(ep: Endpoint) -> View:
             raise
         status = fwd.response.status_code
         rec.answered(fwd.slot.name, fwd.upstream_model, fwd.resolution_path, status)
+        rec.queued_ms = fwd.queued_s * 1000
         rec.inflight = admission.inflight.get(fwd.slot.name, 0)
         if status >= 400:
             return await relay.upstream_failed(fwd, rec, ep.protocol)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from django.conf import settings
@@ -12,8 +13,8 @@ from dispatch.api import bodies
 from dispatch.api.responses import error_response, visible
 from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
 from dispatch.observability.decisions import DecisionRecord, record
-from dispatch.upstream.admission import admission
 from dispatch.upstream.forward import Forwarded
+from dispatch.upstream.loads import Waiting
 from dispatch.upstream.response import UpstreamError
 from dispatch.wire.errors import ApiError, excerpt, is_openai_error, upstream_error_status
 from dispatch.wire.protocols import OPENAI, WireProtocol, streamed_as
@@ -101,7 +102,7 @@ async def buffered(
     except UpstreamError as exc:
         return _finish(_proxy_error(rec, _read_failed(fwd, exc), status, protocol), rec)
     finally:
-        admission.release(fwd.slot.name)
+        fwd.release()
     encoded = bool(fwd.response.encoding)  # one we do not decode: it passes as it came
     if status not in _NO_BODY and not encoded and not _is_json(content):
         # An OpenAI client would fail on it with its JSON parser's words, or worse, take a
@@ -141,7 +142,7 @@ async def upstream_failed(
     try:
         content = await fwd.response.read_prefix(_ERROR_READ_LIMIT)
     finally:
-        admission.release(fwd.slot.name)
+        fwd.release()
     data: Any = None
     stream = streamed_as(protocol, fwd.response.content_type) is not None
     if not stream and len(content) < _ERROR_READ_LIMIT:
@@ -171,7 +172,7 @@ async def _ended(fwd: Forwarded, rec: DecisionRecord) -> None:
     """A relayed body is over (or abandoned): the upstream connection and the slot's place
     go back at once."""
     await fwd.response.aclose()
-    admission.release(fwd.slot.name)
+    fwd.release()
     rec.ended()
 
 
@@ -236,48 +237,124 @@ def streaming(
 ) -> StreamingHttpResponse:
     """A stream in ``protocol``'s framing, relayed as it arrives. A failure after the first
     byte ends it with one error event of that protocol (an SSE event, an NDJSON line)."""
+    response = _relayed(_stream_body(fwd, rec, protocol, records_response), fwd, rec)
+    response["Cache-Control"] = "no-cache"
+    return response
+
+
+async def _stream_body(
+    fwd: Forwarded, rec: DecisionRecord, protocol: WireProtocol, records_response: bool
+) -> AsyncIterator[bytes]:
+    """The upstream's stream as it arrives; records the request when it ends."""
     # A compressed stream (the upstream ignored our Accept-Encoding: identity) goes through
     # as it came, header and all: its bytes are no events to look into or to end with one.
     plain = not fwd.response.encoding
     # A Responses stream names its response in its first event, response.created.
     sniffer = StreamSniffer() if records_response and plain else None
     watch = _Watch(rec, protocol, plain)
+    try:
+        async for chunk in fwd.response.chunks():
+            watch.saw(chunk)
+            rec.first_chunk()
+            if sniffer is not None and not sniffer.done:
+                rid = sniffer.feed(chunk)
+                if rid is not None:  # recorded before the client sees the id
+                    await affinity.remember(rid, fwd.slot.name)
+            yield chunk
+        if plain and not protocol.between_events(watch.tail):
+            # The upstream ended cleanly as far as HTTP goes, but in the middle of an
+            # event: a client's parser would drop the cut event without a word.
+            rec.error = "upstream_truncated"
+            cut = "the upstream ended the stream in the middle of an event"
+            yield protocol.error_event(rec.error, cut, watch.tail)
+    except UpstreamError as exc:
+        # Headers are gone already; the only honest thing left is a last error event
+        # (in a compressed stream it would be garbage: the cut alone says it failed).
+        rec.error = f"upstream_{exc.kind}"
+        if plain:
+            yield protocol.error_event(rec.error, exc.message, watch.tail)
+    except BaseException:
+        rec.error = "client_disconnected"
+        raise
+    finally:
+        # Runs on normal end, on upstream failure, and when the client disconnects (Django
+        # cancels this generator): closing the response closes the upstream connection.
+        await _ended(fwd, rec)
+        if watch.usage is not None:
+            stream_usage(rec, watch.usage, protocol)
+        if watch.kept is not None:
+            rec.answer = b"".join(watch.kept)
+        record(rec)
 
-    async def relay() -> AsyncIterator[bytes]:
+
+# While a streaming request waits for its model, a comment line this often keeps the
+# client informed and idle-timeout proxies from cutting the wait.
+COMMENT_EVERY_S = 2.0
+
+
+def waiting_stream(
+    forwarding: asyncio.Future[Forwarded],
+    latest: Callable[[], Waiting | None],
+    rec: DecisionRecord,
+    protocol: WireProtocol,
+    records_response: bool,
+) -> StreamingHttpResponse:
+    """A streaming request whose model is still being loaded: its stream starts now, with
+    an SSE comment (``: hal0 queued position=2 reason=loading model=gemma3 progress=40``)
+    every ``COMMENT_EVERY_S`` until the upstream's first byte; the SDKs skip comments. A
+    failure from then on (the load failed, the wait ran out, the upstream refused) is the
+    stream's one error event, as for any stream that fails after its first byte."""
+
+    async def body() -> AsyncIterator[bytes]:
         try:
-            async for chunk in fwd.response.chunks():
-                watch.saw(chunk)
-                rec.first_chunk()
-                if sniffer is not None and not sniffer.done:
-                    rid = sniffer.feed(chunk)
-                    if rid is not None:  # recorded before the client sees the id
-                        await affinity.remember(rid, fwd.slot.name)
-                yield chunk
-            if plain and not protocol.between_events(watch.tail):
-                # The upstream ended cleanly as far as HTTP goes, but in the middle of an
-                # event: a client's parser would drop the cut event without a word.
-                rec.error = "upstream_truncated"
-                cut = "the upstream ended the stream in the middle of an event"
-                yield protocol.error_event(rec.error, cut, watch.tail)
-        except UpstreamError as exc:
-            # Headers are gone already; the only honest thing left is a last error event
-            # (in a compressed stream it would be garbage: the cut alone says it failed).
-            rec.error = f"upstream_{exc.kind}"
-            if plain:
-                yield protocol.error_event(rec.error, exc.message, watch.tail)
+            while not forwarding.done():
+                waiting = latest()
+                if waiting is not None:
+                    yield waiting.comment()
+                await asyncio.wait((forwarding,), timeout=COMMENT_EVERY_S)
+            failure = forwarding.exception()
         except BaseException:
-            rec.error = "client_disconnected"
-            raise
-        finally:
-            # Runs on normal end, on upstream failure, and when the client disconnects (Django
-            # cancels this generator): closing the response closes the upstream connection.
-            await _ended(fwd, rec)
-            if watch.usage is not None:
-                stream_usage(rec, watch.usage, protocol)
-            if watch.kept is not None:
-                rec.answer = b"".join(watch.kept)
+            forwarding.cancel()  # the client went away: so does the wait, and its demand
+            rec.failed(499, "client_disconnected")
+            rec.ended()
             record(rec)
+            raise
+        if isinstance(failure, ApiError):
+            rec.failed(failure.status, failure.code)
+            rec.ended(by_us=True)
+            record(rec)
+            yield _error_event(protocol, failure)
+            return
+        if failure is not None:
+            raise failure
+        fwd = forwarding.result()
+        status = fwd.response.status_code
+        rec.answered(fwd.slot.name, fwd.upstream_model, fwd.resolution_path, status)
+        rec.queued_ms = fwd.queued_s * 1000
+        yield f": hal0 dequeued queued_ms={rec.queued_ms:.0f}\n\n".encode()
+        if status >= 400 or streamed_as(protocol, fwd.response.content_type) is None:
+            said = excerpt(await fwd.response.read_prefix(_ERROR_READ_LIMIT))
+            await _ended(fwd, rec)
+            refused = ApiError(
+                upstream_error_status(status) if status >= 400 else 502,
+                "upstream_error",
+                f"Slot '{fwd.slot.name}' answered {status} where a stream was expected"
+                + (f": {said}" if said else ""),
+            )
+            rec.failed(refused.status, refused.code)
+            record(rec)
+            yield _error_event(protocol, refused)
+            return
+        async for chunk in _stream_body(fwd, rec, protocol, records_response):
+            yield chunk
 
-    response = _relayed(relay(), fwd, rec)
+    response = StreamingHttpResponse(body(), status=200, content_type=protocol.framing.content_type)
+    response["X-Accel-Buffering"] = "no"
     response["Cache-Control"] = "no-cache"
+    visible(response, rec)
     return response
+
+
+def _error_event(protocol: WireProtocol, err: ApiError) -> bytes:
+    body = protocol.error_body(err.status, err.code, err.message)
+    return protocol.framing.event(body, b"", protocol.error_event_name)

@@ -56,6 +56,8 @@ def fail(
 def visible(response: HttpResponseBase, rec: DecisionRecord) -> None:
     """The headers that tell a client which request this was and where it went."""
     response["X-Request-Id"] = rec.request_id
+    # How long it waited for its model to be loaded (0: it was loaded), on every answer.
+    response["X-Hal0-Queued-Ms"] = str(round(rec.queued_ms))
     if rec.slot:
         response["X-Hal0-Slot"] = rec.slot
     if rec.resolution_path:

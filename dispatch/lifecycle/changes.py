@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dispatch.kinds import ModelLoad
 from dispatch.routing import states
-from dispatch.routing.table import SlotEntry
+from dispatch.routing.table import ModelEntry, SlotEntry
 
 if TYPE_CHECKING:
     from dispatch.lifecycle.probe import Observation
@@ -46,18 +47,54 @@ class Changes:
     added: tuple[str, ...] = ()  # models it lists that the slot does not know: discovered
     first_is_default: bool = False  # the first added becomes the default (there was none)
     fields: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # id -> new fields
+    # upstream model id -> its new load state (every row naming it, aliases too)
+    loads: Mapping[str, ModelLoad] = field(default_factory=dict)
+    loads_models: bool | None = None
+    model_limit: int | None = None
 
     @property
     def slot_changed(self) -> bool:
         """Whether the slot's own row changes (its models aside)."""
-        return self.state is not None or self.last_error is not None or self.drift is not None
+        return (
+            self.state is not None
+            or self.last_error is not None
+            or self.drift is not None
+            or self.loads_models is not None
+            or self.model_limit is not None
+        )
 
     def __bool__(self) -> bool:
-        return self.slot_changed or bool(self.dropped or self.added or self.fields)
+        return self.slot_changed or bool(self.dropped or self.added or self.fields or self.loads)
 
 
-def changes(slot: SlotEntry, obs: Observation) -> Changes:
-    """What ``obs`` changes in ``slot``. A draining slot keeps its state and its last error."""
+def as_load(m: ModelEntry) -> ModelLoad:
+    return ModelLoad(m.load, m.progress, m.load_error)
+
+
+def load_changes(
+    slot: SlotEntry, obs: Observation, held: frozenset[str] = frozenset()
+) -> dict[str, ModelLoad]:
+    """The models whose load state the observation changes, by upstream id. A server that
+    says nothing of loading has every model it lists loaded; a model the loader is acting on
+    (``held``: loading or evicting it) keeps the loader's state until it is done."""
+    said = obs.loads.models if obs.loads is not None else {}
+    out: dict[str, ModelLoad] = {}
+    for m in slot.models.values():
+        up = m.upstream_model
+        if up in held or up in out:
+            continue
+        if obs.loads is None:
+            new = ModelLoad(states.LOADED)
+        else:
+            new = said.get(up) or ModelLoad(states.UNLOADED)
+        if new != as_load(m):
+            out[up] = new
+    return out
+
+
+def changes(slot: SlotEntry, obs: Observation, held: frozenset[str] = frozenset()) -> Changes:
+    """What ``obs`` changes in ``slot``. A draining slot keeps its state and its last error;
+    a model the loader is acting on (``held``) keeps its load state."""
     state = states.after_probe(slot.state, obs.state)
     new_state = state if state != slot.state else None
     new_error = obs.error if state != states.DRAINING and slot.last_error != obs.error else None
@@ -82,9 +119,14 @@ def changes(slot: SlotEntry, obs: Observation) -> Changes:
             fields[m.model_id] = new
     upstreams = {m.upstream_model for m in rows if m.source != "discovered"}
     drift = tuple(sorted(u for u in upstreams if u not in advertised))
+    loads_models = obs.loads.loads_models if obs.loads is not None else False
+    limit = obs.loads.model_limit if obs.loads is not None else 0
     return Changes(
         state=new_state,
         last_error=new_error,
+        loads=load_changes(slot, obs, held),
+        loads_models=loads_models if loads_models != slot.loads_models else None,
+        model_limit=limit if limit != slot.model_limit else None,
         drift=drift if drift != tuple(slot.drift) else None,
         dropped=dropped,
         added=tuple(m for m in obs.advertised if m not in slot.models),

@@ -13,6 +13,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from dispatch.coordination import events, leases, sync
+from dispatch.lifecycle import loader
 from dispatch.lifecycle.watcher import watcher
 
 log = logging.getLogger("hal0.health")
@@ -56,6 +57,7 @@ class Leadership:
         if self.leading:
             self.leading = False
             await watcher.stop()
+            await loader.stop()
         if self._lease is not None:
             await sync_to_async(self._lease.release, thread_sensitive=True)()
 
@@ -70,6 +72,7 @@ class Leadership:
                         self.leading = True
                         log.info("this process (%s) leads the watcher", leases.IDENTITY)
                         watcher.start()
+                        loader.start()
                         self._listener = asyncio.get_running_loop().create_task(
                             events.listen(events.WATCHER_GROUP, self._heard)
                         )
@@ -79,6 +82,7 @@ class Leadership:
                     if self._listener is not None:
                         self._listener.cancel()
                     await watcher.stop()
+                    await loader.stop()
                 if self.leading:
                     await self._beat()
             except asyncio.CancelledError:
@@ -100,6 +104,8 @@ class Leadership:
     def _heard(self, event: dict[str, Any]) -> None:
         if event.get("type") == "poke" and isinstance(event.get("slot"), str):
             watcher.poke(event["slot"])
+        else:
+            loader.loader.heard(event)  # a request's load demand, its end, a usage report
 
 
 leadership = Leadership()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -16,14 +16,21 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError, close_old_connections, transaction
 from django.utils import timezone
 
+from dispatch.kinds import ModelLoad
 from dispatch.lifecycle.changes import Changes, changes, reads_models
 from dispatch.lifecycle.probe import Observation
+from dispatch.routing import states
 from dispatch.routing.table import ModelEntry, SlotEntry
 
 if TYPE_CHECKING:
     from dispatch.models import Slot, SlotModel
 
 log = logging.getLogger("hal0.health")
+
+# Models the loader (dispatch.lifecycle.loader) is loading or evicting, by slot: a probe
+# leaves their load state alone until the loader is done with them. The loader runs in the
+# process that runs the watcher, so both read this one dict.
+held: dict[str, frozenset[str]] = {}
 
 # Pauses between tries of a probe result's write (SQLite busy past its timeout, PostgreSQL
 # briefly away). Short: a probe result is worth most while it is fresh.
@@ -48,7 +55,7 @@ def apply(slot_name: str, obs: Observation) -> bool:
         if slot is None or not slot.enabled:
             return False
         rows = list(slot.models.all()) if reads_models(obs) else []
-        change = changes(_as_entry(slot, rows), obs)
+        change = changes(_as_entry(slot, rows), obs, held.get(slot_name, frozenset()))
         _write_models(slot, rows, change, obs)
         return _write_slot(slot, change, obs)
 
@@ -57,7 +64,14 @@ def _as_entry(slot: Slot, rows: Iterable[SlotModel]) -> SlotEntry:
     """The locked row as ``changes`` reads a table entry (only what it reads)."""
     models = {
         m.model_id: ModelEntry(
-            m.model_id, m.upstream_model, m.source, m.is_default, m.upstream_fields or {}
+            m.model_id,
+            m.upstream_model,
+            m.source,
+            m.is_default,
+            m.upstream_fields or {},
+            load=m.load_state,
+            progress=m.load_progress,
+            load_error=m.load_error,
         )
         for m in rows
     }
@@ -68,6 +82,8 @@ def _as_entry(slot: Slot, rows: Iterable[SlotModel]) -> SlotEntry:
         last_error=slot.last_error,
         models=MappingProxyType(models),
         drift=tuple(slot.drift or ()),
+        loads_models=slot.loads_models,
+        model_limit=slot.model_limit,
     )
 
 
@@ -82,9 +98,14 @@ def _write_models(slot: Slot, rows: list[SlotModel], change: Changes, obs: Obser
         if fields is not None:
             m.upstream_fields = dict(fields)
             m.save(update_fields=["upstream_fields"])
+        load = change.loads.get(m.upstream_model)
+        if load is not None and m.model_id not in change.dropped:
+            set_load(m, load)
+            m.save(update_fields=LOAD_FIELDS)
     details = obs.details or {}
+    said = obs.loads.models if obs.loads is not None else {}
     for i, model_id in enumerate(change.added):
-        SlotModel.objects.create(
+        row = SlotModel(
             slot=slot,
             model_id=model_id,
             upstream_model=model_id,
@@ -92,6 +113,16 @@ def _write_models(slot: Slot, rows: list[SlotModel], change: Changes, obs: Obser
             is_default=change.first_is_default and i == 0,
             upstream_fields=dict(details.get(model_id) or {}),
         )
+        if obs.loads is not None:
+            set_load(row, said.get(model_id) or ModelLoad(states.UNLOADED))
+        row.save()
+
+
+LOAD_FIELDS = ["load_state", "load_progress", "load_error"]
+
+
+def set_load(row: SlotModel, load: ModelLoad) -> None:
+    row.load_state, row.load_progress, row.load_error = load.state, load.progress, load.error
 
 
 def _write_slot(slot: Slot, change: Changes, obs: Observation) -> bool:
@@ -106,6 +137,12 @@ def _write_slot(slot: Slot, change: Changes, obs: Observation) -> bool:
     if change.drift is not None:
         slot.drift = list(change.drift)
         updated.append("drift")
+    if change.loads_models is not None:
+        slot.loads_models = change.loads_models
+        updated.append("loads_models")
+    if change.model_limit is not None:
+        slot.model_limit = change.model_limit
+        updated.append("model_limit")
     if updated:
         slot.save(update_fields=updated)
         if change.state is not None:
@@ -135,3 +172,62 @@ async def save(name: str, obs: Observation) -> bool | None:
                 )
                 return None
         await asyncio.sleep(pause)
+
+
+def write_loads(
+    slot_name: str,
+    loads: Mapping[str, ModelLoad],
+    used: Mapping[str, float] | None = None,
+    done: Iterable[str] = (),
+) -> None:
+    """The loader's writes (sync, one transaction): new load states by upstream model id
+    (every row naming it, aliases too), when models were last used, and the operator's
+    wishes it has acted on (``done``: upstream ids whose ``wanted`` is cleared)."""
+    from dispatch.models import Slot, StateVersion
+
+    close_old_connections()
+    finished = set(done)
+    with transaction.atomic():
+        StateVersion.lock()
+        slot = Slot.objects.select_for_update().filter(name=slot_name).first()
+        if slot is None:
+            return
+        for row in slot.models.all():
+            fields: list[str] = []
+            load = loads.get(row.upstream_model)
+            if load is not None and (row.load_state, row.load_progress, row.load_error) != (
+                load.state,
+                load.progress,
+                load.error,
+            ):
+                set_load(row, load)
+                fields += LOAD_FIELDS
+            at = (used or {}).get(row.upstream_model)
+            if at is not None and at > row.last_used_at:
+                row.last_used_at = at
+                fields.append("last_used_at")
+            if row.wanted and row.upstream_model in finished:
+                row.wanted = ""
+                fields.append("wanted")
+            if fields:
+                row.save(update_fields=fields)
+
+
+async def save_loads(
+    slot_name: str,
+    loads: Mapping[str, ModelLoad],
+    used: Mapping[str, float] | None = None,
+    done: Iterable[str] = (),
+) -> bool:
+    """:func:`write_loads`, tried again while the database is briefly away. False when
+    every try failed (the loader's next step writes again)."""
+    for pause in (*SAVE_RETRY_PAUSES_S, None):
+        try:
+            await sync_to_async(write_loads, thread_sensitive=True)(slot_name, loads, used, done)
+            return True
+        except OperationalError as exc:
+            if pause is None:
+                log.warning("could not save the model loads of slot %s (%s)", slot_name, exc)
+                return False
+            await asyncio.sleep(pause)
+    return False

@@ -12,6 +12,7 @@ from typing import Any
 from django.conf import settings
 
 from dispatch import kinds
+from dispatch.kinds import Loads
 from dispatch.routing import states
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.client import upstream
@@ -28,6 +29,9 @@ class Observation:
     timed_out: bool = False  # /models gave no answer in time (as opposed to refusing)
     # model id -> the rest of its /models entry (context_length, capabilities, meta...)
     details: Mapping[str, Mapping[str, Any]] | None = None
+    # What the server said of loading its models (None: it says nothing; all it lists is
+    # loaded). Read only from a ready server, as the model list is.
+    loads: Loads | None = None
 
 
 async def observe(slot: SlotEntry, timeout: float) -> Observation:
@@ -35,12 +39,16 @@ async def observe(slot: SlotEntry, timeout: float) -> Observation:
     kind = kinds.get(slot.kind)
     health_url = kind.health_url(slot)
     limit = int(settings.HAL0_MAX_RESPONSE_MB * 2**20)
+    loads_url = kind.loads_url(slot)
     probes = [upstream.probe(kind.models_url(slot), timeout, limit, slot.api_key_env)]
     if health_url:
         probes.append(upstream.probe(health_url, timeout, limit, slot.api_key_env))
+    if loads_url:
+        probes.append(upstream.probe(loads_url, timeout, limit, slot.api_key_env))
     results = await asyncio.gather(*probes)
     models = results[0]
     health = results[1] if health_url else None
+    loaded = results[-1] if loads_url else None
     # A health endpoint the server does not have (404: llama-cpp-python) says nothing.
     h_status = health.status if health is not None and health.status != 404 else None
     if models.status is None and health is not None and health.status == 404:
@@ -55,10 +63,18 @@ async def observe(slot: SlotEntry, timeout: float) -> Observation:
         error = (
             models.error or (health.error if health else "") or f"/models answered {models.status}"
         )
+    loads = None
+    if listing is not None:
+        loads = kind.read_loads(
+            models.body,
+            health.body if health is not None and health.status == 200 else None,
+            loaded.body if loaded is not None and loaded.status == 200 else None,
+        )
     return Observation(
         state,
         error,
         listing.ids if listing is not None else None,
         timed_out=models.timed_out,
         details=listing.details if listing is not None else None,
+        loads=loads,
     )

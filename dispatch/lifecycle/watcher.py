@@ -160,7 +160,8 @@ class Watcher:
             self._probed_at[slot.name] = seen_at
             return False
         current = store.table.slots.get(slot.name)
-        if current is not None and not changes(current, obs):
+        held = persistence.held.get(slot.name, frozenset())
+        if current is not None and not changes(current, obs, held):
             self._probed_at[slot.name] = seen_at
             return False  # the steady state writes nothing
         saved = await persistence.save(slot.name, obs)

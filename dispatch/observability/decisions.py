@@ -43,6 +43,7 @@ class DecisionRecord:
     ttfb_ms: float | None = None  # upstream response headers
     ttft_ms: float | None = None  # a stream's first body chunk
     added_ms: float | None = None  # hal0web's own time before forwarding
+    queued_ms: float = 0.0  # waiting for its model to be loaded (dispatch.upstream.loads)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     # What the resolver decided, and the in-flight counts it ranked by: enough to explain
@@ -147,6 +148,7 @@ class DecisionRecord:
             "inflight": self.inflight,
             "at": round(self.at, 3),
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
+            "queued_ms": round(self.queued_ms, 1),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "why": self.why_dict(),

@@ -142,7 +142,31 @@ PROBE_DURATION = _Histogram(
 PROBE_FAILURES = _Counter(
     "hal0_probe_failures", "Health probes that found the slot offline or in error.", ("slot",)
 )
+MODEL_LOADS = _Counter(
+    "hal0_model_loads",
+    "Model loads hal0web asked a slot for, by outcome (ok, failed).",
+    ("slot", "model", "outcome"),
+)
+MODEL_LOAD_DURATION = _Histogram(
+    "hal0_model_load_seconds",
+    "Time from asking a load to the model loaded.",
+    ("slot", "model"),
+    _SLOW,
+)
+MODEL_UNLOADS = _Counter(
+    "hal0_model_unloads", "Models hal0web unloaded (to make room, idle, asked).", ("slot", "model")
+)
+QUEUE_WAIT = _Histogram(
+    "hal0_model_queue_wait_seconds",
+    "How long requests waited for their model to be loaded.",
+    ("slot", "model"),
+    _SLOW,
+)
 _EVENTS: tuple[_Counter | _Histogram, ...] = (
+    MODEL_LOADS,
+    MODEL_LOAD_DURATION,
+    MODEL_UNLOADS,
+    QUEUE_WAIT,
     REQUESTS,
     DURATION,
     TTFB,
@@ -230,6 +254,22 @@ def probe_observed(slot: str, seconds: float, state: str) -> None:
     PROBE_DURATION.observe((slot,), seconds)
     if state in PROBED_DOWN:
         PROBE_FAILURES.inc((slot,))
+
+
+def model_loaded(slot: str, model: str, seconds: float, ok: bool) -> None:
+    """The loader's hook (``dispatch.lifecycle.loader.loaded``)."""
+    MODEL_LOADS.inc((slot, model, "ok" if ok else "failed"))
+    if ok:
+        MODEL_LOAD_DURATION.observe((slot, model), seconds)
+
+
+def model_unloaded(slot: str, model: str) -> None:
+    MODEL_UNLOADS.inc((slot, model))
+
+
+def queue_waited(slot: str, model: str, seconds: float) -> None:
+    """A request's wait for its model (``dispatch.upstream.loads``), served."""
+    QUEUE_WAIT.observe((slot, model), seconds)
 
 
 class _Collector(Collector):

@@ -147,17 +147,36 @@ class Upstream:
     ) -> ProbeResult:
         """GET ``url`` for a health probe: status and parsed JSON (at most ``limit`` bytes of
         it, decoded), never an exception."""
+        return await self.ask("GET", url, None, timeout, limit, api_key_env)
+
+    async def ask(
+        self,
+        method: str,
+        url: str,
+        body: object,
+        timeout: float,
+        limit: int,
+        api_key_env: str = "",
+    ) -> ProbeResult:
+        """One request of hal0web's own to a server (a probe, a model load or unload): status
+        and parsed JSON (at most ``limit`` bytes of it, decoded), never an exception.
+        ``body``, when not None, is sent as JSON."""
         headers = {"accept": "application/json", "accept-encoding": "identity"}
         key = os.environ.get(api_key_env) if api_key_env else None
         if key:
             headers["authorization"] = f"Bearer {key}"
+        content = None
+        if body is not None:
+            content = json.dumps(body).encode()
+            headers["content-type"] = "application/json"
         try:
             async with asyncio.timeout(timeout):
-                response = await self._send(httpx.Request("GET", url, headers=headers))
-                content = BoundedBody(response.headers.get("content-encoding", "").lower(), limit)
+                request = httpx.Request(method, url, headers=headers, content=content)
+                response = await self._send(request)
+                answer = BoundedBody(response.headers.get("content-encoding", "").lower(), limit)
                 try:
                     async for chunk in response.aiter_raw():
-                        content.add(chunk)
+                        answer.add(chunk)
                 finally:
                     await response.aclose()
         except TimeoutError:
@@ -166,13 +185,13 @@ class Upstream:
             return ProbeResult(None, None, describe(exc))
         except UpstreamError as exc:
             return ProbeResult(response.status_code, None, exc.message)
-        raw = content.value()
+        raw = answer.value()
         try:
-            body = json.loads(raw)
+            parsed = json.loads(raw)
         except ValueError:
-            body = None
+            parsed = None
         error = "" if response.is_success else raw[:300].decode("utf-8", "replace")
-        return ProbeResult(response.status_code, body, error)
+        return ProbeResult(response.status_code, parsed, error)
 
 
 upstream = Upstream()

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from dispatch.coordination.store import store
-from dispatch.routing import states
+from dispatch.routing import eviction, states
 from dispatch.routing.resolver import Decision, Target
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.admission import admission
 from dispatch.upstream.client import upstream
+from dispatch.upstream.loads import Waiting, loads
 from dispatch.upstream.outliers import outliers
 from dispatch.upstream.response import UpstreamError, UpstreamResponse
 from dispatch.wire import adapters
@@ -35,6 +36,16 @@ class Forwarded:
     slot: SlotEntry
     upstream_model: str | None
     resolution_path: str
+    # How long it waited for its model to be loaded (seconds), and whether its model's use
+    # is counted for the loader (dispatch.upstream.loads): given back by release().
+    queued_s: float = 0.0
+    counted: bool = False
+
+    def release(self) -> None:
+        """The answer is done: its place on the slot (and its model's use) go back."""
+        admission.release(self.slot.name)
+        if self.counted and self.upstream_model is not None:
+            loads.ended(self.slot.name, self.upstream_model)
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
@@ -109,10 +120,23 @@ def _degraded(slot: SlotEntry) -> ApiError:
     )
 
 
+# A drain lasts as long as its operator wants (a swap, maintenance): a retry sooner than this
+# would most likely meet it again.
+DRAINING_RETRY_S = 30
+
+
 def _unavailable(slot: SlotEntry, probing: bool) -> ApiError:
     """503 for a down slot. Retry-After says when a retry can help: right after the probe
     just asked for (1 s), else the next scheduled probe (HAL0_PROBE_INTERVAL_S). The SDKs
     honour it, twice by default: 5 s each made a dead slot cost their users 10 s."""
+    if slot.state == states.DRAINING:
+        return ApiError(
+            503,
+            "slot_draining",
+            f"Slot '{slot.name}' is draining: it finishes its requests in flight and takes no "
+            "new ones until an operator undrains it.",
+            headers=_retry_after(DRAINING_RETRY_S),
+        )
     detail = f": {slot.last_error}" if slot.last_error else ""
     return ApiError(
         503,
@@ -126,11 +150,33 @@ class _Attempts:
     """What trying the targets in turn has found so far: the first slot that failed (there is
     one failover, before any byte reached the client) and the error to give if none serves."""
 
-    def __init__(self, decision: Decision, on_suspect: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        decision: Decision,
+        on_suspect: Callable[[str, str], None],
+        on_wait: Callable[[Waiting], None] | None = None,
+    ) -> None:
         self.decision = decision
         self.on_suspect = on_suspect
+        self.on_wait = on_wait
         self.first_failed: str | None = None
         self.last_error: ApiError | None = None
+        self.queued_s = 0.0
+
+    async def loaded(self, slot: SlotEntry, target: Target) -> SlotEntry:
+        """The slot once the model asked of it is loaded (asking its loader, waiting in its
+        queue); at once when it is loaded already."""
+        model = eviction.served(slot).get(target.upstream_model or "")
+        if model is None or model.load in states.SERVABLE:
+            return slot
+        began = asyncio.get_running_loop().time()
+        try:
+            return await loads.wait(slot, model, self.on_wait)
+        except ApiError as err:
+            err.queued_s = self.queued_s + asyncio.get_running_loop().time() - began
+            raise
+        finally:
+            self.queued_s += asyncio.get_running_loop().time() - began
 
     def failed(self, slot: SlotEntry, error: ApiError) -> None:
         self.last_error = self.last_error or error
@@ -221,6 +267,8 @@ class _Attempts:
 
     def error(self) -> ApiError:
         """Why no target served."""
+        if self.last_error is not None:
+            self.last_error.queued_s = self.queued_s
         return self.last_error or ApiError(
             503,
             "slot_unavailable",
@@ -246,16 +294,18 @@ async def forward(
     headers: dict[str, str],
     on_suspect: Callable[[str, str], None],
     method: str = "POST",
+    on_wait: Callable[[Waiting], None] | None = None,
 ) -> Forwarded:
     """Open the upstream response for ``decision``; the caller owns (and must close) it.
 
     Each target is sent what it is asked for (``dispatch.wire.adapters``: the path and body
     for the endpoint its slot offers), by ``endpoint`` (as slots offer it) and the client's
     ``request``. The caller must also ``admission.release(result.slot.name)`` when the
-    response is done.
+    response is done (``Forwarded.release``). A model its slot has not loaded is asked for
+    and waited for first (``dispatch.upstream.loads``); ``on_wait`` hears how that goes.
     """
     targets = list(decision.targets)
-    attempts = _Attempts(decision, on_suspect)
+    attempts = _Attempts(decision, on_suspect, on_wait)
     for i, target in enumerate(targets):
         slot = _current(target)
         if slot is not None and slot.enabled and slot.state == states.LOADING:
@@ -263,15 +313,30 @@ async def forward(
         slot = attempts.usable(slot)
         if slot is None:
             continue
+        counted = None  # the model whose use the loader is told of (its slot loads models)
+        if slot.loads_models and target.upstream_model is not None:
+            slot = await attempts.loaded(slot, target)
+            counted = target.upstream_model
+            loads.began(slot.name, counted)  # busy from now: never evicted under a request
         sent = adapters.outgoing(endpoint, target.slot.endpoints, request, target.upstream_model)
-        response = await attempts.open(slot, sent, headers, method)
+        try:
+            response = await attempts.open(slot, sent, headers, method)
+            if response is not None and (
+                response.status_code in _FAILOVER_STATUSES
+                and await attempts.passed_on(slot, response, i + 1 < len(targets))
+            ):
+                response = None
+        except BaseException:
+            if counted is not None:
+                loads.ended(slot.name, counted)
+            raise
         if response is None:
+            if counted is not None:
+                loads.ended(slot.name, counted)
             continue
-        if response.status_code in _FAILOVER_STATUSES and await attempts.passed_on(
-            slot, response, i + 1 < len(targets)
-        ):
-            continue
-        return Forwarded(response, slot, target.upstream_model, attempts.resolution_path(slot))
+        fwd = Forwarded(response, slot, target.upstream_model, attempts.resolution_path(slot))
+        fwd.queued_s, fwd.counted = attempts.queued_s, counted is not None
+        return fwd
     raise attempts.error()
 
 

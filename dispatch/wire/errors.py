@@ -31,6 +31,7 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.headers = dict(headers or {})
+        self.queued_s = 0.0  # how long the request had waited for its model by then
 
 
 def dumps(data: Any) -> bytes:

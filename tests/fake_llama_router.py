@@ -1,0 +1,141 @@
+"""A fake llama.cpp ``llama-server`` in router mode, from its README ("Using multiple models",
+GET /models, POST /models/load, POST /models/unload, GET /props) and server-models.cpp.
+
+Every model it knows is listed with a ``status`` (``unloaded``, ``loading``, ``loaded``; a
+failed load: ``unloaded`` with ``failed: true`` and an ``exit_code``), along with ``args``
+and ``preset`` as the real one leaks them. ``POST /models/load`` answers ``{"success":
+true}`` at once and loads in the background (``load_delay_s``); past ``models_max`` the
+router itself unloads its least recently used model (busy or not, as llama.cpp #21678
+reports). A completion for an unloaded model loads it first (autoload), as the real router
+does. ``GET /props`` says ``role: router`` and ``max_instances``.
+
+It counts what a test wants to know: the loads in order, the most loads at once, the
+unloads, and the requests each model served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.fake_wire import Call, send_json
+from tests.fakes import FakeUpstream
+
+
+@dataclass
+class FakeRouter(FakeUpstream):
+    models_max: int = 1
+    load_delay_s: float = 0.3
+    fail_loads: dict[str, int] = field(default_factory=dict)  # model -> exit code
+    status: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    used_at: dict[str, float] = field(default_factory=dict)
+    load_log: list[str] = field(default_factory=list)
+    unload_log: list[str] = field(default_factory=list)
+    loading_now: int = 0
+    loading_max: int = 0
+    served: list[str] = field(default_factory=list)  # model of each completion served
+    busy: dict[str, int] = field(default_factory=dict)
+    evicted_busy: list[str] = field(default_factory=list)  # its own LRU hit a busy model
+    unloaded_busy: list[str] = field(default_factory=list)  # asked to unload a busy model
+    load_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.listing = "llama.cpp"
+        for m in self.models:
+            self.status.setdefault(m, "unloaded")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path in ("/models/load", "/models/unload", "/props"):
+            return await self._router(scope, receive, send, path)
+        await super().__call__(scope, receive, send)
+
+    async def _router(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
+        if path == "/props":
+            props = {"role": "router", "max_instances": self.models_max}
+            return await send_json(send, 200, props)
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        model = json.loads(body or b"{}").get("model")
+        if model not in self.status:
+            return await send_json(send, 400, {"error": {"message": f"model {model} not found"}})
+        if path == "/models/unload":
+            if self.status[model] != "loaded":
+                return await send_json(send, 400, {"error": {"message": "model is not running"}})
+            if self.busy.get(model):
+                self.unloaded_busy.append(model)
+            self.unload_log.append(model)
+            self.status[model] = "unloaded"
+            return await send_json(send, 200, {"success": True})
+        if self.status[model] in ("loaded", "loading"):
+            return await send_json(send, 400, {"error": {"message": "model is already running"}})
+        self._start_load(model)
+        await send_json(send, 200, {"success": True})
+
+    def _start_load(self, model: str) -> asyncio.Task[None]:
+        running = [m for m, s in self.status.items() if s in ("loaded", "loading")]
+        if self.models_max and len(running) >= self.models_max:
+            lru = min(running, key=lambda m: self.used_at.get(m, 0.0))
+            if self.busy.get(lru):
+                self.evicted_busy.append(lru)
+            self.status[lru] = "unloaded"
+            self.unload_log.append(lru)
+        self.status[model] = "loading"
+        self.failed.pop(model, None)
+        self.load_log.append(model)
+        task = self.load_tasks[model] = asyncio.get_running_loop().create_task(self._load(model))
+        return task
+
+    async def _load(self, model: str) -> None:
+        self.loading_now += 1
+        self.loading_max = max(self.loading_max, self.loading_now)
+        try:
+            await asyncio.sleep(self.load_delay_s)
+        finally:
+            self.loading_now -= 1
+        if model in self.fail_loads:
+            self.status[model] = "unloaded"
+            self.failed[model] = self.fail_loads[model]
+        else:
+            self.status[model] = "loaded"
+            self.used_at[model] = time.monotonic()
+
+    def _listed(self, model: str) -> dict[str, Any]:
+        entry = super()._listed(model)
+        status: dict[str, Any] = {
+            "value": self.status[model],
+            "args": ["llama-server", "--port", "41234", "-m", f"/srv/models/{model}.gguf"],
+            "preset": f"[{model}]\nmodel = /srv/models/{model}.gguf\n",
+        }
+        if model in self.failed:
+            status.update(failed=True, exit_code=self.failed[model])
+        entry["status"] = status
+        return entry
+
+    async def completion(self, call: Call) -> None:
+        model = json.loads(call.body or b"{}").get("model")
+        if model in self.status:
+            if self.status[model] == "unloaded":
+                self._start_load(model)  # autoload, as the real router does
+            if self.status[model] == "loading":
+                await self.load_tasks[model]
+            if self.status[model] != "loaded":
+                return await send_json(
+                    call.send, 500, {"error": {"message": f"model {model} failed to load"}}
+                )
+            self.used_at[model] = time.monotonic()
+            self.served.append(model)
+        self.busy[model] = self.busy.get(model, 0) + 1
+        try:
+            await super().completion(call)
+        finally:
+            self.busy[model] -= 1
+            self.used_at[model] = time.monotonic()
