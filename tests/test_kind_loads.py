@@ -376,7 +376,8 @@ def test_lemonade_is_asked_under_its_api_root_and_answers_once_done():
             },
             "500: Failed to load model 'm': llama-server exited",
         ),
-        (404, {"error": "Model not loaded: m"}, "404: Model not loaded: m"),
+        (404, {"error": "Model not loaded: m"}, None),  # unloaded already
+        (500, {"error": "Model not loaded: m"}, "500: Model not loaded: m"),
         (404, {"status": "error", "message": "Model not found: m"}, "404: Model not found: m"),
         (None, None, "no answer"),
     ],

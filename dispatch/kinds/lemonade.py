@@ -33,6 +33,9 @@ from dispatch.routing.table import SlotEntry
 # server keeps a limit per type; a slot's other models count against their own.)
 _LIMIT_TYPE = "llm"
 
+# Its answer to an unload of a model that is not loaded (Router::unload_model).
+_NOT_LOADED = "Model not loaded: "
+
 
 class Lemonade(Kind):
     name = "lemonade"
@@ -59,6 +62,12 @@ class Lemonade(Kind):
         return Call("POST", upstream_url(slot, "unload"), {"model_name": model})
 
     def call_failed(self, status: int | None, body: Json) -> str | None:
+        if (
+            status == 404
+            and isinstance(body, dict)
+            and str(body.get("error")).startswith(_NOT_LOADED)
+        ):
+            return None  # an unload of a model not in memory: it is unloaded already
         # Its documented error answer: {"status": "error", "message": ...}.
         if isinstance(body, dict) and body.get("status") == "error":
             said = body.get("message")
