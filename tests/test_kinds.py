@@ -23,7 +23,7 @@ from dispatch.routing.table import make_slot
         ("openai", None, None, 200, "ready"),
         ("openai", None, None, 503, "loading"),
         ("openai", None, None, None, "offline"),
-        ("lemonade", 200, {"model_loaded": None}, 200, "loading"),
+        ("lemonade", 200, {"model_loaded": None}, 200, "ready"),  # up, no model loaded yet
         ("lemonade", 200, {"model_loaded": "m"}, 200, "ready"),
         ("lemonade", None, None, None, "offline"),
         ("lemonade", 503, None, 200, "loading"),
@@ -39,10 +39,11 @@ def test_a_probe_reads_as_a_state_through_the_kind(kind, health, body, models, e
     assert kinds.get(kind).classify(health, body, models) == expected
 
 
-def test_only_lemonade_reads_an_idle_health_as_loading():
-    idle = {"status": "ok", "model_loaded": None}
-    assert kinds.get("lemonade").classify(200, idle, 200) == "loading"
-    for name in ("llamacpp", "openai", "ollama", "vllm", "flm"):
+def test_no_kind_reads_an_idle_health_as_loading():
+    # A server up with no model loaded is ready: its models' load states say what is loaded
+    # (tests/test_kind_loads.py), not the slot's state.
+    idle = {"status": "ok", "model_loaded": None, "all_models_loaded": []}
+    for name in ("lemonade", "llamacpp", "openai", "ollama", "vllm", "flm"):
         assert kinds.get(name).classify(200, idle, 200) == "ready", name
 
 

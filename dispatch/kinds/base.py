@@ -116,6 +116,11 @@ class Kind:
             },
         )
 
+    def listed_ids(self, body: object) -> tuple[str, ...]:
+        """The model ids a ``/models`` answer lists (none when it lists none we read)."""
+        listing = self.listing(body)
+        return listing.ids if listing is not None else ()
+
     # --- loading and unloading models (dispatch.lifecycle.loader does the asking) -----------
 
     def loads_url(self, slot: SlotEntry) -> str | None:
@@ -137,9 +142,18 @@ class Kind:
 
     def read_event(self, event: str, data: Json) -> tuple[str, ModelLoad] | None:
         """One pushed event as (the model's id on the server, its new load state); None for
-        an event that says nothing of one model's load state (the caller then re-reads the
-        whole list with a probe when ``event`` is not empty)."""
+        an event that says nothing of one model's load state.
+
+        ``event`` is the SSE ``event:`` field ("" when the server sends none) and ``data`` the
+        parsed JSON of its ``data:`` line(s), whole (a server that writes the event's name
+        inside its JSON, as llama.cpp's router does, is read from ``data``)."""
         return None
+
+    def event_rereads(self, event: str, data: Json) -> bool:
+        """Whether a pushed event that ``read_event`` did not read into one model's state
+        changed what the server lists (a model added or removed, the list reloaded): then the
+        caller re-reads the whole list with a probe. By default: any named event."""
+        return bool(event)
 
     def load_call(self, slot: SlotEntry, model: str) -> Call | None:
         """How to ask the server to load ``model`` (its id on the server); None: it cannot be
@@ -166,6 +180,9 @@ class Kind:
     # for the whole load); False: the call only starts it, and the probe's readings or the
     # pushed events say when it is done.
     load_call_waits: ClassVar[bool] = True
+    # The same for an unload call: True when the server answers once the model is out of
+    # memory; False when it only starts the unload (the readings say when it is gone).
+    unload_call_waits: ClassVar[bool] = True
 
     def endpoints(self, slot: SlotEntry) -> frozenset[str]:
         """The endpoints (``dispatch.routing.endpoints`` names) the server speaks: for now

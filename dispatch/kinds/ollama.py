@@ -1,19 +1,59 @@
 """Ollama: OpenAI-compatible under ``/v1`` (``GET /v1/models``), with its own API beside it
-at the server's root: ``GET /api/version`` (up), ``GET /api/tags`` (the models it has) and
-``GET /api/ps`` (the ones loaded now).
+at the server's root (docs/api.md in ollama/ollama): ``GET /api/tags`` (the models it has),
+``GET /api/ps`` (the ones in memory now: ``{"models": [{"name": ..., "model": ...,
+"expires_at": ..., "size_vram": ...}]}``) and ``POST /api/generate``.
 
-Probed as any OpenAI-compatible server: ``/v1/models`` answers as soon as it is up, which is
-all hal0web reads today. ``/api/ps`` is where the lifecycle will read which models are loaded.
+``/v1/models`` answers as soon as it is up and lists what ``/api/tags`` does, by the same
+names (``llama3.2:1b``, ``gemma3:latest``); ``/api/ps`` names the loaded ones alike. Ollama
+loads a model on the first request that names it and unloads one when it needs the room (at
+``OLLAMA_MAX_LOADED_MODELS``, which it does not report) or when the model's ``keep_alive``
+ends. A generate request with no prompt loads the model and answers once it is in memory;
+with ``"keep_alive": 0`` it unloads it, answering ``{"done_reason": "unload"}`` as soon as
+it has asked its scheduler to (the model leaves ``/api/ps`` just after). Errors are
+``{"error": "..."}``.
 """
 
 from __future__ import annotations
 
-from dispatch.kinds.base import Kind
+from typing import ClassVar
+
+from dispatch.kinds.base import Call, Json, Kind, Loads, ModelLoad
+from dispatch.kinds.urls import server_root
+from dispatch.routing import states
+from dispatch.routing.table import SlotEntry
 
 
 class Ollama(Kind):
     name = "ollama"
     label = "Ollama"
+
+    unload_call_waits: ClassVar[bool] = False
+
+    def loads_url(self, slot: SlotEntry) -> str | None:
+        return server_root(slot) + "/api/ps"
+
+    def read_loads(self, listing_body: Json, health_body: Json, loads_body: Json) -> Loads | None:
+        if not isinstance(loads_body, dict) or not isinstance(loads_body.get("models"), list):
+            return None  # no /api/ps read: nothing known of its loads
+        running = {
+            name
+            for m in loads_body["models"]
+            if isinstance(m, dict)
+            for name in (m.get("name"), m.get("model"))
+            if isinstance(name, str)
+        }
+        models = {m: ModelLoad(states.UNLOADED) for m in self.listed_ids(listing_body)}
+        models.update({m: ModelLoad(states.LOADED) for m in running})
+        return Loads(models=models, loads_models=True)
+
+    def load_call(self, slot: SlotEntry, model: str) -> Call | None:
+        # No keep_alive: the model stays as long as the server's own setting says
+        # (OLLAMA_KEEP_ALIVE, 5 minutes unless set), as after any request it serves.
+        return Call("POST", server_root(slot) + "/api/generate", {"model": model, "stream": False})
+
+    def unload_call(self, slot: SlotEntry, model: str) -> Call | None:
+        body = {"model": model, "keep_alive": 0, "stream": False}
+        return Call("POST", server_root(slot) + "/api/generate", body, timeout_s=60.0)
 
 
 KIND = Ollama()
