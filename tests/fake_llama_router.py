@@ -21,8 +21,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.fake_wire import Call, send_json
+from tests.fake_wire import Call, Seen, read_request, send_json
 from tests.fakes import FakeUpstream
+
+_COMPLETIONS = ("/v1/chat/completions", "/v1/completions")
 
 
 @dataclass
@@ -42,6 +44,7 @@ class FakeRouter(FakeUpstream):
     evicted_busy: list[str] = field(default_factory=list)  # its own LRU hit a busy model
     unloaded_busy: list[str] = field(default_factory=list)  # asked to unload a busy model
     load_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    asked: list[tuple[str, str]] = field(default_factory=list)  # (/models/load|unload, model)
 
     def __post_init__(self) -> None:
         self.listing = "llama.cpp"
@@ -52,6 +55,14 @@ class FakeRouter(FakeUpstream):
         path = scope.get("path", "")
         if scope["type"] == "http" and path in ("/models/load", "/models/unload", "/props"):
             return await self._router(scope, receive, send, path)
+        if scope["type"] == "http" and path in _COMPLETIONS:
+            # The base class routes completions to its own method: come here first.
+            body = await read_request(scope, receive, send)
+            if body is None:
+                return
+            headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+            self.requests.append(Seen(path, headers, body))
+            return await self.completion(Call(scope["method"], path, headers, body, receive, send))
         await super().__call__(scope, receive, send)
 
     async def _router(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
@@ -65,6 +76,7 @@ class FakeRouter(FakeUpstream):
             if not message.get("more_body"):
                 break
         model = json.loads(body or b"{}").get("model")
+        self.asked.append((path, model))
         if model not in self.status:
             return await send_json(send, 400, {"error": {"message": f"model {model} not found"}})
         if path == "/models/unload":
