@@ -45,6 +45,7 @@ class FakeRouter(FakeUpstream):
     unloaded_busy: list[str] = field(default_factory=list)  # asked to unload a busy model
     load_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     asked: list[tuple[str, str]] = field(default_factory=list)  # (/models/load|unload, model)
+    listeners: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)  # /models/sse
 
     def __post_init__(self) -> None:
         self.listing = "llama.cpp"
@@ -53,6 +54,8 @@ class FakeRouter(FakeUpstream):
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http" and path == "/models/sse":
+            return await self._sse(send)
         if scope["type"] == "http" and path in ("/models/load", "/models/unload", "/props"):
             return await self._router(scope, receive, send, path)
         if scope["type"] == "http" and path in _COMPLETIONS:
@@ -86,11 +89,33 @@ class FakeRouter(FakeUpstream):
                 self.unloaded_busy.append(model)
             self.unload_log.append(model)
             self.status[model] = "unloaded"
+            self._push(model, "status_change", {"status": "unloaded"})
             return await send_json(send, 200, {"success": True})
         if self.status[model] in ("loaded", "loading"):
             return await send_json(send, 400, {"error": {"message": "model is already running"}})
         self._start_load(model)
         await send_json(send, 200, {"success": True})
+
+    async def _sse(self, send: Any) -> None:
+        """``GET /models/sse``: every event from now on, as ``data: {json}`` lines (the router
+        names the event inside its JSON)."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.listeners.append(queue)
+        await send(
+            {"type": "http.response.start", "status": 200,
+             "headers": [(b"content-type", b"text/event-stream")]}
+        )  # fmt: skip
+        try:
+            while True:
+                event = await queue.get()
+                body = b"data: " + json.dumps(event).encode() + b"\n\n"
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        finally:
+            self.listeners.remove(queue)
+
+    def _push(self, model: str, event: str, data: dict[str, Any]) -> None:
+        for queue in self.listeners:
+            queue.put_nowait({"model": model, "event": event, "data": data})
 
     def _start_load(self, model: str) -> asyncio.Task[None]:
         running = [m for m, s in self.status.items() if s in ("loaded", "loading")]
@@ -109,26 +134,36 @@ class FakeRouter(FakeUpstream):
     async def _load(self, model: str) -> None:
         self.loading_now += 1
         self.loading_max = max(self.loading_max, self.loading_now)
+        self._push(model, "model_status", {"status": "loading"})
         try:
-            await asyncio.sleep(self.load_delay_s)
+            for step in (1, 2, 3):
+                await asyncio.sleep(self.load_delay_s / 4)
+                progress = {"stages": ["text_model"], "current": "text_model", "value": step / 4}
+                self._push(model, "status_change", {"status": "loading", "progress": progress})
+            await asyncio.sleep(self.load_delay_s / 4)
         finally:
             self.loading_now -= 1
         if model in self.fail_loads:
             self.status[model] = "unloaded"
             self.failed[model] = self.fail_loads[model]
+            self._push(
+                model, "status_change", {"status": "unloaded", "exit_code": self.failed[model]}
+            )
         else:
             self.status[model] = "loaded"
             self.used_at[model] = time.monotonic()
+            self._push(model, "status_change", {"status": "loaded"})
 
     def _listed(self, model: str) -> dict[str, Any]:
         entry = super()._listed(model)
+        value, failed = self.status[model], self.failed.get(model)
         status: dict[str, Any] = {
-            "value": self.status[model],
+            "value": value,
             "args": ["llama-server", "--port", "41234", "-m", f"/srv/models/{model}.gguf"],
             "preset": f"[{model}]\nmodel = /srv/models/{model}.gguf\n",
         }
-        if model in self.failed:
-            status.update(failed=True, exit_code=self.failed[model])
+        if failed is not None:
+            status.update(failed=True, exit_code=failed)
         entry["status"] = status
         return entry
 

@@ -195,3 +195,26 @@ def test_a_model_idle_past_the_slots_idle_timeout_is_unloaded(router, hal0):
     assert chat(hal0, "m1").status_code == 200
     wait_until(lambda: loads_of()["m1"] == "unloaded", what="m1 unloaded when idle", timeout=10)
     assert router.unload_log == ["m1"]
+
+
+def test_pushed_events_say_a_load_is_done_and_how_far_it_got(router, hal0):
+    """The router's /models/sse: its listing never says how far a load got, only its pushed
+    events do; hal0web's news (what waiting requests and the pages hear) carries it."""
+    from dispatch.coordination import sync
+
+    ready(hal0)
+    wait_until(lambda: router.listeners, what="hal0web following /models/sse")
+    heard: list[object] = []
+
+    def listen(news: dict[str, object]) -> None:
+        heard.append(news.get("progress"))
+
+    sync.loads_news.add(listen)
+    try:
+        router.load_delay_s = 2.0
+        answer = chat(hal0, "m2")
+    finally:
+        sync.loads_news.remove(listen)
+    assert answer.status_code == 200, answer.text
+    progress = [p for p in heard if isinstance(p, float)]
+    assert progress and 0 < min(progress) < 1, heard

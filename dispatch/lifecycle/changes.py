@@ -87,6 +87,10 @@ def load_changes(
             new = ModelLoad(states.LOADED)
         else:
             new = said.get(up) or ModelLoad(states.UNLOADED)
+        if new.state == m.load and new.progress is None and m.progress is not None:
+            # A listing that says "loading" but not how far (llama.cpp's router: only its
+            # pushed events say) keeps the progress they said.
+            new = ModelLoad(new.state, m.progress, new.error)
         if new != as_load(m):
             out[up] = new
     return out

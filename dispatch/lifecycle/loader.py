@@ -42,6 +42,7 @@ from dispatch.kinds import ModelLoad
 from dispatch.lib.listeners import Listeners
 from dispatch.lifecycle import persistence
 from dispatch.lifecycle.control import LOAD, UNLOAD
+from dispatch.lifecycle.pushes import pushes
 from dispatch.routing import eviction, states
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.client import upstream
@@ -55,8 +56,10 @@ DEMAND_TTL_S = 3 * RESEND_S + 1.0
 USAGE_TTL_S = 10.0
 # How often a slot's queue looks again when nothing woke it (idle unloads, stale demands).
 TICK_S = 1.0
-# How often the server is asked how a load it runs on its own is going.
+# How often the server is asked how a load it runs on its own is going, when it pushes
+# nothing; when it pushes, a probe only this often (a missed event costs no more).
 LOAD_POLL_S = 0.5
+PUSHED_CHECK_S = 5.0
 _ANSWER_LIMIT = 1 << 20
 
 # Told (slot, upstream model, seconds, ok) when a load ends, and (slot, upstream model) when
@@ -289,22 +292,29 @@ class SlotLoader:
             await self._reread(slot)  # a failed load may have unloaded others (Lemonade)
 
     async def _until_loaded(self, slot: SlotEntry, model: str, timeout: float) -> str | None:
-        """Wait for a load the server runs on its own: its probes (and pushed events) say
-        when it is done. The failure's reason, or None once loaded."""
+        """Wait for a load the server runs on its own: its pushed events (``pushes``) or, for
+        a server that pushes nothing, the probes asked here say when it is done. The
+        failure's reason, or None once loaded."""
         from dispatch.lifecycle.watcher import watcher
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            current = store.table.slots.get(self.name)
-            if current is not None:
-                await watcher.probe_once(current)
+            changed = store.next_change()
             entry = eviction.served(store.table.slots.get(self.name) or slot).get(model)
             if entry is not None and entry.load in states.SERVABLE:
+                changed.cancel()
                 return None
             if entry is not None and entry.load == states.FAILED:
+                changed.cancel()
                 return entry.load_error or "the server said the load failed"
-            self.tell()  # its progress, as the last probe or event said it
-            await asyncio.sleep(LOAD_POLL_S)
+            self.tell()  # its progress, as the last event or probe said it
+            pushed = pushes.following(self.name)
+            try:
+                await asyncio.wait_for(changed, PUSHED_CHECK_S if pushed else LOAD_POLL_S)
+            except TimeoutError:
+                current = store.table.slots.get(self.name)
+                if current is not None:
+                    await watcher.probe_once(current)
         return f"not loaded after {timeout:g}s"
 
     async def _unload_idle(self, slot: SlotEntry) -> None:
@@ -398,6 +408,7 @@ class Loader:
 
     async def stop(self) -> None:
         self._listening = False
+        await pushes.stop()
         tasks = [s.task for s in self.slots.values()]
         for task in tasks:
             task.cancel()
@@ -412,6 +423,7 @@ class Loader:
         self.slots.clear()
         self.usage.clear()
         self.wanted.clear()
+        pushes.tasks.clear()
 
     def heard(self, event: dict[str, Any]) -> None:
         """A message for the loader (the leader's ear, ``events.WATCHER_GROUP``)."""
@@ -479,6 +491,7 @@ class Loader:
         self.wanted = wanted
         for name in names:
             self.of(name).wake.set()
+        pushes.follow(names)
 
 
 _home: asyncio.AbstractEventLoop | None = None

@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +192,47 @@ class Upstream:
             parsed = None
         error = "" if response.is_success else raw[:300].decode("utf-8", "replace")
         return ProbeResult(response.status_code, parsed, error)
+
+    async def events(
+        self, url: str, api_key_env: str = "", connect_timeout: float = 5.0
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """A server's Server-Sent Events stream (its pushed model states): each event as
+        (its ``event:`` name or "", its ``data:`` parsed as JSON, None when not JSON), for as
+        long as the server keeps the stream open. Connection failures raise httpx's errors."""
+        headers = {"accept": "text/event-stream", "accept-encoding": "identity"}
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        request = httpx.Request(
+            "GET", url, headers=headers, extensions={"timeout": {"connect": connect_timeout}}
+        )
+        async with asyncio.timeout(connect_timeout):
+            response = await self._send(request)
+        try:
+            if response.status_code != 200:
+                raise httpx.HTTPStatusError(
+                    f"{url} answered {response.status_code}", request=request, response=response
+                )
+            pending = b""
+            name, data = "", []
+            async for chunk in response.aiter_raw():
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    line = raw.rstrip(b"\r").decode("utf-8", "replace")
+                    if line.startswith("event:"):
+                        name = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].strip())
+                    elif not line and data:
+                        try:
+                            parsed = json.loads("\n".join(data))
+                        except ValueError:
+                            parsed = None
+                        yield name, parsed
+                        name, data = "", []
+        finally:
+            await response.aclose()
 
 
 upstream = Upstream()
