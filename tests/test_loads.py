@@ -146,11 +146,11 @@ def test_the_official_sdk_reads_a_stream_that_began_with_comments(router, hal0):
 
     ready(hal0)
     router.load_delay_s = 3.0
-    client = openai.OpenAI(base_url=hal0.url + "/v1", api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(
-        model="m2", messages=[{"role": "user", "content": "x"}], stream=True
-    )
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    with openai.OpenAI(base_url=hal0.url + "/v1", api_key="unused", max_retries=0) as client:
+        stream = client.chat.completions.create(
+            model="m2", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text  # the fake's words, after the comments the SDK skipped
 
 
@@ -236,3 +236,19 @@ def test_loads_and_waits_are_counted_in_the_metrics(router, hal0, settings):
     assert loads and loads[0].endswith(" 1.0"), text
     assert "hal0_model_load_seconds_count" in text
     assert "hal0_model_unloads_total" in text and "hal0_model_queue_wait_seconds_count" in text
+
+
+def test_the_anthropic_sdk_reads_a_messages_stream_that_began_with_comments(router, hal0):
+    import anthropic
+
+    ready(hal0)
+    router.load_delay_s = 3.0
+    with (
+        anthropic.Anthropic(base_url=hal0.url, api_key="unused", max_retries=0) as client,
+        client.messages.stream(
+            model="m2", max_tokens=16, messages=[{"role": "user", "content": "x"}]
+        ) as stream,
+    ):
+        text = "".join(stream.text_stream)
+    assert text
+    assert router.asked[-1] == ("/models/load", "m2")
