@@ -166,7 +166,9 @@ class _Attempts:
     async def loaded(self, slot: SlotEntry, target: Target) -> SlotEntry:
         """The slot once the model asked of it is loaded (asking its loader, waiting in its
         queue); at once when it is loaded already."""
-        model = eviction.served(slot).get(target.upstream_model or "")
+        model = slot.models.get(self.decision.requested_model or "")
+        if model is None or model.upstream_model != target.upstream_model:
+            model = eviction.served(slot).get(target.upstream_model or "")
         if model is None or model.load in states.SERVABLE:
             return slot
         began = asyncio.get_running_loop().time()
