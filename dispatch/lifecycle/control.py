@@ -84,9 +84,11 @@ def drain(slot_name: str) -> None:
 
 
 def undrain(slot_name: str) -> None:
-    """Take requests again: the slot is probed afresh (``unknown`` until then)."""
+    """Take requests again: the slot is probed afresh (``unknown`` until then, with no error
+    of a probe made before)."""
     with transaction.atomic():
         slot = _slot(slot_name)
         if slot.state == states.DRAINING:
             slot.state, slot.state_changed_at = states.UNKNOWN, timezone.now()
-            slot.save(update_fields=["state", "state_changed_at"])
+            slot.last_error = ""
+            slot.save(update_fields=["state", "state_changed_at", "last_error"])
