@@ -131,7 +131,7 @@ def _control_each(
 
 @admin.action(description="Drain selected slots (finish in-flight requests, take no new ones)")
 def drain_slots(modeladmin: SlotAdmin, request: HttpRequest, queryset: QuerySet[Slot]) -> None:
-    _control_each(modeladmin, request, queryset, control.drain, "draining")
+    _control_each(modeladmin, request, queryset, control.drain, states.DRAINING)
 
 
 @admin.action(description="Undrain selected slots (take requests again)")

@@ -25,6 +25,7 @@ def singletons() -> SimpleNamespace:
     from dispatch.upstream.client import upstream
     from dispatch.upstream.forward import _nudged
     from dispatch.upstream.outliers import outliers
+    from dispatch.web.live import loader_news
 
     return SimpleNamespace(
         store=store,
@@ -37,6 +38,7 @@ def singletons() -> SimpleNamespace:
         nudged=_nudged,
         upstream=upstream,
         events=events,
+        loader_news=loader_news,
     )
 
 
@@ -56,6 +58,8 @@ def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
         ("nudged", the.nudged.clear),
         ("transport", lambda: the.upstream.use_transport(None)),
         ("events loop", lambda: the.events.bind_loop(None)),
+        # The loader's news a page connecting now would be shown.
+        ("loader news", the.loader_news.clear),
     )
 
 

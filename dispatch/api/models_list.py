@@ -75,8 +75,9 @@ def _load(slot: SlotEntry, model_id: str) -> dict[str, Any]:
     model = slot.models[model_id]
     return {
         "load": model.load,
-        "progress": model.progress,
-        "load_error": redact.masked(model.load_error) or None,
+        # Only where they mean something (a progress left from a finished load would not).
+        "progress": model.progress if model.load == states.LOAD_LOADING else None,
+        "load_error": redact.masked(model.load_error) if model.load == states.FAILED else None,
         "pinned": model.pinned,
         "would_unload": eviction.would_unload(slot, model_id),
     }

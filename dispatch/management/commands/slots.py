@@ -20,16 +20,6 @@ from dispatch.manifests.shape import ManifestErrors
 from dispatch.models import Slot, SlotModel
 from dispatch.routing import states
 
-# The operator's actions: subcommand -> (help, takes a model).
-ACTIONS: dict[str, tuple[str, bool]] = {
-    "drain": ("take no new requests; those in flight finish", False),
-    "undrain": ("take requests again (the slot is probed afresh)", False),
-    "load": ("ask the slot's server to load MODEL (through hal0web's loader)", True),
-    "unload": ("ask the slot's server to unload MODEL", True),
-    "pin": ("never unload MODEL to make room or when idle", True),
-    "unpin": ("let MODEL be unloaded again", True),
-}
-
 
 class Command(BaseCommand):
     help = "Import, export and list slots (hal0 TOML manifests, one file per slot)."
@@ -38,7 +28,7 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(
             dest="action",
             required=True,
-            metavar="{import,export,list," + ",".join(ACTIONS) + "}",
+            metavar="{import,export,list," + ",".join(control.ACTIONS) + "}",
         )
         imp = sub.add_parser(
             "import",
@@ -54,7 +44,7 @@ class Command(BaseCommand):
         exp = sub.add_parser("export", help="write one <name>.toml per slot into DIR")
         exp.add_argument("dir", metavar="DIR")
         sub.add_parser("list", help="a table of the slots and their models (with load states)")
-        for action, (text, takes_model) in ACTIONS.items():
+        for action, (text, takes_model) in control.ACTIONS.items():
             one = sub.add_parser(action, help=text)
             one.add_argument("name", metavar="NAME", help="the slot's name")
             if takes_model:
@@ -62,7 +52,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
-        if action in ACTIONS:
+        if action in control.ACTIONS:
             self._control(action, options["name"], options.get("model"))
         elif action == "import":
             self._import(options["paths"], prune=options["prune"], dry_run=options["dry_run"])
@@ -104,7 +94,7 @@ class Command(BaseCommand):
 
     def _control(self, action: str, name: str, model: str | None) -> None:
         try:
-            said = _act(action, name, model)
+            said = control.act(action, name, model)
         except control.ControlError as exc:
             # CommandError: exit code 1 with the reason, no traceback.
             raise CommandError(str(exc), returncode=1) from exc
@@ -127,22 +117,6 @@ class Command(BaseCommand):
             self.stdout.write("(no slots: `manage.py slots import slots/` loads the examples)")
         else:
             self.stdout.write("* = the default slot of its type")
-
-
-def _act(action: str, name: str, model: str | None) -> str:
-    """Do one of :data:`ACTIONS`; what is now so, in a line."""
-    if action == "drain":
-        control.drain(name)
-        return f"slot {name} is draining: no new requests, those in flight finish"
-    if action == "undrain":
-        control.undrain(name)
-        return f"slot {name} takes requests again (probed afresh)"
-    assert model is not None
-    if action in ("pin", "unpin"):
-        control.pin(name, model, action == "pin")
-        return f"{model} on {name} {action}ned"
-    control.ask(name, model, control.LOAD if action == "load" else control.UNLOAD)
-    return f"asked slot {name} to {action} {model}"
 
 
 def _model_cell(m: SlotModel) -> str:
