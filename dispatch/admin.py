@@ -1,4 +1,5 @@
-"""The admin: slots with their models inline, and the models on their own.
+"""The admin: slots with their models inline (``dispatch.admin_models``: the models' side,
+their load state, and loading, unloading and pinning them), the API keys, the request log.
 
 Every change goes through ``save()`` (never ``queryset.update()``) so the model signals fire
 and the routing table and the live UI follow. Validation is the models' own ``clean()``, plus
@@ -7,22 +8,22 @@ the one rule that spans several rows: a slot's default model.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
-from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from dispatch.admin_models import SlotModelInline, shared_models, slot_loads
 from dispatch.lib import redact
+from dispatch.lifecycle import control
 from dispatch.manifests.export import extra_problems
-from dispatch.models import ApiKey, ModelSource, RequestLog, Slot, SlotModel
+from dispatch.models import ApiKey, RequestLog, Slot
 from dispatch.routing import states
 from dispatch.routing.endpoints import DEFAULT_ENDPOINTS, OFFERABLE
 from dispatch.routing.scopes import split_patterns
@@ -30,18 +31,6 @@ from dispatch.routing.scopes import split_patterns
 # The states an operator may set by hand (see dispatch/routing/states.py): draining a slot, and
 # ending that (back to `unknown`: the watcher probes it afresh).
 OPERATOR_STATES = (states.DRAINING, states.UNKNOWN)
-
-
-def shared_models(model_ids: Iterable[str], exclude_slot_id: int | None) -> dict[str, list[str]]:
-    """For each of ``model_ids``: the other slots that serve it too (sorted names)."""
-    rows = SlotModel.objects.filter(model_id__in=list(model_ids))
-    if exclude_slot_id is not None:
-        rows = rows.exclude(slot_id=exclude_slot_id)
-    pairs = rows.values_list("model_id", "slot__name")
-    out: dict[str, list[str]] = defaultdict(list)
-    for model_id, slot_name in pairs:
-        out[model_id].append(slot_name)
-    return {k: sorted(v) for k, v in out.items()}
 
 
 class SlotForm(forms.ModelForm):
@@ -97,41 +86,6 @@ class SlotForm(forms.ModelForm):
         return new
 
 
-class SlotModelFormSet(BaseInlineFormSet):
-    def clean(self) -> None:
-        super().clean()
-        defaults, non_alias = [], 0
-        for form in self.forms:
-            data = getattr(form, "cleaned_data", None)
-            if not data or data.get("DELETE") or not data.get("model_id"):
-                continue
-            if data.get("source") != ModelSource.ALIAS:
-                non_alias += 1
-            if data.get("is_default"):
-                defaults.append(data["model_id"])
-        if len(defaults) > 1:
-            raise forms.ValidationError(
-                f"a slot has one default model; {', '.join(defaults)} are all marked default"
-            )
-        if non_alias and not defaults:
-            raise forms.ValidationError("mark one of the slot's models as its default")
-
-
-class SlotModelInline(admin.TabularInline):
-    model = SlotModel
-    formset = SlotModelFormSet
-    extra = 0
-    fields = ("model_id", "upstream_model", "source", "is_default", "also_on")
-    readonly_fields = ("also_on",)
-
-    @admin.display(description="also on")
-    def also_on(self, obj: SlotModel) -> str:
-        if not obj.pk:
-            return ""
-        others = shared_models([obj.model_id], obj.slot_id).get(obj.model_id, [])
-        return ", ".join(others) or "-"
-
-
 @admin.action(description="Enable selected slots")
 def enable_slots(modeladmin: SlotAdmin, request: HttpRequest, queryset: QuerySet[Slot]) -> None:
     _set_enabled(modeladmin, request, queryset, True)
@@ -155,11 +109,41 @@ def _set_enabled(
     modeladmin.message_user(request, f"{changed} slot(s) {verb}.", messages.SUCCESS)
 
 
+def _control_each(
+    modeladmin: SlotAdmin,
+    request: HttpRequest,
+    queryset: QuerySet[Slot],
+    act: Callable[[str], None],
+    done: str,
+) -> None:
+    """``act`` (one of ``dispatch.lifecycle.control``'s) on each selected slot, by name."""
+    ok = 0
+    for slot in queryset:
+        try:
+            act(slot.name)
+        except control.ControlError as exc:
+            modeladmin.message_user(request, f"Not done for {slot.name}: {exc}", messages.ERROR)
+        else:
+            ok += 1
+    if ok:
+        modeladmin.message_user(request, f"{ok} slot(s) {done}.", messages.SUCCESS)
+
+
+@admin.action(description="Drain selected slots (finish in-flight requests, take no new ones)")
+def drain_slots(modeladmin: SlotAdmin, request: HttpRequest, queryset: QuerySet[Slot]) -> None:
+    _control_each(modeladmin, request, queryset, control.drain, states.DRAINING)
+
+
+@admin.action(description="Undrain selected slots (take requests again)")
+def undrain_slots(modeladmin: SlotAdmin, request: HttpRequest, queryset: QuerySet[Slot]) -> None:
+    _control_each(modeladmin, request, queryset, control.undrain, "taking requests again")
+
+
 @admin.register(Slot)
 class SlotAdmin(admin.ModelAdmin):
     form = SlotForm
     inlines = [SlotModelInline]
-    actions = [enable_slots, disable_slots]
+    actions = [enable_slots, disable_slots, drain_slots, undrain_slots]
     list_display = (
         "name",
         "shown_url",
@@ -168,6 +152,7 @@ class SlotAdmin(admin.ModelAdmin):
         "state",
         "default_model_id",
         "model_count",
+        "loads",
         "shared",
         "enabled",
         "is_default",
@@ -180,7 +165,14 @@ class SlotAdmin(admin.ModelAdmin):
         # A list is glanced at, shared on screens and screenshots: no credentials in it.
         return redact.masked(obj.url)
 
-    readonly_fields = ("state", "state_changed_at", "last_error", "drift_display")
+    readonly_fields = (
+        "state",
+        "state_changed_at",
+        "last_error",
+        "drift_display",
+        "loads_models",
+        "model_limit",
+    )
     fieldsets = (
         (None, {"fields": ("name", "url", "kind", "type", "device", "enabled", "is_default")}),
         ("Routing", {"fields": ("endpoints", "priority", "api_key_env")}),
@@ -193,12 +185,23 @@ class SlotAdmin(admin.ModelAdmin):
                     "first_byte_timeout_s",
                     "idle_timeout_s",
                     "max_duration_s",
+                    "unload_idle_s",
                 )
             },
         ),
         (
             "Runtime",
-            {"fields": ("state", "set_state", "state_changed_at", "last_error", "drift_display")},
+            {
+                "fields": (
+                    "state",
+                    "set_state",
+                    "state_changed_at",
+                    "last_error",
+                    "drift_display",
+                    "loads_models",
+                    "model_limit",
+                )
+            },
         ),
         (
             "hal0 manifest keys",
@@ -245,6 +248,10 @@ class SlotAdmin(admin.ModelAdmin):
     def model_count(self, obj: Slot) -> int:
         return int(getattr(obj, "n_models", obj.models.count()))
 
+    @admin.display(description="load state")
+    def loads(self, obj: Slot) -> str:
+        return slot_loads(obj)
+
     @admin.display(description="shared models")
     def shared(self, obj: Slot) -> str:
         others = shared_models([m.model_id for m in obj.models.all()], obj.pk)
@@ -266,34 +273,25 @@ class SlotAdmin(admin.ModelAdmin):
         )
 
     def save_model(self, request: HttpRequest, obj: Slot, form: Any, change: bool) -> None:
-        new_state = form.cleaned_data.get("set_state")
+        asked = form.cleaned_data.get("set_state")
         touched: list[str] = []
-        if new_state:
-            obj.state = new_state
-            obj.state_changed_at = timezone.now()
-            touched = ["state", "state_changed_at"]
-            if new_state == states.UNKNOWN:
-                obj.last_error = ""
-                touched.append("last_error")
+        if asked == states.UNKNOWN and obj.state != states.DRAINING:
+            # Probed afresh: the watcher's verdict and its error are forgotten.
+            obj.state, obj.state_changed_at, obj.last_error = states.UNKNOWN, timezone.now(), ""
+            touched = ["state", "state_changed_at", "last_error"]
         if not change:
             obj.save()
-            return
-        # Only what the form holds (and an asked-for state): the watcher may have written the
-        # runtime fields since this request read the slot, and its writes stand.
-        model_fields = {f.name for f in Slot._meta.concrete_fields}
-        obj.save(update_fields=[f for f in form.fields if f in model_fields] + touched)
-
-
-@admin.register(SlotModel)
-class SlotModelAdmin(admin.ModelAdmin):
-    list_display = ("model_id", "slot", "upstream_model", "source", "is_default", "also_on")
-    list_filter = ("source", "slot")
-    search_fields = ("model_id", "upstream_model", "slot__name")
-    list_select_related = ("slot",)
-
-    @admin.display(description="also on")
-    def also_on(self, obj: SlotModel) -> str:
-        return ", ".join(shared_models([obj.model_id], obj.slot_id).get(obj.model_id, [])) or "-"
+        else:
+            # Only what the form holds (and an asked-for state): the watcher may have written
+            # the runtime fields since this request read the slot, and its writes stand.
+            model_fields = {f.name for f in Slot._meta.concrete_fields}
+            obj.save(update_fields=[f for f in form.fields if f in model_fields] + touched)
+        # Draining and its end through the operator's hands, as the slot actions, `manage.py
+        # slots` and the page's buttons: the same row written, whichever asked.
+        if asked == states.DRAINING:
+            control.drain(obj.name)
+        elif asked == states.UNKNOWN and not touched:
+            control.undrain(obj.name)
 
 
 class ApiKeyForm(forms.ModelForm):

@@ -201,6 +201,8 @@ class Slot(models.Model):
                 errors.setdefault(field, []).append("must be > 0")
         if self.max_duration_s is None or self.max_duration_s < 0:
             errors.setdefault("max_duration_s", []).append("must be >= 0 (0 = no cap)")
+        if self.unload_idle_s is None or self.unload_idle_s < 0:
+            errors.setdefault("unload_idle_s", []).append("must be >= 0 (0 = never)")
         if self.is_default:
             clash = Slot.objects.filter(type=self.type, is_default=True).exclude(pk=self.pk)
             if clash.exists():

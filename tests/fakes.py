@@ -68,6 +68,10 @@ class FakeUpstream:
     break_after_chunks: int | None = None  # drop the connection mid-stream
     set_cookie: str = ""  # a Set-Cookie header on every completion answer
     stream_usage: bool = False  # end a stream with a usage-only chunk, as OpenAI's API can
+    # SSE comment lines sent before a stream's first chunk, `comment_gap_s` apart: what a
+    # router in front says while a request waits (hal0web's ": hal0 queued position=2 ...").
+    stream_comments: list[str] = field(default_factory=list)
+    comment_gap_s: float = 0.0
     requests: list[Seen] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
     active: int = 0
@@ -226,6 +230,13 @@ class FakeUpstream:
 
         watcher = asyncio.create_task(watch())
         try:
+            for comment in self.stream_comments:
+                await send_part(send, f": {comment}\n\n".encode())
+                try:
+                    await asyncio.wait_for(gone.wait(), self.comment_gap_s)
+                    return
+                except TimeoutError:
+                    pass
             text = self.reply or f"hello from {self.name}"
             for i in range(self.chunks):
                 if gone.is_set():

@@ -27,6 +27,7 @@ def singletons() -> SimpleNamespace:
     from dispatch.upstream.forward import _nudged
     from dispatch.upstream.loads import loads
     from dispatch.upstream.outliers import outliers
+    from dispatch.web.live import loader_news
 
     return SimpleNamespace(
         store=store,
@@ -42,6 +43,7 @@ def singletons() -> SimpleNamespace:
         loads=loads,
         loader=loader.loader,
         held=persistence.held,
+        loader_news=loader_news,
     )
 
 
@@ -65,6 +67,8 @@ def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
         # The loader's queues' tasks belong to the finished test's loop: forgotten, not stopped.
         ("loader", the.loader.forget),
         ("held", the.held.clear),
+        # The loader's news a page connecting now would be shown.
+        ("loader news", the.loader_news.clear),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.urls import reverse
 
@@ -42,6 +44,7 @@ def form_data(slot: Slot, **overrides) -> dict[str, str]:
         "first_byte_timeout_s": str(slot.first_byte_timeout_s),
         "idle_timeout_s": str(slot.idle_timeout_s),
         "max_duration_s": str(slot.max_duration_s),
+        "unload_idle_s": str(slot.unload_idle_s),
         "state": slot.state,
         "extra": "{}",
     }
@@ -71,6 +74,8 @@ def form_data(slot: Slot, **overrides) -> dict[str, str]:
         )
         if m.is_default:
             data[f"{prefix}-{i}-is_default"] = "on"
+        if m.pinned:
+            data[f"{prefix}-{i}-pinned"] = "on"
     data.update(overrides)
     return {k: v for k, v in data.items() if v is not None}
 
@@ -266,6 +271,7 @@ def test_add_form_creates_a_slot(admin_client):
         "first_byte_timeout_s": "300",
         "idle_timeout_s": "120",
         "max_duration_s": "0",
+        "unload_idle_s": "0",
         "state": "unknown",
         "extra": "{}",
         "models-TOTAL_FORMS": "1",
@@ -343,3 +349,149 @@ def test_endpoints_are_shown_and_set_in_the_admin(admin_client, two_slots):
     assert "chat/completions, embeddings" in admin_client.get(CHANGELIST).content.decode()
     r = admin_client.post(change_url(hermes), {**form_data(hermes), "endpoints": ["video"]})
     assert r.status_code == 200 and "endpoints" in r.context["adminform"].form.errors
+
+
+# --- models on demand: load state shown; drain, load, unload, pin through lifecycle.control ---
+
+MODELS = reverse("admin:dispatch_slotmodel_changelist")
+
+
+def as_router(slot: Slot, limit: int = 1) -> None:
+    """The slot's server loads and unloads models when asked (as the watcher would find)."""
+    Slot.objects.filter(pk=slot.pk).update(loads_models=True, model_limit=limit, state="ready")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_drain_by_action_and_by_form_write_the_same_row(admin_client, two_slots):
+    primary, hermes = two_slots
+    Slot.objects.update(state="ready", last_error="an old probe's error")
+    r = admin_client.post(
+        CHANGELIST, {"action": "drain_slots", "_selected_action": [primary.pk]}, follow=True
+    )
+    assert "1 slot(s) draining." in r.content.decode()
+    r = admin_client.post(change_url(hermes), form_data(hermes, set_state="draining"))
+    assert r.status_code == 302
+    rows = {s.name: s for s in Slot.objects.all()}
+    assert {n: (s.state, s.last_error) for n, s in rows.items()} == {
+        "primary": ("draining", "an old probe's error"),
+        "agent-hermes": ("draining", "an old probe's error"),
+    }
+    assert all(s.state_changed_at is not None for s in rows.values())
+    assert store.table.slots["primary"].state == store.table.slots["agent-hermes"].state
+    # Undrained either way: unknown (probed afresh), the old error gone, both alike.
+    r = admin_client.post(
+        CHANGELIST, {"action": "undrain_slots", "_selected_action": [primary.pk]}, follow=True
+    )
+    assert "1 slot(s) taking requests again." in r.content.decode()
+    hermes.refresh_from_db()
+    r = admin_client.post(change_url(hermes), form_data(hermes, set_state="unknown"))
+    assert r.status_code == 302
+    assert set(Slot.objects.values_list("state", "last_error")) == {("unknown", "")}
+    assert store.table.slots["agent-hermes"].state == "unknown"
+
+
+def test_load_state_is_shown_on_the_slot_and_in_the_models_list(admin_client, two_slots):
+    primary, hermes = two_slots
+    as_router(primary, limit=2)
+    primary.models.filter(model_id="shared-7b").update(load_state="loading", load_progress=0.4)
+    primary.models.filter(model_id="p-only").update(
+        load_state="failed", load_error="out of memory", wanted="load"
+    )
+    hermes.models.filter(model_id="gemma3-270m").update(load_state="unloaded", pinned=True)
+    r = admin_client.get(change_url(primary))
+    html = r.content.decode()
+    assert "loading 40 %" in html and "failed: out of memory (asked: load)" in html
+    # What the watcher found the server to do: shown, never edited.
+    runtime = r.context["adminform"].form.fields
+    assert "loads_models" not in runtime and "model_limit" not in runtime
+    assert re.search(r'Loads models:</label>\s*<div class="readonly"><img[^>]+alt="True"', html)
+    assert re.search(r'Model limit:</label>\s*<div class="readonly">2</div>', html)
+    listing = admin_client.get(CHANGELIST).content.decode()
+    assert "shared-7b: loading 40 %; p-only: failed: out of memory (asked: load)" in listing
+    assert "(at most 2 loaded)" in listing
+    assert "gemma3-270m: unloaded; shared-7b: loaded" in listing  # the alias is gemma3-270m
+    models = admin_client.get(MODELS).content.decode()
+    assert "loading 40 %" in models and "as gemma3-270m" in models  # hermes, the alias
+    filtered = admin_client.get(MODELS, {"load_state__exact": "unloaded"}).content.decode()
+    assert "gemma3-270m" in filtered and "p-only" not in filtered
+
+
+def test_pinning_in_the_slot_form_pins_every_row_of_the_model(admin_client, two_slots):
+    _, hermes = two_slots
+    data = form_data(hermes)
+    row = next(k for k, v in data.items() if v == "gemma3-270m" and k.endswith("-model_id"))
+    data[row.replace("model_id", "pinned")] = "on"
+    r = admin_client.post(change_url(hermes), data)
+    assert r.status_code == 302, r.context["inline_admin_formsets"][0].formset.errors
+    pinned = dict(hermes.models.values_list("model_id", "pinned"))
+    assert pinned == {"gemma3-270m": True, "hermes": True, "shared-7b": False}
+    # Unticked on the alias: the model itself is unpinned too (one model on the server).
+    data = form_data(hermes)
+    data.pop(
+        next(k for k, v in data.items() if v == "hermes" and k.endswith("-model_id")).replace(
+            "model_id", "pinned"
+        )
+    )
+    r = admin_client.post(change_url(hermes), data)
+    assert r.status_code == 302
+    assert not hermes.models.filter(pinned=True).exists()
+
+
+def test_pinning_one_model_in_its_own_form_pins_its_alias(admin_client, two_slots):
+    _, hermes = two_slots
+    row = hermes.models.get(model_id="hermes")
+    url = reverse("admin:dispatch_slotmodel_change", args=[row.pk])
+    data = {
+        "slot": str(hermes.pk),
+        "model_id": "hermes",
+        "upstream_model": "gemma3-270m",
+        "source": "alias",
+        "pinned": "on",
+    }
+    r = admin_client.post(url, data)
+    assert r.status_code == 302, r.context["adminform"].form.errors
+    assert set(hermes.models.filter(pinned=True).values_list("model_id", flat=True)) == {
+        "hermes",
+        "gemma3-270m",
+    }
+
+
+def test_model_actions_ask_the_loader_and_say_what_was_refused(admin_client, two_slots):
+    primary, hermes = two_slots
+    as_router(hermes)
+    rows = {f"{m.slot.name}/{m.model_id}": m.pk for m in SlotModel.objects.select_related("slot")}
+
+    def act(action: str, *names: str) -> str:
+        chosen = [rows[n] for n in names]
+        r = admin_client.post(MODELS, {"action": action, "_selected_action": chosen}, follow=True)
+        return r.content.decode()
+
+    html = act("load_models", "agent-hermes/shared-7b", "primary/p-only")
+    assert "1 model(s) asked to load." in html
+    assert (
+        "Not done for primary/p-only: slot &#x27;primary&#x27; does not load or unload models"
+        in html
+    )
+    assert hermes.models.get(model_id="shared-7b").wanted == "load"
+    assert primary.models.get(model_id="p-only").wanted == ""
+    html = act("pin_models", "agent-hermes/hermes")
+    assert "1 model(s) pinned." in html
+    assert hermes.models.get(model_id="gemma3-270m").pinned  # through its alias
+    html = act("unload_models", "agent-hermes/gemma3-270m")
+    assert "&#x27;gemma3-270m&#x27; is pinned; unpin it first" in html
+    assert hermes.models.get(model_id="gemma3-270m").wanted == ""
+    assert "1 model(s) unpinned." in act("unpin_models", "agent-hermes/gemma3-270m")
+    assert "1 model(s) asked to unload." in act("unload_models", "agent-hermes/gemma3-270m")
+    assert hermes.models.get(model_id="gemma3-270m").wanted == "unload"
+    assert not SlotModel.objects.filter(pinned=True).exists()
+
+
+def test_unload_idle_is_set_in_the_form(admin_client, two_slots):
+    primary, _ = two_slots
+    r = admin_client.post(change_url(primary), form_data(primary, unload_idle_s="600"))
+    assert r.status_code == 302
+    assert Slot.objects.get(pk=primary.pk).unload_idle_s == 600
+    r = admin_client.post(change_url(primary), form_data(primary, unload_idle_s="-1"))
+    assert r.status_code == 200  # refused: a negative idle time means nothing
+    assert "must be &gt;= 0 (0 = never)" in r.content.decode()
+    assert Slot.objects.get(pk=primary.pk).unload_idle_s == 600

@@ -87,7 +87,22 @@ async def test_snapshot_on_connect(app, cookie, slots):
             "upstream": "reap",
             "source": "alias",
             "default": False,
+            # Where the model is (a plain server's listing: loaded) and what choosing it does.
+            "load": "loaded",
+            "progress": None,
+            "load_error": "",
+            "pinned": False,
+            "would_unload": None,
         }
+        assert snap["loads"]["names"] == [
+            "loaded",
+            "loading",
+            "unloaded",
+            "unloading",
+            "failed",
+            "sleeping",
+        ]
+        assert snap["queues"] == []
         assert await comm.receive_nothing(timeout=0.2)
     finally:
         await comm.disconnect()

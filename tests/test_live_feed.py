@@ -122,3 +122,47 @@ def test_the_feed_tells_the_pages_when_the_state_turns_stale(told):
     freshness = {"stale": True, "probed_at": None, "leader": None}
     sync.freshness_changed.notify(freshness)
     assert told == [{"type": "watcher", **freshness}]
+
+
+def test_the_loaders_news_reaches_the_pages_as_a_queue_event(told):
+    """The leading loader's news (heard by every process through sync) becomes one `queue`
+    event for this process's pages: who waits, in order, without whose load failed why."""
+    news = {
+        "type": "loads",
+        "slot": "primary",
+        "loading": "gemma3",
+        "progress": 0.4,
+        "evicting": "smollm2",
+        "queue": [
+            {"ticket": "r1", "model": "gemma3", "since": 100.0},
+            {"ticket": "r2", "model": "smollm2", "since": 101.5},
+        ],
+        "failed": {"r0": "out of memory at /home/someone/models"},
+        "at": 114.0,
+    }
+    sync.loads_news.notify(news)
+    assert told == [
+        {
+            "type": "queue",
+            "slot": "primary",
+            "loading": "gemma3",
+            "progress": 0.4,
+            "evicting": "smollm2",
+            "queue": [
+                {"ticket": "r1", "model": "gemma3", "since": 100.0, "position": 1},
+                {"ticket": "r2", "model": "smollm2", "since": 101.5, "position": 2},
+            ],
+            "at": 114.0,
+        }
+    ]
+    # A page that connects now is shown it in its snapshot; once the loader is idle, not.
+    assert live.loader_news.latest(["primary"]) == told
+    assert live.loader_news.latest(["another"]) == []
+    sync.loads_news.notify({"slot": "primary", "loading": None, "queue": [], "at": 120.0})
+    assert told[-1]["queue"] == [] and told[-1]["loading"] is None
+    assert live.loader_news.latest() == []
+
+
+def test_news_without_a_slot_tells_nobody(told):
+    sync.loads_news.notify({"type": "loads", "queue": []})
+    assert told == []

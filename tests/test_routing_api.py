@@ -158,8 +158,15 @@ def test_models_lists_each_model_once_and_the_rest_on_request(client):
             "state": state,
             "source": "manifest",
             "endpoints": ["chat/completions", "completions", "messages", "responses"],
+            # A plain OpenAI-compatible server: what it lists is loaded.
+            "load": "loaded",
+            "progress": None,
+            "load_error": None,
+            "pinned": False,
+            "would_unload": None,
         }
     ]
+    assert bare["status"] == {"value": "loaded"}
     every = client.get("/v1/models?all=true").json()["data"]
     by_id = {m["id"]: m for m in every}
     pinned = by_id[f"agent-hermes/{HERMES_MODEL}"]

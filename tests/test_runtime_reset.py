@@ -20,6 +20,9 @@ def test_a_reset_puts_back_what_a_test_left_in_the_runtime() -> None:
     the.keyring._loaded = True
     the.watcher._probed_at["a"] = object()
     the.leadership.leading = True
+    the.loader_news.note(
+        {"type": "queue", "slot": "a", "loading": "m", "evicting": None, "queue": []}
+    )
 
     runtime.reset()
 
@@ -28,6 +31,7 @@ def test_a_reset_puts_back_what_a_test_left_in_the_runtime() -> None:
     assert not the.admission.inflight and not the.outliers.overlay()
     assert not the.store._loaded and not the.keyring._loaded
     assert not the.watcher._probed_at and not the.leadership.leading
+    assert not the.loader_news.latest()
 
 
 def test_a_reset_of_some_parts_leaves_the_others() -> None:

@@ -23,7 +23,7 @@ from dispatch.web.snapshots import slot_payload
 
 # What the table entry, the payload and the manifest add of their own (derived, not stored).
 ENTRY_OWN = {"models", "default_model", "endpoints_listed"}
-PAYLOAD_OWN = {"models", "default_model", "endpoints_listed", "inflight"}
+PAYLOAD_OWN = {"models", "default_model", "endpoints_listed", "inflight", "drain"}
 MANIFEST_OWN = {"path", "default_model", "models", "aliases", "extra"}
 
 # A value other than the default for every field: a new field needs one here.

@@ -193,3 +193,105 @@ def test_export_refuses_extra_keys_toml_cannot_carry(tmp_path):
     with pytest.raises(CommandError, match=r"primary: extra\.server\.host: TOML has no null"):
         run("export", str(tmp_path / "out"))
     assert not (tmp_path / "out" / "agent-hermes.toml").exists()  # all or nothing
+
+
+# --- the operator's hands: drain, undrain, load, unload, pin, unpin --------------------------
+
+
+@pytest.fixture
+def router_slot():
+    """A slot whose server loads and unloads models when asked (llama.cpp's router, say)."""
+    slot = add_slot(
+        "router", "http://127.0.0.1:9/v1", ["gemma3", "smollm2"], aliases={"g": "gemma3"}
+    )
+    Slot.objects.filter(pk=slot.pk).update(loads_models=True, model_limit=1, state="ready")
+    return slot
+
+
+def test_drain_and_undrain(router_slot):
+    out = run("drain", "router")
+    assert out == "slot router is draining: no new requests, those in flight finish\n"
+    slot = Slot.objects.get(name="router")
+    assert slot.state == "draining" and slot.state_changed_at is not None
+    run("drain", "router")  # again: still draining, no error
+    assert Slot.objects.get(name="router").state == "draining"
+    assert run("undrain", "router") == "slot router takes requests again (probed afresh)\n"
+    assert Slot.objects.get(name="router").state == "unknown"
+
+
+def test_load_and_unload_are_asked_of_the_loader(router_slot):
+    assert run("load", "router", "smollm2") == "asked slot router to load smollm2\n"
+    assert SlotModel.objects.get(slot=router_slot, model_id="smollm2").wanted == "load"
+    run("unload", "router", "gemma3")
+    assert SlotModel.objects.get(slot=router_slot, model_id="gemma3").wanted == "unload"
+
+
+def test_pin_and_unpin_every_row_of_the_same_model(router_slot):
+    assert run("pin", "router", "g") == "g on router pinned\n"
+    rows = dict(SlotModel.objects.filter(slot=router_slot).values_list("model_id", "pinned"))
+    assert rows == {"gemma3": True, "g": True, "smollm2": False}  # the alias is the same model
+    with pytest.raises(CommandError, match="'gemma3' is pinned; unpin it first"):
+        run("unload", "router", "gemma3")
+    assert run("unpin", "router", "gemma3") == "gemma3 on router unpinned\n"
+    assert not SlotModel.objects.filter(slot=router_slot, pinned=True).exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("drain", "nope"), "no slot named 'nope'"),
+        (
+            ("load", "router", "nope"),
+            "slot 'router' has no model 'nope' (it has: gemma3, g, smollm2)",
+        ),
+        (("pin", "nope", "gemma3"), "no slot named 'nope'"),
+    ],
+)
+def test_control_errors_are_command_errors(router_slot, args, message):
+    with pytest.raises(CommandError) as exc:
+        run(*args)
+    assert str(exc.value) == message
+    assert exc.value.returncode == 1
+
+
+def test_a_slot_that_does_not_load_models_refuses_a_load():
+    add_slot("plain", "http://127.0.0.1:9/v1", ["m"])
+    with pytest.raises(CommandError, match="slot 'plain' does not load or unload models"):
+        run("load", "plain", "m")
+    assert SlotModel.objects.get(model_id="m").wanted == ""
+
+
+def test_list_shows_each_models_load_state(router_slot):
+    models = SlotModel.objects.filter(slot=router_slot)
+    models.filter(model_id="gemma3").update(load_state="loading", load_progress=0.4, pinned=True)
+    models.filter(model_id="smollm2").update(
+        load_state="failed",
+        load_error="out of\nmemory at http://user:pw@10.0.0.7:1/",
+        wanted="load",
+    )
+    line = next(line for line in run("list").splitlines() if line.startswith("router"))
+    assert "gemma3 [loading 40 %, pinned]" in line
+    assert "smollm2 [failed: out of memory at http://***@10.0.0.7:1/, asked: load]" in line
+    assert "g→gemma3" in line
+
+
+def test_a_control_error_exits_1_without_a_traceback_from_the_shell(tmp_path):
+    env = {
+        **os.environ,
+        "HAL0_DATA_DIR": str(tmp_path / "data"),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "HAL0_ENV_FILE": "/nonexistent",
+    }
+    migrate = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, capture_output=True
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    bad = subprocess.run(
+        [sys.executable, "manage.py", "slots", "drain", "nope"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "CommandError: no slot named 'nope'"

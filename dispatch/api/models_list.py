@@ -1,4 +1,10 @@
-"""/v1/models and /v1/models/{id}, answered from the routing table as the caller's key sees it."""
+"""/v1/models and /v1/models/{id}, answered from the routing table as the caller's key sees it.
+
+Each entry says where its model is, as llama.cpp's router does (``status: {"value":
+"loaded"}``, with ``progress`` while loading, ``failed`` and ``error`` after a failed load), so
+Open WebUI and other clients see the truth; the ``hal0`` object says it per slot, with the pin
+and what choosing the model there would unload first.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +17,69 @@ from django.http import HttpRequest, HttpResponse
 from dispatch.api.keys import authorize
 from dispatch.api.responses import fail
 from dispatch.coordination.store import store
+from dispatch.lib import redact
+from dispatch.routing import eviction, states
 from dispatch.routing.endpoints import BY_NAME
 from dispatch.routing.resolver import candidates
 from dispatch.routing.scopes import Scope, model_names
-from dispatch.routing.table import RoutingTable
+from dispatch.routing.table import RoutingTable, SlotEntry
 from dispatch.upstream.admission import admission
 from dispatch.wire.errors import ApiError
 
+# What the upstream's own listing may carry that is not the client's to see: llama.cpp's
+# router puts the command line of each model's child process (paths, flags, API keys on
+# it) in ``status.args``, and its preset in ``preset``. Dropped wherever they appear.
+_NEVER_SHOWN = frozenset({"args", "preset"})
 
-def _entry(model_id: str, fields: Any, owner: str, hal0: dict[str, Any]) -> dict[str, Any]:
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items() if k not in _NEVER_SHOWN}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
+def _entry(
+    model_id: str, fields: Any, owner: str, status: dict[str, Any], hal0: dict[str, Any]
+) -> dict[str, Any]:
     """One /v1/models entry: the upstream's own fields (context_length, capabilities, meta,
-    created, owned_by...) as its /models gave them, hal0web's id, and the `hal0` object."""
+    created, owned_by...) as its /models gave them, less what must not leak, hal0web's id,
+    the model's load status and the `hal0` object."""
     return {
         "created": 0,
         "owned_by": owner,
-        **fields,
+        **_scrubbed(dict(fields)),
         "id": model_id,
         "object": "model",
+        "status": status,
         "hal0": hal0,
+    }
+
+
+def _status(slot: SlotEntry, model_id: str) -> dict[str, Any]:
+    """The model's load state on ``slot``, in llama.cpp's router's shape."""
+    model = slot.models[model_id]
+    status: dict[str, Any] = {"value": model.load}
+    if model.load == states.LOAD_LOADING and model.progress is not None:
+        status["progress"] = model.progress
+    if model.load == states.FAILED:
+        status["failed"] = True
+        status["error"] = redact.masked(model.load_error)
+    return status
+
+
+def _load(slot: SlotEntry, model_id: str) -> dict[str, Any]:
+    """The `hal0` object's word on the model's load there: its state, progress and failure,
+    whether it is pinned, and which model (its server's id) choosing it would unload first."""
+    model = slot.models[model_id]
+    return {
+        "load": model.load,
+        # Only where they mean something (a progress left from a finished load would not).
+        "progress": model.progress if model.load == states.LOAD_LOADING else None,
+        "load_error": redact.masked(model.load_error) if model.load == states.FAILED else None,
+        "pinned": model.pinned,
+        "would_unload": eviction.would_unload(slot, model_id),
     }
 
 
@@ -60,11 +111,14 @@ def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[
         ):
             continue
         first = ranked[0][0]
+        # Loaded if any slot has it ready to answer, else as the first slot has it.
+        ready = [s for s, _, _ in ranked if s.models[model_id].load in states.SERVABLE]
         data.append(
             _entry(
                 model_id,
                 _upstream_fields(first, model_id),
                 first.name,
+                _status((ready or [first])[0], model_id),
                 {
                     "slots": [
                         {
@@ -72,6 +126,7 @@ def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[
                             "state": slot.state,
                             "source": source,
                             "endpoints": sorted(slot.endpoints),
+                            **_load(slot, model_id),
                         }
                         for slot, _, source in ranked
                     ]
@@ -91,11 +146,13 @@ def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[
                     f"{slot.name}/{model_id}",
                     _upstream_fields(slot, model_id),
                     slot.name,
+                    _status(slot, model_id),
                     {
                         "slot": slot.name,
                         "state": slot.state,
                         "source": model.source,
                         "endpoints": sorted(slot.endpoints),
+                        **_load(slot, model_id),
                     },
                 )
             )

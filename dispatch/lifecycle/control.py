@@ -84,9 +84,42 @@ def drain(slot_name: str) -> None:
 
 
 def undrain(slot_name: str) -> None:
-    """Take requests again: the slot is probed afresh (``unknown`` until then)."""
+    """Take requests again: the slot is probed afresh (``unknown`` until then, with no error
+    of a probe made before)."""
     with transaction.atomic():
         slot = _slot(slot_name)
         if slot.state == states.DRAINING:
             slot.state, slot.state_changed_at = states.UNKNOWN, timezone.now()
-            slot.save(update_fields=["state", "state_changed_at"])
+            slot.last_error = ""
+            slot.save(update_fields=["state", "state_changed_at", "last_error"])
+
+
+# The actions by name, as `manage.py slots` and the page's staff buttons take them: name ->
+# (what it does, whether it names a model).
+ACTIONS: dict[str, tuple[str, bool]] = {
+    "drain": ("take no new requests; those in flight finish", False),
+    "undrain": ("take requests again (the slot is probed afresh)", False),
+    LOAD: ("ask the slot's server to load MODEL (through hal0web's loader)", True),
+    UNLOAD: ("ask the slot's server to unload MODEL", True),
+    "pin": ("never unload MODEL to make room or when idle", True),
+    "unpin": ("let MODEL be unloaded again", True),
+}
+
+
+def act(action: str, slot_name: str, model_id: str | None = None) -> str:
+    """One of :data:`ACTIONS` by name; what is now so, in a line. ControlError if refused."""
+    if action not in ACTIONS:
+        raise ControlError(f"no action {action!r}; the actions: {', '.join(ACTIONS)}")
+    if action == "drain":
+        drain(slot_name)
+        return f"slot {slot_name} is draining: no new requests, those in flight finish"
+    if action == "undrain":
+        undrain(slot_name)
+        return f"slot {slot_name} takes requests again (probed afresh)"
+    if not model_id:
+        raise ControlError(f"{action} needs a model")
+    if action in ("pin", "unpin"):
+        pin(slot_name, model_id, action == "pin")
+        return f"{model_id} on {slot_name} {action}ned"
+    ask(slot_name, model_id, action)
+    return f"asked slot {slot_name} to {action} {model_id}"

@@ -136,6 +136,16 @@ LOAD_TONES: Mapping[str, str] = MappingProxyType(
 DRAINED = "drained"
 
 
+def load_words(load: str, progress: float | None = None, error: str = "") -> str:
+    """A model's load state in the operator's words: ``loading 40 %``, ``failed: <why>``
+    (the admin, ``manage.py slots list``; the page builds the same from its payload)."""
+    if load == LOAD_LOADING and progress is not None:
+        return f"{load} {round(progress * 100)} %"
+    if load == FAILED and error:
+        return f"{load}: {error}"
+    return load
+
+
 def page_loads() -> dict[str, object]:
     """What the page needs to know of model load states (in the WebSocket snapshot)."""
     return {

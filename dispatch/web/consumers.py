@@ -19,18 +19,31 @@ from dispatch.coordination import events
 from dispatch.coordination.store import store
 from dispatch.upstream.admission import admission
 from dispatch.upstream.outliers import outliers
+from dispatch.web.live import loader_news
 from dispatch.web.snapshots import snapshot
 
 
 def _public_slot(slot: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in slot.items() if k != "url"}
     # A probe's error quotes the host it could not reach ("Cannot connect to host 10.0.0.7:8002
-    # ..."): the part of the URL a non-staff page must not learn from the error either.
+    # ..."): the part of the URL a non-staff page must not learn from the error either; nor
+    # from why a model's load failed.
     host = urlsplit(slot.get("url") or "").hostname
-    if host and isinstance(out.get("last_error"), str):
-        out["last_error"] = re.sub(
-            re.escape(host), "(the slot's host)", out["last_error"], flags=re.I
-        )
+    if not host:
+        return out
+
+    def hidden(text: str) -> str:
+        return re.sub(re.escape(host), "(the slot's host)", text, flags=re.I)
+
+    if isinstance(out.get("last_error"), str):
+        out["last_error"] = hidden(out["last_error"])
+    if isinstance(out.get("models"), list):
+        out["models"] = [
+            {**m, "load_error": hidden(m["load_error"])}
+            if isinstance(m, dict) and isinstance(m.get("load_error"), str)
+            else m
+            for m in out["models"]
+        ]
     return out
 
 
@@ -78,7 +91,13 @@ class DispatchConsumer(AsyncWebsocketConsumer):
     async def _send_snapshot(self) -> None:
         table = await store.ensure_loaded()
         await self._send_event(
-            snapshot(table, admission.inflight, store.freshness(), outliers.overlay())
+            snapshot(
+                table,
+                admission.inflight,
+                store.freshness(),
+                outliers.overlay(),
+                loader_news.latest(table.slots),
+            )
         )
 
     async def _send_event(self, event: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 The rooms below know nothing of pages. Each keeps a listener list for what it changes: the
 table store ("the table changed from old to new"), admission ("a slot's in-flight count
 changed"), outliers ("an ejection began or ended"), the decisions ("a decision was
-recorded") and sync ("the table turned stale, or fresh again"). ``install`` subscribes this
+recorded") and sync ("the table turned stale, or fresh again"; "the leading loader says
+what it loads, evicts and keeps waiting"). ``install`` subscribes this
 module to all of them, once, from ``DispatchConfig.ready``; each listener builds the event
 the page script expects and hands it to ``dispatch.coordination.events``, the bus.
 
@@ -15,7 +16,7 @@ answer (``dispatch.web.snapshots``), not an event of this feed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from dispatch.coordination import events, sync
@@ -124,6 +125,59 @@ def watcher_event(freshness: Mapping[str, object]) -> Event:
     return {"type": "watcher", **freshness}
 
 
+def queue_event(news: Mapping[str, Any]) -> Event:
+    """The leading loader's news of one slot (``dispatch.coordination.sync.loads_news``), as
+    the pages show it: the model it loads and how far, the one it evicts, and the requests
+    waiting, in order (``position`` counts from 1). Which load failed for whom stays out:
+    the waiting request hears that itself, in its answer."""
+    queue = news.get("queue") or []
+    # The news names the model it loads by that model's load state (`loading`), as the page
+    # event does.
+    return {
+        "type": "queue",
+        "slot": news.get("slot"),
+        states.LOAD_LOADING: news.get(states.LOAD_LOADING),
+        "progress": news.get("progress"),
+        "evicting": news.get("evicting"),
+        "queue": [
+            {
+                "ticket": w.get("ticket"),
+                "model": w.get("model"),
+                "since": w.get("since"),
+                "position": i,
+            }
+            for i, w in enumerate(queue, 1)
+            if isinstance(w, Mapping)
+        ],
+        "at": news.get("at"),
+    }
+
+
+class LoaderNews:
+    """The latest ``queue`` event per slot, for the snapshot of a page that connects while a
+    load or a wait is under way; a slot whose loader is idle again is forgotten."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, Event] = {}
+
+    def note(self, event: Event) -> None:
+        slot = event.get("slot")
+        if not isinstance(slot, str):
+            return
+        if event[states.LOAD_LOADING] or event["evicting"] or event["queue"]:
+            self._latest[slot] = event
+        else:
+            self._latest.pop(slot, None)
+
+    def latest(self, slots: Iterable[str] | None = None) -> list[Event]:
+        """What is under way, for the slots still in the table (all when not given)."""
+        keep = None if slots is None else set(slots)
+        return [e for name, e in self._latest.items() if keep is None or name in keep]
+
+    def clear(self) -> None:
+        self._latest.clear()
+
+
 class InflightReporter:
     """Tells the pages how busy each slot is, at most every ``interval`` seconds.
 
@@ -192,7 +246,18 @@ def _freshness_changed(freshness: Mapping[str, object]) -> None:
     events.tell_own_pages(watcher_event(freshness))
 
 
+def _loader_said(news: Mapping[str, Any]) -> None:
+    # Every process hears the leading loader (dispatch.coordination.sync) and tells its own
+    # pages, as with table changes: each page hears it once.
+    if not isinstance(news.get("slot"), str):
+        return
+    event = queue_event(news)
+    loader_news.note(event)
+    events.tell_own_pages(event)
+
+
 _inflight = InflightReporter(admission.inflight)
+loader_news = LoaderNews()
 _installed = False
 
 
@@ -208,3 +273,4 @@ def install() -> None:
     admission.on_change(_inflight.note)
     decisions.recorded.add(_decided)
     sync.freshness_changed.add(_freshness_changed)
+    sync.loads_news.add(_loader_said)

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from dispatch.lib import redact
-from dispatch.routing import slot_fields, states
-from dispatch.routing.table import RoutingTable, SlotEntry
+from dispatch.routing import eviction, slot_fields, states
+from dispatch.routing.table import ModelEntry, RoutingTable, SlotEntry
 
 # What dispatch.upstream.outliers lays over the table: slot name -> (state, reason).
 Overlay = Mapping[str, tuple[str, str]]
@@ -37,19 +37,32 @@ def slot_payload(
         "state": state,
         "last_error": redact.masked(last_error),
         "default_model": slot.default_model,
-        "models": [
-            {
-                "id": m.model_id,
-                "upstream": m.upstream_model,
-                "source": m.source,
-                "default": m.is_default,
-            }
-            for m in models
-        ],
+        "models": [_model_payload(slot, m) for m in models],
+        # The operator's draining: the page counts what is still in flight (`drained` at 0).
+        "drain": slot.enabled and slot.state == states.DRAINING,
         "drift": list(slot.drift),
         "endpoints": sorted(slot.endpoints),
         "endpoints_listed": slot.endpoints_listed,
         "inflight": inflight,
+    }
+
+
+def _model_payload(slot: SlotEntry, m: ModelEntry) -> dict[str, Any]:
+    """A model as the picker and the slot's card show it: where it is (load state, progress,
+    why its last load failed), whether it is pinned, and which model (its server's id)
+    choosing it would unload first."""
+    return {
+        "id": m.model_id,
+        "upstream": m.upstream_model,
+        "source": m.source,
+        "default": m.is_default,
+        "load": m.load,
+        # Only where they mean something: a progress left from a finished load, or the
+        # reason of a failure a later load made good, would mislead.
+        "progress": m.progress if m.load == states.LOAD_LOADING else None,
+        "load_error": redact.masked(m.load_error) if m.load == states.FAILED else "",
+        "pinned": m.pinned,
+        "would_unload": eviction.would_unload(slot, m.model_id),
     }
 
 
@@ -58,6 +71,7 @@ def snapshot(
     inflight: Mapping[str, int],
     watcher: Mapping[str, object],
     overlay: Overlay | None = None,
+    queues: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     over = overlay or {}
     return {
@@ -69,4 +83,8 @@ def snapshot(
         "watcher": dict(watcher),
         # The page names, groups and explains states as the server does (it has no copy).
         "states": states.page_states(),
+        "loads": states.page_loads(),
+        # The loader's latest word per slot (a load, an eviction, the requests waiting), as
+        # the live feed's `queue` events carry it (dispatch.web.live).
+        "queues": list(queues or ()),
     }

@@ -1,5 +1,8 @@
 // hal0web chat page: a slot picker kept live over the WebSocket, streaming chat through
-// /v1/chat/completions, and a side panel of slot cards and recent routing decisions.
+// /v1/chat/completions, and a side panel of slot cards and recent routing decisions. Each
+// model shows where it is (loaded, loading 40 %, unloaded, failed) and what choosing it would
+// unload; each slot what its loader is doing and who waits; staff get buttons to drain a slot
+// and to load, unload and pin its models.
 
 const $ = (id) => document.getElementById(id);
 const app = $("app");
@@ -18,6 +21,9 @@ const messagesList = $("messages");
 const slotsPanel = $("slots");
 const logList = $("log");
 const liveBadge = $("live");
+const modelNote = $("model-note");
+// The staff buttons' endpoint (dispatch/web/operator.py): staff pages only are given it.
+const controlUrl = app.dataset.control ?? null;
 
 const STORE_KEY = "hal0.model";
 const LOG_SIZE = 50;
@@ -32,6 +38,13 @@ let watcher = { stale: false, probed_at: null };
 // slot: the badge a stale watcher leaves, why a slot in each unusable state cannot take a
 // request, and the tone (ok, warn, bad) each is shown in.
 let states = null;
+// The model load states' words and tones, and the word for a drained slot (the snapshot's).
+let loads = { names: [], servable: [], tones: {}, drained: "" };
+// The leading loader's latest word per slot: what it loads and evicts, who waits, in order.
+const queues = new Map(); // slot name -> its last `queue` event
+const notes = new Map(); // slot name -> {text, failed}: what the last staff button did
+// The request this page is waiting on, until its first token: its queue line shows meanwhile.
+let pending = null;
 const conversation = []; // the {role, content} turns sent with every request
 // Why this slot: the live decision event carries each request's explanation. It may come
 // before or after the page has its answer's request id, so both sides wait for the other.
@@ -91,32 +104,88 @@ function unusable(slot) {
 
 // ---- the model picker ----------------------------------------------------------------------
 
-let pickerShows = ""; // what the picker was last built from: unchanged input, no rebuild
+const percent = (progress) => `${Math.round(progress * 100)} %`;
+
+// A model's load state in a few words: "loaded", "loading 40 %", "failed".
+function loadLabel(model) {
+  return model.progress === null || model.progress === undefined
+    ? model.load
+    : `${model.load} ${percent(model.progress)}`;
+}
+
+// What choosing the model would do first, in words (null: nothing to say).
+function evictionPreview(model) {
+  return model.would_unload ? `choosing ${model.id} unloads ${model.would_unload}` : null;
+}
+
+// Each slot's group and options as the picker shows them, from the slots' payloads.
+function pickerModel() {
+  return sortedSlots().map((slot) => {
+    const reason = unusable(slot);
+    return {
+      slot: slot.name,
+      state: slot.state,
+      label: `${slot.name} · ${slot.state}`,
+      options: slot.models.map((model) => {
+        const name = model.source === "alias" ? `${model.id} → ${model.upstream}` : model.id;
+        const details = [
+          `${slot.name} · ${model.source}`,
+          model.load_error ? `${model.load}: ${model.load_error}` : null,
+          evictionPreview(model),
+        ];
+        return {
+          value: `${slot.name}/${model.id}`,
+          text: `${model.default ? `${name} (default)` : name} · ${loadLabel(model)}`,
+          disabled: reason !== null,
+          title: reason ?? details.filter(Boolean).join(" · "),
+          load: model.load,
+        };
+      }),
+    };
+  });
+}
+
+let pickerShows = ""; // the groups and options the picker was last built with
 
 function renderPicker() {
-  // Rebuilding closes a dropdown the user has open, so only do it when something shown changed.
+  const groups = pickerModel();
+  // Rebuilding closes a dropdown the user has open: only when groups or options come or go or
+  // change their state; a new label (a load's progress) is written into the options in place.
   const shows = JSON.stringify(
-    sortedSlots().map((s) => [s.name, s.state, s.type, s.endpoints, s.last_error, s.models]),
+    groups.map((g) => [g.slot, g.state, g.options.map((o) => [o.value, o.disabled])]),
   );
-  if (shows === pickerShows) return;
-  pickerShows = shows;
-  const wanted = localStorage.getItem(STORE_KEY) || picker.value;
-  const groups = sortedSlots().map((slot) => {
-    const reason = unusable(slot);
-    const group = h("optgroup", {
-      label: `${slot.name} · ${slot.state}`,
-      dataset: { slot: slot.name, state: slot.state },
-    });
-    for (const model of slot.models) {
-      const label = model.source === "alias" ? `${model.id} → ${model.upstream}` : model.id;
-      const option = new Option(model.default ? `${label} (default)` : label, `${slot.name}/${model.id}`);
-      option.disabled = reason !== null;
-      option.title = reason ?? `${slot.name} · ${model.source}`;
-      group.append(option);
+  if (shows !== pickerShows) {
+    pickerShows = shows;
+    rebuildPicker(groups);
+  } else {
+    const byValue = new Map([...picker.options].map((o) => [o.value, o]));
+    for (const group of groups) {
+      for (const o of group.options) {
+        const option = byValue.get(o.value);
+        if (option.text !== o.text) option.text = o.text;
+        if (option.title !== o.title) option.title = o.title;
+        option.dataset.load = o.load;
+      }
     }
-    return group;
-  });
-  picker.replaceChildren(...groups);
+  }
+  renderModelNote();
+}
+
+function rebuildPicker(groups) {
+  const wanted = localStorage.getItem(STORE_KEY) || picker.value;
+  picker.replaceChildren(
+    ...groups.map((g) => {
+      const group = h("optgroup", { label: g.label, dataset: { slot: g.slot, state: g.state } });
+      for (const o of g.options) {
+        const option = new Option(o.text, o.value);
+        option.disabled = o.disabled;
+        option.title = o.title;
+        option.dataset.load = o.load;
+        group.append(option);
+      }
+      return group;
+    }),
+  );
   // Keep the user's choice even while its slot is unusable (it comes back when the slot
   // does); only a choice that no longer exists falls back to the first usable model.
   const options = [...picker.options];
@@ -125,23 +194,144 @@ function renderPicker() {
   picker.value = (keep ?? fallback ?? { value: "" }).value;
 }
 
-picker.addEventListener("change", () => localStorage.setItem(STORE_KEY, picker.value));
+// The chosen model: its slot's payload and its own, or nulls.
+function chosen() {
+  const [name, ...rest] = picker.value.split("/");
+  const slot = slots.get(name);
+  const model = slot?.models.find((m) => m.id === rest.join("/"));
+  return { slot: slot ?? null, model: model ?? null };
+}
+
+// Under the picker: what choosing the model would unload, or why its last load failed.
+function renderModelNote() {
+  const { model } = chosen();
+  const text = !model
+    ? ""
+    : evictionPreview(model) ?? (model.load_error ? `${model.id} ${model.load}: ${model.load_error}` : "");
+  if (modelNote.textContent !== text) modelNote.textContent = text;
+}
+
+picker.addEventListener("change", () => {
+  localStorage.setItem(STORE_KEY, picker.value);
+  renderModelNote();
+});
 
 // ---- the side panel ------------------------------------------------------------------------
+
+// The slot's state as its badge says it: a draining slot counts what it still has in flight,
+// and reads "drained" once nothing is left.
+function badgeText(slot, state) {
+  if (!slot.drain || watcher.stale) return state;
+  return slot.inflight > 0 ? `${state} (${slot.inflight} in flight)` : loads.drained;
+}
+
+// A staff button; the click is handled once for the whole panel (see `control`).
+function controlButton(text, label, data) {
+  return h("button", { type: "button", className: "control", ariaLabel: label, dataset: data }, text);
+}
+
+function modelItem(slot, m) {
+  const alias = m.source === "alias";
+  const item = h(
+    "li",
+    { dataset: { model: m.id, load: m.load } },
+    h("code", {}, m.id),
+    m.default ? " default" : "",
+    alias ? ` → ${m.upstream}` : "",
+    m.source === "discovered" ? " (discovered)" : "",
+    // An alias is its model: its state is that model's, shown there.
+    alias
+      ? null
+      : h(
+          "span",
+          { className: `load tone-${loads.tones[m.load] ?? "none"}`, title: m.load_error ?? "" },
+          ` · ${loadLabel(m)}${m.load_error ? `: ${m.load_error}` : ""}`,
+        ),
+    m.pinned && !alias ? h("span", { className: "pinned" }, " · pinned") : null,
+  );
+  if (controlUrl && !alias) {
+    const data = { slot: slot.name, model: m.id };
+    const buttons = [];
+    if (slot.loads_models) {
+      const loaded = loads.servable.includes(m.load);
+      const action = loaded ? "unload" : "load";
+      buttons.push(controlButton(loaded ? "Unload" : "Load", `${loaded ? "Unload" : "Load"} ${m.id}`, { ...data, action }));
+    }
+    const pin = m.pinned ? "unpin" : "pin";
+    buttons.push(controlButton(m.pinned ? "Unpin" : "Pin", `${m.pinned ? "Unpin" : "Pin"} ${m.id}`, { ...data, action: pin }));
+    item.append(h("span", { className: "controls" }, ...buttons));
+  }
+  return item;
+}
+
+const ORDINALS = { one: "st", two: "nd", few: "rd", other: "th" };
+const ordinalRules = new Intl.PluralRules("en", { type: "ordinal" });
+const ordinal = (n) => `${n}${ORDINALS[ordinalRules.select(n)]}`;
+
+// How long ago (the loader's clock; `at` is when it spoke, received `heardAt` here).
+function waited(q, since) {
+  const now = q.at + (performance.now() - q.heardAt) / 1000;
+  return `${Math.max(0, Math.round(now - since))} s`;
+}
+
+// What the loader is doing for the slot: "loading gemma3 40 %", "evicting smollm2".
+function loaderDoing(q) {
+  const doing = [];
+  if (q.loading) doing.push(`loading ${q.loading}${q.progress === null || q.progress === undefined ? "" : ` ${percent(q.progress)}`}`);
+  if (q.evicting) doing.push(`evicting ${q.evicting}`);
+  return doing;
+}
+
+// The slot's queue: what its loader does, and who waits, in order.
+function queueBlock(slot) {
+  const q = queues.get(slot.name);
+  if (!q) return null;
+  const counts = new Map();
+  for (const w of q.queue) counts.set(w.model, (counts.get(w.model) ?? 0) + 1);
+  const summary = [...counts].map(([model, n]) => `${model} ×${n}`).join(", ");
+  return h(
+    "div",
+    { className: "queue", dataset: { slot: slot.name } },
+    ...loaderDoing(q).map((line) => h("p", { className: "doing" }, line)),
+    q.queue.length ? h("p", { className: "waiting" }, `queued: ${q.queue.length} (${summary})`) : null,
+    q.queue.length
+      ? h(
+          "ol",
+          { className: "waiters" },
+          ...q.queue.map((w) => h("li", { dataset: { position: w.position } }, `${w.model} · ${waited(q, w.since)}`)),
+        )
+      : null,
+  );
+}
 
 function slotCard(slot) {
   const limit = slot.max_concurrency ? ` / ${slot.max_concurrency}` : "";
   const state = watcher.stale ? states.unknown : slot.state;
-  const models = slot.models.map((m) =>
-    h("li", {}, h("code", {}, m.id), m.default ? " default" : "", m.source === "alias" ? ` → ${m.upstream}` : "",
-      m.source === "discovered" ? " (discovered)" : ""),
-  );
+  const models = slot.models.map((m) => modelItem(slot, m));
+  const note = notes.get(slot.name);
+  const drained = slot.drain && slot.inflight === 0;
   return h(
     "article",
-    { className: `slot state-${state} tone-${states.tones[state] ?? "none"}`, dataset: { slot: slot.name, state } },
-    h("header", {}, h("h3", {}, slot.name), h("span", { className: "badge" }, state)),
+    {
+      className: `slot state-${state} tone-${states.tones[state] ?? "none"}`,
+      dataset: { slot: slot.name, state, ...(slot.drain ? { drained: String(drained) } : {}) },
+    },
+    h(
+      "header",
+      {},
+      h("h3", {}, slot.name),
+      h("span", { className: "badge" }, badgeText(slot, state)),
+      controlUrl
+        ? controlButton(slot.drain ? "Undrain" : "Drain", `${slot.drain ? "Undrain" : "Drain"} ${slot.name}`, {
+            slot: slot.name,
+            action: slot.drain ? "undrain" : "drain",
+          })
+        : null,
+    ),
     h("p", { className: "meta" }, `${slot.kind} · ${slot.type} · in flight ${slot.inflight}${limit}`),
     h("ul", { className: "models" }, ...models),
+    slot.model_limit ? h("p", { className: "limit" }, `keeps at most ${slot.model_limit} loaded`) : null,
+    queueBlock(slot),
     h(
       "p",
       { className: "endpoints", title: slot.endpoints_listed ? "listed in its manifest" : `the defaults of type ${slot.type}` },
@@ -151,6 +341,7 @@ function slotCard(slot) {
       ? h("p", { className: "warn" }, `Declared but not served by the upstream: ${slot.drift.join(", ")}`)
       : null,
     slot.last_error ? h("p", { className: "error" }, slot.last_error) : null,
+    note ? h("p", { className: note.failed ? "note error" : "note", role: "status" }, note.text) : null,
   );
 }
 
@@ -213,6 +404,65 @@ function render() {
   renderSlots();
 }
 
+// ---- the loader's queue --------------------------------------------------------------------
+
+function noteQueue(ev) {
+  const held = queues.get(ev.slot);
+  if (held && held.at > ev.at) return; // an older word than the one shown
+  if (ev.loading || ev.evicting || ev.queue.length) {
+    queues.set(ev.slot, { ...ev, heardAt: performance.now() });
+  } else {
+    queues.delete(ev.slot);
+  }
+}
+
+// While anyone waits, the waits shown tick every second (only the queue blocks are redrawn).
+setInterval(() => {
+  if (pending) pending.show();
+  for (const block of slotsPanel.querySelectorAll(".queue")) {
+    const slot = slots.get(block.dataset.slot);
+    const fresh = slot ? queueBlock(slot) : null;
+    if (fresh) block.replaceWith(fresh);
+  }
+}, 1000);
+
+// ---- the staff buttons ---------------------------------------------------------------------
+
+async function control(button) {
+  const { action, slot, model } = button.dataset;
+  button.disabled = true;
+  notes.set(slot, { text: `${button.ariaLabel}…`, failed: false });
+  renderSlots();
+  try {
+    const response = await fetch(controlUrl, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
+      body: JSON.stringify({ action, slot, model }),
+    });
+    let body = {};
+    try {
+      body = await response.json();
+    } catch {
+      // not JSON (a proxy in between): the status has to do
+    }
+    notes.set(
+      slot,
+      response.ok
+        ? { text: body.message ?? "done", failed: false }
+        : { text: body.error?.message ?? `refused (${response.status})`, failed: true },
+    );
+  } catch (err) {
+    notes.set(slot, { text: `${button.ariaLabel} failed: ${err.message}`, failed: true });
+  }
+  renderSlots();
+}
+
+slotsPanel.addEventListener("click", (e) => {
+  const button = e.target.closest("button.control");
+  if (button && controlUrl) control(button);
+});
+
 // ---- the WebSocket -------------------------------------------------------------------------
 
 let backoff = BACKOFF_MIN_MS;
@@ -241,8 +491,12 @@ function onEvent(ev, socket) {
     tableVersion = ev.version;
     watcher = ev.watcher ?? watcher;
     states = ev.states ?? states;
+    loads = ev.loads ?? loads;
+    queues.clear();
+    for (const q of ev.queues ?? []) noteQueue(q);
     pickerShows = ""; // the states' words may have changed with the server: rebuild
     render();
+    pending?.show();
   } else if (ev.type === "watcher") {
     watcher = ev;
     renderSlots();
@@ -261,6 +515,10 @@ function onEvent(ev, socket) {
       if (slot) slot.inflight = count;
     }
     renderSlots();
+  } else if (ev.type === "queue") {
+    noteQueue(ev);
+    renderSlots();
+    pending?.show();
   } else if (ev.type === "dispatch.decision") {
     noteWhy(ev);
     logDecision(ev);
@@ -348,8 +606,9 @@ function addAnswer(model) {
   };
 }
 
-// The data payloads of a server-sent event stream, one string per event.
-async function* sseData(stream) {
+// A server-sent event stream's events: {data} per event, {comment} per comment line (hal0web
+// says where a waiting request stands in one: ": hal0 queued position=2 reason=loading ...").
+async function* sseEvents(stream) {
   const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
@@ -360,12 +619,15 @@ async function* sseData(stream) {
     while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
       const block = buffer.slice(0, end);
       buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
-      const data = block
-        .split(/\r?\n/)
+      const lines = block.split(/\r?\n/);
+      for (const line of lines) {
+        if (line.startsWith(":")) yield { comment: line.slice(1).trim() };
+      }
+      const data = lines
         .filter((line) => line.startsWith("data:"))
         .map((line) => line.slice(5).replace(/^ /, ""))
         .join("\n");
-      if (data) yield data;
+      if (data) yield { data };
     }
   }
 }
@@ -404,6 +666,65 @@ function statsLine(slot, resolution, started, firstAt, endedAt, tokens, note) {
   return parts.join(" · ");
 }
 
+// The page names its own request (X-Request-Id): the loader's queue lists each waiting
+// request by its id, so the page finds its own place there. Not crypto.randomUUID: a page
+// served over plain http on a LAN is no secure context, and has none.
+function newRequestId() {
+  return [...crypto.getRandomValues(new Uint8Array(16))]
+    .map((b) => b.toString(16).padStart(2, "0"))
+    .join("");
+}
+
+// Where the page's own request waits, while no token has come: "queued 2nd — loading gemma3,
+// 40 %, 14 s". From the stream's own comments when they came (exact), else from the loader's
+// queue of the chosen slot (its place there when listed by this request's id). Null: no wait.
+function waitingLine(wait) {
+  const secs = `${Math.round((performance.now() - wait.started) / 1000)} s`;
+  const told = wait.told;
+  if (told?.position) {
+    const what = [told.reason, told.model].filter(Boolean).join(" ");
+    const parts = [what, told.progress ? `${told.progress} %` : null, secs];
+    return `queued ${ordinal(Number(told.position))} — ${parts.filter(Boolean).join(", ")}`;
+  }
+  const q = queues.get(wait.slot);
+  if (!q) return null;
+  const mine = q.queue.find((w) => w.ticket === wait.requestId);
+  const where = mine
+    ? `queued ${ordinal(mine.position)}`
+    : q.queue.length
+      ? `queued (${q.queue.length} waiting)`
+      : "waiting";
+  const doing = q.loading
+    ? [`loading ${q.loading}`, q.progress === null || q.progress === undefined ? null : percent(q.progress)]
+    : loaderDoing(q);
+  return `${where} — ${[...doing, secs].filter(Boolean).join(", ")}`;
+}
+
+function waitFor(answer, model, requestId, started) {
+  return {
+    slot: model.split("/")[0], // the picker's values are slot/model
+    requestId,
+    started,
+    told: null, // the last "hal0 queued" comment of the stream, as key=value pairs
+    base: `asking ${model}…`,
+    show() {
+      answer.meta(waitingLine(this) ?? this.base);
+    },
+  };
+}
+
+// ": hal0 queued position=2 reason=loading model=gemma3 progress=40" -> its pairs.
+function queuedComment(comment) {
+  const found = comment.match(/^hal0 queued\b(.*)$/);
+  if (!found) return null;
+  return Object.fromEntries(
+    found[1].trim().split(/\s+/).filter(Boolean).map((pair) => {
+      const at = pair.indexOf("=");
+      return at < 0 ? [pair, ""] : [pair.slice(0, at), pair.slice(at + 1)];
+    }),
+  );
+}
+
 function setBusy(busy) {
   sendButton.disabled = busy;
   stopButton.disabled = !busy;
@@ -430,9 +751,13 @@ async function send() {
   let content = "";
   let slot = null;
   let resolution = null;
+  const sentId = newRequestId();
   let requestId = null;
   let failure = null;
   let streamed = false;
+  const wait = waitFor(answer, model, sentId, started);
+  pending = wait;
+  wait.show();
   try {
     const response = await fetch(app.dataset.api, {
       method: "POST",
@@ -442,6 +767,7 @@ async function send() {
         "Content-Type": "application/json",
         Accept: "text/event-stream",
         "X-CSRFToken": csrfToken(),
+        "X-Request-Id": sentId,
       },
       body: JSON.stringify({ model, stream: true, messages: conversation }),
     });
@@ -452,8 +778,18 @@ async function send() {
       failure = await describeError(response, model);
     } else {
       streamed = true;
-      answer.meta(`streaming from ${slot ?? "?"}…`);
-      for await (const data of sseData(response.body)) {
+      wait.base = `streaming from ${slot ?? "?"}…`;
+      wait.show();
+      for await (const event of sseEvents(response.body)) {
+        if (event.comment !== undefined) {
+          const told = queuedComment(event.comment);
+          if (told && pending === wait) {
+            wait.told = told;
+            wait.show();
+          }
+          continue;
+        }
+        const data = event.data;
         if (data === "[DONE]") break;
         const chunk = JSON.parse(data);
         if (chunk.error) {
@@ -463,6 +799,10 @@ async function send() {
         if (chunk.usage?.completion_tokens) tokens = chunk.usage.completion_tokens;
         const piece = chunk.choices?.[0]?.delta?.content ?? "";
         if (piece) {
+          if (pending === wait) {
+            pending = null; // it waits no more: its queue line gives way to the answer
+            answer.meta(wait.base);
+          }
           firstAt ??= performance.now();
           if (!chunk.usage) tokens += 1; // llama.cpp and friends send one token per chunk
           content += piece;
@@ -474,6 +814,7 @@ async function send() {
     if (err.name !== "AbortError") failure = `The request failed: ${err.message}`;
   } finally {
     running = null;
+    if (pending === wait) pending = null;
     setBusy(false);
   }
   const stopped = controller.signal.aborted;
