@@ -258,3 +258,15 @@ def test_the_anthropic_sdk_reads_a_messages_stream_that_began_with_comments(rout
         text = "".join(stream.text_stream)
     assert text
     assert router.asked[-1] == ("/models/load", "m2")
+
+
+def test_the_routers_command_lines_are_neither_kept_nor_shown(router, hal0):
+    ready(hal0)
+    for fields in SlotModel.objects.filter(slot__name="r").values_list("upstream_fields", flat=True):
+        assert "status" not in (fields or {})
+    listing = httpx.get(hal0.url + "/v1/models", timeout=5)
+    assert "41234" not in listing.text and "/srv/models" not in listing.text
+    assert "preset" not in listing.text
+    by_id = {m["id"]: m for m in listing.json()["data"]}
+    assert by_id["m1"]["status"]["value"] == "loaded"
+    assert by_id["m2"]["status"]["value"] == "unloaded"

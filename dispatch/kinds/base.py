@@ -70,6 +70,9 @@ class Kind:
     """
 
     name: ClassVar[str]  # the value stored in Slot.kind
+    # Fields of a /models entry not kept among its upstream fields (hal0web writes its own
+    # id and object; a kind drops what it reads into load states, or what must not leak).
+    not_kept: ClassVar[frozenset[str]] = _NOT_KEPT
     label: ClassVar[str]  # as the admin shows it
 
     def health_url(self, slot: SlotEntry) -> str | None:
@@ -112,7 +115,8 @@ class Kind:
         return Listing(
             ids=tuple(str(m["id"]) for m in entries),
             details={
-                str(m["id"]): {k: v for k, v in m.items() if k not in _NOT_KEPT} for m in entries
+                str(m["id"]): {k: v for k, v in m.items() if k not in self.not_kept}
+                for m in entries
             },
         )
 

@@ -61,6 +61,10 @@ class LlamaCpp(Kind):
 
     # The router answers a load once it has spawned the model's server, and an unload once
     # it has asked it to stop; the readings (and /models/sse) say when either is done.
+    # The router's `status` is read into the model's load state; it also carries the child
+    # server's command line (`args`: file paths, its internal port) and its `preset`, which
+    # no client of hal0web is to see.
+    not_kept: ClassVar[frozenset[str]] = frozenset({"id", "object", "status"})
     load_call_waits: ClassVar[bool] = False
     unload_call_waits: ClassVar[bool] = False
 

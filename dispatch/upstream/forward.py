@@ -162,6 +162,7 @@ class _Attempts:
         self.first_failed: str | None = None
         self.last_error: ApiError | None = None
         self.queued_s = 0.0
+        self.request_id: str | None = None
 
     async def loaded(self, slot: SlotEntry, target: Target) -> SlotEntry:
         """The slot once the model asked of it is loaded (asking its loader, waiting in its
@@ -173,7 +174,7 @@ class _Attempts:
             return slot
         began = asyncio.get_running_loop().time()
         try:
-            return await loads.wait(slot, model, self.on_wait)
+            return await loads.wait(slot, model, self.on_wait, self.request_id)
         except ApiError as err:
             err.queued_s = self.queued_s + asyncio.get_running_loop().time() - began
             raise
@@ -308,6 +309,7 @@ async def forward(
     """
     targets = list(decision.targets)
     attempts = _Attempts(decision, on_suspect, on_wait)
+    attempts.request_id = headers.get("X-Request-Id")
     for i, target in enumerate(targets):
         slot = _current(target)
         if slot is not None and slot.enabled and slot.state == states.LOADING:

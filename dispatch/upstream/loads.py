@@ -140,11 +140,13 @@ class Loads:
         slot: SlotEntry,
         model: ModelEntry,
         on_wait: Callable[[Waiting], None] | None = None,
+        request_id: str | None = None,
     ) -> SlotEntry:
         """Wait until ``model`` is loaded on ``slot`` (asking the loader for it); the slot as
         it then is. 502 ``model_load_failed`` at once when its load fails, 503
-        ``slot_loading`` after ``HAL0_SWAP_WAIT_S``."""
-        ticket = secrets.token_hex(8)
+        ``slot_loading`` after ``HAL0_SWAP_WAIT_S``. Its ticket in the queue is its request
+        id (the page finds its own request's place by it), else a fresh one."""
+        ticket = request_id or secrets.token_hex(8)
         since = time.monotonic()
         wait_s = settings.HAL0_SWAP_WAIT_S
         loop = asyncio.get_running_loop()
