@@ -40,7 +40,8 @@ from tests.polling import wait_until
 __all__ = ["FakeUpstream", "Seen", "ServerThread", "free_port"]
 
 Endpoint = Callable[["FakeUpstream", Call], Awaitable[None]]
-PROBES = ("/health", "/v1/models")
+# What the watcher asks: health, the model list, and llama.cpp's /props (its router's limit).
+PROBES = ("/health", "/v1/models", "/props")
 
 
 def free_port() -> int:

@@ -129,7 +129,7 @@ def test_forward_sends_each_target_its_own_path_and_body(adapter, transactional_
         )
         assert r.status_code == 200 and r.json()["slot"] == "adapted", r.text
         assert r.headers["X-Hal0-Resolution"] == "failover:sick->adapted"
-        (to_sick,) = [s for s in sick.requests if s.path != "/health" and "models" not in s.path]
+        (to_sick,) = sick.calls()
         assert to_sick.path == "/v1/chat/completions" and to_sick.json["messages"]
         (to_other,) = [s for s in other.requests if s.path == "/v1/completions"]
         assert to_other.json == {"model": "m1", "prompt": "adapted"}
