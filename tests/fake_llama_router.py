@@ -55,7 +55,7 @@ class FakeRouter(FakeUpstream):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and path == "/models/sse":
-            return await self._sse(send)
+            return await self._sse(receive, send)
         if scope["type"] == "http" and path in ("/models/load", "/models/unload", "/props"):
             return await self._router(scope, receive, send, path)
         if scope["type"] == "http" and path in _COMPLETIONS:
@@ -96,21 +96,27 @@ class FakeRouter(FakeUpstream):
         self._start_load(model)
         await send_json(send, 200, {"success": True})
 
-    async def _sse(self, send: Any) -> None:
+    async def _sse(self, receive: Any, send: Any) -> None:
         """``GET /models/sse``: every event from now on, as ``data: {json}`` lines (the router
-        names the event inside its JSON)."""
+        names the event inside its JSON), until the client goes away."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.listeners.append(queue)
         await send(
             {"type": "http.response.start", "status": 200,
              "headers": [(b"content-type", b"text/event-stream")]}
         )  # fmt: skip
+        gone = asyncio.ensure_future(_disconnected(receive))
         try:
             while True:
-                event = await queue.get()
-                body = b"data: " + json.dumps(event).encode() + b"\n\n"
+                event = asyncio.ensure_future(queue.get())
+                await asyncio.wait((event, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    return
+                body = b"data: " + json.dumps(event.result()).encode() + b"\n\n"
                 await send({"type": "http.response.body", "body": body, "more_body": True})
         finally:
+            gone.cancel()
             self.listeners.remove(queue)
 
     def _push(self, model: str, event: str, data: dict[str, Any]) -> None:
@@ -186,3 +192,9 @@ class FakeRouter(FakeUpstream):
         finally:
             self.busy[model] -= 1
             self.used_at[model] = time.monotonic()
+
+
+async def _disconnected(receive: Any) -> None:
+    """Until the client goes away (its request's body, empty for a GET, read on the way)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

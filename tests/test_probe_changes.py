@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from dispatch.coordination.store import store
+from dispatch.kinds import Loads, ModelLoad
 from dispatch.lifecycle.changes import Changes, changes
 from dispatch.lifecycle.persistence import apply
 from dispatch.lifecycle.probe import Observation
@@ -60,6 +61,21 @@ def test_changed_upstream_fields_are_written_but_not_for_an_alias():
     s = slot(models=[declared("m", True, {"context_length": 8})])
     c = changes(s, Observation("ready", "", ("m",), details={"m": {"context_length": 16}}))
     assert c.fields == {"m": {"context_length": 16}} and not c.slot_changed
+
+
+def test_a_failed_load_stands_until_the_server_says_more_than_unloaded():
+    """Lemonade and Ollama list a model whose load failed as merely not loaded: the failure
+    and its reason stay; a load (the server's, or the loader's) moves it on."""
+    failed = ModelEntry("m", "m", "manifest", True, load="failed", load_error="exited")
+    s = slot(models=[failed])
+
+    def said(state: str) -> Observation:
+        loads = Loads(models={"m": ModelLoad(state)}, loads_models=True)
+        return Observation("ready", "", ("m",), loads=loads)
+
+    assert not changes(s, said("unloaded")).loads
+    assert changes(s, said("loading")).loads == {"m": ModelLoad("loading")}
+    assert changes(s, said("loaded")).loads == {"m": ModelLoad("loaded")}
 
 
 def test_what_apply_writes_is_what_the_table_then_finds_unchanged(transactional_db):

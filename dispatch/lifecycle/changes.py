@@ -87,6 +87,10 @@ def load_changes(
             new = ModelLoad(states.LOADED)
         else:
             new = said.get(up) or ModelLoad(states.UNLOADED)
+        if m.load == states.FAILED and new.state == states.UNLOADED:
+            # A server that keeps no word of a failed load (Lemonade, Ollama) lists the model
+            # as merely not loaded: the failure and its reason stand until it loads again.
+            continue
         if new.state == m.load and new.progress is None and m.progress is not None:
             # A listing that says "loading" but not how far (llama.cpp's router: only its
             # pushed events say) keeps the progress they said.

@@ -8,8 +8,9 @@ process that leads the watcher); every process's requests reach it over the chan
   waits, so a message lost or a leader changed costs seconds, not the request);
 - ``unwait``: it stopped waiting (served, failed, gone);
 - ``usage``: this process's requests in flight per slot and model, and when each model was
-  last used, sent when they change (at most every ``USAGE_EVERY_S``): the loader never
-  evicts a busy model, and evicts the least recently used.
+  last used, sent when they change (at once when a model turns busy, otherwise at most
+  every ``USAGE_EVERY_S``): the loader never evicts a busy model, and evicts the least
+  recently used.
 
 The loader answers through the database (a model's load state, as every state) and its news
 (``dispatch.coordination.sync.loads_news``: the queue in order, the progress, a failure by
@@ -199,9 +200,11 @@ class Loads:
 
     def began(self, slot: str, upstream_model: str) -> None:
         key = (slot, upstream_model)
-        self._inflight[key] = self._inflight.get(key, 0) + 1
+        count = self._inflight[key] = self._inflight.get(key, 0) + 1
         self._last_used[key] = time.time()
-        self._usage_changed()
+        # A model that turns busy is told at once: held back, the loader would take it for
+        # idle meanwhile and may unload it under this request.
+        self._usage_changed(now=count == 1)
 
     def ended(self, slot: str, upstream_model: str) -> None:
         key = (slot, upstream_model)
@@ -223,7 +226,12 @@ class Loads:
             report.setdefault(slot, {})[model] = [self._inflight.get((slot, model), 0), used]
         return report
 
-    def _usage_changed(self) -> None:
+    def _usage_changed(self, now: bool = False) -> None:
+        if now:
+            if self._usage_due is not None:
+                self._usage_due.cancel()
+            self._send_usage()
+            return
         if self._usage_due is not None:
             return  # a report is already due: it will carry this change
         loop = asyncio.get_running_loop()
