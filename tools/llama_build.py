@@ -12,9 +12,10 @@ set, with AVX-512 and AMX off; statically linked (one self-contained file), with
 UI download, HTTPS, tests or examples, so the build needs no network beyond the sdist.
 
 The binary is kept in a directory named by the version and a hash of every CMake option, and
-copied from there into the venv as ``bin/llama-server`` (a copy, not a link: router mode
-starts its model instances from ``/proc/self/exe``, which must stay where it is). Another
-flag set is another directory; an install whose recorded key differs is replaced.
+copied from there into the venv as ``bin/llama-server`` (a copy outlives a cleared cache, and
+a rebuild never changes a running server's file; router mode starts its model instances from
+``/proc/self/exe``, which is that copy). Another flag set is another directory; an install
+whose recorded key differs is replaced.
 
 Stdlib (and pip, for the sdist) only: it runs in a fresh venv before anything else.
 

@@ -27,7 +27,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from dispatch.lifecycle import demo
 from dispatch.routing.states import DISABLED, PROBED_DOWN, READY, UNKNOWN
 
-READY_TIMEOUT_S = 180.0  # the model servers load in about a second; this is a last resort
+READY_TIMEOUT_S = 180.0  # the model servers load in a second or two; this is a last resort
 OWN_SLOTS_WAIT_S = 5.0  # without the demo, give your servers' first probes this long
 FIRST_TOKEN_TIMEOUT_S = 60.0  # one token from a 270M model takes well under a second
 
@@ -346,20 +346,30 @@ class Command(BaseCommand):
             "",
             "  Try it with curl (the X-Hal0-Slot header says which slot answered):",
             f"    curl -si {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
-            f'      -d \'{{"model": "{model}", "max_tokens": 32,'
-            ' "messages": [{"role": "user", "content": "Hello!"}]}\'',
+            f'      -d \'{{"model": "{model}", "max_tokens": 32, "messages":'
+            ' [{"role": "user", "content": "What is the capital of France?"}]}\'',
             "",
             "  or with the openai SDK (pip install openai):",
             "    python - <<'EOF'",
             "    from openai import OpenAI",
             f'    client = OpenAI(base_url="{url}/v1", api_key="unused")',
             "    reply = client.chat.completions.create(",
-            f'        model="{sdk_model}", max_tokens=32,',
-            '        messages=[{"role": "user", "content": "What is the capital of France?"}],',
+            f'        model="{sdk_model}", max_tokens=32, temperature=0,',
+            '        messages=[{"role": "system", "content": "You are a helpful assistant."},',
+            '                  {"role": "user", "content": "What is the capital of France?"}],',
             "    )",
             "    print(reply.choices[0].message.content)",
             "    EOF",
             "",
+        ]
+        if settings.HAL0_DEMO:
+            lines += [
+                f"  Slot {demo.PRIMARY.name} holds both demo models, one loaded at a time: ask it for",
+                f'  "{demo.PRIMARY.name}/{demo.GEMMA.id}" and it swaps {demo.SMOLLM2.id} out'
+                " (a second or two).",
+                "",
+            ]
+        lines += [
             "  Ctrl-C stops hal0web" + (" and the model servers." if settings.HAL0_DEMO else "."),
             "",
         ]
