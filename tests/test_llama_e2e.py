@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from openai import OpenAI
@@ -314,3 +315,28 @@ def test_a_busy_server_stays_ready(
     assert pieces > 20
     assert all(isinstance(body, dict) for body in listings), listings
     assert set(states) == {"ready"}, states
+
+
+@pytest.mark.parametrize(("model", "slot"), [(SMOL, "primary"), ("hermes", "agent-hermes")])
+def test_messages_and_responses_reach_the_real_servers(
+    client: OpenAI, routed: Any, model: str, slot: str
+) -> None:
+    """llama-server speaks Anthropic's Messages and OpenAI's Responses API itself (issue 21:
+    llama-cpp-python's server answered both with 404)."""
+    claude = anthropic.Anthropic(base_url=routed.url, api_key="unused", max_retries=0, timeout=60)
+    raw = claude.messages.with_raw_response.create(
+        model=model,
+        max_tokens=8,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert raw.headers["x-hal0-slot"] == slot
+    message = raw.parse()
+    assert message.type == "message" and message.usage.output_tokens > 0
+    claude.close()
+
+    answer = client.responses.with_raw_response.create(
+        model=model, input="What is the capital of France?", max_output_tokens=8
+    )
+    assert answer.headers["x-hal0-slot"] == slot
+    response = answer.parse()
+    assert response.status == "completed" and response.output_text
