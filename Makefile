@@ -24,7 +24,7 @@ $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-base
 	@touch $@
 
 # The demo runs llama.cpp's own llama-server, compiled from the llama.cpp source that the
-# llama-cpp-python sdist on PyPI vendors, the first time (about 7 minutes on 2 idle cores,
+# llama-cpp-python sdist on PyPI vendors, the first time (7-10 minutes on 2 cores, 14 CPU-minutes,
 # with progress on screen; it needs a C/C++ compiler and CMake). tools/llama_build.py builds
 # it portably (GGML_NATIVE=OFF, an explicit AVX2 baseline, no AVX-512/AMX), keeps it under
 # ~/.cache/hal0web keyed by its flags and copies it to .venv/bin/llama-server: later installs

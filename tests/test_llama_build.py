@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,19 @@ def test_the_installed_llama_server_is_the_portable_build() -> None:
     assert not re.search(r"-mavx512|-mamx", commands)
     if build.baseline == "avx2":
         assert "-mavx2" in commands and "-mfma" in commands
+
+
+def test_only_the_vendored_llama_cpp_is_extracted_from_the_sdist(tmp_path: Path) -> None:
+    root = f"llama_cpp_python-{llama_build.VERSION}"
+    sdist = tmp_path / f"{root}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        for name, text in (
+            (f"{root}/vendor/llama.cpp/CMakeLists.txt", b"project(llama.cpp)\n"),
+            (f"{root}/llama_cpp/__init__.py", b""),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            archive.addfile(info, io.BytesIO(text))
+    source = llama_build._extract_llama_cpp(sdist, tmp_path / "out")
+    assert (source / "CMakeLists.txt").read_text() == "project(llama.cpp)\n"
+    assert not (tmp_path / "out" / root / "llama_cpp").exists()

