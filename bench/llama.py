@@ -2,7 +2,8 @@
 
 `python -m bench llama`. The end-to-end tests prove routing against the demo's real servers;
 how many milliseconds hal0web adds to the first token is measured here, not asserted there.
-SmolLM2-135M (the demo's `primary`) on core 0 with one thread; hal0web under Daphne and
+SmolLM2-135M (the demo's `primary` default model) under llama.cpp's llama-server (the binary
+`make` installs, serving that one model) on core 0 with one thread; hal0web under Daphne and
 Uvicorn on core 1; the same prompt, sequential requests, interleaved target by target.
 """
 
@@ -14,6 +15,7 @@ import aiohttp
 
 from bench.procs import HAL0_CORE, LOAD_CORE, Proc, Workspace, daphne_proc, free_port, uvicorn_proc
 from dispatch.lifecycle import demo
+from tools.llama_build import installed_binary
 
 MODEL = "smollm2-135m-instruct"
 ROUNDS = 12
@@ -43,14 +45,18 @@ def _median(values: list[float]) -> float:
 
 async def run() -> str:
     demo.require_packages()
+    binary = installed_binary()
+    demo.check_binary(binary)
     ws = Workspace()
     port = free_port()
-    command = demo.LlamaServer(demo.PRIMARY, demo.smollm2_path(), port, ws.dir / "l.log").command()
+    spec = demo.DemoSlot("primary", (demo.SMOLLM2,), router=False)
+    args = demo.server_args(spec, {demo.SMOLLM2.id: demo.smollm2_path()}, ws.dir)
+    command = demo.LlamaServer(spec, binary, args, port, ws.dir / "l.log").command()
     llama = Proc("llama", command, ws.env, LOAD_CORE, port, ws.dir / "llama.log")
     servers = [daphne_proc(ws), uvicorn_proc(ws)]
     try:
         llama.start()
-        llama.wait_http("/v1/models", timeout=120)
+        llama.wait_http("/health", timeout=120)
         ws.manage("migrate", "-v0")
         ws.manage(
             "shell",
@@ -79,7 +85,8 @@ async def run() -> str:
     lines = [
         "# Time to first token against a real llama.cpp server",
         "",
-        f"SmolLM2-135M-Instruct Q4_1 under llama-cpp-python (1 thread, core {LOAD_CORE}); hal0web on "
+        f"SmolLM2-135M-Instruct Q4_1 under llama.cpp's llama-server (1 thread, core {LOAD_CORE}); "
+        f"hal0web on "
         f"core {HAL0_CORE}; {ROUNDS} sequential streaming requests per target after a warm-up, "
         "interleaved; `max_tokens` 4, the same prompt each time.",
         "",

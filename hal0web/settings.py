@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import re
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -210,9 +211,15 @@ HAL0_LOG_BODY_MAX_BYTES: int = _positive("HAL0_LOG_BODY_MAX_KB", env.int, 16) * 
 # The first run creates an `admin` superuser with this password (generated and printed once
 # when unset); the password is never stored anywhere but as Django's hash.
 HAL0_ADMIN_PASSWORD: str | None = os.environ.get("HAL0_ADMIN_PASSWORD") or None
-# The demo: two tiny GGUF models served by llama-cpp-python as the slots `primary` and
-# `agent-hermes`. Off (0) serves only the manifests in slots/ (your own servers).
+# The demo: two tiny GGUF models served by llama.cpp's llama-server as the slots `primary`
+# (a router holding both, one loaded at a time) and `agent-hermes` (Gemma). Off (0) serves
+# only the manifests in slots/ (your own servers).
 HAL0_DEMO: bool = _strict_bool("HAL0_DEMO", True)
+# The llama-server binary the demo runs: where `make run` installs it (tools/llama_build.py),
+# unless named. Checked when the demo starts, so HAL0_DEMO=0 never needs it.
+HAL0_LLAMA_SERVER: str = os.environ.get("HAL0_LLAMA_SERVER") or str(
+    Path(sys.prefix) / "bin" / "llama-server"
+)
 # Which ASGI server `make run` starts: Uvicorn (httptools + uvloop: about half the CPU per
 # request, see docs/performance.md; and back-pressure: a slow reader's stream waits for it,
 # where Daphne buffers all of it in memory, 80 MB a stream in tests/test_faults.py) or Daphne.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from django.conf import settings
 
 from dispatch.lifecycle import demo
-from tests.fake_llama_server import CRASH_ENV
+from tests.fake_llama_server import CRASH_ENV, shim
 from tests.fakes import FakeUpstream, ServerThread, free_port
 
 
@@ -76,22 +75,35 @@ def test_an_error_status_and_a_refused_port_are_problems() -> None:
     assert refused is not None and refused.startswith("could not connect")
 
 
-def _fake_llama(tmp_path: Path, alias: str, crash: bool) -> demo.LlamaServer:
-    """A LlamaServer whose process is the fake server (a real child process)."""
-    model = demo.DemoModel("agent-hermes", alias, "fake", None)
-    server = demo.LlamaServer(model, tmp_path / "model.gguf", free_port(), tmp_path / "llama.log")
-    env = dict(os.environ, PYTHONPATH=str(settings.BASE_DIR))
-    env[CRASH_ENV] = alias if crash else ""
-    command = [sys.executable, "-m", "tests.fake_llama_server", "--model_alias", alias]
-    command += ["--port", str(server.port)]
-    with server.log_path.open("ab") as log:
-        server.proc = demo.spawn(command, log=log, env=env)
-    server.wait_ready(30)
+def _fake_llama(tmp_path: Path, spec: demo.DemoSlot, crash: str = "") -> demo.LlamaServer:
+    """A LlamaServer whose process is the fake llama-server (a real child process), started
+    with the command line the demo gives the real one."""
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    paths = {}
+    for model in spec.models:  # the router lists files; their contents do not matter here
+        paths[model.id] = models / f"{model.id}.bin"
+        paths[model.id].write_bytes(b"GGUF")
+    binary = shim(tmp_path / "shim")
+    env = dict(os.environ, PYTHONPATH=str(settings.BASE_DIR), **{CRASH_ENV: crash})
+    server = demo.LlamaServer(
+        spec,
+        binary,
+        demo.server_args(spec, paths, models),
+        free_port(),
+        tmp_path / "llama.log",
+        env=env,
+    )
+    server.start().wait_ready(30)
     return server
 
 
+ONE = demo.DemoSlot("agent-hermes", (demo.GEMMA,), router=False)
+ROUTER = demo.DemoSlot("primary", (demo.SMOLLM2, demo.GEMMA), router=True)
+
+
 def test_a_server_that_crashes_on_its_first_token_is_reported_with_its_log(tmp_path: Path) -> None:
-    server = _fake_llama(tmp_path, "gemma3-270m", crash=True)
+    server = _fake_llama(tmp_path, ONE, crash=demo.GEMMA.id)
     try:
         with pytest.raises(demo.GenerationFailed) as failed:
             server.check_generation(timeout=10)
@@ -104,8 +116,26 @@ def test_a_server_that_crashes_on_its_first_token_is_reported_with_its_log(tmp_p
         server.stop()
 
 
-def test_a_server_that_generates_passes(tmp_path: Path) -> None:
-    server = _fake_llama(tmp_path, "smollm2", crash=False)
+def test_a_router_whose_instance_crashes_is_reported_and_stays_up(tmp_path: Path) -> None:
+    """In router mode the model runs in a child instance: the router answers 500 and lists
+    the model as failed (exit code 1), which is what the report says."""
+    server = _fake_llama(tmp_path, ROUTER, crash=demo.SMOLLM2.id)
+    try:
+        with pytest.raises(demo.GenerationFailed) as failed:
+            server.check_generation(timeout=10)
+        assert failed.value.reason == (
+            "the model instance of smollm2-135m-instruct crashed on its first generation "
+            "(exit code 1): see llama.log"
+        )
+        assert "about to crash (fake)" in failed.value.log_tail
+        assert server.running
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("spec", [ONE, ROUTER], ids=["one-model", "router"])
+def test_a_server_that_generates_passes(tmp_path: Path, spec: demo.DemoSlot) -> None:
+    server = _fake_llama(tmp_path, spec)
     try:
         server.check_generation(timeout=10)
         assert server.running

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from dispatch.lifecycle import demo
-from tests.llama_servers import skip_without_demo
+from tests.llama_servers import skip_without_models
 
 
 @pytest.fixture(autouse=True)
 def _needs_demo() -> None:
-    skip_without_demo()
+    skip_without_models()
 
 
 def test_smollm2_is_found_without_importing_its_package() -> None:

@@ -25,7 +25,7 @@ from django.conf import settings
 from dispatch.lifecycle import demo
 from tests.fake_llama_server import CRASH_ENV, shim
 from tests.fakes import free_port
-from tests.llama_servers import skip_without_demo
+from tests.llama_servers import skip_without_demo, skip_without_models
 from tests.polling import wait_until
 from tests.processes import server_env
 
@@ -185,7 +185,7 @@ def test_serve_without_demo_prints_credentials_once_and_stops_cleanly(
     # The repository's manifests were imported; without the demo nothing serves them here.
     slots = _get_json(url + "/healthz", run)["slots"]
     assert set(slots) == {"primary", "agent-hermes"}
-    assert "llama_cpp.server" not in run.output
+    assert "llama-server" not in run.output and "model server" not in run.output
 
     match = re.search(r"user admin\s+password (\S+)", run.output)
     assert match, run.output
@@ -277,10 +277,15 @@ def test_serve_with_demo_starts_both_models_and_stops_them(
         "primary": "ready",
         "agent-hermes": "ready",
     }
-    # The demo slots point at the configured ports, and each port has its own model.
-    for slot_port, alias in ((p_port, demo.PRIMARY.alias), (h_port, demo.HERMES.alias)):
-        models = _get_json(f"http://127.0.0.1:{slot_port}/v1/models")
-        assert [m["id"] for m in models["data"]] == [alias]
+    # The demo slots point at the configured ports: primary's router lists both models (its
+    # default loaded by the first-token check), agent-hermes Gemma alone.
+    models = _get_json(f"http://127.0.0.1:{p_port}/v1/models")["data"]
+    assert {m["id"]: m["status"]["value"] for m in models} == {
+        demo.SMOLLM2.id: "loaded",
+        demo.GEMMA.id: "unloaded",
+    }
+    models = _get_json(f"http://127.0.0.1:{h_port}/v1/models")["data"]
+    assert [m["id"] for m in models] == [demo.GEMMA.id]
     assert f"http://127.0.0.1:{p_port}/v1" in run.output
     assert "(the value of HAL0_ADMIN_PASSWORD)" in run.output
     assert "correct horse" not in run.output
@@ -306,8 +311,16 @@ def test_serve_with_demo_starts_both_models_and_stops_them(
 
     children = run.children()
     commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children}
-    assert sum(b"llama_cpp.server" in c for c in commands.values()) == 2
+    binary = Path(settings.HAL0_LLAMA_SERVER)
+    servers = [pid for pid, c in commands.items() if c.split(b"\0")[0] == bytes(binary)]
+    assert len(servers) == 2
     assert sum(b"uvicorn" in c for c in commands.values()) == 1  # make run's default server
+    # primary's router started SmolLM2's instance from its own binary (/proc/self/exe):
+    # the installed copy, in serve's process group, so it stops with the rest.
+    router = next(pid for pid in servers if str(p_port).encode() in commands[pid])
+    [instance] = _children_of(router)
+    assert Path(f"/proc/{instance}/exe").resolve() == binary.resolve()
+    children.add(instance)
 
     # A model server that dies is reported; its slot goes offline, the other still serves.
     hermes = next(pid for pid, c in commands.items() if str(h_port).encode() in c)
@@ -333,12 +346,12 @@ def test_serve_reports_a_model_server_that_crashes_on_its_first_token(
 ) -> None:
     """Both demo servers load; agent-hermes dies on its first generation (as llama.cpp built
     for AMX does where the process may not use it). serve says so with the log, never calls
-    that slot ready, and primary still serves."""
-    skip_without_demo()
+    that slot ready, and primary still serves. The servers are tests/fake_llama_server.py."""
+    skip_without_models()
     env, port, _, _ = _demo_env(
         tmp_path,
-        PYTHONPATH=f"{shim(tmp_path / 'shim')}:{settings.BASE_DIR}",
-        **{CRASH_ENV: demo.HERMES.alias},
+        HAL0_LLAMA_SERVER=str(shim(tmp_path / "shim")),
+        **{CRASH_ENV: demo.GEMMA.id},
     )
     run = Served(env)
     serve_runs.append(run)
@@ -367,8 +380,36 @@ def test_serve_reports_a_model_server_that_crashes_on_its_first_token(
     )
     with urllib.request.urlopen(request, timeout=30) as resp:
         assert resp.headers["X-Hal0-Slot"] == "primary"
-        assert json.loads(resp.read())["slot"] == demo.PRIMARY.alias
+        assert json.loads(resp.read())["slot"] == demo.SMOLLM2.id
 
+    children = run.children()
+    assert run.stop(signal.SIGINT) == 0
+    assert [pid for pid in children if _alive(pid)] == []
+
+
+def test_serve_reports_a_router_whose_model_instance_crashes_on_its_first_token(
+    tmp_path: Path, serve_runs: list[Served]
+) -> None:
+    """primary's router stays up when the instance of its default model dies: serve reports
+    the instance's exit (the router lists the model as failed), stops it, agent-hermes serves.
+    """
+    skip_without_models()
+    env, port, _, _ = _demo_env(
+        tmp_path, HAL0_LLAMA_SERVER=str(shim(tmp_path / "shim")), **{CRASH_ENV: demo.SMOLLM2.id}
+    )
+    run = Served(env)
+    serve_runs.append(run)
+    run.wait_for(READY, 100)
+    reason = (
+        "the model instance of smollm2-135m-instruct crashed on its first generation "
+        "(exit code 1): see llama-primary.log"
+    )
+    assert f"slot primary: {reason}" in run.output
+    url = f"http://127.0.0.1:{port}"
+    assert _get_json(url + "/healthz", run)["slots"] == {
+        "primary": "offline",
+        "agent-hermes": "ready",
+    }
     children = run.children()
     assert run.stop(signal.SIGINT) == 0
     assert [pid for pid in children if _alive(pid)] == []

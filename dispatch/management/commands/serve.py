@@ -27,7 +27,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from dispatch.lifecycle import demo
 from dispatch.routing.states import DISABLED, PROBED_DOWN, READY, UNKNOWN
 
-READY_TIMEOUT_S = 180.0  # the model servers load in about a second; this is a last resort
+READY_TIMEOUT_S = 180.0  # the model servers load in a second or two; this is a last resort
 OWN_SLOTS_WAIT_S = 5.0  # without the demo, give your servers' first probes this long
 FIRST_TOKEN_TIMEOUT_S = 60.0  # one token from a 270M model takes well under a second
 
@@ -168,11 +168,7 @@ class Command(BaseCommand):
         """The demo's ports are configurable: make the two demo slots point at them."""
         from dispatch.models import Slot
 
-        ports = {
-            demo.PRIMARY.slot: settings.HAL0_DEMO_PRIMARY_PORT,
-            demo.HERMES.slot: settings.HAL0_DEMO_HERMES_PORT,
-        }
-        for name, port in ports.items():
+        for name, port in _demo_ports().items():
             slot = Slot.objects.filter(name=name).first()
             if slot is None:
                 raise CommandError(
@@ -229,21 +225,19 @@ class Command(BaseCommand):
 
     def _start_demo(self) -> None:
         data = Path(settings.DATA_DIR)
+        binary = Path(settings.HAL0_LLAMA_SERVER)
+        demo.check_binary(binary)
         self.step("locating the demo models")
         paths = demo.model_paths(data / "models", progress=lambda t: self.step("  " + t))
-        ports = {
-            demo.PRIMARY.slot: settings.HAL0_DEMO_PRIMARY_PORT,
-            demo.HERMES.slot: settings.HAL0_DEMO_HERMES_PORT,
-        }
-        self.llama = demo.servers(paths, ports, data / "logs")
+        self.llama = demo.servers(binary, paths, _demo_ports(), data)
         for server in self.llama:
             self.step(
-                f"starting {server.model.label} as slot {server.model.slot} on "
+                f"starting {server.spec.label} as slot {server.spec.name} on "
                 f"{server.api_url} (log: {server.log_path})"
             )
             server.start()
             assert server.proc is not None
-            self.children.append((f"model server {server.model.slot}", server.proc))
+            self.children.append((f"model server {server.spec.name}", server.proc))
 
     def _wait_until_ready(self, url: str) -> dict[str, str]:
         """Poll /healthz (which also starts the slot watcher) until the slots are ready."""
@@ -258,7 +252,7 @@ class Command(BaseCommand):
                 self._check_children()
                 pending = [s for s in pending if not s.ready()]
                 if pending and time.monotonic() - said >= 5:
-                    names = ", ".join(s.model.slot for s in pending)
+                    names = ", ".join(s.spec.name for s in pending)
                     self.step(f"  still loading: {names}")
                     said = time.monotonic()
                 if time.monotonic() > deadline:
@@ -279,7 +273,7 @@ class Command(BaseCommand):
             if isinstance(body, dict) and isinstance(body.get("slots"), dict):
                 states = {str(k): str(v) for k, v in body["slots"].items()}
                 if settings.HAL0_DEMO:
-                    wanted = [s.model.slot for s in self.llama]
+                    wanted = [s.spec.name for s in self.llama]
                     # A demo slot whose server was stopped must be seen down, never "ready".
                     if all(states.get(name) == READY for name in wanted) and all(
                         states.get(name) in PROBED_DOWN for name in self.failed
@@ -313,10 +307,10 @@ class Command(BaseCommand):
                 server.check_generation(timeout=FIRST_TOKEN_TIMEOUT_S)
             except demo.GenerationFailed as failed:
                 self.stderr.write(
-                    f"slot {server.model.slot}: {failed.reason}\n"
+                    f"slot {server.spec.name}: {failed.reason}\n"
                     f"Last lines of {server.log_path}:\n{failed.log_tail}"
                 )
-                self.failed[server.model.slot] = failed.reason
+                self.failed[server.spec.name] = failed.reason
                 self.llama.remove(server)
                 self.children = [(n, p) for n, p in self.children if p is not server.proc]
                 server.stop()
@@ -346,26 +340,36 @@ class Command(BaseCommand):
             lines.append("         (shown this once; change it in the admin)")
         else:
             lines.append(f"  admin: {url}/admin/")
-        model = demo.HERMES.slot if settings.HAL0_DEMO else "MODEL"
-        sdk_model = demo.PRIMARY.alias if settings.HAL0_DEMO else "MODEL"
+        model = demo.HERMES.name if settings.HAL0_DEMO else "MODEL"
+        sdk_model = demo.PRIMARY.default.id if settings.HAL0_DEMO else "MODEL"
         lines += [
             "",
             "  Try it with curl (the X-Hal0-Slot header says which slot answered):",
             f"    curl -si {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
-            f'      -d \'{{"model": "{model}", "max_tokens": 32,'
-            ' "messages": [{"role": "user", "content": "Hello!"}]}\'',
+            f'      -d \'{{"model": "{model}", "max_tokens": 32, "messages":'
+            ' [{"role": "user", "content": "What is the capital of France?"}]}\'',
             "",
             "  or with the openai SDK (pip install openai):",
             "    python - <<'EOF'",
             "    from openai import OpenAI",
             f'    client = OpenAI(base_url="{url}/v1", api_key="unused")',
             "    reply = client.chat.completions.create(",
-            f'        model="{sdk_model}", max_tokens=32,',
-            '        messages=[{"role": "user", "content": "What is the capital of France?"}],',
+            f'        model="{sdk_model}", max_tokens=32, temperature=0,',
+            '        messages=[{"role": "system", "content": "You are a helpful assistant."},',
+            '                  {"role": "user", "content": "What is the capital of France?"}],',
             "    )",
             "    print(reply.choices[0].message.content)",
             "    EOF",
             "",
+        ]
+        if settings.HAL0_DEMO:
+            lines += [
+                f"  Slot {demo.PRIMARY.name} holds both demo models, one loaded at a time: ask it for",
+                f'  "{demo.PRIMARY.name}/{demo.GEMMA.id}" and it swaps {demo.SMOLLM2.id} out'
+                " (a second or two).",
+                "",
+            ]
+        lines += [
             "  Ctrl-C stops hal0web" + (" and the model servers." if settings.HAL0_DEMO else "."),
             "",
         ]
@@ -398,6 +402,13 @@ class Command(BaseCommand):
         if self.children:
             self.step("all stopped")
         self.children.clear()
+
+
+def _demo_ports() -> dict[str, int]:
+    return {
+        demo.PRIMARY.name: settings.HAL0_DEMO_PRIMARY_PORT,
+        demo.HERMES.name: settings.HAL0_DEMO_HERMES_PORT,
+    }
 
 
 def _static_fingerprint() -> str:
