@@ -262,7 +262,9 @@ def test_the_anthropic_sdk_reads_a_messages_stream_that_began_with_comments(rout
 
 def test_the_routers_command_lines_are_neither_kept_nor_shown(router, hal0):
     ready(hal0)
-    for fields in SlotModel.objects.filter(slot__name="r").values_list("upstream_fields", flat=True):
+    for fields in SlotModel.objects.filter(slot__name="r").values_list(
+        "upstream_fields", flat=True
+    ):
         assert "status" not in (fields or {})
     listing = httpx.get(hal0.url + "/v1/models", timeout=5)
     assert "41234" not in listing.text and "/srv/models" not in listing.text

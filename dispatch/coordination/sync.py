@@ -49,7 +49,7 @@ freshness_changed: Listeners[[dict[str, object]]] = Listeners("the freshness")
 # requests waiting on it, in order. A waiting request reads its place from it
 # (dispatch.upstream.loads), the live feed shows it (dispatch.web.live). Ephemeral: what
 # lasts (a model's load state) is in the database like any other state.
-#   {"type": "loads", "slot": str, "loading": str | None, "progress": float | None,
+#   {"type": "loads", "slot": str, states.LOAD_LOADING: str | None, "progress": float | None,
 #    "evicting": str | None, "queue": [{"ticket": str, "model": str, "since": float}, ...],
 #    "failed": {ticket: reason}, "at": float}
 loads_news: Listeners[[dict[str, object]]] = Listeners("the loader's news")

@@ -54,6 +54,10 @@ log = logging.getLogger("hal0.loads")
 DEMAND_TTL_S = 3 * RESEND_S + 1.0
 # A process's usage report older than this no longer counts (the process is gone).
 USAGE_TTL_S = 10.0
+# A model just loaded for waiting requests counts as busy this long: their first usage
+# report (sent as a model turns busy) may not have reached the loader yet, and the next
+# demand in the queue must not swap it out from under them.
+FRESH_S = 2.0
 # How often a slot's queue looks again when nothing woke it (idle unloads, stale demands).
 TICK_S = 1.0
 # How often the server is asked how a load it runs on its own is going, when it pushes
@@ -87,6 +91,7 @@ class SlotLoader:
         self.loading: str | None = None
         self.evicting: str | None = None
         self.failed: dict[str, str] = {}  # ticket -> reason, told once in the news
+        self.fresh: dict[str, float] = {}  # model -> monotonic time loaded for waiters
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"hal0-loader-{name}", context=contextvars.Context()
         )
@@ -200,7 +205,7 @@ class SlotLoader:
         waiters: no model can make room)."""
         if not eviction.needs_room(slot, head.upstream):
             return True
-        busy = self.owner.busy(self.name)
+        busy = self.busy()
         victim = eviction.victim(slot, head.upstream, busy)
         if victim is None:
             if any(m.load == states.UNLOADING for m in eviction.served(slot).values()):
@@ -225,7 +230,7 @@ class SlotLoader:
             await persistence.save_loads(self.name, {victim: ModelLoad(states.UNLOADING)})
             self.tell()
             deadline = time.monotonic() + max(0.0, hold)
-            while self.owner.busy(self.name).get(victim) and time.monotonic() < deadline:
+            while self.busy().get(victim) and time.monotonic() < deadline:
                 self.wake.clear()
                 try:
                     await asyncio.wait_for(self.wake.wait(), LOAD_POLL_S)
@@ -273,6 +278,8 @@ class SlotLoader:
             seconds = time.monotonic() - began
             loaded.notify(self.name, model, seconds, reason is None)
             if reason is None:
+                if any(d.upstream == model for d in self.queue.values()):
+                    self.fresh[model] = time.monotonic()
                 now = time.time()
                 await persistence.save_loads(
                     self.name, {model: ModelLoad(states.LOADED)}, used={model: now}, done=[model]
@@ -320,7 +327,7 @@ class SlotLoader:
     async def _unload_idle(self, slot: SlotEntry) -> None:
         if not slot.unload_idle_s:
             return
-        busy = self.owner.busy(self.name)
+        busy = self.busy()
         now = time.time()
         for m in eviction.resident(slot):
             if m.load != states.LOADED or m.pinned or busy.get(m.upstream_model):
@@ -337,6 +344,18 @@ class SlotLoader:
         current = store.table.slots.get(self.name)
         if current is not None:
             await watcher.probe_once(current)
+
+    def busy(self) -> dict[str, int]:
+        """Requests in flight per model, as the processes report them, and models just
+        loaded for waiters whose reports may still be on their way."""
+        busy = self.owner.busy(self.name)
+        now = time.monotonic()
+        for model, at in list(self.fresh.items()):
+            if now - at > FRESH_S:
+                del self.fresh[model]
+            else:
+                busy[model] = busy.get(model, 0) + 1
+        return busy
 
     def _fail(self, model: str, reason: str) -> None:
         for ticket in [t for t, d in self.queue.items() if d.upstream == model]:
@@ -365,7 +384,7 @@ class SlotLoader:
         news: dict[str, Any] = {
             "type": "loads",
             "slot": self.name,
-            "loading": self.loading,
+            states.LOAD_LOADING: self.loading,  # the key names the model by its load state
             "progress": progress,
             "evicting": self.evicting,
             "queue": [

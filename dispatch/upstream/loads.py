@@ -124,8 +124,8 @@ class Loads:
         queue = [q.get("ticket") for q in news.get("queue") or () if isinstance(q, dict)]
         position = queue.index(ticket) + 1 if ticket in queue else None
         progress = None
-        if news.get("loading") == model.upstream_model:
-            reason = "loading"
+        if news.get(states.LOAD_LOADING) == model.upstream_model:
+            reason = states.LOAD_LOADING
             value = news.get("progress")
             progress = float(value) if isinstance(value, int | float) else None
         elif news.get("evicting"):
