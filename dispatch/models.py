@@ -148,6 +148,7 @@ class Slot(models.Model):
     unload_idle_s = models.FloatField(
         "unload idle model after (s)",
         default=DEFAULTS["unload_idle_s"],
+        db_default=DEFAULTS["unload_idle_s"],
         help_text="A model no request used for this long is unloaded; 0 = never (hal0's "
         "idle_timeout_s).",
     )
@@ -162,11 +163,13 @@ class Slot(models.Model):
     # What the server says of loading its models (the watcher's, from dispatch.kinds).
     loads_models = models.BooleanField(
         default=DEFAULTS["loads_models"],
+        db_default=DEFAULTS["loads_models"],
         editable=False,
         help_text="The server loads and unloads models when asked; hal0web asks for it.",
     )
     model_limit = models.PositiveIntegerField(
         default=DEFAULTS["model_limit"],
+        db_default=DEFAULTS["model_limit"],
         editable=False,
         help_text="How many models the server keeps loaded at once; 0 = no limit it tells.",
     )
@@ -241,18 +244,26 @@ class SlotModel(models.Model):
     upstream_fields = models.JSONField(default=dict, blank=True, null=True, editable=False)
     # Its load state (dispatch.routing.states.Load): the watcher's reading of the server, or
     # the loader's since (dispatch.lifecycle.loader); never set by hand.
+    # Each with a database default too: a row inserted by raw SQL (a shell, a script) names
+    # none of them, as it names no upstream fields.
     load_state = models.CharField(
-        max_length=16, choices=[(s.value, s.value) for s in Load], default=LOADED, editable=False
+        max_length=16,
+        choices=[(s.value, s.value) for s in Load],
+        default=LOADED,
+        db_default=LOADED,
+        editable=False,
     )
     load_progress = models.FloatField(null=True, blank=True, editable=False)
-    load_error = models.TextField(blank=True, default="", editable=False)
-    last_used_at = models.FloatField(default=0.0, editable=False)  # epoch seconds
+    load_error = models.TextField(blank=True, default="", db_default="", editable=False)
+    last_used_at = models.FloatField(default=0.0, db_default=0.0, editable=False)  # epoch s
     pinned = models.BooleanField(
-        default=False, help_text="Never unloaded by hal0web to make room for another model."
+        default=False,
+        db_default=False,
+        help_text="Never unloaded by hal0web to make room for another model.",
     )
     # An operator's ask (the admin, the page, `manage.py slots load/unload`) that the leading
     # process's loader has not yet acted on: "load", "unload" or "".
-    wanted = models.CharField(max_length=8, blank=True, default="", editable=False)
+    wanted = models.CharField(max_length=8, blank=True, default="", db_default="", editable=False)
 
     class Meta:
         ordering = ["slot__name", "-is_default", "model_id"]

@@ -54,6 +54,10 @@ log = logging.getLogger("hal0.loads")
 DEMAND_TTL_S = 3 * RESEND_S + 1.0
 # A process's usage report older than this no longer counts (the process is gone).
 USAGE_TTL_S = 10.0
+# How long the requests in flight on a model being evicted may take to finish.
+DRAIN_MAX_S = 600.0
+# How often a server that unloads on its own is asked whether the model is gone.
+GONE_POLL_S = 0.2
 # A model just loaded for waiting requests counts as busy this long: their first usage
 # report (sent as a model turns busy) may not have reached the loader yet, and the next
 # demand in the queue must not swap it out from under them.
@@ -197,7 +201,7 @@ class SlotLoader:
                     self.tell()
             elif wanted == UNLOAD:
                 if m.load in states.RESIDENT:
-                    await self.evict(slot, upstream_id, hold=settings.HAL0_SWAP_HOLD_S)
+                    await self.evict(slot, upstream_id)
                 await persistence.save_loads(self.name, {}, done=[upstream_id])
 
     async def _room(self, slot: SlotEntry, head: Demand) -> bool:
@@ -214,12 +218,17 @@ class SlotLoader:
             return False
         waited = time.monotonic() - head.since
         if busy.get(victim) and waited < settings.HAL0_SWAP_HOLD_S:
-            return False  # its requests first, for a while; usage reports wake the queue
-        return await self.evict(slot, victim, hold=settings.HAL0_SWAP_HOLD_S - waited)
+            # New requests keep coming to it for a while (fewer swaps); usage reports wake
+            # the queue when it turns idle. Past the hold it takes none, and those in
+            # flight finish before it goes (evict).
+            return False
+        return await self.evict(slot, victim)
 
-    async def evict(self, slot: SlotEntry, victim: str, hold: float) -> bool:
-        """Unload ``victim``: no new request lands on it (``unloading``), those in flight get
-        up to ``hold`` seconds to finish, then the server is asked."""
+    async def evict(self, slot: SlotEntry, victim: str) -> bool:
+        """Unload ``victim``: no new request lands on it (``unloading``), those in flight
+        finish (for at most ``DRAIN_MAX_S``), then the server is asked, and the loader waits
+        until the server says the model is out of memory (a server that only starts the
+        unload would refuse the next load: llama.cpp's "model limit reached")."""
         kind = kinds.get(slot.kind)
         call = kind.unload_call(slot, victim)
         if call is None:
@@ -229,7 +238,7 @@ class SlotLoader:
         try:
             await persistence.save_loads(self.name, {victim: ModelLoad(states.UNLOADING)})
             self.tell()
-            deadline = time.monotonic() + max(0.0, hold)
+            deadline = time.monotonic() + DRAIN_MAX_S
             while self.busy().get(victim) and time.monotonic() < deadline:
                 self.wake.clear()
                 try:
@@ -240,6 +249,8 @@ class SlotLoader:
                 call.method, call.url, call.body, call.timeout_s, _ANSWER_LIMIT, slot.api_key_env
             )
             reason = kind.call_failed(answer.status, answer.body or answer.error)
+            if reason is None and not kind.unload_call_waits:
+                reason = await _until_gone(slot, victim, call.timeout_s)
             if reason is None:
                 await persistence.save_loads(self.name, {victim: ModelLoad(states.UNLOADED)})
                 unloaded.notify(self.name, victim)
@@ -336,7 +347,7 @@ class SlotLoader:
                 log.info(
                     "slot %s: %s idle for %.0fs", self.name, m.upstream_model, slot.unload_idle_s
                 )
-                await self.evict(slot, m.upstream_model, hold=0.0)
+                await self.evict(slot, m.upstream_model)
 
     async def _reread(self, slot: SlotEntry) -> None:
         from dispatch.lifecycle.watcher import watcher
@@ -396,6 +407,21 @@ class SlotLoader:
         }
         self.failed = {}
         events.publish(news, events.SYNC_GROUP)
+
+
+async def _until_gone(slot: SlotEntry, model: str, timeout: float) -> str | None:
+    """Wait until the server no longer holds ``model`` in memory (asked directly: the probe
+    would not write the state of a model the loader holds). None once gone."""
+    from dispatch.lifecycle.probe import observe
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        obs = await observe(slot, 2.0)
+        said = obs.loads.models.get(model) if obs.loads is not None else None
+        if obs.loads is not None and (said is None or said.state not in states.RESIDENT):
+            return None
+        await asyncio.sleep(GONE_POLL_S)
+    return f"still in memory {timeout:g}s after the unload was asked"
 
 
 def _servable(entry: Any) -> bool:
