@@ -449,6 +449,14 @@ def test_ollama_is_asked_through_generate_at_its_root():
     assert unload.body == {"model": "gemma3:latest", "keep_alive": 0, "stream": False}
     assert OLLAMA.load_call_waits is True  # answers once the model is in memory
     assert OLLAMA.unload_call_waits is False  # answers once its scheduler is told
+    # A slot that unloads idle models itself keeps Ollama from dropping them before then.
+    idle = make_slot("oll", "http://h:11434/v1", kind="ollama", unload_idle_s=900.0)
+    kept = OLLAMA.load_call(idle, "gemma3:latest")
+    assert kept is not None and kept.body == {
+        "model": "gemma3:latest",
+        "stream": False,
+        "keep_alive": -1,
+    }
 
 
 @pytest.mark.parametrize(

@@ -47,9 +47,14 @@ class Ollama(Kind):
         return Loads(models=models, loads_models=True)
 
     def load_call(self, slot: SlotEntry, model: str) -> Call | None:
-        # No keep_alive: the model stays as long as the server's own setting says
-        # (OLLAMA_KEEP_ALIVE, 5 minutes unless set), as after any request it serves.
-        return Call("POST", server_root(slot) + "/api/generate", {"model": model, "stream": False})
+        body: dict[str, object] = {"model": model, "stream": False}
+        if slot.unload_idle_s:
+            # hal0web unloads it when idle (the slot's unload_idle_s): Ollama is to keep it
+            # until then, not drop it after its own OLLAMA_KEEP_ALIVE.
+            body["keep_alive"] = -1
+        # Otherwise the model stays as long as the server's own setting says (5 minutes
+        # unless OLLAMA_KEEP_ALIVE is set), as after any request it serves.
+        return Call("POST", server_root(slot) + "/api/generate", body)
 
     def unload_call(self, slot: SlotEntry, model: str) -> Call | None:
         body = {"model": model, "keep_alive": 0, "stream": False}
