@@ -28,7 +28,6 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -38,6 +37,7 @@ from django.conf import settings
 from dispatch import kinds
 from dispatch.coordination import events
 from dispatch.coordination.store import store
+from dispatch.coordination.usage import UsageReports
 from dispatch.kinds import ModelLoad
 from dispatch.lib.listeners import Listeners
 from dispatch.lifecycle import persistence
@@ -52,8 +52,6 @@ log = logging.getLogger("hal0.loads")
 
 # A request's demand not heard again for this long is gone (it re-sends every RESEND_S).
 DEMAND_TTL_S = 3 * RESEND_S + 1.0
-# A process's usage report older than this no longer counts (the process is gone).
-USAGE_TTL_S = 10.0
 # How long the requests in flight on a model being evicted may take to finish.
 DRAIN_MAX_S = 600.0
 # How often a server that unloads on its own is asked whether the model is gone.
@@ -144,7 +142,7 @@ class SlotLoader:
             return None
         # When each model was last used, as the processes' reports say (newer than the
         # table's, which the loader writes only now and then).
-        used = self.owner.last_used(self.name)
+        used = self.owner.usage.last_used(self.name)
         models = {
             k: replace(m, last_used=max(m.last_used, used.get(m.upstream_model, 0.0)))
             for k, m in slot.models.items()
@@ -359,7 +357,7 @@ class SlotLoader:
     def busy(self) -> dict[str, int]:
         """Requests in flight per model, as the processes report them, and models just
         loaded for waiters whose reports may still be on their way."""
-        busy = self.owner.busy(self.name)
+        busy = self.owner.usage.busy(self.name)
         now = time.monotonic()
         for model, at in list(self.fresh.items()):
             if now - at > FRESH_S:
@@ -433,16 +431,10 @@ class Loader:
 
     def __init__(self) -> None:
         self.slots: dict[str, SlotLoader] = {}
-        # worker -> (monotonic when heard, slot -> upstream model -> [in flight, last used])
-        self.usage: dict[str, tuple[float, Mapping[str, Mapping[str, list[float]]]]] = {}
+        self.usage = UsageReports()
         self.wanted: dict[tuple[str, str], str] = {}
 
-    @property
-    def running(self) -> bool:
-        return bool(self.slots) or self._listening
-
     _listening = False
-
     _subscribed = False
 
     def start(self) -> None:
@@ -474,7 +466,7 @@ class Loader:
         """A message for the loader (the leader's ear, ``events.WATCHER_GROUP``)."""
         kind, slot = event.get("type"), event.get("slot")
         if kind == "usage" and isinstance(event.get("worker"), str):
-            self.usage[event["worker"]] = (time.monotonic(), event.get("slots") or {})
+            self.usage.heard(event["worker"], event.get("slots") or {})
             for loader in self.slots.values():
                 loader.wake.set()
         elif kind == "load" and isinstance(slot, str):
@@ -491,23 +483,6 @@ class Loader:
         if loader is None or loader.task.done():
             loader = self.slots[slot] = SlotLoader(self, slot)
         return loader
-
-    def busy(self, slot: str) -> dict[str, int]:
-        """Requests in flight per upstream model on ``slot``, summed over live processes."""
-        now, out = time.monotonic(), dict[str, int]()
-        for heard, report in self.usage.values():
-            if now - heard > USAGE_TTL_S:
-                continue
-            for model, (count, _used) in (report.get(slot) or {}).items():
-                out[model] = out.get(model, 0) + int(count)
-        return out
-
-    def last_used(self, slot: str) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for _heard, report in self.usage.values():
-            for model, (_count, used) in (report.get(slot) or {}).items():
-                out[model] = max(out.get(model, 0.0), float(used))
-        return out
 
     def _table_changed(self, _old: Any, new: Any) -> None:
         """From the thread that reloaded: operators' wishes, and slots that load models
