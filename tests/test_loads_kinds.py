@@ -370,7 +370,7 @@ def test_a_model_that_just_turned_busy_is_held_too(served, hal0):
     ready(hal0, s, limit=1)
     assert chat(hal0, s.a).status_code == 200
     # The loader has just heard that A is idle again: the next report waits 0.5 s.
-    wait_until(lambda: loader.busy(SLOT) == {s.a: 0}, what="A idle, as told", every=0.01)
+    wait_until(lambda: loader.usage.busy(SLOT) == {s.a: 0}, what="A idle, as told", every=0.01)
     s.fake.chunks, s.fake.chunk_gap_s = 6, 0.15
     streamed: list[int] = []
 
