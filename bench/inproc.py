@@ -106,7 +106,7 @@ def _loads_models(slot: Any, model: Any) -> None:
     """Make ``slot`` one whose server loads models, at its limit with ``model`` loaded."""
     fields = {f.name for f in slot._meta.get_fields()}
     if "loads_models" not in fields:
-        print("this tree's slots cannot load models (no Slot.loads_models)", file=sys.stderr)
+        print("its Slot has no loads_models field (from before issue 21)", file=sys.stderr)
         raise SystemExit(SKIP_STATUS)
     from dispatch.routing import states
 

@@ -122,7 +122,7 @@ def run(rev: str) -> str:
         "on a plain slot:",
         "",
         f"| case | plain, this tree | loads slot, this tree | loads / plain | "
-        f"loads / plain at {label} |",
+        f"loads slot, this tree / plain at {label} |",
         "|---|---|---|---|---|",
     ]
     for case, plain in LOADS_CASES.items():

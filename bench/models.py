@@ -134,18 +134,19 @@ async def hal0_states(session: aiohttp.ClientSession, base: str) -> dict[str, st
 async def settle(
     session: aiohttp.ClientSession, llama: str, hal0: str, loaded: frozenset[str]
 ) -> None:
-    """The router with exactly ``loaded`` loaded, and hal0web saying so too."""
-    for model, status in (await router.states(session, llama)).items():
-        if model not in loaded and status != "unloaded":
-            await router.ask(session, llama, "unload", model)
+    """The router with exactly ``loaded`` loaded, and hal0web saying so too. (Asked again
+    while it differs: hal0web's loader may still be working off a queue the last workload
+    left, whose requests gave up.)"""
     want = {m: (_LOADED if m in loaded else _UNLOADED) for m in (A, B, C)}
 
     async def router_agrees() -> bool:
         now = await router.states(session, llama)
+        for model, status in now.items():
+            if model not in loaded and status == _LOADED:
+                await router.ask(session, llama, "unload", model)
+        others_out = all(s == _UNLOADED for m, s in now.items() if m not in loaded)
         for model in loaded:
-            if now.get(model) == "unloaded" and all(
-                now[m] == "unloaded" for m in now if m not in loaded
-            ):
+            if now.get(model) == _UNLOADED and others_out:
                 await router.ask(session, llama, "load", model)
         return all(now.get(m) == v for m, v in want.items())
 
@@ -157,8 +158,16 @@ async def settle(
             now.get(m) == v or (v, now.get(m)) == (_UNLOADED, _FAILED) for m, v in want.items()
         )
 
-    await router.until(router_agrees, SETTLE_S, f"the router to have {sorted(loaded)} loaded")
-    await router.until(hal0_agrees, SETTLE_S, f"hal0web to see {sorted(loaded)} loaded")
+    async def both_agree() -> bool:
+        return await router_agrees() and await hal0_agrees()
+
+    try:
+        await router.until(
+            both_agree, SETTLE_S, f"the router and hal0web to have {sorted(loaded)} loaded"
+        )
+    except RuntimeError as exc:
+        said = await router.states(session, llama), await hal0_states(session, hal0)
+        raise RuntimeError(f"{exc}: the router says {said[0]}, hal0web {said[1]}") from None
 
 
 async def loads_metric(session: aiohttp.ClientSession, hal0: str) -> Counter[str]:

@@ -1,14 +1,18 @@
-"""hal0web under Uvicorn with a what-if for the loader: wait for an unload to be done.
+"""hal0web under Uvicorn with a what-if for the loader: an unload is done when the server
+says so, not when it answers.
 
-Used by ``python -m bench models unload-wait``. What it tries, in this process only: the
-loader (``dispatch.lifecycle.loader.SlotLoader.evict``) asks a server to unload a model and,
-as soon as the server has *answered*, goes on to ask for the next load. llama.cpp's router
+Used by ``python -m bench models unload-wait``. The loader (``SlotLoader.evict`` in
+``dispatch.lifecycle.loader``) asks a server to unload a model and, as soon as the server
+has *answered*, marks the model unloaded and asks for the next load. llama.cpp's router
 answers ``POST /models/unload`` once it has asked the model's server to stop
-(``LlamaCpp.unload_call_waits`` is False), and refuses a load until that server has exited:
+(``LlamaCpp.unload_call_waits`` is False) and refuses a load until that server has exited:
 ``500 model limit reached, try again later``, which hal0web takes for a failed load and
-gives its waiters as 502 ``model_load_failed``. Here, after such an unload, the loader also
-waits until the server lists the model as no longer loaded (at most ``UNLOAD_WAIT_S``), as
-it does after a load (``_until_loaded``). A candidate fix, measured before it is made.
+gives its waiters as 502 ``model_load_failed``.
+
+Here, in this process only, the loader's unload call to a llama.cpp router returns only once
+the router lists the model as ``unloaded`` (at most ``UNLOAD_WAIT_S``): inside ``evict``,
+while the model is still held and ``unloading`` (no new request lands on it), as
+``_until_loaded`` waits after a load. A candidate fix, measured before it is made.
 
 Run: ``python -m bench.serve_loads PORT``.
 """
@@ -29,36 +33,49 @@ from hal0web.asgi import application
 
 UNLOAD_WAIT_S = 60.0
 POLL_S = 0.05
-_ANSWER_LIMIT = 1 << 20
+UNLOAD = "/models/unload"
+
+
+class UnloadsWait:
+    """``upstream`` as the loader sees it: the same, but for a router's unload call."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def ask(
+        self, method: str, url: str, body: object, timeout: float, limit: int, key: str = ""
+    ) -> Any:
+        answer = await self.real.ask(method, url, body, timeout, limit, key)
+        if method == "POST" and url.endswith(UNLOAD) and answer.status == 200:
+            model = body.get("model") if isinstance(body, dict) else None
+            await self._until_unloaded(url.removesuffix(UNLOAD) + "/models", model, limit, key)
+        return answer
+
+    async def _until_unloaded(self, listing: str, model: object, limit: int, key: str) -> None:
+        deadline = time.monotonic() + UNLOAD_WAIT_S
+        while time.monotonic() < deadline:
+            said = await self.real.ask("GET", listing, None, 5.0, limit, key)
+            entries = said.body.get("data") if isinstance(said.body, dict) else None
+            status = next(
+                (
+                    e.get("status", {}).get("value")
+                    for e in entries or ()
+                    if isinstance(e, dict) and e.get("id") == model
+                ),
+                None,
+            )
+            if status in (None, "unloaded"):
+                return
+            await asyncio.sleep(POLL_S)
 
 
 def wait_for_unloads() -> None:
-    from dispatch import kinds
-    from dispatch.kinds.urls import upstream_url
-    from dispatch.lifecycle.loader import SlotLoader
-    from dispatch.routing import states
-    from dispatch.upstream.client import upstream
+    from dispatch.lifecycle import loader
 
-    real = SlotLoader.evict
-
-    async def evict(self: SlotLoader, slot: Any, victim: str, hold: float) -> bool:
-        done = await real(self, slot, victim, hold)
-        kind = kinds.get(slot.kind)
-        if not done or kind.unload_call_waits:
-            return done
-        deadline = time.monotonic() + UNLOAD_WAIT_S
-        while time.monotonic() < deadline:
-            answer = await upstream.ask(
-                "GET", upstream_url(slot, "models"), None, 5.0, _ANSWER_LIMIT, slot.api_key_env
-            )
-            said = kind.read_loads(answer.body, None, None) if answer.status == 200 else None
-            entry = said.models.get(victim) if said is not None else None
-            if entry is None or entry.state not in states.RESIDENT:
-                break
-            await asyncio.sleep(POLL_S)
-        return done
-
-    SlotLoader.evict = evict  # type: ignore[method-assign]
+    loader.upstream = UnloadsWait(loader.upstream)  # type: ignore[assignment]
 
 
 def main() -> None:
@@ -70,7 +87,7 @@ def main() -> None:
         loop="uvloop",
         http="httptools",
         access_log=False,
-        log_level="warning",
+        log_config=None,  # hal0web's own logging (HAL0_LOG_LEVEL), as under `python -m uvicorn`
         backlog=4096,
     )
 
