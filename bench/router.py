@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -122,7 +122,7 @@ class LoadCount:
                 if line.startswith(b"data: "):
                     self._heard(orjson.loads(line[6:]))
 
-    def _heard(self, event: dict[str, object]) -> None:
+    def _heard(self, event: Mapping[str, object]) -> None:
         model, data = event.get("model"), event.get("data")
         if not isinstance(model, str) or not isinstance(data, dict):
             return

@@ -27,10 +27,6 @@ from typing import Any
 
 import uvicorn
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hal0web.settings")
-
-from hal0web.asgi import application
-
 UNLOAD_WAIT_S = 60.0
 POLL_S = 0.05
 UNLOAD = "/models/unload"
@@ -79,6 +75,9 @@ def wait_for_unloads() -> None:
 
 
 def main() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hal0web.settings")
+    from hal0web.asgi import application
+
     wait_for_unloads()
     uvicorn.run(
         application,
