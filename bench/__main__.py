@@ -11,7 +11,8 @@ the httpx-aiohttp transport vs ours), each behind the seam in hal0web under Uvic
 ``python -m bench cost`` compares metrics and the request log on vs off (bench/cost.py);
 ``python -m bench commits REV`` compares this tree with another commit (bench/commits.py),
 and ``python -m bench instructions REV`` does in instructions per request, which do not
-swing (bench/instructions.py, under callgrind).
+swing (bench/instructions.py, under callgrind); ``python -m bench models`` measures models on
+demand in front of llama.cpp's own router (bench/models.py).
 """
 
 from __future__ import annotations
@@ -775,13 +776,20 @@ def main(argv: list[str]) -> int:
 
         text = instructions.run(argv[1])
         out = RESULTS / "instructions.md"
+    elif mode == "models":
+        from bench import models
+
+        what_if = argv[1:] == ["unload-wait"]
+        text = uvloop.run(models.run(unload_wait=what_if))
+        out = RESULTS / ("models-unload-wait.md" if what_if else "models.md")
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
-            "usage: python -m bench [all | seam | llama | hold [PROMPT_KB ...] | cost [ROUNDS] | "
-            "transports [VARIANT ...] | scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV]\n"
+            "usage: python -m bench [all | seam | llama | models [unload-wait] | "
+            "hold [PROMPT_KB ...] | cost [ROUNDS] | transports [VARIANT ...] | "
+            "scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,
         )

@@ -9,6 +9,12 @@ precomputed. What a request gets is chosen by its headers, which hal0web forward
 
 ``GET /v1/models`` and ``GET /health`` answer so hal0web's watcher sees the slot ready.
 
+Under ``/router/`` it also passes for llama.cpp's router with its one model loaded (issue 21:
+a slot that loads models, on the path of a request for a loaded model): the listing's entry
+carries ``status: {"value": "loaded"}``, ``GET /router/props`` says ``"role": "router"``
+with ``max_instances`` 1, and ``GET /router/models/sse`` opens an event stream that stays
+quiet (nothing loads or unloads).
+
 Run: ``python -m bench.fake PORT`` (prints ``ready`` when listening).
 """
 
@@ -41,6 +47,11 @@ _COMPLETION = orjson.dumps(
 )
 _MODELS = orjson.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 _HEALTH = b'{"status":"ok"}'
+_ROUTER_MODELS = orjson.dumps(
+    {"object": "list", "data": [{"id": MODEL, "object": "model", "status": {"value": "loaded"}}]}
+)
+_ROUTER_PROPS = orjson.dumps({"role": "router", "max_instances": 1, "models_autoload": True})
+ROUTER = b"/router/"
 
 
 def _response(status: bytes, body: bytes, content_type: bytes = b"application/json") -> bytes:
@@ -59,6 +70,8 @@ def _response(status: bytes, body: bytes, content_type: bytes = b"application/js
 RESP_COMPLETION = _response(b"200 OK", _COMPLETION)
 RESP_MODELS = _response(b"200 OK", _MODELS)
 RESP_HEALTH = _response(b"200 OK", _HEALTH)
+RESP_ROUTER_MODELS = _response(b"200 OK", _ROUTER_MODELS)
+RESP_ROUTER_PROPS = _response(b"200 OK", _ROUTER_PROPS)
 RESP_404 = _response(b"404 Not Found", b'{"error":{"message":"not found"}}')
 SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
@@ -139,8 +152,23 @@ class FakeProtocol(asyncio.Protocol):
                 )
             else:
                 transport.write(RESP_COMPLETION)
+        elif url.startswith(ROUTER):
+            self._router(transport, url)
         elif url.endswith(b"/models"):
             transport.write(RESP_MODELS)
+        elif url.endswith(b"/health"):
+            transport.write(RESP_HEALTH)
+        else:
+            transport.write(RESP_404)
+
+    @staticmethod
+    def _router(transport: asyncio.Transport, url: bytes) -> None:
+        if url.endswith(b"/v1/models"):
+            transport.write(RESP_ROUTER_MODELS)
+        elif url.endswith(b"/props"):
+            transport.write(RESP_ROUTER_PROPS)
+        elif url.endswith(b"/models/sse"):
+            transport.write(SSE_HEAD)  # and nothing more: no model loads or unloads here
         elif url.endswith(b"/health"):
             transport.write(RESP_HEALTH)
         else:

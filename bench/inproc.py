@@ -7,6 +7,12 @@ instructions it takes are the same from run to run, so two commits compare to a 
 a percent where wall-clock cells swing by tens. Run as a file, not a module, so that it can
 drive another checkout's code (its directory first on ``PYTHONPATH``); it knows the module
 names from before ``dispatch/`` had rooms too.
+
+The ``-loads`` cases send the same requests to a slot whose server loads models when asked
+(issue 21: kind ``llamacpp``, ``loads_models``, ``model_limit`` 1, its model ``loaded``; the
+watcher is off, so nothing rewrites those runtime fields): every request takes the
+loads path for a model already loaded. A tree from before those fields exits with
+``SKIP_STATUS`` and says why.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ ANSWER = (
 )
 CHUNK = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 MESSAGES = b'"messages":[{"role":"user","content":"hi"}]'
-CASES = {
-    "chat": b'{"model":"bench-model",' + MESSAGES + b"}",
-    "stream32": b'{"model":"bench-model","stream":true,' + MESSAGES + b"}",
-}
+CHAT = b'{"model":"bench-model",' + MESSAGES + b"}"
+STREAM = b'{"model":"bench-model","stream":true,' + MESSAGES + b"}"
+CASES = {"chat": CHAT, "stream32": STREAM, "chat-loads": CHAT, "stream32-loads": STREAM}
 WARM = 50
+# Exit status of a ``-loads`` case on a tree whose slots cannot load models (before issue 21).
+SKIP_STATUS = 3
 
 
 class _Stream(httpx.AsyncByteStream):
@@ -52,7 +59,7 @@ class Canned(httpx.AsyncBaseTransport):
         return httpx.Response(200, headers={"content-type": "application/json"}, content=ANSWER)
 
 
-def _setup() -> Any:
+def _setup(case: str) -> Any:
     """A fresh database with one slot; the app, its upstream transport canned."""
     data = tempfile.mkdtemp(prefix="hal0-inproc-")
     for name in ("DATABASE_URL", "REDIS_URL"):
@@ -76,7 +83,9 @@ def _setup() -> Any:
     slot = Slot.objects.create(
         name="bench", url="http://127.0.0.1:9/v1", kind="openai", is_default=True, state="ready"
     )
-    SlotModel.objects.create(slot=slot, model_id="bench-model", is_default=True)
+    model = SlotModel.objects.create(slot=slot, model_id="bench-model", is_default=True)
+    if case.endswith("-loads"):
+        _loads_models(slot, model)
     before_rooms = importlib.util.find_spec("dispatch.proxy") is not None
     client = importlib.import_module(
         "dispatch.proxy" if before_rooms else "dispatch.upstream.client"
@@ -91,6 +100,20 @@ def _setup() -> Any:
     from hal0web.asgi import application
 
     return application
+
+
+def _loads_models(slot: Any, model: Any) -> None:
+    """Make ``slot`` one whose server loads models, at its limit with ``model`` loaded."""
+    fields = {f.name for f in slot._meta.get_fields()}
+    if "loads_models" not in fields:
+        print("its Slot has no loads_models field (from before issue 21)", file=sys.stderr)
+        raise SystemExit(SKIP_STATUS)
+    from dispatch.routing import states
+
+    slot.kind, slot.loads_models, slot.model_limit = "llamacpp", True, 1
+    slot.save(update_fields=["kind", "loads_models", "model_limit"])
+    model.load_state = states.LOADED
+    model.save(update_fields=["load_state"])
 
 
 def _scope() -> dict[str, Any]:
@@ -137,8 +160,14 @@ async def run(app: Any, case: str, n: int) -> None:
     body = CASES[case]
     for _ in range(WARM + n):
         await _one(app, body)
+    if case.endswith("-loads"):
+        from dispatch.upstream.loads import loads
+
+        # Told of every request's use (loads.began/ended): the loads path was taken.
+        if "bench-model" not in loads.usage().get("bench", {}):
+            raise SystemExit("the requests did not take the loads path")
 
 
 if __name__ == "__main__":
-    application = _setup()  # Django's set-up and migrate: before the event loop runs
+    application = _setup(sys.argv[1])  # Django's set-up and migrate: before the loop runs
     asyncio.run(run(application, sys.argv[1], int(sys.argv[2])))

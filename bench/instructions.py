@@ -7,6 +7,11 @@ the difference in requests is one request's instructions on the event loop's thr
 start-up and warm-up cancelled out. Two runs of one commit agree within 0.1 %. What it leaves
 out is the same for both: the HTTP server's parsing and the sockets (bench/commits.py has
 those, with their noise).
+
+Issue 21's cases (``chat-loads``, ``stream32-loads``) send the same requests to a slot that
+loads models, its model loaded: what the loads path costs a request for a loaded model, set
+against the plain case in this tree (and against REV's plain case). A tree from before
+those slots has no such case: its cell says so.
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ from bench.commits import _git, _worktree
 from bench.procs import ROOT
 
 CASES = ("chat", "stream32")
+# Each on a slot that loads models (its model loaded), against the plain case it repeats.
+LOADS_CASES = {"chat-loads": "chat", "stream32-loads": "stream32"}
 FEW, MANY = 100, 600
+SKIP_STATUS = 3  # bench/inproc.py's: the tree has no slots that load models
 
 
 def _instructions(tree: Path, case: str, n: int) -> int:
     """The event loop thread's instructions for ``n`` requests (plus start-up)."""
     with tempfile.TemporaryDirectory(prefix="hal0-cg-") as out:
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
-        subprocess.run(
+        done = subprocess.run(
             [
                 "valgrind",
                 "--tool=callgrind",
@@ -41,14 +49,31 @@ def _instructions(tree: Path, case: str, n: int) -> int:
             ],
             cwd=tree,
             env=env,
-            check=True,
             capture_output=True,
+            text=True,
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"{case} x {n} failed in {tree}:\n{done.stderr[-3000:]}")
         main_thread = next(p for p in Path(out).iterdir() if p.name.endswith("-01"))
         for line in main_thread.read_text().splitlines():
             if line.startswith(("summary:", "totals:")):
                 return int(line.split()[1])
     raise RuntimeError(f"callgrind wrote no totals for {case} x {n}")
+
+
+def _absent(tree: Path, case: str) -> str | None:
+    """Why ``tree`` has no such case (bench/inproc.py says so at once, without valgrind:
+    migrating under callgrind alone takes a minute), or None."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+    script = str(ROOT / "bench" / "inproc.py")
+    done = subprocess.run(
+        [sys.executable, script, case, "0"], cwd=tree, env=env, capture_output=True, text=True
+    )
+    if done.returncode == SKIP_STATUS:
+        return done.stderr.strip().splitlines()[-1]
+    if done.returncode != 0:
+        raise RuntimeError(f"{case} failed in {tree}:\n{done.stderr[-3000:]}")
+    return None
 
 
 def per_request(tree: Path, case: str) -> float:
@@ -67,11 +92,43 @@ def run(rev: str) -> str:
         f"| case | {label} | this tree | this / {label} |",
         "|---|---|---|---|",
     ]
+    here: dict[str, float] = {}
+    there: dict[str, float] = {}
+    notes: list[str] = []
     try:
         for case in CASES:
             print(f"  {case} ...", file=sys.stderr, flush=True)
-            before, now = per_request(tree, case), per_request(ROOT, case)
-            lines.append(f"| {case} | {before:,.0f} | {now:,.0f} | {now / before * 100:.1f} % |")
+            there[case], here[case] = per_request(tree, case), per_request(ROOT, case)
+            lines.append(
+                f"| {case} | {there[case]:,.0f} | {here[case]:,.0f} | "
+                f"{here[case] / there[case] * 100:.1f} % |"
+            )
+        for case in LOADS_CASES:
+            print(f"  {case} ...", file=sys.stderr, flush=True)
+            here[case] = per_request(ROOT, case)
+            why = _absent(tree, case)
+            if why is None:
+                there[case] = per_request(tree, case)
+            else:
+                notes.append(f"{case} at {label}: not run ({why})")
+            then = f"{there[case]:,.0f}" if case in there else "n/a"
+            ratio = f"{here[case] / there[case] * 100:.1f} %" if case in there else "n/a"
+            lines.append(f"| {case} | {then} | {here[case]:,.0f} | {ratio} |")
     finally:
         _git("worktree", "remove", "--force", str(tree))
+    lines += [
+        "",
+        "A request for a loaded model on a slot that loads models, against the same request "
+        "on a plain slot:",
+        "",
+        f"| case | plain, this tree | loads slot, this tree | loads / plain | "
+        f"loads slot, this tree / plain at {label} |",
+        "|---|---|---|---|---|",
+    ]
+    for case, plain in LOADS_CASES.items():
+        lines.append(
+            f"| {case} | {here[plain]:,.0f} | {here[case]:,.0f} | "
+            f"{here[case] / here[plain] * 100:.1f} % | {here[case] / there[plain] * 100:.1f} % |"
+        )
+    lines += ["", *(f"Note: {n}." for n in notes)]
     return "\n".join(lines) + "\n"

@@ -77,7 +77,7 @@ class Proc:
             with src, dst:
                 src.backup(dst)
                 if self.database_sql:
-                    dst.execute(self.database_sql)
+                    dst.executescript(self.database_sql)  # one statement or several
             src.close()
             dst.close()
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
