@@ -20,8 +20,9 @@ from dispatch.api.responses import error_response, request_id, visible
 from dispatch.coordination.store import store
 from dispatch.lifecycle.watcher import suspect
 from dispatch.observability.decisions import DecisionRecord, record
+from dispatch.routing import eviction, states
 from dispatch.routing.endpoints import Endpoint
-from dispatch.routing.resolver import Decision
+from dispatch.routing.resolver import Decision, Target
 from dispatch.upstream.admission import admission
 from dispatch.upstream.forward import Forwarded, forward
 from dispatch.upstream.loads import Waiting
@@ -113,15 +114,22 @@ class _Call:
         # An SSE stream to a slot that loads models on request: a wait for its model may
         # start the stream early, to say how the wait goes (relay.waiting_stream).
         self.may_wait = (
-            streams
-            and ep.protocol.framing is SSE
-            and any(t.slot.loads_models for t in decision.targets)
+            streams and ep.protocol.framing is SSE and any(map(_unloaded, decision.targets))
         )
 
     def forward(self, on_wait: Callable[[Waiting], None] | None = None) -> Awaitable[Forwarded]:
         return forward(
             self.decision, self.ep.offer, self.client, self.headers, suspect, self.method, on_wait
         )
+
+
+def _unloaded(target: Target) -> bool:
+    """Whether the target's model may have to be loaded first (its slot loads models, and
+    the model is not loaded as the table has it now)."""
+    if not target.slot.loads_models:
+        return False
+    model = eviction.served(target.slot).get(target.upstream_model or "")
+    return model is not None and model.load not in states.SERVABLE
 
 
 async def _decided(

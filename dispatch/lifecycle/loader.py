@@ -46,12 +46,15 @@ from dispatch.lifecycle.pushes import pushes
 from dispatch.routing import eviction, states
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.client import upstream
-from dispatch.upstream.loads import RESEND_S
+from dispatch.upstream.loads import RESEND_S, USAGE_EVERY_S
 
 log = logging.getLogger("hal0.loads")
 
 # A request's demand not heard again for this long is gone (it re-sends every RESEND_S).
 DEMAND_TTL_S = 3 * RESEND_S + 1.0
+# Every process reports a change of its requests in flight within USAGE_EVERY_S: an eviction
+# waits this long, once the model takes no new request, before it trusts the reports.
+REPORT_GRACE_S = USAGE_EVERY_S + 0.25
 # How long the requests in flight on a model being evicted may take to finish.
 DRAIN_MAX_S = 600.0
 # How often a server that unloads on its own is asked whether the model is gone.
@@ -236,6 +239,9 @@ class SlotLoader:
         try:
             await persistence.save_loads(self.name, {victim: ModelLoad(states.UNLOADING)})
             self.tell()
+            # A request that began just now may not be in any report yet: wait for the
+            # next ones before taking the model for idle.
+            await asyncio.sleep(REPORT_GRACE_S)
             deadline = time.monotonic() + DRAIN_MAX_S
             while self.busy().get(victim) and time.monotonic() < deadline:
                 self.wake.clear()

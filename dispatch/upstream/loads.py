@@ -8,9 +8,9 @@ process that leads the watcher); every process's requests reach it over the chan
   waits, so a message lost or a leader changed costs seconds, not the request);
 - ``unwait``: it stopped waiting (served, failed, gone);
 - ``usage``: this process's requests in flight per slot and model, and when each model was
-  last used, sent when they change (at once when a model turns busy, otherwise at most
-  every ``USAGE_EVERY_S``): the loader never evicts a busy model, and evicts the least
-  recently used.
+  last used, sent when they change (at once when a model turns busy while its slot has
+  loads queued, otherwise at most every ``USAGE_EVERY_S``): the loader never evicts a busy
+  model, and evicts the least recently used.
 
 The loader answers through the database (a model's load state, as every state) and its news
 (``dispatch.coordination.sync.loads_news``: the queue in order, the progress, a failure by
@@ -181,6 +181,10 @@ class Loads:
                     reason = self.where(slot.name, ticket, entry, since).reason
                     raise _timed_out(current, entry, wait_s, reason)
                 if now >= resend_at:
+                    if resend_at == 0.0 and self._usage_due is not None:
+                        # What this process just used goes first: the loader picks what
+                        # to evict by it (least recently used), the demand right after.
+                        self._usage_changed(now=True)
                     events.publish(demand, events.WATCHER_GROUP)
                     resend_at = now + RESEND_S
                 if on_wait is not None:
@@ -202,9 +206,16 @@ class Loads:
         key = (slot, upstream_model)
         count = self._inflight[key] = self._inflight.get(key, 0) + 1
         self._last_used[key] = time.time()
-        # A model that turns busy is told at once: held back, the loader would take it for
-        # idle meanwhile and may unload it under this request.
-        self._usage_changed(now=count == 1)
+        # A model that turns busy while its slot has loads queued is told at once: held
+        # back, the loader would take it for idle meanwhile and might swap it out sooner
+        # than its requests allow. With nothing queued the usual report (<= 0.5 s) does: the
+        # loader gives any eviction that long to hear of requests (loader.REPORT_GRACE_S),
+        # and a steady stream of requests costs no message each.
+        self._usage_changed(now=count == 1 and self._swap_pending(slot))
+
+    def _swap_pending(self, slot: str) -> bool:
+        news = self._news.get(slot)
+        return bool(news and (news.get("queue") or news.get("evicting")))
 
     def ended(self, slot: str, upstream_model: str) -> None:
         key = (slot, upstream_model)
