@@ -46,15 +46,15 @@ from dispatch.lifecycle.pushes import pushes
 from dispatch.routing import eviction, states
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.client import upstream
-from dispatch.upstream.loads import RESEND_S, USAGE_EVERY_S
+from dispatch.upstream.loads import BUSY_EVERY_S, RESEND_S
 
 log = logging.getLogger("hal0.loads")
 
 # A request's demand not heard again for this long is gone (it re-sends every RESEND_S).
 DEMAND_TTL_S = 3 * RESEND_S + 1.0
-# Every process reports a change of its requests in flight within USAGE_EVERY_S: an eviction
-# waits this long, once the model takes no new request, before it trusts the reports.
-REPORT_GRACE_S = USAGE_EVERY_S + 0.25
+# Every process reports a model turning busy within BUSY_EVERY_S: an eviction waits this
+# long (and the message's way), once the model takes no new request, before it trusts them.
+REPORT_GRACE_S = BUSY_EVERY_S + 0.1
 # How long the requests in flight on a model being evicted may take to finish.
 DRAIN_MAX_S = 600.0
 # How often a server that unloads on its own is asked whether the model is gone.

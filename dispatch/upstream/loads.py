@@ -8,9 +8,9 @@ process that leads the watcher); every process's requests reach it over the chan
   waits, so a message lost or a leader changed costs seconds, not the request);
 - ``unwait``: it stopped waiting (served, failed, gone);
 - ``usage``: this process's requests in flight per slot and model, and when each model was
-  last used, sent when they change (at once when a model turns busy while its slot has
-  loads queued, otherwise at most every ``USAGE_EVERY_S``): the loader never evicts a busy
-  model, and evicts the least recently used.
+  last used, sent when they change: within ``BUSY_EVERY_S`` when a model turns busy, else
+  at most every ``USAGE_EVERY_S``: the loader never evicts a busy model, and evicts the
+  least recently used.
 
 The loader answers through the database (a model's load state, as every state) and its news
 (``dispatch.coordination.sync.loads_news``: the queue in order, the progress, a failure by
@@ -39,6 +39,9 @@ from dispatch.wire.errors import ApiError
 
 RESEND_S = 2.0
 USAGE_EVERY_S = 0.5
+# A model turning busy is reported this soon (so an eviction need wait no longer than this to
+# hear of every request on it), yet a busy process sends at most one report per interval.
+BUSY_EVERY_S = 0.05
 # This process, as the loader knows it (its usage reports replace each other).
 WORKER = events.LOCAL_GROUP
 
@@ -184,7 +187,7 @@ class Loads:
                     if resend_at == 0.0 and self._usage_due is not None:
                         # What this process just used goes first: the loader picks what
                         # to evict by it (least recently used), the demand right after.
-                        self._usage_changed(now=True)
+                        self._usage_changed(0.0)
                     events.publish(demand, events.WATCHER_GROUP)
                     resend_at = now + RESEND_S
                 if on_wait is not None:
@@ -206,16 +209,10 @@ class Loads:
         key = (slot, upstream_model)
         count = self._inflight[key] = self._inflight.get(key, 0) + 1
         self._last_used[key] = time.time()
-        # A model that turns busy while its slot has loads queued is told at once: held
-        # back, the loader would take it for idle meanwhile and might swap it out sooner
-        # than its requests allow. With nothing queued the usual report (<= 0.5 s) does: the
-        # loader gives any eviction that long to hear of requests (loader.REPORT_GRACE_S),
-        # and a steady stream of requests costs no message each.
-        self._usage_changed(now=count == 1 and self._swap_pending(slot))
-
-    def _swap_pending(self, slot: str) -> bool:
-        news = self._news.get(slot)
-        return bool(news and (news.get("queue") or news.get("evicting")))
+        # A model that turns busy is told within BUSY_EVERY_S: held back longer, the
+        # loader would take it for idle meanwhile (an eviction waits that long for the
+        # reports: loader.REPORT_GRACE_S).
+        self._usage_changed(BUSY_EVERY_S if count == 1 else USAGE_EVERY_S)
 
     def ended(self, slot: str, upstream_model: str) -> None:
         key = (slot, upstream_model)
@@ -237,17 +234,20 @@ class Loads:
             report.setdefault(slot, {})[model] = [self._inflight.get((slot, model), 0), used]
         return report
 
-    def _usage_changed(self, now: bool = False) -> None:
-        if now:
-            if self._usage_due is not None:
-                self._usage_due.cancel()
-            self._send_usage()
-            return
-        if self._usage_due is not None:
-            return  # a report is already due: it will carry this change
+    def _usage_changed(self, within: float = USAGE_EVERY_S) -> None:
+        """Have a report sent within ``within`` of the last one (at once when that is past);
+        one already due by then carries this change too."""
         loop = asyncio.get_running_loop()
-        delay = max(0.0, self._usage_sent + USAGE_EVERY_S - loop.time())
-        self._usage_due = loop.call_later(delay, self._send_usage)
+        at = max(loop.time(), self._usage_sent + within)
+        due = self._usage_due
+        if due is not None:
+            if due.when() <= at:
+                return  # a report is already due: it will carry this change
+            due.cancel()
+        if at <= loop.time():
+            self._send_usage()
+        else:
+            self._usage_due = loop.call_at(at, self._send_usage)
 
     def _send_usage(self) -> None:
         self._usage_due = None
