@@ -779,15 +779,14 @@ def main(argv: list[str]) -> int:
     elif mode == "models":
         from bench import models
 
-        what_if = argv[1:] == ["unload-wait"]
-        text = uvloop.run(models.run(unload_wait=what_if))
-        out = RESULTS / ("models-unload-wait.md" if what_if else "models.md")
+        text = uvloop.run(models.run())
+        out = RESULTS / "models.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
-            "usage: python -m bench [all | seam | llama | models [unload-wait] | "
+            "usage: python -m bench [all | seam | llama | models | "
             "hold [PROMPT_KB ...] | cost [ROUNDS] | transports [VARIANT ...] | "
             "scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",

@@ -34,7 +34,7 @@ import aiohttp
 import orjson
 
 from bench import router
-from bench.procs import HAL0_CORE, LOAD_CORE, PY, Proc, Workspace, free_port, uvicorn_proc
+from bench.procs import HAL0_CORE, LOAD_CORE, Proc, Workspace, uvicorn_proc
 from bench.router import A, B, C
 
 ROUNDS = 5
@@ -365,15 +365,9 @@ def swaps_table(runs: list[Run], lines: list[str]) -> None:
 # --- the run -------------------------------------------------------------------------------
 
 
-def _hal0(ws: Workspace, hold: float, unload_wait: bool) -> Proc:
-    """hal0web under Uvicorn as `make run` starts it; with ``unload_wait``, under
-    bench/serve_loads.py's what-if (the loader waits for an unload to be done)."""
-    if unload_wait:
-        port = free_port()
-        name = f"uvicorn-hold{hold:g}+unload-wait"
-        proc = ws.server(name, [PY, "-m", "bench.serve_loads", str(port)], port)
-    else:
-        proc = uvicorn_proc(ws, f"uvicorn-hold{hold:g}")
+def _hal0(ws: Workspace, hold: float) -> Proc:
+    """hal0web under Uvicorn as `make run` starts it."""
+    proc = uvicorn_proc(ws, f"uvicorn-hold{hold:g}")
     # INFO: the loader's every load and unload in the log (a few hundred lines a run).
     proc.extra_env.update(
         HAL0_SWAP_HOLD_S=f"{hold:g}", HAL0_METRICS_PUBLIC="true", HAL0_LOG_LEVEL="INFO"
@@ -409,14 +403,14 @@ async def _listed(session: aiohttp.ClientSession, hal0: str) -> None:
     await router.until(all_known, SETTLE_S, "hal0web to list the router's models")
 
 
-async def run(unload_wait: bool = False) -> str:
+async def run() -> str:
     from bench.__main__ import _loadavg
 
     started = time.time()
     ws = Workspace()
     models = router.models_dir(ws)
     llama = router.router_proc(ws, models)
-    procs = [_hal0(ws, hold, unload_wait) for hold in HOLDS]
+    procs = [_hal0(ws, hold) for hold in HOLDS]
     lines: list[str] = []
     runs: list[Run] = []
     warnings: list[str] = []
@@ -458,8 +452,7 @@ async def run(unload_wait: bool = False) -> str:
     runs.sort(key=lambda r: (r.workload, -r.hold))
     swaps_table(runs, lines)
     head = [
-        "# Models on demand against llama.cpp's router"
-        + (" (what-if: the loader waits for an unload to be done)" if unload_wait else ""),
+        "# Models on demand against llama.cpp's router",
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(started))}: `llama-server` "
         f"({router.binary()}) in router mode, `--models-max 1 -t 1 -c 1024`, models {A} "

@@ -45,6 +45,10 @@ class FakeRouter(FakeUpstream):
     unloaded_busy: list[str] = field(default_factory=list)  # asked to unload a busy model
     load_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     asked: list[tuple[str, str]] = field(default_factory=list)  # (/models/load|unload, model)
+    # > 0: an unloaded model's server takes this long to exit, and a load asked meanwhile
+    # past --models-max is refused ("model limit reached"), as the real router does.
+    unload_delay_s: float = 0.0
+    refused_loads: list[str] = field(default_factory=list)
     listeners: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)  # /models/sse
 
     def __post_init__(self) -> None:
@@ -88,11 +92,20 @@ class FakeRouter(FakeUpstream):
             if self.busy.get(model):
                 self.unloaded_busy.append(model)
             self.unload_log.append(model)
-            self.status[model] = "unloaded"
-            self._push(model, "status_change", {"status": "unloaded"})
+            if self.unload_delay_s:
+                # The real router answers once it has asked the model's server to stop; the
+                # model stays listed (and counted against --models-max) until it exits.
+                asyncio.get_running_loop().call_later(self.unload_delay_s, self._gone, model)
+            else:
+                self._gone(model)
             return await send_json(send, 200, {"success": True})
         if self.status[model] in ("loaded", "loading"):
             return await send_json(send, 400, {"error": {"message": "model is already running"}})
+        running = [m for m, s in self.status.items() if s in ("loaded", "loading")]
+        if self.unload_delay_s and self.models_max and len(running) >= self.models_max:
+            self.refused_loads.append(model)
+            message = "model limit reached, try again later"
+            return await send_json(send, 500, {"error": {"message": message}})
         self._start_load(model)
         await send_json(send, 200, {"success": True})
 
@@ -118,6 +131,10 @@ class FakeRouter(FakeUpstream):
         finally:
             gone.cancel()
             self.listeners.remove(queue)
+
+    def _gone(self, model: str) -> None:
+        self.status[model] = "unloaded"
+        self._push(model, "status_change", {"status": "unloaded"})
 
     def _push(self, model: str, event: str, data: dict[str, Any]) -> None:
         for queue in self.listeners:

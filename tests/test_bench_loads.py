@@ -19,10 +19,8 @@ import pytest
 
 from bench import models, router
 from bench.fake import MODEL, FakeProtocol
-from bench.serve_loads import UnloadsWait
 from dispatch import kinds
 from dispatch.routing import states
-from dispatch.upstream.client import upstream
 
 
 @pytest.fixture
@@ -111,53 +109,3 @@ def test_an_error_is_said_in_a_few_words() -> None:
     assert models._said(502, body) == "502 model_load_failed: Slot 'p' could not load 'g': 500"
     assert models._said(200, body).startswith("in stream model_load_failed: ")
     assert models._said(500, b"proxy error") == "500: proxy error"
-
-
-async def test_the_what_ifs_unload_returns_once_the_router_lists_the_model_unloaded() -> None:
-    """A raw router: it answers the unload at once and lists the model ``loaded`` for three
-    more listings (its model server still exiting), then ``unloaded``."""
-    listings: list[str] = []
-    writers: list[asyncio.StreamWriter] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            if length:
-                await reader.readexactly(length)
-            if head.startswith(b"POST /models/unload"):
-                body = b'{"success":true}'
-            else:
-                status = "loaded" if len(listings) < 3 else "unloaded"
-                listings.append(status)
-                body = orjson.dumps({"data": [{"id": "m", "status": {"value": status}}]})
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                + str(len(body)).encode()
-                + b"\r\n\r\n"
-                + body
-            )
-            await writer.drain()
-
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        waits = UnloadsWait(upstream)
-        url = f"http://127.0.0.1:{port}/models/unload"
-        answer = await waits.ask("POST", url, {"model": "m"}, 5.0, 1 << 16)
-    finally:
-        await upstream.aclose()  # its pooled connections belong to this test's loop
-        for writer in writers:
-            writer.close()
-            await writer.wait_closed()
-        server.close()
-        await server.wait_closed()
-    assert answer.status == 200
-    assert listings == ["loaded", "loaded", "loaded", "unloaded"]

@@ -272,3 +272,14 @@ def test_the_routers_command_lines_are_neither_kept_nor_shown(router, hal0):
     by_id = {m["id"]: m for m in listing.json()["data"]}
     assert by_id["m1"]["status"]["value"] == "loaded"
     assert by_id["m2"]["status"]["value"] == "unloaded"
+
+
+def test_a_swap_waits_for_the_unloaded_models_server_to_exit_before_the_load(router, hal0):
+    """llama-server answers an unload before the model's server has exited, and refuses a
+    load past --models-max until it has ("model limit reached, try again later")."""
+    ready(hal0)
+    router.unload_delay_s = 0.4
+    answer = chat(hal0, "m2")
+    assert answer.status_code == 200, answer.text
+    assert router.refused_loads == []
+    assert router.asked == [("/models/unload", "m1"), ("/models/load", "m2")]

@@ -58,7 +58,7 @@ REPORT_GRACE_S = BUSY_EVERY_S + 0.1
 # How long the requests in flight on a model being evicted may take to finish.
 DRAIN_MAX_S = 600.0
 # How often a server that unloads on its own is asked whether the model is gone.
-GONE_POLL_S = 0.2
+GONE_POLL_S = 0.05
 # A model just loaded for waiting requests counts as busy this long: their first usage
 # report (sent as a model turns busy) may not have reached the loader yet, and the next
 # demand in the queue must not swap it out from under them.
