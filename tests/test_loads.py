@@ -283,3 +283,23 @@ def test_a_swap_waits_for_the_unloaded_models_server_to_exit_before_the_load(rou
     assert answer.status_code == 200, answer.text
     assert router.refused_loads == []
     assert router.asked == [("/models/unload", "m1"), ("/models/load", "m2")]
+
+
+def test_draining_lets_a_stream_in_flight_finish_and_turns_new_requests_away(router, hal0):
+    ready(hal0)
+    router.chunks, router.chunk_gap_s = 10, 0.1  # a stream of about a second
+    streamed: list[list[str]] = []
+
+    def stream() -> None:
+        body = {"model": "m1", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        with httpx.stream("POST", hal0.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            streamed.append([line for line in r.iter_lines() if line.startswith("data:")])
+
+    on_m1 = threading.Thread(target=stream)
+    on_m1.start()
+    wait_until(lambda: router.busy.get("m1"), what="the stream under way")
+    control.drain("r")
+    wait_until(lambda: chat(hal0, "m1").status_code == 503, what="new requests turned away")
+    on_m1.join()
+    assert streamed and len(streamed[0]) == 11 and streamed[0][-1] == "data: [DONE]"
+    assert chat(hal0, "m1").json()["error"]["code"] == "slot_draining"
