@@ -19,7 +19,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from dispatch.admin_models import SlotModelInline, shared_models, slot_loads
+from dispatch.admin_models import SlotModelInline, control_each, shared_models, slot_loads
 from dispatch.lib import redact
 from dispatch.lifecycle import control
 from dispatch.manifests.export import extra_problems
@@ -117,16 +117,7 @@ def _control_each(
     done: str,
 ) -> None:
     """``act`` (one of ``dispatch.lifecycle.control``'s) on each selected slot, by name."""
-    ok = 0
-    for slot in queryset:
-        try:
-            act(slot.name)
-        except control.ControlError as exc:
-            modeladmin.message_user(request, f"Not done for {slot.name}: {exc}", messages.ERROR)
-        else:
-            ok += 1
-    if ok:
-        modeladmin.message_user(request, f"{ok} slot(s) {done}.", messages.SUCCESS)
+    control_each(modeladmin, request, queryset, lambda slot: act(slot.name), f"slot(s) {done}")
 
 
 @admin.action(description="Drain selected slots (finish in-flight requests, take no new ones)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from django import forms
 from django.contrib import admin, messages
@@ -22,6 +22,8 @@ from dispatch.lib import redact
 from dispatch.lifecycle import control
 from dispatch.models import ModelSource, Slot, SlotModel
 from dispatch.routing import states
+
+T = TypeVar("T")
 
 
 def shared_models(model_ids: Iterable[str], exclude_slot_id: int | None) -> dict[str, list[str]]:
@@ -112,16 +114,17 @@ class SlotModelInline(admin.TabularInline):
         return ", ".join(others) or "-"
 
 
-def _each(
+def control_each(
     modeladmin: admin.ModelAdmin,
     request: HttpRequest,
-    queryset: QuerySet[SlotModel],
-    act: Callable[[SlotModel], None],
+    rows: Iterable[T],
+    act: Callable[[T], None],
     done: str,
 ) -> None:
-    """``act`` on each selected model; one message for those done, one per refusal."""
+    """``act`` (through ``dispatch.lifecycle.control``) on each selected row, slot or model:
+    one message for those done, one per refusal, in the control's words."""
     ok = 0
-    for row in queryset.select_related("slot"):
+    for row in rows:
         try:
             act(row)
         except control.ControlError as exc:
@@ -129,7 +132,17 @@ def _each(
         else:
             ok += 1
     if ok:
-        modeladmin.message_user(request, f"{ok} model(s) {done}.", messages.SUCCESS)
+        modeladmin.message_user(request, f"{ok} {done}.", messages.SUCCESS)
+
+
+def _each(
+    modeladmin: admin.ModelAdmin,
+    request: HttpRequest,
+    queryset: QuerySet[SlotModel],
+    act: Callable[[SlotModel], None],
+    done: str,
+) -> None:
+    control_each(modeladmin, request, queryset.select_related("slot"), act, f"model(s) {done}")
 
 
 @admin.action(description="Load selected models")
