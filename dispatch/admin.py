@@ -385,6 +385,7 @@ class RequestLogAdmin(admin.ModelAdmin):
         "endpoint",
         "model",
         "slot",
+        "mode",
         "status",
         "error",
         "duration_ms",
@@ -398,6 +399,7 @@ class RequestLogAdmin(admin.ModelAdmin):
         "status",
         "client",
         "endpoint",
+        "mode",
         ("at", admin.DateFieldListFilter),
     )
     # Exact request ids (what a client's X-Request-Id header says), no LIKE scan of a big table.

@@ -51,6 +51,9 @@ class DispatchConfig(AppConfig):
         from django.db.models.signals import post_migrate
 
         from dispatch import signals  # noqa: F401
+        from dispatch.wire import translators
+
+        translators.install()
         from dispatch.coordination import triggers
         from dispatch.web import live
 

@@ -442,6 +442,12 @@ class RequestLog(models.Model):
     error = models.CharField(max_length=64, blank=True)
     duration_ms = models.FloatField()
     ttft_ms = models.FloatField(null=True, blank=True)
+    mode = models.CharField(
+        max_length=16,
+        blank=True,
+        db_default="",  # rows an older worker writes during an upgrade name none
+        help_text="passthrough, or translated to what the slot offers",
+    )
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     why = models.TextField(blank=True, help_text="why this slot, in words")

@@ -10,12 +10,14 @@ import httpx
 import orjson
 import pytest
 
-from dispatch.models import Slot
+from dispatch.models import RequestLog, Slot
+from dispatch.observability import requestlog
 from dispatch.routing.resolver import Decision, NoRoute, resolve
 from dispatch.routing.states import READY
 from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
 from dispatch.wire import adapters
 from dispatch.wire.adapters import ClientRequest, Outgoing
+from dispatch.wire.framing import EventReader
 from tests.conftest import add_slot
 from tests.fakes import FakeUpstream, ServerThread
 from tests.polling import wait_until
@@ -137,3 +139,109 @@ def test_forward_sends_each_target_its_own_path_and_body(adapter, transactional_
     finally:
         for server in servers:
             server.stop()
+
+
+# --- the way back: a translated call's answer, stream and errors in the client's protocol --
+
+
+class _Wrapped(adapters.Translation):
+    """A toy translation: each upstream JSON answer or event comes back wrapped in
+    {"wrapped": ...}, and a stream ends with one event of its own."""
+
+    def __init__(self) -> None:
+        self.reader = EventReader()
+
+    def answer(self, content: bytes) -> bytes:
+        data = orjson.loads(content)
+        if "choices" not in data:
+            raise ValueError("no choices")
+        return orjson.dumps({"wrapped": data["choices"][0]["message"]["content"]})
+
+    def stream(self, chunk: bytes) -> bytes:
+        out = b""
+        for _name, data in self.reader.feed(chunk):
+            if data != b"[DONE]":
+                piece = orjson.loads(data)["choices"][0]["delta"]["content"]
+                out += b"event: piece\ndata: " + orjson.dumps({"wrapped": piece}) + b"\n\n"
+        return out
+
+    def end(self) -> bytes:
+        return b'event: over\ndata: {"over":true}\n\n'
+
+
+def _wrapping(request: ClientRequest, upstream_model: str | None) -> Outgoing:
+    return Outgoing("/v1/chat/completions", request.body.for_model(upstream_model), _Wrapped())
+
+
+@pytest.fixture
+def wrapping_slot(transactional_db, hal0) -> Iterator[FakeUpstream]:
+    adapters.register("chat/completions", OFFERED, _wrapping)
+    upstream = FakeUpstream("wrapped", models=["m1"])
+    server = ServerThread(upstream).start()
+    try:
+        add_slot("wrapped", server.url + "/v1", ["m1"], endpoints=[OFFERED])
+        httpx.get(hal0.url + "/healthz", timeout=5).raise_for_status()
+        _wait_ready("wrapped")
+        yield upstream
+    finally:
+        adapters.unregister("chat/completions", OFFERED)
+        server.stop()
+
+
+def test_a_translated_answer_and_stream_come_back_in_the_translation_and_say_so(
+    wrapping_slot, hal0, settings
+):
+    chat = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(hal0.url + "/v1/chat/completions", json=chat, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"wrapped": "hello from wrapped"}
+    assert r.headers["X-Hal0-Mode"] == "translated"
+    assert r.headers["content-type"] == "application/json"
+    # The upstream was sent a path from its server's root (a leading "/").
+    assert [s.path for s in wrapping_slot.calls()] == ["/v1/chat/completions"]
+
+    with httpx.stream(
+        "POST", hal0.url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=10
+    ) as s:
+        body = b"".join(s.iter_bytes())
+        assert s.headers["X-Hal0-Mode"] == "translated"
+        assert s.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[0] == b'event: piece\ndata: {"wrapped":"hello from wrapped"}'
+    assert events[-1] == b'event: over\ndata: {"over":true}'
+    assert len(events) == 1 + wrapping_slot.chunks
+
+
+def test_a_passthrough_answer_says_so_and_the_log_and_request_log_name_the_mode(
+    transactional_db, hal0, settings, caplog
+):
+    upstream = FakeUpstream("plain", models=["m2"])
+    server = ServerThread(upstream).start()
+    try:
+        add_slot("plain", server.url + "/v1", ["m2"])
+        httpx.get(hal0.url + "/healthz", timeout=5).raise_for_status()
+        _wait_ready("plain")
+        with caplog.at_level("INFO", logger="hal0.dispatch"):
+            r = httpx.post(
+                hal0.url + "/v1/chat/completions",
+                json={"model": "m2", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=10,
+            )
+        assert r.status_code == 200 and r.headers["X-Hal0-Mode"] == "passthrough"
+        wait_until(
+            lambda: any('"mode":"passthrough"' in m for m in caplog.messages), "the log line"
+        )
+        assert requestlog.writer.flush(10)
+        row = RequestLog.objects.get(request_id=r.headers["X-Request-Id"])
+        assert (row.slot, row.mode) == ("plain", "passthrough")
+    finally:
+        server.stop()
+
+
+def test_a_translated_call_failing_upstream_is_told_in_the_clients_protocol(wrapping_slot, hal0):
+    wrapping_slot.fail_status = 400  # an OpenAI-shaped error of the offered endpoint
+    chat = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(hal0.url + "/v1/chat/completions", json=chat, timeout=10)
+    assert r.status_code == 400
+    assert r.headers["X-Hal0-Mode"] == "translated"
+    assert r.json()["error"]["type"] == "invalid_request_error"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -93,6 +94,9 @@ class _Body:
         elif ep.model_in == "form":
             self._form = bodies.parse_form(raw, request.headers.get("Content-Type", ""))
             self.model = self._form.model
+
+    def json(self) -> dict[str, Any] | None:
+        return None if self._json is None else self._json.data
 
     def for_model(self, upstream_model: str | None) -> bytes:
         if upstream_model is None:
@@ -216,13 +220,15 @@ def proxy_view(ep: Endpoint) -> View:
             record(rec)
             raise
         status = fwd.response.status_code
-        rec.answered(fwd.slot.name, fwd.upstream_model, fwd.resolution_path, status)
+        rec.answered(fwd.slot.name, fwd.upstream_model, fwd.resolution_path, status, fwd.mode)
         rec.queued_ms = fwd.queued_s * 1000
         rec.inflight = admission.inflight.get(fwd.slot.name, 0)
         if status >= 400:
             return await relay.upstream_failed(fwd, rec, ep.protocol)
         stream = streamed_as(ep.protocol, fwd.response.content_type)
         if stream is not None:
+            if fwd.translation is not None:  # re-framed event by event, in the client's protocol
+                return relay.streaming(fwd, rec, ep.protocol, ep.records_response)
             return relay.streaming(fwd, rec, stream, ep.records_response)
         if ep.answer == "bytes":
             return relay.passthrough(fwd, rec)

@@ -16,6 +16,7 @@ from dispatch.observability.decisions import DecisionRecord, record
 from dispatch.upstream.forward import Forwarded
 from dispatch.upstream.loads import Waiting
 from dispatch.upstream.response import UpstreamError
+from dispatch.wire.adapters import Translation
 from dispatch.wire.errors import ApiError, excerpt, is_openai_error, upstream_error_status
 from dispatch.wire.protocols import OPENAI, WireProtocol, streamed_as
 
@@ -114,12 +115,32 @@ async def buffered(
             f"{excerpt(content) or '(empty)'}",
         )
         return _finish(_proxy_error(rec, err, status, protocol), rec)
+    if fwd.translation is not None:
+        if encoded:
+            err = ApiError(
+                502,
+                "upstream_invalid_response",
+                f"Slot '{fwd.slot.name}' answered "
+                f"in {fwd.response.encoding} encoding, which hal0web cannot translate.",
+            )
+            return _finish(_proxy_error(rec, err, status, protocol), rec)
+        try:
+            content = fwd.translation.answer(content)
+        except ValueError as exc:
+            err = ApiError(
+                502,
+                "upstream_invalid_response",
+                f"Slot '{fwd.slot.name}' answered with what hal0web cannot translate: {exc}",
+            )
+            return _finish(_proxy_error(rec, err, status, protocol), rec)
     if records_response:
         rid = response_id(content)
         if rid is not None:
             # Before the client has the id: from then on every worker must find it.
             await affinity.remember(rid, fwd.slot.name)
     response = _with_headers(HttpResponse(content, status=status), fwd)
+    if fwd.translation is not None:
+        response["Content-Type"] = fwd.translation.answer_type
     if not encoded and protocol.usage_marker in content:
         answer_usage(rec, content, protocol)
     if rec.body is not None:  # HAL0_LOG_BODIES: keep the answer too, capped the same
@@ -150,6 +171,16 @@ async def upstream_failed(
             data = bodies.loads(content)
         except ValueError:
             pass
+    if is_openai_error(data) and fwd.translation is not None:
+        # The offered endpoint's error, said again in the protocol the client called.
+        said = data["error"]
+        code = said.get("code") if isinstance(said.get("code"), str) else None
+        err = ApiError(
+            status, code or str(said.get("type") or "upstream_error"), str(said.get("message"))
+        )
+        response = _proxy_error(rec, err, status, protocol)
+        rec.error = "upstream_error"
+        return _finish(response, rec)
     if is_openai_error(data):
         response = _with_headers(HttpResponse(content, status=status), fwd)
         response["X-Hal0-Upstream-Status"] = str(status)
@@ -239,7 +270,25 @@ def streaming(
     byte ends it with one error event of that protocol (an SSE event, an NDJSON line)."""
     response = _relayed(_stream_body(fwd, rec, protocol, records_response), fwd, rec)
     response["Cache-Control"] = "no-cache"
+    if fwd.translation is not None:
+        response["Content-Type"] = fwd.translation.stream_type
     return response
+
+
+async def _translated(
+    fwd: Forwarded, translation: Translation, plain: bool
+) -> AsyncIterator[bytes]:
+    """A translated call's stream as the client is sent it: re-framed event by event into
+    the client's protocol (``Translation.stream``) as the upstream's chunks arrive."""
+    if not plain:
+        raise UpstreamError("broken", "a compressed stream cannot be translated")
+    async for chunk in fwd.response.chunks():
+        out = translation.stream(chunk)
+        if out:  # whole events of the client's protocol, or none yet
+            yield out
+    last = translation.end()
+    if last:
+        yield last
 
 
 async def _stream_body(
@@ -253,7 +302,12 @@ async def _stream_body(
     sniffer = StreamSniffer() if records_response and plain else None
     watch = _Watch(rec, protocol, plain)
     try:
-        async for chunk in fwd.response.chunks():
+        translation = fwd.translation
+        # Passthrough iterates the upstream's chunks directly: no layer more per chunk.
+        chunks = (
+            fwd.response.chunks() if translation is None else _translated(fwd, translation, plain)
+        )
+        async for chunk in chunks:
             watch.saw(chunk)
             rec.first_chunk()
             if sniffer is not None and not sniffer.done:
@@ -273,6 +327,10 @@ async def _stream_body(
         rec.error = f"upstream_{exc.kind}"
         if plain:
             yield protocol.error_event(rec.error, exc.message, watch.tail)
+    except ValueError as exc:  # a translation met what the offered endpoint never sends
+        rec.error = "upstream_invalid_response"
+        said = f"Slot '{fwd.slot.name}' streamed what hal0web cannot translate: {exc}"
+        yield protocol.error_event(rec.error, said, watch.tail)
     except BaseException:
         rec.error = "client_disconnected"
         raise
@@ -329,7 +387,7 @@ def waiting_stream(
             raise failure
         fwd = forwarding.result()
         status = fwd.response.status_code
-        rec.answered(fwd.slot.name, fwd.upstream_model, fwd.resolution_path, status)
+        rec.answered(fwd.slot.name, fwd.upstream_model, fwd.resolution_path, status, fwd.mode)
         rec.queued_ms = fwd.queued_s * 1000
         yield f": hal0 dequeued queued_ms={rec.queued_ms:.0f}\n\n".encode()
         if status >= 400 or streamed_as(protocol, fwd.response.content_type) is None:

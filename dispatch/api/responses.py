@@ -62,3 +62,5 @@ def visible(response: HttpResponseBase, rec: DecisionRecord) -> None:
         response["X-Hal0-Slot"] = rec.slot
     if rec.resolution_path:
         response["X-Hal0-Resolution"] = rec.resolution_path
+    if rec.mode:  # passthrough or translated (dispatch.wire.adapters)
+        response["X-Hal0-Mode"] = rec.mode

@@ -6,7 +6,11 @@ from dispatch.routing.table import SlotEntry
 
 
 def upstream_url(slot: SlotEntry, path: str) -> str:
-    return slot.url.rstrip("/") + "/" + path.lstrip("/")
+    """Where ``path`` is on the slot's server: below its API root, or from its server's root
+    when ``path`` begins with ``/`` (llama.cpp's ``/tokenize``, Ollama's ``/api/chat``)."""
+    if path.startswith("/"):
+        return server_root(slot) + path
+    return slot.url.rstrip("/") + "/" + path
 
 
 def server_root(slot: SlotEntry) -> str:

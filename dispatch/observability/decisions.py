@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from dispatch.lib.listeners import Listeners
 from dispatch.routing.explain import Explanation, explain, explain_no_route
 from dispatch.routing.resolver import Decision, NoRoute
+from dispatch.wire.adapters import PASSTHROUGH
 from dispatch.wire.errors import dumps
 
 log = logging.getLogger("hal0.dispatch")
@@ -44,6 +45,9 @@ class DecisionRecord:
     ttft_ms: float | None = None  # a stream's first body chunk
     added_ms: float | None = None  # hal0web's own time before forwarding
     queued_ms: float = 0.0  # waiting for its model to be loaded (dispatch.upstream.loads)
+    # How the slot that answered was sent it: as it came, or translated to an endpoint it
+    # offers (dispatch.wire.adapters); None: no slot was sent it.
+    mode: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     # What the resolver decided, and the in-flight counts it ranked by: enough to explain
@@ -88,11 +92,16 @@ class DecisionRecord:
         self.added_ms = self.since_arrival_ms()
 
     def answered(
-        self, slot: str, upstream_model: str | None, resolution_path: str, status: int
+        self,
+        slot: str,
+        upstream_model: str | None,
+        resolution_path: str,
+        status: int,
+        mode: str = PASSTHROUGH,
     ) -> None:
         """The upstream that answered (after any failover) sent its headers."""
         self.slot, self.upstream_model = slot, upstream_model
-        self.resolution_path, self.status = resolution_path, status
+        self.resolution_path, self.status, self.mode = resolution_path, status, mode
         self.ttfb_ms = self.since_arrival_ms()
 
     def first_chunk(self) -> None:
@@ -149,6 +158,7 @@ class DecisionRecord:
             "at": round(self.at, 3),
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
             "queued_ms": round(self.queued_ms, 1),
+            "mode": self.mode,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "why": self.why_dict(),

@@ -24,7 +24,14 @@ from dispatch.upstream.loads import Waiting, loads
 from dispatch.upstream.outliers import outliers
 from dispatch.upstream.response import UpstreamError, UpstreamResponse
 from dispatch.wire import adapters
-from dispatch.wire.adapters import ClientRequest, Outgoing
+from dispatch.wire.adapters import (
+    PASSTHROUGH,
+    TRANSLATED,
+    ClientRequest,
+    Mode,
+    Outgoing,
+    Translation,
+)
 from dispatch.wire.errors import ApiError
 
 _FAILOVER_STATUSES = frozenset({502, 503})
@@ -40,6 +47,13 @@ class Forwarded:
     # is counted for the loader (dispatch.upstream.loads): given back by release().
     queued_s: float = 0.0
     counted: bool = False
+    # How its answer goes back to the client when the slot was sent another endpoint than
+    # the one called (dispatch.wire.adapters); None: passed through as it comes.
+    translation: Translation | None = None
+
+    @property
+    def mode(self) -> Mode:
+        return PASSTHROUGH if self.translation is None else TRANSLATED
 
     def release(self) -> None:
         """The answer is done: its place on the slot (and its model's use) go back."""
@@ -340,6 +354,7 @@ async def forward(
             continue
         fwd = Forwarded(response, slot, target.upstream_model, attempts.resolution_path(slot))
         fwd.queued_s, fwd.counted = attempts.queued_s, counted is not None
+        fwd.translation = sent.translation
         return fwd
     raise attempts.error()
 

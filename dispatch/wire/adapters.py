@@ -8,15 +8,28 @@ resolver asks ``serves``; forward asks ``outgoing`` for each target it tries. En
 named as slots offer them (``Endpoint.offer``: count_tokens is part of messages); an adapter
 sees the client's path to tell them apart.
 
+A translating adapter's ``Outgoing`` carries a ``Translation``: one object per call that
+turns the upstream's answer back into the client's protocol (a JSON answer whole, a stream
+event by event as its chunks arrive). Passthrough carries none, so its path costs nothing
+more than before: that is ``mode`` (``passthrough`` or ``translated``), which every answer,
+log line, request-log row and live event says.
+
 Pure: no Django, no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Set
-from dataclasses import dataclass
-from typing import Protocol
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Set
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Literal, Protocol
 from urllib.parse import quote
+
+# How a target serves a call: sent as it came, or translated to an endpoint it offers.
+Mode = Literal["passthrough", "translated"]
+PASSTHROUGH: Final[Mode] = "passthrough"
+TRANSLATED: Final[Mode] = "translated"
 
 
 class Body(Protocol):
@@ -24,22 +37,65 @@ class Body(Protocol):
 
     def for_model(self, upstream_model: str | None) -> bytes: ...
 
+    def json(self) -> dict[str, Any] | None:
+        """The body parsed (a JSON object), or None when it is no JSON body (a form)."""
+        ...
+
+
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
+
 
 @dataclass(frozen=True, slots=True)
 class ClientRequest:
-    """What the client sent: the path as decoded, the query as sent, and the body."""
+    """What the client sent: the path as decoded, the query as sent, and the body.
+
+    ``context``: what the API layer looked up for an adapter before forwarding (adapters
+    are pure and do no I/O), e.g. the conversation a ``previous_response_id`` names."""
 
     path: str
     query: str
     body: Body
+    context: Mapping[str, Any] = field(default_factory=lambda: _NOTHING)
+
+
+class Translation(ABC):
+    """One translated call's way back: the upstream's answer (in the protocol of the endpoint
+    the slot offers) turned into what the client called. Made by the adapter for each call,
+    so it may keep what the request said (the model name the client used, its tools) and
+    what the stream has sent so far (open content blocks, an index per block)."""
+
+    # The media type of what the client is sent: a JSON answer or its protocol's stream.
+    answer_type: str = "application/json"
+    stream_type: str = "text/event-stream"
+
+    @abstractmethod
+    def answer(self, content: bytes) -> bytes:
+        """A whole 2xx JSON answer, translated. Raises ValueError when it is not the answer
+        the offered endpoint gives (the client then gets a 502 in its own protocol)."""
+
+    @abstractmethod
+    def stream(self, chunk: bytes) -> bytes:
+        """The client's bytes for one upstream stream chunk, as it arrives: whole events
+        only (a cut event waits for its rest), possibly none yet. Never the stream whole."""
+
+    @abstractmethod
+    def end(self) -> bytes:
+        """The client's last events once the upstream stream ended (closing what is open)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """What one target is sent: the path below its slot's URL (the API root), and the body."""
+    """What one target is sent: the path below its slot's URL (the API root; from its
+    server's root when it begins with ``/``), the body, and for a translated call the way its
+    answer goes back (None: passed through as it comes)."""
 
     path: str
     body: bytes
+    translation: Translation | None = field(default=None, compare=False)
+
+    @property
+    def mode(self) -> Mode:
+        return PASSTHROUGH if self.translation is None else TRANSLATED
 
 
 # (the client's request, the model name the target takes) -> what the target is sent
@@ -73,6 +129,19 @@ def register(called: str, offered: str, adapter: Adapter) -> None:
 
 def unregister(called: str, offered: str) -> None:
     _adapters.pop((called, offered), None)
+
+
+def translated_to(called: str, offers: Set[str]) -> str | None:
+    """The endpoint a slot offering ``offers`` is sent ``called`` as, when it does not offer
+    it itself (None: it offers it, or cannot serve it)."""
+    if called in offers:
+        return None
+    return next((o for (c, o) in _adapters if c == called and o in offers), None)
+
+
+def translations(offers: Set[str]) -> frozenset[str]:
+    """Every endpoint a slot offering ``offers`` serves by translation (not natively)."""
+    return frozenset(c for (c, o) in _adapters if o in offers and c not in offers)
 
 
 def adapter_for(called: str, offers: Set[str]) -> Adapter | None:

@@ -81,3 +81,42 @@ class NewlineDelimitedJson(Framing):
 
 SSE = ServerSentEvents()
 NDJSON = NewlineDelimitedJson()
+
+
+class EventReader:
+    """An upstream SSE stream's events, whole, as its chunks arrive: what a translation
+    reads (a chunk may end inside an event; that event waits for the rest, nothing more
+    is kept). ``feed`` gives each complete event's name (None when unnamed) and data
+    (its ``data:`` lines joined); comments and events without data are skipped."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[str | None, bytes]]:
+        text = self._rest + chunk
+        held = b""
+        if b"\r" in text:
+            if text.endswith(b"\r"):  # a CRLF cut in two: the LF may be in the next chunk
+                text, held = text[:-1], b"\r"
+            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *whole, rest = text.split(b"\n\n")
+        self._rest = rest + held
+        events: list[tuple[str | None, bytes]] = []
+        for block in whole:
+            name: str | None = None
+            data: list[bytes] = []
+            for line in block.split(b"\n"):
+                if line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                elif line.startswith(b"event:"):
+                    name = line[6:].strip().decode("utf-8", "replace")
+            if data:
+                events.append((name, b"\n".join(data)))
+        return events
+
+    @property
+    def cut(self) -> bool:
+        """Whether the stream so far ends inside an event (bytes wait for their rest)."""
+        return bool(self._rest.strip())
