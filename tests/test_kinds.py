@@ -87,10 +87,11 @@ def test_a_model_list_is_read_into_ids_and_details():
     assert kinds.GENERIC.listing(None) is None
 
 
-def test_the_endpoints_a_kind_speaks_are_the_slots_for_now():
-    slot = make_slot("s", "http://h/v1", kind="vllm", type="embedding")
+def test_a_slot_listing_no_endpoints_offers_what_its_kind_speaks_for_its_type():
+    from dispatch.routing.endpoints import defaults_for
+
     for kind in kinds.REGISTRY.values():
-        assert kind.endpoints(slot) == slot.endpoints
+        assert kind.speaks("embedding") >= defaults_for("embedding")
 
 
 def test_an_unknown_kind_is_probed_as_a_generic_server():

@@ -17,9 +17,9 @@ from types import MappingProxyType
 
 from asgiref.sync import sync_to_async
 
+from dispatch import kinds
 from dispatch.lib.listeners import Listeners
 from dispatch.routing import slot_fields
-from dispatch.routing.endpoints import defaults_for
 from dispatch.routing.table import EMPTY_TABLE, ModelEntry, RoutingTable, SlotEntry, make_slot
 
 
@@ -45,12 +45,13 @@ def load_table(version: int) -> RoutingTable:
             for m in slot.models.all()
         ]
         # Every field the table carries (dispatch.routing.slot_fields), then those stored in
-        # another shape: JSON lists, and no endpoints listed meaning the type's.
+        # another shape: JSON lists, and no endpoints listed meaning what its kind of server
+        # speaks for its type.
         values = {f.name: getattr(slot, f.name) for f in slot_fields.TABLE}
         listed = list(slot.endpoints or ())
         values.update(
             drift=tuple(slot.drift or ()),
-            endpoints=frozenset(listed) if listed else defaults_for(slot.type),
+            endpoints=frozenset(listed) if listed else kinds.get(slot.kind).speaks(slot.type),
             endpoints_listed=bool(listed),
         )
         entries.append(make_slot(models=models, **values))

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from dispatch.kinds.urls import upstream_url
 from dispatch.routing import states
+from dispatch.routing.endpoints import defaults_for
 from dispatch.routing.table import SlotEntry
 
 # JSON as the probe parsed it (None when the answer was not JSON).
@@ -188,11 +189,12 @@ class Kind:
     # memory; False when it only starts the unload (the readings say when it is gone).
     unload_call_waits: ClassVar[bool] = True
 
-    def endpoints(self, slot: SlotEntry) -> frozenset[str]:
-        """The endpoints (``dispatch.routing.endpoints`` names) the server speaks: for now
-        what the slot says (its manifest's list, or its type's defaults). A kind that can
-        ask its server will answer from what it says."""
-        return slot.endpoints
+    def speaks(self, slot_type: str) -> frozenset[str]:
+        """The endpoints (``dispatch.routing.endpoints`` names) this kind of server speaks
+        natively for a slot of ``slot_type``, as far as the kind knows without asking it: its
+        type's defaults. A manifest's ``endpoints`` list overrides it; so does what a probe
+        of the server found."""
+        return defaults_for(slot_type)
 
 
 def _message(body: Json) -> str:
