@@ -126,3 +126,22 @@ def test_no_route():
     assert e.rule == "no_route" and e.chosen is None
     assert e.text.startswith("no route: The model 'qwen3-coder-2b' does not exist")
     assert e.as_dict()["candidates"] == []
+
+
+def test_a_refusal_is_explained_by_its_own_message_not_an_earlier_ones_on_the_same_table():
+    # Two requests naming no model, on two endpoints, on one table: the second one's "why"
+    # once repeated the first's ("no default llm slot offering responses" for a chat request).
+    from dispatch.observability.decisions import DecisionRecord
+    from dispatch.routing.resolver import resolve
+    from dispatch.routing.table import RoutingTable
+
+    table = RoutingTable.build(7, [])
+    texts = []
+    for endpoint in ("responses", "chat/completions"):
+        rec = DecisionRecord.arrived("r", endpoint)
+        rec.decided(resolve(table, None, endpoint))
+        why = rec.why
+        assert why is not None
+        texts.append(why.text)
+    assert "offering responses" in texts[0]
+    assert "offering chat/completions" in texts[1]

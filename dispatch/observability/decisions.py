@@ -176,7 +176,13 @@ def _explained(rec: DecisionRecord) -> tuple[Explanation, dict[str, object]]:
     decision = rec.decision
     assert decision is not None
     if isinstance(decision, NoRoute):
-        key: tuple[object, ...] = (decision.table_version, decision.requested_model, decision.code)
+        # The message too: one model (or none) refused on two endpoints is two explanations.
+        key: tuple[object, ...] = (
+            decision.table_version,
+            decision.requested_model,
+            decision.code,
+            decision.message,
+        )
     else:
         key = (
             decision.table_version,
