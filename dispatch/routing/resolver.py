@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from dispatch.routing import states
+from dispatch.routing import patterns, states
 from dispatch.routing.endpoints import TYPES_OF
 from dispatch.routing.table import RoutingTable, SlotEntry
 from dispatch.wire import adapters
@@ -27,7 +27,8 @@ class Target:
 
     slot: SlotEntry
     upstream_model: str | None
-    source: str  # manifest | alias | discovered | default | slot | fallback | qualified
+    # manifest | alias | discovered | default | slot | fallback | qualified | pattern
+    source: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,8 @@ class Decision:
     resolution_path: str
     latency_us: float
     table_version: int
+    # The alias pattern the requested name matched (dispatch.routing.patterns), when one did.
+    pattern: str | None = None
 
     @property
     def target(self) -> Target:
@@ -86,9 +89,9 @@ def candidates(
     endpoint: str | None = None,
 ) -> list[tuple[SlotEntry, str, str]]:
     """The enabled slots serving ``model_id`` (and offering ``endpoint``, when given), best
-    first: (slot, upstream model, source)."""
+    first: (slot, upstream model, source). ``model_id`` may be an alias pattern."""
     found = []
-    for name in table.by_model.get(model_id, ()):
+    for name in table.by_model.get(model_id) or table.by_pattern.get(model_id, ()):
         slot = table.slots[name]
         if endpoint is not None and not _offers(slot, endpoint):
             continue
@@ -234,8 +237,8 @@ def resolve(
     """Decide where a request for ``requested_model`` on ``endpoint`` goes.
 
     In this order: no model at all (the endpoint type's default slot); a ``slot/model``
-    qualified id; a slot's name; a model id or alias; the operator's opt-in fallback slot;
-    else no route.
+    qualified id; a slot's name; a model id or alias; an alias pattern (the most specific);
+    the operator's opt-in fallback slot; else no route.
     """
     t0 = time.perf_counter_ns()
     if requested_model is None or requested_model == "":
@@ -249,6 +252,8 @@ def resolve(
         found = _by_slot_name(table, requested_model, endpoint, t0)
     if found is None and requested_model in table.by_model:
         found = _by_model(table, requested_model, endpoint, inflight, t0)
+    if found is None and table.matcher:
+        found = _by_pattern(table, requested_model, endpoint, inflight, t0)
     if found is None:
         found = _by_fallback(table, requested_model, endpoint, fallback_slot, t0)
     return found
@@ -306,6 +311,11 @@ def _by_qualified_id(
     if slot is None:
         return None
     entry = slot.models.get(rest)
+    pattern = None
+    if entry is None and requested not in table.by_model:
+        # The slot serves every name its alias patterns match, asked for as slot/name too.
+        pattern = patterns.best_match(rest, (m.model_id for m in slot.models.values() if m.pattern))
+        entry = slot.models[pattern] if pattern is not None else None
     if entry is None:
         if requested in table.by_model:
             return None
@@ -323,7 +333,8 @@ def _by_qualified_id(
     if not _offers(slot, endpoint):
         return _not_offered(table, requested, endpoint, (prefix,), t0)
     target = Target(slot, entry.upstream_model, "qualified")
-    return Decision(requested, (target,), f"qualified:{prefix}", _elapsed(t0), table.version)
+    path = f"qualified:{prefix}"
+    return Decision(requested, (target,), path, _elapsed(t0), table.version, pattern)
 
 
 def _by_slot_name(
@@ -349,6 +360,29 @@ def _by_slot_name(
         return _not_offered(table, requested, endpoint, (requested,), t0)
     target = Target(slot, slot.default_model, "slot")
     return Decision(requested, (target,), f"slot:{requested}", _elapsed(t0), table.version)
+
+
+def _by_pattern(
+    table: RoutingTable, requested: str, endpoint: str, inflight: Mapping[str, int], t0: int
+) -> Decision | NoRoute | None:
+    """An alias pattern that matches the name (no exact id did): the slots declaring the
+    most specific one, ranked as for a model (``dispatch.routing.patterns``). The pattern is
+    chosen by the name alone, then its slots must offer the endpoint, as for an exact id:
+    a less specific pattern never takes over silently."""
+    pattern = table.matcher.match(requested)
+    if pattern is None:
+        return None
+    names = table.by_pattern[pattern]
+    found = candidates(table, pattern, inflight, endpoint)
+    if not found:
+        return _not_offered(table, requested, endpoint, names, t0)
+    chosen = found[0][0]
+    path = f"pattern:{chosen.name}"
+    preferred = min(found, key=lambda c: (-c[0].priority, c[0].name))[0]
+    if preferred.name != chosen.name and preferred.state in states.DOWN:
+        path = f"failover:{preferred.name}->{chosen.name}"
+    targets = tuple(Target(s, up, "pattern") for s, up, _ in found)
+    return Decision(requested, targets, path, _elapsed(t0), table.version, pattern)
 
 
 def _by_fallback(

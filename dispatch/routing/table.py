@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from dispatch.routing import patterns
 from dispatch.routing.endpoints import defaults_for
 from dispatch.routing.slot_fields import DEFAULTS as _D
 from dispatch.routing.states import LOADED, UNKNOWN
@@ -19,7 +20,7 @@ from dispatch.routing.states import LOADED, UNKNOWN
 
 @dataclass(frozen=True, slots=True)
 class ModelEntry:
-    model_id: str
+    model_id: str  # an alias's may be a pattern (dispatch.routing.patterns): see `pattern`
     upstream_model: str
     source: str  # manifest | alias | discovered
     is_default: bool = False
@@ -40,6 +41,11 @@ class ModelEntry:
     # When a request last used it (epoch seconds, as the loader last wrote it): least recently
     # used goes first when a slot must make room.
     last_used: float = 0.0
+
+    @property
+    def pattern(self) -> bool:
+        """An alias whose id is a glob: it names every model id it matches, not itself."""
+        return self.source == "alias" and patterns.is_pattern(self.model_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +88,8 @@ class SlotEntry:
 class RoutingTable:
     version: int
     slots: Mapping[str, SlotEntry]
-    # model id -> names of the enabled slots that serve it (declared, alias or discovered)
+    # model id -> names of the enabled slots that serve it (declared, alias or discovered);
+    # never a pattern: an exact id or alias is one dictionary lookup, and always wins
     by_model: Mapping[str, tuple[str, ...]]
     # slot type -> name of the enabled default slot of that type
     default_slot: Mapping[str, str]
@@ -96,25 +103,38 @@ class RoutingTable:
     id_pairs: list[tuple[str, frozenset[str]]] = field(
         default_factory=list, compare=False, repr=False, hash=False
     )
+    # alias pattern -> names of the enabled slots that declare it (dispatch.routing.patterns),
+    # and the patterns compiled once for this table, tried only when no exact id matched,
+    # with their own bounded memo of names already matched.
+    by_pattern: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False, hash=False
+    )
+    matcher: patterns.Matcher = field(
+        default=patterns.NO_PATTERNS, compare=False, repr=False, hash=False
+    )
 
     @classmethod
     def build(cls, version: int, slots: Iterable[SlotEntry]) -> RoutingTable:
         by_name = {s.name: s for s in slots}
         by_model: dict[str, list[str]] = {}
+        by_pattern: dict[str, list[str]] = {}
         defaults: dict[str, str] = {}
         for s in by_name.values():
             if not s.enabled:
                 continue
             if s.is_default:
                 defaults.setdefault(s.type, s.name)
-            for model_id in s.models:
-                by_model.setdefault(model_id, []).append(s.name)
+            for model_id, entry in s.models.items():
+                into = by_pattern if entry.pattern else by_model
+                into.setdefault(model_id, []).append(s.name)
         return cls(
             version=version,
             slots=MappingProxyType(by_name),
             by_model=MappingProxyType({k: tuple(v) for k, v in by_model.items()}),
             default_slot=MappingProxyType(defaults),
             known_ids=tuple(sorted(by_model)),
+            by_pattern=MappingProxyType({k: tuple(v) for k, v in by_pattern.items()}),
+            matcher=patterns.Matcher(by_pattern) if by_pattern else patterns.NO_PATTERNS,
         )
 
     @property
