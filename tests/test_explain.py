@@ -145,3 +145,62 @@ def test_a_refusal_is_explained_by_its_own_message_not_an_earlier_ones_on_the_sa
         texts.append(why.text)
     assert "offering responses" in texts[0]
     assert "offering chat/completions" in texts[1]
+
+
+def pattern_servers(primary: dict, hermes: dict) -> RoutingTable:
+    """Both serve MODEL; agent-hermes also takes every claude-haiku-* name, and both
+    every claude-* name (each as its own model)."""
+    return RoutingTable.build(
+        1,
+        [
+            make_slot(
+                "primary",
+                "http://127.0.0.1:1/v1",
+                [m(MODEL, True), m("claude-*", source="alias", upstream=MODEL)],
+                **primary,
+            ),
+            make_slot(
+                "agent-hermes",
+                "http://127.0.0.1:2/v1",
+                [
+                    m("gemma3-270m", True),
+                    m("claude-haiku-*", source="alias", upstream="gemma3-270m"),
+                    m("claude-*", source="alias", upstream="gemma3-270m"),
+                ],
+                **hermes,
+            ),
+        ],
+    )
+
+
+def test_an_alias_pattern_says_it_matched():
+    d = decide(pattern_servers({"state": "ready"}, {"state": "ready"}), "claude-haiku-4-5")
+    e = explain(d)
+    assert e.rule == "pattern" and e.chosen == "agent-hermes"
+    assert e.text == (
+        "answered by agent-hermes: 'claude-haiku-4-5' matched alias pattern 'claude-haiku-*' "
+        "→ agent-hermes/gemma3-270m, the only slot serving it"
+    )
+
+
+def test_a_pattern_on_several_slots_is_ranked_and_says_so():
+    d = decide(
+        pattern_servers({"state": "ready", "priority": 2}, {"state": "ready"}), "claude-sonnet-4-5"
+    )
+    e = explain(d)
+    assert (e.rule, e.chosen) == ("priority", "primary")
+    assert e.text == (
+        "answered by primary: the highest priority (2) of 2 slots serving 'claude-sonnet-4-5' "
+        f"(alias pattern 'claude-*' → '{MODEL}')"
+    )
+    assert [c.slot for c in e.candidates] == ["primary", "agent-hermes"]
+
+
+def test_a_pinned_slot_names_the_pattern_that_matched():
+    table = pattern_servers({"state": "ready"}, {"state": "ready"})
+    e = explain(decide(table, "primary/claude-opus-4-1"))
+    assert e.rule == "pinned"
+    assert e.text == (
+        "answered by primary: the request pinned slot primary ('primary/claude-opus-4-1'), "
+        f"matched by its alias pattern 'claude-*' → '{MODEL}'"
+    )

@@ -202,8 +202,10 @@ _per_request: dict[Labels, _PerRequest] = {}
 def output(rec: DecisionRecord, data: dict[str, object]) -> None:
     """The decision output (see ``decisions.outputs``; there only with HAL0_METRICS)."""
     slot = rec.slot or ""
-    # Only a model that routed is a label: anything a client typed would be unbounded.
-    model = (rec.model or "") if isinstance(rec.decision, Decision) else ""
+    # Only a model that routed is a label: anything a client typed would be unbounded. A name
+    # an alias pattern routed is still anything a client typed: the pattern is the label.
+    decision = rec.decision
+    model = (decision.pattern or rec.model or "") if isinstance(decision, Decision) else ""
     path = rec.resolution_path
     key = (rec.endpoint, slot, model, str(rec.status), path.split(":", 1)[0] if path else "none")
     stats = _per_request.get(key)

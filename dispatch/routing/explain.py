@@ -25,8 +25,8 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class Explanation:
-    # pinned | slot | default | fallback | only | alias | state | priority | least_busy |
-    # name | failover | no_route
+    # pinned | slot | default | fallback | only | alias | pattern | state | priority |
+    # least_busy | name | failover | no_route
     rule: str
     text: str
     candidates: tuple[Candidate, ...] = ()
@@ -107,7 +107,7 @@ def _why(decision: Decision, candidates: tuple[Candidate, ...], final: str) -> t
     upstream = decision.target.upstream_model
     kind = _kind(decision)
     if kind == "qualified":
-        return "pinned", f"the request pinned slot {final} ('{model}')"
+        return "pinned", f"the request pinned slot {final} ('{model}'){_by_pattern(decision)}"
     if kind == "slot":
         return "slot", f"the request named the slot {final}; its default model is '{upstream}'"
     if kind == "affinity":
@@ -121,6 +121,12 @@ def _why(decision: Decision, candidates: tuple[Candidate, ...], final: str) -> t
         )
     if len(candidates) == 1:
         c = candidates[0]
+        if decision.pattern is not None:
+            return (
+                "pattern",
+                f"'{model}' matched alias pattern '{decision.pattern}' → {c.slot}/{upstream}, "
+                "the only slot serving it",
+            )
         if decision.target.source == "alias":
             return (
                 "alias",
@@ -128,6 +134,13 @@ def _why(decision: Decision, candidates: tuple[Candidate, ...], final: str) -> t
             )
         return "only", f"the only slot serving '{model}' ({c.state})"
     return _ranked(decision, candidates)
+
+
+def _by_pattern(decision: Decision) -> str:
+    """Which alias pattern of the pinned slot the name matched, when one did."""
+    if decision.pattern is None:
+        return ""
+    return f", matched by its alias pattern '{decision.pattern}' → '{decision.upstream_model}'"
 
 
 def _ranked(decision: Decision, candidates: tuple[Candidate, ...]) -> tuple[str, str]:
@@ -139,6 +152,8 @@ def _ranked(decision: Decision, candidates: tuple[Candidate, ...]) -> tuple[str,
     served = f"'{decision.requested_model}'" + (
         f" (alias for '{chosen.upstream_model}')" if chosen.source == "alias" else ""
     )
+    if decision.pattern is not None:
+        served += f" (alias pattern '{decision.pattern}' → '{chosen.upstream_model}')"
     if rule == "state":
         same = [c for c in candidates if c.state == first.state]
         if len(same) == 1:
