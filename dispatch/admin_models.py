@@ -21,9 +21,15 @@ from django.http import HttpRequest
 from dispatch.lib import redact
 from dispatch.lifecycle import control
 from dispatch.models import ModelSource, Slot, SlotModel
-from dispatch.routing import states
+from dispatch.routing import patterns, states
 
 T = TypeVar("T")
+
+PATTERN_HELP = (
+    "The id clients send. An alias may be a pattern (claude-haiku-*, with *, ? or [...], "
+    "case sensitive): every name it matches that no exact id or alias claims, the most "
+    "specific pattern first."
+)
 
 
 def shared_models(model_ids: Iterable[str], exclude_slot_id: int | None) -> dict[str, list[str]]:
@@ -42,6 +48,8 @@ def load_shown(obj: SlotModel) -> str:
     """Its load state in words (``loading 40 %``, ``failed: <why>``), and an ask the leading
     process's loader has not acted on yet. An alias shows what it stands for."""
     if obj.source == ModelSource.ALIAS:
+        if patterns.is_pattern(obj.model_id):
+            return f"pattern: every name it matches, as {obj.upstream_model}"
         return f"as {obj.upstream_model}"
     error = redact.masked(obj.load_error)
     shown = states.load_words(obj.load_state, obj.load_progress, error)
@@ -95,7 +103,18 @@ class SlotModelFormSet(BaseInlineFormSet):
         return saved
 
 
-class SlotModelInline(admin.TabularInline):
+class PatternHelp:
+    """The model id's help says an alias may be a pattern (here, not on the model field: a
+    help text there is a migration)."""
+
+    def formfield_for_dbfield(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        field = super().formfield_for_dbfield(db_field, request, **kwargs)  # type: ignore[misc]
+        if db_field.name == "model_id" and field is not None:
+            field.help_text = PATTERN_HELP
+        return field
+
+
+class SlotModelInline(PatternHelp, admin.TabularInline):
     model = SlotModel
     formset = SlotModelFormSet
     extra = 0
@@ -184,7 +203,7 @@ def unpin_models(modeladmin: Any, request: HttpRequest, queryset: QuerySet[SlotM
 
 
 @admin.register(SlotModel)
-class SlotModelAdmin(admin.ModelAdmin):
+class SlotModelAdmin(PatternHelp, admin.ModelAdmin):
     list_display = (
         "model_id",
         "slot",

@@ -18,6 +18,7 @@ from django.db.models import Q
 
 from dispatch import kinds
 from dispatch.routing import endpoints as endpoint_table
+from dispatch.routing import patterns
 from dispatch.routing.slot_fields import DEFAULTS
 from dispatch.routing.states import LOADED, Load, State
 
@@ -294,8 +295,30 @@ class SlotModel(models.Model):
             )
         if self.source == ModelSource.ALIAS and self.is_default:
             errors.setdefault("is_default", []).append("an alias cannot be the slot's default")
+        for field, messages in _pattern_errors(self).items():
+            errors.setdefault(field, []).extend(messages)
         if errors:
             raise ValidationError(errors)
+
+
+def _pattern_errors(row: SlotModel) -> dict[str, list[str]]:
+    """An id with ``*``, ``?`` or ``[`` is a pattern (dispatch.routing.patterns): only an alias
+    may be one, and it must be a usable glob."""
+    if not row.model_id or not patterns.is_pattern(row.model_id):
+        return {}
+    if row.source != ModelSource.ALIAS:
+        return {
+            "model_id": [
+                "is a pattern (it has *, ? or [): only an alias may be one, naming the "
+                "model it stands for"
+            ]
+        }
+    problem = patterns.problem(row.model_id)
+    if problem is not None:
+        return {"model_id": [problem]}
+    if patterns.is_pattern(row.upstream_model or ""):
+        return {"upstream_model": ["an alias pattern stands for one model, not another pattern"]}
+    return {}
 
 
 def hash_key(key: str) -> str:

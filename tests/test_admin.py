@@ -495,3 +495,51 @@ def test_unload_idle_is_set_in_the_form(admin_client, two_slots):
     assert r.status_code == 200  # refused: a negative idle time means nothing
     assert "must be &gt;= 0 (0 = never)" in r.content.decode()
     assert Slot.objects.get(pk=primary.pk).unload_idle_s == 600
+
+
+def with_new_model(slot: Slot, model_id: str, upstream: str, source: str) -> dict[str, str]:
+    """The change form with one more model row typed into the inline."""
+    data = form_data(slot)
+    i = int(data["models-TOTAL_FORMS"])
+    data["models-TOTAL_FORMS"] = str(i + 1)
+    data.update(
+        {
+            f"models-{i}-slot": str(slot.pk),
+            f"models-{i}-model_id": model_id,
+            f"models-{i}-upstream_model": upstream,
+            f"models-{i}-source": source,
+        }
+    )
+    return data
+
+
+@pytest.mark.parametrize(
+    ("model_id", "upstream", "source", "says"),
+    [
+        ("claude-[haiku-*", "gemma3-270m", "alias", "opens a &#x27;[&#x27; it never closes"),
+        ("*", "gemma3-270m", "alias", "has no literal character"),
+        ("claude-*", "gemma*", "alias", "an alias pattern stands for one model"),
+        ("claude-*", "", "manifest", "only an alias may be one"),
+    ],
+)
+def test_a_bad_alias_pattern_is_a_form_error(
+    admin_client, two_slots, model_id, upstream, source, says
+):
+    _, hermes = two_slots
+    r = admin_client.post(change_url(hermes), with_new_model(hermes, model_id, upstream, source))
+    assert r.status_code == 200
+    assert says in r.content.decode()
+    assert not hermes.models.filter(model_id=model_id).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_alias_pattern_is_set_in_the_form_and_routes(admin_client, two_slots):
+    _, hermes = two_slots
+    r = admin_client.get(change_url(hermes))
+    assert "An alias may be a pattern (claude-haiku-*" in r.content.decode()  # the help
+    data = with_new_model(hermes, "claude-haiku-*", "gemma3-270m", "alias")
+    r = admin_client.post(change_url(hermes), data)
+    assert r.status_code == 302, r.context["inline_admin_formsets"][0].formset.errors
+    assert store.table.by_pattern == {"claude-haiku-*": ("agent-hermes",)}
+    listing = admin_client.get(reverse("admin:dispatch_slotmodel_changelist")).content.decode()
+    assert "pattern: every name it matches, as gemma3-270m" in listing

@@ -475,3 +475,69 @@ def test_endpoints_are_imported_exported_and_reach_the_table():
     apply([parse('name = "a"\nport = 1\ntype = "tts"\n', "a.toml")])
     entry = load_table(2).slots["a"]
     assert entry.endpoints == {"audio/speech"} and not entry.endpoints_listed
+
+
+# --- alias patterns --------------------------------------------------------------------------
+
+CLAUDE = """\
+name = "local"
+port = 8001
+
+[model]
+default = "qwen3-30b"
+models = ["gemma3-270m", "qwen3-30b"]
+aliases = { "claude-*" = "qwen3-30b", "claude-haiku-*" = "gemma3-270m", fast = "gemma3-270m" }
+"""
+
+
+@pytest.mark.django_db
+def test_alias_patterns_are_imported_exported_and_reach_the_table(tmp_path):
+    from dispatch.coordination.store import load_table
+
+    m = parse(CLAUDE, "local.toml")
+    assert m.aliases == (
+        ("claude-*", "qwen3-30b"),
+        ("claude-haiku-*", "gemma3-270m"),
+        ("fast", "gemma3-270m"),
+    )
+    report = apply([m])
+    assert report.created == ["local"]
+    rows = {r.model_id: (r.upstream_model, r.source) for r in Slot.objects.get().models.all()}
+    assert rows["claude-haiku-*"] == ("gemma3-270m", "alias")
+    # Out as written in, byte for byte, and again through a file.
+    text = dumps(from_slot(Slot.objects.get(name="local")))
+    assert 'aliases = { "claude-*" = "qwen3-30b", "claude-haiku-*" = "gemma3-270m", ' in text
+    assert parse(text, "local.toml") == m
+    report = apply(load([write(tmp_path, "local.toml", text)]))
+    assert report.unchanged == ["local"]
+    table = load_table(1)
+    assert table.by_pattern == {"claude-*": ("local",), "claude-haiku-*": ("local",)}
+    assert "claude-*" not in table.by_model and "fast" in table.by_model
+
+
+@pytest.mark.parametrize(
+    ("model_table", "expected"),
+    [
+        (
+            'default = "m"\naliases = { "claude-[haiku-*" = "m" }',
+            "slots/x.toml: model.aliases.claude-[haiku-*: the pattern 'claude-[haiku-*' "
+            "opens a '[' it never closes",
+        ),
+        (
+            'default = "m"\naliases = { "*" = "m" }',
+            "slots/x.toml: model.aliases.*: the pattern '*' has no literal character",
+        ),
+        (
+            'default = "m"\naliases = { "claude-*" = "gemma*" }',
+            "slots/x.toml: model.aliases.claude-*: an alias pattern stands for one model",
+        ),
+        (
+            'default = "m"\nmodels = ["m", "claude-*"]',
+            "slots/x.toml: model.models: 'claude-*': is a pattern (it has *, ? or [): "
+            "only an alias may be one",
+        ),
+    ],
+)
+def test_a_bad_pattern_is_a_manifest_error(model_table, expected):
+    errors = errors_of(f'name = "a"\nport = 1\n[model]\n{model_table}\n')
+    assert any(e.startswith(expected) for e in errors), errors
