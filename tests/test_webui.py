@@ -254,6 +254,35 @@ def test_admin_edit_in_a_second_page_reaches_the_picker_live(chat, seed_slots, h
     assert page.evaluate("window.sameDocument") is True
 
 
+def test_an_alias_pattern_is_on_the_card_and_never_a_picker_choice(chat, seed_slots):
+    from playwright.sync_api import expect
+
+    from dispatch.models import SlotModel
+
+    page = chat
+    hermes = seed_slots["agent-hermes"]
+
+    def add_pattern() -> None:
+        SlotModel.objects.create(
+            slot=hermes,
+            model_id="claude-haiku-*",
+            upstream_model="qwen3-coder-reap-25b-a3b-q5km",
+            source="alias",
+        )
+
+    in_plain_thread(add_pattern)
+    card = page.locator('#slots .slot[data-slot="agent-hermes"] li[data-model="claude-haiku-*"]')
+    expect(card).to_contain_text("claude-haiku-* → qwen3-coder-reap-25b-a3b-q5km (pattern)")
+    # The picker is unchanged: a pattern names models, it is none to choose.
+    values = (
+        group(page, "agent-hermes").locator("option").evaluate_all("os => os.map(o => o.value)")
+    )
+    assert values == [HERMES, "agent-hermes/hermes"]
+    # The page still works: the slot's model answers.
+    ask(page, HERMES, "hello")
+    expect(answer(page)).to_contain_text("agent-hermes")
+
+
 def test_stop_ends_a_long_stream_and_the_upstream_sees_the_disconnect(chat, fake_pair):
     from playwright.sync_api import expect
 

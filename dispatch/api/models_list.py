@@ -83,6 +83,15 @@ def _load(slot: SlotEntry, model_id: str) -> dict[str, Any]:
     }
 
 
+def _patterns(slot: SlotEntry, model_id: str) -> dict[str, Any]:
+    """The slot's alias patterns that stand for ``model_id`` (as ``{"patterns": [...]}``, or
+    nothing when none does). A pattern is no model id a client could list and send as it is,
+    so it is never an entry of its own: it is said here, in the `hal0` object of the model
+    it names."""
+    found = [m.model_id for m in slot.models.values() if m.pattern and m.upstream_model == model_id]
+    return {"patterns": sorted(found)} if found else {}
+
+
 def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[dict[str, Any]]:
     """Each model once, by its bare id, with the slots serving it (hal0web picks and fails
     over among them). With ``everything`` also the aliases and each slot/model pair: a
@@ -127,6 +136,7 @@ def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[
                             "source": source,
                             "endpoints": sorted(slot.endpoints),
                             **_load(slot, model_id),
+                            **_patterns(slot, model_id),
                         }
                         for slot, _, source in ranked
                     ]
@@ -139,7 +149,7 @@ def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[
         if not slot.enabled:
             continue
         for model_id, model in slot.models.items():
-            if not scope.allows(model_names(slot, model_id)):
+            if model.pattern or not scope.allows(model_names(slot, model_id)):
                 continue
             data.append(
                 _entry(
@@ -153,6 +163,7 @@ def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[
                         "source": model.source,
                         "endpoints": sorted(slot.endpoints),
                         **_load(slot, model_id),
+                        **_patterns(slot, model_id),
                     },
                 )
             )

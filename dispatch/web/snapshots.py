@@ -55,6 +55,9 @@ def _model_payload(slot: SlotEntry, m: ModelEntry) -> dict[str, Any]:
         "id": m.model_id,
         "upstream": m.upstream_model,
         "source": m.source,
+        # An alias pattern (claude-haiku-*): shown on the slot's card, never a picker choice,
+        # for it is no model id to send as it is.
+        "pattern": m.pattern,
         "default": m.is_default,
         "load": m.load,
         # Only where they mean something: a progress left from a finished load, or the

@@ -126,7 +126,8 @@ function pickerModel() {
       slot: slot.name,
       state: slot.state,
       label: `${slot.name} · ${slot.state}`,
-      options: slot.models.map((model) => {
+      // An alias pattern (claude-haiku-*) names models, it is none: the card shows it.
+      options: slot.models.filter((model) => !model.pattern).map((model) => {
         const name = model.source === "alias" ? `${model.id} → ${model.upstream}` : model.id;
         const details = [
           `${slot.name} · ${model.source}`,
@@ -238,6 +239,7 @@ function modelItem(slot, m) {
     h("code", {}, m.id),
     m.default ? " default" : "",
     alias ? ` → ${m.upstream}` : "",
+    m.pattern ? " (pattern)" : "",
     m.source === "discovered" ? " (discovered)" : "",
     // An alias is its model: its state is that model's, shown there.
     alias
