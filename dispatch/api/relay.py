@@ -164,6 +164,13 @@ async def upstream_failed(
         content = await fwd.response.read_prefix(_ERROR_READ_LIMIT)
     finally:
         fwd.release()
+    own = None if fwd.translation is None else fwd.translation.refused(status, content)
+    if own is not None and fwd.translation is not None:
+        # The translation does without what the upstream refused (Translation.refused).
+        response = HttpResponse(own, content_type=fwd.translation.answer_type)
+        response["X-Hal0-Upstream-Status"] = str(status)
+        rec.status = response.status_code
+        return _finish(response, rec)
     data: Any = None
     stream = streamed_as(protocol, fwd.response.content_type) is not None
     if not stream and len(content) < _ERROR_READ_LIMIT:

@@ -325,6 +325,9 @@ async def forward(
     attempts = _Attempts(decision, on_suspect, on_wait)
     attempts.request_id = headers.get("X-Request-Id")
     for i, target in enumerate(targets):
+        # What the target is sent, first: a body its adapter cannot translate is the
+        # client's 400 before any wait for the slot or its model.
+        sent = adapters.outgoing(endpoint, target.slot.endpoints, request, target.upstream_model)
         slot = _current(target)
         if slot is not None and slot.enabled and slot.state == states.LOADING:
             slot = await attempts.ready(target, targets[i + 1 :])
@@ -336,7 +339,6 @@ async def forward(
             slot = await attempts.loaded(slot, target)
             counted = target.upstream_model
             loads.began(slot.name, counted)  # busy from now: never evicted under a request
-        sent = adapters.outgoing(endpoint, target.slot.endpoints, request, target.upstream_model)
         try:
             response = await attempts.open(slot, sent, headers, method)
             if response is not None and (

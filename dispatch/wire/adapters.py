@@ -82,6 +82,13 @@ class Translation(ABC):
     def end(self) -> bytes:
         """The client's last events once the upstream stream ended (closing what is open)."""
 
+    def refused(self, status: int, content: bytes) -> bytes | None:
+        """An answer of the translation's own (a 2xx JSON body) when the offered endpoint
+        answered ``status`` (an error) with ``content``; None, the default: the error goes
+        to the client in its protocol. For a call that can do without the upstream: a
+        token count estimated where the server has no tokenizer."""
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
