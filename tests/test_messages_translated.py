@@ -17,6 +17,7 @@ import pytest
 
 from dispatch.models import Slot
 from dispatch.routing.states import LOADING, READY
+from dispatch.wire.translators.messages_from_chat import MessagesFromChat
 from tests.conftest import add_slot
 from tests.fake_chat import ChatUpstream, ToolCall
 from tests.fakes import FakeUpstream, ServerThread
@@ -532,3 +533,25 @@ def test_a_body_the_translator_cannot_read_is_refused_before_any_wait(
         assert r.json()["error"]["message"] == "max_tokens: expected an integer"
     finally:
         server.stop()
+
+
+def test_a_server_failing_mid_stream_ends_the_stream_with_an_anthropic_error_event():
+    # llama.cpp says a failure after its first chunk as one more data event.
+    translation = MessagesFromChat("local", thinking=False, streamed=True)
+    first = {"id": "c", "choices": [{"index": 0, "delta": {"content": "Hel"}}]}
+    failed = {"error": {"code": 500, "message": "out of memory", "type": "server_error"}}
+    out = translation.stream(b"data: " + json.dumps(first).encode() + b"\n\n")
+    out += translation.stream(b"data: " + json.dumps(failed).encode() + b"\n\ndata: [DONE]\n\n")
+    out += translation.end()
+    events = [block.split(b"\n") for block in out.split(b"\n\n") if block]
+    names = [name.removeprefix(b"event: ").decode() for name, _ in events]
+    assert names == [
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
+        "error",
+    ]
+    error = json.loads(events[-1][1].removeprefix(b"data: "))
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "out of memory" in error["error"]["message"]

@@ -88,6 +88,7 @@ def _reasoning(holder: Json) -> Any:
 
 
 def content_text(content: Any) -> str:
+    """The text of a Chat message's content: a string, or its text parts joined."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # some servers answer with text parts
