@@ -34,11 +34,13 @@ WEATHER = {
 
 
 @pytest.fixture(scope="module")
-def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[demo.LlamaServer]:
-    servers = start_pair(tmp_path_factory.mktemp("llama"))
-    pair = next(servers)
-    yield pair[demo.PRIMARY.name]
-    servers.close()
+def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, demo.LlamaServer]]:
+    yield from start_pair(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture
+def router(llama_pair: dict[str, demo.LlamaServer]) -> demo.LlamaServer:
+    return llama_pair[demo.PRIMARY.name]
 
 
 @pytest.fixture
