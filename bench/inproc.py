@@ -36,7 +36,23 @@ CHUNK = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 MESSAGES = b'"messages":[{"role":"user","content":"hi"}]'
 CHAT = b'{"model":"bench-model",' + MESSAGES + b"}"
 STREAM = b'{"model":"bench-model","stream":true,' + MESSAGES + b"}"
-CASES = {"chat": CHAT, "stream32": STREAM, "chat-loads": CHAT, "stream32-loads": STREAM}
+ANTHROPIC = b'"max_tokens":16,"messages":[{"role":"user","content":"hi"}]'
+MESSAGES_BODY = b'{"model":"bench-model",' + ANTHROPIC + b"}"
+MESSAGES_STREAM = b'{"model":"bench-model","stream":true,' + ANTHROPIC + b"}"
+CASES = {
+    "chat": CHAT,
+    "stream32": STREAM,
+    "chat-loads": CHAT,
+    "stream32-loads": STREAM,
+    # Anthropic Messages to a slot that speaks it (passed through), and to one that speaks only
+    # chat/completions (translated: the request, the answer, each of the 32 chunks).
+    "messages": MESSAGES_BODY,
+    "messages-translated": MESSAGES_BODY,
+    "stream32-messages": MESSAGES_STREAM,
+    "stream32-messages-translated": MESSAGES_STREAM,
+}
+# Exit status of a ``-translated`` case on a tree that cannot translate (before issue 22).
+NO_TRANSLATION_STATUS = 4
 WARM = 50
 # Exit status of a ``-loads`` case on a tree whose slots cannot load models (before issue 21).
 SKIP_STATUS = 3
@@ -52,7 +68,10 @@ class _Stream(httpx.AsyncByteStream):
 class Canned(httpx.AsyncBaseTransport):
     """A model server that answers at once: what is measured is hal0web alone."""
 
+    last_path = ""
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        Canned.last_path = request.url.path
         if b'"stream":true' in request.content:
             stream_headers = {"content-type": "text/event-stream"}
             return httpx.Response(200, headers=stream_headers, stream=_Stream())
@@ -86,6 +105,8 @@ def _setup(case: str) -> Any:
     model = SlotModel.objects.create(slot=slot, model_id="bench-model", is_default=True)
     if case.endswith("-loads"):
         _loads_models(slot, model)
+    if case.endswith("-translated"):
+        _speaks_chat_only(slot)
     before_rooms = importlib.util.find_spec("dispatch.proxy") is not None
     client = importlib.import_module(
         "dispatch.proxy" if before_rooms else "dispatch.upstream.client"
@@ -116,8 +137,17 @@ def _loads_models(slot: Any, model: Any) -> None:
     model.save(update_fields=["load_state"])
 
 
-def _scope() -> dict[str, Any]:
-    path = "/v1/chat/completions"
+def _speaks_chat_only(slot: Any) -> None:
+    """Make ``slot`` one whose server speaks only chat/completions: Messages is translated."""
+    if importlib.util.find_spec("dispatch.wire.translators") is None:
+        print("it has no translators (from before issue 22)", file=sys.stderr)
+        raise SystemExit(NO_TRANSLATION_STATUS)
+    slot.endpoints = ["chat/completions"]
+    slot.save(update_fields=["endpoints"])
+
+
+def _scope(case: str) -> dict[str, Any]:
+    path = "/v1/messages" if "messages" in case else "/v1/chat/completions"
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -134,7 +164,7 @@ def _scope() -> dict[str, Any]:
     }
 
 
-async def _one(app: Any, body: bytes) -> None:
+async def _one(app: Any, case: str, body: bytes) -> None:
     sent = False
 
     async def receive() -> dict[str, Any]:
@@ -151,7 +181,7 @@ async def _one(app: Any, body: bytes) -> None:
         if message["type"] == "http.response.start":
             status.append(message["status"])
 
-    await app(_scope(), receive, send)
+    await app(_scope(case), receive, send)
     if status != [200]:
         raise SystemExit(f"the request was answered {status}, not 200")
 
@@ -159,7 +189,10 @@ async def _one(app: Any, body: bytes) -> None:
 async def run(app: Any, case: str, n: int) -> None:
     body = CASES[case]
     for _ in range(WARM + n):
-        await _one(app, body)
+        await _one(app, case, body)
+    sent_to = Canned.last_path.rsplit("/", 1)[-1]
+    if "messages" in case and sent_to != ("completions" if "translated" in case else "messages"):
+        raise SystemExit(f"{case}: the upstream was sent {Canned.last_path}")
     if case.endswith("-loads"):
         from dispatch.upstream.loads import loads
 

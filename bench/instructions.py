@@ -28,6 +28,14 @@ from bench.procs import ROOT
 CASES = ("chat", "stream32")
 # Each on a slot that loads models (its model loaded), against the plain case it repeats.
 LOADS_CASES = {"chat-loads": "chat", "stream32-loads": "stream32"}
+# Issue 22: Anthropic Messages translated to chat/completions, against the same request passed
+# through to a slot that speaks Messages (this tree only): the added instructions per request,
+# and per streamed chunk (the stream's added cost less the request's, over its 32 chunks).
+TRANSLATION_CASES = {
+    "messages-translated": "messages",
+    "stream32-messages-translated": "stream32-messages",
+}
+CHUNKS = 32
 FEW, MANY = 100, 600
 SKIP_STATUS = 3  # bench/inproc.py's: the tree has no slots that load models
 
@@ -131,4 +139,32 @@ def run(rev: str) -> str:
             f"{here[case] / here[plain] * 100:.1f} % | {here[case] / there[plain] * 100:.1f} % |"
         )
     lines += ["", *(f"Note: {n}." for n in notes)]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *translation()]) + "\n"
+
+
+def translation() -> list[str]:
+    """What translating costs over passing through, in this tree."""
+    here: dict[str, float] = {}
+    for case, native in TRANSLATION_CASES.items():
+        for name in (native, case):
+            print(f"  {name} ...", file=sys.stderr, flush=True)
+            here[name] = per_request(ROOT, name)
+    lines = [
+        "",
+        "Anthropic Messages translated to chat/completions, against the same request passed "
+        "through to a slot that speaks Messages (this tree):",
+        "",
+        "| case | passthrough | translated | added | translated / passthrough |",
+        "|---|---|---|---|---|",
+    ]
+    for case, native in TRANSLATION_CASES.items():
+        added = here[case] - here[native]
+        lines.append(
+            f"| {case} | {here[native]:,.0f} | {here[case]:,.0f} | {added:,.0f} | "
+            f"{here[case] / here[native] * 100:.1f} % |"
+        )
+    per_request_added = here["messages-translated"] - here["messages"]
+    stream_added = here["stream32-messages-translated"] - here["stream32-messages"]
+    per_chunk = (stream_added - per_request_added) / CHUNKS
+    lines += ["", f"Added per streamed chunk: {per_chunk:,.0f} instructions."]
+    return lines

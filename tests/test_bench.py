@@ -121,7 +121,19 @@ def test_stream_body_carries_a_prompt_of_the_asked_size() -> None:
     assert len(body["messages"][0]["content"]) == 16_000
 
 
-@pytest.mark.parametrize("case", ["chat", "stream32", "chat-loads", "stream32-loads"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "chat",
+        "stream32",
+        "chat-loads",
+        "stream32-loads",
+        "messages",
+        "messages-translated",
+        "stream32-messages",
+        "stream32-messages-translated",
+    ],
+)
 def test_the_in_process_driver_gets_each_case_answered(case: str, tmp_path) -> None:
     """bench/inproc.py (what `python -m bench instructions` counts) really routes its
     requests: it exits non-zero when one is answered with anything but 200."""
