@@ -339,6 +339,8 @@ async def forward(
             slot = await attempts.loaded(slot, target)
             counted = target.upstream_model
             loads.began(slot.name, counted)  # busy from now: never evicted under a request
+        if sent.translation is not None:  # how long it waited for its model (Ollama says)
+            sent.translation.load_s = attempts.queued_s
         try:
             response = await attempts.open(slot, sent, headers, method)
             if response is not None and (

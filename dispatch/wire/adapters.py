@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import quote
@@ -56,6 +56,9 @@ class ClientRequest:
     query: str
     body: Body
     context: Mapping[str, Any] = field(default_factory=lambda: _NOTHING)
+    # What the target's slot offers, as a translating adapter is given it (``outgoing``): to
+    # choose among them (Ollama's raw generate goes to completions where it is offered).
+    offers: Set[str] = frozenset()
 
 
 class Translation(ABC):
@@ -67,6 +70,9 @@ class Translation(ABC):
     # The media type of what the client is sent: a JSON answer or its protocol's stream.
     answer_type: str = "application/json"
     stream_type: str = "text/event-stream"
+    # How long the call waited for its model to be loaded first (seconds): set by forward
+    # before the answer comes, for a protocol that tells it (Ollama's load_duration).
+    load_s: float = 0.0
 
     @abstractmethod
     def answer(self, content: bytes) -> bytes:
@@ -105,14 +111,24 @@ class Outgoing:
         return PASSTHROUGH if self.translation is None else TRANSLATED
 
 
-# (the client's request, the model name the target takes) -> what the target is sent
+# (the client's request, the model name the target takes) -> what the target is sent. A
+# request it cannot translate raises ``dispatch.wire.errors.ApiError`` (the client's 400).
 Adapter = Callable[[ClientRequest, str | None], Outgoing]
+
+
+# Paths a server serves beside its API root, not below it: Ollama's own API (/api/chat next
+# to /v1/chat/completions). Sent from the server's root.
+FROM_ROOT: tuple[str, ...] = ("/api/",)
 
 
 def upstream_path(path: str, query: str = "") -> str:
     """The path sent to a slot (its URL is the API root) for a request to ``path`` (as
-    decoded) with ``query`` (as sent): the client's spelling, less the leading ``/v1/``."""
-    sent = quote(path.lstrip("/").removeprefix("v1/"))
+    decoded) with ``query`` (as sent): the client's spelling, less the leading ``/v1/``; a
+    path of ``FROM_ROOT`` as it is, from the server's root."""
+    if path.startswith(FROM_ROOT):
+        sent = quote(path)
+    else:
+        sent = quote(path.lstrip("/").removeprefix("v1/"))
     return f"{sent}?{query}" if query else sent
 
 
@@ -168,7 +184,9 @@ def outgoing(
     called: str, offers: Set[str], request: ClientRequest, upstream_model: str | None
 ) -> Outgoing:
     """What a target whose slot offers ``offers`` is sent for ``request`` to ``called``."""
-    adapter = passthrough if called in offers else adapter_for(called, offers)
+    if called in offers:
+        return passthrough(request, upstream_model)
+    adapter = adapter_for(called, offers)
     if adapter is None:  # the resolver only picks slots that serve the endpoint
         raise LookupError(f"no slot offering {sorted(offers)} serves {called}")
-    return adapter(request, upstream_model)
+    return adapter(replace(request, offers=frozenset(offers)), upstream_model)
