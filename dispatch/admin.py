@@ -19,14 +19,16 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from dispatch import kinds
 from dispatch.admin_models import SlotModelInline, control_each, shared_models, slot_loads
 from dispatch.lib import redact
 from dispatch.lifecycle import control
 from dispatch.manifests.export import extra_problems
 from dispatch.models import ApiKey, RequestLog, Slot
 from dispatch.routing import states
-from dispatch.routing.endpoints import DEFAULT_ENDPOINTS, OFFERABLE
+from dispatch.routing.endpoints import DEFAULT_ENDPOINTS, OFFERABLE, spoken_in
 from dispatch.routing.scopes import split_patterns
+from dispatch.wire.protocols import OLLAMA
 
 # The states an operator may set by hand (see dispatch/routing/states.py): draining a slot, and
 # ending that (back to `unknown`: the watcher probes it afresh).
@@ -52,7 +54,10 @@ class SlotForm(forms.ModelForm):
         widget=forms.CheckboxSelectMultiple,
         help_text="The endpoints this slot serves. None ticked: its type's defaults ("
         + "; ".join(f"{t}: {', '.join(sorted(e))}" for t, e in DEFAULT_ENDPOINTS.items())
-        + ").",
+        + "), and on an Ollama server Ollama's own API as well ("
+        + ", ".join(sorted(spoken_in(OLLAMA, "llm") | spoken_in(OLLAMA, "embedding")))
+        + "). Tick those only for a server that speaks Ollama's API itself: any other slot "
+        "serves them by translation.",
     )
 
     class Meta:
@@ -233,7 +238,8 @@ class SlotAdmin(admin.ModelAdmin):
         listed = obj.endpoints or []
         if listed:
             return ", ".join(listed)
-        return ", ".join(sorted(DEFAULT_ENDPOINTS.get(obj.type, ()))) + " (type default)"
+        spoken = kinds.get(obj.kind).speaks(obj.type)  # Ollama's own API too, on an Ollama
+        return ", ".join(sorted(spoken)) + " (default for its kind and type)"
 
     @admin.display(description="models", ordering="n_models")
     def model_count(self, obj: Slot) -> int:

@@ -52,6 +52,11 @@ def test_the_defaults_follow_the_slot_type():
         "images/generations",
         "images/edits",
         "images/variations",
+        # Ollama's own API: a manifest may say its server speaks it; no type's default.
+        "api/chat",
+        "api/generate",
+        "api/embed",
+        "api/embeddings",
     )
 
 
@@ -60,7 +65,10 @@ def test_derived_facts():
     assert BY_NAME["messages"].key_header == "x-api-key"
     assert BY_NAME["chat/completions"].key_header is None
     assert BY_NAME["messages/count_tokens"].offer == "messages"
-    assert {"/rerank"} == endpoints.ROOT_PATHS
+    ollama = ("chat", "generate", "embed", "embeddings", "tags", "ps", "version", "show")
+    root = endpoints.ROOT_PATHS
+    assert root == {"/rerank", *(f"/api/{p}" for p in ollama)}
+    assert endpoints.upstream_path("/api/chat") == "/api/chat"  # from the server's root
     assert endpoints.upstream_path("/v1/responses/r 1/input_items", "limit=2") == (
         "responses/r%201/input_items?limit=2"
     )

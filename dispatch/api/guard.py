@@ -98,15 +98,19 @@ def refused(request: HttpRequest, origin: str | None, origins: Set[str]) -> ApiE
     )
 
 
-async def not_found(request: HttpRequest, path: str) -> HttpResponse:
-    """Any /v1 path the endpoint table does not hold: 404, listing those it does."""
+async def not_found(
+    request: HttpRequest, path: str, protocol: WireProtocol = OPENAI
+) -> HttpResponse:
+    """Any path under an API prefix (/v1/, Ollama's /api/) the endpoint table does not hold:
+    404 in the protocol of the prefix's clients, listing the paths it does hold."""
     origin, origins = request.headers.get("Origin"), settings.HAL0_CORS_ORIGINS
     refusal = refused(request, origin, origins)
     if refusal is not None:
-        return fail(request, refusal)
+        return fail(request, refusal, protocol=protocol)
     response = fail(
         request,
-        ApiError(404, "not_found", f"Unknown endpoint /v1/{path}. {SERVED_TEXT}."),
+        ApiError(404, "not_found", f"Unknown endpoint {request.path}. {SERVED_TEXT}."),
+        protocol=protocol,
     )
     # A browser app can read the 404 too.
     for key, value in cors.actual(origin, origins).items():

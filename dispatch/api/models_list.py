@@ -179,7 +179,11 @@ def _upstream_fields(slot: Any, model_id: str) -> Any:
     return model.upstream_fields
 
 
-def _list_all(request: HttpRequest) -> bool:
+# What Ollama's /api/tags, /api/ps and /api/show list (dispatch/api/ollama_models.py).
+listed = _model_entries
+
+
+def list_all(request: HttpRequest) -> bool:
     flag = request.GET.get("all")
     if flag is None:
         return bool(settings.HAL0_MODELS_LIST_ALL)
@@ -197,7 +201,7 @@ async def models(request: HttpRequest) -> HttpResponse:
     table = await store.ensure_loaded()
     return HttpResponse(
         orjson.dumps(
-            {"object": "list", "data": _model_entries(table, _list_all(request), caller.scope)}
+            {"object": "list", "data": _model_entries(table, list_all(request), caller.scope)}
         ),
         content_type="application/json",
     )

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponseBase
 
-from dispatch.api import bodies, relay
+from dispatch.api import bodies, ollama_loads, ollama_models, relay
 from dispatch.api.decide import decide
 from dispatch.api.guard import View, serves
 from dispatch.api.keys import authorize
@@ -30,7 +30,7 @@ from dispatch.upstream.loads import Waiting
 from dispatch.wire.adapters import ClientRequest
 from dispatch.wire.errors import ApiError
 from dispatch.wire.framing import SSE
-from dispatch.wire.protocols import streamed_as
+from dispatch.wire.protocols import OLLAMA, streamed_as
 
 
 def _read_body(request: HttpRequest) -> bytes:
@@ -149,7 +149,10 @@ async def _decided(
     rec.model = body.model
     table = await store.ensure_loaded()
     rid = response_id or body.previous
-    decision = await decide(table, body.model, ep.offer, rec, caller.scope, rid)
+    model = body.model
+    if ep.protocol is OLLAMA:  # its names carry tags: gemma3:latest is gemma3
+        model = ollama_models.known_name(table, model)
+    decision = await decide(table, model, ep.offer, rec, caller.scope, rid)
     rec.forwarding()
     return _Call(
         ep,
@@ -197,6 +200,10 @@ def proxy_view(ep: Endpoint) -> View:
         rec = DecisionRecord.arrived(request_id(request), ep.name)
         try:
             call = await _decided(ep, request, rec, kwargs.get("response_id"))
+            if ep.protocol is OLLAMA:  # a request that only loads or unloads its model
+                own = await ollama_loads.answered(ep, call.decision, call.client, rec)
+                if own is not None:
+                    return own
             if call.may_wait:
                 outcome = await _forward_or_start(call, rec)
                 if not isinstance(outcome, Forwarded):

@@ -188,7 +188,8 @@ async def upstream_failed(
         response = _proxy_error(rec, err, status, protocol)
         rec.error = "upstream_error"
         return _finish(response, rec)
-    if is_openai_error(data):
+    if is_openai_error(data) or (fwd.translation is None and protocol.is_own_error(data)):
+        # (An Ollama server's {"error": "..."} on Ollama's own paths too.)
         response = _with_headers(HttpResponse(content, status=status), fwd)
         response["X-Hal0-Upstream-Status"] = str(status)
         rec.error = "upstream_error"

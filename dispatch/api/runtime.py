@@ -25,11 +25,13 @@ from dispatch.coordination.store import store
 from dispatch.lifecycle.leadership import ensure_running, leadership
 from dispatch.lifecycle.watcher import watcher
 from dispatch.observability import keyuse
-from dispatch.routing.endpoints import ROOT_PATHS
+from dispatch.routing.endpoints import API_PREFIXES, ROOT_PATHS
 from dispatch.upstream.admission import admission
 from dispatch.upstream.client import upstream
 
 log = logging.getLogger("hal0.runtime")
+
+_PREFIXES = tuple(API_PREFIXES)  # /v1/ and Ollama's /api/: wholly the API's
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
@@ -160,7 +162,7 @@ def api_asgi_application() -> BareASGIHandler:
 
 
 class Hal0Application:
-    """Routes /v1 (and the API paths outside it, such as /rerank) to the bare handler and starts the watcher with the first connection.
+    """Routes /v1 and /api (and the API paths outside them, such as /rerank) to the bare handler and starts the watcher with the first connection.
 
     Daphne sends no ASGI lifespan events, so the runtime starts lazily on the first scope of
     any kind; under a server that does send them (Uvicorn) it starts at start-up and the
@@ -212,7 +214,7 @@ class Hal0Application:
         if not self._started:
             await self._startup()
         if scope["type"] == "http" and (
-            scope["path"].startswith("/v1/") or scope["path"] in ROOT_PATHS
+            scope["path"].startswith(_PREFIXES) or scope["path"] in ROOT_PATHS
         ):
             await self.api(scope, receive, send)
         else:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from dispatch.api import models_list
+from dispatch.api import models_list, ollama_models
 from dispatch.api.guard import View, serves
 from dispatch.api.pipeline import proxy_view
 from dispatch.routing.endpoints import ENDPOINTS, Endpoint
 
 # The endpoints hal0web answers itself (GET and HEAD: the server sends HEAD's headers
 # without the body).
-_OWN: dict[str, View] = {"models": models_list.models, "models/{id}": models_list.model_detail}
+_OWN: dict[str, View] = {
+    "models": models_list.models,
+    "models/{id}": models_list.model_detail,
+    "api/tags": ollama_models.tags,
+    "api/ps": ollama_models.ps,
+    "api/version": ollama_models.version,
+    "api/show": ollama_models.show,
+}
 
 
 def _own_view(ep: Endpoint) -> View:

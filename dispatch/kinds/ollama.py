@@ -11,6 +11,9 @@ ends. A generate request with no prompt loads the model and answers once it is i
 with ``"keep_alive": 0`` it unloads it, answering ``{"done_reason": "unload"}`` as soon as
 it has asked its scheduler to (the model leaves ``/api/ps`` just after). Errors are
 ``{"error": "..."}``.
+
+It speaks that API natively (``speaks``): a request to hal0web's ``/api/chat`` goes to its
+``/api/chat`` as it came, where any other slot is sent it translated to OpenAI's API.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import ClassVar
 from dispatch.kinds.base import Call, Json, Kind, Loads, ModelLoad
 from dispatch.kinds.urls import server_root
 from dispatch.routing import states
+from dispatch.routing.endpoints import defaults_for, spoken_in
 from dispatch.routing.table import SlotEntry
+from dispatch.wire.protocols import OLLAMA
 
 
 class Ollama(Kind):
@@ -28,6 +33,10 @@ class Ollama(Kind):
     label = "Ollama"
 
     unload_call_waits: ClassVar[bool] = False
+
+    def speaks(self, slot_type: str) -> frozenset[str]:
+        """Its type's OpenAI endpoints (under /v1) and Ollama's own API for the type."""
+        return defaults_for(slot_type) | spoken_in(OLLAMA, slot_type)
 
     def loads_url(self, slot: SlotEntry) -> str | None:
         return server_root(slot) + "/api/ps"

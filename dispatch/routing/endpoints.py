@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from dispatch.wire.adapters import upstream_path as upstream_path  # the path a slot is sent
-from dispatch.wire.protocols import ANTHROPIC, OPENAI, WireProtocol
+from dispatch.wire.protocols import ANTHROPIC, OLLAMA, OPENAI, WireProtocol
 
 # Where the request names its model:
 #   json      the top-level "model" of a JSON body
@@ -40,9 +40,11 @@ class Endpoint:
     # that one in `offered_as`: a slot offers both or neither.
     name: str
     # Django path() patterns from the root, first the canonical one. What is sent upstream is
-    # the path as the client spelt it, less the leading "v1/" (slot URLs are the API root).
+    # the path as the client spelt it, less the leading "v1/" (slot URLs are the API root);
+    # Ollama's "api/..." from the server's root, beside /v1 (``upstream_path``).
     paths: tuple[str, ...]
-    # Slot types that offer the endpoint when their manifest lists no `endpoints`.
+    # Slot types that offer the endpoint when their manifest lists no `endpoints` (with
+    # `default`), and whose default slot takes a request for it that names no model.
     types: tuple[str, ...] = ()
     methods: tuple[str, ...] = ("POST",)
     model_in: ModelIn = "json"
@@ -54,6 +56,10 @@ class Endpoint:
     # hal0web records which slot made it.
     records_response: bool = False
     offered_as: str | None = None
+    # Whether every slot of its `types` offers it when its manifest lists none. False: only
+    # a server that speaks it natively does (its kind says so: ``Kind.speaks``), or one whose
+    # manifest lists it; the others serve it by translation, if at all. Ollama's own API.
+    default: bool = True
     # The endpoint a slot must offer to serve this one (``offered_as``, else itself): read
     # twice on every request, so set once.
     offer: str = field(init=False)
@@ -140,11 +146,27 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("images/generations", ("v1/images/generations",), ("image",)),
     Endpoint("images/edits", ("v1/images/edits",), ("image",), model_in="form"),
     Endpoint("images/variations", ("v1/images/variations",), ("image",), model_in="form"),
+    # Ollama's own API, at the root as Ollama serves it, for clients that speak nothing else.
+    # An Ollama server speaks it (kinds/ollama.py) and is sent it as it came; any other slot
+    # of the type serves it by translation to its OpenAI endpoints
+    # (wire/translators/ollama_openai.py).
+    Endpoint("api/chat", ("api/chat",), _LLM, protocol=OLLAMA, default=False),
+    Endpoint("api/generate", ("api/generate",), _LLM, protocol=OLLAMA, default=False),
+    Endpoint("api/embed", ("api/embed",), ("embedding",), protocol=OLLAMA, default=False),
+    Endpoint("api/embeddings", ("api/embeddings",), ("embedding",), protocol=OLLAMA, default=False),
     # Answered by hal0web itself from the routing table.
     Endpoint("models", ("v1/models",), methods=("GET", "HEAD"), model_in="none"),
     Endpoint(
         "models/{id}", ("v1/models/<path:model_id>",), methods=("GET", "HEAD"), model_in="none"
     ),
+    # Ollama's model list, what is loaded, its version, one model's details (the body names
+    # it): from the routing table, as /v1/models (api/ollama_models.py).
+    Endpoint("api/tags", ("api/tags",), methods=("GET", "HEAD"), model_in="none", protocol=OLLAMA),
+    Endpoint("api/ps", ("api/ps",), methods=("GET", "HEAD"), model_in="none", protocol=OLLAMA),
+    Endpoint(
+        "api/version", ("api/version",), methods=("GET", "HEAD"), model_in="none", protocol=OLLAMA
+    ),
+    Endpoint("api/show", ("api/show",), model_in="none", protocol=OLLAMA),
 )
 
 BY_NAME: Mapping[str, Endpoint] = MappingProxyType({e.name: e for e in ENDPOINTS})
@@ -158,7 +180,9 @@ SLOT_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t for e in ENDPOINTS for t in 
 # type -> the endpoints its slots offer when the manifest lists none.
 DEFAULT_ENDPOINTS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
-        t: frozenset(e.name for e in ENDPOINTS if t in e.types and e.offered_as is None)
+        t: frozenset(
+            e.name for e in ENDPOINTS if t in e.types and e.offered_as is None and e.default
+        )
         for t in SLOT_TYPES
     }
 )
@@ -173,6 +197,9 @@ TYPES_OF: Mapping[str, tuple[str, ...]] = MappingProxyType(
 ROOT_PATHS: frozenset[str] = frozenset(
     "/" + p for e in ENDPOINTS for p in e.paths if not p.startswith("v1/")
 )
+# Prefixes under which every path is the API's: the lean handler takes them, and a path the
+# table does not hold is a JSON 404 in the protocol of its clients, never a page.
+API_PREFIXES: Mapping[str, WireProtocol] = MappingProxyType({"/v1/": OPENAI, "/api/": OLLAMA})
 
 # The sentence of the 404 for a path hal0web does not serve.
 SERVED_TEXT = "hal0web serves " + ", ".join(
@@ -183,3 +210,13 @@ SERVED_TEXT = "hal0web serves " + ", ".join(
 def defaults_for(slot_type: str) -> frozenset[str]:
     """The endpoints a slot of ``slot_type`` offers when its manifest lists none."""
     return DEFAULT_ENDPOINTS.get(slot_type, frozenset())
+
+
+def spoken_in(protocol: WireProtocol, slot_type: str) -> frozenset[str]:
+    """The endpoints of ``protocol`` a slot of ``slot_type`` offers when its server speaks
+    that protocol natively (an Ollama server: Ollama's own API)."""
+    return frozenset(
+        e.name
+        for e in ENDPOINTS
+        if e.protocol is protocol and slot_type in e.types and e.offered_as is None
+    )

@@ -58,6 +58,11 @@ class WireProtocol(ABC):
     def between_events(self, tail: bytes) -> bool:
         return self.framing.between_events(tail)
 
+    def is_own_error(self, data: object) -> bool:
+        """Whether an upstream's parsed error answer is already this protocol's error (then
+        it passes as it is); OpenAI's shape is tested apart (``errors.is_openai_error``)."""
+        return False
+
     def __init__(self) -> None:
         # Bytes that a chunk or answer carrying token counts contains: looked for in every
         # answer and stream chunk, so made once.
@@ -195,6 +200,9 @@ class Ollama(WireProtocol):
 
     def error_data(self, status: int, code: str, message: str, param: str | None) -> Any:
         return {"error": redact.masked(message), "code": code}
+
+    def is_own_error(self, data: object) -> bool:
+        return isinstance(data, dict) and isinstance(data.get("error"), str)
 
 
 OPENAI = OpenAI()
