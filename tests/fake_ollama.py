@@ -5,7 +5,10 @@ At its root: ``GET /api/version``, ``GET /api/tags`` (the models it has), ``GET 
 ones in memory, with ``expires_at``) and ``POST /api/generate``: with no prompt it loads the
 model and answers once it is in memory; with ``"keep_alive": 0`` too, it answers ``"done_reason":
 "unload"`` at once and unloads the model just after (once its requests are done); with a
-prompt, it generates (NDJSON lines, or one object with ``"stream": false``). Under ``/v1``:
+prompt, it generates (NDJSON lines, or one object with ``"stream": false``). ``POST /api/chat``
+alike, with ``messages`` (none: a load, or with ``keep_alive`` 0 an unload, ``done_reason``
+saying which); ``POST /api/embed`` (``input``: a text or a list) and the older
+``/api/embeddings`` (``prompt``). Under ``/v1``:
 ``GET /v1/models`` and ``POST /v1/chat/completions`` (streamed or not), in OpenAI's shapes.
 
 As the real one: a request for a model not in memory loads it first; at
@@ -79,6 +82,9 @@ class FakeOllama(LoadingServer):
             ("GET", "/api/tags"): self._tags,
             ("GET", "/api/ps"): self._ps,
             ("POST", "/api/generate"): self._generate,
+            ("POST", "/api/chat"): self._api_chat,
+            ("POST", "/api/embed"): self._embed,
+            ("POST", "/api/embeddings"): self._embed,
             ("GET", "/v1/models"): self._openai_models,
             ("POST", "/v1/chat/completions"): self._chat,
         }.get((scope["method"], scope["path"]))
@@ -161,6 +167,53 @@ class FakeOllama(LoadingServer):
                     await asyncio.sleep(self.chunk_gap_s)
                 await send_part(send, _line({**_generated(model, piece, None), "done": False}))
             await end_stream(send, _line(_generated(model, "", "stop")))
+
+    async def _api_chat(self, body: bytes, send: Send) -> None:
+        req = parse_json(body)
+        if not isinstance(req, dict) or not isinstance(req.get("model"), str):
+            return await send_json(send, 400, {"error": "model is required"})
+        model = req["model"]
+        if not isinstance(req.get("messages", []), list):  # Go's JSON decoder says it so
+            said = "json: cannot unmarshal string into Go struct field ChatRequest.messages"
+            return await send_json(send, 400, {"error": f"{said} of type []api.Message"})
+        if model not in self.models:
+            return await send_json(send, 404, {"error": f"model '{model}' not found"})
+        keep_alive = _keep_alive(req.get("keep_alive"), self.default_keep_alive_s)
+        if not req.get("messages"):
+            if keep_alive == 0:
+                self._later(self._unload(model))
+                return await send_json(send, 200, _chatted(model, "", "unload"))
+            reason = await self.ensure_loaded(model)
+            if reason is not None:
+                return await send_json(send, 500, {"error": reason})
+            async with self._serving(model, keep_alive, record=False):
+                return await send_json(send, 200, _chatted(model, "", "load"))
+        reason = await self.ensure_loaded(model)
+        if reason is not None:
+            return await send_json(send, 500, {"error": reason})
+        async with self._serving(model, keep_alive):
+            if req.get("stream", True) is False:
+                return await send_json(send, 200, _counted(_chatted(model, self.text(), "stop")))
+            await start_stream(send, b"application/x-ndjson", [])
+            for piece in self.pieces():
+                await send_part(send, _line({**_chatted(model, piece, None), "done": False}))
+            await end_stream(send, _line(_counted(_chatted(model, "", "stop"))))
+
+    async def _embed(self, body: bytes, send: Send) -> None:
+        req = parse_json(body)
+        model = req.get("model") if isinstance(req, dict) else None
+        if not isinstance(model, str) or model not in self.models:
+            return await send_json(send, 404, {"error": f"model '{model}' not found"})
+        reason = await self.ensure_loaded(model)
+        if reason is not None:
+            return await send_json(send, 500, {"error": reason})
+        if "prompt" in req:  # /api/embeddings, the older one
+            return await send_json(send, 200, {"embedding": [0.5, float(len(req["prompt"]))]})
+        given = req.get("input")
+        texts = given if isinstance(given, list) else [given]
+        vectors = [[0.5, float(len(str(t)))] for t in texts]
+        answer = {"model": model, "embeddings": vectors, "prompt_eval_count": len(texts)}
+        await send_json(send, 200, answer)
 
     async def _chat(self, body: bytes, send: Send) -> None:
         req = parse_json(body)
@@ -247,6 +300,24 @@ def _generated(model: str, text: str, done_reason: str | None) -> dict[str, Any]
     if done_reason is not None:
         answer["done_reason"] = done_reason
     return answer
+
+
+def _chatted(model: str, text: str, done_reason: str | None) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "model": model,
+        "created_at": datetime.now(UTC).isoformat(),
+        "message": {"role": "assistant", "content": text},
+        "done": True,
+    }
+    if done_reason is not None:
+        answer["done_reason"] = done_reason
+    return answer
+
+
+def _counted(answer: dict[str, Any]) -> dict[str, Any]:
+    """The last object's counts and durations (nanoseconds), as Ollama's."""
+    counts = {"prompt_eval_count": 11, "eval_count": 3, "total_duration": 5_000_000}
+    return {**answer, **counts, "prompt_eval_duration": 1_000_000, "eval_duration": 3_000_000}
 
 
 def _line(data: dict[str, Any]) -> bytes:
