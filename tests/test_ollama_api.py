@@ -540,3 +540,19 @@ def test_an_ollama_servers_models_load_and_unload_through_hal0web(via_ollama, ol
     assert unloaded.done_reason == "unload"
     wait_until(lambda: "gemma3:latest" not in fake.loaded, "the Ollama server to unload it")
     wait_until(lambda: loads_of("ol")["gemma3:latest"] == "unloaded", "gemma3 read as unloaded")
+
+
+def test_a_translated_request_that_waited_for_its_model_says_how_long(router, hal0):
+    _ready(hal0, "r")
+    wait_until(lambda: loads_of()["m1"] == "loaded", "m1 read as loaded")
+    bad = httpx.post(
+        hal0.url + "/api/chat",
+        json={"model": "m2", "messages": [{"role": "user", "content": ["x"]}]},
+        timeout=30,
+    )
+    # Refused before any load: the request could never have been sent.
+    assert bad.status_code == 400 and router.asked == []
+    with ollama.Client(host=hal0.url, timeout=30) as c:
+        r = c.chat(model="m2", messages=[{"role": "user", "content": "hi"}], stream=False)
+    assert r.message.content and router.load_log == ["m2"]
+    assert 0 < r.load_duration <= r.total_duration

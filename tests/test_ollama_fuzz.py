@@ -16,7 +16,7 @@ from tests.conftest import add_slot
 from tests.fake_ollama import FakeOllama
 from tests.fake_openai_chat import FakeChat
 from tests.fakes import ServerThread
-from tests.test_ollama_translate import JSON, OLLAMA_BODY
+from tests.ollama_bodies import JSON, OLLAMA_BODY
 
 PATHS = [
     "/api/chat",

@@ -16,6 +16,7 @@ from dispatch.wire import adapters
 from dispatch.wire.adapters import ClientRequest, Outgoing
 from dispatch.wire.errors import ApiError
 from dispatch.wire.translators import ollama_openai as oo
+from tests.ollama_bodies import JSON, OLLAMA_BODY
 
 CHAT_OFFERS = frozenset({"chat/completions", "completions"})
 
@@ -260,57 +261,6 @@ def test_load_duration_is_the_wait_for_the_model():
 
 # --- fuzzed: a 400 or a ValueError, nothing else ------------------------------------------------
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=10,
-)
-MESSAGE = st.fixed_dictionaries(
-    {},
-    optional={
-        "role": st.sampled_from(["user", "assistant", "system", "tool"]) | JSON,
-        "content": st.text(max_size=10) | JSON,
-        "images": st.lists(st.sampled_from(["iVBORw0KGgo=", "/9j/4AAQ", "R0lGODlh"])) | JSON,
-        "tool_calls": st.lists(
-            st.fixed_dictionaries(
-                {
-                    "function": st.fixed_dictionaries(
-                        {"name": st.text(max_size=5)}, optional={"arguments": JSON}
-                    )
-                }
-            )
-        )
-        | JSON,
-        "tool_name": st.text(max_size=5) | JSON,
-    },
-)
-OLLAMA_BODY = st.fixed_dictionaries(
-    {"model": st.just("m")},
-    optional={
-        "messages": st.lists(MESSAGE, max_size=3) | JSON,
-        "prompt": st.text(max_size=10) | JSON,
-        "system": st.text(max_size=10) | JSON,
-        "suffix": st.text(max_size=5) | JSON,
-        "raw": st.booleans() | JSON,
-        "images": JSON,
-        "input": st.lists(st.text(max_size=5)) | JSON,
-        "format": st.sampled_from(["json", "", {"type": "object"}]) | JSON,
-        "think": st.sampled_from([True, False, "low", "high"]) | JSON,
-        "options": st.dictionaries(
-            st.sampled_from(
-                ["temperature", "top_k", "top_p", "seed", "num_predict", "stop", "num_ctx"]
-            ),
-            JSON,
-        )
-        | JSON,
-        "keep_alive": st.sampled_from([0, "5m", "0s", -1, "1h30m"]) | JSON,
-        "tools": JSON,
-        "stream": st.booleans() | st.none(),
-        "dimensions": JSON,
-    },
-)
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
