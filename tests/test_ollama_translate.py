@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from dispatch.wire import adapters
 from dispatch.wire.adapters import ClientRequest, Outgoing
 from dispatch.wire.errors import ApiError
-from dispatch.wire.translators import ollama_openai as oo
+from dispatch.wire.translators import ollama_from_openai as back
 from tests.ollama_bodies import JSON, OLLAMA_BODY
 
 CHAT_OFFERS = frozenset({"chat/completions", "completions"})
@@ -182,7 +182,7 @@ def _lines(data: bytes) -> list[dict[str, Any]]:
 
 
 def _streamed(cuts: list[int]) -> bytes:
-    answer = oo.Answer("gemma3", "message", "chat")
+    answer = back.Answer("gemma3", "message", "chat")
     chunks, at = [], 0
     for cut in [*sorted(cuts), len(STREAM)]:
         chunks.append(answer.stream(STREAM[at:cut]))
@@ -229,21 +229,21 @@ def test_the_lines_are_the_same_wherever_the_chunks_are_cut(cuts):
 
 
 def test_an_error_event_is_ollamas_error_line_and_ends_it():
-    answer = oo.Answer("m", "response", "chat")
+    answer = back.Answer("m", "response", "chat")
     said = answer.stream(_event({"content": "a"}) + b'data: {"error": {"message": "boom"}}\n\n')
     assert _lines(said)[-1] == {"error": "boom"}
     assert answer.stream(_event({"content": "late"})) == b"" and answer.end() == b""
 
 
 def test_a_stream_cut_inside_an_event_is_not_taken_for_whole():
-    answer = oo.Answer("m", "message", "chat")
+    answer = back.Answer("m", "message", "chat")
     answer.stream(_event({"content": "a"})[:-5])
     with pytest.raises(ValueError, match="middle of an event"):
         answer.end()
 
 
 def test_a_whole_answer_with_a_tool_call_whose_arguments_are_no_object_is_refused():
-    answer = oo.Answer("m", "message", "chat")
+    answer = back.Answer("m", "message", "chat")
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}
     body = {"choices": [{"message": {"role": "assistant", "tool_calls": [call]}}]}
     with pytest.raises(ValueError, match="not a JSON object"):
@@ -251,7 +251,7 @@ def test_a_whole_answer_with_a_tool_call_whose_arguments_are_no_object_is_refuse
 
 
 def test_load_duration_is_the_wait_for_the_model():
-    answer = oo.Answer("m", "response", "text")
+    answer = back.Answer("m", "response", "text")
     answer.load_s = 1.5
     body = {"choices": [{"text": "x", "finish_reason": "length"}], "usage": {"prompt_tokens": 2}}
     said = json.loads(answer.answer(json.dumps(body).encode()))
@@ -310,7 +310,7 @@ ANSWERS = st.one_of(
 @FUZZ
 @given(kind=st.sampled_from(["chat", "text", "embed"]), content=ANSWERS)
 def test_fuzzed_answers_are_translated_or_a_value_error(kind, content):
-    translation = oo.Embeddings("m") if kind == "embed" else oo.Answer("m", "message", kind)
+    translation = back.Embeddings("m") if kind == "embed" else back.Answer("m", "message", kind)
     try:
         said = translation.answer(content)
     except ValueError:
@@ -328,7 +328,7 @@ def test_fuzzed_answers_are_translated_or_a_value_error(kind, content):
     ),
 )
 def test_fuzzed_streams_are_lines_or_a_value_error(kind, events):
-    translation = oo.Answer("m", "message", kind)
+    translation = back.Answer("m", "message", kind)
     try:
         said = b"".join(translation.stream(e) for e in events) + translation.end()
     except ValueError:

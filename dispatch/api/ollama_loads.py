@@ -33,12 +33,12 @@ from dispatch.routing.table import ModelEntry, SlotEntry
 from dispatch.upstream.loads import loads
 from dispatch.wire.adapters import ClientRequest
 from dispatch.wire.errors import ApiError, dumps
+from dispatch.wire.translators.ollama_from_openai import created_at
 from dispatch.wire.translators.ollama_openai import (
     CHAT,
     EMBED,
     EMBEDDINGS,
     GENERATE,
-    created_at,
     keep_alive_zero,
 )
 
