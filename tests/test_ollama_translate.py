@@ -228,6 +228,19 @@ def test_the_lines_are_the_same_wherever_the_chunks_are_cut(cuts):
     assert _lines(_streamed(cuts)) == _lines(_streamed([]))
 
 
+def test_streamed_calls_without_an_index_are_told_apart_by_their_ids():
+    answer = back.Answer("m", "message", "chat")
+    pieces = [
+        {"id": "a", "function": {"name": "f", "arguments": '{"x"'}},
+        {"function": {"arguments": ": 1}"}},
+        {"id": "b", "function": {"name": "g", "arguments": "{}"}},
+    ]
+    said = answer.stream(b"".join(_event({"tool_calls": [p]}) for p in pieces))
+    said += answer.stream(_event({}, "tool_calls") + b"data: [DONE]\n\n")
+    calls = _lines(said)[0]["message"]["tool_calls"]
+    assert [(c["id"], c["function"]["arguments"]) for c in calls] == [("a", {"x": 1}), ("b", {})]
+
+
 def test_an_error_event_is_ollamas_error_line_and_ends_it():
     answer = back.Answer("m", "response", "chat")
     said = answer.stream(_event({"content": "a"}) + b'data: {"error": {"message": "boom"}}\n\n')

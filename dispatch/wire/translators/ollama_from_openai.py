@@ -245,7 +245,10 @@ class Answer(Translation):
             return
         for piece in raw:
             piece = _object(piece, "a tool call")
-            index = piece.get("index", len(self.calls))
+            # Without an index (some servers): a piece with an id begins a call, the others
+            # go on with the last one.
+            last = max(self.calls, default=-1)
+            index = piece.get("index", last + 1 if piece.get("id") or last < 0 else last)
             if not isinstance(index, int):
                 raise ValueError("a tool call's index is not a number")
             call = self.calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
