@@ -11,7 +11,7 @@ def sync_outputs(**_: Any) -> None:
     """
     from django.conf import settings
 
-    from dispatch.coordination import affinity_db
+    from dispatch.coordination import affinity_db, stored_responses
     from dispatch.lifecycle import hooks
     from dispatch.observability import decisions, metrics, requestlog
 
@@ -34,7 +34,7 @@ def sync_outputs(**_: Any) -> None:
             listeners.remove(listener)  # type: ignore[arg-type]
         if settings.HAL0_METRICS:
             listeners.add(listener)  # type: ignore[arg-type]
-    hooks.housekeeping[:] = [requestlog.prune_if_on]
+    hooks.housekeeping[:] = [requestlog.prune_if_on, stored_responses.prune]
     if not settings.REDIS_URL:  # (Redis expires its records itself)
         hooks.housekeeping.append(affinity_db.prune)
 

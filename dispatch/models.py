@@ -504,3 +504,31 @@ class ResponseAffinity(models.Model):
 
     def __str__(self) -> str:
         return f"{self.response_id} -> {self.slot}"
+
+
+class StoredResponse(models.Model):
+    """A Responses API response hal0web translated for a slot that speaks only chat and so
+    keeps nothing: hal0web keeps it instead (``dispatch.coordination.stored_responses``), for
+    ``previous_response_id``, ``GET``/``DELETE /v1/responses/{id}`` and ``.../input_items``
+    on any worker. Written when the answer (or its stream's ``response.completed``) passes,
+    unless the request said ``store: false``; pruned after HAL0_RESPONSE_RETENTION_DAYS by
+    the watcher's process. No trigger bumps StateVersion for it.
+    """
+
+    response_id = models.CharField(max_length=200, primary_key=True)
+    created_at = models.DateTimeField(db_index=True)
+    # Where it was made and under which names (a key's model allowlist reads them).
+    slot = models.CharField(max_length=32)
+    model = models.CharField(max_length=200, blank=True)
+    upstream_model = models.CharField(max_length=200, blank=True)
+    response = models.JSONField(help_text="the Response object, as answered")
+    input_items = models.JSONField(help_text="the request's input items")
+    history = models.JSONField(
+        default=list, help_text="the conversation its previous_response_id stood for"
+    )
+
+    class Meta:
+        verbose_name = "stored response"
+
+    def __str__(self) -> str:
+        return f"{self.response_id} ({self.model or '-'} on {self.slot})"

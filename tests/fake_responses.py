@@ -58,6 +58,8 @@ async def responses(fake: FakeUpstream, call: Call) -> None:
     parts = call.path.split("/")  # "", "v1", "responses", id?, action?
     if len(parts) == 3 and call.method == "POST":
         return await _create(fake, call)
+    if parts[3:] == ["compact"] and call.method == "POST":
+        return await _compact(fake, call)
     rid = parts[3] if len(parts) > 3 else ""
     found = fake.responses.get(rid)
     if found is None:
@@ -84,6 +86,28 @@ async def responses(fake: FakeUpstream, call: Call) -> None:
         found["status"] = "cancelled"
         return await send_json(call.send, 200, found, fake.tag)
     await send_json(call.send, 405, {"error": {"message": "no"}})
+
+
+async def _compact(fake: FakeUpstream, call: Call) -> None:
+    """``POST /v1/responses/compact``: the conversation's user messages kept, the rest
+    folded into one compaction item (opaque to the client), as OpenAI documents it."""
+    req = call.json
+    given = req.get("input")
+    items = (
+        [{"type": "message", "role": "user", "content": given}] if isinstance(given, str) else given
+    )
+    kept = [i for i in items or [] if isinstance(i, dict) and i.get("role") == "user"]
+    done = {
+        "id": f"resp_{fake.name}_{next(fake.ids)}",
+        "object": "response.compaction",
+        "created_at": int(time.time()),
+        "output": [
+            *kept,
+            {"type": "compaction", "id": f"cmp_{fake.name}", "encrypted_content": fake.name},
+        ],
+        "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4},
+    }
+    await send_json(call.send, 200, done, fake.tag)
 
 
 async def _create(fake: FakeUpstream, call: Call) -> None:

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponseBase
 
-from dispatch.api import bodies, ollama_loads, ollama_models, relay
+from dispatch.api import bodies, ollama_loads, ollama_models, relay, stored_responses
 from dispatch.api.decide import decide
 from dispatch.api.guard import View, serves
 from dispatch.api.keys import authorize
@@ -28,9 +28,10 @@ from dispatch.upstream.admission import admission
 from dispatch.upstream.forward import Forwarded, forward
 from dispatch.upstream.loads import Waiting
 from dispatch.wire.adapters import ClientRequest
-from dispatch.wire.errors import ApiError
+from dispatch.wire.errors import ApiError, dumps
 from dispatch.wire.framing import SSE
 from dispatch.wire.protocols import OLLAMA, streamed_as
+from dispatch.wire.translators.responses_chat import CONVERSATION, input_items
 
 
 def _read_body(request: HttpRequest) -> bytes:
@@ -84,6 +85,7 @@ class _Body:
         self.previous: str | None = None  # a Responses request's previous_response_id
         self._json: bodies.ParsedBody | None = None
         self._form: bodies.FormBody | None = None
+        self._asked: dict[str, Any] | None = None  # the body as sent, when sent otherwise
         if ep.model_in == "json":
             self._json = bodies.parse(raw)
             self.model = self._json.model
@@ -96,7 +98,20 @@ class _Body:
             self.model = self._form.model
 
     def json(self) -> dict[str, Any] | None:
+        if self._asked is not None:
+            return self._asked
         return None if self._json is None else self._json.data
+
+    def follow(self, conversation: list[dict[str, Any]]) -> None:
+        """A ``previous_response_id`` hal0web keeps: a slot sent the request as it came has
+        never seen that id, so what it is sent carries the conversation in ``input`` instead
+        (a translating adapter reads the body as sent and the conversation from the context)."""
+        assert self._json is not None
+        asked = self._json.data
+        sent = {k: v for k, v in asked.items() if k != "previous_response_id"}
+        sent["input"] = [*conversation, *input_items(asked.get("input"))]
+        self._json = bodies.parse(dumps(sent))
+        self.raw, self._asked = self._json.raw, asked
 
     def for_model(self, upstream_model: str | None) -> bytes:
         if upstream_model is None:
@@ -138,10 +153,15 @@ def _unloaded(target: Target) -> bool:
 
 async def _decided(
     ep: Endpoint, request: HttpRequest, rec: DecisionRecord, response_id: str | None
-) -> _Call:
-    """The request authorized, read and decided; ApiError when hal0web answers itself."""
+) -> _Call | HttpResponseBase:
+    """The request authorized, read and decided; ApiError when hal0web answers itself, or
+    its answer when it is about a response hal0web keeps (``api.stored_responses``)."""
     caller = await authorize(request, ep.key_header)
     rec.client = caller.client
+    if response_id is not None and stored_responses.is_ours(response_id):
+        answered = await stored_responses.answer(ep, request, response_id, caller.scope, rec)
+        if answered is not None:
+            return answered
     raw = _read_body(request) if request.method == "POST" else b""
     if settings.HAL0_LOG_BODIES:
         rec.body = raw[: settings.HAL0_LOG_BODY_MAX_BYTES]
@@ -152,12 +172,20 @@ async def _decided(
     model = body.model
     if ep.protocol is OLLAMA:  # its names carry tags: gemma3:latest is gemma3
         model = ollama_models.known_name(table, model)
+    context: dict[str, Any] = {}
+    if body.previous is not None and stored_responses.is_ours(body.previous):
+        # A response hal0web keeps: the request goes where its model does, after the
+        # conversation the id stands for.
+        conversation = await stored_responses.conversation(body.previous, caller.scope, rec)
+        if conversation is not None:
+            body.follow(conversation)
+            context[CONVERSATION], rid = conversation, response_id
     decision = await decide(table, model, ep.offer, rec, caller.scope, rid)
     rec.forwarding()
     return _Call(
         ep,
         decision,
-        ClientRequest(request.path, request.META.get("QUERY_STRING", ""), body),
+        ClientRequest(request.path, request.META.get("QUERY_STRING", ""), body, context),
         _forward_headers(request, rec.request_id),
         request.method or "POST",
         body.streams,
@@ -200,6 +228,8 @@ def proxy_view(ep: Endpoint) -> View:
         rec = DecisionRecord.arrived(request_id(request), ep.name)
         try:
             call = await _decided(ep, request, rec, kwargs.get("response_id"))
+            if not isinstance(call, _Call):  # answered by hal0web from its store
+                return call
             if ep.protocol is OLLAMA:  # a request that only loads or unloads its model
                 own = await ollama_loads.answered(ep, call.decision, call.client, rec)
                 if own is not None:

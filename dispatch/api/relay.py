@@ -11,6 +11,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 
 from dispatch.api import bodies
 from dispatch.api.responses import error_response, visible
+from dispatch.coordination import stored_responses
 from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
 from dispatch.observability.decisions import DecisionRecord, record
 from dispatch.upstream.forward import Forwarded
@@ -77,7 +78,18 @@ def _proxy_error(
 def _with_headers(response: HttpResponse, fwd: Forwarded) -> HttpResponse:
     for key, value in fwd.response.headers():
         response[key] = value
+    if fwd.translation is not None:  # what the translation says of itself (X-Hal0-Dropped)
+        for key, value in fwd.translation.headers.items():
+            response[key] = value
     return response
+
+
+async def _keep(fwd: Forwarded, translation: Translation) -> None:
+    """What a translation made that the slot does not keep (a Responses response), kept by
+    hal0web before the client has the bytes that end it: a follow-up on any worker finds it."""
+    kept, translation.kept = translation.kept, None
+    if kept is not None:
+        await stored_responses.keep(kept, fwd.slot.name, fwd.upstream_model)
 
 
 def _read_failed(fwd: Forwarded, exc: UpstreamError) -> ApiError:
@@ -133,7 +145,8 @@ async def buffered(
                 f"Slot '{fwd.slot.name}' answered with what hal0web cannot translate: {exc}",
             )
             return _finish(_proxy_error(rec, err, status, protocol), rec)
-    if records_response:
+        await _keep(fwd, fwd.translation)
+    elif records_response:  # (a translated response's id is hal0web's own, kept above)
         rid = response_id(content)
         if rid is not None:
             # Before the client has the id: from then on every worker must find it.
@@ -280,6 +293,8 @@ def streaming(
     response["Cache-Control"] = "no-cache"
     if fwd.translation is not None:
         response["Content-Type"] = fwd.translation.stream_type
+        for key, value in fwd.translation.headers.items():
+            response[key] = value
     return response
 
 
@@ -292,9 +307,11 @@ async def _translated(
         raise UpstreamError("broken", "a compressed stream cannot be translated")
     async for chunk in fwd.response.chunks():
         out = translation.stream(chunk)
+        await _keep(fwd, translation)  # (its last event may be the one that ends the answer)
         if out:  # whole events of the client's protocol, or none yet
             yield out
     last = translation.end()
+    await _keep(fwd, translation)
     if last:
         yield last
 
@@ -306,8 +323,9 @@ async def _stream_body(
     # A compressed stream (the upstream ignored our Accept-Encoding: identity) goes through
     # as it came, header and all: its bytes are no events to look into or to end with one.
     plain = not fwd.response.encoding
-    # A Responses stream names its response in its first event, response.created.
-    sniffer = StreamSniffer() if records_response and plain else None
+    # A Responses stream names its response in its first event, response.created (a
+    # translated one's id is hal0web's own: kept by hal0web when it ends, see _keep).
+    sniffer = StreamSniffer() if records_response and plain and fwd.translation is None else None
     watch = _Watch(rec, protocol, plain)
     try:
         translation = fwd.translation

@@ -92,6 +92,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("chat/completions", ("v1/chat/completions",), _LLM),
     Endpoint("completions", ("v1/completions",), _LLM),
     Endpoint("responses", ("v1/responses",), _LLM, records_response=True),
+    # Codex's remote compaction, routed by `model` like a new response (before the response
+    # id pattern, which would take "compact" for an id). No slot offers it by name: a slot
+    # that speaks Responses natively serves it as it came (wire.translators.responses_chat).
+    Endpoint("responses/compact", ("v1/responses/compact",)),
     # A response lives on the server that made it: these follow its id there.
     Endpoint(
         "responses/{id}",

@@ -73,6 +73,13 @@ class Translation(ABC):
     # How long the call waited for its model to be loaded first (seconds): set by forward
     # before the answer comes, for a protocol that tells it (Ollama's load_duration).
     load_s: float = 0.0
+    # Headers the client's answer carries besides the relay's (``X-Hal0-Dropped``: what the
+    # request asked that the offered endpoint cannot carry), known when the call is made.
+    headers: Mapping[str, str] = _NOTHING
+    # What hal0web keeps once the answer is whole (a Responses API response the slot does
+    # not keep), set by ``answer`` or by the stream's last event: the relay hands it to the
+    # API layer's store before those bytes reach the client. None: nothing to keep.
+    kept: object | None = None
 
     @abstractmethod
     def answer(self, content: bytes) -> bytes:

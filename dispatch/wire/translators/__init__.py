@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from dispatch.wire import adapters
-from dispatch.wire.translators import messages_chat, ollama_openai
+from dispatch.wire.translators import messages_chat, ollama_openai, responses_chat
 
 # Each module's ADAPTERS: (endpoint called, endpoint offered, adapter), in the order a slot
 # offering several endpoints is tried (the first registered that it offers wins).
-_MODULES: Sequence[ModuleType] = (messages_chat, ollama_openai)
+_MODULES: Sequence[ModuleType] = (messages_chat, ollama_openai, responses_chat)
 
 
 def install() -> None:
