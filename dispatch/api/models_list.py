@@ -3,7 +3,8 @@
 Each entry says where its model is, as llama.cpp's router does (``status: {"value":
 "loaded"}``, with ``progress`` while loading, ``failed`` and ``error`` after a failed load), so
 Open WebUI and other clients see the truth; the ``hal0`` object says it per slot, with the pin
-and what choosing the model there would unload first.
+and what choosing the model there would unload first. Beside ``data``, ``models`` lists the
+same models as Codex reads them (``dispatch.api.codex_models``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import orjson
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
+from dispatch.api import codex_models
 from dispatch.api.keys import authorize
 from dispatch.api.responses import fail
 from dispatch.coordination.store import store
@@ -199,12 +201,10 @@ async def models(request: HttpRequest) -> HttpResponse:
     except ApiError as err:
         return fail(request, err)
     table = await store.ensure_loaded()
-    return HttpResponse(
-        orjson.dumps(
-            {"object": "list", "data": _model_entries(table, list_all(request), caller.scope)}
-        ),
-        content_type="application/json",
-    )
+    data = _model_entries(table, list_all(request), caller.scope)
+    # `models`: the same list in the shape Codex reads (dispatch.api.codex_models).
+    listing = {"object": "list", "data": data, "models": codex_models.models(data)}
+    return HttpResponse(orjson.dumps(listing), content_type="application/json")
 
 
 async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
