@@ -134,7 +134,7 @@ class _Messages:
 
     def _message(self, item: Mapping[str, Any], param: str) -> None:
         role = item.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise _bad(
                 f"'{param}.role' must be one of user, assistant, system, developer.",
                 f"{param}.role",
@@ -204,14 +204,16 @@ class _Messages:
             if not isinstance(part, dict):
                 raise _bad(f"'{at}' must be an object (a content part).", at)
             kind = part.get("type")
+            kind = kind if isinstance(kind, str) else "unknown"
             if kind in _TEXT_PARTS:
                 parts.append({"type": "text", "text": _string(part, "text", at)})
             elif kind == "refusal":
                 parts.append({"type": "text", "text": _string(part, "refusal", at)})
             elif kind == "input_image" and isinstance(part.get("image_url"), str):
                 image: dict[str, Any] = {"url": part["image_url"]}
-                if part.get("detail") in _DETAILS and part["detail"] != "original":
-                    image["detail"] = part["detail"]
+                detail = part.get("detail")
+                if isinstance(detail, str) and detail in _DETAILS and detail != "original":
+                    image["detail"] = detail
                 parts.append({"type": "image_url", "image_url": image})
             elif kind == "input_image":
                 self.drop("content:input_image(file_id)")  # an uploaded file hal0web has not
@@ -288,9 +290,9 @@ def _tool_choice(
     if isinstance(given, dict) and given.get("type") == "allowed_tools":
         allowed = given.get("tools")
         names = {
-            t.get("name")
+            t["name"]
             for t in (allowed if isinstance(allowed, list) else [])
-            if isinstance(t, dict)
+            if isinstance(t, dict) and isinstance(t.get("name"), str)
         }
         mode = given.get("mode") if given.get("mode") in ("auto", "required") else "auto"
         return mode, [t for t in tools if t["function"]["name"] in names]
