@@ -523,3 +523,22 @@ def test_what_cannot_be_translated_is_a_clear_400(sdk, agent, hal0):
             assert r.status_code == 400, (body, r.text)
             assert r.json()["error"]["param"] == param
     assert len(agent.chats()) == calls  # nothing reached the slot
+
+
+def test_a_translated_stream_says_what_it_dropped_and_logs_its_tokens(agent, hal0, caplog):
+    import json
+
+    body = {"model": "talker", "input": "hi", "stream": True, "tools": [{"type": "file_search"}]}
+    with (
+        caplog.at_level("INFO", logger="hal0.dispatch"),
+        httpx.Client(base_url=hal0.url, timeout=10) as c,
+        c.stream("POST", "/v1/responses", json=body) as r,
+    ):
+        assert r.headers["x-hal0-dropped"] == "file_search"
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-hal0-mode"] == "translated"
+        r.read()
+        rid = r.headers["x-request-id"]
+    lines = [json.loads(m) for m in caplog.messages if rid in m]
+    # The counts the Response's last event carries (its upstream's usage chunk).
+    assert (lines[-1]["prompt_tokens"], lines[-1]["completion_tokens"]) == (1, 3)

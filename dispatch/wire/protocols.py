@@ -74,6 +74,9 @@ class WireProtocol(ABC):
         if not isinstance(data, dict):
             return None
         usage = data.get(self.usage_key) if self.usage_key else data
+        if usage is None and self.usage_key and isinstance(data.get("response"), dict):
+            # A Responses stream's last event carries its whole Response, counts and all.
+            usage = data["response"].get(self.usage_key)
         if not isinstance(usage, dict):
             return None
         return Usage(_count_of(usage, self.prompt_fields), _count_of(usage, self.completion_fields))
