@@ -204,7 +204,7 @@ class _Messages:
             if not isinstance(part, dict):
                 raise _bad(f"'{at}' must be an object (a content part).", at)
             kind = part.get("type")
-            kind = kind if isinstance(kind, str) else "unknown"
+            kind = kind if isinstance(kind, str) else "untyped"
             if kind in _TEXT_PARTS:
                 parts.append({"type": "text", "text": _string(part, "text", at)})
             elif kind == "refusal":
@@ -259,7 +259,7 @@ def _tools(body: Mapping[str, Any], dropped: list[str]) -> list[dict[str, Any]]:
             # Hosted tools (web_search, file_search, code_interpreter, ...) run on OpenAI's
             # side, and a namespace's tools are called by their namespace: no chat server
             # has them.
-            what = str(kind) if isinstance(kind, str) else "unknown"
+            what = str(kind) if isinstance(kind, str) else "untyped"
             if what not in dropped:
                 dropped.append(what)
             continue
