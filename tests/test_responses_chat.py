@@ -542,3 +542,53 @@ def test_a_translated_stream_says_what_it_dropped_and_logs_its_tokens(agent, hal
     lines = [json.loads(m) for m in caplog.messages if rid in m]
     # The counts the Response's last event carries (its upstream's usage chunk).
     assert (lines[-1]["prompt_tokens"], lines[-1]["completion_tokens"]) == (1, 3)
+
+
+# --- across real server processes: every worker answers from the same store ---------------------
+
+
+@pytest.mark.postgres
+def test_a_kept_response_is_answered_by_another_worker(tmp_path, pg_url, servers):
+    from tests.processes import Hal0Process, manage, server_env
+
+    chat_url, _ = servers["urls"]
+    folder = tmp_path / "slots"
+    folder.mkdir()
+    (folder / "chatty.toml").write_text(
+        f'name = "chatty"\nurl = "{chat_url}/v1"\nendpoints = ["chat/completions"]\n'
+        '[model]\ndefault = "talker"\n'
+    )
+    env = server_env(tmp_path, DATABASE_URL=pg_url, HAL0_PROBE_INTERVAL_S="1")
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(folder))
+    workers = [Hal0Process(env, tmp_path / f"worker-{i}.log") for i in (1, 2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        first, second = (
+            openai.OpenAI(base_url=w.url + "/v1", api_key="x", max_retries=0) for w in workers
+        )
+        made = first.responses.create(model="talker", input="from the first worker")
+        # The other worker never saw it: only the database knows it.
+        raw = second.responses.with_raw_response.retrieve(made.id)
+        assert raw.headers["x-hal0-resolution"] == "stored"
+        assert raw.parse().output_text == "hello from chatty"
+        items = second.responses.input_items.list(made.id)
+        assert [i.content[0].text for i in items.data] == ["from the first worker"]
+        with second.responses.stream(
+            model="talker", input="and the second", previous_response_id=made.id
+        ) as s:
+            follow = s.get_final_response()
+        assert [m["content"] for m in servers["agent"].chats()[-1]["messages"]] == [
+            "from the first worker",
+            "hello from chatty",
+            "and the second",
+        ]
+        first.responses.delete(follow.id)
+        with pytest.raises(openai.NotFoundError):
+            second.responses.retrieve(follow.id)
+        first.close()
+        second.close()
+    finally:
+        for w in workers:
+            w.stop()
