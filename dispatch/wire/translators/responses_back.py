@@ -28,23 +28,7 @@ import orjson
 from dispatch.wire.adapters import Translation
 from dispatch.wire.errors import dumps
 from dispatch.wire.framing import EventReader
-
-# The request's fields a Response repeats, and what each is when the request left it out.
-_ECHOED: Mapping[str, Any] = {
-    "instructions": None,
-    "max_output_tokens": None,
-    "metadata": {},
-    "parallel_tool_calls": True,
-    "previous_response_id": None,
-    "reasoning": {"effort": None, "summary": None},
-    "store": True,
-    "temperature": None,
-    "text": {"format": {"type": "text"}},
-    "tool_choice": "auto",
-    "top_p": None,
-    "truncation": "disabled",
-    "user": None,
-}
+from dispatch.wire.translators.responses_echo import echoed
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,20 +50,14 @@ class Asked:
         history: list[dict[str, Any]],
         dropped: tuple[str, ...],
         stream: bool,
+        tools: list[dict[str, Any]],
     ) -> Asked:
-        echo = {k: body[k] if body.get(k) is not None else v for k, v in _ECHOED.items()}
-        # The tools it was answered with: the function tools (hosted ones were left out).
-        tools = body.get("tools")
-        echo["tools"] = [
-            t
-            for t in (tools if isinstance(tools, list) else [])
-            if isinstance(t, dict) and t.get("type") == "function"
-        ]
-        return cls(body.get("model"), echo, items, history, dropped, stream)
+        """``tools``: the chat tools the request was answered with."""
+        return cls(body.get("model"), echoed(body, tools), items, history, dropped, stream)
 
     @property
     def store(self) -> bool:
-        return self.echo["store"] is not False
+        return bool(self.echo["store"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +167,7 @@ class FromChat(Translation):
             "id": self.response_id,
             "object": "response",
             "created_at": self.created_at,
+            "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
             "status": status,
             "background": False,
             "error": error,

@@ -344,10 +344,10 @@ def _number(body: Mapping[str, Any], key: str, whole: bool = False) -> Any:
 
 def _options(body: Mapping[str, Any], chat: dict[str, Any]) -> None:
     """The sampling and length options chat has under its own names."""
-    for key, sent in (("temperature", "temperature"), ("top_p", "top_p")):
+    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         value = _number(body, key)
         if value is not None:
-            chat[sent] = value
+            chat[key] = value
     limit = _number(body, "max_output_tokens", whole=True)
     if limit is not None:
         chat["max_tokens"] = limit
@@ -439,7 +439,7 @@ def to_chat(request: ClientRequest, upstream_model: str | None) -> tuple[dict[st
         # The Response's usage comes from the stream's last chunk; without this a chat
         # server sends none.
         chat["stream"], chat["stream_options"] = True, {"include_usage": True}
-    asked = Asked.of(body, items, history, tuple(dropped), stream)
+    asked = Asked.of(body, items, history, tuple(dropped), stream, tools)
     return chat, asked
 
 
