@@ -48,6 +48,10 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _typed(schema: Any) -> bool:
+    return isinstance(schema, dict) and isinstance(schema.get("type"), str)
+
+
 def _words(text: str) -> int:
     return len(text.split())
 
@@ -60,6 +64,10 @@ class ChatAgent:
     # Whether it calls an offered tool (a real client such as Codex offers many it should
     # not call in a test that wants its words).
     calls_tools: bool = True
+    # The call it makes: its arguments (by default {"city": <the user's last words>}), and
+    # the tool by name (by default the one tool_choice names, else the first offered).
+    arguments: dict[str, Any] | None = None
+    tool: str | None = None
 
     @property
     def name(self) -> str:
@@ -99,21 +107,21 @@ class ChatAgent:
             name = (
                 chosen["function"]["name"]
                 if isinstance(chosen, dict)
-                else tools[0]["function"]["name"]
+                else self.tool or tools[0]["function"]["name"]
             )
-            asked = _text(last["content"])
+            arguments = self.arguments or {"city": _text(last["content"])}
             turn["calls"] = [
-                {
-                    "id": f"call_{self.name}_1",
-                    "name": name,
-                    "arguments": json.dumps({"city": asked}),
-                }
+                {"id": f"call_{self.name}_1", "name": name, "arguments": json.dumps(arguments)}
             ]
             turn["finish"] = "tool_calls"
         elif fmt.get("type") == "json_schema":
-            props = fmt["json_schema"]["schema"].get("properties", {})
+            props = fmt["json_schema"]["schema"].get("properties")
+            props = props if isinstance(props, dict) else {}
             turn["text"] = json.dumps(
-                {k: _SAMPLES.get(v.get("type"), "x") for k, v in props.items()}
+                {
+                    k: _SAMPLES.get(v.get("type"), "x") if _typed(v) else "x"
+                    for k, v in props.items()
+                }
             )
         elif fmt.get("type") == "json_object":
             turn["text"] = '{"ok": true}'

@@ -129,3 +129,27 @@ def test_codex_takes_its_models_metadata_from_the_models_array(slots, hal0, tmp_
     # Found: no fallback metadata, and the listed context (less Codex's 5 % headroom).
     assert "Model metadata for `talker` not found" not in done.stdout + done.stderr
     assert _context_windows(tmp_path / "codex-home") == {4096 * 95 // 100}
+
+
+def test_codex_runs_the_tool_a_chat_only_slot_calls_and_answers_after_it(slots, hal0, tmp_path):
+    agent: ChatAgent = slots["agent"]
+    agent.calls_tools, agent.tool = True, "exec_command"
+    agent.arguments = {"cmd": "echo hal0-tool-ran"}
+    try:
+        done = _codex(tmp_path, hal0.url, "talker")
+    finally:
+        agent.calls_tools, agent.tool, agent.arguments = False, None, None
+    assert done.returncode == 0, done.stderr[-2000:]
+    # The call went to Codex as a function_call, its result came back as Codex's next
+    # request (function_call + function_call_output), said to the slot as chat.
+    asked, answered = agent.chats()[-2:]
+    assert asked["messages"][-1] == {"role": "user", "content": PROMPT}
+    call, result = answered["messages"][-2:]
+    assert call["role"] == "assistant"
+    assert call["tool_calls"][0]["function"] == {
+        "name": "exec_command",
+        "arguments": '{"cmd": "echo hal0-tool-ran"}',
+    }
+    assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
+    assert "hal0-tool-ran" in result["content"]  # Codex ran it (read-only sandbox)
+    assert "the tool said:" in done.stdout

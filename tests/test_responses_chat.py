@@ -362,7 +362,7 @@ def test_retrieve_input_items_and_delete_are_answered_by_hal0web(sdk, agent):
         previous_response_id=first.id,
         input=[{"role": "user", "content": "two"}, {"role": "user", "content": "three"}],
     )
-    calls = len(agent.upstream.requests)
+    calls = len(agent.chats())
     raw = sdk.responses.with_raw_response.retrieve(made.id)
     assert raw.headers["x-hal0-resolution"] == "stored"
     assert raw.parse().model_dump() == made.model_dump()
@@ -378,7 +378,9 @@ def test_retrieve_input_items_and_delete_are_answered_by_hal0web(sdk, agent):
     asc = sdk.responses.input_items.list(made.id, order="asc")
     assert [i.content[0].text for i in asc.data] == ["one", "hello from chatty", "two", "three"]
     assert asc.has_more is False
-    assert len(agent.upstream.requests) == calls  # the slot was never asked
+    # The slot was never asked (only chat, and the watcher's probes, ever reach it).
+    assert len(agent.chats()) == calls
+    assert not [s for s in agent.upstream.requests if s.path.startswith("/v1/responses")]
     with pytest.raises(openai.BadRequestError):
         sdk.responses.cancel(made.id)
     sdk.responses.delete(made.id)
