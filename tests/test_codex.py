@@ -153,3 +153,34 @@ def test_codex_runs_the_tool_a_chat_only_slot_calls_and_answers_after_it(slots, 
     assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
     assert "hal0-tool-ran" in result["content"]  # Codex ran it (read-only sandbox)
     assert "the tool said:" in done.stdout
+
+
+def test_the_models_array_says_what_the_listing_says_and_no_more():
+    from dispatch.api.codex_models import models
+
+    data = [
+        {"id": "llama", "context_length": 8192, "capabilities": ["completion", "multimodal"]},
+        {"id": "vllm", "max_model_len": 32768},
+        {"id": "router", "meta": {"n_ctx": 4096, "n_ctx_train": 131072}},
+        # What the model was trained for is not what it is served with: no window claimed.
+        {"id": "bare", "meta": {"n_ctx_train": 131072}, "context_length": "big"},
+    ]
+    listed = models(data)
+    assert [m["slug"] for m in listed] == ["llama", "vllm", "router", "bare"]
+    assert [m["priority"] for m in listed] == [0, 1, 2, 3]
+    assert [m["context_window"] for m in listed] == [8192, 32768, 4096, None]
+    assert [m["input_modalities"] for m in listed] == [
+        ["text", "image"],
+        ["text"],
+        ["text"],
+        ["text"],
+    ]
+    # Every field Codex 0.171's ModelInfo requires (it refuses the whole array otherwise).
+    required = {
+        "slug", "display_name", "description", "supported_reasoning_levels", "shell_type",
+        "visibility", "supported_in_api", "priority", "upgrade", "base_instructions",
+        "supports_reasoning_summaries", "support_verbosity", "default_verbosity",
+        "apply_patch_tool_type", "truncation_policy", "supports_parallel_tool_calls",
+        "experimental_supported_tools",
+    }  # fmt: skip
+    assert all(required <= set(m) for m in listed)
