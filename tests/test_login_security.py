@@ -77,9 +77,8 @@ def test_an_address_is_locked_for_every_username(hal0, users):
     # The same users from another address log in: their names were never guessed at.
     assert log_in(hal0.url, "127.0.0.41", "ann", GOOD, path).status_code == 302
     # The lean /v1 handler has no login and no lockout: the locked address still calls it.
-    r = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.40")).get(
-        hal0.url + "/v1/models"
-    )
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.40")) as c:
+        r = c.get(hal0.url + "/v1/models")
     assert r.status_code == 200
 
 
