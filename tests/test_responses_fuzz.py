@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dispatch.wire.adapters import ClientRequest
@@ -277,8 +277,27 @@ def test_a_fuzzed_chat_answer_is_translated_or_a_value_error(answer):
     assert orjson.loads(out)["object"] == "response"
 
 
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n"
+
+
+def _call_piece(arguments: str, name: str | None = None) -> dict[str, Any]:
+    function = {"arguments": arguments, **({"name": name} if name else {})}
+    return {"tool_calls": [{"index": 0, "function": function}]}
+
+
 @settings(max_examples=400, deadline=None)
 @given(chunks=st.lists(UPSTREAM_EVENT, max_size=6), cut=st.integers(0, 7))
+# A call's arguments after text closed the call: a new item, never a delta for a done one.
+@example(
+    chunks=[
+        _chunk(_call_piece('{"a"', "f")),
+        _chunk({"content": "meanwhile"}),
+        _chunk(_call_piece(": 1}"), "tool_calls"),
+    ],
+    cut=0,
+)
 def test_a_fuzzed_chat_stream_is_translated_event_by_event_or_a_value_error(chunks, cut):
     asked = to_chat(
         ClientRequest("/v1/responses", "", _Json({"input": "x", "stream": True})), "up"
@@ -300,6 +319,15 @@ def test_a_fuzzed_chat_stream_is_translated_event_by_event_or_a_value_error(chun
     done = {e["output_index"] for e in events if e["type"] == "response.output_item.done"}
     if events[-1]["type"] == "response.completed":
         assert added == done == set(range(len(events[-1]["response"]["output"])))
+        # The Response says of each item what its output_item.done said.
+        items = {e["output_index"]: e["item"] for e in events if e["type"].endswith("item.done")}
+        assert [items[i] for i in sorted(items)] == events[-1]["response"]["output"]
+        # No event about an item after its output_item.done.
+        closed: set[int] = set()
+        for e in events:
+            assert e.get("output_index") not in closed, e
+            if e["type"] == "response.output_item.done":
+                closed.add(e["output_index"])
 
 
 # --- through hal0web ---------------------------------------------------------------------------

@@ -247,6 +247,7 @@ class _Open:
     call_id: str = ""
     name: str = ""
     done: bool = False
+    status: str = "in_progress"  # as its output_item.done said it
 
     def item(self, status: str) -> dict[str, Any]:
         if self.kind == "message":
@@ -366,7 +367,7 @@ class _Events:
         function = call.get("function")
         function = function if isinstance(function, dict) else {}
         item = self.calls.get(key)
-        if item is None:
+        if item is None or item.done:  # (a call already closed takes no more: a new item)
             if self.text is not None:
                 out += self._close(self.text)
             name = function.get("name")
@@ -417,7 +418,7 @@ class _Events:
         if item is self.text:
             self.text = None
         item.done = True
-        status = (
+        status = item.status = (
             "incomplete"
             if self.finish_reason == "length" and item.kind != "function_call"
             else "completed"
@@ -470,14 +471,7 @@ class _Events:
             out += self._added(self.text) + self._close(self.text)
         self.over = True
         status, incomplete = _ending(self.finish_reason)
-        output = [
-            i.item(
-                "incomplete"
-                if status == "incomplete" and i.kind != "function_call"
-                else "completed"
-            )
-            for i in self.items
-        ]
+        output = [i.item(i.status) for i in self.items]  # as each one's .done event said
         response = self.back.response(status, output, self.usage, incomplete)
         self.back.finished(response)
         out.append(self.event("response.completed", response=response))
