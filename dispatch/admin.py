@@ -20,13 +20,21 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from dispatch.admin_models import SlotModelInline, control_each, shared_models, slot_loads
+from dispatch.coordination.store import speaks_of
 from dispatch.lib import redact
 from dispatch.lifecycle import control
 from dispatch.manifests.export import extra_problems
 from dispatch.models import ApiKey, RequestLog, Slot
-from dispatch.routing import states
+from dispatch.routing import speaks, states
 from dispatch.routing.endpoints import DEFAULT_ENDPOINTS, OFFERABLE
 from dispatch.routing.scopes import split_patterns
+
+# Where a slot's native endpoints come from (dispatch.routing.speaks.source), in words.
+_FROM = {
+    speaks.DECLARED: "listed",
+    speaks.DISCOVERED: "its server, asked",
+    speaks.ASSUMED: "its kind's, not asked yet",
+}
 
 # The states an operator may set by hand (see dispatch/routing/states.py): draining a slot, and
 # ending that (back to `unknown`: the watcher probes it afresh).
@@ -50,9 +58,10 @@ class SlotForm(forms.ModelForm):
         required=False,
         choices=[(e, e) for e in OFFERABLE],
         widget=forms.CheckboxSelectMultiple,
-        help_text="The endpoints this slot serves. None ticked: its type's defaults ("
+        help_text="The endpoints this slot's server speaks natively. None ticked: what asking "
+        "the server finds, else what its kind speaks for its type ("
         + "; ".join(f"{t}: {', '.join(sorted(e))}" for t, e in DEFAULT_ENDPOINTS.items())
-        + ").",
+        + "). hal0web translates others to them where it can.",
     )
 
     class Meta:
@@ -163,6 +172,8 @@ class SlotAdmin(admin.ModelAdmin):
         "drift_display",
         "loads_models",
         "model_limit",
+        "endpoints_display",
+        "spoken_display",
     )
     fieldsets = (
         (None, {"fields": ("name", "url", "kind", "type", "device", "enabled", "is_default")}),
@@ -191,6 +202,8 @@ class SlotAdmin(admin.ModelAdmin):
                     "drift_display",
                     "loads_models",
                     "model_limit",
+                    "endpoints_display",
+                    "spoken_display",
                 )
             },
         ),
@@ -228,12 +241,21 @@ class SlotAdmin(admin.ModelAdmin):
         m = obj.default_model
         return m.model_id if m else "-"
 
-    @admin.display(description="endpoints")
+    @admin.display(description="serves")
     def endpoints_display(self, obj: Slot) -> str:
-        listed = obj.endpoints or []
-        if listed:
-            return ", ".join(listed)
-        return ", ".join(sorted(DEFAULT_ENDPOINTS.get(obj.type, ()))) + " (type default)"
+        """Every endpoint it serves, natively or translated ("messages · translated"), and
+        where what it speaks natively comes from."""
+        native, found = speaks_of(obj)
+        served = speaks.shown(native) or "nothing"
+        return f"{served} ({_FROM[speaks.source(bool(obj.endpoints), found)]})"
+
+    @admin.display(description="what its server speaks")
+    def spoken_display(self, obj: Slot) -> str:
+        """What asking the server found, for its present kind, type and URL."""
+        _, found = speaks_of(obj)
+        if not found:
+            return "not asked yet (asked each time it becomes ready)"
+        return ", ".join(f"{e}: {'yes' if yes else 'no'}" for e, yes in found.items())
 
     @admin.display(description="models", ordering="n_models")
     def model_count(self, obj: Slot) -> int:

@@ -337,7 +337,10 @@ def test_the_form_says_where_max_concurrency_holds(admin_client, two_slots, sett
 def test_endpoints_are_shown_and_set_in_the_admin(admin_client, two_slots):
     _, hermes = two_slots
     html = admin_client.get(CHANGELIST).content.decode()
-    assert "chat/completions, completions, messages, responses (type default)" in html
+    assert (
+        "chat/completions, completions, responses, messages (its kind&#x27;s, not asked yet)"
+        in html
+    )
     r = admin_client.get(change_url(hermes))
     assert 'value="audio/speech"' in r.content.decode()  # a checkbox per endpoint
     data = form_data(hermes)
