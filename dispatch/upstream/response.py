@@ -62,6 +62,11 @@ class UpstreamResponse:
         self.encoding = response.headers.get("content-encoding", "").strip().lower()
         if self.encoding == "identity":
             self.encoding = ""
+        # What ``peek`` read of the body, still to be given by ``chunks``; and the upstream's
+        # body as it comes, read by one iterator (``peek`` and ``chunks`` share it).
+        self._head: list[bytes] = []
+        self._raw: AsyncIterator[bytes] | None = None
+        self._given = False  # an in-memory body (tests' MockTransport) was given
 
     @property
     def content_type(self) -> str:
@@ -117,37 +122,62 @@ class UpstreamResponse:
             await self._response.aclose()
         return b"".join(parts)[:limit]
 
+    async def peek(self, limit: int) -> bytes:
+        """The body's first bytes (up to ``limit``, or the whole body when it is shorter), as
+        it came (not decoded), without taking them: ``chunks`` (and so ``read`` and the
+        relay) still gives the whole body. For a look at an error answer before deciding
+        what it means."""
+        size = sum(map(len, self._head))
+        loop = asyncio.get_running_loop()
+        try:
+            while size < limit:
+                chunk = await self._piece(loop)
+                if chunk is None:
+                    break
+                self._head.append(chunk)
+                size += len(chunk)
+        except UpstreamError:
+            pass  # what arrived is what there is to look at; reading on fails again
+        return b"".join(self._head)[:limit]
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the upstream sends it: no re-chunking, no buffering."""
-        if self._response.is_stream_consumed:
-            # Built in memory with its body already read (httpx.MockTransport at the seam).
-            if self._response.content:
-                yield self._response.content
-            return
-        raw = self._response.aiter_raw().__aiter__()
+        while self._head:  # what peek() read first
+            yield self._head.pop(0)
         loop = asyncio.get_running_loop()
         while True:
-            wait, capped = self._idle, False
-            if self._deadline is not None:
-                left = self._deadline - loop.time()
-                if left <= wait:
-                    wait, capped = max(left, 0.0), True
-            try:
-                async with asyncio.timeout(wait):
-                    chunk = await raw.__anext__()
-            except StopAsyncIteration:
+            chunk = await self._piece(loop)
+            if chunk is None:
                 return
-            except TimeoutError as exc:
-                if capped:
-                    raise UpstreamError("timeout", self.over_time()) from exc
-                raise UpstreamError(
-                    "idle", f"upstream sent nothing for {self._idle:g}s (idle_timeout_s)"
-                ) from exc
-            except httpx.TransportError as exc:
-                raise UpstreamError(
-                    "broken", f"upstream connection failed: {describe(exc)}"
-                ) from exc
             yield chunk
+
+    async def _piece(self, loop: asyncio.AbstractEventLoop) -> bytes | None:
+        """The body's next piece as it arrives (None: the body is over), within the idle
+        timeout and the deadline."""
+        if self._raw is None:
+            if self._response.is_stream_consumed:
+                # Built in memory with its body already read (httpx.MockTransport at the seam).
+                given, self._given = self._given, True
+                return self._response.content or None if not given else None
+            self._raw = self._response.aiter_raw().__aiter__()
+        wait, capped = self._idle, False
+        if self._deadline is not None:
+            left = self._deadline - loop.time()
+            if left <= wait:
+                wait, capped = max(left, 0.0), True
+        try:
+            async with asyncio.timeout(wait):
+                return await self._raw.__anext__()
+        except StopAsyncIteration:
+            return None
+        except TimeoutError as exc:
+            if capped:
+                raise UpstreamError("timeout", self.over_time()) from exc
+            raise UpstreamError(
+                "idle", f"upstream sent nothing for {self._idle:g}s (idle_timeout_s)"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError("broken", f"upstream connection failed: {describe(exc)}") from exc
 
     def over_time(self) -> str:
         return f"the request ran past the slot's max_duration_s of {self._max_duration:g}s"
