@@ -176,7 +176,12 @@ def _explained(rec: DecisionRecord) -> tuple[Explanation, dict[str, object]]:
     decision = rec.decision
     assert decision is not None
     if isinstance(decision, NoRoute):
-        key: tuple[object, ...] = (decision.table_version, decision.requested_model, decision.code)
+        key: tuple[object, ...] = (
+            decision.table_version,
+            decision.requested_model,
+            decision.code,
+            rec.endpoint,
+        )
     else:
         key = (
             decision.table_version,
@@ -186,6 +191,8 @@ def _explained(rec: DecisionRecord) -> tuple[Explanation, dict[str, object]]:
             rec.slot,
             rec.resolution_path,
             0 < rec.status < 400,
+            rec.endpoint,
+            rec.mode,
         )
     found = _memo.get(key)
     if found is None:
@@ -198,6 +205,8 @@ def _explained(rec: DecisionRecord) -> tuple[Explanation, dict[str, object]]:
                 answered_by=rec.slot,
                 resolution_path=rec.resolution_path,
                 status=rec.status,
+                endpoint=rec.endpoint,
+                mode=rec.mode,
             )
         if len(_memo) >= _MEMO_LIMIT:
             _memo.clear()
