@@ -7,8 +7,7 @@ upstream's 404 passed on.
 
 The servers are fakes over loopback (tests/fakes.py: ``missing`` paths answered as FastAPI
 answers a route it lacks, as llama-cpp-python's server does), and a toy translation of
-Anthropic Messages to chat completions stands for the real ones (``dispatch.wire.translators``
-may hold its own for the pair: it is taken out for these tests and put back after).
+Anthropic Messages to chat completions stands for the real ones (tests/toy_translation.py).
 """
 
 from __future__ import annotations
@@ -19,76 +18,41 @@ from pathlib import Path
 from types import MappingProxyType
 
 import httpx
-import orjson
 import pytest
 
 from dispatch import kinds
 from dispatch.coordination.store import store
 from dispatch.models import Slot
 from dispatch.routing import speaks
-from dispatch.routing.endpoints import ENDPOINTS
 from dispatch.routing.explain import explain
 from dispatch.routing.resolver import Decision, NoRoute, resolve
 from dispatch.routing.states import READY
 from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
 from dispatch.web.snapshots import slot_payload
-from dispatch.wire import adapters, translators
-from dispatch.wire.adapters import ClientRequest, Outgoing, Translation
 from tests.conftest import add_slot
 from tests.fakes import FakeUpstream, ServerThread
 from tests.polling import wait_until
 from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env
 from tests.real_llama import RealRouter, running_router
+from tests.toy_translation import toy as only_toy
+from tests.toy_translation import untranslated as no_translation
 
 LACKING = {"/v1/messages", "/v1/responses"}  # what llama-cpp-python's server has not
 MESSAGE = {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 
 
-# --- a toy translation: Anthropic Messages in, chat completions out ---------------------------
-
-
-class _ToMessage(Translation):
-    """A chat completion's answer as an Anthropic message (enough for these tests)."""
-
-    def answer(self, content: bytes) -> bytes:
-        data = orjson.loads(content)
-        text = data["choices"][0]["message"]["content"]
-        return orjson.dumps(
-            {"type": "message", "role": "assistant", "content": [{"type": "text", "text": text}]}
-        )
-
-    def stream(self, chunk: bytes) -> bytes:
-        raise AssertionError("not streamed here")
-
-    def end(self) -> bytes:
-        return b""
-
-
-def _messages_to_chat(request: ClientRequest, upstream_model: str | None) -> Outgoing:
-    body = request.body.json() or {}
-    chat = {"model": upstream_model, "messages": body.get("messages", [])}
-    return Outgoing("chat/completions", orjson.dumps(chat), _ToMessage())
-
-
-def _clear(called: str) -> None:
-    for e in ENDPOINTS:
-        adapters.unregister(called, e.name)
-
-
 @pytest.fixture
 def untranslated() -> Iterator[None]:
-    """No translation serves Anthropic Messages (the real ones come back after)."""
-    _clear("messages")
-    yield
-    translators.install()
+    """No translation serves Anthropic Messages."""
+    with no_translation("messages"):
+        yield
 
 
 @pytest.fixture
-def toy(untranslated: None) -> Iterator[None]:
+def toy() -> Iterator[None]:
     """Only the toy translation serves Anthropic Messages, on a slot speaking chat."""
-    adapters.register("messages", "chat/completions", _messages_to_chat)
-    yield
-    adapters.unregister("messages", "chat/completions")
+    with only_toy():
+        yield
 
 
 # --- pure: where a slot's endpoints come from, how a server says it lacks a route -------------
