@@ -22,6 +22,7 @@ import pytest
 
 from dispatch import kinds
 from dispatch.coordination.store import store
+from dispatch.lifecycle import demo
 from dispatch.models import Slot
 from dispatch.routing import speaks
 from dispatch.routing.explain import explain
@@ -30,7 +31,8 @@ from dispatch.routing.states import READY
 from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
 from dispatch.web.snapshots import slot_payload
 from tests.conftest import add_slot
-from tests.fakes import FakeUpstream, ServerThread
+from tests.fakes import FakeUpstream, ServerThread, free_port
+from tests.llama_servers import llama_server_binary, skip_without_demo
 from tests.polling import wait_until
 from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env
 from tests.real_llama import RealRouter, running_router
@@ -98,6 +100,10 @@ def test_a_finding_counts_only_for_the_kind_type_and_url_it_was_made_of():
         (422, {"detail": [{"msg": "Field required"}]}, "", False, True),
         (200, {}, "", False, True),
         (401, {"error": {"message": "bad key"}}, "", False, None),
+        # llama-server (one model) refuses an empty Messages body so: the route's answer.
+        (500, {"error": {"message": "'messages' is required"}}, "", False, True),
+        (500, None, "Internal Server Error", False, None),
+        (502, {"error": {"message": "bad gateway"}}, "", False, None),
         (503, {"error": {"message": "Loading model"}}, "", False, None),
         (None, None, "no answer", False, None),
     ],
@@ -458,6 +464,37 @@ def test_every_worker_converges_on_what_a_slot_speaks(tmp_path: Path, pg_url: st
 def real_router(tmp_path: Path) -> Iterator[RealRouter]:
     with running_router(tmp_path) as router:
         yield router
+
+
+@pytest.fixture
+def real_single(tmp_path: Path) -> Iterator[demo.LlamaServer]:
+    """The real llama-server with one model (the demo's agent-hermes: Gemma), ready."""
+    skip_without_demo()
+    paths = demo.model_paths(tmp_path / "models")
+    args = demo.server_args(demo.HERMES, paths, tmp_path / "models")
+    env = demo.servers_env(tmp_path / "models" / "llama-cache")
+    server = demo.LlamaServer(
+        demo.HERMES, llama_server_binary(), args, free_port(), tmp_path / "llama.log", env=env
+    )
+    try:
+        server.start()
+        server.wait_ready(60)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.llama
+def test_the_real_one_model_llama_server_is_found_to_speak_them_too(
+    real_single, hal0, untranslated
+):
+    """With one model, llama-server refuses an empty Messages body with a 500 of its own
+    ("'messages' is required") and an empty Responses body with a 400: both routes are
+    there."""
+    add_slot("single", real_single.api_url, [])
+    httpx.get(hal0.url + "/healthz", timeout=5)
+    wait_until(lambda: _found("single") == {"messages": True, "responses": True}, "asked", 30)
+    assert store.table.slots["single"].endpoints >= {"messages", "responses"}
 
 
 @pytest.mark.llama

@@ -228,8 +228,12 @@ class Kind:
 
     def spoke(self, status: int | None, body: Json, text: str) -> bool | None:
         """What the answer to ``ask_call`` says: True, the server has the route; False, it
-        has not (``lacks_route``); None, no telling (no answer, a server error, its key
-        refused, too busy, a 404 that says something of its own)."""
+        has not (``lacks_route``); None, no telling (no answer, its key refused, too busy, a
+        gateway's or a loading server's 5xx, a 404 that says something of its own). A 500
+        with a JSON error is the route's own refusal (llama-server's Messages says "'messages'
+        is required" so)."""
+        if status == 500 and body is not None:
+            return True
         if status is None or status >= 500 or status in _NO_TELLING:
             return None
         if self.lacks_route(status, body, text):
