@@ -23,6 +23,8 @@ import pytest
 from dispatch import kinds
 from dispatch.coordination.store import store
 from dispatch.lifecycle import demo
+from dispatch.lifecycle.changes import changes
+from dispatch.lifecycle.probe import Observation
 from dispatch.models import Slot
 from dispatch.routing import speaks
 from dispatch.routing.explain import explain
@@ -122,6 +124,25 @@ def test_the_question_is_an_empty_body_to_each_endpoint_in_question():
     assert kind.asks("embedding") == frozenset()  # nothing in question for its type
     call = kind.ask_call(slot, "messages")
     assert (call.method, call.url, call.body) == ("POST", "http://h:1/v1/messages", {})
+
+
+def test_a_probe_writes_what_was_found_only_when_it_changes_and_only_of_the_slot_as_it_is():
+    slot = make_slot(
+        "s", "http://h:1/v1", state=READY, spoken=MappingProxyType({"chat/completions": False})
+    )
+    of = speaks.key(slot.kind, slot.type, slot.url)
+
+    def seen(found: dict[str, bool] | None, spoken_for: str = of) -> Observation:
+        return Observation(READY, "", (), spoken=found, spoken_for=spoken_for)
+
+    # What was found before of the endpoints not asked about now is kept.
+    found = {"messages": False, "responses": True}
+    assert changes(slot, seen(found)).spoken == {"chat/completions": False, **found}
+    same = make_slot("s", "http://h:1/v1", state=READY, spoken=MappingProxyType(found))
+    assert not changes(same, seen(found))  # the steady state writes nothing
+    assert changes(slot, seen(None)).spoken is None  # not asked this time
+    # Found of another URL (the slot moved while the question was out): not the slot's.
+    assert changes(slot, seen(found, speaks.key("llamacpp", "llm", "http://h:2/v1"))).spoken is None
 
 
 def _slot(endpoints: set[str]):
