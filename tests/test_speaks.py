@@ -350,6 +350,13 @@ def test_a_manifests_list_is_not_asked_about_and_overrides(lcp_and_full, hal0, u
     r = httpx.post(hal0.url + "/v1/messages", json={**MESSAGE, "model": "smollm2-lcp"})
     assert r.status_code == 404 and r.headers["X-Hal0-Error"] == "1"
     assert "Slot 'lcp' does not serve messages" in r.json()["error"]["message"]
+    # Written down (the admin shows it), but the manifest's word stands: the next request
+    # is sent again, and refused again in hal0web's words.
+    wait_until(lambda: _found("lcp") == {"messages": False}, "the finding")
+    assert store.table.slots["lcp"].endpoints == {"chat/completions", "messages"}
+    r = httpx.post(hal0.url + "/v1/messages", json={**MESSAGE, "model": "smollm2-lcp"})
+    assert r.status_code == 404 and r.headers["X-Hal0-Error"] == "1"
+    assert len(lcp.seen("/v1/messages")) == 2
 
 
 # --- a request meets a missing route ----------------------------------------------------------

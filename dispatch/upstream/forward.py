@@ -18,6 +18,7 @@ from django.conf import settings
 from dispatch import kinds
 from dispatch.coordination import spoken
 from dispatch.coordination.store import store
+from dispatch.kinds.urls import upstream_url
 from dispatch.routing import eviction, states
 from dispatch.routing.resolver import Decision, Target
 from dispatch.routing.table import SlotEntry
@@ -300,8 +301,8 @@ class _Attempts:
         offers = target.slot.endpoints
         while True:
             sent = adapters.outgoing(endpoint, offers, request, target.upstream_model)
-            response = await self.open(slot, sent, headers, method)
             offered = endpoint if endpoint in offers else adapters.translated_to(endpoint, offers)
+            response = await self.open(slot, sent, headers, method)
             if (
                 response is None
                 or response.status_code not in _NO_ROUTE_STATUSES
@@ -311,7 +312,8 @@ class _Attempts:
                 return response, sent
             admission.release(slot.name)
             await response.aclose()
-            await spoken.not_spoken(target.slot, offered)
+            if target.slot.spoken.get(offered) is not False:  # (a listed slot's, again)
+                await spoken.not_spoken(target.slot, offered)
             offers = offers - {offered}
             if not adapters.serves(endpoint, offers):
                 self.failed(slot, _not_served(slot, endpoint, offered, response.status_code))
@@ -410,7 +412,7 @@ async def _no_route(
     the endpoint it was sent (``offered``, at its own path), rather than that route's own
     answer (a model or a response it does not know, which goes to the client as it is).
     What is read of the body to tell stays in it for the relay."""
-    if sent.path.partition("?")[0] != offered:
+    if upstream_url(slot, sent.path.partition("?")[0]) != upstream_url(slot, offered):
         return False  # a path below it (count_tokens, a response by id), or another server path
     head = await response.peek(_NO_ROUTE_READ)
     try:
