@@ -117,6 +117,17 @@ def test_a_missing_route_is_told_from_the_routes_own_answer(status, body, text, 
     assert kind.spoke(status, body, text) is spoke
 
 
+def test_a_llama_cpp_router_is_known_to_speak_them_without_a_question():
+    from dispatch.kinds import Loads
+
+    kind = kinds.get("llamacpp")
+    router = Loads(models={}, loads_models=True)
+    assert kind.knows("llm", router) == {"messages": True, "responses": True}
+    assert kind.knows("llm", None) == {}  # one model: llama-server or llama-cpp-python
+    assert kind.knows("embedding", router) == {}
+    assert kinds.get("openai").knows("llm", router) == {}
+
+
 def test_the_question_is_an_empty_body_to_each_endpoint_in_question():
     slot = make_slot("s", "http://h:1/v1", kind="llamacpp")
     kind = kinds.get("llamacpp")
@@ -529,16 +540,23 @@ def test_the_real_one_model_llama_server_is_found_to_speak_them_too(
 def test_the_real_llama_server_is_found_to_speak_messages_and_responses(
     real_router, hal0, untranslated
 ):
-    """llama.cpp's llama-server has both: asked, it answers 400 (no model named) without
-    loading anything; a slot listing them off is sent neither, and a request for one is
-    refused naming the slot (or served translated, where a translation is registered)."""
+    """llama.cpp's router is llama-server (llama-cpp-python has no router mode), which has
+    both: its readings say so, and it is not asked (its HTTP pool is fragile at start-up).
+    Asked all the same, it answers 400 (no model named) without loading anything. A slot
+    listing them off is sent neither, and a request for one is refused naming the slot (or
+    served translated, where a translation is registered)."""
     add_slot("real", real_router.api_url, [])
     add_slot("off", real_router.api_url, [], endpoints=["chat/completions", "completions"])
     httpx.get(hal0.url + "/healthz", timeout=5)
-    wait_until(lambda: _found("real") == {"messages": True, "responses": True}, "asked", 30)
+    wait_until(lambda: _found("real") == {"messages": True, "responses": True}, "found", 30)
     assert store.table.slots["real"].endpoints >= {"messages", "responses"}
-    assert set(real_router.states().values()) == {"unloaded"}  # the questions loaded nothing
     assert speaks.serving(store.table.slots["real"].endpoints)["messages"] == "native"
+    kind, slot = kinds.get("llamacpp"), store.table.slots["real"]
+    for endpoint in ("messages", "responses"):
+        call = kind.ask_call(slot, endpoint)
+        r = httpx.request(call.method, call.url, json=call.body, timeout=10)
+        assert kind.spoke(r.status_code, r.json(), "") is True, (endpoint, r.text)
+    assert set(real_router.states().values()) == {"unloaded"}  # the questions loaded nothing
     wait_until(lambda: "gemma3-270m" in store.table.slots["off"].models, "off's models read")
     assert _found("off") == {} and "messages" not in speaks.serving(
         store.table.slots["off"].endpoints

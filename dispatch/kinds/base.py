@@ -219,6 +219,12 @@ class Kind:
         servers lack: llama.cpp's ``llama-server`` has both, llama-cpp-python neither."""
         return frozenset(_IN_QUESTION & (self.speaks(slot_type) | defaults_for(slot_type)))
 
+    def knows(self, slot_type: str, loads: Loads | None) -> Mapping[str, bool]:
+        """What the probe's readings already tell of the endpoints ``asks`` names (``loads``:
+        what the server said of loading its models, None when nothing): those need no
+        question. By default nothing."""
+        return {}
+
     def ask_call(self, slot: SlotEntry, endpoint: str) -> Call:
         """The cheap question whether the server speaks ``endpoint``: ``POST`` an empty JSON
         object to it. A server with the route refuses the body (400/422), one without it

@@ -5,7 +5,8 @@ A slot whose manifest lists no endpoints speaks what its kind of server speaks f
 Messages and the Responses API, llama-cpp-python neither). So the watcher asks, for each
 endpoint the kind says is worth asking (``Kind.asks``), with one cheap request each
 (``Kind.ask_call``: an empty JSON body, which a server with the route refuses and one without
-it answers 404), all at once and under a short timeout. What it found is written with the
+it answers 404), one after the other under a short timeout (slots are asked at once, each in
+its own probe loop); what the probe's readings already answer is not asked (``Kind.knows``). What it found is written with the
 probe's result (``dispatch.lifecycle.persistence``) and reaches every process like any change
 of the table; ``dispatch.routing.speaks`` reads it into the slot's endpoints.
 
@@ -15,11 +16,11 @@ or URL changes, and when the process that watches changes; never at every probe.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 
 from dispatch import kinds
+from dispatch.kinds import Loads
 from dispatch.routing import speaks
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.client import upstream
@@ -53,28 +54,25 @@ class Asked:
         self._of.pop(name, None)
 
 
-async def discover(slot: SlotEntry, timeout: float) -> dict[str, bool]:
-    """Ask ``slot``'s server whether it speaks each endpoint its kind says is worth asking;
-    what the answers tell (an endpoint whose answer tells nothing is left out)."""
+async def discover(slot: SlotEntry, timeout: float, loads: Loads | None = None) -> dict[str, bool]:
+    """Ask ``slot``'s server whether it speaks each endpoint its kind says is worth asking,
+    but those the probe's readings already tell (``Kind.knows``, from ``loads``); what the
+    readings and the answers tell (an endpoint whose answer tells nothing is left out)."""
     kind = kinds.get(slot.kind)
-    asked = sorted(kind.asks(slot.type))
-    calls = [kind.ask_call(slot, endpoint) for endpoint in asked]
-    answers = await asyncio.gather(
-        *(
-            upstream.ask(
-                c.method,
-                c.url,
-                c.body,
-                min(timeout, c.timeout_s),
-                _LIMIT,
-                slot.api_key_env,
-                headers=PROBE_HEADERS,
-            )
-            for c in calls
+    found: dict[str, bool] = dict(kind.knows(slot.type, loads))
+    for endpoint in sorted(kind.asks(slot.type) - found.keys()):
+        # One after the other, on a connection the probe just used: a question opens no
+        # connection of its own.
+        call = kind.ask_call(slot, endpoint)
+        answer = await upstream.ask(
+            call.method,
+            call.url,
+            call.body,
+            min(timeout, call.timeout_s),
+            _LIMIT,
+            slot.api_key_env,
+            headers=PROBE_HEADERS,
         )
-    )
-    found: dict[str, bool] = {}
-    for endpoint, answer in zip(asked, answers, strict=True):
         text = answer.error if answer.body is None else ""
         verdict = kind.spoke(answer.status, answer.body, text)
         if verdict is not None:

@@ -181,7 +181,7 @@ class Watcher:
         if obs.state == states.READY:
             if not self._asked.wanted(slot):
                 return obs
-            found = await discovery.discover(slot, timeout)
+            found = await discovery.discover(slot, timeout, obs.loads)
             self._asked.done(slot)
             return replace(obs, spoken=found, spoken_for=speaks.key(slot.kind, slot.type, slot.url))
         if obs.state != BUSY:
