@@ -572,3 +572,41 @@ def test_the_real_llama_server_is_found_to_speak_messages_and_responses(
     )
     assert r.status_code == 200, r.text
     assert r.headers["X-Hal0-Mode"] == "passthrough" and r.json()["type"] == "message"
+
+
+# --- a look at an answer's start leaves it whole ----------------------------------------------
+
+
+@pytest.fixture
+def streaming() -> Iterator[tuple[FakeUpstream, str]]:
+    fake = FakeUpstream("s", models=["m1"], chunks=6, chunk_gap_s=0.01)
+    server = ServerThread(fake).start()
+    yield fake, server.url + "/v1"
+    server.stop()
+
+
+async def test_a_peek_at_a_body_leaves_it_whole_for_the_relay(streaming) -> None:
+    from dispatch.upstream.client import Upstream
+
+    _, url = streaming
+    slot = make_slot("s", url, [ModelEntry("m1", "m1", "manifest")])
+    body = b'{"model": "m1", "stream": true, "messages": []}'
+    up = Upstream()
+    try:
+        whole = b"".join(
+            [c async for c in (await up.open(slot, "chat/completions", body, {})).chunks()]
+        )
+        response = await up.open(slot, "chat/completions", body, {})
+        first = await response.peek(10)
+        assert first == whole[:10]
+        assert await response.peek(30) == whole[:30]  # a longer look reads on
+        assert b"".join([c async for c in response.chunks()]) == whole  # all of it, once
+        assert whole.count(b"data: ") == 7  # six chunks and [DONE]
+        # In memory (a mock transport at the seam), the same.
+        await up.aclose()
+        up.use_transport(httpx.MockTransport(lambda r: httpx.Response(404, content=b"Not Found")))
+        response = await up.open(slot, "chat/completions", body, {})
+        assert await response.peek(4096) == b"Not Found"
+        assert await response.read(1024) == b"Not Found"
+    finally:
+        await up.aclose()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from typing import cast
 
 import httpx
 
@@ -127,57 +128,59 @@ class UpstreamResponse:
         it came (not decoded), without taking them: ``chunks`` (and so ``read`` and the
         relay) still gives the whole body. For a look at an error answer before deciding
         what it means."""
-        size = sum(map(len, self._head))
-        loop = asyncio.get_running_loop()
+        head, self._head = self._head, []
+        size = sum(map(len, head))
+        pieces = cast(AsyncGenerator[bytes, None], self.chunks())  # the pieces not read yet
         try:
             while size < limit:
-                chunk = await self._piece(loop)
+                chunk = await anext(pieces, None)
                 if chunk is None:
                     break
-                self._head.append(chunk)
+                head.append(chunk)
                 size += len(chunk)
         except UpstreamError:
             pass  # what arrived is what there is to look at; reading on fails again
-        return b"".join(self._head)[:limit]
+        finally:
+            await pieces.aclose()  # the body's own iterator stays, for chunks() to go on
+            self._head = head
+        return b"".join(head)[:limit]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the upstream sends it: no re-chunking, no buffering."""
         while self._head:  # what peek() read first
             yield self._head.pop(0)
-        loop = asyncio.get_running_loop()
-        while True:
-            chunk = await self._piece(loop)
-            if chunk is None:
-                return
-            yield chunk
-
-    async def _piece(self, loop: asyncio.AbstractEventLoop) -> bytes | None:
-        """The body's next piece as it arrives (None: the body is over), within the idle
-        timeout and the deadline."""
         if self._raw is None:
             if self._response.is_stream_consumed:
                 # Built in memory with its body already read (httpx.MockTransport at the seam).
-                given, self._given = self._given, True
-                return self._response.content or None if not given else None
+                if self._response.content and not self._given:
+                    self._given = True
+                    yield self._response.content
+                return
             self._raw = self._response.aiter_raw().__aiter__()
-        wait, capped = self._idle, False
-        if self._deadline is not None:
-            left = self._deadline - loop.time()
-            if left <= wait:
-                wait, capped = max(left, 0.0), True
-        try:
-            async with asyncio.timeout(wait):
-                return await self._raw.__anext__()
-        except StopAsyncIteration:
-            return None
-        except TimeoutError as exc:
-            if capped:
-                raise UpstreamError("timeout", self.over_time()) from exc
-            raise UpstreamError(
-                "idle", f"upstream sent nothing for {self._idle:g}s (idle_timeout_s)"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise UpstreamError("broken", f"upstream connection failed: {describe(exc)}") from exc
+        raw = self._raw
+        loop = asyncio.get_running_loop()
+        while True:
+            wait, capped = self._idle, False
+            if self._deadline is not None:
+                left = self._deadline - loop.time()
+                if left <= wait:
+                    wait, capped = max(left, 0.0), True
+            try:
+                async with asyncio.timeout(wait):
+                    chunk = await raw.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:
+                if capped:
+                    raise UpstreamError("timeout", self.over_time()) from exc
+                raise UpstreamError(
+                    "idle", f"upstream sent nothing for {self._idle:g}s (idle_timeout_s)"
+                ) from exc
+            except httpx.TransportError as exc:
+                raise UpstreamError(
+                    "broken", f"upstream connection failed: {describe(exc)}"
+                ) from exc
+            yield chunk
 
     def over_time(self) -> str:
         return f"the request ran past the slot's max_duration_s of {self._max_duration:g}s"
