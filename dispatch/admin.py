@@ -19,16 +19,23 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from dispatch import kinds
 from dispatch.admin_models import SlotModelInline, control_each, shared_models, slot_loads
+from dispatch.coordination.store import speaks_of
 from dispatch.lib import redact
 from dispatch.lifecycle import control
 from dispatch.manifests.export import extra_problems
 from dispatch.models import ApiKey, RequestLog, Slot
-from dispatch.routing import states
+from dispatch.routing import speaks, states
 from dispatch.routing.endpoints import DEFAULT_ENDPOINTS, OFFERABLE, spoken_in
 from dispatch.routing.scopes import split_patterns
 from dispatch.wire.protocols import OLLAMA
+
+# Where a slot's native endpoints come from (dispatch.routing.speaks.source), in words.
+_FROM = {
+    speaks.DECLARED: "listed",
+    speaks.DISCOVERED: "its server, asked",
+    speaks.ASSUMED: "its kind's, not asked yet",
+}
 
 # The states an operator may set by hand (see dispatch/routing/states.py): draining a slot, and
 # ending that (back to `unknown`: the watcher probes it afresh).
@@ -52,12 +59,13 @@ class SlotForm(forms.ModelForm):
         required=False,
         choices=[(e, e) for e in OFFERABLE],
         widget=forms.CheckboxSelectMultiple,
-        help_text="The endpoints this slot serves. None ticked: its type's defaults ("
+        help_text="The endpoints this slot's server speaks natively. None ticked: what asking "
+        "the server finds, else what its kind speaks for its type ("
         + "; ".join(f"{t}: {', '.join(sorted(e))}" for t, e in DEFAULT_ENDPOINTS.items())
         + "), and on an Ollama server Ollama's own API as well ("
         + ", ".join(sorted(spoken_in(OLLAMA, "llm") | spoken_in(OLLAMA, "embedding")))
         + "). Tick those only for a server that speaks Ollama's API itself: any other slot "
-        "serves them by translation.",
+        "serves them by translation. hal0web translates others to them where it can.",
     )
 
     class Meta:
@@ -168,6 +176,8 @@ class SlotAdmin(admin.ModelAdmin):
         "drift_display",
         "loads_models",
         "model_limit",
+        "endpoints_display",
+        "spoken_display",
     )
     fieldsets = (
         (None, {"fields": ("name", "url", "kind", "type", "device", "enabled", "is_default")}),
@@ -196,6 +206,8 @@ class SlotAdmin(admin.ModelAdmin):
                     "drift_display",
                     "loads_models",
                     "model_limit",
+                    "endpoints_display",
+                    "spoken_display",
                 )
             },
         ),
@@ -233,13 +245,21 @@ class SlotAdmin(admin.ModelAdmin):
         m = obj.default_model
         return m.model_id if m else "-"
 
-    @admin.display(description="endpoints")
+    @admin.display(description="serves")
     def endpoints_display(self, obj: Slot) -> str:
-        listed = obj.endpoints or []
-        if listed:
-            return ", ".join(listed)
-        spoken = kinds.get(obj.kind).speaks(obj.type)  # Ollama's own API too, on an Ollama
-        return ", ".join(sorted(spoken)) + " (default for its kind and type)"
+        """Every endpoint it serves, natively or translated ("messages · translated"), and
+        where what it speaks natively comes from."""
+        native, found = speaks_of(obj)
+        served = speaks.shown(native) or "nothing"
+        return f"{served} ({_FROM[speaks.source(bool(obj.endpoints), found)]})"
+
+    @admin.display(description="what its server speaks")
+    def spoken_display(self, obj: Slot) -> str:
+        """What asking the server found, for its present kind, type and URL."""
+        _, found = speaks_of(obj)
+        if not found:
+            return "not asked yet (asked each time it becomes ready)"
+        return ", ".join(f"{e}: {'yes' if yes else 'no'}" for e, yes in found.items())
 
     @admin.display(description="models", ordering="n_models")
     def model_count(self, obj: Slot) -> int:

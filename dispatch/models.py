@@ -174,6 +174,16 @@ class Slot(models.Model):
         editable=False,
         help_text="How many models the server keeps loaded at once; 0 = no limit it tells.",
     )
+    # What asking the server found it speaks, and of which kind, type and URL
+    # (dispatch.routing.speaks): the watcher's, or a request's that met a missing route.
+    # Nullable for the same reason as `endpoints` (raw SQL inserts name none).
+    spoken = models.JSONField(
+        default=dict,
+        blank=True,
+        null=True,
+        editable=False,
+        help_text="What the server was found to speak when asked (endpoint: yes or no).",
+    )
     # Manifest keys hal0 uses that we do not model, kept verbatim for export.
     extra = models.JSONField(default=dict, blank=True)
 

@@ -35,6 +35,9 @@ RERANK_PATHS = ("/v1/rerank", "/v1/reranking", "/rerank")
 
 async def messages(fake: FakeUpstream, call: Call) -> None:
     req = call.json
+    if "model" not in req:  # as Anthropic's API refuses it (and hal0web's question is)
+        error = {"type": "invalid_request_error", "message": "model: Field required"}
+        return await send_json(call.send, 400, {"type": "error", "error": error})
     message = {
         "id": f"msg_{fake.name}_{next(fake.ids)}",
         "type": "message",

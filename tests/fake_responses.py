@@ -112,6 +112,11 @@ async def _compact(fake: FakeUpstream, call: Call) -> None:
 
 async def _create(fake: FakeUpstream, call: Call) -> None:
     req = call.json
+    if "model" not in req:  # as OpenAI's API refuses it (and hal0web's question is)
+        error = _error(
+            "Missing required parameter: 'model'.", "model", "missing_required_parameter"
+        )
+        return await send_json(call.send, 400, error)
     previous = req.get("previous_response_id")
     if previous and previous not in fake.responses:
         message = f"Previous response with id '{previous}' not found."

@@ -42,6 +42,8 @@ __all__ = ["FakeUpstream", "Seen", "ServerThread", "free_port"]
 Endpoint = Callable[["FakeUpstream", Call], Awaitable[None]]
 # What the watcher asks: health, the model list, and llama.cpp's /props (its router's limit).
 PROBES = ("/health", "/v1/models", "/props")
+# A path it has no route for, answered as FastAPI (llama-cpp-python's server) answers it.
+NO_ROUTE = {"detail": "Not Found"}
 
 
 def free_port() -> int:
@@ -73,7 +75,13 @@ class FakeUpstream:
     # router in front says while a request waits (hal0web's ": hal0 queued position=2 ...").
     stream_comments: list[str] = field(default_factory=list)
     comment_gap_s: float = 0.0
+    # Paths it has no route for (say "/v1/messages" and "/v1/responses": llama-cpp-python's
+    # server): answered 404 as FastAPI answers a missing route, as any path it never serves.
+    missing: set[str] = field(default_factory=set)
     requests: list[Seen] = field(default_factory=list)
+    # hal0web's questions whether it speaks an endpoint (`x-hal0-probe: endpoints`), kept
+    # apart from `requests`: no client asked them, and tests count what clients asked.
+    questions: list[Seen] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
     active: int = 0
     models_active: int = 0  # /v1/models requests being answered now
@@ -100,15 +108,16 @@ class FakeUpstream:
             return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         path, query = scope["path"], scope.get("query_string", b"").decode()
-        self.requests.append(Seen(path + (f"?{query}" if query else ""), headers, body))
+        seen = Seen(path + (f"?{query}" if query else ""), headers, body)
+        (self.questions if "x-hal0-probe" in headers else self.requests).append(seen)
         call = Call(scope["method"], path, headers, body, receive, send)
         if path == "/health":
             return await self._health(send)
         if path == "/v1/models":
             return await self._models(send)
-        endpoint = route(path)
+        endpoint = None if path in self.missing else route(path)
         if endpoint is None:
-            return await send_json(send, 404, {"error": {"message": f"no route {path}"}})
+            return await send_json(send, 404, NO_ROUTE)
         if self.delay_headers_s:
             await asyncio.sleep(self.delay_headers_s)
         if self.fail_status:

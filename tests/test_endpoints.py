@@ -143,7 +143,7 @@ def test_resolve_keeps_only_slots_offering_the_endpoint():
     assert resolve(table, "m", "embeddings").slot == "emb"
     miss = resolve(table, "e", "chat/completions")
     assert isinstance(miss, NoRoute) and miss.code == "endpoint_not_supported"
-    assert "slot 'emb' offers embeddings" in miss.message
+    assert "slot 'emb' speaks embeddings" in miss.message
     miss = resolve(table, "emb/e", "rerank")
     assert isinstance(miss, NoRoute) and miss.code == "endpoint_not_supported"
     miss = resolve(table, "emb", "chat/completions")  # a slot's name

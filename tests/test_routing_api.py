@@ -152,12 +152,20 @@ def test_models_lists_each_model_once_and_the_rest_on_request(client):
     bare = {m["id"]: m for m in data["data"]}[HERMES_MODEL]
     assert bare["owned_by"] == "agent-hermes"
     state = bare["hal0"]["slots"][0]["state"]
+    # Its kind's endpoints until the watcher has asked the server, the server's after.
+    found = bare["hal0"]["slots"][0]["endpoints_from"]
+    assert found in ("kind", "server")
     assert bare["hal0"]["slots"] == [
         {
             "name": "agent-hermes",
             "state": state,
             "source": "manifest",
             "endpoints": ["chat/completions", "completions", "messages", "responses"],
+            # The fake speaks them all: none is translated.
+            "serves": dict.fromkeys(
+                ["chat/completions", "completions", "responses", "messages"], "native"
+            ),
+            "endpoints_from": found,
             # A plain OpenAI-compatible server: what it lists is loaded.
             "load": "loaded",
             "progress": None,

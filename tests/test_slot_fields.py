@@ -22,8 +22,16 @@ from dispatch.routing.table import SlotEntry, make_slot
 from dispatch.web.snapshots import slot_payload
 
 # What the table entry, the payload and the manifest add of their own (derived, not stored).
-ENTRY_OWN = {"models", "default_model", "endpoints_listed"}
-PAYLOAD_OWN = {"models", "default_model", "endpoints_listed", "inflight", "drain"}
+ENTRY_OWN = {"models", "default_model", "endpoints_listed", "spoken"}
+PAYLOAD_OWN = {
+    "models",
+    "default_model",
+    "endpoints_listed",
+    "endpoints_from",
+    "serves",
+    "inflight",
+    "drain",
+}
 MANIFEST_OWN = {"path", "default_model", "models", "aliases", "extra"}
 
 # A value other than the default for every field: a new field needs one here.
@@ -50,6 +58,7 @@ SAMPLES: dict[str, Any] = {
     "drift": ("gone-model",),
     "loads_models": True,
     "model_limit": 2,
+    "spoken": {"for": "vllm embedding http://10.0.0.9:8123/v1", "found": {"embeddings": True}},
     "extra": {"runtime": "rocm"},
 }
 

@@ -2,9 +2,10 @@
 
 Each entry says where its model is, as llama.cpp's router does (``status: {"value":
 "loaded"}``, with ``progress`` while loading, ``failed`` and ``error`` after a failed load), so
-Open WebUI and other clients see the truth; the ``hal0`` object says it per slot, with the pin
-and what choosing the model there would unload first. Beside ``data``, ``models`` lists the
-same models as Codex reads them (``dispatch.api.codex_models``).
+Open WebUI and other clients see the truth; the ``hal0`` object says it per slot, with the pin,
+what choosing the model there would unload first, and the endpoints the slot serves (natively
+or translated). Beside ``data``, ``models`` lists the same models as Codex reads them
+(``dispatch.api.codex_models``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dispatch.api.keys import authorize
 from dispatch.api.responses import fail
 from dispatch.coordination.store import store
 from dispatch.lib import redact
-from dispatch.routing import eviction, states
+from dispatch.routing import eviction, speaks, states
 from dispatch.routing.endpoints import BY_NAME
 from dispatch.routing.resolver import candidates
 from dispatch.routing.scopes import Scope, model_names
@@ -94,6 +95,18 @@ def _patterns(slot: SlotEntry, model_id: str) -> dict[str, Any]:
     return {"patterns": sorted(found)} if found else {}
 
 
+def _endpoints(slot: SlotEntry) -> dict[str, Any]:
+    """The `hal0` object's word on what the slot serves: ``endpoints``, those its server
+    speaks natively (as before translations came); ``serves``, every endpoint it serves
+    and how (``{"chat/completions": "native", "messages": "translated"}``); and where the
+    native ones come from (``manifest``, ``server`` when asked, ``kind`` until then)."""
+    return {
+        "endpoints": sorted(slot.endpoints),
+        "serves": speaks.serving(slot.endpoints),
+        "endpoints_from": speaks.source(slot.endpoints_listed, slot.spoken),
+    }
+
+
 def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[dict[str, Any]]:
     """Each model once, by its bare id, with the slots serving it (hal0web picks and fails
     over among them). With ``everything`` also the aliases and each slot/model pair: a
@@ -136,7 +149,7 @@ def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[
                             "name": slot.name,
                             "state": slot.state,
                             "source": source,
-                            "endpoints": sorted(slot.endpoints),
+                            **_endpoints(slot),
                             **_load(slot, model_id),
                             **_patterns(slot, model_id),
                         }
@@ -163,7 +176,7 @@ def _model_entries(table: RoutingTable, everything: bool, scope: Scope) -> list[
                         "slot": slot.name,
                         "state": slot.state,
                         "source": model.source,
-                        "endpoints": sorted(slot.endpoints),
+                        **_endpoints(slot),
                         **_load(slot, model_id),
                         **_patterns(slot, model_id),
                     },

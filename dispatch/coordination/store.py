@@ -14,13 +14,17 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 
 from dispatch import kinds
 from dispatch.lib.listeners import Listeners
-from dispatch.routing import slot_fields
+from dispatch.routing import slot_fields, speaks
 from dispatch.routing.table import EMPTY_TABLE, ModelEntry, RoutingTable, SlotEntry, make_slot
+
+if TYPE_CHECKING:
+    from dispatch.models import Slot
 
 
 def load_table(version: int) -> RoutingTable:
@@ -45,17 +49,31 @@ def load_table(version: int) -> RoutingTable:
             for m in slot.models.all()
         ]
         # Every field the table carries (dispatch.routing.slot_fields), then those stored in
-        # another shape: JSON lists, and no endpoints listed meaning what its kind of server
-        # speaks for its type.
+        # another shape: JSON lists, and the endpoints it speaks (dispatch.routing.speaks):
+        # those listed, else what its kind of server speaks for its type as asking the
+        # server found it.
         values = {f.name: getattr(slot, f.name) for f in slot_fields.TABLE}
         listed = list(slot.endpoints or ())
+        endpoints, found = speaks_of(slot)
         values.update(
             drift=tuple(slot.drift or ()),
-            endpoints=frozenset(listed) if listed else kinds.get(slot.kind).speaks(slot.type),
+            endpoints=endpoints,
             endpoints_listed=bool(listed),
+            spoken=MappingProxyType(found),
         )
         entries.append(make_slot(models=models, **values))
     return RoutingTable.build(version, entries)
+
+
+def speaks_of(slot: Slot) -> tuple[frozenset[str], dict[str, bool]]:
+    """The endpoints a slot's row says its server speaks natively, and what asking the
+    server found of its present kind, type and URL (``dispatch.routing.speaks``)."""
+    return speaks.resolved(
+        slot.endpoints or (),
+        kinds.get(slot.kind).speaks(slot.type),
+        slot.spoken,
+        speaks.key(slot.kind, slot.type, slot.url),
+    )
 
 
 class TableStore:

@@ -3,6 +3,7 @@ OpenAI-compatible server's behaviour. Pure: URLs and readings, no I/O."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -11,12 +12,24 @@ from dispatch.kinds.urls import upstream_url
 from dispatch.routing import states
 from dispatch.routing.endpoints import defaults_for
 from dispatch.routing.table import SlotEntry
+from dispatch.wire.errors import excerpt
 
 # JSON as the probe parsed it (None when the answer was not JSON).
 Json = Any
 
 # Fields of a /models entry that are not kept: hal0web writes its own id and object.
 _NOT_KEPT = frozenset({"id", "object"})
+
+# The endpoints asked about by default: those some OpenAI-compatible servers lack.
+_IN_QUESTION = frozenset({"messages", "responses"})
+# Answers to a question that say nothing of the route: the slot's key refused, too busy.
+_NO_TELLING = frozenset({401, 403, 407, 408, 429})
+# A framework's bare "no such route": "Not Found", "404: Not Found", "404 page not found",
+# "File Not Found" (optionally ending in a full stop).
+_NOT_FOUND = re.compile(
+    r"(?:\d{3}\s*[:-]?\s*)?(?:(?:file|page|route|resource|path|url)\s+)?not\s+found\b[.!]?",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,9 +205,63 @@ class Kind:
     def speaks(self, slot_type: str) -> frozenset[str]:
         """The endpoints (``dispatch.routing.endpoints`` names) this kind of server speaks
         natively for a slot of ``slot_type``, as far as the kind knows without asking it: its
-        type's defaults. A manifest's ``endpoints`` list overrides it; so does what a probe
-        of the server found."""
+        type's defaults. A manifest's ``endpoints`` list overrides it; so does what asking
+        the server found (``asks``)."""
         return defaults_for(slot_type)
+
+    # --- what the server speaks: asked once per readiness (dispatch.lifecycle.discovery) ----
+
+    def asks(self, slot_type: str) -> frozenset[str]:
+        """The endpoints worth asking the server whether it speaks, once each time it becomes
+        ready: those not every server of this kind has. What ``speaks`` says of the others
+        is certain (no question asked). By default the endpoints of other protocols than
+        OpenAI's chat (Anthropic Messages, the Responses API), which some OpenAI-compatible
+        servers lack: llama.cpp's ``llama-server`` has both, llama-cpp-python neither."""
+        return frozenset(_IN_QUESTION & (self.speaks(slot_type) | defaults_for(slot_type)))
+
+    def knows(self, slot_type: str, loads: Loads | None) -> Mapping[str, bool]:
+        """What the probe's readings already tell of the endpoints ``asks`` names (``loads``:
+        what the server said of loading its models, None when nothing): those need no
+        question. By default nothing."""
+        return {}
+
+    def ask_call(self, slot: SlotEntry, endpoint: str) -> Call:
+        """The cheap question whether the server speaks ``endpoint``: ``POST`` an empty JSON
+        object to it. A server with the route refuses the body (400/422), one without it
+        answers 404 or 405; neither generates, nor loads a model (llama.cpp's router answers
+        "model name is missing" before it would)."""
+        return Call("POST", upstream_url(slot, endpoint), {}, timeout_s=2.0)
+
+    def spoke(self, status: int | None, body: Json, text: str) -> bool | None:
+        """What the answer to ``ask_call`` says: True, the server has the route; False, it
+        has not (``lacks_route``); None, no telling (no answer, its key refused, too busy, a
+        gateway's or a loading server's 5xx, a 404 that says something of its own). A 500
+        with a JSON error is the route's own refusal (llama-server's Messages says "'messages'
+        is required" so)."""
+        if status == 500 and body is not None:
+            return True
+        if status is None or status >= 500 or status in _NO_TELLING:
+            return None
+        if self.lacks_route(status, body, text):
+            return False
+        return None if status == 404 else True
+
+    def lacks_route(self, status: int, body: Json, text: str) -> bool:
+        """Whether an error answer means the server has no such route (not an answer of the
+        route about this request): 405, or 404 with a framework's bare "not found" (FastAPI's
+        ``{"detail": "Not Found"}``, llama-server's "File Not Found", Go's "404 page not
+        found", an HTML page titled so). A model server's own 404 names what it did not find
+        (a model, a response) and is the route's answer. ``body`` is the parsed JSON (None
+        when not JSON), ``text`` the body as text."""
+        if status == 405:
+            return True
+        if status != 404:
+            return False
+        if body is not None:
+            said = _message(body).strip()
+            return not said or _NOT_FOUND.fullmatch(said) is not None
+        said = excerpt(text.encode()) if "<" in text else text.strip()
+        return not said or _NOT_FOUND.match(said) is not None
 
 
 def _message(body: Json) -> str:

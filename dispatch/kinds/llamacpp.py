@@ -72,6 +72,18 @@ class LlamaCpp(Kind):
     load_call_waits: ClassVar[bool] = False
     unload_call_waits: ClassVar[bool] = False
 
+    def knows(self, slot_type: str, loads: Loads | None) -> Mapping[str, bool]:
+        # Only llama.cpp's own llama-server is a router (llama-cpp-python has no such mode),
+        # and it speaks Anthropic Messages and the Responses API: a router is not asked. (Its
+        # HTTP thread pool, which grows on demand, was seen to stop taking new connections
+        # for good when a question came while the watcher's kept-alive connections and its
+        # /models/sse stream held the base threads and a model was loading.) A router of a
+        # build without one of them answers the first request for it "File Not Found", which
+        # is written down then (dispatch.upstream.forward).
+        if loads is not None and loads.loads_models:
+            return dict.fromkeys(self.asks(slot_type), True)
+        return {}
+
     def health_url(self, slot: SlotEntry) -> str | None:
         return server_root(slot) + "/health"
 

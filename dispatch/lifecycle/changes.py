@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dispatch.kinds import ModelLoad
-from dispatch.routing import states
+from dispatch.routing import speaks, states
 from dispatch.routing.table import ModelEntry, SlotEntry
 
 if TYPE_CHECKING:
@@ -51,6 +51,9 @@ class Changes:
     loads: Mapping[str, ModelLoad] = field(default_factory=dict)
     loads_models: bool | None = None
     model_limit: int | None = None
+    # What the server speaks as now found (endpoint -> yes or no, the earlier finding kept
+    # for the endpoints not asked about).
+    spoken: Mapping[str, bool] | None = None
 
     @property
     def slot_changed(self) -> bool:
@@ -61,6 +64,7 @@ class Changes:
             or self.drift is not None
             or self.loads_models is not None
             or self.model_limit is not None
+            or self.spoken is not None
         )
 
     def __bool__(self) -> bool:
@@ -100,14 +104,24 @@ def load_changes(
     return out
 
 
+def spoken_changes(slot: SlotEntry, obs: Observation) -> dict[str, bool] | None:
+    """What the server was found to speak, when the observation asked and found otherwise
+    than the slot knew; never a finding of another kind, type or URL than the slot's now."""
+    if obs.spoken is None or obs.spoken_for != speaks.key(slot.kind, slot.type, slot.url):
+        return None
+    found = {**slot.spoken, **obs.spoken}
+    return found if found != dict(slot.spoken) else None
+
+
 def changes(slot: SlotEntry, obs: Observation, held: frozenset[str] = frozenset()) -> Changes:
     """What ``obs`` changes in ``slot``. A draining slot keeps its state and its last error;
     a model the loader is acting on (``held``) keeps its load state."""
     state = states.after_probe(slot.state, obs.state)
     new_state = state if state != slot.state else None
     new_error = obs.error if state != states.DRAINING and slot.last_error != obs.error else None
+    spoken = spoken_changes(slot, obs)
     if not reads_models(obs) or obs.advertised is None:
-        return Changes(new_state, new_error)
+        return Changes(new_state, new_error, spoken=spoken)
     advertised = set(obs.advertised)
     rows = slot.models.values()
     dropped = frozenset(
@@ -140,4 +154,5 @@ def changes(slot: SlotEntry, obs: Observation, held: frozenset[str] = frozenset(
         added=tuple(m for m in obs.advertised if m not in slot.models),
         first_is_default=not any(m.is_default for m in rows if m.model_id not in dropped),
         fields=fields,
+        spoken=spoken,
     )

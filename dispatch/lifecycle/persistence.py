@@ -19,7 +19,7 @@ from django.utils import timezone
 from dispatch.kinds import ModelLoad
 from dispatch.lifecycle.changes import Changes, changes, reads_models
 from dispatch.lifecycle.probe import Observation
-from dispatch.routing import states
+from dispatch.routing import speaks, states
 from dispatch.routing.table import ModelEntry, SlotEntry
 
 if TYPE_CHECKING:
@@ -78,6 +78,9 @@ def _as_entry(slot: Slot, rows: Iterable[SlotModel]) -> SlotEntry:
     return SlotEntry(
         name=slot.name,
         url=slot.url,
+        kind=slot.kind,
+        type=slot.type,
+        spoken=speaks.found_for(slot.spoken, _key(slot)),
         state=slot.state,
         last_error=slot.last_error,
         models=MappingProxyType(models),
@@ -121,6 +124,11 @@ def _write_models(slot: Slot, rows: list[SlotModel], change: Changes, obs: Obser
 LOAD_FIELDS = ["load_state", "load_progress", "load_error"]
 
 
+def _key(slot: Slot) -> str:
+    """What a finding of what the slot speaks is of (``dispatch.routing.speaks.key``)."""
+    return speaks.key(slot.kind, slot.type, slot.url)
+
+
 def set_load(row: SlotModel, load: ModelLoad) -> None:
     row.load_state, row.load_progress, row.load_error = load.state, load.progress, load.error
 
@@ -143,6 +151,9 @@ def _write_slot(slot: Slot, change: Changes, obs: Observation) -> bool:
     if change.model_limit is not None:
         slot.model_limit = change.model_limit
         updated.append("model_limit")
+    if change.spoken is not None:
+        slot.spoken = speaks.stored(_key(slot), change.spoken)
+        updated.append("spoken")
     if updated:
         slot.save(update_fields=updated)
         if change.state is not None:

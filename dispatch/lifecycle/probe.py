@@ -32,6 +32,10 @@ class Observation:
     # What the server said of loading its models (None: it says nothing; all it lists is
     # loaded). Read only from a ready server, as the model list is.
     loads: Loads | None = None
+    # What asking the server found it speaks (dispatch.lifecycle.discovery), and of what
+    # (dispatch.routing.speaks.key); None: not asked this time.
+    spoken: Mapping[str, bool] | None = None
+    spoken_for: str = ""
 
 
 async def observe(slot: SlotEntry, timeout: float) -> Observation:

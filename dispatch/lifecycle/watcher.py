@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -22,10 +23,10 @@ from django.utils import timezone
 
 from dispatch.coordination import events
 from dispatch.coordination.store import store
-from dispatch.lifecycle import hooks, persistence
+from dispatch.lifecycle import discovery, hooks, persistence
 from dispatch.lifecycle.changes import changes
-from dispatch.lifecycle.probe import BUSY, observe
-from dispatch.routing import states
+from dispatch.lifecycle.probe import BUSY, Observation, observe
+from dispatch.routing import speaks, states
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.admission import admission
 from dispatch.upstream.outliers import outliers
@@ -43,6 +44,7 @@ class Watcher:
         self._probes: dict[str, asyncio.Task[bool]] = {}  # the one probe in flight per slot
         self._probed_at: dict[str, datetime] = {}  # when each slot's state was last known
         self._housekeeper: asyncio.Task[None] | None = None  # see run_housekeeping
+        self._asked = discovery.Asked()  # what each ready slot was asked it speaks
 
     @property
     def running(self) -> bool:
@@ -54,6 +56,7 @@ class Watcher:
             return
         self._loop = loop
         self._tasks, self._pokes = {}, {}
+        self._asked = discovery.Asked()  # a watcher that starts asks every ready slot once
         # A fresh context: started from inside a request, the task would otherwise inherit
         # that request's asgiref executor, which is gone once the request ends.
         self._supervisor = loop.create_task(
@@ -145,6 +148,7 @@ class Watcher:
         flowing = admission.inflight.get(slot.name, 0)
         obs = await observe(slot, timeout)
         hooks.probed(slot.name, time.perf_counter() - began, obs.state)
+        obs = await self._asking(slot, obs, timeout)
         seen_at = timezone.now()
         if obs.state == states.READY:
             outliers.probe_passed(slot.name)  # may end an ejection whose back-off is over
@@ -167,7 +171,22 @@ class Watcher:
         saved = await persistence.save(slot.name, obs)
         if saved is not None:
             self._probed_at[slot.name] = seen_at
+        elif obs.spoken is not None:
+            self._asked.forget(slot.name)  # not written: ask again at the next probe
         return bool(saved)
+
+    async def _asking(self, slot: SlotEntry, obs: Observation, timeout: float) -> Observation:
+        """The observation, with what the server speaks when it is to be asked: once each
+        time it is found ready (``dispatch.lifecycle.discovery``)."""
+        if obs.state == states.READY:
+            if not self._asked.wanted(slot):
+                return obs
+            found = await discovery.discover(slot, timeout, obs.loads)
+            self._asked.done(slot)
+            return replace(obs, spoken=found, spoken_for=speaks.key(slot.kind, slot.type, slot.url))
+        if obs.state != BUSY:
+            self._asked.forget(slot.name)  # down or loading: asked again once it is back
+        return obs
 
     def last_round(self) -> datetime | None:
         """Since when the state of every enabled slot is known: the oldest of their last

@@ -182,6 +182,7 @@ def _explained(rec: DecisionRecord) -> tuple[Explanation, dict[str, object]]:
             decision.requested_model,
             decision.code,
             decision.message,
+            rec.endpoint,
         )
     else:
         key = (
@@ -192,6 +193,8 @@ def _explained(rec: DecisionRecord) -> tuple[Explanation, dict[str, object]]:
             rec.slot,
             rec.resolution_path,
             0 < rec.status < 400,
+            rec.endpoint,
+            rec.mode,
         )
     found = _memo.get(key)
     if found is None:
@@ -204,6 +207,8 @@ def _explained(rec: DecisionRecord) -> tuple[Explanation, dict[str, object]]:
                 answered_by=rec.slot,
                 resolution_path=rec.resolution_path,
                 status=rec.status,
+                endpoint=rec.endpoint,
+                mode=rec.mode,
             )
         if len(_memo) >= _MEMO_LIMIT:
             _memo.clear()

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dispatch.routing import states
+from dispatch.routing import speaks, states
+from dispatch.routing.endpoints import BY_NAME
 from dispatch.routing.resolver import Decision, NoRoute
+from dispatch.wire import adapters
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,9 @@ class Explanation:
     candidates: tuple[Candidate, ...] = ()
     chosen: str | None = None
     failover: str | None = None  # "a->b" when the request went past a slot that was down
+    # How the chosen slot serves the endpoint called: "native", or "translated" (to one it
+    # speaks); None when not said (no endpoint given).
+    served: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -39,6 +44,7 @@ class Explanation:
             "text": self.text,
             "chosen": self.chosen,
             "failover": self.failover,
+            "served": self.served,
             "candidates": [
                 {"slot": c.slot, "state": c.state, "priority": c.priority, "inflight": c.inflight}
                 for c in self.candidates
@@ -70,12 +76,16 @@ def explain(
     answered_by: str | None = None,
     resolution_path: str | None = None,
     status: int = 200,
+    endpoint: str | None = None,
+    mode: str | None = None,
 ) -> Explanation:
     """Explain ``decision``.
 
     ``inflight`` holds each target's in-flight count as the resolver saw it (same order as
     ``decision.targets``); ``answered_by`` and ``resolution_path`` are where the request really
-    went, which differs from the decision after a failover in ``forward``.
+    went, which differs from the decision after a failover in ``forward``. ``endpoint`` is
+    the one called and ``mode`` how the slot was sent it (``passthrough``/``translated``; None:
+    as the table says it would be): a translated call says so.
     """
     counts = tuple(inflight) + (0,) * (len(decision.targets) - len(inflight))
     candidates = tuple(
@@ -90,7 +100,23 @@ def explain(
     if path.startswith("failover:"):
         failover = path.removeprefix("failover:")
         rule, why = _after_failover(decision, rule, why, failover, final)
-    return Explanation(rule, f"{verb} {final}: {why}", candidates, final, failover)
+    served, how = _served(decision, final, endpoint, mode)
+    return Explanation(rule, f"{verb} {final}: {why}{how}", candidates, final, failover, served)
+
+
+def _served(
+    decision: Decision, final: str, endpoint: str | None, mode: str | None
+) -> tuple[str | None, str]:
+    """How ``final`` serves ``endpoint`` (natively or translated), and the words that say a
+    translation: " (messages · translated to chat/completions)"."""
+    if endpoint is None:
+        return None, ""
+    slot = next((t.slot for t in decision.targets if t.slot.name == final), decision.target.slot)
+    offer = BY_NAME[endpoint].offer if endpoint in BY_NAME else endpoint
+    to = adapters.translated_to(offer, slot.endpoints)
+    if mode == adapters.PASSTHROUGH or (mode is None and to is None):
+        return speaks.NATIVE, ""
+    return speaks.TRANSLATED, f" ({endpoint} · translated" + (f" to {to})" if to else ")")
 
 
 # The resolution paths that name their slot outright (no ranking among candidates).

@@ -137,21 +137,23 @@ def _by_model(
 def _not_offered(
     table: RoutingTable, requested: str, endpoint: str, names: Sequence[str], t0: int
 ) -> NoRoute:
-    """404 for a model whose slots do not offer ``endpoint``: never a forward that fails
-    upstream, never another slot by default. Names the slots and what they do offer."""
-    offers = "; ".join(
-        f"slot '{n}' offers {', '.join(sorted(table.slots[n].endpoints)) or 'nothing'}"
-        for n in names
-    )
+    """404 for a model whose slots do not serve ``endpoint``, natively or translated: never
+    a forward that fails upstream, never another slot by default. Names the slots and what
+    their servers speak."""
+    speak = "; ".join(f"slot '{n}' {_speaks(table.slots[n])}" for n in names)
     return NoRoute(
         requested,
         404,
         "endpoint_not_supported",
-        f"No slot serving '{requested}' offers {endpoint}: {offers}.",
+        f"No slot serving '{requested}' serves {endpoint}, natively or translated: {speak}.",
         _elapsed(t0),
         table.version,
         slot=names[0] if len(names) == 1 else None,
     )
+
+
+def _speaks(slot: SlotEntry) -> str:
+    return f"speaks {', '.join(sorted(slot.endpoints)) or 'nothing'}"
 
 
 def pinned(
@@ -264,16 +266,26 @@ def _by_default(
 ) -> Decision | NoRoute:
     """No model in the body: the default slot of a type that offers the endpoint."""
     types = TYPES_OF.get(endpoint, ("llm",))
-    name = next(
-        (
-            n
-            for n in (table.default_slot.get(t) for t in types)
-            if n is not None
-            and _offers(table.slots[n], endpoint)
-            and table.slots[n].default_model is not None
-        ),
-        None,
-    )
+    defaults = [
+        table.slots[n]
+        for n in (table.default_slot.get(t) for t in types)
+        if n is not None and table.slots[n].default_model is not None
+    ]
+    name = next((s.name for s in defaults if _offers(s, endpoint)), None)
+    if name is None and defaults:
+        # There is a default slot for it, but its server does not speak the endpoint and
+        # nothing translates it: say so, naming the slot.
+        return NoRoute(
+            requested_model,
+            404,
+            "endpoint_not_supported",
+            f"This request names no model, and the default {defaults[0].type} slot "
+            f"'{defaults[0].name}' does not serve {endpoint}, natively or translated: it "
+            f"{_speaks(defaults[0])}.",
+            _elapsed(t0),
+            table.version,
+            slot=defaults[0].name,
+        )
     if name is None:
         return NoRoute(
             requested_model,

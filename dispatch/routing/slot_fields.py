@@ -77,6 +77,11 @@ FIELDS: tuple[SlotField, ...] = (
     # and how many it keeps loaded at once (0: no limit it tells).
     SlotField("loads_models", bool, False, payload=True),
     SlotField("model_limit", int, 0, payload=True),
+    # What asking the server found it speaks ({"for": what it was found of, "found":
+    # {endpoint: bool}}, dispatch.routing.speaks): the watcher's at each readiness, or a
+    # request's that met a missing route. The table carries it shaped: the finding, when it
+    # is of the slot's present kind, type and URL.
+    SlotField("spoken", dict, MappingProxyType({}), table=False),
     # The manifest keys hal0 uses that hal0web does not model, kept verbatim for export: the
     # manifest carries them as its unknown keys, never under a key of their own.
     SlotField("extra", dict, MappingProxyType({}), table=False),

@@ -53,7 +53,8 @@ class SlotEntry:
     """One slot as the router sees it. Written out (not generated) so that attribute access
     stays a plain slot read on the request path; its fields are those of
     ``dispatch.routing.slot_fields`` carried by the table, with their defaults (checked by
-    tests/test_slot_fields.py), and the few derived here (models, default, endpoints_listed)."""
+    tests/test_slot_fields.py), and the few derived here (models, default, endpoints_listed,
+    spoken)."""
 
     name: str
     url: str
@@ -77,11 +78,16 @@ class SlotEntry:
     drift: tuple[str, ...] = _D["drift"]
     loads_models: bool = _D["loads_models"]
     model_limit: int = _D["model_limit"]
-    # The endpoints it serves (dispatch.routing.endpoints names): its manifest's `endpoints`, or its
-    # type's defaults. A request for an endpoint the slot does not offer never reaches it.
+    # The endpoints its server speaks natively (dispatch.routing.endpoints names): its
+    # manifest's `endpoints`, else what asking the server found, else what its kind speaks
+    # for its type (dispatch.routing.speaks). A request for an endpoint the slot neither
+    # speaks nor is served by translation (dispatch.wire.adapters) never reaches it.
     endpoints: frozenset[str] = frozenset(_D["endpoints"])
     # Whether `endpoints` was listed (kept for the manifest and the admin) or is the default.
     endpoints_listed: bool = False
+    # What asking its server found it speaks (endpoint -> yes or no), for its present kind,
+    # type and URL; empty until asked. The watcher asks again when it is not of them.
+    spoken: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)

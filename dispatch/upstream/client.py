@@ -157,21 +157,22 @@ class Upstream:
         timeout: float,
         limit: int,
         api_key_env: str = "",
+        headers: Mapping[str, str] | None = None,
     ) -> ProbeResult:
         """One request of hal0web's own to a server (a probe, a model load or unload): status
         and parsed JSON (at most ``limit`` bytes of it, decoded), never an exception.
-        ``body``, when not None, is sent as JSON."""
-        headers = {"accept": "application/json", "accept-encoding": "identity"}
+        ``body``, when not None, is sent as JSON; ``headers`` are added to hal0web's."""
+        sent = {"accept": "application/json", "accept-encoding": "identity", **(headers or {})}
         key = os.environ.get(api_key_env) if api_key_env else None
         if key:
-            headers["authorization"] = f"Bearer {key}"
+            sent["authorization"] = f"Bearer {key}"
         content = None
         if body is not None:
             content = json.dumps(body).encode()
-            headers["content-type"] = "application/json"
+            sent["content-type"] = "application/json"
         try:
             async with asyncio.timeout(timeout):
-                request = httpx.Request(method, url, headers=headers, content=content)
+                request = httpx.Request(method, url, headers=sent, content=content)
                 response = await self._send(request)
                 answer = BoundedBody(response.headers.get("content-encoding", "").lower(), limit)
                 try:

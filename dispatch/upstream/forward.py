@@ -12,9 +12,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import orjson
 from django.conf import settings
 
+from dispatch import kinds
+from dispatch.coordination import spoken
 from dispatch.coordination.store import store
+from dispatch.kinds.urls import upstream_url
 from dispatch.routing import eviction, states
 from dispatch.routing.resolver import Decision, Target
 from dispatch.routing.table import SlotEntry
@@ -277,6 +281,49 @@ class _Attempts:
         )
         return True
 
+    async def send(
+        self,
+        slot: SlotEntry,
+        target: Target,
+        endpoint: str,
+        request: ClientRequest,
+        headers: dict[str, str],
+        method: str,
+        sent: Outgoing,
+    ) -> tuple[UpstreamResponse | None, Outgoing]:
+        """The slot's response to what it is sent for ``endpoint`` (as it came, or translated
+        to an endpoint it speaks); None to go on to the next target.
+
+        A server that answers as one without the route (``Kind.lacks_route``) does not speak
+        the endpoint it was sent, whatever the table said: that is written down for every
+        process (``dispatch.coordination.spoken``), and the request is sent again, translated
+        to another endpoint it speaks when an adapter can, or refused (404
+        ``endpoint_not_supported`` naming the slot, unless another target serves it).
+        ``sent``: what the target is sent first (made before any wait, so a body its adapter
+        cannot translate was refused at once)."""
+        offers = target.slot.endpoints
+        while True:
+            if sent.translation is not None:  # how long it waited for its model (Ollama says)
+                sent.translation.load_s = self.queued_s
+            offered = endpoint if endpoint in offers else adapters.translated_to(endpoint, offers)
+            response = await self.open(slot, sent, headers, method)
+            if (
+                response is None
+                or response.status_code not in _NO_ROUTE_STATUSES
+                or offered is None
+                or not await _no_route(slot, sent, offered, response)
+            ):
+                return response, sent
+            admission.release(slot.name)
+            await response.aclose()
+            if target.slot.spoken.get(offered) is not False:  # (a listed slot's, again)
+                await spoken.not_spoken(target.slot, offered)
+            offers = offers - {offered}
+            if not adapters.serves(endpoint, offers):
+                self.failed(slot, _not_served(slot, endpoint, offered, response.status_code))
+                return None, sent
+            sent = adapters.outgoing(endpoint, offers, request, target.upstream_model)
+
     def resolution_path(self, slot: SlotEntry) -> str:
         if self.first_failed is not None and self.first_failed != slot.name:
             return f"failover:{self.first_failed}->{slot.name}"
@@ -339,10 +386,10 @@ async def forward(
             slot = await attempts.loaded(slot, target)
             counted = target.upstream_model
             loads.began(slot.name, counted)  # busy from now: never evicted under a request
-        if sent.translation is not None:  # how long it waited for its model (Ollama says)
-            sent.translation.load_s = attempts.queued_s
         try:
-            response = await attempts.open(slot, sent, headers, method)
+            response, sent = await attempts.send(
+                slot, target, endpoint, request, headers, method, sent
+            )
             if response is not None and (
                 response.status_code in _FAILOVER_STATUSES
                 and await attempts.passed_on(slot, response, i + 1 < len(targets))
@@ -361,6 +408,41 @@ async def forward(
         fwd.translation = sent.translation
         return fwd
     raise attempts.error()
+
+
+# How a server says it has no such route; and how much of its answer is read to tell.
+_NO_ROUTE_STATUSES = frozenset({404, 405})
+_NO_ROUTE_READ = 4096
+
+
+async def _no_route(
+    slot: SlotEntry, sent: Outgoing, offered: str, response: UpstreamResponse
+) -> bool:
+    """Whether ``response`` (a 404 or 405) is the slot's server saying it has no route for
+    the endpoint it was sent (``offered``, at its own path), rather than that route's own
+    answer (a model or a response it does not know, which goes to the client as it is).
+    What is read of the body to tell stays in it for the relay."""
+    if upstream_url(slot, sent.path.partition("?")[0]) != upstream_url(slot, offered):
+        return False  # a path below it (count_tokens, a response by id), or another server path
+    head = await response.peek(_NO_ROUTE_READ)
+    try:
+        body = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        body = None
+    text = head.decode("utf-8", "replace") if body is None else ""
+    return kinds.get(slot.kind).lacks_route(response.status_code, body, text)
+
+
+def _not_served(slot: SlotEntry, endpoint: str, offered: str, status: int) -> ApiError:
+    """404 for a slot found not to speak what it was sent, with no other way to serve
+    ``endpoint``: hal0web's own error naming the slot, never the upstream's 404 passed on."""
+    how = "" if offered == endpoint else f" (translated to {offered})"
+    return ApiError(
+        404,
+        "endpoint_not_supported",
+        f"Slot '{slot.name}' does not serve {endpoint}{how}: its server has no such route (it "
+        f"answered {status}), and hal0web translates {endpoint} to nothing else it speaks.",
+    )
 
 
 def _usable_later(target: Target) -> bool:

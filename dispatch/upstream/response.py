@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from typing import cast
 
 import httpx
 
@@ -62,6 +63,11 @@ class UpstreamResponse:
         self.encoding = response.headers.get("content-encoding", "").strip().lower()
         if self.encoding == "identity":
             self.encoding = ""
+        # What ``peek`` read of the body, still to be given by ``chunks``; and the upstream's
+        # body as it comes, read by one iterator (``peek`` and ``chunks`` share it).
+        self._head: list[bytes] = []
+        self._raw: AsyncIterator[bytes] | None = None
+        self._given = False  # an in-memory body (tests' MockTransport) was given
 
     @property
     def content_type(self) -> str:
@@ -117,14 +123,41 @@ class UpstreamResponse:
             await self._response.aclose()
         return b"".join(parts)[:limit]
 
+    async def peek(self, limit: int) -> bytes:
+        """The body's first bytes (up to ``limit``, or the whole body when it is shorter), as
+        it came (not decoded), without taking them: ``chunks`` (and so ``read`` and the
+        relay) still gives the whole body. For a look at an error answer before deciding
+        what it means."""
+        head, self._head = self._head, []
+        size = sum(map(len, head))
+        pieces = cast(AsyncGenerator[bytes, None], self.chunks())  # the pieces not read yet
+        try:
+            while size < limit:
+                chunk = await anext(pieces, None)
+                if chunk is None:
+                    break
+                head.append(chunk)
+                size += len(chunk)
+        except UpstreamError:
+            pass  # what arrived is what there is to look at; reading on fails again
+        finally:
+            await pieces.aclose()  # the body's own iterator stays, for chunks() to go on
+            self._head = head
+        return b"".join(head)[:limit]
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the upstream sends it: no re-chunking, no buffering."""
-        if self._response.is_stream_consumed:
-            # Built in memory with its body already read (httpx.MockTransport at the seam).
-            if self._response.content:
-                yield self._response.content
-            return
-        raw = self._response.aiter_raw().__aiter__()
+        while self._head:  # what peek() read first
+            yield self._head.pop(0)
+        if self._raw is None:
+            if self._response.is_stream_consumed:
+                # Built in memory with its body already read (httpx.MockTransport at the seam).
+                if self._response.content and not self._given:
+                    self._given = True
+                    yield self._response.content
+                return
+            self._raw = self._response.aiter_raw().__aiter__()
+        raw = self._raw
         loop = asyncio.get_running_loop()
         while True:
             wait, capped = self._idle, False

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dispatch.lib import redact
-from dispatch.routing import eviction, slot_fields, states
+from dispatch.routing import eviction, slot_fields, speaks, states
 from dispatch.routing.table import ModelEntry, RoutingTable, SlotEntry
 
 # What dispatch.upstream.outliers lays over the table: slot name -> (state, reason).
@@ -43,6 +43,11 @@ def slot_payload(
         "drift": list(slot.drift),
         "endpoints": sorted(slot.endpoints),
         "endpoints_listed": slot.endpoints_listed,
+        # Where those come from (its manifest, asking its server, its kind), and every
+        # endpoint it serves: natively, or translated to one it speaks ("messages":
+        # "translated").
+        "endpoints_from": speaks.source(slot.endpoints_listed, slot.spoken),
+        "serves": speaks.serving(slot.endpoints),
         "inflight": inflight,
     }
 

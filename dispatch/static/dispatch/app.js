@@ -95,9 +95,10 @@ function unusable(slot) {
     const detail = slot.last_error ? `: ${slot.last_error}` : "";
     return `${slot.name} ${why}${detail}`;
   }
-  // The page talks to /v1/chat/completions: a slot that does not offer it cannot answer here.
-  if (!(slot.endpoints ?? []).includes("chat/completions")) {
-    return `${slot.name} (${slot.type}) does not offer chat/completions`;
+  // The page talks to /v1/chat/completions: a slot that does not serve it (natively or
+  // translated) cannot answer here.
+  if (!(slot.serves ?? {})["chat/completions"]) {
+    return `${slot.name} (${slot.type}) does not serve chat/completions`;
   }
   return null;
 }
@@ -306,6 +307,23 @@ function queueBlock(slot) {
   );
 }
 
+// What the slot serves, natively or translated by hal0web: "chat/completions, messages · translated".
+function servesText(slot) {
+  return Object.entries(slot.serves ?? {})
+    .map(([endpoint, how]) => (how === "native" ? endpoint : `${endpoint} · ${how}`))
+    .join(", ");
+}
+
+// Where what it speaks natively comes from.
+function endpointsFrom(slot) {
+  const speaks = (slot.endpoints ?? []).join(", ") || "nothing";
+  const from = {
+    manifest: "listed in its manifest",
+    server: "as its server answered when asked",
+  }[slot.endpoints_from] ?? `what a ${slot.kind} server speaks for type ${slot.type} (not asked yet)`;
+  return `speaks ${speaks}: ${from}; the rest is translated by hal0web`;
+}
+
 function slotCard(slot) {
   const limit = slot.max_concurrency ? ` / ${slot.max_concurrency}` : "";
   const state = watcher.stale ? states.unknown : slot.state;
@@ -334,11 +352,7 @@ function slotCard(slot) {
     h("ul", { className: "models" }, ...models),
     slot.model_limit ? h("p", { className: "limit" }, `keeps at most ${slot.model_limit} loaded`) : null,
     queueBlock(slot),
-    h(
-      "p",
-      { className: "endpoints", title: slot.endpoints_listed ? "listed in its manifest" : `the defaults of type ${slot.type}` },
-      `serves ${(slot.endpoints ?? []).join(", ") || "nothing"}`,
-    ),
+    h("p", { className: "endpoints", title: endpointsFrom(slot) }, `serves ${servesText(slot) || "nothing"}`),
     slot.drift.length
       ? h("p", { className: "warn" }, `Declared but not served by the upstream: ${slot.drift.join(", ")}`)
       : null,
