@@ -161,10 +161,16 @@ def test_models_lists_each_model_once_and_the_rest_on_request(client):
             "state": state,
             "source": "manifest",
             "endpoints": ["chat/completions", "completions", "messages", "responses"],
-            # The fake speaks them all: none is translated.
-            "serves": dict.fromkeys(
-                ["chat/completions", "completions", "responses", "messages"], "native"
-            ),
+            # The fake speaks them all (compaction is Responses' own); Ollama's API is
+            # served translated.
+            "serves": {
+                **dict.fromkeys(
+                    ["chat/completions", "completions", "responses", "messages"], "native"
+                ),
+                "responses/compact": "native",
+                "api/chat": "translated",
+                "api/generate": "translated",
+            },
             "endpoints_from": found,
             # A plain OpenAI-compatible server: what it lists is loaded.
             "load": "loaded",

@@ -48,7 +48,7 @@ MESSAGE = {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "conten
 @pytest.fixture
 def untranslated() -> Iterator[None]:
     """No translation serves Anthropic Messages."""
-    with no_translation("messages"):
+    with no_translation():
         yield
 
 

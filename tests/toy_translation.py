@@ -40,10 +40,12 @@ def messages_to_chat(request: ClientRequest, upstream_model: str | None) -> Outg
 
 
 @contextmanager
-def untranslated(called: str = "messages") -> Iterator[None]:
-    """No translation serves ``called`` meanwhile (the registered ones come back after)."""
-    for e in ENDPOINTS:
-        adapters.unregister(called, e.name)
+def untranslated() -> Iterator[None]:
+    """No translation serves anything meanwhile (the registered ones come back after): these
+    tests say what a slot serves, and each translation the project adds would change it."""
+    for called in ENDPOINTS:
+        for offered in ENDPOINTS:
+            adapters.unregister(called.name, offered.name)
     try:
         yield
     finally:
@@ -53,7 +55,7 @@ def untranslated(called: str = "messages") -> Iterator[None]:
 @contextmanager
 def toy() -> Iterator[None]:
     """Only the toy translation serves Anthropic Messages (on a slot speaking chat) meanwhile."""
-    with untranslated("messages"):
+    with untranslated():
         adapters.register("messages", "chat/completions", messages_to_chat)
         try:
             yield

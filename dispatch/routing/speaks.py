@@ -90,7 +90,10 @@ def serving(offers: Set[str]) -> dict[str, Served]:
         if name in offers:
             out[name] = NATIVE
         elif name in translated:
-            out[name] = TRANSLATED
+            # Sent as it came to an endpoint it speaks by another name (compact, of
+            # responses): that is no translation.
+            same = adapters.adapter_for(name, offers) is adapters.passthrough
+            out[name] = NATIVE if same else TRANSLATED
     return out
 
 
