@@ -92,6 +92,7 @@ async def test_snapshot_on_connect(app, cookie, slots):
             "progress": None,
             "load_error": "",
             "pinned": False,
+            "pattern": False,
             "would_unload": None,
         }
         assert snap["loads"]["names"] == [

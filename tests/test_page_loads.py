@@ -45,6 +45,7 @@ def test_each_model_carries_its_load_and_what_choosing_it_unloads():
         "progress": None,
         "load_error": "",
         "pinned": False,
+        "pattern": False,
         "would_unload": None,
     }
     assert models["qwen"]["load_error"] == "cannot open http://***@10.0.0.7:9/qwen.gguf"
