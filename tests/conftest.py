@@ -209,3 +209,20 @@ def fleet_sdk(fleet: dict[str, Any], hal0: ServerThread) -> Iterator[Any]:
     client = openai.OpenAI(base_url=hal0.url + "/v1", api_key="unused", max_retries=0)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The demo's two real llama-servers, ready, for one test module (tests/llama_servers.py:
+    skips locally, fails in CI, without the binary or the models)."""
+    from tests.llama_servers import start_pair
+
+    yield from start_pair(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture
+def llama_router(llama_pair: dict[str, Any]) -> Any:
+    """The demo's ``primary``: llama-server in router mode over both demo models."""
+    from dispatch.lifecycle import demo
+
+    return llama_pair[demo.PRIMARY.name]

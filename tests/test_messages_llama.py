@@ -16,7 +16,7 @@ import pytest
 
 from dispatch.lifecycle import demo
 from tests.conftest import add_slot
-from tests.llama_servers import start_pair, wait_for_state
+from tests.llama_servers import wait_for_state
 
 pytestmark = pytest.mark.llama
 
@@ -33,19 +33,11 @@ WEATHER = {
 }
 
 
-@pytest.fixture(scope="module")
-def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, demo.LlamaServer]]:
-    yield from start_pair(tmp_path_factory.mktemp("llama"))
-
-
 @pytest.fixture
-def router(llama_pair: dict[str, demo.LlamaServer]) -> demo.LlamaServer:
-    return llama_pair[demo.PRIMARY.name]
-
-
-@pytest.fixture
-def claude(router, transactional_db: None, hal0: Any) -> Iterator[anthropic.Anthropic]:
-    add_slot("primary", router.api_url, [SMOL], kind="llamacpp", endpoints=["chat/completions"])
+def claude(llama_router, transactional_db: None, hal0: Any) -> Iterator[anthropic.Anthropic]:
+    add_slot(
+        "primary", llama_router.api_url, [SMOL], kind="llamacpp", endpoints=["chat/completions"]
+    )
     wait_for_state(hal0.url, "primary", "ready")
     client = anthropic.Anthropic(base_url=hal0.url, api_key="unused", max_retries=0, timeout=60)
     yield client
@@ -110,14 +102,14 @@ def test_a_tool_use_and_result_history_is_taken_by_the_real_server(claude):
     assert message.content and message.usage.input_tokens > 20
 
 
-def test_count_tokens_is_the_real_servers_tokenizer(claude, router):
+def test_count_tokens_is_the_real_servers_tokenizer(claude, llama_router):
     counted = claude.messages.with_raw_response.count_tokens(
         model=SMOL, messages=[{"role": "user", "content": "The quick brown fox jumps."}]
     )
     assert "hal0_estimate" not in json.loads(counted.http_response.content)
     ask = json.dumps({"model": SMOL, "content": "The quick brown fox jumps."}).encode()
     request = urllib.request.Request(
-        router.base_url + "/tokenize", ask, {"Content-Type": "application/json"}
+        llama_router.base_url + "/tokenize", ask, {"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=30) as r:
         tokens = json.load(r)["tokens"]

@@ -14,7 +14,7 @@ import pytest
 
 from dispatch.lifecycle import demo
 from tests.conftest import add_slot
-from tests.llama_servers import start_pair, wait_for_state
+from tests.llama_servers import wait_for_state
 
 pytestmark = pytest.mark.llama
 
@@ -22,17 +22,11 @@ SMOL = demo.SMOLLM2.id
 ASK = [{"role": "user", "content": "Name one colour."}]
 
 
-@pytest.fixture(scope="module")
-def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, demo.LlamaServer]]:
-    yield from start_pair(tmp_path_factory.mktemp("llama"))
-
-
 @pytest.fixture
-def client(llama_pair, transactional_db: None, hal0: Any) -> Iterator[ollama.Client]:
-    router = llama_pair[demo.PRIMARY.name]
+def client(llama_router, transactional_db: None, hal0: Any) -> Iterator[ollama.Client]:
     add_slot(
         "primary",
-        router.api_url,
+        llama_router.api_url,
         [SMOL],
         kind="llamacpp",
         endpoints=["chat/completions", "completions"],

@@ -15,7 +15,7 @@ import pytest
 
 from dispatch.lifecycle import demo
 from tests.conftest import add_slot
-from tests.llama_servers import start_pair, wait_for_state
+from tests.llama_servers import wait_for_state
 
 pytestmark = pytest.mark.llama
 
@@ -32,23 +32,13 @@ WEATHER = {
 }
 
 
-@pytest.fixture(scope="module")
-def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, demo.LlamaServer]]:
-    yield from start_pair(tmp_path_factory.mktemp("llama"))
-
-
 @pytest.fixture
-def router(llama_pair: dict[str, demo.LlamaServer]) -> demo.LlamaServer:
-    return llama_pair[demo.PRIMARY.name]
-
-
-@pytest.fixture
-def sdk(router, transactional_db: None, hal0: Any) -> Iterator[openai.OpenAI]:
+def sdk(llama_router, transactional_db: None, hal0: Any) -> Iterator[openai.OpenAI]:
     # One server, two slots: `chat` offers only Chat Completions, `native` what llama.cpp
     # speaks (its kind's endpoints, the Responses API among them). `chat/` and `native/`
     # prefixes pick the slot.
-    add_slot("chat", router.api_url, [SMOL], kind="llamacpp", endpoints=["chat/completions"])
-    add_slot("native", router.api_url, [SMOL], kind="llamacpp")
+    add_slot("chat", llama_router.api_url, [SMOL], kind="llamacpp", endpoints=["chat/completions"])
+    add_slot("native", llama_router.api_url, [SMOL], kind="llamacpp")
     wait_for_state(hal0.url, "chat", "ready")
     wait_for_state(hal0.url, "native", "ready")
     client = openai.OpenAI(base_url=hal0.url + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -105,6 +105,11 @@ def _read_failed(fwd: Forwarded, exc: UpstreamError) -> ApiError:
     return ApiError(502, "upstream_broken", exc.message)
 
 
+def _invalid(fwd: Forwarded, said: str) -> ApiError:
+    """502 for an answer the client cannot be given as it is (``said``: what the slot did)."""
+    return ApiError(502, "upstream_invalid_response", f"Slot '{fwd.slot.name}' {said}.")
+
+
 async def buffered(
     fwd: Forwarded, rec: DecisionRecord, protocol: WireProtocol, records_response: bool
 ) -> HttpResponse:
@@ -120,31 +125,17 @@ async def buffered(
     if status not in _NO_BODY and not encoded and not _is_json(content):
         # An OpenAI client would fail on it with its JSON parser's words, or worse, take a
         # proxy's HTML page for an answer: say what happened instead.
-        err = ApiError(
-            502,
-            "upstream_invalid_response",
-            f"Slot '{fwd.slot.name}' answered {status} with a body that is not JSON: "
-            f"{excerpt(content) or '(empty)'}",
-        )
-        return _finish(_proxy_error(rec, err, status, protocol), rec)
+        said = f"answered {status} with a body that is not JSON: {excerpt(content) or '(empty)'}"
+        return _finish(_proxy_error(rec, _invalid(fwd, said), status, protocol), rec)
     if fwd.translation is not None:
         if encoded:
-            err = ApiError(
-                502,
-                "upstream_invalid_response",
-                f"Slot '{fwd.slot.name}' answered "
-                f"in {fwd.response.encoding} encoding, which hal0web cannot translate.",
-            )
-            return _finish(_proxy_error(rec, err, status, protocol), rec)
+            said = f"answered in {fwd.response.encoding} encoding, which hal0web cannot translate"
+            return _finish(_proxy_error(rec, _invalid(fwd, said), status, protocol), rec)
         try:
             content = fwd.translation.answer(content)
         except ValueError as exc:
-            err = ApiError(
-                502,
-                "upstream_invalid_response",
-                f"Slot '{fwd.slot.name}' answered with what hal0web cannot translate: {exc}",
-            )
-            return _finish(_proxy_error(rec, err, status, protocol), rec)
+            said = f"answered with what hal0web cannot translate: {exc}"
+            return _finish(_proxy_error(rec, _invalid(fwd, said), status, protocol), rec)
         await _keep(fwd, fwd.translation)
     elif records_response:  # (a translated response's id is hal0web's own, kept above)
         rid = response_id(content)
