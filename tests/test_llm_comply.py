@@ -8,6 +8,7 @@ Per test, the result must be the same both ways, and so must what llm-comply fou
 (less the model's own words, which a translated prompt may change). The differences that are
 not are listed in ``JUSTIFIED`` and in the README ("What translation changes"), each with its
 reason; a difference not listed fails the test, and so does a listed one that went away.
+compatcanary (0.2.2, from npm: tests/clients) must give the same results both ways too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from dispatch.lifecycle import demo
+from tests.clients import cli
 from tests.conftest import add_slot
 from tests.fakes import free_port
 from tests.llama_servers import llama_server_binary, skip_without_models, wait_for_state
@@ -133,3 +135,36 @@ def test_llm_comply_gives_the_same_results_native_and_translated(
                     f"translated only: {sorted(other_found - found)}"
                 )
     assert differences == {k: v[:2] for k, v in JUSTIFIED.items()}, found_by
+
+
+def _canary(base_url: str, model: str) -> dict[str, str]:
+    """compatcanary's result per check (its modern profile: chat, streaming, tools, strict
+    structured output, the Responses API and its stream)."""
+    done = subprocess.run(
+        [str(cli("compatcanary")), "scan", "--base-url", base_url, "--model", model,
+         "--api-key", "unused", "--format", "json", "--timeout", "60", "--fail-on", "never"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    try:
+        report: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        raise AssertionError(f"compatcanary wrote no JSON report: {done.stderr[-2000:]}") from None
+    return {r["id"]: r["status"] for r in report["results"]}
+
+
+def test_compatcanary_gives_the_same_results_native_and_translated(
+    greedy_server: demo.LlamaServer, transactional_db: None, hal0: Any
+) -> None:
+    """compatcanary 0.2.2 (npm) against the same server, Responses native and translated."""
+    add_slot("native", greedy_server.api_url, [SMOL], kind="llamacpp")
+    add_slot("translated", greedy_server.api_url, [SMOL], kind="llamacpp",
+             endpoints=["chat/completions", "completions"])  # fmt: skip
+    for name in ("native", "translated"):
+        wait_for_state(hal0.url, name, "ready")
+    native = _canary(hal0.url + "/v1", f"native/{SMOL}")
+    translated = _canary(hal0.url + "/v1", f"translated/{SMOL}")
+    assert {"responses.basic", "responses.streaming", "chat.basic"} <= native.keys()
+    assert translated == native
+    assert native["responses.basic"] == native["responses.streaming"] == "pass"
