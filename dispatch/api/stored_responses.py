@@ -20,7 +20,7 @@ from dispatch.coordination.stored_responses import Stored
 from dispatch.observability.decisions import DecisionRecord, record
 from dispatch.routing.endpoints import Endpoint
 from dispatch.routing.scopes import Scope
-from dispatch.wire.errors import ApiError, dumps
+from dispatch.wire.errors import ApiError, dumps, invalid_request
 from dispatch.wire.translators.responses_chat import is_ours
 
 __all__ = ["answer", "conversation", "is_ours"]
@@ -42,16 +42,12 @@ def _allowed(stored: Stored, scope: Scope, rec: DecisionRecord) -> None:
         )
 
 
-def _bad(message: str, param: str) -> ApiError:
-    return ApiError(400, "invalid_request_error", message, param=param)
-
-
 def _limit(query: Mapping[str, str]) -> int:
     given = query.get("limit")
     if given is None:
         return _PAGE
     if not given.isdigit() or not 1 <= int(given) <= _MOST:
-        raise _bad(f"'limit' must be a whole number from 1 to {_MOST}.", "limit")
+        raise invalid_request(f"'limit' must be a whole number from 1 to {_MOST}.", "limit")
     return int(given)
 
 
@@ -60,7 +56,7 @@ def _page(items: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str, An
     ``order=asc``, from after the item ``after`` names (or up to the one ``before`` does)."""
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
-        raise _bad("'order' must be asc or desc.", "order")
+        raise invalid_request("'order' must be asc or desc.", "order")
     ordered = items if order == "asc" else items[::-1]
     ids = [item.get("id") for item in ordered]
     start, end = 0, len(ordered)
@@ -69,7 +65,7 @@ def _page(items: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str, An
         if cursor is None:
             continue
         if cursor not in ids:
-            raise _bad(f"No input item with id '{cursor}' in this response.", param)
+            raise invalid_request(f"No input item with id '{cursor}' in this response.", param)
         if param == "after":
             start = ids.index(cursor) + 1
         else:

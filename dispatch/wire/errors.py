@@ -34,6 +34,13 @@ class ApiError(Exception):
         self.queued_s = 0.0  # how long the request had waited for its model by then
 
 
+def invalid_request(
+    message: str, param: str | None = None, code: str = "invalid_request_error"
+) -> ApiError:
+    """400 for a request body hal0web cannot read or serve (``param``: the field at fault)."""
+    return ApiError(400, code, message, param=param)
+
+
 def dumps(data: Any) -> bytes:
     """JSON bytes; a lone surrogate a client sent (and we accepted, see bodies.loads) comes
     back as its escape instead of failing: orjson refuses to encode one."""

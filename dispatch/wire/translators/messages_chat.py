@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dispatch.wire.adapters import ClientRequest, Outgoing, Translation
-from dispatch.wire.errors import ApiError, dumps
+from dispatch.wire.errors import ApiError, dumps, invalid_request
 from dispatch.wire.translators.messages_from_chat import MessagesFromChat, content_text, loads
 
 Json = dict[str, Any]
@@ -55,7 +55,7 @@ _BILLING = "x-anthropic-billing-header:"
 
 
 def _invalid(where: str, what: str) -> ApiError:
-    return ApiError(400, "invalid_request_error", f"{where}: {what}", param=where)
+    return invalid_request(f"{where}: {what}", where)
 
 
 # --- the request: a message said as a chat completion ----------------------------------------

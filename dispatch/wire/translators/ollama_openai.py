@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from typing import Any, TypeGuard
 
 from dispatch.wire.adapters import ClientRequest, Outgoing
-from dispatch.wire.errors import ApiError, dumps
+from dispatch.wire.errors import dumps, invalid_request
 from dispatch.wire.translators.ollama_from_openai import Answer, Embeddings
 
 CHAT, GENERATE, EMBED, EMBEDDINGS = "api/chat", "api/generate", "api/embed", "api/embeddings"
@@ -57,10 +57,6 @@ _MAGIC = (
 )
 
 
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, "invalid_request_error", message, param)
-
-
 def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -77,7 +73,7 @@ def keep_alive_zero(value: object) -> bool:
         return value == 0
     if isinstance(value, str) and _DURATION.fullmatch(value.strip()):
         return all(float(n) == 0 for n, _ in _DURATION_PART.findall(value.strip()))
-    raise _bad(
+    raise invalid_request(
         f"keep_alive must be a number of seconds or a duration such as '5m', not {value!r}.",
         "keep_alive",
     )
@@ -89,7 +85,7 @@ def keep_alive_zero(value: object) -> bool:
 def _data(request: ClientRequest) -> dict[str, Any]:
     data = request.body.json()
     if not isinstance(data, dict):  # the pipeline parsed it: only a test sends otherwise
-        raise _bad("The request body must be a JSON object.")
+        raise invalid_request("The request body must be a JSON object.")
     keep_alive_zero(data.get("keep_alive"))
     return data
 
@@ -98,7 +94,7 @@ def _string(data: Mapping[str, Any], key: str, where: str = "") -> str | None:
     value = data.get(key)
     if value is None or isinstance(value, str):
         return value
-    raise _bad(f"`{where}{key}` must be a string.", where + key)
+    raise invalid_request(f"`{where}{key}` must be a string.", where + key)
 
 
 def _sampling(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,7 +103,7 @@ def _sampling(data: Mapping[str, Any]) -> dict[str, Any]:
     if options is None:
         return {}
     if not isinstance(options, dict):
-        raise _bad("`options` must be an object.", "options")
+        raise invalid_request("`options` must be an object.", "options")
     out: dict[str, Any] = {}
     for name in (*_FLOAT_OPTIONS, *_INT_OPTIONS):
         value = options.get(name)
@@ -115,12 +111,12 @@ def _sampling(data: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if not _number(value) or (name in _INT_OPTIONS and not float(value).is_integer()):
             kind = "an integer" if name in _INT_OPTIONS else "a number"
-            raise _bad(f"options.{name} must be {kind}.", f"options.{name}")
+            raise invalid_request(f"options.{name} must be {kind}.", f"options.{name}")
         out[name] = int(value) if name in _INT_OPTIONS else value
     predict = options.get("num_predict")
     if predict is not None:
         if not _number(predict) or not float(predict).is_integer():
-            raise _bad("options.num_predict must be an integer.", "options.num_predict")
+            raise invalid_request("options.num_predict must be an integer.", "options.num_predict")
         if predict > 0:  # -1 (no limit) and -2 (fill the context) are the server's default
             out["max_tokens"] = int(predict)
     stop = options.get("stop")
@@ -128,7 +124,9 @@ def _sampling(data: Mapping[str, Any]) -> dict[str, Any]:
         stop = [stop]
     if stop is not None:
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise _bad("options.stop must be a string or a list of strings.", "options.stop")
+            raise invalid_request(
+                "options.stop must be a string or a list of strings.", "options.stop"
+            )
         if stop:
             out["stop"] = stop
     return out
@@ -146,7 +144,7 @@ def _extras(data: Mapping[str, Any]) -> dict[str, Any]:
             "json_schema": {"name": "response", "schema": fmt},
         }
     elif fmt not in (None, ""):
-        raise _bad('`format` must be "json" or a JSON schema object.', "format")
+        raise invalid_request('`format` must be "json" or a JSON schema object.', "format")
     think = data.get("think")
     if isinstance(think, bool):
         # llama.cpp and vLLM hand these to the model's chat template (Qwen3, DeepSeek...).
@@ -155,21 +153,21 @@ def _extras(data: Mapping[str, Any]) -> dict[str, Any]:
         out["reasoning_effort"] = think
         out["chat_template_kwargs"] = {"enable_thinking": True}
     elif think is not None:
-        raise _bad('`think` must be true, false, "low", "medium" or "high".', "think")
+        raise invalid_request('`think` must be true, false, "low", "medium" or "high".', "think")
     return out
 
 
 def _image_url(image: object, where: str) -> dict[str, Any]:
     """One base64 image as an OpenAI image part (a data URI; its type read from its bytes)."""
     if not isinstance(image, str) or not image:
-        raise _bad(f"{where} must be base64-encoded image data.", where)
+        raise invalid_request(f"{where} must be base64-encoded image data.", where)
     if image.startswith("data:"):
         url = image
     else:
         try:  # checked whole: the server would refuse it with less to say
             head = base64.b64decode(image, validate=True)[:12]
         except (binascii.Error, ValueError):
-            raise _bad(f"{where} is not base64-encoded data.", where) from None
+            raise invalid_request(f"{where} is not base64-encoded data.", where) from None
         webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
         kind = "image/webp" if webp else next((t for m, t in _MAGIC if head.startswith(m)), None)
         url = f"data:{kind or 'image/png'};base64,{image}"
@@ -180,7 +178,7 @@ def _images(raw: object, where: str) -> list[dict[str, Any]]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _bad(f"{where} must be a list of base64-encoded images.", where)
+        raise invalid_request(f"{where} must be a list of base64-encoded images.", where)
     return [_image_url(image, f"{where}[{i}]") for i, image in enumerate(raw)]
 
 
@@ -194,12 +192,14 @@ def _calls_sent(raw: object, where: str, i: int) -> list[dict[str, Any]]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _bad(f"{where} must be a list.", where)
+        raise invalid_request(f"{where} must be a list.", where)
     calls = []
     for j, call in enumerate(raw):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise _bad(f"{where}[{j}] must be {{'function': {{'name': ..., 'arguments': {{}}}}}}.")
+            raise invalid_request(
+                f"{where}[{j}] must be {{'function': {{'name': ..., 'arguments': {{}}}}}}."
+            )
         args = fn.get("arguments")
         text = args if isinstance(args, str) else dumps({} if args is None else args).decode()
         given = call.get("id")
@@ -228,20 +228,24 @@ def _messages(raw: object) -> list[dict[str, Any]]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _bad("`messages` must be a list.", "messages")
+        raise invalid_request("`messages` must be a list.", "messages")
     out: list[dict[str, Any]] = []
     pending: list[tuple[str, str]] = []
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad(f"{where} must be an object.", where)
+            raise invalid_request(f"{where} must be an object.", where)
         role = message.get("role")
         if role not in _ROLES:
-            raise _bad(f"{where}.role must be one of {', '.join(_ROLES)}.", f"{where}.role")
+            raise invalid_request(
+                f"{where}.role must be one of {', '.join(_ROLES)}.", f"{where}.role"
+            )
         text = _string(message, "content", f"{where}.") or ""
         images = _images(message.get("images"), f"{where}.images")
         if images and role != "user":
-            raise _bad(f"{where}: images are taken on user messages only.", f"{where}.images")
+            raise invalid_request(
+                f"{where}: images are taken on user messages only.", f"{where}.images"
+            )
         sent: dict[str, Any] = {"role": role, "content": _with_images(text, images)}
         if role == "assistant":
             calls = _calls_sent(message.get("tool_calls"), f"{where}.tool_calls", i)
@@ -258,12 +262,14 @@ def _tools(raw: object) -> list[dict[str, Any]]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _bad("`tools` must be a list.", "tools")
+        raise invalid_request("`tools` must be a list.", "tools")
     tools = []
     for i, tool in enumerate(raw):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise _bad(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}.")
+            raise invalid_request(
+                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}."
+            )
         tools.append({**tool, "type": "function"})
     return tools
 
@@ -317,7 +323,7 @@ def generate(request: ClientRequest, upstream_model: str | None) -> Outgoing:
     model = _asked_model(data, upstream_model)
     if not to_text:
         if suffix:
-            raise _bad(
+            raise invalid_request(
                 "`suffix` (fill in the middle) needs a slot that offers completions; "
                 "this model's slot offers chat only.",
                 "suffix",
@@ -327,7 +333,9 @@ def generate(request: ClientRequest, upstream_model: str | None) -> Outgoing:
         body["messages"] = messages
         return Outgoing("chat/completions", dumps(body), Answer(model, "response", "chat"))
     if images:
-        raise _bad("`images` need a slot that offers chat, not completions only.", "images")
+        raise invalid_request(
+            "`images` need a slot that offers chat, not completions only.", "images"
+        )
     body.pop("chat_template_kwargs", None)  # no template is applied to a completion
     body.pop("reasoning_effort", None)
     # Without a chat template, the system prompt goes first (a raw prompt is sent as it is).
@@ -345,12 +353,12 @@ def embed(request: ClientRequest, upstream_model: str | None) -> Outgoing:
         isinstance(given, str)
         or (isinstance(given, list) and all(isinstance(t, str) for t in given))
     ):
-        raise _bad("`input` must be a string or a list of strings.", "input")
+        raise invalid_request("`input` must be a string or a list of strings.", "input")
     body: dict[str, Any] = {"model": upstream_model or data.get("model"), "input": given}
     dimensions = data.get("dimensions")
     if dimensions is not None:
         if not _number(dimensions) or not float(dimensions).is_integer() or dimensions < 1:
-            raise _bad("`dimensions` must be a positive integer.", "dimensions")
+            raise invalid_request("`dimensions` must be a positive integer.", "dimensions")
         body["dimensions"] = int(dimensions)
     return Outgoing("embeddings", dumps(body), Embeddings(_asked_model(data, upstream_model)))
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dispatch.wire.adapters import ClientRequest, Outgoing, passthrough
-from dispatch.wire.errors import ApiError, dumps
+from dispatch.wire.errors import ApiError, dumps, invalid_request
 from dispatch.wire.translators.responses_back import Asked, FromChat
 
 # The ids hal0web issues for the responses it translates: it alone holds them.
@@ -54,10 +54,6 @@ def new_id(kind: str) -> str:
     return f"{kind}_hal0{secrets.token_hex(20)}"
 
 
-def _bad(message: str, param: str | None, code: str = "invalid_request_error") -> ApiError:
-    return ApiError(400, code, message, param=param)
-
-
 # --- input items -------------------------------------------------------------------------------
 
 
@@ -84,14 +80,16 @@ def input_items(given: Any, param: str = "input") -> list[dict[str, Any]]:
     if isinstance(given, str):
         given = [{"type": "message", "role": "user", "content": given}]
     if not isinstance(given, list):
-        raise _bad(f"'{param}' must be a string or a list of input items.", param)
+        raise invalid_request(f"'{param}' must be a string or a list of input items.", param)
     items: list[dict[str, Any]] = []
     for i, item in enumerate(given):
         if not isinstance(item, dict):
-            raise _bad(f"'{param}[{i}]' must be an object (an input item).", f"{param}[{i}]")
+            raise invalid_request(
+                f"'{param}[{i}]' must be an object (an input item).", f"{param}[{i}]"
+            )
         kind = _item_kind(item)
         if not isinstance(kind, str):
-            raise _bad(f"'{param}[{i}].type' must be a string.", f"{param}[{i}].type")
+            raise invalid_request(f"'{param}[{i}].type' must be a string.", f"{param}[{i}].type")
         made = {**item, "type": kind}
         content = made.get("content")
         if kind == "message" and isinstance(content, str):
@@ -135,7 +133,7 @@ class _Messages:
     def _message(self, item: Mapping[str, Any], param: str) -> None:
         role = item.get("role")
         if not isinstance(role, str) or role not in _ROLES:
-            raise _bad(
+            raise invalid_request(
                 f"'{param}.role' must be one of user, assistant, system, developer.",
                 f"{param}.role",
             )
@@ -197,12 +195,12 @@ class _Messages:
 
     def _parts(self, content: Any, param: str) -> list[dict[str, Any]]:
         if not isinstance(content, list):
-            raise _bad(f"'{param}.content' must be a string or a list of parts.", param)
+            raise invalid_request(f"'{param}.content' must be a string or a list of parts.", param)
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(content):
             at = f"{param}.content[{j}]"
             if not isinstance(part, dict):
-                raise _bad(f"'{at}' must be an object (a content part).", at)
+                raise invalid_request(f"'{at}' must be an object (a content part).", at)
             kind = part.get("type")
             kind = kind if isinstance(kind, str) else "untyped"
             if kind in _TEXT_PARTS:
@@ -225,7 +223,7 @@ class _Messages:
 def _string(item: Mapping[str, Any], key: str, param: str) -> str:
     value = item.get(key)
     if not isinstance(value, str):
-        raise _bad(f"'{param}.{key}' must be a string.", f"{param}.{key}")
+        raise invalid_request(f"'{param}.{key}' must be a string.", f"{param}.{key}")
     return value
 
 
@@ -249,11 +247,11 @@ def _tools(body: Mapping[str, Any], dropped: list[str]) -> list[dict[str, Any]]:
     if given is None:
         return []
     if not isinstance(given, list):
-        raise _bad("'tools' must be a list.", "tools")
+        raise invalid_request("'tools' must be a list.", "tools")
     tools = []
     for i, tool in enumerate(given):
         if not isinstance(tool, dict):
-            raise _bad(f"'tools[{i}]' must be an object.", f"tools[{i}]")
+            raise invalid_request(f"'tools[{i}]' must be an object.", f"tools[{i}]")
         kind = tool.get("type")
         if kind != "function":
             # Hosted tools (web_search, file_search, code_interpreter, ...) run on OpenAI's
@@ -268,7 +266,9 @@ def _tools(body: Mapping[str, Any], dropped: list[str]) -> list[dict[str, Any]]:
             function["description"] = tool["description"]
         parameters = tool.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
-            raise _bad(f"'tools[{i}].parameters' must be a JSON schema.", f"tools[{i}].parameters")
+            raise invalid_request(
+                f"'tools[{i}].parameters' must be a JSON schema.", f"tools[{i}].parameters"
+            )
         function["parameters"] = parameters or {"type": "object", "properties": {}}
         if isinstance(tool.get("strict"), bool):
             function["strict"] = tool["strict"]
@@ -299,19 +299,19 @@ def _tool_choice(
     if isinstance(given, dict):
         dropped.append(f"tool_choice:{given.get('type')}")
         return None, tools
-    raise _bad("'tool_choice' must be auto, none, required or an object.", "tool_choice")
+    raise invalid_request("'tool_choice' must be auto, none, required or an object.", "tool_choice")
 
 
 def _response_format(text: Any) -> dict[str, Any] | None:
     if text is None:
         return None
     if not isinstance(text, dict):
-        raise _bad("'text' must be an object.", "text")
+        raise invalid_request("'text' must be an object.", "text")
     fmt = text.get("format")
     if fmt is None:
         return None
     if not isinstance(fmt, dict):
-        raise _bad("'text.format' must be an object.", "text.format")
+        raise invalid_request("'text.format' must be an object.", "text.format")
     kind = fmt.get("type")
     if kind == "text":
         return None
@@ -320,7 +320,9 @@ def _response_format(text: Any) -> dict[str, Any] | None:
     if kind == "json_schema":
         schema = fmt.get("schema")
         if not isinstance(schema, dict):
-            raise _bad("'text.format.schema' must be a JSON schema.", "text.format.schema")
+            raise invalid_request(
+                "'text.format.schema' must be a JSON schema.", "text.format.schema"
+            )
         spec: dict[str, Any] = {
             "name": fmt["name"] if isinstance(fmt.get("name"), str) else "response",
             "schema": schema,
@@ -329,7 +331,9 @@ def _response_format(text: Any) -> dict[str, Any] | None:
             if isinstance(fmt.get(key), kind_ok):
                 spec[key] = fmt[key]
         return {"type": "json_schema", "json_schema": spec}
-    raise _bad("'text.format.type' must be text, json_object or json_schema.", "text.format.type")
+    raise invalid_request(
+        "'text.format.type' must be text, json_object or json_schema.", "text.format.type"
+    )
 
 
 def _number(body: Mapping[str, Any], key: str, whole: bool = False) -> Any:
@@ -338,7 +342,7 @@ def _number(body: Mapping[str, Any], key: str, whole: bool = False) -> Any:
         return None
     numeric = isinstance(value, int) if whole else isinstance(value, int | float)
     if isinstance(value, bool) or not numeric:
-        raise _bad(f"'{key}' must be {'an integer' if whole else 'a number'}.", key)
+        raise invalid_request(f"'{key}' must be {'an integer' if whole else 'a number'}.", key)
     return value
 
 
@@ -356,7 +360,7 @@ def _options(body: Mapping[str, Any], chat: dict[str, Any]) -> None:
         chat["logprobs"], chat["top_logprobs"] = True, logprobs
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
-        raise _bad("'reasoning' must be an object.", "reasoning")
+        raise invalid_request("'reasoning' must be an object.", "reasoning")
     if reasoning and isinstance(reasoning.get("effort"), str):
         chat["reasoning_effort"] = reasoning["effort"]
     if isinstance(body.get("user"), str):
@@ -369,7 +373,7 @@ def _options(body: Mapping[str, Any], chat: dict[str, Any]) -> None:
 def _refusals(body: Mapping[str, Any]) -> None:
     for key, what in _REFUSED.items():
         if body.get(key):
-            raise _bad(
+            raise invalid_request(
                 f"A slot that speaks only chat/completions cannot serve {what}; "
                 "hal0web translates Responses requests for it.",
                 key,
@@ -401,7 +405,7 @@ def to_chat(request: ClientRequest, upstream_model: str | None) -> tuple[dict[st
     """The chat/completions body for a Responses request, and what the way back needs."""
     body = request.body.json()
     if body is None:
-        raise _bad("The request body must be a JSON object.", None)
+        raise invalid_request("The request body must be a JSON object.", None)
     _refusals(body)
     history = _conversation(request, body)
     items = input_items(body.get("input"))
@@ -413,13 +417,13 @@ def to_chat(request: ClientRequest, upstream_model: str | None) -> tuple[dict[st
         for i, item in enumerate(input_items(instructions, "instructions")):
             made.add(item, f"instructions[{i}]")
     elif instructions is not None and not isinstance(instructions, str):
-        raise _bad("'instructions' must be a string.", "instructions")
+        raise invalid_request("'instructions' must be a string.", "instructions")
     for item in history:
         made.add(item, "previous_response_id")
     for i, item in enumerate(items):
         made.add(item, f"input[{i}]")
     if not made.messages:
-        raise _bad("'input' is required: there is nothing to answer.", "input")
+        raise invalid_request("'input' is required: there is nothing to answer.", "input")
     chat: dict[str, Any] = {"messages": _leading_system_merged(made.messages)}
     model = upstream_model or body.get("model")
     if model is not None:
