@@ -45,6 +45,7 @@ from typing import Any
 from dispatch.wire.adapters import ClientRequest, Outgoing, Translation
 from dispatch.wire.errors import ApiError, dumps, invalid_request
 from dispatch.wire.translators.messages_from_chat import MessagesFromChat, content_text, loads
+from dispatch.wire.translators.values import is_integer, is_number
 
 Json = dict[str, Any]
 
@@ -292,20 +293,12 @@ def _tool_choice(choice: Any, tools: list[Json], chat: Json) -> None:
         chat["parallel_tool_calls"] = False
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # field -> (the Chat field it becomes, the test its value must pass, what it must be)
 _SCALARS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
-    "max_tokens": ("max_tokens", _is_count, "an integer"),
-    "temperature": ("temperature", _is_number, "a number"),
-    "top_p": ("top_p", _is_number, "a number"),
-    "top_k": ("top_k", _is_count, "an integer"),
+    "max_tokens": ("max_tokens", is_integer, "an integer"),
+    "temperature": ("temperature", is_number, "a number"),
+    "top_p": ("top_p", is_number, "a number"),
+    "top_k": ("top_k", is_integer, "an integer"),
 }
 
 

@@ -19,6 +19,7 @@ from dispatch.wire.adapters import Translation
 from dispatch.wire.errors import dumps
 from dispatch.wire.framing import EventReader
 from dispatch.wire.protocols import ANTHROPIC
+from dispatch.wire.translators.values import count
 
 Json = dict[str, Any]
 
@@ -44,11 +45,6 @@ def loads(raw: bytes | str) -> Any:
         return json.loads(raw)
 
 
-def _count(value: Any) -> int:
-    """A count an upstream reported (0 when it is none)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
 def _object(value: Any) -> Json:
     return value if isinstance(value, dict) else {}
 
@@ -66,8 +62,8 @@ def _usage(usage: Any) -> Json:
     Anthropic's ``cache_read_input_tokens``, not part of ``input_tokens``."""
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
-    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
-    cached = _count(_object(usage.get("prompt_tokens_details")).get("cached_tokens"))
+    prompt, completion = count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
+    cached = count(_object(usage.get("prompt_tokens_details")).get("cached_tokens"))
     out = {"input_tokens": prompt, "output_tokens": completion}
     if 0 < cached <= prompt:
         out["input_tokens"], out["cache_read_input_tokens"] = prompt - cached, cached
@@ -220,7 +216,7 @@ class _Events:
         follow as ``input_json_delta`` (servers stream tool calls one after the other)."""
         if not isinstance(call, dict):
             raise ValueError("a tool call that is not an object")
-        at = _count(call.get("index"))
+        at = count(call.get("index"))
         function = _object(call.get("function"))
         out = b""
         if at not in self.tools:

@@ -21,6 +21,8 @@ import orjson
 from dispatch.wire.adapters import Translation
 from dispatch.wire.errors import dumps
 from dispatch.wire.framing import EventReader
+from dispatch.wire.translators.values import is_integer, is_number
+from dispatch.wire.translators.values import text as text_of
 
 _FINISH = {"length": "length"}  # everything else (stop, tool_calls, content_filter): stop
 
@@ -35,12 +37,12 @@ def _line(data: Mapping[str, Any]) -> bytes:
 
 
 def _count(value: object) -> int | None:
-    return value if type(value) is int and value >= 0 else None
+    return value if is_integer(value) and value >= 0 else None
 
 
 def _ms_ns(value: object) -> int | None:
     """Milliseconds (llama.cpp's timings) as nanoseconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+    if is_number(value) and value >= 0:
         return int(value * 1_000_000)
     return None
 
@@ -87,10 +89,6 @@ def _calls_back(raw: object) -> list[dict[str, Any]]:
             entry["id"] = call["id"]
         calls.append(entry)
     return calls
-
-
-def _text_of(value: object) -> str:
-    return value if isinstance(value, str) else ""
 
 
 class Answer(Translation):
@@ -184,12 +182,12 @@ class Answer(Translation):
         finish = choice.get("finish_reason")
         self.finish = finish if isinstance(finish, str) else None
         if self.source == "text":
-            piece = self._piece(_text_of(choice.get("text")), "", None)
+            piece = self._piece(text_of(choice.get("text")), "", None)
         else:
             message = _object(choice.get("message") or {}, "the message")
             thinking = message.get("reasoning_content") or message.get("reasoning")
             calls = _calls_back(message.get("tool_calls"))
-            piece = self._piece(_text_of(message.get("content")), _text_of(thinking), calls)
+            piece = self._piece(text_of(message.get("content")), text_of(thinking), calls)
         return dumps({**self._head(), **piece, **self._final()})
 
     # -- a stream --
@@ -223,11 +221,11 @@ class Answer(Translation):
         if isinstance(finish, str):
             self.finish = finish
         if self.source == "text":
-            text, thinking = _text_of(choice.get("text")), ""
+            text, thinking = text_of(choice.get("text")), ""
         else:
             delta = _object(choice.get("delta") or {}, "a delta")
-            text = _text_of(delta.get("content"))
-            thinking = _text_of(delta.get("reasoning_content") or delta.get("reasoning"))
+            text = text_of(delta.get("content"))
+            thinking = text_of(delta.get("reasoning_content") or delta.get("reasoning"))
             self._call_pieces(delta.get("tool_calls"))
         out = []
         if text or thinking:
@@ -256,8 +254,8 @@ class Answer(Translation):
                 call["id"] = piece["id"]
             fn = piece.get("function")
             if isinstance(fn, dict):
-                call["name"] += _text_of(fn.get("name"))
-                call["arguments"] += _text_of(fn.get("arguments"))
+                call["name"] += text_of(fn.get("name"))
+                call["arguments"] += text_of(fn.get("arguments"))
 
     def _calls_line(self) -> bytes:
         calls = []

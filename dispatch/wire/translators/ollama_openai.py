@@ -32,11 +32,12 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
-from typing import Any, TypeGuard
+from typing import Any
 
 from dispatch.wire.adapters import ClientRequest, Outgoing
 from dispatch.wire.errors import dumps, invalid_request
 from dispatch.wire.translators.ollama_from_openai import Answer, Embeddings
+from dispatch.wire.translators.values import is_number
 
 CHAT, GENERATE, EMBED, EMBEDDINGS = "api/chat", "api/generate", "api/embed", "api/embeddings"
 
@@ -57,10 +58,6 @@ _MAGIC = (
 )
 
 
-def _number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 # --- keep_alive -------------------------------------------------------------------------------
 
 
@@ -69,7 +66,7 @@ def keep_alive_zero(value: object) -> bool:
     not read raises its 400."""
     if value is None:
         return False
-    if _number(value):
+    if is_number(value):
         return value == 0
     if isinstance(value, str) and _DURATION.fullmatch(value.strip()):
         return all(float(n) == 0 for n, _ in _DURATION_PART.findall(value.strip()))
@@ -109,13 +106,13 @@ def _sampling(data: Mapping[str, Any]) -> dict[str, Any]:
         value = options.get(name)
         if value is None:
             continue
-        if not _number(value) or (name in _INT_OPTIONS and not float(value).is_integer()):
+        if not is_number(value) or (name in _INT_OPTIONS and not float(value).is_integer()):
             kind = "an integer" if name in _INT_OPTIONS else "a number"
             raise invalid_request(f"options.{name} must be {kind}.", f"options.{name}")
         out[name] = int(value) if name in _INT_OPTIONS else value
     predict = options.get("num_predict")
     if predict is not None:
-        if not _number(predict) or not float(predict).is_integer():
+        if not is_number(predict) or not float(predict).is_integer():
             raise invalid_request("options.num_predict must be an integer.", "options.num_predict")
         if predict > 0:  # -1 (no limit) and -2 (fill the context) are the server's default
             out["max_tokens"] = int(predict)
@@ -357,7 +354,7 @@ def embed(request: ClientRequest, upstream_model: str | None) -> Outgoing:
     body: dict[str, Any] = {"model": upstream_model or data.get("model"), "input": given}
     dimensions = data.get("dimensions")
     if dimensions is not None:
-        if not _number(dimensions) or not float(dimensions).is_integer() or dimensions < 1:
+        if not is_number(dimensions) or not float(dimensions).is_integer() or dimensions < 1:
             raise invalid_request("`dimensions` must be a positive integer.", "dimensions")
         body["dimensions"] = int(dimensions)
     return Outgoing("embeddings", dumps(body), Embeddings(_asked_model(data, upstream_model)))

@@ -29,6 +29,7 @@ from dispatch.wire.adapters import Translation
 from dispatch.wire.errors import dumps
 from dispatch.wire.framing import EventReader
 from dispatch.wire.translators.responses_echo import echoed
+from dispatch.wire.translators.values import count
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +106,6 @@ def call_item(iid: str, call_id: str, name: str, arguments: str, status: str) ->
     }
 
 
-def _count(value: Any) -> int:
-    return value if type(value) is int and value >= 0 else 0
-
-
 def usage_of(usage: Any) -> dict[str, Any] | None:
     """Chat's token counts under the Responses API's names (None: the upstream sent none)."""
     if not isinstance(usage, dict):
@@ -117,13 +114,13 @@ def usage_of(usage: Any) -> dict[str, Any] | None:
     cached = given.get("cached_tokens") if isinstance(given, dict) else None
     given = usage.get("completion_tokens_details")
     reasoning = given.get("reasoning_tokens") if isinstance(given, dict) else None
-    inp, out = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    inp, out = count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
     return {
         "input_tokens": inp,
-        "input_tokens_details": {"cached_tokens": _count(cached)},
+        "input_tokens_details": {"cached_tokens": count(cached)},
         "output_tokens": out,
-        "output_tokens_details": {"reasoning_tokens": _count(reasoning)},
-        "total_tokens": _count(usage.get("total_tokens")) or inp + out,
+        "output_tokens_details": {"reasoning_tokens": count(reasoning)},
+        "total_tokens": count(usage.get("total_tokens")) or inp + out,
     }
 
 

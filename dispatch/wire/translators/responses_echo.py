@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from dispatch.wire.translators.values import is_number
+
 _CHOICES = ("auto", "none", "required")
 
 
 def _number(default: float) -> Callable[[Any], Any]:
     def read(value: Any) -> Any:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return value if ok else default
+        return value if is_number(value) else default
 
     return read
 
