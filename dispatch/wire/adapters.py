@@ -3,16 +3,19 @@ called and the endpoint the target's slot offers.
 
 A slot serves an endpoint when it offers it (sent as it came: ``passthrough``) or when an
 adapter registered here turns the request into one it offers (say, Anthropic Messages in,
-chat/completions out: one module with its adapter, plus one ``register`` call). The
+chat/completions out: a module in ``dispatch.wire.translators`` listing its adapters, which
+that package's ``install()`` registers at start-up). The
 resolver asks ``serves``; forward asks ``outgoing`` for each target it tries. Endpoints are
 named as slots offer them (``Endpoint.offer``: count_tokens is part of messages); an adapter
 sees the client's path to tell them apart.
 
 A translating adapter's ``Outgoing`` carries a ``Translation``: one object per call that
 turns the upstream's answer back into the client's protocol (a JSON answer whole, a stream
-event by event as its chunks arrive). Passthrough carries none, so its path costs nothing
-more than before: that is ``mode`` (``passthrough`` or ``translated``), which every answer,
-log line, request-log row and live event says.
+event by event as its chunks arrive). Passthrough carries none, so its answers are relayed
+untouched: that is ``mode`` (``passthrough`` or ``translated``), which every answer, log
+line, request-log row and live event says. (An adapter registered for two endpoints may
+still be ``passthrough`` itself: ``responses/compact`` is sent as it came to a slot that
+offers ``responses``.)
 
 Pure: no Django, no I/O.
 """
@@ -146,7 +149,8 @@ def passthrough(request: ClientRequest, upstream_model: str | None) -> Outgoing:
     )
 
 
-# (endpoint called, endpoint offered) -> its adapter; same-endpoint pairs are passthrough.
+# (endpoint called, endpoint offered) -> its adapter; a slot offering the endpoint called
+# takes it as it came, with no entry here.
 _adapters: dict[tuple[str, str], Adapter] = {}
 
 
