@@ -75,7 +75,9 @@ class Made:
         return str(self.response["id"])
 
 
-def _item_id(kind: str) -> str:
+def new_id(kind: str) -> str:
+    """A fresh id hal0web issues: ``resp_hal0…`` for a response, ``msg_hal0…`` for a
+    message item (``rs`` reasoning, ``fc`` a function call)."""
     return f"{kind}_hal0{secrets.token_hex(20)}"
 
 
@@ -193,13 +195,13 @@ class FromChat(Translation):
         output: list[dict[str, Any]] = []
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
-            output.append(reasoning_item(_item_id("rs"), reasoning, item_status))
+            output.append(reasoning_item(new_id("rs"), reasoning, item_status))
         text = message.get("content")
         calls = message.get("tool_calls")
         calls = calls if isinstance(calls, list) else []
         if (isinstance(text, str) and text) or not calls:
             said = text if isinstance(text, str) else ""
-            output.append(message_item(_item_id("msg"), said, item_status))
+            output.append(message_item(new_id("msg"), said, item_status))
         for call in calls:
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict):
@@ -207,7 +209,7 @@ class FromChat(Translation):
             arguments = function.get("arguments")
             output.append(
                 call_item(
-                    _item_id("fc"),
+                    new_id("fc"),
                     _call_id(call.get("id")),
                     str(function.get("name") or ""),
                     arguments if isinstance(arguments, str) else dumps(arguments or {}).decode(),
@@ -334,7 +336,7 @@ class _Events:
         item = _Open(
             kind,
             len(self.items),
-            _item_id({"message": "msg", "reasoning": "rs"}.get(kind, "fc")),
+            new_id({"message": "msg", "reasoning": "rs"}.get(kind, "fc")),
             **fields,
         )
         self.items.append(item)

@@ -18,13 +18,12 @@ issues (``resp_hal0…``) and keeps, since the slot keeps nothing. Pure: no Djan
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping
 from typing import Any
 
 from dispatch.wire.adapters import ClientRequest, Outgoing, passthrough
 from dispatch.wire.errors import ApiError, dumps, invalid_request
-from dispatch.wire.translators.responses_back import Asked, FromChat
+from dispatch.wire.translators.responses_back import Asked, FromChat, new_id
 
 # The ids hal0web issues for the responses it translates: it alone holds them.
 RESPONSE_ID_PREFIX = "resp_hal0"
@@ -47,11 +46,6 @@ _REFUSED = {
 def is_ours(response_id: str) -> bool:
     """Whether ``response_id`` is one hal0web issued (and keeps) for a translated response."""
     return response_id.startswith(RESPONSE_ID_PREFIX)
-
-
-def new_id(kind: str) -> str:
-    """A fresh id: ``resp_hal0…`` for a response, ``msg_hal0…`` for a message item."""
-    return f"{kind}_hal0{secrets.token_hex(20)}"
 
 
 # --- input items -------------------------------------------------------------------------------
