@@ -85,19 +85,23 @@ def greedy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[demo.Lla
         server.stop()
 
 
-def _report(base_url: str, fmt: str, model: str) -> dict[str, tuple[str, frozenset[str]]]:
-    """Each test's result and what it found wrong (the model's quoted words left out)."""
-    done = subprocess.run(
-        [str(LLM_COMPLY), "run", "--format", fmt, "-u", base_url, "-m", model, "-k", "unused",
-         "--timeout", "60", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
+def _json_report(command: list[str]) -> dict[str, Any]:
+    """What a conformance tool printed as its JSON report (it exits non-zero on failures)."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     try:
         report: dict[str, Any] = json.loads(done.stdout)
     except ValueError:
-        raise AssertionError(f"llm-comply wrote no JSON report: {done.stderr[-2000:]}") from None
+        name = Path(command[0]).name
+        raise AssertionError(f"{name} wrote no JSON report: {done.stderr[-2000:]}") from None
+    return report
+
+
+def _report(base_url: str, fmt: str, model: str) -> dict[str, tuple[str, frozenset[str]]]:
+    """Each test's result and what it found wrong (the model's quoted words left out)."""
+    report = _json_report(
+        [str(LLM_COMPLY), "run", "--format", fmt, "-u", base_url, "-m", model, "-k", "unused",
+         "--timeout", "60", "--json"],
+    )  # fmt: skip
     return {
         r["id"]: (
             r["status"],
@@ -140,17 +144,10 @@ def test_llm_comply_gives_the_same_results_native_and_translated(
 def _canary(base_url: str, model: str) -> dict[str, str]:
     """compatcanary's result per check (its modern profile: chat, streaming, tools, strict
     structured output, the Responses API and its stream)."""
-    done = subprocess.run(
+    report = _json_report(
         [str(cli("compatcanary")), "scan", "--base-url", base_url, "--model", model,
          "--api-key", "unused", "--format", "json", "--timeout", "60", "--fail-on", "never"],
-        capture_output=True,
-        text=True,
-        timeout=300,
     )  # fmt: skip
-    try:
-        report: dict[str, Any] = json.loads(done.stdout)
-    except ValueError:
-        raise AssertionError(f"compatcanary wrote no JSON report: {done.stderr[-2000:]}") from None
     return {r["id"]: r["status"] for r in report["results"]}
 
 
