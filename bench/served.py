@@ -1,0 +1,306 @@
+"""``python -m bench served [REV]``: instructions per request of the whole server process.
+
+The figure issue 23 asks for, the one that does not swing: a real server (the Uvicorn command
+line ``make run`` uses) runs under callgrind and answers real HTTP requests over loopback,
+one at a time, from the fake upstream (bench/fake.py, not measured). After a warm-up the
+counters are zeroed, N requests are sent and the counters dumped (``callgrind_control``):
+the dump over N is one request's instructions, everything the process did for it counted,
+every thread (the log and request-log writers too) and the server's own HTTP parsing.
+What runs on a clock whatever the load (Uvicorn's tick, the follower's version check, the
+watcher) is measured over an idle window first and taken out by the window's length.
+
+The minimal Starlette + aiohttp proxy (bench/minimal.py) is measured the same way, under
+the same Uvicorn command line: hal0web's figures are set against it.
+
+Cases: ``chat`` (non-streaming), ``stream32`` (32 events, each its own read), ``404`` (a
+model no slot serves: answered by hal0web itself), ``key`` (chat with an API key, keys
+required), ``logged`` (chat with the per-request log line at INFO, to a file), ``bare``
+(chat with /metrics and the request log switched off: what the two cost). Metrics and the
+request log are on in every other case (the defaults).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import ROOT, Proc, Workspace, fake_proc, free_port
+
+CHAT = b'{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}'
+STREAM = b'{"model":"bench-model","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+UNKNOWN = b'{"model":"no-such-model","messages":[{"role":"user","content":"hi"}]}'
+CHUNKS = 32
+# Wide enough that each event is its own read even at callgrind's pace (~50x slower): the
+# figure is then per event, not per however many events a read happened to hold.
+GAP_MS = 15
+WARM = 30
+IDLE_S = 4.0
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    body: bytes
+    status: int
+    requests: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+CASES = {
+    "chat": Case("chat", CHAT, 200, 300),
+    "stream32": Case(
+        "stream32",
+        STREAM,
+        200,
+        30,
+        {"X-Bench-Chunks": str(CHUNKS + 1), "X-Bench-Gap-Ms": str(GAP_MS)},
+    ),
+    "404": Case("404", UNKNOWN, 404, 300),
+    "key": Case("key", CHAT, 200, 300),
+    "logged": Case("logged", CHAT, 200, 300),
+    "bare": Case("bare", CHAT, 200, 300),
+}
+
+# Which server configuration each case runs in (one server start per configuration).
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "minimal": ("chat", "stream32"),
+    "hal0web": ("chat", "stream32", "404"),
+    "hal0web+logged": ("logged",),
+    "hal0web+bare": ("bare",),
+    # Last: once a key exists in the workspace's database, every later copy requires keys.
+    "hal0web+key": ("key",),
+}
+
+
+@dataclass
+class Measured:
+    per_request: dict[str, float] = field(default_factory=dict)  # every thread
+    main_thread: dict[str, float] = field(default_factory=dict)  # the event loop's alone
+
+
+class _Callgrind:
+    """A process under callgrind, its counters zeroed and dumped on request."""
+
+    def __init__(self, proc: Proc, out: Path) -> None:
+        self.proc, self.out, self.dumps = proc, out, 0
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(
+            ["callgrind_control", *args, str(self.proc.pid)], check=True, capture_output=True
+        )
+
+    def zero(self) -> None:
+        self._control("--zero")
+
+    def dump(self) -> tuple[int, int]:
+        """(every thread's instructions, the main thread's) since the last zero."""
+        self._control("--dump")
+        self.dumps += 1
+        files = list(self.out.glob(f"cg.{self.proc.pid}.{self.dumps}-*"))
+        deadline = time.monotonic() + 30
+        while not files and time.monotonic() < deadline:
+            time.sleep(0.1)
+            files = list(self.out.glob(f"cg.{self.proc.pid}.{self.dumps}-*"))
+        total = main = 0
+        for path in files:
+            count = _totals(path)
+            total += count
+            if path.name.endswith("-01"):
+                main = count
+        return total, main
+
+
+def _totals(path: Path) -> int:
+    for _ in range(100):
+        for line in path.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+        time.sleep(0.05)  # still being written
+    raise RuntimeError(f"callgrind wrote no totals to {path}")
+
+
+def _request(conn: http.client.HTTPConnection, case: Case, auth: str | None) -> None:
+    headers = {"Content-Type": "application/json", **case.headers}
+    if auth:
+        headers["Authorization"] = f"Bearer {auth}"
+    conn.request("POST", "/v1/chat/completions", case.body, headers)
+    response = conn.getresponse()
+    body = response.read()
+    if response.status != case.status:
+        raise RuntimeError(f"{case.name}: answered {response.status}, not {case.status}: {body!r}")
+    if case.name == "stream32" and body.count(b"data:") != CHUNKS + 1:
+        raise RuntimeError(f"stream32: {body.count(b'data:')} events, not {CHUNKS + 1}")
+
+
+def _measure(proc: Proc, cg: _Callgrind, cases: tuple[str, ...], auth: str | None) -> Measured:
+    conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=120)
+    got = Measured()
+    # The clock's share: what the process does per second with no request at all.
+    cg.zero()
+    started = time.monotonic()
+    time.sleep(IDLE_S)
+    idle_total, idle_main = cg.dump()
+    idle_s = time.monotonic() - started
+    for name in cases:
+        case = CASES[name]
+        for _ in range(WARM):
+            _request(conn, case, auth)
+        print(f"  {proc.name}: {name} x {case.requests} ...", file=sys.stderr, flush=True)
+        cg.zero()
+        started = time.monotonic()
+        for _ in range(case.requests):
+            _request(conn, case, auth)
+        total, main = cg.dump()
+        took = time.monotonic() - started
+        got.per_request[name] = (total - idle_total * took / idle_s) / case.requests
+        got.main_thread[name] = (main - idle_main * took / idle_s) / case.requests
+    conn.close()
+    return got
+
+
+def _server(ws: Workspace, config: str, tree: Path, fake: Proc, out: Path) -> Proc:
+    from dispatch.management.commands.serve import server_command
+
+    port = free_port()
+    argv = server_command("uvicorn", "127.0.0.1", port, access_log=None)
+    if config == "minimal":
+        argv[argv.index("hal0web.asgi:application")] = "bench.minimal:app"
+    valgrind = [
+        "valgrind",
+        "--tool=callgrind",
+        "--separate-threads=yes",
+        f"--callgrind-out-file={out}/cg.%p",
+    ]
+    proc = ws.server(config, [*valgrind, *argv], port)
+    proc.cwd = tree
+    proc.extra_env.update(
+        PYTHONPATH=str(tree), PYTHONHASHSEED="0", BENCH_UPSTREAM=fake.base + "/v1"
+    )
+    if config == "minimal":
+        proc.database = None
+    if config == "hal0web+key":
+        proc.extra_env["HAL0_API_AUTH"] = "required"
+    if config == "hal0web+logged":
+        proc.extra_env["HAL0_LOG_LEVEL"] = "INFO"
+    if config == "hal0web+bare":
+        proc.extra_env.update(HAL0_METRICS="false", HAL0_REQUEST_LOG="false")
+    return proc
+
+
+def _issue_key(ws: Workspace) -> str:
+    """A key for the keyed configuration (made in the workspace's database, copied to it)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "manage.py",
+            "shell",
+            "-c",
+            "from dispatch.models import ApiKey\nprint(ApiKey.issue('bench')[1])",
+        ],
+        env=ws.env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def measure(tree: Path = ROOT, configs: tuple[str, ...] = tuple(CONFIGS)) -> dict[str, Measured]:
+    ws = Workspace()
+    fake = fake_proc(ws)
+    results: dict[str, Measured] = {}
+    try:
+        fake.start()
+        fake.wait_http("/v1/models")
+        ws.setup(fake.port)
+        key = None
+        for config in sorted(configs, key=list(CONFIGS).index):
+            if config == "hal0web+key":
+                key = _issue_key(ws)
+            with tempfile.TemporaryDirectory(prefix="hal0-cg-") as tmp:
+                out = Path(tmp)
+                proc = _server(ws, config, tree, fake, out)
+                if config == "minimal":
+                    proc.ready_path = "/nothing-here"
+                proc.start()
+                try:
+                    _wait(proc)
+                    results[config] = _measure(proc, _Callgrind(proc, out), CONFIGS[config], key)
+                finally:
+                    proc.stop()
+    finally:
+        fake.stop()
+        ws.cleanup()
+    return results
+
+
+def _wait(proc: Proc, timeout: float = 300.0) -> None:
+    """Up when it answers HTTP at all (start-up under callgrind takes a minute)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen is not None and proc.popen.poll() is not None:
+            break
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+            conn.request("GET", "/v1/models" if proc.name != "minimal" else "/")
+            conn.getresponse().read()
+            conn.close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{proc.name} did not come up; log:\n{proc.log_tail()}")
+
+
+def figures(results: dict[str, Measured]) -> dict[str, float]:
+    """Flat ``config/case`` -> instructions per request (every thread)."""
+    return {f"{c}/{k}": v for c, m in results.items() for k, v in m.per_request.items()}
+
+
+def report(results: dict[str, Measured], label: str) -> str:
+    minimal = results.get("minimal")
+    lines = [
+        f"# hal0web: instructions per request, the whole server process ({label})",
+        "",
+        "callgrind, Uvicorn (httptools, uvloop) as `make run` starts it, requests one at a "
+        "time over loopback from bench/fake.py; every thread counted, the idle clock's "
+        "share taken out (bench/served.py).",
+        "",
+        "| server | case | instructions / request | event loop thread | vs minimal proxy |",
+        "|---|---|---|---|---|",
+    ]
+    for config, m in results.items():
+        for case, value in m.per_request.items():
+            base = minimal.per_request.get(_yardstick(case)) if minimal else None
+            ratio = f"{value / base:.2f}x" if base else ""
+            lines.append(
+                f"| {config} | {case} | {value:,.0f} | {m.main_thread[case]:,.0f} | {ratio} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _yardstick(case: str) -> str:
+    """The minimal proxy's case a hal0web case is held to (it has no 404, keys or log)."""
+    return "stream32" if case == "stream32" else "chat"
+
+
+def main(argv: list[str]) -> str:
+    configs = tuple(argv) or tuple(CONFIGS)
+    results = measure(ROOT, configs)
+    print(json.dumps(figures(results)), file=sys.stderr)
+    label = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    return report(results, label)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    print(main(sys.argv[1:]))
