@@ -1,7 +1,8 @@
 """``python -m bench served [REV]``: instructions per request of the whole server process.
 
-The figure issue 23 asks for, the one that does not swing: a real server (the Uvicorn command
-line ``make run`` uses) runs under callgrind and answers real HTTP requests over loopback,
+The figure issue 23 asks for, the one that does not swing: a real server (Uvicorn configured
+as ``make run`` starts it, with the clock's work kept out: bench/quiet_server.py) runs under
+callgrind and answers real HTTP requests over loopback,
 one at a time, from the fake upstream (bench/fake.py, not measured). After a warm-up the
 counters are zeroed, N requests are sent and the counters dumped (``callgrind_control``):
 the dump over N is one request's instructions, everything the process did for it counted,
@@ -109,11 +110,15 @@ class _Callgrind:
             time.sleep(0.1)
             files = list(self.out.glob(f"cg.{self.proc.pid}.{self.dumps}-*"))
         total = main = 0
+        threads = {}
         for path in files:
             count = _totals(path)
             total += count
+            threads[path.name.rsplit("-", 1)[1]] = count
             if path.name.endswith("-01"):
                 main = count
+        if os.environ.get("BENCH_THREADS"):
+            print(f"    threads: {sorted(threads.items())}", file=sys.stderr)
         return total, main
 
 
@@ -166,22 +171,22 @@ def _measure(proc: Proc, cg: _Callgrind, cases: tuple[str, ...], auth: str | Non
 
 
 def _server(ws: Workspace, config: str, tree: Path, fake: Proc, out: Path) -> Proc:
-    from dispatch.management.commands.serve import server_command
-
     port = free_port()
-    argv = server_command("uvicorn", "127.0.0.1", port, access_log=None)
-    if config == "minimal":
-        argv[argv.index("hal0web.asgi:application")] = "bench.minimal:app"
+    app = "bench.minimal:app" if config == "minimal" else "hal0web.asgi:application"
     valgrind = [
         "valgrind",
         "--tool=callgrind",
         "--separate-threads=yes",
         f"--callgrind-out-file={out}/cg.%p",
     ]
+    argv = [sys.executable, "-m", "bench.quiet_server", app, str(port)]
     proc = ws.server(config, [*valgrind, *argv], port)
     proc.cwd = tree
     proc.extra_env.update(
-        PYTHONPATH=str(tree), PYTHONHASHSEED="0", BENCH_UPSTREAM=fake.base + "/v1"
+        PYTHONPATH=str(tree),
+        PYTHONHASHSEED="0",
+        BENCH_UPSTREAM=fake.base + "/v1",
+        HAL0_WATCHER="false",  # no probes: the slot stays as set up, ready
     )
     if config == "minimal":
         proc.database = None
@@ -269,9 +274,9 @@ def report(results: dict[str, Measured], label: str) -> str:
     lines = [
         f"# hal0web: instructions per request, the whole server process ({label})",
         "",
-        "callgrind, Uvicorn (httptools, uvloop) as `make run` starts it, requests one at a "
-        "time over loopback from bench/fake.py; every thread counted, the idle clock's "
-        "share taken out (bench/served.py).",
+        "callgrind, Uvicorn (httptools, uvloop) configured as `make run` starts it "
+        "(bench/quiet_server.py), requests one at a time over loopback from bench/fake.py; "
+        "every thread counted, the idle clock's share taken out (bench/served.py).",
         "",
         "| server | case | instructions / request | event loop thread | vs minimal proxy |",
         "|---|---|---|---|---|",

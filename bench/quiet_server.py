@@ -1,0 +1,48 @@
+"""``python -m bench.quiet_server APP PORT``: a server for bench/served.py to count.
+
+The same Uvicorn configuration as ``make run`` (httptools, uvloop, backlog 4096, no access
+log; dispatch/management/commands/serve.py), with what runs on a clock rather than per
+request kept out of the count. Under callgrind a request takes ~50 times as long, so work
+done every 0.25 s would land on each request 50 times as heavily as it does natively, and
+by however long that request happened to take:
+
+- the follower's version check (every 0.25 s: a thread hop and a query) is not started;
+  ``HAL0_WATCHER=false`` (set by the harness) keeps the probes out too;
+- the request-log writer gathers for 5 s instead of 0.2 s before it writes, so a batch holds
+  as many rows as it does under load natively: the figure counts each row's cost, not the
+  per-transaction cost a request would carry alone at callgrind's pace.
+
+What is left on a clock (Uvicorn's tick) is the same for every server and is measured over
+an idle window and taken out by bench/served.py.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+
+def main(app: str, port: int) -> None:
+    if app.startswith("hal0web"):
+        import django
+
+        django.setup()
+        from dispatch.coordination import sync
+        from dispatch.observability import requestlog
+
+        sync.ensure_following = lambda: None
+        requestlog.LINGER_S = 5.0
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        backlog=4096,
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
