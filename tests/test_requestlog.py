@@ -260,3 +260,35 @@ def test_a_failover_is_explained_in_the_row_and_the_log_line(fake, no_watcher, h
         json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hal0.dispatch"
     )
     assert line["why"]["rule"] == "failover" and line["why"]["text"] == row.why
+
+
+def test_the_writer_keeps_its_connection_between_batches_and_drops_it_after_a_failure(
+    transactional_db,
+):
+    """Its prepared INSERTs live with its connection (re-preparing a 50-row INSERT every batch
+    cost more than the rows: docs/performance.md); a failed batch must not leave it on a
+    broken one."""
+    from django.db import connection
+
+    from dispatch.models import RequestLog
+
+    writer = requestlog.Writer()
+    seen: list[object] = []
+    insert = writer._insert
+
+    def spied(batch: list[requestlog.Row]) -> None:
+        insert(batch)
+        seen.append(connection.connection)
+        if len(seen) == 2:
+            connection.connection.close()  # broken under Django's feet, as a restart would
+
+    writer._insert = spied  # type: ignore[method-assign]
+    writer.start()
+    for i in range(4):
+        rec = _record(i)
+        assert writer.offer(requestlog._row(rec, rec.as_dict()))
+        assert writer.flush(5)
+    assert seen[0] is seen[1]  # one connection for both batches
+    assert writer.failed == 1  # the third batch met the broken connection...
+    assert seen[2] is not seen[1]  # ...and the fourth a fresh one
+    assert RequestLog.objects.filter(request_id__startswith="drop-").count() == 3
