@@ -22,8 +22,25 @@ from dispatch.kinds.urls import upstream_url
 from dispatch.lib import redact
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.headers import for_upstream
-from dispatch.upstream.pool import AiohttpTransport, describe
+from dispatch.upstream.pool import URL_TEXT, AiohttpTransport, describe
 from dispatch.upstream.response import BoundedBody, UpstreamError, UpstreamResponse
+
+# Each slot's URLs, parsed once: httpx parses a URL string on every request otherwise (a
+# tenth of the path's instructions, bench/served.py). The text rides along in the request's
+# extensions for the transport, which would otherwise render the URL back to text each time.
+_URLS: dict[tuple[str, str], tuple[httpx.URL, str]] = {}
+_URLS_LIMIT = 4096  # slots x paths; cleared past it (slot URLs change rarely)
+
+
+def _url(slot: SlotEntry, path: str) -> tuple[httpx.URL, str]:
+    key = (slot.url, path)
+    found = _URLS.get(key)
+    if found is None:
+        if len(_URLS) >= _URLS_LIMIT:
+            _URLS.clear()
+        text = upstream_url(slot, path)
+        found = _URLS[key] = (httpx.URL(text), text)
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,16 +109,20 @@ class Upstream:
         key = os.environ.get(slot.api_key_env) if slot.api_key_env else None
         if key:
             out["authorization"] = f"Bearer {key}"
+        url, text = _url(slot, path)
         request = httpx.Request(
             method,
-            upstream_url(slot, path),
-            content=body,
+            url,
             # As bytes: httpx encodes str values as ASCII and would fail on a client's UTF-8
             # text (its Headers then read the bytes back as UTF-8 for aiohttp, which writes
             # them as UTF-8 again: the upstream gets what the client sent).
             headers=[(k.encode("latin-1"), v.encode()) for k, v in out.items()],
-            extensions={"timeout": {"connect": slot.connect_timeout_s}},
+            # A stream given, not content: httpx would otherwise rebuild the headers to add
+            # Host and Content-Length, which the transport computes itself when it sends.
+            stream=httpx.ByteStream(body),
+            extensions={"timeout": {"connect": slot.connect_timeout_s}, URL_TEXT: text},
         )
+        request.read()  # in memory already: a transport reads ``request.content``
         wait = slot.first_byte_timeout_s
         deadline: float | None = None
         if slot.max_duration_s > 0:

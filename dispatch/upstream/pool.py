@@ -22,6 +22,9 @@ def describe(exc: BaseException) -> str:
 # limits what they take; this only has to stay out of the way of thousands of held streams.
 POOL_CONNECTIONS = 10_000
 POOL_KEEPALIVE_S = 30.0
+# The request's URL as text, when the caller has it (``dispatch.upstream.client``): saves
+# rendering ``request.url`` back to text for aiohttp on every request.
+URL_TEXT = "hal0.url"
 
 
 class _AiohttpStream(httpx.AsyncByteStream):
@@ -129,6 +132,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None  # no pool: the retry's own session
+        # One ClientTimeout per (connect, read) pair: slots have a handful between them.
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
 
     def _new_session(self, pooled: bool) -> aiohttp.ClientSession:
         connector = (
@@ -215,20 +220,22 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         timeout: Mapping[str, Any],
         sent: _Sent,
     ) -> aiohttp.ClientResponse:
+        limits = (timeout.get("connect"), timeout.get("read"))
+        client_timeout = self._timeouts.get(limits)
+        if client_timeout is None:
+            client_timeout = self._timeouts[limits] = aiohttp.ClientTimeout(
+                total=None, sock_connect=limits[0], sock_read=limits[1]
+            )
         token = _sending.set(sent)
         try:
             return await session.request(
                 request.method,
-                str(request.url),
+                request.extensions.get(URL_TEXT) or str(request.url),
                 headers=request.headers.multi_items(),
                 data=_InMemoryBody(body) if body else None,
                 allow_redirects=False,
                 compress=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                ),
+                timeout=client_timeout,
             )
         finally:
             _sending.reset(token)

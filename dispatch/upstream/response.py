@@ -156,7 +156,10 @@ class UpstreamResponse:
                     self._given = True
                     yield self._response.content
                 return
-            self._raw = self._response.aiter_raw().__aiter__()
+            # The transport's stream itself, not ``aiter_raw()``: that wraps every chunk in
+            # httpx's bookkeeping (a chunker, a byte count, a request context) that a relay
+            # passing bytes on as they come has no use for. ``aclose`` still closes it.
+            self._raw = aiter(cast(httpx.AsyncByteStream, self._response.stream))
         raw = self._raw
         loop = asyncio.get_running_loop()
         while True:
