@@ -42,6 +42,7 @@ def test_a_sender_stuck_on_a_closed_loop_does_not_swallow_later_events(
         patch.setattr(events, "send", never)
 
         async def publish_and_leave() -> None:
+            await _listen()  # someone hears the group: publish sends
             events.publish({"type": "t", "n": 0})
             await asyncio.sleep(0)  # the sender starts, and blocks
             events.publish({"type": "t", "n": 1})  # queued behind it, for this loop's pages
@@ -74,3 +75,18 @@ async def test_a_full_queue_drops_and_counts(monkeypatch) -> None:
         events.publish({"type": "t", "n": n})
     assert events.dropped() - before == 15
     assert [e["n"] for e in await _received(layer, channel, 10)] == list(range(10))
+
+
+async def test_an_event_nobody_can_hear_is_not_sent() -> None:
+    """The in-memory layer is this process's alone: a group with no member here has none
+    anywhere, and publishing to it costs nothing (no queue, no sender task, no layer sweep)."""
+    layer = get_channel_layer()
+    group = events.user_group("nobody-has-a-page-open")
+    assert group not in layer.groups
+    queued, sender = len(events._queue), events._sender
+    events.publish({"type": "t", "n": 0}, group)
+    assert len(events._queue) == queued and events._sender is sender
+    channel = await layer.new_channel()
+    await layer.group_add(group, channel)  # a page opens: it hears what comes next
+    events.publish({"type": "t", "n": 1}, group)
+    assert [e["n"] for e in await _received(layer, channel, 1)] == [1]
