@@ -1,6 +1,6 @@
 """Making each routing decision visible.
 
-``record`` hands each finished request to a list of outputs: the JSON log line, the
+``record`` hands each finished request to a list of outputs (after its answer has gone out): the JSON log line, the
 decision's listeners (the live feed, ``dispatch.web.live``, which tells the pages), and (when
 on) the Prometheus metrics and the request log. Every output runs on the
 event loop after the request's work is done, must be cheap (anything slow is queued to a
@@ -9,6 +9,7 @@ thread of its own) and must never fail the request: one that raises is logged an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -239,8 +240,40 @@ event_output: Output = recorded.notify
 outputs: list[Output] = [log_output, event_output]
 
 
+# Decisions recorded on the loop and not yet sent to the outputs, and the loop that will send
+# them (None: no send scheduled).
+_pending: list[DecisionRecord] = []
+_scheduled_on: asyncio.AbstractEventLoop | None = None
+
+
 def record(rec: DecisionRecord) -> None:
-    """Send the decision to every output; none of them may delay or fail the request."""
+    """Send the decision to every output, once the request's own work is done: on the loop,
+    at its next turn, after the answer (or the stream's end) has gone to the client; the
+    decisions of one turn go together. Only the log, the pages, the metrics and the request
+    log need them, so none of that is on the path of the answer. None of the outputs may
+    fail the request."""
+    global _scheduled_on
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # sync code (a command, a test): at once
+        _output(rec)
+        return
+    _pending.append(rec)
+    if _scheduled_on is not loop:  # (a loop that ended with decisions pending left them here)
+        _scheduled_on = loop
+        loop.call_soon(_flush)
+
+
+def _flush() -> None:
+    global _scheduled_on
+    _scheduled_on = None
+    batch = _pending[:]
+    _pending.clear()
+    for rec in batch:
+        _output(rec)
+
+
+def _output(rec: DecisionRecord) -> None:
     data = rec.as_dict()
     if rec.model is not None and not rec.model.isascii():
         # A lone surrogate (accepted: bodies.loads) cannot be encoded as UTF-8, which a log
