@@ -12,7 +12,10 @@ the httpx-aiohttp transport vs ours), each behind the seam in hal0web under Uvic
 ``python -m bench commits REV`` compares this tree with another commit (bench/commits.py),
 and ``python -m bench instructions REV`` does in instructions per request, which do not
 swing (bench/instructions.py, under callgrind); ``python -m bench models`` measures models on
-demand in front of llama.cpp's own router (bench/models.py).
+demand in front of llama.cpp's own router (bench/models.py). ``python -m bench served``
+counts instructions per request of the whole server process against the minimal
+Starlette + aiohttp proxy (bench/served.py), and ``python -m bench breakdown`` says which
+part of a request takes what share of its time (bench/breakdown.py).
 """
 
 from __future__ import annotations
@@ -776,6 +779,16 @@ def main(argv: list[str]) -> int:
 
         text = instructions.run(argv[1])
         out = RESULTS / "instructions.md"
+    elif mode == "served":
+        from bench import served
+
+        text = served.main(argv[1:])
+        out = RESULTS / "served.md"
+    elif mode == "breakdown":
+        from bench import breakdown
+
+        text = breakdown.report(*(int(n) for n in argv[1:2]))
+        out = RESULTS / "breakdown.md"
     elif mode == "models":
         from bench import models
 
@@ -788,7 +801,8 @@ def main(argv: list[str]) -> int:
         print(
             "usage: python -m bench [all | seam | llama | models | "
             "hold [PROMPT_KB ...] | cost [ROUNDS] | transports [VARIANT ...] | "
-            "scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV]\n"
+            "scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV | "
+            "served [CONFIG ...] | breakdown [REQUESTS]]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,
         )

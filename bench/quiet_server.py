@@ -14,10 +14,16 @@ by however long that request happened to take:
 
 What is left on a clock (Uvicorn's tick) is the same for every server and is measured over
 an idle window and taken out by bench/served.py.
+
+With ``BENCH_PROFILE=FILE`` (bench/breakdown.py) the process profiles itself with cProfile
+from its first SIGUSR1 (after the warm-up) and writes the statistics to FILE when it stops.
 """
 
 from __future__ import annotations
 
+import cProfile
+import os
+import signal
 import sys
 
 import uvicorn
@@ -33,6 +39,19 @@ def main(app: str, port: int) -> None:
 
         sync.ensure_following = lambda: None
         requestlog.LINGER_S = 5.0
+    profile_to = os.environ.get("BENCH_PROFILE")
+    profiler = cProfile.Profile()
+    if profile_to:
+        signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
+
+        def write_out(*_: object) -> None:
+            # Uvicorn raises the signal that stopped it again once it is done, with the
+            # handler that was there before it: this one.
+            profiler.disable()
+            profiler.dump_stats(profile_to)
+            raise SystemExit(0)
+
+        signal.signal(signal.SIGTERM, write_out)
     uvicorn.run(
         app,
         host="127.0.0.1",
