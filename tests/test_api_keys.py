@@ -52,6 +52,23 @@ def test_required_mode_needs_a_key_even_when_none_exists(client, settings):
     assert client.post("/v1/chat/completions", json=BODY).status_code == 401
 
 
+@pytest.mark.django_db(transaction=True)
+async def test_required_mode_knows_a_key_before_the_first_version_check(settings):
+    """The ring is loaded by the process's version check; a request that comes first (just
+    after start-up) must still find its valid key."""
+    from asgiref.sync import sync_to_async
+    from django.test import RequestFactory
+
+    from dispatch.api.keys import authorize
+    from dispatch.coordination.keyring import keyring
+
+    settings.HAL0_API_AUTH = "required"
+    _, key = await sync_to_async(ApiKey.issue)("early")
+    keyring.reset()  # as at start-up: nothing loaded yet, no version check run
+    request = RequestFactory().post("/v1/chat/completions", HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert (await authorize(request)).client == "key:early"
+
+
 def test_the_page_session_works_with_csrf_and_not_without(client, django_user_model, settings):
     settings.HAL0_API_AUTH = "required"
     django_user_model.objects.create_user("alice", password="pw-alice-1")

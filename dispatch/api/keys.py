@@ -53,6 +53,10 @@ async def authorize(request: HttpRequest, key_header: str | None = None) -> Call
     key, bare (``x-api-key``, where the ``anthropic`` SDK sends it: see dispatch.routing.endpoints).
     """
     mode = settings.HAL0_API_AUTH
+    if mode == "required":
+        # Loaded before the key is looked up: a request that comes before the process's
+        # first version check (which loads the ring) must not find a valid key unknown.
+        await keyring.ensure_loaded()
     if mode == "off" or (mode == "auto" and not await _keys_exist()):
         # Open to anyone; the request is still the page user's when it provably comes from
         # their page (the same CSRF check), so their page hears its own decisions.
