@@ -20,6 +20,8 @@ The report goes to ``bench/results/workers.md``.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import secrets
 import statistics
 import time
@@ -32,6 +34,7 @@ from bench import load
 from bench.__main__ import Report, _loadavg, fmt, pct, versions
 from bench.procs import (
     BIN,
+    CLK_TCK,
     HAL0_CORE,
     LOAD_CORE,
     PY,
@@ -59,6 +62,7 @@ class Deployment:
     workers: int
     cores: str  # taskset's list
     proc: Proc | None  # None: direct, the fake itself
+    database: str | None = None
 
 
 @dataclass
@@ -71,6 +75,9 @@ class WCell:
     wall_s: float
     cpu_by_pid: dict[int, float]  # the deployment's processes
     load_cpu_s: float  # the driver (load generator) and the fake upstream
+    services_cpu_s: float  # every postgres and redis-server process (shared with others)
+    redis_calls: dict[str, int]  # Redis commands by name (server-wide counters)
+    pg: tuple[int, int, int]  # the deployment's database: commits, rows inserted, updated
 
     @property
     def cpu_s(self) -> float:
@@ -90,18 +97,80 @@ def _self_cpu_s() -> float:
     return time.process_time()  # every thread of this process: user + system
 
 
-async def measure(d: Deployment, fake: Proc) -> WCell:
+class Services:
+    """What PostgreSQL and Redis do for a cell: CPU of their processes, Redis's command
+    counters (server-wide: another user of this Redis adds to them), and the deployment's
+    own database's transaction and row counters (PostgreSQL publishes a backend's counters
+    within about a second of its transactions)."""
+
+    def __init__(self, admin: psycopg.Connection) -> None:
+        self.admin = admin
+        self.redis = redis.Redis.from_url(REDIS_BASE + "0")
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/comm") as fh:
+                    if fh.read().strip() not in ("postgres", "redis-server"):
+                        continue
+                with open(f"/proc/{entry.name}/stat") as fh:
+                    rest = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(rest[11]) + int(rest[12])) / CLK_TCK
+        return total
+
+    def redis_calls(self) -> dict[str, int]:
+        stats = self.redis.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+    def pg(self, db: str | None) -> tuple[int, int, int]:
+        if db is None:
+            return (0, 0, 0)
+        row = self.admin.execute(
+            "SELECT xact_commit, tup_inserted, tup_updated FROM pg_stat_database "
+            "WHERE datname = %s",
+            (db,),
+        ).fetchone()
+        return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+
+
+async def measure(d: Deployment, fake: Proc, svc: Services) -> WCell:
     before = d.proc.cpu_by_pid() if d.proc else {}
     load0 = _self_cpu_s() + fake.cpu_s()
+    svc0, calls0, pg0 = svc.cpu_s(), svc.redis_calls(), svc.pg(d.database)
     t0 = time.monotonic()
     base = d.proc.base if d.proc else fake.base
     r = await load.closed_loop(base, CONC, CELL_S)
     wall = time.monotonic() - t0
     load1 = _self_cpu_s() + fake.cpu_s()
     after = d.proc.cpu_by_pid() if d.proc else {}
+    svc1, calls1 = svc.cpu_s(), svc.redis_calls()
+    await asyncio.sleep(1.2)  # PostgreSQL's counters catch up (then the next cell starts)
+    pg1 = svc.pg(d.database)
     cpu = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+    calls = {k: n - calls0.get(k, 0) for k, n in calls1.items() if n > calls0.get(k, 0)}
+    pg = (pg1[0] - pg0[0], pg1[1] - pg0[1], pg1[2] - pg0[2])
     lat = r.latencies_ms
-    return WCell(r.rps, pct(lat, 0.5), pct(lat, 0.99), r.errors, r.total, wall, cpu, load1 - load0)
+    return WCell(
+        r.rps,
+        pct(lat, 0.5),
+        pct(lat, 0.99),
+        r.errors,
+        r.total,
+        wall,
+        cpu,
+        load1 - load0,
+        svc1 - svc0,
+        calls,
+        pg,
+    )
 
 
 def _argv(workers: int, port: int) -> list[str]:
@@ -213,6 +282,47 @@ def _report(
         "included, over the CPU of all the deployment's processes.",
         "",
     )
+    rows = []
+    for d in deps[1:]:
+        cs = cells[d.name]
+        per = statistics.median(c.answered for c in cs)
+        calls: dict[str, float] = {}
+        for c in cs:
+            for k, n in c.redis_calls.items():
+                calls[k] = calls.get(k, 0.0) + n / c.answered / len(cs)
+        top = sorted(calls.items(), key=lambda kv: -kv[1])[:4]
+        rows.append(
+            [
+                d.name,
+                fmt(statistics.median(c.services_cpu_s / c.wall_s for c in cs), 2),
+                fmt(statistics.median(c.services_cpu_s * 1000 / c.answered for c in cs), 3),
+                fmt(sum(calls.values()), 2)
+                + " ("
+                + ", ".join(f"{k} {v:.2f}" for k, v in top)
+                + ")",
+                " / ".join(
+                    fmt(statistics.median(c.pg[i] / c.answered for c in cs), 3) for i in range(3)
+                ),
+                fmt(per, 0),
+            ]
+        )
+    rep.add(
+        "What PostgreSQL and Redis did meanwhile (means and medians over the same cells; "
+        "their CPU is every `postgres` and `redis-server` process's, which other users of "
+        "the two servers on this machine add to, as they add to Redis's command counters):",
+        "",
+    )
+    rep.table(
+        [
+            "deployment",
+            "PostgreSQL + Redis cores used",
+            "their CPU ms/req",
+            "Redis commands per request (top ones)",
+            "PG commits / rows inserted / rows updated per request",
+            "requests per cell",
+        ],
+        rows,
+    )
     one, two = cells[deps[1].name], cells[deps[2].name]
     per_round = [b.rps / a.rps for a, b in zip(one, two, strict=True)]
     wall = statistics.median(per_round)
@@ -298,7 +408,7 @@ async def run() -> str:
             proc.extra_env.update(
                 DATABASE_URL=PG_BASE + dbs[i], REDIS_URL=f"{REDIS_BASE}{redis_dbs[i]}"
             )
-            deps.append(Deployment(name, workers, cores, proc))
+            deps.append(Deployment(name, workers, cores, proc, dbs[i]))
         for d in deps[1:]:
             assert d.proc is not None
             d.proc.start()
@@ -309,10 +419,14 @@ async def run() -> str:
             await load.closed_loop(d.proc.base, CONC, WARM_S, warmup_s=0.0)
         _header(rep, started, deps, fake, dbs, redis_dbs)
         cells: dict[str, list[WCell]] = {}
-        for rnd in range(ROUNDS):
-            k = rnd % len(deps)
-            for d in deps[k:] + deps[:k]:
-                cells.setdefault(d.name, []).append(await measure(d, fake))
+        svc = Services(admin)
+        try:
+            for rnd in range(ROUNDS):
+                k = rnd % len(deps)
+                for d in deps[k:] + deps[:k]:
+                    cells.setdefault(d.name, []).append(await measure(d, fake, svc))
+        finally:
+            svc.close()
         _report(rep, deps, cells)
         for d in deps[1:]:
             assert d.proc is not None
