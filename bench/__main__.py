@@ -12,10 +12,12 @@ the httpx-aiohttp transport vs ours), each behind the seam in hal0web under Uvic
 ``python -m bench commits REV`` compares this tree with another commit (bench/commits.py),
 and ``python -m bench instructions REV`` does in instructions per request, which do not
 swing (bench/instructions.py, under callgrind); ``python -m bench models`` measures models on
-demand in front of llama.cpp's own router (bench/models.py). ``python -m bench served``
-counts instructions per request of the whole server process against the minimal
-Starlette + aiohttp proxy (bench/served.py), and ``python -m bench breakdown`` says which
-part of a request takes what share of its time (bench/breakdown.py).
+demand in front of llama.cpp's own router (bench/models.py); ``python -m bench servers``
+sets Uvicorn against Granian, hal0web against the minimal proxy (bench/servers.py), and
+``python -m bench workers`` two workers against one on PostgreSQL + Redis (bench/workers.py).
+``python -m bench served`` counts instructions per request of the whole server process
+against the minimal Starlette + aiohttp proxy (bench/served.py), and ``python -m bench
+breakdown`` says which part of a request takes what share of its time (bench/breakdown.py).
 """
 
 from __future__ import annotations
@@ -794,12 +796,22 @@ def main(argv: list[str]) -> int:
 
         text = uvloop.run(models.run())
         out = RESULTS / "models.md"
+    elif mode == "servers":
+        from bench import servers
+
+        text = uvloop.run(servers.run())
+        out = RESULTS / "servers.md"
+    elif mode == "workers":
+        from bench import workers
+
+        text = uvloop.run(workers.run())
+        out = RESULTS / "workers.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
-            "usage: python -m bench [all | seam | llama | models | "
+            "usage: python -m bench [all | seam | llama | models | servers | workers | "
             "hold [PROMPT_KB ...] | cost [ROUNDS] | transports [VARIANT ...] | "
             "scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV | "
             "served [CONFIG ...] | breakdown [REQUESTS]]\n"

@@ -51,7 +51,7 @@ class Proc:
     name: str
     argv: list[str]
     env: dict[str, str]
-    core: int
+    core: int | str  # taskset's CPU list: one core, or several ("0,1": bench/workers.py)
     port: int
     log_path: Path
     ready_path: str = "/v1/models"
@@ -80,15 +80,16 @@ class Proc:
                     dst.executescript(self.database_sql)  # one statement or several
             src.close()
             dst.close()
-        log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
-        self.popen = subprocess.Popen(
-            ["taskset", "-c", str(self.core), *self.argv],
-            env={**self.env, **self.extra_env},
-            cwd=self.cwd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_raise_nofile,
-        )
+        # The child writes to its own copy of the descriptor: ours is closed once it runs.
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                ["taskset", "-c", str(self.core), *self.argv],
+                env={**self.env, **self.extra_env},
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_raise_nofile,
+            )
 
     def wait_http(self, path: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -116,10 +117,19 @@ class Proc:
             return int(fh.read().split()[1]) * PAGE / 1e6
 
     def cpu_s(self) -> float:
-        with open(f"/proc/{self.pid}/stat") as fh:
-            # Fields after the command name (which may hold spaces): utime, stime are 14, 15.
-            rest = fh.read().rsplit(")", 1)[1].split()
-        return (int(rest[11]) + int(rest[12])) / CLK_TCK
+        """User + system CPU seconds of the process and every process under it: a server
+        that runs its workers as child processes (Granian, Uvicorn's --workers) counts
+        them all, the supervisor included."""
+        return sum(self.cpu_by_pid().values())
+
+    def cpu_by_pid(self) -> dict[int, float]:
+        """CPU seconds of each live process of the tree (the server's pid first)."""
+        out: dict[int, float] = {}
+        for pid in tree_pids(self.pid):
+            stat = _stat(pid)
+            if stat is not None:
+                out[pid] = (int(stat[11]) + int(stat[12])) / CLK_TCK
+        return out
 
     def stop(self) -> None:
         if self.popen is None or self.popen.poll() is not None:
@@ -130,6 +140,44 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait(5)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (which may hold spaces): state is
+    [0], ppid [1], utime [11], stime [12]; None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its descendants, root first (a scan of /proc: children by parent)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat is not None:
+                children.setdefault(int(stat[1]), []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(sorted(children.get(pid, ())))
+    return out
+
+
+def affinity(pid: int) -> str:
+    """The cores a process may run on, as taskset writes them (``1``, ``0-1``)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("Cpus_allowed_list:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
 
 
 class Workspace:
@@ -165,7 +213,7 @@ class Workspace:
             "SlotModel.objects.create(slot=s, model_id='bench-model', is_default=True)\n",
         )
 
-    def proc(self, name: str, argv: list[str], core: int, port: int) -> Proc:
+    def proc(self, name: str, argv: list[str], core: int | str, port: int) -> Proc:
         return Proc(name, argv, self.env, core, port, self.dir / f"{name}.log")
 
     def server(self, name: str, argv: list[str], port: int) -> Proc:

@@ -7,13 +7,19 @@ generator counts events and coalesced arrivals correctly, and the resolver mix r
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from bench import load, resolver
 from bench.fake import FakeProtocol
+from bench.procs import Proc, affinity, tree_pids
 from dispatch.routing.resolver import Decision, NoRoute, resolve
+from tests.polling import wait_until
 
 
 @pytest.fixture
@@ -153,3 +159,34 @@ def test_the_in_process_driver_gets_each_case_answered(case: str, tmp_path) -> N
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_servers_cpu_time_counts_the_processes_it_started(tmp_path: Path) -> None:
+    """Granian and Uvicorn's --workers serve from child processes: their CPU time belongs to
+    the server's (bench/servers.py, bench/workers.py), not only the supervisor's."""
+    burn = (
+        "import time\nt = time.process_time()\n"
+        "while time.process_time() - t < 0.3:\n    pass\ntime.sleep(20)\n"
+    )
+    code = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {burn!r}]); time.sleep(20)"
+    )
+    proc = Proc("tree", [sys.executable, "-c", code], dict(os.environ), 0, 0, tmp_path / "log")
+    proc.start()
+
+    def burnt() -> dict[int, float] | None:
+        by_pid = proc.cpu_by_pid()
+        return by_pid if len(by_pid) == 2 and sum(by_pid.values()) >= 0.3 else None
+
+    try:
+        by_pid = wait_until(burnt, "the child to burn 0.3 s of CPU")
+        parent, child = by_pid
+        assert parent == proc.pid and tree_pids(proc.pid) == [parent, child]
+        assert by_pid[parent] < 0.3 <= proc.cpu_s()
+        assert affinity(child) == "0"  # taskset's pinning holds for the children too
+    finally:
+        for pid in reversed(tree_pids(proc.pid)):
+            os.kill(pid, signal.SIGKILL)
+        assert proc.popen is not None
+        proc.popen.wait(5)
