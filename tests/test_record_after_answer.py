@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -34,7 +35,7 @@ async def test_the_decision_is_recorded_after_the_answer_is_sent(monkeypatch) ->
         await asyncio.Event().wait()  # the client stays
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Mapping[str, Any]) -> None:
         sent.append(message["type"])
 
     scope = {

@@ -282,7 +282,7 @@ def test_the_writer_keeps_its_connection_between_batches_and_drops_it_after_a_fa
         if len(seen) == 2:
             connection.connection.close()  # broken under Django's feet, as a restart would
 
-    writer._insert = spied  # type: ignore[method-assign]
+    writer._insert = spied
     writer.start()
     for i in range(4):
         rec = _record(i)
