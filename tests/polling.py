@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -67,3 +67,18 @@ async def await_until(
         if time.monotonic() >= deadline:
             raise _timed_out(what, timeout, last, show)
         await asyncio.sleep(every)
+
+
+def logged(count: int = 1, **filters: object) -> list[Any]:
+    """The request-log rows matching ``filters``, once ``count`` of them are written.
+
+    A decision is recorded at the server loop's next turn after its answer went out (issue
+    23), so a client that has its answer can be a moment ahead of the row: the writer's
+    ``flush`` covers only rows already offered to it."""
+    from dispatch.models import RequestLog
+
+    def written() -> list[Any]:
+        rows = list(RequestLog.objects.filter(**filters))
+        return rows if len(rows) >= count else []
+
+    return wait_until(written, f"{count} request-log row(s) with {filters}", 10)

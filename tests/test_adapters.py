@@ -10,8 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from dispatch.models import RequestLog, Slot
-from dispatch.observability import requestlog
+from dispatch.models import Slot
 from dispatch.routing.resolver import Decision, NoRoute, resolve
 from dispatch.routing.states import READY
 from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
@@ -20,7 +19,7 @@ from dispatch.wire.adapters import ClientRequest, Outgoing
 from dispatch.wire.framing import EventReader
 from tests.conftest import add_slot
 from tests.fakes import FakeUpstream, ServerThread
-from tests.polling import wait_until
+from tests.polling import logged, wait_until
 
 # A made-up endpoint a slot can offer; the test adapter serves chat/completions on it by
 # sending the request to the slot's /completions, its body rewritten.
@@ -231,8 +230,7 @@ def test_a_passthrough_answer_says_so_and_the_log_and_request_log_name_the_mode(
         wait_until(
             lambda: any('"mode":"passthrough"' in m for m in caplog.messages), "the log line"
         )
-        assert requestlog.writer.flush(10)
-        row = RequestLog.objects.get(request_id=r.headers["X-Request-Id"])
+        [row] = logged(request_id=r.headers["X-Request-Id"])
         assert (row.slot, row.mode) == ("plain", "passthrough")
     finally:
         server.stop()

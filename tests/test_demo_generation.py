@@ -17,6 +17,29 @@ from tests.fake_llama_server import CRASH_ENV, shim
 from tests.fakes import FakeUpstream, ServerThread, free_port
 
 
+def _read_request(conn: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
+
+
 class DroppingServer:
     """A raw socket server that reads each request and closes the connection unanswered."""
 
@@ -36,7 +59,7 @@ class DroppingServer:
             except OSError:
                 return
             with conn:
-                conn.recv(65536)
+                _read_request(conn)  # all of it: closing with bytes unread sends a reset
                 self.requests += 1
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ import httpx
 
 from dispatch.observability import requestlog
 from dispatch.observability.decisions import DecisionRecord
-from tests.polling import wait_until
+from tests.polling import logged, wait_until
 
 HERMES_MODEL = "qwen3-coder-reap-25b-a3b-q5km"
 
@@ -45,7 +45,7 @@ def test_one_row_per_request_after_a_burst(seed_slots, hal0, settings):
     with httpx.Client(base_url=hal0.url, timeout=10) as c:
         r = chat(c, "nope")  # refused (401: no key) — still one row
     assert r.status_code == 401
-    assert requestlog.writer.flush(10)
+    logged(200, request_id__in=ids)
     rows = RequestLog.objects.filter(request_id__in=ids)
     assert rows.count() == 200 == len(set(ids))
     row = rows.first()
@@ -75,14 +75,12 @@ def test_one_row_per_request_after_a_burst(seed_slots, hal0, settings):
 
 
 def test_bodies_only_when_the_operator_turns_them_on_and_capped(seed_slots, hal0, settings):
-    from dispatch.models import RequestLog
 
     settings.HAL0_LOG_BODIES = True
     settings.HAL0_LOG_BODY_MAX_BYTES = 40
     with httpx.Client(base_url=hal0.url, timeout=10) as c:
         r = chat(c, HERMES_MODEL)
-    assert requestlog.writer.flush(10)
-    row = RequestLog.objects.get(request_id=r.headers["X-Request-Id"])
+    [row] = logged(request_id=r.headers["X-Request-Id"])
     assert row.body == r.request.content.decode()[:40]
     assert len(row.body) == 40
     assert row.answer == r.content.decode()[:40]
@@ -99,8 +97,7 @@ def test_bodies_only_when_the_operator_turns_them_on_and_capped(seed_slots, hal0
         ) as s,
     ):
         streamed = s.read().decode()
-    assert requestlog.writer.flush(10)
-    row = RequestLog.objects.get(request_id=s.headers["X-Request-Id"])
+    [row] = logged(request_id=s.headers["X-Request-Id"])
     assert row.answer == streamed[:40] and row.answer.startswith("data: {")
 
 
@@ -236,7 +233,6 @@ def test_a_failover_is_explained_in_the_row_and_the_log_line(fake, no_watcher, h
     import json
     import logging
 
-    from dispatch.models import RequestLog
     from tests.conftest import add_slot
     from tests.fakes import free_port
 
@@ -249,8 +245,7 @@ def test_a_failover_is_explained_in_the_row_and_the_log_line(fake, no_watcher, h
     ):
         r = chat(c, "m1")
     assert r.status_code == 200 and r.headers["X-Hal0-Resolution"] == "failover:first->second"
-    assert requestlog.writer.flush(10)
-    row = RequestLog.objects.get(request_id=r.headers["X-Request-Id"])
+    [row] = logged(request_id=r.headers["X-Request-Id"])
     assert row.why == (
         "answered by second: first failed before answering, so the request failed over; "
         "first choice: the highest priority (5) of 2 slots serving 'm1'"
