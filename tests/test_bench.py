@@ -181,6 +181,7 @@ def test_a_servers_cpu_time_counts_the_processes_it_started(tmp_path: Path) -> N
 
     try:
         by_pid = wait_until(burnt, "the child to burn 0.3 s of CPU")
+        assert by_pid is not None
         parent, child = by_pid
         assert parent == proc.pid and tree_pids(proc.pid) == [parent, child]
         assert by_pid[parent] < 0.3 <= proc.cpu_s()
