@@ -14,8 +14,11 @@ dropped at the end) and its own empty Redis database (flushed at the end), so th
 form one cluster. The fake upstream and this driver (the load generator) run on core 0; one
 worker is pinned to core 1; two workers may run on cores 0 and 1 (``taskset -c 0,1``, i.e.
 unpinned on this machine) and so share core 0 with the load generator. Cells at 64
-concurrent, interleaved round by round with ``direct`` (the load generator against the fake).
-The report goes to ``bench/results/workers.md``.
+concurrent, interleaved round by round with ``direct`` (the load generator against the fake)
+and with one worker of the embedded default (SQLite, no Redis, core 1): what the production
+shape's stores cost a worker. PostgreSQL's and Redis's own CPU, the Redis commands and the
+PostgreSQL transactions per request, and what other work on the machine took from each cell
+(/proc/stat) are reported beside. The report goes to ``bench/results/workers.md``.
 """
 
 from __future__ import annotations
@@ -51,9 +54,10 @@ PG_BASE = "postgres://postgres@127.0.0.1:5432/"
 REDIS_BASE = "redis://127.0.0.1:6379/"
 CONC = 64
 CELL_S = 5.0
-ROUNDS = 5
+ROUNDS = 7
 WARM_S = 3.0
 TARGET = 1.7
+ONE, TWO, SQLITE = "1-worker", "2-workers", "1-worker-sqlite"
 
 
 @dataclass
@@ -62,7 +66,8 @@ class Deployment:
     workers: int
     cores: str  # taskset's list
     proc: Proc | None  # None: direct, the fake itself
-    database: str | None = None
+    database: str | None = None  # its PostgreSQL database (None: SQLite, or direct)
+    stores: str = ""  # where its state lives, for the report
 
 
 @dataclass
@@ -78,6 +83,14 @@ class WCell:
     services_cpu_s: float  # every postgres and redis-server process (shared with others)
     redis_calls: dict[str, int]  # Redis commands by name (server-wide counters)
     pg: tuple[int, int, int]  # the deployment's database: commits, rows inserted, updated
+    busy_s: float  # CPU seconds the whole machine spent on anything (/proc/stat)
+
+    @property
+    def others_cores(self) -> float:
+        """What neither this deployment, the load generator, the fake, PostgreSQL nor Redis
+        used: other work on the machine, which takes cores from the cell."""
+        ours = self.cpu_s + self.load_cpu_s + self.services_cpu_s
+        return max(0.0, self.busy_s - ours) / self.wall_s
 
     @property
     def cpu_s(self) -> float:
@@ -88,9 +101,20 @@ class WCell:
         return self.cpu_s / self.wall_s
 
     @property
+    def cpu_s_per_req(self) -> float:
+        return self.cpu_s / self.answered if self.answered else float("nan")
+
+    @property
     def per_cpu_s(self) -> float:
         """Requests per CPU-second of the hal0web processes."""
         return self.answered / self.cpu_s if self.cpu_s else float("nan")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core has spent busy since boot (not idle, not waiting on I/O)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK  # without guest (in user)
 
 
 def _self_cpu_s() -> float:
@@ -145,6 +169,7 @@ async def measure(d: Deployment, fake: Proc, svc: Services) -> WCell:
     before = d.proc.cpu_by_pid() if d.proc else {}
     load0 = _self_cpu_s() + fake.cpu_s()
     svc0, calls0, pg0 = svc.cpu_s(), svc.redis_calls(), svc.pg(d.database)
+    busy0 = machine_busy_s()
     t0 = time.monotonic()
     base = d.proc.base if d.proc else fake.base
     r = await load.closed_loop(base, CONC, CELL_S)
@@ -152,6 +177,7 @@ async def measure(d: Deployment, fake: Proc, svc: Services) -> WCell:
     load1 = _self_cpu_s() + fake.cpu_s()
     after = d.proc.cpu_by_pid() if d.proc else {}
     svc1, calls1 = svc.cpu_s(), svc.redis_calls()
+    busy1 = machine_busy_s()
     await asyncio.sleep(1.2)  # PostgreSQL's counters catch up (then the next cell starts)
     pg1 = svc.pg(d.database)
     cpu = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
@@ -170,6 +196,7 @@ async def measure(d: Deployment, fake: Proc, svc: Services) -> WCell:
         svc1 - svc0,
         calls,
         pg,
+        busy1 - busy0,
     )
 
 
@@ -252,6 +279,7 @@ def _report(
                 str(sum(c.errors for c in cs)),
                 "" if is_direct else fmt(_median(cs, "cores"), 2) + f" ({each})",
                 fmt(statistics.median(c.load_cpu_s / c.wall_s for c in cs), 2),
+                fmt(_median(cs, "others_cores"), 2),
                 "" if is_direct else fmt(_median(cs, "per_cpu_s"), 0),
                 "" if is_direct else fmt(statistics.median(1000 / c.per_cpu_s for c in cs), 3),
             ]
@@ -271,6 +299,7 @@ def _report(
             "errors",
             "hal0web cores used (per process)",
             "load generator + fake cores used",
+            "other work's cores used",
             "requests per hal0web CPU-second",
             "CPU ms/req",
         ],
@@ -278,8 +307,10 @@ def _report(
     )
     rep.add(
         "Cores used = CPU seconds (user + system, /proc/PID/stat) over the cell's wall time "
-        "(warm-up included). Requests per CPU-second count every answered request, warm-up "
-        "included, over the CPU of all the deployment's processes.",
+        "(warm-up included). `other work` is the machine's busy time (/proc/stat) less "
+        "hal0web's, the load generator's, the fake's, PostgreSQL's and Redis's: what the "
+        "rest of the machine took from the cell. Requests per CPU-second count every answered "
+        "request, warm-up included, over the CPU of all the deployment's processes.",
         "",
     )
     rows = []
@@ -323,17 +354,16 @@ def _report(
         ],
         rows,
     )
-    one, two = cells[deps[1].name], cells[deps[2].name]
+    one, two, embedded = cells[ONE], cells[TWO], cells[SQLITE]
     per_round = [b.rps / a.rps for a, b in zip(one, two, strict=True)]
     wall = statistics.median(per_round)
+    of_medians = _median(two, "rps") / _median(one, "rps")
     eff = _median(two, "per_cpu_s") / _median(one, "per_cpu_s")
-    per_core = statistics.median(
-        (b.rps / b.cores) / (a.rps / a.cores) for a, b in zip(one, two, strict=True)
-    )
     one_cores, two_cores = _median(one, "cores"), _median(two, "cores")
     # Each worker with a core to itself, at the CPU per request measured with two: what two
     # cores would serve against what one worker's core serves at its own measured cost.
-    projected = 2 * _median(two, "per_cpu_s") / _median(one, "per_cpu_s")
+    projected = 2 * eff
+    shape = _median(one, "cpu_s_per_req") / _median(embedded, "cpu_s_per_req")
 
     def yes(ok: bool) -> str:
         return "yes" if ok else "NO"
@@ -348,13 +378,13 @@ def _report(
                 yes(wall >= TARGET),
             ],
             [
-                "cores used by hal0web, 2 workers / 1 worker",
-                f"{two_cores:.2f} / {one_cores:.2f}",
-                "",
+                "rps(2) / rps(1), the medians' ratio",
+                f"{of_medians:.2f}x",
+                yes(of_medians >= TARGET),
             ],
             [
-                "rps per hal0web core used, 2 workers / 1 worker (median of per-round ratios)",
-                f"{per_core:.2f}x",
+                "cores used by hal0web, 2 workers / 1 worker",
+                f"{two_cores:.2f} / {one_cores:.2f}",
                 "",
             ],
             [
@@ -367,6 +397,12 @@ def _report(
                 "(two cores of their own, the load generator outside)",
                 f"{projected:.2f}x",
                 yes(projected >= TARGET),
+            ],
+            [
+                "one worker's CPU per request, PostgreSQL + Redis / SQLite without Redis "
+                "(hal0web's own processes only)",
+                f"{shape:.2f}x",
+                "",
             ],
         ],
     )
@@ -395,20 +431,26 @@ async def run() -> str:
         fake.wait_http("/v1/models")
         admin.execute(f'CREATE DATABASE "{dbs[0]}"')
         created.append(dbs[0])
-        ws.env["DATABASE_URL"] = PG_BASE + dbs[0]
+        # The embedded default first (SQLite in the workspace, copied for its server), for
+        # what PostgreSQL + Redis cost one worker; then the production shape's database.
         ws.setup(fake.port)  # migrate, one slot `bench` at the fake
+        ws.env["DATABASE_URL"] = PG_BASE + dbs[0]
+        ws.setup(fake.port)
         # A copy of the migrated database for the other deployment (no connection is open).
         admin.execute(f'CREATE DATABASE "{dbs[1]}" TEMPLATE "{dbs[0]}"')
         created.append(dbs[1])
         deps = [Deployment("direct", 0, str(LOAD_CORE), None)]
         for i, (workers, cores) in enumerate(((1, str(HAL0_CORE)), (2, "0,1"))):
             port = free_port()
-            name = f"{workers}-worker" + ("s" if workers > 1 else "")
+            name = ONE if workers == 1 else TWO
             proc = ws.proc(name, _argv(workers, port), cores, port)
-            proc.extra_env.update(
-                DATABASE_URL=PG_BASE + dbs[i], REDIS_URL=f"{REDIS_BASE}{redis_dbs[i]}"
-            )
-            deps.append(Deployment(name, workers, cores, proc, dbs[i]))
+            redis_url = f"{REDIS_BASE}{redis_dbs[i]}"
+            proc.extra_env.update(DATABASE_URL=PG_BASE + dbs[i], REDIS_URL=redis_url)
+            stores = f"PostgreSQL `{dbs[i]}`, Redis db {redis_dbs[i]}"
+            deps.append(Deployment(name, workers, cores, proc, dbs[i], stores))
+        port = free_port()
+        embedded = ws.server(SQLITE, _argv(1, port), port)  # its own copy of the SQLite file
+        deps.append(Deployment(SQLITE, 1, str(HAL0_CORE), embedded, None, "SQLite, no Redis"))
         for d in deps[1:]:
             assert d.proc is not None
             d.proc.start()
@@ -417,7 +459,7 @@ async def run() -> str:
             d.proc.wait_http("/v1/models")
             # Every worker up and warm (the first to answer is not all of them).
             await load.closed_loop(d.proc.base, CONC, WARM_S, warmup_s=0.0)
-        _header(rep, started, deps, fake, dbs, redis_dbs)
+        _header(rep, started, deps, fake)
         cells: dict[str, list[WCell]] = {}
         svc = Services(admin)
         try:
@@ -458,8 +500,6 @@ def _header(
     started: float,
     deps: list[Deployment],
     fake: Proc,
-    dbs: list[str],
-    redis_dbs: list[int],
 ) -> None:
     rep.add(
         "# hal0web: two Uvicorn workers against one (PostgreSQL + Redis)",
@@ -469,14 +509,14 @@ def _header(
         "",
         f"The fake upstream (pid {fake.pid}) and this driver, the load generator (aiohttp "
         f"client on uvloop, closed loop), on core {LOAD_CORE}. One worker pinned to core "
-        f"{HAL0_CORE}; two workers allowed on cores 0 and 1 (`taskset -c 0,1`: unpinned on this "
+        f"{HAL0_CORE} (so is the SQLite one); two workers allowed on cores 0 and 1 (`taskset -c 0,1`: unpinned on this "
         "2-core machine, sharing core 0 with the load generator). HAL0_LOG_LEVEL=WARNING, "
         "metrics and the request log on (the defaults), the slot watcher in every worker "
         "(deploy/Procfile). Load average at start: " + _loadavg() + ".",
         "",
     )
     rows = []
-    for i, d in enumerate(deps[1:]):
+    for d in deps[1:]:
         assert d.proc is not None
         pids = tree_pids(d.proc.pid)
         rows.append(
@@ -485,7 +525,7 @@ def _header(
                 ", ".join(
                     f"{pid} {role(pid, pids[0], d.workers)} (cores {affinity(pid)})" for pid in pids
                 ),
-                f"`{dbs[i]}`, Redis db {redis_dbs[i]}",
+                d.stores,
                 "`" + " ".join(d.proc.argv).replace(PY, "python").replace(f"{BIN}/", "") + "`",
             ]
         )
