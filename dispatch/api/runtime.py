@@ -175,6 +175,10 @@ class BareASGIHandler(ASGIHandler):
         """Django's ``send_response`` without its re-chunking: a stream's parts go out as
         the relay yields them (each an upstream read or a translated event, already bytes),
         and a whole body in one message."""
+        if response.streaming and not response.is_async:  # type: ignore[attr-defined]
+            # A stream from a sync iterator (none of the relay's is): Django's own way maps it.
+            await super().send_response(response, send)
+            return
         headers = [
             (name.encode("ascii"), value.encode("latin-1")) for name, value in response.items()
         ]
