@@ -82,3 +82,16 @@ def logged(count: int = 1, **filters: object) -> list[Any]:
         return rows if len(rows) >= count else []
 
     return wait_until(written, f"{count} request-log row(s) with {filters}", 10)
+
+
+def decision_lines(caplog: Any, count: int = 1) -> list[dict[str, Any]]:
+    """The ``hal0.dispatch`` JSON log lines caplog has, once it has ``count`` of them (a
+    decision is logged at the server loop's next turn after its answer: issue 23). Call it
+    inside ``caplog.at_level``, which lets the lines through."""
+    import json
+
+    def lines() -> list[dict[str, Any]]:
+        found = [json.loads(r.getMessage()) for r in caplog.records if r.name == "hal0.dispatch"]
+        return found if len(found) >= count else []
+
+    return wait_until(lines, f"{count} decision log line(s)", 10)

@@ -12,7 +12,7 @@ from dispatch.routing import endpoints
 from dispatch.routing.endpoints import BY_NAME, DEFAULT_ENDPOINTS, ENDPOINTS, OFFERABLE, SLOT_TYPES
 from dispatch.routing.resolver import NoRoute, pinned, resolve
 from dispatch.routing.table import ModelEntry, RoutingTable, make_slot
-from tests.polling import wait_until
+from tests.polling import decision_lines, wait_until
 
 
 def test_every_path_of_the_table_is_routed_to_its_view():
@@ -100,14 +100,13 @@ def test_unknown_paths_list_every_endpoint_and_allow_comes_from_the_table(client
 
 
 def test_decisions_and_headers_are_the_same_on_every_endpoint(client, caplog):
-    import json
     import logging
 
     with caplog.at_level(logging.INFO, logger="hal0.dispatch"):
         r = client.post("/v1/rerank", json={"model": "rerank-a", "query": "q", "documents": []})
         assert r.headers["x-hal0-slot"] == "rr-a" and r.headers["x-hal0-resolution"]
         assert r.headers["x-request-id"]
-    lines = [json.loads(x.getMessage()) for x in caplog.records if x.name == "hal0.dispatch"]
+        lines = decision_lines(caplog)
     assert lines[-1]["endpoint"] == "rerank" and lines[-1]["slot"] == "rr-a"
     assert lines[-1]["why"]["text"].startswith("answered by rr-a")
 

@@ -4,7 +4,6 @@ discovered models, drift, the swap window, failover and concurrency limits."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -14,7 +13,7 @@ import httpx
 from dispatch.models import Slot
 from tests.conftest import add_slot
 from tests.fakes import FakeUpstream, ServerThread, free_port
-from tests.polling import wait_until
+from tests.polling import decision_lines, wait_until
 
 
 def state_of(name: str) -> str:
@@ -91,10 +90,10 @@ def test_cold_start_probes_before_turning_a_request_away(fake, no_watcher, hal0,
         httpx.Client(base_url=hal0.url, timeout=5) as c,
     ):
         r = c.post("/v1/chat/completions", json={"model": "only-discovered", "messages": []})
+        [line] = decision_lines(caplog)
     assert r.status_code == 200, r.text
     assert r.headers["X-Hal0-Slot"] == "a"
     assert state_of("a") == "ready"
-    [line] = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "hal0.dispatch"]
     assert line["cache_state"] == "cold" and line["resolution_path"] == "discovered:a"
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from tests.conftest import add_slot
 from tests.fake_chat_agent import ChatAgent
 from tests.fakes import FakeUpstream, ServerThread
+from tests.polling import decision_lines
 
 WEATHER_TOOL = {
     "type": "function",
@@ -528,7 +529,6 @@ def test_what_cannot_be_translated_is_a_clear_400(sdk, agent, hal0):
 
 
 def test_a_translated_stream_says_what_it_dropped_and_logs_its_tokens(agent, hal0, caplog):
-    import json
 
     body = {"model": "talker", "input": "hi", "stream": True, "tools": [{"type": "file_search"}]}
     with (
@@ -541,7 +541,7 @@ def test_a_translated_stream_says_what_it_dropped_and_logs_its_tokens(agent, hal
         assert r.headers["x-hal0-mode"] == "translated"
         r.read()
         rid = r.headers["x-request-id"]
-    lines = [json.loads(m) for m in caplog.messages if rid in m]
+        lines = [line for line in decision_lines(caplog) if line["request_id"] == rid]
     # The counts the Response's last event carries (its upstream's usage chunk).
     assert (lines[-1]["prompt_tokens"], lines[-1]["completion_tokens"]) == (1, 3)
 

@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from tests.polling import decision_lines
+
 HERMES_MODEL = "qwen3-coder-reap-25b-a3b-q5km"
 
 
@@ -253,7 +255,7 @@ def test_every_request_logs_one_structured_decision(client, caplog):
     with caplog.at_level(logging.INFO, logger="hal0.dispatch"):
         chat(client, HERMES_MODEL)
         chat(client, "nope")
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "hal0.dispatch"]
+        lines = decision_lines(caplog, 2)
     assert len(lines) == 2
     ok, missing = lines
     assert ok["event"] == "dispatch.decision"
