@@ -14,7 +14,8 @@ and ``python -m bench instructions REV`` does in instructions per request, which
 swing (bench/instructions.py, under callgrind); ``python -m bench models`` measures models on
 demand in front of llama.cpp's own router (bench/models.py); ``python -m bench servers``
 sets Uvicorn against Granian, hal0web against the minimal proxy (bench/servers.py), and
-``python -m bench workers`` two workers against one on PostgreSQL + Redis (bench/workers.py).
+``python -m bench workers`` two workers against one on PostgreSQL + Redis (bench/workers.py),
+``python -m bench crowds`` hundreds of open pages against the /v1 path (bench/crowds.py).
 ``python -m bench served`` counts instructions per request of the whole server process
 against the minimal Starlette + aiohttp proxy (bench/served.py), and ``python -m bench
 breakdown`` says which part of a request takes what share of its time (bench/breakdown.py).
@@ -23,6 +24,7 @@ breakdown`` says which part of a request takes what share of its time (bench/bre
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import platform
 import statistics
@@ -791,27 +793,16 @@ def main(argv: list[str]) -> int:
 
         text = breakdown.report(*(int(n) for n in argv[1:2]))
         out = RESULTS / "breakdown.md"
-    elif mode == "models":
-        from bench import models
-
-        text = uvloop.run(models.run())
-        out = RESULTS / "models.md"
-    elif mode == "servers":
-        from bench import servers
-
-        text = uvloop.run(servers.run())
-        out = RESULTS / "servers.md"
-    elif mode == "workers":
-        from bench import workers
-
-        text = uvloop.run(workers.run())
-        out = RESULTS / "workers.md"
+    elif mode in ("models", "servers", "workers", "crowds"):
+        # Each a module of its own whose run() makes the report: bench/results/MODE.md.
+        text = uvloop.run(importlib.import_module(f"bench.{mode}").run())
+        out = RESULTS / f"{mode}.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
     else:
         print(
-            "usage: python -m bench [all | seam | llama | models | servers | workers | "
+            "usage: python -m bench [all | seam | llama | models | servers | workers | crowds | "
             "hold [PROMPT_KB ...] | cost [ROUNDS] | transports [VARIANT ...] | "
             "scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV | "
             "served [CONFIG ...] | breakdown [REQUESTS]]\n"
