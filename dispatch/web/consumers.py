@@ -1,4 +1,4 @@
-"""The live UI's WebSocket: a snapshot on connect, then every dispatch event as it happens.
+"""The live UI's WebSocket: a snapshot on connect, then the dispatch events in batches.
 
 What a page hears depends on who is looking (issue 14): staff see every decision and each
 slot's URL; any other user sees the decisions of their own requests only (``events.join``
@@ -8,7 +8,9 @@ and ports of the machines behind hal0web.
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,7 +21,7 @@ from dispatch.coordination import events
 from dispatch.coordination.store import store
 from dispatch.upstream.admission import admission
 from dispatch.upstream.outliers import outliers
-from dispatch.web.live import loader_news
+from dispatch.web.live import batch_event, loader_news
 from dispatch.web.snapshots import snapshot
 
 
@@ -56,9 +58,20 @@ def without_urls(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+# A page that falls this many deliveries behind (about this many ticks: seconds) lets the
+# oldest go, and is told how many events it missed with the next one it gets.
+OUTBOX_LIMIT = 50
+
+
 class DispatchConsumer(AsyncWebsocketConsumer):
+    # No channel of its own: the page hears the bus through events.join, which hands it what
+    # this process's one channel for its pages hears (dispatch.coordination.events._Hub).
+    # An alias no layer is configured under gives a consumer none.
+    channel_layer_alias = "hal0.pages-have-no-channel"
     staff = False
     username = ""
+    _joined = False
+    _sender: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -68,15 +81,53 @@ class DispatchConsumer(AsyncWebsocketConsumer):
         # Read once per connection, like the session itself: a user made staff (or no longer)
         # sees accordingly from their next connection, which the page opens on any drop.
         self.staff, self.username = bool(user.is_staff), user.get_username()
+        self._outbox: deque[events.Delivery] = deque()
+        self._wake = asyncio.Event()
+        self._owed = 0
         # Join first, then read the table: a change in between arrives as a delta after the
-        # snapshot instead of being lost.
-        await events.join(self.channel_name, staff=self.staff, username=self.username)
+        # snapshot instead of being lost (what the page hears meanwhile waits in its outbox).
+        await events.join(self, staff=self.staff, username=self.username)
+        self._joined = True
         await self.accept()
         await self._send_snapshot()
+        self._sender = asyncio.get_running_loop().create_task(self._send_deliveries())
 
     async def disconnect(self, code: int) -> None:
-        if self.username:  # refused connections never joined
-            await events.leave(self.channel_name, staff=self.staff, username=self.username)
+        if self._sender is not None:
+            self._sender.cancel()
+        if self._joined:  # refused connections never joined
+            await events.leave(self)
+
+    def hear(self, delivery: events.Delivery) -> None:
+        """What the page's groups brought this tick (events.Page): queued for its sender, so
+        a page that cannot keep up falls behind alone."""
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            late = self._outbox.popleft()
+            self._owed += len(late.events) + late.missed
+            events.count_missed(len(late.events))  # its `missed` was counted when delivered
+        self._outbox.append(delivery)
+        self._wake.set()
+
+    async def _send_deliveries(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                delivery = self._outbox.popleft()
+                if self._owed:
+                    text = self._batch_text(delivery.events, delivery.missed + self._owed)
+                    self._owed = 0
+                else:
+                    # The same for every page of its audience (their groups, hence whether
+                    # they are staff's): made by the first of them.
+                    if delivery.text is None:
+                        delivery.text = self._batch_text(delivery.events, delivery.missed)
+                    text = delivery.text
+                await self.send(text_data=text)
+
+    def _batch_text(self, evs: list[dict[str, Any]], missed: int) -> str:
+        seen = evs if self.staff else [without_urls(e) for e in evs]
+        return orjson.dumps(batch_event(seen, missed)).decode()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         # The page may ask for a fresh snapshot (for current in-flight counts, say). Anything
@@ -104,6 +155,3 @@ class DispatchConsumer(AsyncWebsocketConsumer):
         await self.send(
             text_data=orjson.dumps(event if self.staff else without_urls(event)).decode()
         )
-
-    async def dispatch_event(self, message: dict[str, Any]) -> None:
-        await self._send_event(message["event"])
