@@ -15,6 +15,7 @@ from types import SimpleNamespace
 def singletons() -> SimpleNamespace:
     """The runtime's objects, by the names the resets use."""
     # Imported when called, not at collection: Django's settings must be configured first.
+    from dispatch.api.drain import drain
     from dispatch.coordination import events
     from dispatch.coordination.affinity import affinity
     from dispatch.coordination.keyring import keyring
@@ -44,6 +45,7 @@ def singletons() -> SimpleNamespace:
         loader=loader.loader,
         held=persistence.held,
         loader_news=loader_news,
+        drain=drain,
     )
 
 
@@ -69,6 +71,8 @@ def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
         ("held", the.held.clear),
         # The loader's news a page connecting now would be shown.
         ("loader news", the.loader_news.clear),
+        # A stop a test began (its refusals, its cut) is not the next test's.
+        ("drain", the.drain.reset),
     )
 
 
