@@ -52,11 +52,12 @@ class HttpProtocol(HttpToolsProtocol):
     """Uvicorn's httptools protocol, closing a connection whose request header is not
     whole within ``HAL0_HEADER_TIMEOUT_S``.
 
-    A request whose header comes in one read (nearly all) arms no timer: the header's
-    window starts at the request's first byte and a timer is armed only when a read ends
-    with the header still incomplete. A new connection arms one when it opens (nothing may
-    come at all); a kept-alive one waiting for its next request is Uvicorn's
-    ``--timeout-keep-alive``'s.
+    A new connection arms a timer when it opens (nothing may come at all); a kept-alive one
+    arms one only when a read between two requests ends with a header begun and not ended
+    (nearly every header comes whole in one read: no timer, one check). A header that ends
+    (a request begins) disarms it. Waiting for a kept-alive connection's next request is
+    Uvicorn's ``--timeout-keep-alive``'s, as is a header begun while a response still goes
+    out (pipelined): the keep-alive timer closes that connection when nothing more comes.
     """
 
     _timeout_s: float | None = None  # HAL0_HEADER_TIMEOUT_S, read with the first connection
@@ -64,34 +65,29 @@ class HttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
-        self._header_since = 0.0
-        self._in_header = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._header_since, self._in_header = self.loop.time(), True
         self._arm()
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if not self._in_header:  # (a new connection's first request: since it opened)
-            self._header_since, self._in_header = self.loop.time(), True
-
     def data_received(self, data: bytes) -> None:
-        if not self._in_header and (self.cycle is None or self.cycle.response_complete):
-            # A kept-alive connection's next request begins (even with bytes the parser
-            # skips before it calls on_message_begin: blank lines).
-            self._header_since, self._in_header = self.loop.time(), True
+        cycle = self.cycle
         super().data_received(data)
-        if self._in_header and self._header_timer is None and not self.transport.is_closing():
-            self._arm()
-
-    def on_headers_complete(self) -> None:
-        self._in_header = False
-        if self._header_timer is not None:
-            self._header_timer.cancel()
+        timer = self._header_timer
+        if self.cycle is not cycle:  # a header ended: its request began
+            if timer is not None:
+                timer.cancel()
+                self._header_timer = None
+            return
+        # No request began: a header is on its way, or the connection is a WebSocket's now,
+        # or it ends.
+        gone = self.transport.get_protocol() is not self or self.transport.is_closing()
+        if timer is None:
+            if not gone and (cycle is None or cycle.response_complete):
+                self._arm()  # these bytes began a header, and it did not end
+        elif gone:
+            timer.cancel()
             self._header_timer = None
-        super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._header_timer is not None:
@@ -105,7 +101,7 @@ class HttpProtocol(HttpToolsProtocol):
             from django.conf import settings  # configured by the app, loaded before serving
 
             timeout = HttpProtocol._timeout_s = float(settings.HAL0_HEADER_TIMEOUT_S)
-        self._header_timer = self.loop.call_at(self._header_since + timeout, self._timed_out)
+        self._header_timer = self.loop.call_later(timeout, self._timed_out)
 
     def _timed_out(self) -> None:
         self._header_timer = None

@@ -4,6 +4,8 @@ its connection (HAL0_HEADER_TIMEOUT_S), the open-files limit is raised to the ha
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shlex
 import socket
 import subprocess
@@ -13,11 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import websockets
 from django.conf import settings
 
 from dispatch.management.commands.serve import server_command
 from tests.fakes import free_port
-from tests.processes import Hal0Process, manage, server_env
+from tests.processes import Hal0Process, manage, server_env, session_cookie
 
 SERVER = [sys.executable, "-m", "hal0web.server", "hal0web.asgi:application"]
 TIMEOUT_S = 1.0
@@ -36,6 +39,7 @@ def server(tmp_path: Path) -> Iterator[Hal0Process]:
         env, tmp_path / "hal0.log", command=["bash", "-c", f"ulimit -Sn 1024 && exec {command}"]
     )
     proc.port = port
+    proc.cookie = session_cookie(env, staff=True)  # type: ignore[attr-defined]
     proc.wait_ready()
     yield proc
     proc.stop()
@@ -91,6 +95,18 @@ def test_a_header_that_does_not_come_in_time_closes_its_connection(server: Hal0P
             time.sleep(0.05)
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     assert "Exception" not in server.log(), server.log()
+
+
+async def test_a_websocket_outlives_the_header_timeout(server: Hal0Process) -> None:
+    """The live feed's connection is the WebSocket protocol's once upgraded: no header is
+    awaited on it any more."""
+    headers = {"Cookie": server.cookie, "Origin": server.url}  # type: ignore[attr-defined]
+    url = f"ws://127.0.0.1:{server.port}/ws/dispatch/"
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        assert json.loads(await ws.recv())["type"] == "snapshot"
+        await asyncio.sleep(TIMEOUT_S * 2.5)
+        await asyncio.wait_for(await ws.ping(), 2)
+        assert ws.close_code is None
 
 
 def test_the_open_files_limit_is_raised_to_the_hard_one(server: Hal0Process) -> None:
