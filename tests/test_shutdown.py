@@ -243,6 +243,41 @@ def test_the_drain_lets_short_requests_finish_and_cuts_the_rest_in_their_protoco
     assert not drain.requests
 
 
+def test_a_stream_still_waiting_for_its_model_is_ended_in_its_protocol(
+    transactional_db, hal0, settings
+):
+    """A stream that began early with comments while its model loads (relay.waiting_stream):
+    when the drain runs out, it ends with the error event, not with a cut body."""
+    from dispatch.models import Slot
+    from tests.fake_llama_router import FakeRouter
+
+    settings.HAL0_DRAIN_S = 1.0
+    settings.HAL0_SWAP_WAIT_S = 30
+    router = FakeRouter("router", models=["m1", "m2"], models_max=1, chunks=3)
+    router.status["m1"] = "loaded"
+    router.load_delay_s = 20  # past the drain
+    server = ServerThread(router).start()
+    try:
+        add_slot("r", server.url + "/v1", ["m1", "m2"])
+        httpx.get(hal0.url + "/healthz", timeout=5).raise_for_status()
+        wait_until(lambda: Slot.objects.get(name="r").loads_models, "the slot to load models")
+        body = {"model": "m2", "stream": True, "messages": MESSAGES}
+        stream = Stream(hal0.url, "/v1/chat/completions", body, 1)
+        stream.wait_started()  # its first comment: it waits for m2
+        drain.stop()
+        stream.join()
+    finally:
+        server.stop()
+    assert stream.error is None and stream.status == 200, repr(stream.error)
+    assert stream.text.startswith(": hal0 queued")
+    [(name, data)] = sse_events(stream.text)  # the comments are no events
+    assert name is None
+    assert json.loads(data)["error"]["code"] == "shutting_down"
+    assert stream.headers is not None
+    [row] = logged(1, request_id=stream.headers["X-Request-Id"])
+    assert (row.status, row.error) == (503, "shutting_down")
+
+
 # --- real processes: deploy/Procfile's line, SIGTERM mid-stream ------------------------------
 
 DRAIN_S = 3.0
