@@ -83,7 +83,7 @@ def _chat(server: Hal0Process, model: str = "model-a") -> int:
 
 def _all_well(server: Hal0Process) -> bool:
     r = _health(server)
-    return r.status_code == 200 and r.json()["degraded"] == []
+    return r.status_code == 200 and r.json()["impaired"] == []
 
 
 @pytest.mark.postgres
@@ -99,7 +99,7 @@ def test_a_database_outage_is_200_with_record_false_and_routing_goes_on(
     server = Hal0Process(env, tmp_path / "hal0.log").wait_ready()
     processes.append(server)
     wait_until(lambda: _body(server)["slots"] == {"a": "ready", "b": "ready"}, "ready", 10)
-    wait_until(lambda: _all_well(server), "nothing degraded", 10, show=lambda: _body(server))
+    wait_until(lambda: _all_well(server), "nothing impaired", 10, show=lambda: _body(server))
     body = _body(server)
     assert (body["ok"], body["route"], body["record"], body["cannot_route"]) == (
         True,
@@ -115,7 +115,7 @@ def test_a_database_outage_is_200_with_record_false_and_routing_goes_on(
     cut_at = time.monotonic()
     assert _chat(server) == 200  # its row waits for the database
     wait_until(
-        lambda: {"database", "request_log", "slot_state"} <= set(_body(server)["degraded"]),
+        lambda: {"database", "request_log", "slot_state"} <= set(_body(server)["impaired"]),
         "the outage seen",
         STALE_AFTER_S + 5,
         0.1,
@@ -172,13 +172,13 @@ def test_a_process_whose_table_lags_the_others_answers_503(
     other = Hal0Process(direct, tmp_path / "other.log").wait_ready()
     processes.append(other)
     wait_until(
-        lambda: _all_well(cut) and _all_well(other), "nothing degraded", 10, show=lambda: _body(cut)
+        lambda: _all_well(cut) and _all_well(other), "nothing impaired", 10, show=lambda: _body(cut)
     )
 
     proxy.cut()
     cut_at = time.monotonic()
     # The outage alone: its table is as good as anyone's.
-    wait_until(lambda: "slot_state" in _body(cut)["degraded"], "the outage seen", STALE_AFTER_S + 5)
+    wait_until(lambda: "slot_state" in _body(cut)["impaired"], "the outage seen", STALE_AFTER_S + 5)
     time.sleep(max(0.0, cut_at + STALE_AFTER_S + 0.5 - time.monotonic()))
     assert _health(cut).status_code == 200 and _chat(cut, "model-b") == 200
 
@@ -193,7 +193,7 @@ def test_a_process_whose_table_lags_the_others_answers_503(
     )
     body = _body(cut)
     assert (body["ok"], body["route"]) == (False, False)
-    assert body["degraded"][0] == "table" and "database" in body["degraded"]
+    assert body["impaired"][0] == "table" and "database" in body["impaired"]
     assert f"lags version {version}" in body["cannot_route"], body
     assert _chat(cut, "model-b") == 200  # what a balancer now sends elsewhere
     assert _health(other).status_code == 200
@@ -239,7 +239,7 @@ def test_redis_away_is_200_with_record_false(
         _slots(env, tmp_path, fakes)
         server = Hal0Process(env, tmp_path / "hal0.log").wait_ready()
         processes.append(server)
-        wait_until(lambda: _all_well(server), "nothing degraded", 10, show=lambda: _body(server))
+        wait_until(lambda: _all_well(server), "nothing impaired", 10, show=lambda: _body(server))
         assert _body(server)["redis"] == {"reachable": True}
 
         redis.terminate()
@@ -247,7 +247,7 @@ def test_redis_away_is_200_with_record_false(
         r = _health(server)
         body = r.json()
         assert r.status_code == 200, body
-        assert body["redis"] == {"reachable": False} and "redis" in body["degraded"]
+        assert body["redis"] == {"reachable": False} and "redis" in body["impaired"]
         assert (body["route"], body["record"]) == (True, False)
         assert _chat(server) == 200
 
@@ -284,7 +284,7 @@ def test_a_process_that_never_read_its_table_answers_503_until_it_can(
     body = r.json()
     assert r.status_code == 503, body
     assert (body["ok"], body["route"], body["record"], body["slots"]) == (False, False, False, {})
-    assert body["degraded"][:2] == ["table", "database"]
+    assert body["impaired"][:2] == ["table", "database"]
     assert body["cannot_route"].startswith("no routing table yet")
     proxy.restore()
     wait_until(lambda: _health(server).status_code == 200, "a table", 5, 0.1)

@@ -350,7 +350,7 @@ def test_a_dead_watcher_is_reported_as_stale_state_not_fresh(
         return httpx.get(server.url + "/healthz", timeout=5)
 
     _until(lambda: health().json()["slots"] == {"a": "ready", "b": "ready"}, 10, "ready")
-    assert health().status_code == 200 and health().json()["degraded"] == []
+    assert health().status_code == 200 and health().json()["impaired"] == []
     watch.proc.kill()
     took = _until(lambda: health().json()["watcher"]["stale"], stale_after_s(interval) + 2, "stale")
     r = health()
@@ -362,7 +362,7 @@ def test_a_dead_watcher_is_reported_as_stale_state_not_fresh(
         True,
         True,
     )
-    assert body["degraded"] == ["slot_state"] and body["watcher"]["probed_at"]
+    assert body["impaired"] == ["slot_state"] and body["watcher"]["probed_at"]
     assert _status(server, model="model-a") == 200
 
     def decisions() -> list[dict]:

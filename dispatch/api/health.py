@@ -33,7 +33,7 @@ def _iso(moment: dt.datetime | float | None) -> str | None:
 
 async def healthz(request: HttpRequest) -> JsonResponse:
     """200 while this process can route; 503 when it cannot (no table, or a table that lags
-    the state the other processes route by). The body says what is degraded either way."""
+    the state the other processes route by). The body says what is impaired either way."""
     try:
         table = await store.ensure_loaded()
     except Exception:  # the database away since this process started: no table to route by
@@ -68,7 +68,7 @@ async def healthz(request: HttpRequest) -> JsonResponse:
         if settings.HAL0_REQUEST_LOG
         else None
     )
-    degraded = [
+    impaired = [
         name
         for name, bad in (
             ("table", cannot_route is not None),
@@ -84,8 +84,8 @@ async def healthz(request: HttpRequest) -> JsonResponse:
         {
             "ok": route,  # as the status: a balancer may read either
             "route": route,
-            "record": not {"database", "redis", "request_log"} & set(degraded),
-            "degraded": degraded,
+            "record": not {"database", "redis", "request_log"} & set(impaired),
+            "impaired": impaired,
             "cannot_route": cannot_route,
             "version": table.version,
             "slots": {
