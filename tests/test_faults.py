@@ -97,9 +97,11 @@ def assert_proxy_error(r: httpx.Response, status: int, code: str) -> dict[str, A
 
 def in_rotation(name: str = "a") -> None:
     """One fault is not an outlier: the slot still takes requests."""
+    from dispatch.coordination.store import store
     from dispatch.upstream.outliers import outliers
 
-    assert outliers.admit(name) and outliers.degraded(name) is None
+    slot = store.table.slots[name]
+    assert outliers.admit(slot) and outliers.degraded(slot) is None and slot.ejection is None
 
 
 def no_leaked_place() -> None:

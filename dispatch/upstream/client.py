@@ -148,6 +148,7 @@ class Upstream:
             raise UpstreamError(
                 "timeout",
                 f"could not connect to slot '{slot.name}' within {slot.connect_timeout_s:g}s",
+                connected=False,
             ) from exc
         except (
             httpx.ConnectError,
@@ -158,6 +159,8 @@ class Upstream:
             raise UpstreamError(
                 "unreachable",
                 f"slot '{slot.name}' at {redact.masked(slot.url)} is unreachable: {describe(exc)}",
+                # Refused (a dead server's port), or no such host: no connection was made.
+                connected=not isinstance(exc, httpx.ConnectError),
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError("unreachable", f"slot '{slot.name}': {describe(exc)}") from exc
