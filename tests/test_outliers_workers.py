@@ -11,7 +11,7 @@ leading watcher's passing probe after the back-off ends it for every worker.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -85,8 +85,21 @@ def _workers(
     [leader] = [w for w in workers if "leads the watcher" in w.log()]
     [standby] = [w for w in workers if w is not leader]
     for w in workers:
-        wait_until(lambda w=w: _status(w) == 200, f"{w.url} to serve model-a", 10)
+        wait_until(_serving(w), f"{w.url} to serve model-a", 10)
     return leader, standby
+
+
+def _serving(worker: Hal0Process) -> Callable[[], bool]:
+    return lambda: _status(worker) == 200
+
+
+def _showing(worker: Hal0Process, state: str) -> Callable[[], bool]:
+    return lambda: _shown(worker) == state
+
+
+def _told(worker: Hal0Process, pg_url: str) -> Callable[[], str]:
+    """What a wait that timed out shows: the slot as the worker and its row say, its log."""
+    return lambda: f"{_shown(worker)}, row {_slot_row(pg_url)}:\n{worker.log()[-3000:]}"
 
 
 def _status(worker: Hal0Process) -> int:
@@ -130,10 +143,10 @@ def test_a_slot_that_comes_back_serves_at_once_on_every_worker(
     wait_until(lambda: _slot_row(pg_url) == ("ready", False), "the watcher to see it back", 10)
     for w in (leader, standby):
         wait_until(
-            lambda w=w: _status(w) == 200,
+            _serving(w),
             f"{w.url} to serve the slot that came back",
             1.0,  # the table reload's bound; an ejection would have lasted 30 s
-            show=lambda w=w: (_status(w), _shown(w), w.log()[-3000:]),
+            show=_told(w, pg_url),
         )
     assert "out of rotation" not in leader.log() + standby.log()
 
@@ -160,10 +173,10 @@ def test_one_workers_ejection_holds_on_every_worker_and_a_passing_probe_ends_it_
     asked = len(fake.seen(CHAT))
     # Honoured by the other worker within a second, though none of its requests failed.
     wait_until(
-        lambda: _shown(leader) == "degraded",
+        _showing(leader, "degraded"),
         "the leader to honour the standby's ejection",
         1.0,
-        show=lambda: (_shown(leader), _slot_row(pg_url)),
+        show=_told(leader, pg_url),
     )
     r = httpx.post(leader.url + CHAT, json=BODY, timeout=10)
     assert r.status_code == 503 and r.json()["error"]["code"] == "slot_unavailable", r.text
@@ -176,10 +189,10 @@ def test_one_workers_ejection_holds_on_every_worker_and_a_passing_probe_ends_it_
     fake.delay_headers_s = 0
     for w in (leader, standby):
         wait_until(
-            lambda w=w: _shown(w) == "ready",
+            _showing(w, "ready"),
             f"{w.url} to take the slot back after a passing probe",
             2 + 0.5 + 1.5,  # the back-off, a probe interval, and the time to reach them all
-            show=lambda w=w: (_shown(w), _slot_row(pg_url)),
+            show=_told(w, pg_url),
         )
     assert _slot_row(pg_url) == ("ready", False)
     assert _status(leader) == 200 and _status(standby) == 200
