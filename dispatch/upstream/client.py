@@ -148,7 +148,6 @@ class Upstream:
             raise UpstreamError(
                 "timeout",
                 f"could not connect to slot '{slot.name}' within {slot.connect_timeout_s:g}s",
-                connected=False,
             ) from exc
         except (
             httpx.ConnectError,

@@ -2,12 +2,12 @@
 rotation for a while, so requests for its models fail over at once instead of each waiting
 out ``first_byte_timeout_s`` (300 s by default) on a hung server.
 
-After ``EJECT_AFTER`` consecutive first-byte timeouts or transport failures on a connection
-made to a slot the watcher calls ``ready``, the slot is ``degraded`` for a back-off period
-(HAL0_OUTLIER_BACKOFF_S, doubled for each ejection without a success in between, up to
-``MAX_BACKOFF_FACTOR`` times). Once it has passed, one trial request is let through (the
-others still fail over); its success, or a passing probe, brings the slot back; its failure
-ejects it again at once.
+After ``EJECT_AFTER`` consecutive first-byte timeouts or transport failures (a refused
+connection aside) from a slot the watcher calls ``ready``, the slot is ``degraded`` for a
+back-off period (HAL0_OUTLIER_BACKOFF_S, doubled for each ejection without a success in
+between, up to ``MAX_BACKOFF_FACTOR`` times). Once it has passed, one trial request is let
+through (the others still fail over); its success, or a passing probe, brings the slot
+back; its failure ejects it again at once.
 
 A connection refused is no such failure: a server that is down fails its probes too, and
 what to do about it is the watcher's (the request pokes it, ``dispatch.upstream.forward``).
@@ -160,8 +160,8 @@ class Outliers:
         return max(1.0, e.until - self._clock())
 
     def failed(self, slot: SlotEntry, reason: str, backoff_s: float) -> None:
-        """A first-byte timeout or transport failure, on a connection made, from a slot its
-        probes call ready."""
+        """A first-byte timeout or transport failure (not a refused connection) from a slot
+        its probes call ready."""
         if backoff_s <= 0:
             return  # ejection is off
         r = self._made(slot.name)
