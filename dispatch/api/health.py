@@ -93,7 +93,7 @@ async def healthz(request: HttpRequest) -> JsonResponse:
                     states.DISABLED
                     if not s.enabled
                     else states.DEGRADED
-                    if s.state == states.READY and outliers.degraded(s.name)
+                    if s.state == states.READY and outliers.degraded(s)
                     else s.state
                 )
                 for s in table.slots.values()

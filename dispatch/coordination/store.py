@@ -21,7 +21,14 @@ from asgiref.sync import sync_to_async
 from dispatch import kinds
 from dispatch.lib.listeners import Listeners
 from dispatch.routing import slot_fields, speaks
-from dispatch.routing.table import EMPTY_TABLE, ModelEntry, RoutingTable, SlotEntry, make_slot
+from dispatch.routing.table import (
+    EMPTY_TABLE,
+    Ejection,
+    ModelEntry,
+    RoutingTable,
+    SlotEntry,
+    make_slot,
+)
 
 if TYPE_CHECKING:
     from dispatch.models import Slot
@@ -60,9 +67,18 @@ def load_table(version: int) -> RoutingTable:
             endpoints=endpoints,
             endpoints_listed=bool(listed),
             spoken=MappingProxyType(found),
+            ejection=ejection_of(slot),
         )
         entries.append(make_slot(models=models, **values))
     return RoutingTable.build(version, entries)
+
+
+def ejection_of(slot: Slot) -> Ejection | None:
+    """The row's ejection (``dispatch.coordination.ejections``), as the table carries it."""
+    if slot.ejected_until is None and not slot.ejections:
+        return None
+    until = slot.ejected_until.timestamp() if slot.ejected_until is not None else None
+    return Ejection(until, slot.ejected_reason, slot.ejections)
 
 
 def speaks_of(slot: Slot) -> tuple[frozenset[str], dict[str, bool]]:

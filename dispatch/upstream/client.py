@@ -158,6 +158,8 @@ class Upstream:
             raise UpstreamError(
                 "unreachable",
                 f"slot '{slot.name}' at {redact.masked(slot.url)} is unreachable: {describe(exc)}",
+                # Refused (a dead server's port), or no such host: no connection was made.
+                connected=not isinstance(exc, httpx.ConnectError),
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError("unreachable", f"slot '{slot.name}': {describe(exc)}") from exc
