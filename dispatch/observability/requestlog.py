@@ -41,6 +41,12 @@ RETRY_MAX_S = 2.0
 Row = tuple[Any, ...]
 
 
+def _utf8(text: str) -> str:
+    """``text`` as a database takes it: a lone surrogate a client sent in its model's name
+    (JSON, accepted: lib.json_reader) is no UTF-8, and would lose the row's whole batch."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
+
+
 def _row(rec: DecisionRecord, data: dict[str, Any]) -> Row:
     why = data.get("why") or {}
     body = rec.body.decode("utf-8", "replace") if rec.body is not None else ""
@@ -50,7 +56,7 @@ def _row(rec: DecisionRecord, data: dict[str, Any]) -> Row:
         rec.request_id,
         rec.client or "",
         rec.endpoint,
-        (rec.model or "")[:300],
+        _utf8(rec.model or "")[:300],
         rec.slot or "",
         (rec.upstream_model or "")[:300],
         rec.resolution_path or "",
@@ -61,7 +67,7 @@ def _row(rec: DecisionRecord, data: dict[str, Any]) -> Row:
         rec.mode or "",
         rec.prompt_tokens,
         rec.completion_tokens,
-        why.get("text", ""),
+        _utf8(why.get("text", "")),
         why.get("candidates", []),
         body,
         answer,
