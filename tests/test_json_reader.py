@@ -140,3 +140,18 @@ def test_any_text_reads_as_the_standard_library_within_the_bound(text, pad):
         return
     assert expected is not ValueError and got == expected
     assert depth_of(got) <= MAX_DEPTH
+
+
+async def test_a_probe_answer_nested_past_the_limit_reads_as_no_json() -> None:
+    """The watcher's probes read a server's answer with the same bounded reader: a deep
+    answer is "not JSON" to them, never a RecursionError out of the probe loop."""
+    import httpx
+
+    from dispatch.upstream.client import Upstream
+
+    deep = b"[" * 5000 + b'"\\u00e9"' + b"]" * 5000
+    client = Upstream(
+        httpx.MockTransport(lambda request: httpx.Response(200, stream=httpx.ByteStream(deep)))
+    )
+    result = await client.probe("http://127.0.0.1:9/v1/models", 5.0, 1 << 20)
+    assert (result.status, result.body) == (200, None)
