@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from dispatch.lib.listeners import Listeners
 
@@ -194,11 +195,23 @@ def _select_one() -> None:
         connection.close()  # a probe thread's own connection, not kept
 
 
-async def _ping_database() -> None:
-    from asgiref.sync import sync_to_async
+# The database's probe runs in a thread of its own, not asgiref's shared one (a hung database
+# must not hold what queues there) nor the loop's default executor (DNS lookups wait there);
+# one probe at a time: a probe still hanging is waited for again, not joined by another.
+_database_prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hal0-db-probe")
+_database_probe: asyncio.Future[None] | None = None
 
-    # Its own thread, not the shared one: a hung database must not hold what queues there.
-    await sync_to_async(_select_one, thread_sensitive=False)()
+
+async def _ping_database() -> None:
+    global _database_probe
+    probe = _database_probe
+    if probe is None or probe.done() or probe.get_loop() is not asyncio.get_running_loop():
+        probe = asyncio.get_running_loop().run_in_executor(_database_prober, _select_one)
+        # Its failure is seen by whoever waits for it, if anyone still does: never "never
+        # retrieved".
+        probe.add_done_callback(lambda done: done.cancelled() or done.exception())
+        _database_probe = probe
+    await asyncio.shield(probe)  # a probe that times out goes on; the next one waits for it
 
 
 REDIS = Service("Redis", _redis_errors, _ping_redis)
