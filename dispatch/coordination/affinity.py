@@ -219,6 +219,12 @@ class Affinity:
     async def aclose(self) -> None:
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()
+        if self._pending:
+            log.warning(
+                "%d response records made while their store was away go unwritten with this "
+                "process (those in the database are still found)",
+                len(self._pending),
+            )
         if self._store is not None:
             await self._store.aclose()
             self._store = None

@@ -134,6 +134,17 @@ class _Pending:
         if flusher is None or flusher.done() or flusher.get_loop() is not loop:
             self._flusher = loop.create_task(self._flush(), name="hal0-responses-flush")
 
+    def close(self) -> None:
+        """The process ends: what could not be written is lost, and said so."""
+        if self.made:
+            log.warning(
+                "%d kept responses made while the database was away go unwritten with this process",
+                len(self.made),
+            )
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self.reset()
+
     def find(self, response_id: str) -> Stored | None:
         found = self.made.get(response_id)
         if found is None:
