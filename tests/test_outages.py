@@ -285,6 +285,51 @@ def test_redis_away_every_request_answers_in_its_protocol_and_no_id_is_disowned(
     print(f"recovered {took:.1f} s after Redis's return ({fault})")
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_after_redis_returns_the_leader_hears_a_standby_again(
+    tmp_path: Path,
+    fakes: dict[str, ServerThread],
+    pg_url: str,
+    own_redis: OwnRedis,
+    processes: list[Hal0Process],
+) -> None:
+    """The processes' own listeners (the leader's ear for pokes, every version check's) wait
+    for Redis and join again: they died with the first failed read before."""
+    # Probes every 30 s: only a poke over Redis explains a probe within a second or two.
+    env = server_env(
+        tmp_path, DATABASE_URL=pg_url, REDIS_URL=own_redis.url, HAL0_PROBE_INTERVAL_S="30"
+    )
+    manage(env, "migrate", "-v0")
+    manage(env, "slots", "import", str(_manifests(tmp_path, fakes)))
+    workers = [Hal0Process(env, tmp_path / f"worker-{i}.log").wait_ready() for i in (1, 2)]
+    processes.extend(workers)
+
+    def leaders() -> list[Hal0Process]:
+        return [w for w in workers if "leads the watcher" in w.log()]
+
+    wait_until(lambda: len(leaders()) == 1, "one leader", 10)
+    [standby] = [w for w in workers if w not in leaders()]
+
+    def state_of_one() -> str:
+        return str(httpx.get(standby.url + "/healthz", timeout=5).json()["slots"]["one"])
+
+    wait_until(lambda: state_of_one() == "ready", "one ready", 10)
+    own_redis.stop()
+    for worker in workers:  # requests, whose decisions the bus cannot carry now
+        assert _chat(worker, "model-two").status_code == 200
+    wait_until(lambda: all("Redis is away" in w.log() for w in workers), "the outage seen", 10)
+    time.sleep(2)  # a few of the probes' tries fail
+    own_redis.start()
+    wait_until(lambda: all("Redis is back" in w.log() for w in workers), "its return seen", 5)
+    time.sleep(1)  # the listeners join again at once; a second's margin for a loaded machine
+    fakes["one"].stop()  # one's server goes away between two probes
+    assert _chat(standby, "model-one").status_code in (502, 503)
+    wait_until(lambda: state_of_one() == "offline", "the leader probed one (poked)", 2)
+    for worker in workers:
+        _said_once(worker, "Redis")
+
+
 @pytest.mark.browser
 @pytest.mark.postgres
 @pytest.mark.redis
