@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from dispatch.lib.listeners import Listeners
+from dispatch.lib.redact import masked
 
 log = logging.getLogger("hal0.outages")
 
@@ -162,7 +163,7 @@ def _other_loop(event: asyncio.Event) -> bool:
 
 
 def _said(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = masked(str(exc).strip())  # a URL's credentials, should a driver quote one
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -171,18 +172,10 @@ async def _ping_redis() -> None:
 
     if not settings.REDIS_URL:
         return
-    import redis.asyncio as aioredis
+    from dispatch.coordination import redis_ping  # the Redis client: the scale extra's
 
-    client = aioredis.Redis.from_url(
-        settings.REDIS_URL,
-        socket_timeout=PROBE_TIMEOUT_S,
-        socket_connect_timeout=PROBE_TIMEOUT_S,
-        retry=None,
-    )
-    try:
-        await client.ping()
-    finally:
-        await client.aclose()
+    if not await redis_ping.answers(settings.REDIS_URL, PROBE_TIMEOUT_S / 2):
+        raise ConnectionError("Redis does not answer a PING")
 
 
 def _select_one() -> None:
