@@ -4,8 +4,8 @@ naming what is missing), no response id is disowned, the pages say "live updates
 the log says so once when the outage starts and once when it ends, and everything recovers
 by itself within 5 s of the service's return.
 
-The Redis here is the test's own (``tests.outages.OwnRedis``) and PostgreSQL is reached
-through a proxy the test can cut (``tests.outages.CuttableProxy``): the shared ones are
+The Redis here is the test's own (``tests.own_redis.OwnRedis``) and PostgreSQL is reached
+through a proxy the test can cut (``tests.cut_proxy.CutProxy``): the shared ones are
 never stopped.
 """
 
@@ -24,8 +24,9 @@ import pytest
 import websockets
 
 from tests.browser import browser  # noqa: F401 - the fixture
+from tests.cut_proxy import CutProxy
 from tests.fakes import FakeUpstream, ServerThread
-from tests.outages import CuttableProxy, OwnRedis
+from tests.own_redis import OwnRedis
 from tests.polling import wait_until
 from tests.processes import Hal0Process, manage, server_env, session_cookie
 
@@ -50,9 +51,9 @@ def own_redis() -> Iterator[OwnRedis]:
 
 
 @pytest.fixture
-def proxy() -> Iterator[CuttableProxy]:
+def proxy() -> Iterator[CutProxy]:
     """The way to the shared PostgreSQL, to cut."""
-    made = CuttableProxy(("127.0.0.1", 5432))
+    made = CutProxy()
     yield made
     made.close()
 
@@ -381,13 +382,12 @@ def test_postgresql_away_affinity_and_kept_responses_answer_json_and_are_written
     tmp_path: Path,
     fakes: dict[str, ServerThread],
     pg_url: str,
-    proxy: CuttableProxy,
+    proxy: CutProxy,
     processes: list[Hal0Process],
 ) -> None:
     """The database store for affinity (no Redis), the responses hal0web keeps, and the
     page's session on /v1 — each answers JSON while PostgreSQL is away."""
-    via_proxy = re.sub(r"@127\.0\.0\.1:5432/", f"@127.0.0.1:{proxy.port}/", pg_url)
-    env = server_env(tmp_path, DATABASE_URL=via_proxy, HAL0_PROBE_INTERVAL_S="1")
+    env = server_env(tmp_path, DATABASE_URL=proxy.url(pg_url), HAL0_PROBE_INTERVAL_S="1")
     one, two = _workers(tmp_path, env, processes, fakes)
     cookie = session_cookie(env)
     key = manage(
