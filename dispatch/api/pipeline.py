@@ -17,7 +17,8 @@ from dispatch.api import bodies, ollama_loads, ollama_models, relay, stored_resp
 from dispatch.api.decide import decide
 from dispatch.api.guard import View, serves
 from dispatch.api.keys import authorize
-from dispatch.api.responses import error_response, request_id, visible
+from dispatch.api.responses import error_response, request_id, unavailable, visible
+from dispatch.coordination.outages import Unavailable
 from dispatch.coordination.store import store
 from dispatch.lifecycle.watcher import suspect
 from dispatch.observability.decisions import DecisionRecord, record
@@ -241,7 +242,8 @@ def proxy_view(ep: Endpoint) -> View:
                 fwd = outcome
             else:
                 fwd = await call.forward()
-        except ApiError as err:
+        except (ApiError, Unavailable) as exc:
+            err = exc if isinstance(exc, ApiError) else unavailable(exc)
             response = error_response(err, ep.protocol)
             rec.failed(err.status, err.code)
             rec.queued_ms = err.queued_s * 1000

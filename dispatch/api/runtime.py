@@ -20,7 +20,7 @@ from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix, set_urlconf
 
-from dispatch.coordination import events, leases
+from dispatch.coordination import events, leases, stored_responses
 from dispatch.coordination.affinity import affinity
 from dispatch.coordination.store import store
 from dispatch.lifecycle.leadership import ensure_running, leadership
@@ -245,6 +245,7 @@ class Hal0Application:
         await leadership.stop()
         await watcher.stop()
         await affinity.aclose()
+        stored_responses.pending.close()
         await upstream.aclose()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
