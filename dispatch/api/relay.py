@@ -9,10 +9,10 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
-from dispatch.api import bodies
 from dispatch.api.responses import error_response, visible
 from dispatch.coordination import stored_responses
 from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
+from dispatch.lib import json_reader
 from dispatch.observability.decisions import DecisionRecord, record
 from dispatch.upstream.forward import Forwarded
 from dispatch.upstream.loads import Waiting
@@ -51,7 +51,9 @@ def stream_usage(rec: DecisionRecord, chunk: bytes, protocol: WireProtocol = OPE
 def _is_json(content: bytes) -> bool:
     if len(content) <= _PARSE_CHECK_BYTES:
         try:
-            bodies.loads(content)
+            json_reader.loads(content)
+        except json_reader.TooDeep:
+            return True  # nested past what hal0web reads, which it need not: it passes as it came
         except ValueError:
             return False
         return True
@@ -179,7 +181,7 @@ async def upstream_failed(
     stream = streamed_as(protocol, fwd.response.content_type) is not None
     if not stream and len(content) < _ERROR_READ_LIMIT:
         try:
-            data = bodies.loads(content)
+            data = json_reader.loads(content)
         except ValueError:
             pass
     if is_openai_error(data) and fwd.translation is not None:
