@@ -25,6 +25,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -159,11 +161,56 @@ def _read_acking(response: http.client.HTTPResponse, ack_port: int) -> bytes:
     return body
 
 
+class _RequestLog:
+    """The server's request log, written when told (bench/quiet_server.py): each run of
+    requests' rows in one go, the same batches every time."""
+
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
+        self.sent = 0  # requests so far: one row each
+
+    def write(self) -> None:
+        if self.proc.database is None or self.proc.extra_env.get("HAL0_REQUEST_LOG") == "false":
+            return  # the minimal proxy keeps no log, nor does hal0web with it switched off
+        os.kill(self.proc.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 120
+        while True:
+            # The database is looked into only once its files have stood still a while: a
+            # reader's lock meeting the writer's commit would send the writer into SQLite's
+            # busy-wait, whose retries callgrind would count.
+            self._still()
+            if self._rows() >= self.sent:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.proc.name}: {self._rows()} rows of {self.sent}")
+
+    def _still(self, quiet_s: float = 1.5) -> None:
+        assert self.proc.database is not None
+        db = self.proc.database[1]
+        files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-journal")]
+
+        def stamp() -> tuple[float, ...]:
+            return tuple(f.stat().st_mtime if f.exists() else 0.0 for f in files)
+
+        last, since = stamp(), time.monotonic()
+        while time.monotonic() - since < quiet_s:
+            time.sleep(0.1)
+            now = stamp()
+            if now != last:
+                last, since = now, time.monotonic()
+
+    def _rows(self) -> int:
+        assert self.proc.database is not None
+        with sqlite3.connect(self.proc.database[1], timeout=30) as db:
+            return int(db.execute("SELECT count(*) FROM dispatch_requestlog").fetchone()[0])
+
+
 def _measure(
     proc: Proc, cg: _Callgrind, cases: tuple[str, ...], auth: str | None, ack_port: int
 ) -> Measured:
     conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=120)
     got = Measured()
+    log = _RequestLog(proc)
     # The clock's share: what the process does per second with no request at all.
     cg.zero()
     started = time.monotonic()
@@ -174,11 +221,15 @@ def _measure(
         case = CASES[name]
         for _ in range(WARM):
             _request(conn, case, auth, ack_port)
+        log.sent += WARM
+        log.write()
         print(f"  {proc.name}: {name} x {case.requests} ...", file=sys.stderr, flush=True)
         cg.zero()
         started = time.monotonic()
         for _ in range(case.requests):
             _request(conn, case, auth, ack_port)
+        log.sent += case.requests
+        log.write()
         total, main = cg.dump()
         took = time.monotonic() - started
         got.per_request[name] = (total - idle_total * took / idle_s) / case.requests
