@@ -289,3 +289,17 @@ def test_the_writer_keeps_its_connection_between_batches_and_drops_it_after_a_fa
     assert seen[2] is not seen[1] and seen[3] is seen[2]
     assert (writer.written, writer.lost) == (4, 0)
     assert RequestLog.objects.filter(request_id__startswith="drop-").count() == 4
+
+
+def test_a_flush_cuts_the_gathering_short(transactional_db, monkeypatch):
+    """The writer gathers a batch for LINGER_S after its first row; a flush (shutdown, a
+    test, bench/quiet_server.py's count) has what it holds written now, not after that."""
+    from dispatch.models import RequestLog
+
+    monkeypatch.setattr(requestlog, "LINGER_S", 60.0)
+    writer = requestlog.Writer()
+    writer.start()
+    rec = _record(0)
+    assert writer.offer(requestlog._row(rec, rec.as_dict()))
+    assert writer.flush(5)
+    assert RequestLog.objects.filter(request_id__startswith="drop-").count() == 1

@@ -115,7 +115,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
-        self._retry = threading.Event()  # cuts a back-off short (a flush waits)
+        self._retry = threading.Event()  # cuts a gathering or a back-off short (a flush)
         self.offered = 0
         self.dropped = 0  # the queue was full
         self.written = 0
@@ -164,7 +164,9 @@ class Writer:
         while True:
             self._wake.wait()
             self._wake.clear()
-            time.sleep(LINGER_S)  # let a batch gather: one transaction for many rows
+            # Let a batch gather (one transaction for many rows); a flush cuts it short.
+            self._retry.wait(LINGER_S)
+            self._retry.clear()
             pause = RETRY_FIRST_S
             while rows:
                 away = self._write_head(min(BATCH, len(rows)))
@@ -314,12 +316,16 @@ class Writer:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.executemany(sql, params)
 
+    def write_now(self) -> None:
+        """Have the writer write what it holds now: no more gathering, no back-off left."""
+        self._retry.set()
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every row offered so far is written or lost (tests, shutdown); False
         after ``timeout`` (the database away: the rows still wait)."""
         target = self.offered
         deadline = time.monotonic() + timeout
-        self._retry.set()  # a writer waiting out a back-off tries again now
+        self.write_now()
         while self.written + self.failed < target:
             if time.monotonic() > deadline:
                 return False
