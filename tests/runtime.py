@@ -16,7 +16,7 @@ def singletons() -> SimpleNamespace:
     """The runtime's objects, by the names the resets use."""
     # Imported when called, not at collection: Django's settings must be configured first.
     from dispatch.api.drain import drain
-    from dispatch.coordination import events
+    from dispatch.coordination import events, outages, stored_responses
     from dispatch.coordination.affinity import affinity
     from dispatch.coordination.keyring import keyring
     from dispatch.coordination.store import store
@@ -45,6 +45,8 @@ def singletons() -> SimpleNamespace:
         loader=loader.loader,
         held=persistence.held,
         loader_news=loader_news,
+        outages=outages,
+        kept=stored_responses.pending,
         drain=drain,
     )
 
@@ -71,6 +73,10 @@ def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
         ("held", the.held.clear),
         # The loader's news a page connecting now would be shown.
         ("loader news", the.loader_news.clear),
+        # Redis and the database up, as a new process takes them to be.
+        ("outages", the.outages.reset),
+        # Responses kept while the database was away, waiting to be written.
+        ("kept", the.kept.reset),
         # A stop a test began (its refusals, its cut) is not the next test's.
         ("drain", the.drain.reset),
     )

@@ -18,7 +18,8 @@ from dispatch.api.decide import decide
 from dispatch.api.drain import drain
 from dispatch.api.guard import View, serves
 from dispatch.api.keys import authorize
-from dispatch.api.responses import error_response, request_id, visible
+from dispatch.api.responses import error_response, request_id, unavailable, visible
+from dispatch.coordination.outages import Unavailable
 from dispatch.coordination.store import store
 from dispatch.lifecycle.watcher import suspect
 from dispatch.observability.decisions import DecisionRecord, record
@@ -277,8 +278,8 @@ def proxy_view(ep: Endpoint) -> View:
                 fwd = outcome
             else:
                 fwd = await call.forward()
-        except ApiError as err:
-            return _ours(rec, err, ep)
+        except (ApiError, Unavailable) as exc:
+            return _ours(rec, exc if isinstance(exc, ApiError) else unavailable(exc), ep)
         except asyncio.CancelledError:
             if drain.taken():  # still waiting when the server's drain ran out
                 return _ours(rec, drain.refusal(), ep)

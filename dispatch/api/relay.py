@@ -9,11 +9,11 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
-from dispatch.api import bodies
 from dispatch.api.drain import drain
 from dispatch.api.responses import error_response, visible
 from dispatch.coordination import stored_responses
 from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
+from dispatch.lib import json_reader
 from dispatch.observability.decisions import DecisionRecord, record
 from dispatch.upstream.forward import Forwarded
 from dispatch.upstream.loads import Waiting
@@ -52,7 +52,9 @@ def stream_usage(rec: DecisionRecord, chunk: bytes, protocol: WireProtocol = OPE
 def _is_json(content: bytes) -> bool:
     if len(content) <= _PARSE_CHECK_BYTES:
         try:
-            bodies.loads(content)
+            json_reader.loads(content)
+        except json_reader.TooDeep:
+            return True  # nested past what hal0web reads, which it need not: it passes as it came
         except ValueError:
             return False
         return True
@@ -180,7 +182,7 @@ async def upstream_failed(
     stream = streamed_as(protocol, fwd.response.content_type) is not None
     if not stream and len(content) < _ERROR_READ_LIMIT:
         try:
-            data = bodies.loads(content)
+            data = json_reader.loads(content)
         except ValueError:
             pass
     if is_openai_error(data) and fwd.translation is not None:

@@ -21,7 +21,7 @@ from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix, set_urlconf
 
 from dispatch.api.drain import drain
-from dispatch.coordination import events, leases
+from dispatch.coordination import events, leases, stored_responses
 from dispatch.coordination.affinity import affinity
 from dispatch.coordination.store import store
 from dispatch.lifecycle.leadership import ensure_running, leadership
@@ -249,6 +249,7 @@ class Hal0Application:
         await leadership.stop()
         await watcher.stop()
         await affinity.aclose()
+        stored_responses.pending.close()
         await upstream.aclose()
         # The request log's rows (the drain's cut requests' among them: decisions go to the
         # outputs at the loop's next turn, which the awaits above gave) are written by a

@@ -15,11 +15,13 @@ import logging
 import os
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
+
+from dispatch.coordination.outages import REDIS
 
 GROUP = "dispatch"
 # Who may see which decision (issue 14): staff pages hear every one; any other user's pages
@@ -69,13 +71,36 @@ def _message(event: dict[str, Any]) -> dict[str, Any]:
 
 
 async def send(event: dict[str, Any], group: str = GROUP) -> None:
+    global _dropped
     layer = get_channel_layer()
     if layer is None:
         return
+    redis = _on_redis(layer)
+    if redis and not REDIS.available():  # away: dropped at once, not after a timeout each
+        REDIS.missed()
+        _dropped += 1
+        return
     try:
         await layer.group_send(group, _message(event))
-    except Exception:  # a broken layer must not break routing; say so and go on
-        log.warning("could not broadcast %s", event.get("type"), exc_info=True)
+    except Exception as exc:  # a broken layer must not break routing; say so and go on
+        if redis and isinstance(exc, REDIS.errors):  # once per outage, not per event
+            REDIS.failed(f"could not broadcast {event.get('type')}", exc)
+            _dropped += 1
+        else:
+            log.warning("could not broadcast %s", event.get("type"), exc_info=True)
+        return
+    if redis:
+        REDIS.ok()
+
+
+class BusAway(Exception):
+    """The channel layer (Redis) cannot be reached: a page cannot hear anything now."""
+
+
+def _on_redis(layer: Any) -> bool:
+    """Whether ``layer`` lives in Redis (outages.REDIS); the in-memory layer is this
+    process's own and cannot be away."""
+    return not isinstance(layer, InMemoryChannelLayer)
 
 
 def user_group(username: str) -> str:
@@ -158,18 +183,69 @@ def _page_groups(staff: bool, username: str) -> tuple[str, ...]:
 
 async def join(channel_name: str, *, staff: bool, username: str) -> None:
     """A page joins: it hears the in-flight counts, the table changes of its own process, and
-    every decision (staff) or its user's own."""
+    every decision (staff) or its user's own. BusAway when the layer (Redis) is away."""
     layer = get_channel_layer()
-    if layer is not None:
+    if layer is None:
+        return
+    redis = _on_redis(layer)
+    if redis and not REDIS.available():
+        REDIS.missed()
+        raise BusAway
+    try:
         for group in _page_groups(staff, username):
             await layer.group_add(group, channel_name)
+    except REDIS.errors as exc:
+        if not redis:
+            raise
+        REDIS.failed("a page could not join the live feed", exc)
+        raise BusAway from exc
+    if redis:
+        REDIS.ok()
 
 
 async def leave(channel_name: str, *, staff: bool, username: str) -> None:
     layer = get_channel_layer()
-    if layer is not None:
+    if layer is None:
+        return
+    redis = _on_redis(layer)
+    if redis and not REDIS.available():
+        # Nothing to undo that matters: a membership expires (channels-redis forgets it
+        # after a day), and a Redis that restarted has forgotten it already.
+        REDIS.missed()
+        return
+    try:
         for group in _page_groups(staff, username):
             await layer.group_discard(group, channel_name)
+    except REDIS.errors as exc:
+        if not redis:
+            raise
+        REDIS.failed("a page could not leave the live feed", exc)
+
+
+BUS_AWAY = "dispatch.bus.away"  # the message a page's consumer gets when the layer is away
+
+
+def guarded(
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """A page's receive from the layer that never raises for an outage: the first failure
+    comes as one ``BUS_AWAY`` message (its consumer closes the page), after which it waits
+    until cancelled (the consumer ends with its socket)."""
+    failed = False
+
+    async def receive_guarded() -> dict[str, Any]:
+        nonlocal failed
+        if not failed:
+            try:
+                return await receive()
+            except REDIS.errors as exc:
+                failed = True
+                REDIS.failed("a page's live feed stopped", exc)
+                return {"type": BUS_AWAY}
+        await asyncio.Future()  # never set: cancelled when the consumer ends
+        raise AssertionError("unreachable")
+
+    return receive_guarded
 
 
 async def listen(group: str, handle: Callable[[dict[str, Any]], None]) -> None:
@@ -177,18 +253,29 @@ async def listen(group: str, handle: Callable[[dict[str, Any]], None]) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
+    redis = _on_redis(layer)
     channel = await layer.new_channel()
     try:
         while True:
-            # Joined again now and then: channels-redis forgets a member after a day.
-            await layer.group_add(group, channel)
+            rejoin = asyncio.timeout(REJOIN_S)
             try:
-                async with asyncio.timeout(REJOIN_S):
+                # Joined again now and then: channels-redis forgets a member after a day,
+                # and a Redis that was away may have forgotten everything.
+                await layer.group_add(group, channel)
+                if redis:
+                    REDIS.ok()
+                async with rejoin:
                     while True:
                         message = await layer.receive(channel)
                         handle(message.get("event") or {})
-            except TimeoutError:
-                continue
+            except REDIS.errors as exc:
+                if rejoin.expired():
+                    continue
+                if not redis:
+                    raise
+                # Heard again once Redis is back (its probe says when): never a dead task.
+                REDIS.failed(f"could not hear {group}", exc)
+                await REDIS.back()
     finally:
         try:
             await layer.group_discard(group, channel)

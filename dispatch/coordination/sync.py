@@ -80,7 +80,7 @@ def catch_up() -> bool:
     # connection housekeeping never reaches it.
     close_old_connections()
     number, probed_at, watcher = StateVersion.read()
-    store.mark_checked(probed_at, watcher)
+    store.mark_checked(probed_at, watcher, number)
     if number == store.table.version and number == keyring.version:
         return False
     reload_all()
@@ -99,8 +99,13 @@ async def follow() -> None:
     def heard(event: dict[str, object]) -> None:
         if event.get("type") == "loads":
             loads_news.notify(event)
-        else:
-            wake.set()
+            return
+        number = event.get("number")
+        if event.get("type") == "version" and type(number) is int:
+            # Another process committed it: should this one fail to load it while they
+            # route by it, its table lies (/healthz says so).
+            store.saw_version(number, told=True)
+        wake.set()
 
     listener = asyncio.get_running_loop().create_task(events.listen(events.SYNC_GROUP, heard))
     try:
@@ -119,6 +124,7 @@ async def _follow(wake: asyncio.Event, was_stale: bool) -> None:
         try:
             await sync_to_async(catch_up, thread_sensitive=True)()
         except Exception:  # the database may be briefly away; the next check tries again
+            store.unreadable()
             log.warning("could not check the state version", exc_info=True)
         if store.stale != was_stale:
             was_stale = store.stale

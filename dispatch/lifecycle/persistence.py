@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -16,8 +17,10 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError, close_old_connections, transaction
 from django.utils import timezone
 
+from dispatch.coordination import ejections
+from dispatch.coordination.store import ejection_of
 from dispatch.kinds import ModelLoad
-from dispatch.lifecycle.changes import Changes, changes, reads_models
+from dispatch.lifecycle.changes import CLEARED, Changes, changes, reads_models
 from dispatch.lifecycle.probe import Observation
 from dispatch.routing import speaks, states
 from dispatch.routing.table import ModelEntry, SlotEntry
@@ -55,7 +58,7 @@ def apply(slot_name: str, obs: Observation) -> bool:
         if slot is None or not slot.enabled:
             return False
         rows = list(slot.models.all()) if reads_models(obs) else []
-        change = changes(_as_entry(slot, rows), obs, held.get(slot_name, frozenset()))
+        change = changes(_as_entry(slot, rows), obs, held.get(slot_name, frozenset()), time.time())
         _write_models(slot, rows, change, obs)
         return _write_slot(slot, change, obs)
 
@@ -87,6 +90,7 @@ def _as_entry(slot: Slot, rows: Iterable[SlotModel]) -> SlotEntry:
         drift=tuple(slot.drift or ()),
         loads_models=slot.loads_models,
         model_limit=slot.model_limit,
+        ejection=ejection_of(slot),
     )
 
 
@@ -154,13 +158,33 @@ def _write_slot(slot: Slot, change: Changes, obs: Observation) -> bool:
     if change.spoken is not None:
         slot.spoken = speaks.stored(_key(slot), change.spoken)
         updated.append("spoken")
+    if change.ejection is not None:
+        # Ended: back in rotation, the count kept (the next ejection lasts longer until a
+        # request succeeds); cleared: forgotten, the slot went down or came back up.
+        was_out = slot.ejected_until is not None
+        slot.ejected_until, slot.ejected_reason = None, ""
+        if change.ejection == CLEARED:
+            slot.ejections = 0
+        updated += ejections.FIELDS
+    else:
+        was_out = False
     if updated:
         slot.save(update_fields=updated)
         if change.state is not None:
             log.info(
                 "slot %s is %s%s", slot.name, slot.state, f" ({obs.error})" if obs.error else ""
             )
+        if was_out:
+            log.info("slot %s: %s", slot.name, _ejection_ends(change))
     return bool(updated)
+
+
+def _ejection_ends(change: Changes) -> str:
+    if change.ejection != CLEARED:
+        return "back in rotation, a probe passed after its back-off"
+    if change.state is not None:
+        return f"its ejection forgotten, the watcher found it {change.state}"
+    return "its ejection forgotten, it is not ready"
 
 
 async def save(name: str, obs: Observation) -> bool | None:

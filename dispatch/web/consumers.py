@@ -9,6 +9,7 @@ and ports of the machines behind hal0web.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -56,9 +57,28 @@ def without_urls(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+# The close code of a page whose live feed cannot run: the channel layer (Redis) is away.
+# The page says "live updates paused" and connects again every second or two (a private
+# code: 4000-4999 are the application's; 503 as HTTP's "unavailable").
+LIVE_PAUSED = 4503
+
+
 class DispatchConsumer(AsyncWebsocketConsumer):
     staff = False
     username = ""
+    bus_away = False  # the layer is away: this page hears nothing, and is told so
+    _accepted = _closed = False
+
+    # Channels' consumer loop receives from the layer through this attribute; it raised
+    # out of the application when Redis went away (a handshake answered 500, an open page
+    # cut with 1011, a traceback each). Guarded, an outage arrives as one message instead.
+    @property
+    def channel_receive(self) -> Callable[[], Awaitable[dict[str, Any]]]:
+        return self._channel_receive
+
+    @channel_receive.setter
+    def channel_receive(self, receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self._channel_receive = events.guarded(receive)
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -70,9 +90,27 @@ class DispatchConsumer(AsyncWebsocketConsumer):
         self.staff, self.username = bool(user.is_staff), user.get_username()
         # Join first, then read the table: a change in between arrives as a delta after the
         # snapshot instead of being lost.
-        await events.join(self.channel_name, staff=self.staff, username=self.username)
+        try:
+            await events.join(self.channel_name, staff=self.staff, username=self.username)
+        except events.BusAway:
+            self.bus_away = True
         await self.accept()
+        self._accepted = True
+        # The table is in memory, Redis or not: the page shows it, paused when it must be.
         await self._send_snapshot()
+        if self.bus_away:
+            await self._pause()
+
+    async def dispatch_bus_away(self, message: dict[str, Any]) -> None:
+        """The layer went away under this page (``events.guarded``)."""
+        self.bus_away = True
+        if self._accepted:  # else connect() is yet to run, and will see it
+            await self._pause()
+
+    async def _pause(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.close(code=LIVE_PAUSED, reason="live updates paused: Redis is away")
 
     async def disconnect(self, code: int) -> None:
         if self.username:  # refused connections never joined
@@ -90,15 +128,16 @@ class DispatchConsumer(AsyncWebsocketConsumer):
 
     async def _send_snapshot(self) -> None:
         table = await store.ensure_loaded()
-        await self._send_event(
-            snapshot(
-                table,
-                admission.inflight,
-                store.freshness(),
-                outliers.overlay(),
-                loader_news.latest(table.slots),
-            )
+        event = snapshot(
+            table,
+            admission.inflight,
+            store.freshness(),
+            outliers.overlay(),
+            loader_news.latest(table.slots),
         )
+        if self.bus_away:
+            event["paused"] = True  # no live updates follow: the socket closes (LIVE_PAUSED)
+        await self._send_event(event)
 
     async def _send_event(self, event: dict[str, Any]) -> None:
         await self.send(

@@ -29,6 +29,11 @@ const STORE_KEY = "hal0.model";
 const LOG_SIZE = 50;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15000;
+// The server closes with LIVE_PAUSED when its live feed cannot run (Redis away: routing goes
+// on, the page hears nothing); it is asked again about every PAUSED_RETRY_MS, not backed off.
+const LIVE_PAUSED = 4503;
+const PAUSED_RETRY_MS = 2000;
+const PAUSED = "live updates paused";
 
 const slots = new Map(); // slot name -> the server's latest payload for it
 let tableVersion = 0;
@@ -513,6 +518,8 @@ function onEvent(ev, socket) {
     pickerShows = ""; // the states' words may have changed with the server: rebuild
     render();
     pending?.show();
+    if (ev.paused) setLive("paused", `${PAUSED} (the server's Redis is away)`);
+    else setLive("live", "live");
   } else if (ev.type === "watcher") {
     watcher = ev;
     renderSlots();
@@ -545,12 +552,17 @@ function connect() {
   const url = new URL(app.dataset.ws, location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   const socket = new WebSocket(url);
+  // "live" once the snapshot is in: it says whether updates follow (see onEvent).
   socket.addEventListener("open", () => {
     backoff = BACKOFF_MIN_MS;
-    setLive("live", "live");
   });
   socket.addEventListener("message", (e) => onEvent(JSON.parse(e.data), socket));
-  socket.addEventListener("close", () => {
+  socket.addEventListener("close", (e) => {
+    if (e.code === LIVE_PAUSED) {
+      setLive("paused", `${PAUSED}: reconnecting…`);
+      setTimeout(connect, PAUSED_RETRY_MS * (0.5 + Math.random() / 2));
+      return;
+    }
     // The server sends a new snapshot on every connect, so nothing missed meanwhile is lost.
     const wait = backoff * (0.5 + Math.random() / 2);
     backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
