@@ -15,6 +15,7 @@ from types import SimpleNamespace
 def singletons() -> SimpleNamespace:
     """The runtime's objects, by the names the resets use."""
     # Imported when called, not at collection: Django's settings must be configured first.
+    from dispatch.api.drain import drain
     from dispatch.coordination import events, outages, stored_responses
     from dispatch.coordination.affinity import affinity
     from dispatch.coordination.keyring import keyring
@@ -46,6 +47,7 @@ def singletons() -> SimpleNamespace:
         loader_news=loader_news,
         outages=outages,
         kept=stored_responses.pending,
+        drain=drain,
     )
 
 
@@ -75,6 +77,8 @@ def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
         ("outages", the.outages.reset),
         # Responses kept while the database was away, waiting to be written.
         ("kept", the.kept.reset),
+        # A stop a test began (its refusals, its cut) is not the next test's.
+        ("drain", the.drain.reset),
     )
 
 
