@@ -5,6 +5,7 @@ cannot take costs that slot alone."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 
 import pytest
@@ -160,3 +161,34 @@ async def test_a_disabled_or_deleted_slot_is_not_written():
     )
     assert saved == [False, False]
     assert await Slot.objects.filter(name="a", state="unknown").aexists()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_stopped_watcher_leaves_no_write_behind():
+    """Its probes cancelled, the write under way finishes (what it read is true) and what
+    still waits is dropped; ``idle`` returns after both, so nothing is written later."""
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("holds SQLite's write lock to keep a write under way")
+    for name in "ab":
+        await sync_to_async(add_slot)(name, url(0), ["m"])
+    await store.ensure_loaded()
+    holder = sqlite3.connect(connection.settings_dict["NAME"])
+    holder.execute("BEGIN IMMEDIATE")  # the writer's transaction waits for it
+    try:
+        under_way = asyncio.create_task(persistence.save("a", ready("m")))
+        await asyncio.sleep(0.05)  # the writer has taken it, and waits for the lock
+        waiting = asyncio.create_task(persistence.save("b", ready("m")))
+        await asyncio.sleep(0)
+        for task in (under_way, waiting):
+            task.cancel()
+        await asyncio.gather(under_way, waiting, return_exceptions=True)
+    finally:
+        holder.rollback()
+        holder.close()
+    await persistence.idle()
+    # Written and published when idle returns (a query would only queue behind the write).
+    assert store.table.slots["a"].state == "ready"
+    states = {s.name: s.state async for s in Slot.objects.all()}
+    assert states == {"a": "ready", "b": "unknown"}

@@ -358,6 +358,14 @@ class _Writer:
 _writer: _Writer | None = None
 
 
+async def idle() -> None:
+    """Return once no probe result is being written on this loop (the watcher's stop: a
+    write under way finishes, those still waiting are dropped with their cancelled probes)."""
+    task = _writer._task if _writer is not None else None
+    if task is not None and task.get_loop() is asyncio.get_running_loop():
+        await asyncio.gather(asyncio.shield(task), return_exceptions=True)
+
+
 async def _save_batch(
     batch: list[tuple[str, Observation]],
 ) -> list[bool | Exception | None]:
