@@ -43,6 +43,7 @@ def singletons() -> SimpleNamespace:
         loads=loads,
         loader=loader.loader,
         held=persistence.held,
+        persistence=persistence,
         loader_news=loader_news,
     )
 
@@ -67,6 +68,8 @@ def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
         # The loader's queues' tasks belong to the finished test's loop: forgotten, not stopped.
         ("loader", the.loader.forget),
         ("held", the.held.clear),
+        # Probe results waiting to be written belong to the finished test's loop: forgotten.
+        ("probe writer", the.persistence.forget),
         # The loader's news a page connecting now would be shown.
         ("loader news", the.loader_news.clear),
     )

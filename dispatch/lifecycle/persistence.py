@@ -358,6 +358,13 @@ class _Writer:
 _writer: _Writer | None = None
 
 
+def forget() -> None:
+    """Forget the writer and what waits for it (a finished loop's): the next result starts
+    one anew. (One on another loop is never reused anyway.)"""
+    global _writer
+    _writer = None
+
+
 async def idle() -> None:
     """Return once no probe result is being written on this loop (the watcher's stop: a
     write under way finishes, those still waiting are dropped with their cancelled probes)."""
