@@ -192,3 +192,13 @@ async def test_a_stopped_watcher_leaves_no_write_behind():
     assert store.table.slots["a"].state == "ready"
     states = {s.name: s.state async for s in Slot.objects.all()}
     assert states == {"a": "ready", "b": "unknown"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_what_a_server_says_of_a_new_model_is_kept_as_it_said_it():
+    said = {"created": 2**70, "name": 'é "quoted"', "meta": {"a": [1, None, True, 0.5]}}
+    add_slot("a", url(0), ["m"])
+    obs = Observation("ready", "", ("m", "new"), details={"new": said})
+    assert persistence.apply_all([("a", obs)]) == [True]
+    assert store.table.slots["a"].models["new"].upstream_fields == said
+    assert SlotModel.objects.get(model_id="new").upstream_fields == said

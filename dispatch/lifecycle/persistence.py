@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from asgiref.sync import sync_to_async
 from django.db import OperationalError, close_old_connections, transaction
 from django.utils import timezone
@@ -266,7 +265,9 @@ def _insert_models(rows: list[dict[str, Any]]) -> None:
     meta = SlotModel._meta
     fields = [f for f in meta.concrete_fields if not f.primary_key]
     defaults = {f.attname: f.get_default() for f in fields}
-    document = orjson.dumps([{**defaults, **row} for row in rows]).decode()
+    # As Django writes a JSONField (the standard library: any integer, where orjson stops at
+    # 64 bits).
+    document = json.dumps([{**defaults, **row} for row in rows])
     quote = connection.ops.quote_name
     columns = ", ".join(quote(str(f.column)) for f in fields)
     if connection.vendor == "postgresql":
