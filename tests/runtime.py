@@ -44,6 +44,7 @@ def singletons() -> SimpleNamespace:
         loads=loads,
         loader=loader.loader,
         held=persistence.held,
+        persistence=persistence,
         loader_news=loader_news,
         outages=outages,
         kept=stored_responses.pending,
@@ -71,6 +72,8 @@ def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
         # The loader's queues' tasks belong to the finished test's loop: forgotten, not stopped.
         ("loader", the.loader.forget),
         ("held", the.held.clear),
+        # Probe results waiting to be written belong to the finished test's loop: forgotten.
+        ("probe writer", the.persistence.forget),
         # The loader's news a page connecting now would be shown.
         ("loader news", the.loader_news.clear),
         # Redis and the database up, as a new process takes them to be.

@@ -20,6 +20,7 @@ def test_a_reset_puts_back_what_a_test_left_in_the_runtime() -> None:
     the.keyring._loaded = True
     the.watcher._probed_at["a"] = object()
     the.leadership.leading = True
+    the.persistence._writer = object()
     the.loader_news.note(
         {"type": "queue", "slot": "a", "loading": "m", "evicting": None, "queue": []}
     )
@@ -35,6 +36,7 @@ def test_a_reset_puts_back_what_a_test_left_in_the_runtime() -> None:
     assert not the.watcher._probed_at and not the.leadership.leading
     assert not the.loader_news.latest()
     assert not the.outages.REDIS.away and not the.kept.made
+    assert the.persistence._writer is None
 
 
 def test_a_reset_of_some_parts_leaves_the_others() -> None:

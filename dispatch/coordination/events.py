@@ -172,7 +172,9 @@ def send_from_sync(event: dict[str, Any], group: str) -> None:
     if running is not None and (running is _home or _home is None):
         publish(event, group)  # already on the loop: schedule, don't block it
     elif _home is not None and _home.is_running():
-        asyncio.run_coroutine_threadsafe(send(event, group), _home)
+        # Into the one send queue, in order: a coroutine each, a reload that changed 200
+        # slots sent 200 at once and ran redis-py's pool (100 connections) dry.
+        _home.call_soon_threadsafe(publish, event, group)
     else:
         async_to_sync(send)(event, group)
 

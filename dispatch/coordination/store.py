@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 
@@ -36,25 +36,20 @@ if TYPE_CHECKING:
 
 def load_table(version: int) -> RoutingTable:
     """Read every slot and its models from the database into a new table (sync, ORM)."""
-    from dispatch.models import Slot
+    from dispatch.models import Slot, SlotModel
 
+    # The models as plain values, not model instances: a fleet of 200 slots of 20 models
+    # each spent most of a reload making 4,000 instances (issue 24), and every process
+    # reloads at every change. In SlotModel.Meta.ordering's order within each slot.
+    by_slot: dict[int, list[ModelEntry]] = {}
+    rows = SlotModel.objects.order_by("slot_id", "-is_default", "model_id").values_list(
+        "slot_id", *_MODEL_COLUMNS
+    )
+    for slot_id, *model in rows:
+        by_slot.setdefault(slot_id, []).append(_model_entry(*model))
     entries: list[SlotEntry] = []
-    for slot in Slot.objects.prefetch_related("models").order_by("name"):
-        models = [
-            ModelEntry(
-                m.model_id,
-                m.upstream_model or m.model_id,
-                m.source,
-                m.is_default,
-                MappingProxyType(dict(m.upstream_fields or {})),
-                load=m.load_state,
-                progress=m.load_progress,
-                load_error=m.load_error,
-                pinned=m.pinned,
-                last_used=m.last_used_at,
-            )
-            for m in slot.models.all()
-        ]
+    for slot in Slot.objects.order_by("name"):
+        models = by_slot.get(slot.pk, [])
         # Every field the table carries (dispatch.routing.slot_fields), then those stored in
         # another shape: JSON lists, and the endpoints it speaks (dispatch.routing.speaks):
         # those listed, else what its kind of server speaks for its type as asking the
@@ -89,6 +84,47 @@ def speaks_of(slot: Slot) -> tuple[frozenset[str], dict[str, bool]]:
         kinds.get(slot.kind).speaks(slot.type),
         slot.spoken,
         speaks.key(slot.kind, slot.type, slot.url),
+    )
+
+
+# What load_table reads of each model, in _model_entry's order.
+_MODEL_COLUMNS = (
+    "model_id",
+    "upstream_model",
+    "source",
+    "is_default",
+    "upstream_fields",
+    "load_state",
+    "load_progress",
+    "load_error",
+    "pinned",
+    "last_used_at",
+)
+
+
+def _model_entry(
+    model_id: str,
+    upstream: str,
+    source: str,
+    default: bool,
+    fields: dict[str, Any] | None,
+    load: str,
+    progress: float | None,
+    error: str,
+    pinned: bool,
+    used: float,
+) -> ModelEntry:
+    return ModelEntry(
+        model_id,
+        upstream or model_id,
+        source,
+        default,
+        MappingProxyType(dict(fields or {})),
+        load=load,
+        progress=progress,
+        load_error=error,
+        pinned=pinned,
+        last_used=used,
     )
 
 

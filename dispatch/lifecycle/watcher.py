@@ -74,6 +74,7 @@ class Watcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await persistence.idle()  # stopped means nothing it probed is still being written
         self._tasks.clear()
         self._probes.clear()
         self._supervisor = None
