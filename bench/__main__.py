@@ -19,12 +19,13 @@ sets Uvicorn against Granian, hal0web against the minimal proxy (bench/servers.p
 ``python -m bench served`` counts instructions per request of the whole server process
 against the minimal Starlette + aiohttp proxy (bench/served.py), and ``python -m bench
 breakdown`` says which part of a request takes what share of its time (bench/breakdown.py).
+``python -m bench probes`` measures writing the watcher's first round over 200 slots of 20
+models, one result at a time against batched, on SQLite and PostgreSQL (bench/probes.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import platform
 import statistics
@@ -794,15 +795,22 @@ def main(argv: list[str]) -> int:
         text = breakdown.report(*(int(n) for n in argv[1:2]))
         out = RESULTS / "breakdown.md"
     elif mode in ("models", "servers", "workers", "crowds"):
-        # Each a module of its own whose run() makes the report: bench/results/MODE.md.
+        import importlib
+
         text = uvloop.run(importlib.import_module(f"bench.{mode}").run())
         out = RESULTS / f"{mode}.md"
     elif mode == "transports":
         text = uvloop.run(run_transports(*([tuple(argv[1:])] if argv[1:] else [])))
         out = RESULTS / "transports.md"
+    elif mode == "probes":
+        from bench import probes
+
+        text = probes.run()
+        out = RESULTS / "probes.md"
     else:
         print(
             "usage: python -m bench [all | seam | llama | models | servers | workers | crowds | "
+            "probes | "
             "hold [PROMPT_KB ...] | cost [ROUNDS] | transports [VARIANT ...] | "
             "scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV | "
             "served [CONFIG ...] | breakdown [REQUESTS]]\n"

@@ -119,11 +119,11 @@ def profile(requests: int) -> tuple[dict[str, float], float]:
             proc.wait_http("/v1/models")
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             for _ in range(WARM):
-                _request(conn, CASES["chat"], None)
+                _request(conn, CASES["chat"], None, fake.port)
             os.kill(proc.pid, signal.SIGUSR1)
             time.sleep(0.2)
             for _ in range(requests):
-                _request(conn, CASES["chat"], None)
+                _request(conn, CASES["chat"], None, fake.port)
             conn.close()
             proc.stop()
             if not out.exists():

@@ -4,7 +4,10 @@ Raw asyncio + httptools (the parser uvicorn uses) on uvloop, keep-alive HTTP/1.1
 precomputed. What a request gets is chosen by its headers, which hal0web forwards untouched:
 
 - ``X-Bench-Chunks: N`` → an SSE stream of N events (the last is ``[DONE]``), one every
-  ``X-Bench-Gap-Ms`` milliseconds (default 10), the first with the response headers.
+  ``X-Bench-Gap-Ms`` milliseconds (default 10), the first with the response headers; with
+  ``X-Bench-Lockstep: 1`` instead, each next event only once the client has said it got the
+  last (a UDP datagram to this server's port number), so that every event is its own read
+  all the way through however slow the router under test is (bench/served.py, callgrind).
 - otherwise → a small non-streaming ``chat.completion`` JSON body.
 
 ``GET /v1/models`` and ``GET /health`` answer so hal0web's watcher sees the slot ready.
@@ -21,7 +24,10 @@ Run: ``python -m bench.fake PORT`` (prints ``ready`` when listening).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import sys
+from collections.abc import AsyncIterator
 from typing import cast
 
 import httptools
@@ -99,7 +105,7 @@ END = b"0\r\n\r\n"
 
 
 class FakeProtocol(asyncio.Protocol):
-    __slots__ = ("chunks", "gap_ms", "parser", "stream_task", "transport", "url")
+    __slots__ = ("chunks", "gap_ms", "lockstep", "parser", "stream_task", "transport", "url")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpRequestParser(self)
@@ -107,6 +113,7 @@ class FakeProtocol(asyncio.Protocol):
         self.url = b""
         self.chunks = 0
         self.gap_ms = 10.0
+        self.lockstep = False
         self.stream_task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,6 +136,7 @@ class FakeProtocol(asyncio.Protocol):
         self.url = b""
         self.chunks = 0
         self.gap_ms = 10.0
+        self.lockstep = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -139,6 +147,8 @@ class FakeProtocol(asyncio.Protocol):
             self.chunks = int(value)
         elif lname == b"x-bench-gap-ms":
             self.gap_ms = float(value)
+        elif lname == b"x-bench-lockstep":
+            self.lockstep = value == b"1"
 
     def on_message_complete(self) -> None:
         transport = self.transport
@@ -147,9 +157,12 @@ class FakeProtocol(asyncio.Protocol):
         url = self.url
         if url.endswith(b"/completions") or url.endswith(b"/embeddings"):
             if self.chunks > 0:
-                self.stream_task = asyncio.get_running_loop().create_task(
-                    self._stream(transport, self.chunks, self.gap_ms / 1000.0)
+                stream = (
+                    self._lockstep(transport, self.chunks)
+                    if self.lockstep
+                    else self._stream(transport, self.chunks, self.gap_ms / 1000.0)
                 )
+                self.stream_task = asyncio.get_running_loop().create_task(stream)
             else:
                 transport.write(RESP_COMPLETION)
         elif url.startswith(ROUTER):
@@ -187,13 +200,68 @@ class FakeProtocol(asyncio.Protocol):
         transport.write(END)
         self.stream_task = None
 
+    async def _lockstep(self, transport: asyncio.Transport, n: int) -> None:
+        acks = _acks()
+        while not acks.empty():  # a stale ack from an earlier stream must not run ahead
+            acks.get_nowait()
+        transport.write(SSE_HEAD + (sse_event(0) if n > 1 else DONE))
+        for i in range(1, n):
+            try:
+                await asyncio.wait_for(acks.get(), LOCKSTEP_WAIT_S)
+            except TimeoutError:
+                pass  # a client that never acks gets the rest at this pace, not a hang
+            if transport.is_closing():
+                return
+            transport.write(sse_event(i) if i < n - 1 else DONE)
+        transport.write(END)
+        self.stream_task = None
 
-async def serve(port: int) -> None:
+
+# How long a lockstep stream waits for the client's word before sending the next event.
+LOCKSTEP_WAIT_S = 10.0
+_ACKS: asyncio.Queue[None] | None = None
+
+
+def _acks() -> asyncio.Queue[None]:
+    """The client's acknowledgements, one per event received (one lockstep stream at a time)."""
+    global _ACKS
+    if _ACKS is None:
+        _ACKS = asyncio.Queue()
+    return _ACKS
+
+
+class _AckProtocol(asyncio.DatagramProtocol):
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        _acks().put_nowait(None)
+
+
+def ack(port: int) -> None:
+    """Tell the fake on ``port`` that the client got the last event (lockstep streams)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"1", ("127.0.0.1", port))
+
+
+@contextlib.asynccontextmanager
+async def listening(port: int = 0) -> AsyncIterator[int]:
+    """The fake's HTTP server on ``port`` (0: any free one) and the UDP port of the same
+    number for lockstep acks, while in the block; yields the port."""
+    global _ACKS
+    _ACKS = asyncio.Queue()  # this loop's
     loop = asyncio.get_running_loop()
     server = await loop.create_server(FakeProtocol, "127.0.0.1", port, backlog=4096)
-    print("ready", flush=True)
-    async with server:
-        await server.serve_forever()
+    port = server.sockets[0].getsockname()[1]
+    acks, _ = await loop.create_datagram_endpoint(_AckProtocol, local_addr=("127.0.0.1", port))
+    try:
+        async with server:
+            yield port
+    finally:
+        acks.close()
+
+
+async def serve(port: int) -> None:
+    async with listening(port):
+        print("ready", flush=True)
+        await asyncio.Event().wait()  # until the process is stopped
 
 
 def main() -> None:

@@ -8,9 +8,11 @@ by however long that request happened to take:
 
 - the follower's version check (every 0.25 s: a thread hop and a query) is not started;
   ``HAL0_WATCHER=false`` (set by the harness) keeps the probes out too;
-- the request-log writer gathers for 5 s instead of 0.2 s before it writes, so a batch holds
-  as many rows as it does under load natively: the figure counts each row's cost, not the
-  per-transaction cost a request would carry alone at callgrind's pace.
+- the request-log writer gathers until told to write (SIGUSR2, sent by bench/served.py after
+  each run of requests), not for 0.2 s: its batches are then the same from one run to the
+  next (how many rows a timed gathering caught swung the stream case's figure by 2 %), and
+  hold as many rows as they do under load natively, so the figure counts each row's cost,
+  not the per-transaction cost a request would carry alone at callgrind's pace.
 
 What is left on a clock (Uvicorn's tick) is the same for every server and is measured over
 an idle window and taken out by bench/served.py.
@@ -38,7 +40,8 @@ def main(app: str, port: int) -> None:
         from dispatch.observability import requestlog
 
         sync.ensure_following = lambda: None
-        requestlog.LINGER_S = 5.0
+        requestlog.LINGER_S = 1e9  # until SIGUSR2
+        signal.signal(signal.SIGUSR2, lambda *_: requestlog.writer.write_now())
     profile_to = os.environ.get("BENCH_PROFILE")
     profiler = cProfile.Profile()
     if profile_to:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -32,15 +34,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.fake import ack
 from bench.procs import ROOT, Proc, Workspace, fake_proc, free_port
 
 CHAT = b'{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}'
 STREAM = b'{"model":"bench-model","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 UNKNOWN = b'{"model":"no-such-model","messages":[{"role":"user","content":"hi"}]}'
 CHUNKS = 32
-# Wide enough that each event is its own read even at callgrind's pace (~50x slower): the
-# figure is then per event, not per however many events a read happened to hold.
-GAP_MS = 15
 WARM = 30
 IDLE_S = 4.0
 
@@ -61,7 +61,11 @@ CASES = {
         STREAM,
         200,
         30,
-        {"X-Bench-Chunks": str(CHUNKS + 1), "X-Bench-Gap-Ms": str(GAP_MS)},
+        # Lockstep: the fake sends each next event once this client has the last, so each
+        # is its own read in the server under test however slow callgrind makes it (a fixed
+        # gap let events share a read now and then: the figure swung by 3 %, and by a
+        # quarter on a loaded machine).
+        {"X-Bench-Chunks": str(CHUNKS + 1), "X-Bench-Lockstep": "1"},
     ),
     "404": Case("404", UNKNOWN, 404, 300),
     "key": Case("key", CHAT, 200, 300),
@@ -131,22 +135,82 @@ def _totals(path: Path) -> int:
     raise RuntimeError(f"callgrind wrote no totals to {path}")
 
 
-def _request(conn: http.client.HTTPConnection, case: Case, auth: str | None) -> None:
+def _request(conn: http.client.HTTPConnection, case: Case, auth: str | None, ack_port: int) -> None:
     headers = {"Content-Type": "application/json", **case.headers}
     if auth:
         headers["Authorization"] = f"Bearer {auth}"
     conn.request("POST", "/v1/chat/completions", case.body, headers)
     response = conn.getresponse()
-    body = response.read()
+    body = _read_acking(response, ack_port) if case.name == "stream32" else response.read()
     if response.status != case.status:
         raise RuntimeError(f"{case.name}: answered {response.status}, not {case.status}: {body!r}")
     if case.name == "stream32" and body.count(b"data:") != CHUNKS + 1:
         raise RuntimeError(f"stream32: {body.count(b'data:')} events, not {CHUNKS + 1}")
 
 
-def _measure(proc: Proc, cg: _Callgrind, cases: tuple[str, ...], auth: str | None) -> Measured:
+def _read_acking(response: http.client.HTTPResponse, ack_port: int) -> bytes:
+    """A lockstep stream read whole, each complete event acknowledged to the fake."""
+    body = b""
+    acked = 0
+    while part := response.read1(65536):
+        body += part
+        # Every event but [DONE] is followed by one the fake holds back for this word.
+        for _ in range(min(body.count(b"\n\n"), CHUNKS) - acked):
+            ack(ack_port)
+            acked += 1
+    return body
+
+
+class _RequestLog:
+    """The server's request log, written when told (bench/quiet_server.py): each run of
+    requests' rows in one go, the same batches every time."""
+
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
+        self.sent = 0  # requests so far: one row each
+
+    def write(self) -> None:
+        if self.proc.database is None or self.proc.extra_env.get("HAL0_REQUEST_LOG") == "false":
+            return  # the minimal proxy keeps no log, nor does hal0web with it switched off
+        os.kill(self.proc.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 120
+        while True:
+            # The database is looked into only once its files have stood still a while: a
+            # reader's lock meeting the writer's commit would send the writer into SQLite's
+            # busy-wait, whose retries callgrind would count.
+            self._still()
+            if self._rows() >= self.sent:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.proc.name}: {self._rows()} rows of {self.sent}")
+
+    def _still(self, quiet_s: float = 1.5) -> None:
+        assert self.proc.database is not None
+        db = self.proc.database[1]
+        files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-journal")]
+
+        def stamp() -> tuple[float, ...]:
+            return tuple(f.stat().st_mtime if f.exists() else 0.0 for f in files)
+
+        last, since = stamp(), time.monotonic()
+        while time.monotonic() - since < quiet_s:
+            time.sleep(0.1)
+            now = stamp()
+            if now != last:
+                last, since = now, time.monotonic()
+
+    def _rows(self) -> int:
+        assert self.proc.database is not None
+        with sqlite3.connect(self.proc.database[1], timeout=30) as db:
+            return int(db.execute("SELECT count(*) FROM dispatch_requestlog").fetchone()[0])
+
+
+def _measure(
+    proc: Proc, cg: _Callgrind, cases: tuple[str, ...], auth: str | None, ack_port: int
+) -> Measured:
     conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=120)
     got = Measured()
+    log = _RequestLog(proc)
     # The clock's share: what the process does per second with no request at all.
     cg.zero()
     started = time.monotonic()
@@ -156,12 +220,16 @@ def _measure(proc: Proc, cg: _Callgrind, cases: tuple[str, ...], auth: str | Non
     for name in cases:
         case = CASES[name]
         for _ in range(WARM):
-            _request(conn, case, auth)
+            _request(conn, case, auth, ack_port)
+        log.sent += WARM
+        log.write()
         print(f"  {proc.name}: {name} x {case.requests} ...", file=sys.stderr, flush=True)
         cg.zero()
         started = time.monotonic()
         for _ in range(case.requests):
-            _request(conn, case, auth)
+            _request(conn, case, auth, ack_port)
+        log.sent += case.requests
+        log.write()
         total, main = cg.dump()
         took = time.monotonic() - started
         got.per_request[name] = (total - idle_total * took / idle_s) / case.requests
@@ -238,7 +306,9 @@ def measure(tree: Path = ROOT, configs: tuple[str, ...] = tuple(CONFIGS)) -> dic
                 proc.start()
                 try:
                     _wait(proc)
-                    results[config] = _measure(proc, _Callgrind(proc, out), CONFIGS[config], key)
+                    results[config] = _measure(
+                        proc, _Callgrind(proc, out), CONFIGS[config], key, fake.port
+                    )
                 finally:
                     proc.stop()
     finally:

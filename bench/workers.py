@@ -7,8 +7,9 @@ machine has two cores and the load generator and the fake upstream need one of t
 both are reported: the wall-clock ratio, and the CPU-normalised one (requests per
 CPU-second of the hal0web processes, every worker and the supervisor summed, from /proc).
 
-Both deployments run the line of deploy/Procfile (``uvicorn hal0web.asgi:application
---workers N --loop uvloop --http httptools --backlog 4096 --no-access-log``), each on its
+Both deployments run the line of deploy/Procfile (``python -m hal0web.server
+hal0web.asgi:application --workers N --loop uvloop --http httptools --backlog 4096
+--no-access-log``: Uvicorn's command line, see hal0web/server.py), each on its
 own throwaway PostgreSQL database (one migrated, the other made from it as a template, both
 dropped at the end) and its own empty Redis database (flushed at the end), so the two do not
 form one cluster. The fake upstream and this driver (the load generator) run on core 0; one

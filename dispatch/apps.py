@@ -55,8 +55,13 @@ class DispatchConfig(AppConfig):
 
         translators.install()
         from dispatch.coordination import triggers
+        from dispatch.coordination.store import store
+        from dispatch.upstream.outliers import outliers
         from dispatch.web import live
 
+        # Before the live feed's: a slot's state change forgets its ejection here before
+        # the pages hear the new table.
+        store.on_change(outliers.table_changed)
         live.install()
         from dispatch.coordination import sync
         from dispatch.upstream.loads import loads

@@ -184,6 +184,18 @@ class Slot(models.Model):
         editable=False,
         help_text="What the server was found to speak when asked (endpoint: yes or no).",
     )
+    # Out of rotation though its probes pass (dispatch.upstream.outliers, written through
+    # dispatch.coordination.ejections): one process's judgement, every process's table.
+    ejected_until = models.DateTimeField(null=True, blank=True, editable=False)
+    ejected_reason = models.TextField(
+        blank=True, default=DEFAULTS["ejected_reason"], db_default="", editable=False
+    )
+    ejections = models.PositiveIntegerField(
+        default=DEFAULTS["ejections"],
+        db_default=0,
+        editable=False,
+        help_text="Ejections in a row without a request that succeeded (the back-off doubles).",
+    )
     # Manifest keys hal0 uses that we do not model, kept verbatim for export.
     extra = models.JSONField(default=dict, blank=True)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
@@ -27,11 +26,6 @@ from dispatch.models import ApiKey, Slot, SlotModel
 def _changed(sender: type, **kwargs: Any) -> None:
     if kwargs.get("raw"):  # loaddata: the state is rebuilt once the data is in
         return
-    conn = transaction.get_connection()
     # The database's triggers bump StateVersion; this process reloads as soon as it commits
-    # (others within dispatch.coordination.sync's check interval). One reload per transaction however
-    # many rows it saves (an import saves hundreds): Django drops the queued callback itself
-    # if the transaction rolls back.
-    if any(func is sync.committed for _, func, _ in conn.run_on_commit):
-        return
-    transaction.on_commit(sync.committed)
+    # (others within dispatch.coordination.sync's check interval), once per transaction.
+    sync.reload_after_commit()

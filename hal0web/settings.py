@@ -222,6 +222,17 @@ HAL0_BIND: str = _read("HAL0_BIND", env.str, "127.0.0.1:8000")
 if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", HAL0_BIND):
     raise ImproperlyConfigured(f"HAL0_BIND={HAL0_BIND!r} must be HOST:PORT")
 
+# --- the server's connections and its stop (hal0web/server.py, dispatch/api/drain.py) ---------
+# On SIGTERM, how long the requests in flight may go on; then a stream still running ends
+# with a `shutting_down` error event and a request still waiting gets 503. Uvicorn's own
+# --timeout-graceful-shutdown (hal0web.server sets it above this) and systemd's
+# TimeoutStopSec (deploy/hal0web.service) must leave it room.
+HAL0_DRAIN_S: float = _positive("HAL0_DRAIN_S", env.float, 20, allow_zero=True)
+# A connection must send a request's whole header within this long of opening (or, kept
+# alive, of the request's first byte); otherwise it is closed. Uvicorn has no such bound of
+# its own: a client sending a header a byte at a time would hold its connection for ever.
+HAL0_HEADER_TIMEOUT_S: float = _positive("HAL0_HEADER_TIMEOUT_S", env.float, 10)
+
 # --- seeing the traffic: metrics and the request log ----------------------------------------
 # /metrics (Prometheus text format) and its counters, histograms and gauges.
 HAL0_METRICS: bool = _strict_bool("HAL0_METRICS", True)

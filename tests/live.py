@@ -50,10 +50,15 @@ class Heard:
 
     def __init__(self) -> None:
         self.deliveries: list[Any] = []
+        self.paused = False  # told the layer (Redis) went away
         self._changed = asyncio.Event()
 
     def hear(self, delivery: Any) -> None:
         self.deliveries.append(delivery)
+        self._changed.set()
+
+    def away(self) -> None:
+        self.paused = True
         self._changed.set()
 
     @property

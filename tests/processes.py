@@ -80,9 +80,13 @@ class Hal0Process:
     or another long-running ``manage.py`` command."""
 
     def __init__(
-        self, env: dict[str, str], log_path: Path, command: list[str] | None = None
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        command: list[str] | None = None,
+        port: int | None = None,  # the one ``command`` serves on, when it names one
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = log_path
         self._log = log_path.open("ab")
         # Another command (`manage.py watch`, a recipe's command line) runs the same way.

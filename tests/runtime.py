@@ -15,7 +15,8 @@ from types import SimpleNamespace
 def singletons() -> SimpleNamespace:
     """The runtime's objects, by the names the resets use."""
     # Imported when called, not at collection: Django's settings must be configured first.
-    from dispatch.coordination import events
+    from dispatch.api.drain import drain
+    from dispatch.coordination import events, outages, stored_responses
     from dispatch.coordination.affinity import affinity
     from dispatch.coordination.keyring import keyring
     from dispatch.coordination.store import store
@@ -43,7 +44,11 @@ def singletons() -> SimpleNamespace:
         loads=loads,
         loader=loader.loader,
         held=persistence.held,
+        persistence=persistence,
         loader_news=loader_news,
+        outages=outages,
+        kept=stored_responses.pending,
+        drain=drain,
     )
 
 
@@ -69,8 +74,16 @@ def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
         # The loader's queues' tasks belong to the finished test's loop: forgotten, not stopped.
         ("loader", the.loader.forget),
         ("held", the.held.clear),
+        # Probe results waiting to be written belong to the finished test's loop: forgotten.
+        ("probe writer", the.persistence.forget),
         # The loader's news a page connecting now would be shown.
         ("loader news", the.loader_news.clear),
+        # Redis and the database up, as a new process takes them to be.
+        ("outages", the.outages.reset),
+        # Responses kept while the database was away, waiting to be written.
+        ("kept", the.kept.reset),
+        # A stop a test began (its refusals, its cut) is not the next test's.
+        ("drain", the.drain.reset),
     )
 
 

@@ -7,8 +7,10 @@ generator counts events and coalesced arrivals correctly, and the resolver mix r
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -191,3 +193,46 @@ def test_a_servers_cpu_time_counts_the_processes_it_started(tmp_path: Path) -> N
             os.kill(pid, signal.SIGKILL)
         assert proc.popen is not None
         proc.popen.wait(5)
+
+
+async def test_a_lockstep_stream_waits_for_each_acknowledgement() -> None:
+    """bench/served.py's stream case: the fake sends each next event only once the client
+    says it has the last, so the router under test reads every event on its own."""
+    from bench import fake, served
+
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"X-Bench-Chunks: 4\r\nX-Bench-Lockstep: 1\r\n\r\n{}"
+    )
+
+    def held_back() -> tuple[bytes, bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request)
+            first = b""
+            while b"\n\n" not in first:  # the headers, then event 0 (CRLF-ended headers)
+                first += sock.recv(65536)
+            sock.settimeout(0.3)
+            try:
+                early = sock.recv(65536)  # nothing more until acknowledged
+            except TimeoutError:
+                early = b""
+            sock.settimeout(10)
+            fake.ack(port)
+            return first, early, sock.recv(65536)
+
+    def whole() -> bytes:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(
+            "POST", "/v1/chat/completions", b"{}", {"X-Bench-Chunks": "4", "X-Bench-Lockstep": "1"}
+        )
+        body = served._read_acking(conn.getresponse(), port)
+        conn.close()
+        return body
+
+    async with fake.listening() as port:
+        first, early, after_ack = await asyncio.to_thread(held_back)
+        assert first.count(b"data:") == 1
+        assert early == b""
+        assert after_ack.count(b"data:") == 1
+        body = await asyncio.to_thread(whole)
+        assert body.count(b"data:") == 4 and body.endswith(b"data: [DONE]\n\n")

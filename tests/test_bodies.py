@@ -120,7 +120,8 @@ def test_duplicate_top_level_model_keys_are_all_rewritten():
 # Raw JSON text, written the many ways a client may write it, so the property test below
 # checks bytes, not meaning.
 _ws = st.sampled_from(["", " ", "\n", "\t", "  ", "\r\n"])
-_numbers = st.from_regex(r"\A-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,5})?([eE][+-]?[0-9]{1,3})?\Z")
+# (Within a double's range: past it, 1E400, orjson refuses the number, tests/test_json_reader.py.)
+_numbers = st.from_regex(r"\A-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,5})?([eE][+-]?[0-9]{1,2})?\Z")
 
 
 def _escape(ch: str, how: int) -> str:

@@ -97,9 +97,11 @@ def assert_proxy_error(r: httpx.Response, status: int, code: str) -> dict[str, A
 
 def in_rotation(name: str = "a") -> None:
     """One fault is not an outlier: the slot still takes requests."""
+    from dispatch.coordination.store import store
     from dispatch.upstream.outliers import outliers
 
-    assert outliers.admit(name) and outliers.degraded(name) is None
+    slot = store.table.slots[name]
+    assert outliers.admit(slot) and outliers.degraded(slot) is None and slot.ejection is None
 
 
 def no_leaked_place() -> None:
@@ -761,6 +763,31 @@ def test_a_refused_connection_is_502_upstream_unreachable(
     add_slot("a", f"http://127.0.0.1:{free_port()}/v1", ["m1"])
     assert_proxy_error(post(hal0, stream=stream), 502, "upstream_unreachable")
     no_leaked_place()
+
+
+def test_a_refused_connection_is_the_watchers_case_not_an_outlier(
+    transactional_db, no_watcher, hal0
+):
+    # Issue 24: requests that meet a dead server's refused port before the watcher's
+    # `offline` reaches their process do not eject it (it would outlive the server's return).
+    from tests.fakes import free_port
+
+    add_slot("a", f"http://127.0.0.1:{free_port()}/v1", ["m1"], state="ready")
+    for _ in range(5):
+        assert_proxy_error(post(hal0), 502, "upstream_unreachable")
+    in_rotation()
+
+
+def test_a_connection_reset_before_any_answer_counts_toward_ejection(raw, no_watcher, hal0):
+    def behaviour(sock: socket.socket, req: RawRequest) -> bool:
+        reset(sock)  # it took the connection, then dropped it: alive, but not answering
+        return False
+
+    raw(behaviour, state="ready")
+    for _ in range(3):
+        assert_proxy_error(post(hal0), 502, "upstream_unreachable")
+    err = assert_proxy_error(post(hal0), 503, "slot_unavailable")
+    assert "degraded" in err["message"] and "out of rotation" in err["message"]
 
 
 def test_a_refusing_slot_goes_offline_and_then_answers_503_at_once(transactional_db, hal0):

@@ -11,6 +11,7 @@ from dispatch.lib.listeners import Listeners
 from dispatch.routing.table import EMPTY_TABLE, RoutingTable
 from dispatch.upstream.admission import Admission
 from dispatch.upstream.outliers import Outliers
+from tests.test_outliers import Clock, Row
 
 
 def test_listeners_hear_in_the_order_added_with_what_notify_is_given():
@@ -72,7 +73,7 @@ def test_a_listener_may_remove_itself_while_it_is_called():
     assert heard == ["once", "a", "b"]
 
 
-def test_each_room_tells_every_listener_even_after_one_fails():
+async def test_each_room_tells_every_listener_even_after_one_fails():
     def broken(*args: object) -> None:
         raise RuntimeError("a bug")
 
@@ -83,12 +84,13 @@ def test_each_room_tells_every_listener_even_after_one_fails():
     admission.release("a")
     assert slots == ["a", "a"] and dict(admission.inflight) == {}
 
-    outliers, ejected = Outliers(lambda: 0.0), list[str]()
+    row = Row(Clock())
+    outliers, ejected = Outliers(row.clock, row), list[str]()
     outliers.on_change(broken)
     outliers.on_change(ejected.append)
     for _ in range(3):
-        outliers.failed("a", "timed out", 10)
-    assert ejected == ["a"] and outliers.degraded("a")
+        outliers.failed(row.entry(), "timed out", 10)
+    assert ejected == ["a"] and outliers.degraded(row.entry())
 
     store, tables = TableStore(), list[RoutingTable]()
     store.on_change(broken)

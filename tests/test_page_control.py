@@ -113,6 +113,15 @@ def test_a_body_that_is_not_json(router):
     assert Slot.objects.get(name="router").state == "ready"
 
 
+def test_a_body_nested_too_deep(router):
+    # The bound every JSON reader of hal0web holds to (dispatch/lib/json_reader.py).
+    deep = '{"action": "drain", "slot": ' + "[" * 600 + '"\\ud83d"' + "]" * 600 + "}"
+    r = post(page_client(staff=True), None, raw=deep)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "json_too_deep"
+    assert "512 levels" in r.json()["error"]["message"]
+    assert Slot.objects.get(name="router").state == "ready"
+
+
 def test_only_staff_and_only_from_the_page(router):
     # Not staff: 403 in JSON, nothing done.
     r = post(page_client(staff=False), {"action": "drain", "slot": "router"})

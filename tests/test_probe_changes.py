@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 
 from dispatch.coordination.store import store
 from dispatch.kinds import Loads, ModelLoad
-from dispatch.lifecycle.changes import Changes, changes
+from dispatch.lifecycle.changes import CLEARED, ENDED, Changes, changes
 from dispatch.lifecycle.persistence import apply
 from dispatch.lifecycle.probe import Observation
 from dispatch.models import Slot
-from dispatch.routing.table import ModelEntry, make_slot
+from dispatch.routing.table import Ejection, ModelEntry, make_slot
 from tests.conftest import add_slot
 
 
@@ -89,3 +90,46 @@ def test_what_apply_writes_is_what_the_table_then_finds_unchanged(transactional_
     assert after.models["extra"].upstream_fields == {"owned_by": "me"}
     assert Slot.objects.get(name="s").state == "ready"
     assert apply("s", obs) is False
+
+
+# --- an ejection (dispatch.upstream.outliers) and the probes ---------------------------------
+
+
+def ejected(state="ready", until: float | None = 110.0, count=1):
+    return make_slot(
+        "s", "http://h/v1", state=state, ejection=Ejection(until, "out of rotation", count)
+    )
+
+
+READY = Observation("ready", "", None)
+OFFLINE = Observation("offline", "refused", None)
+
+
+def test_a_passing_probe_ends_an_ejection_only_once_its_backoff_is_over():
+    assert changes(ejected(), READY, now=109.9).ejection is None
+    assert not changes(ejected(), READY, now=109.9)  # nothing to write meanwhile
+    assert changes(ejected(), READY, now=110.0) == Changes(ejection=ENDED)
+    assert not changes(ejected(until=None), READY, now=200.0)  # ended already: the count stays
+    assert not changes(slot(), READY, now=200.0)
+
+
+def test_a_slot_found_down_or_back_up_forgets_its_ejection():
+    assert changes(ejected(), OFFLINE, now=100.0).ejection == CLEARED
+    assert changes(ejected("offline"), READY, now=100.0).ejection == CLEARED
+    assert changes(ejected(until=None, count=3), OFFLINE, now=100.0).ejection == CLEARED
+    assert changes(ejected(), Observation("loading", "", None), now=100.0).ejection == CLEARED
+
+
+def test_apply_writes_the_ejections_end_for_every_process(transactional_db):
+    add_slot("s", "http://h/v1", ["m"], state="ready")
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    Slot.objects.filter(name="s").update(ejected_until=past, ejected_reason="out", ejections=2)
+    listed = Observation("ready", "", ("m",))
+    assert store.reload().slots["s"].ejection == Ejection(past.timestamp(), "out", 2)
+    assert apply("s", listed) is True
+    # Back in rotation; the count stays until a request succeeds (the next ejection is longer).
+    assert store.reload().slots["s"].ejection == Ejection(None, "", 2)
+    assert apply("s", listed) is False
+    assert apply("s", OFFLINE) is True  # down: the watcher's, forgotten
+    after = store.reload().slots["s"]
+    assert after.ejection is None and after.state == "offline"

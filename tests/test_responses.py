@@ -137,7 +137,7 @@ def test_the_stream_sniffer_finds_the_id_across_chunks():
 
 
 @pytest.mark.redis
-def test_redis_keeps_the_record_with_a_ttl(settings):
+def test_redis_keeps_the_record_with_a_ttl(settings, transactional_db):  # a miss asks it too
     redis = pytest.importorskip("redis")
     settings.REDIS_URL = "redis://127.0.0.1:6379/0"
     settings.HAL0_RESPONSE_RETENTION_DAYS = 1

@@ -20,9 +20,12 @@ def test_a_reset_puts_back_what_a_test_left_in_the_runtime() -> None:
     the.keyring._loaded = True
     the.watcher._probed_at["a"] = object()
     the.leadership.leading = True
+    the.persistence._writer = object()
     the.loader_news.note(
         {"type": "queue", "slot": "a", "loading": "m", "evicting": None, "queue": []}
     )
+    the.outages.REDIS.failed("a test", ConnectionError("refused"))
+    the.kept.made["resp_hal0_1"] = object()
 
     runtime.reset()
 
@@ -32,6 +35,8 @@ def test_a_reset_puts_back_what_a_test_left_in_the_runtime() -> None:
     assert not the.store._loaded and not the.keyring._loaded
     assert not the.watcher._probed_at and not the.leadership.leading
     assert not the.loader_news.latest()
+    assert not the.outages.REDIS.away and not the.kept.made
+    assert the.persistence._writer is None
 
 
 def test_a_reset_of_some_parts_leaves_the_others() -> None:

@@ -224,7 +224,8 @@ def test_serve_can_run_uvicorn(tmp_path: Path, serve_runs: list[Served]) -> None
     url = f"http://127.0.0.1:{port}"
     assert _get_json(url + "/healthz", run)["ok"] is True
     children = run.children()
-    assert any("uvicorn" in Path(f"/proc/{pid}/cmdline").read_text() for pid in children)
+    # Uvicorn through hal0web.server (its header timeout, its graceful stop), as deploy/ runs it.
+    assert any("hal0web.server" in Path(f"/proc/{pid}/cmdline").read_text() for pid in children)
     assert run.stop(signal.SIGTERM) == 0
     assert [pid for pid in children if _alive(pid)] == []
 
@@ -314,7 +315,7 @@ def test_serve_with_demo_starts_both_models_and_stops_them(
     binary = Path(settings.HAL0_LLAMA_SERVER)
     servers = [pid for pid, c in commands.items() if c.split(b"\0")[0] == bytes(binary)]
     assert len(servers) == 2
-    assert sum(b"uvicorn" in c for c in commands.values()) == 1  # make run's default server
+    assert sum(b"hal0web.server" in c for c in commands.values()) == 1  # make run's default server
     # primary's router started SmolLM2's instance from its own binary (/proc/self/exe):
     # the installed copy, in serve's process group, so it stops with the rest.
     router = next(pid for pid in servers if str(p_port).encode() in commands[pid])

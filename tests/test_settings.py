@@ -89,6 +89,8 @@ def started(tmp_path: Path, **env: str) -> dict:
         ("HAL0_LOGIN_FAILURES", "many"),
         ("HAL0_LOGIN_LOCKOUT_MIN", "soon"),
         ("HAL0_HTTPS", "maybe"),
+        ("HAL0_DRAIN_S", "-1"),
+        ("HAL0_HEADER_TIMEOUT_S", "0"),
     ],
 )
 def test_bad_value_stops_start_up_naming_the_variable(tmp_path, name, value):

@@ -18,11 +18,11 @@ from dispatch.manifests.parse import parse
 from dispatch.manifests.shape import Manifest
 from dispatch.routing import slot_fields
 from dispatch.routing.slot_fields import FIELDS, REQUIRED
-from dispatch.routing.table import SlotEntry, make_slot
+from dispatch.routing.table import Ejection, SlotEntry, make_slot
 from dispatch.web.snapshots import slot_payload
 
 # What the table entry, the payload and the manifest add of their own (derived, not stored).
-ENTRY_OWN = {"models", "default_model", "endpoints_listed", "spoken"}
+ENTRY_OWN = {"models", "default_model", "endpoints_listed", "spoken", "ejection"}
 PAYLOAD_OWN = {
     "models",
     "default_model",
@@ -59,6 +59,9 @@ SAMPLES: dict[str, Any] = {
     "loads_models": True,
     "model_limit": 2,
     "spoken": {"for": "vllm embedding http://10.0.0.9:8123/v1", "found": {"embeddings": True}},
+    "ejected_until": dt.datetime(2026, 1, 2, 3, 4, 6, tzinfo=dt.UTC),
+    "ejected_reason": "taken out of rotation",
+    "ejections": 2,
     "extra": {"runtime": "rocm"},
 }
 
@@ -132,6 +135,9 @@ def test_every_field_reaches_the_table_and_the_manifest_from_the_database():
     for f in slot_fields.TABLE:
         want = frozenset(SAMPLES[f.name]) if f.name == "endpoints" else SAMPLES[f.name]
         assert getattr(entry, f.name) == want, f.name
+    # The ejection's three fields, as one.
+    until = SAMPLES["ejected_until"].timestamp()
+    assert entry.ejection == Ejection(until, SAMPLES["ejected_reason"], SAMPLES["ejections"])
     # Out as a manifest and back: every declared field keeps its (non-default) value.
     manifest = from_slot(Slot.objects.get(name="sample"))
     again = parse(dumps(manifest), "sample.toml")

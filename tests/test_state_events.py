@@ -100,14 +100,20 @@ async def test_an_ejected_slot_shows_degraded_live_with_its_reason(
     comm, snap = await connect()
     assert [s["state"] for s in snap["slots"]] == ["ready"]
     for _ in range(EJECT_AFTER):
-        outliers.failed("a", "slot 'a' sent no response within 300s", 30)
+        outliers.failed(store.table.slots["a"], "slot 'a' sent no response within 300s", 30)
+    # At once (this process's judgement), then again from the table once it is written for
+    # every process.
     event = await next_state(comm, "a")
     assert event["slot"]["state"] == "degraded"
     assert event["slot"]["previous_state"] == "ready"
     assert "no response within 300s" in event["slot"]["last_error"]
+    event = await next_state(comm, "a")
+    assert (event["slot"]["previous_state"], event["slot"]["state"]) == ("degraded", "degraded")
+    assert event["version"] > event["from_version"]
+    assert store.table.slots["a"].ejection is not None
     late, late_snap = await connect()  # a page opened now sees it in its snapshot
     assert [s["state"] for s in late_snap["slots"]] == ["degraded"]
-    outliers.succeeded("a")
+    outliers.succeeded(store.table.slots["a"])
     event = await next_state(comm, "a")
     assert (event["slot"]["previous_state"], event["slot"]["state"]) == ("degraded", "ready")
     await comm.disconnect()

@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 
 from dispatch.routing import states
-from dispatch.routing.table import RoutingTable, make_slot
+from dispatch.routing.table import Ejection, RoutingTable, make_slot
 from dispatch.web.snapshots import slot_payload, snapshot
 
 DISPATCH = Path(__file__).resolve().parent.parent / "dispatch"
@@ -33,6 +33,8 @@ def test_every_state_a_payload_can_show_is_one_the_page_is_told_of():
     shown.add(slot_payload(make_slot("a", "http://h/v1", enabled=False))["state"])
     overlay = (states.DEGRADED, "ejected")
     shown.add(slot_payload(make_slot("a", "http://h/v1", state="ready"), 0, overlay)["state"])
+    ejected = make_slot("a", "http://h/v1", state="ready", ejection=Ejection(1.0, "ejected", 1))
+    assert slot_payload(ejected)["state"] == states.DEGRADED
     assert shown <= names
     assert shown == names
 

@@ -8,13 +8,13 @@ the body holds (a nested ``model`` key, big integers, escapes, odd spacing).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from dispatch.lib.json_reader import MAX_DEPTH, TooDeep, loads
 from dispatch.wire.errors import ApiError
 
 # The tokens that give a JSON text its structure: whole strings (so nothing inside one is
@@ -41,33 +41,19 @@ class ParsedBody:
     stream: bool
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def loads(raw: bytes) -> Any:
-    """Parse JSON as a model server would: orjson, or the standard library when orjson
-    refuses a lone UTF-16 surrogate escape (``"\\ud83d"``, what JavaScript's
-    JSON.stringify writes for a string cut mid-emoji). JSON allows those escapes and the
-    servers behind us accept them; only orjson is stricter."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        if b"\\u" not in raw:
-            raise
-        try:
-            # NaN/Infinity are Python's extensions, not JSON: still refused.
-            return json.loads(raw, parse_constant=_refuse_constant)
-        except (ValueError, UnicodeDecodeError):
-            raise exc from None
-
-
 def parse(raw: bytes) -> ParsedBody:
     if not raw.strip():
         raise ApiError(400, "invalid_json", "The request body is empty; send a JSON object.")
     try:
         data = loads(raw)
-    except orjson.JSONDecodeError as exc:
+    except TooDeep:  # (the bound every reader of outside JSON holds to: lib.json_reader)
+        raise ApiError(
+            400,
+            "json_too_deep",
+            f"The request body nests arrays and objects deeper than {MAX_DEPTH} levels, "
+            "hal0web's limit; send it less deeply nested.",
+        ) from None
+    except ValueError as exc:
         raise ApiError(400, "invalid_json", f"The request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(

@@ -17,7 +17,9 @@ from django.contrib.auth import aget_user
 from django.http import HttpRequest, HttpResponseBase, QueryDict
 from django.middleware.csrf import CsrfViewMiddleware
 
+from dispatch.api.responses import unavailable
 from dispatch.coordination.keyring import Key, keyring
+from dispatch.coordination.outages import DATABASE, Unavailable
 from dispatch.observability import keyuse
 from dispatch.routing.scopes import EVERYTHING, Scope
 from dispatch.wire.errors import ApiError
@@ -60,7 +62,7 @@ async def authorize(request: HttpRequest, key_header: str | None = None) -> Call
     if mode == "off" or (mode == "auto" and not await _keys_exist()):
         # Open to anyone; the request is still the page user's when it provably comes from
         # their page (the same CSRF check), so their page hears its own decisions.
-        user = await _session_user(request)
+        user = await _session_user(request, needed=False)
         if user is None or not _from_the_page(request):
             return OPEN
         return Caller(f"user:{user.get_username()}")
@@ -123,11 +125,34 @@ async def _keys_exist() -> bool:
     return keyring.any
 
 
-async def _session_user(request: HttpRequest) -> Any:
-    """The page's logged-in user from the session cookie, or None (no cookie: no lookup)."""
+async def _session_user(request: HttpRequest, needed: bool = True) -> Any:
+    """The page's logged-in user from the session cookie, or None (no cookie: no lookup).
+
+    Sessions live in the database. With it away, a caller the session would only name
+    (``needed=False``: the API is open) is nobody in particular; one it would admit gets
+    503 ``session_unavailable`` (an API key still works: keys are in memory)."""
     if settings.SESSION_COOKIE_NAME not in request.COOKIES:
         return None
+    if not DATABASE.available():
+        DATABASE.missed()
+        return _no_session(needed)
     engine: Any = import_module(settings.SESSION_ENGINE)
     request.session = engine.SessionStore(request.COOKIES[settings.SESSION_COOKIE_NAME])
-    user = await aget_user(request)
+    try:
+        user = await aget_user(request)
+    except DATABASE.errors as exc:
+        DATABASE.failed("could not read a page's session", exc)
+        return _no_session(needed)
+    DATABASE.ok()
     return user if user.is_authenticated else None
+
+
+def _no_session(needed: bool) -> None:
+    if needed:
+        raise unavailable(
+            Unavailable(
+                "session_unavailable",
+                "Cannot check your session: the database is away. Try again in a few "
+                "seconds, or use an API key.",
+            )
+        )

@@ -15,9 +15,11 @@ from django.http import HttpRequest, HttpResponseBase
 
 from dispatch.api import bodies, ollama_loads, ollama_models, relay, stored_responses
 from dispatch.api.decide import decide
+from dispatch.api.drain import drain
 from dispatch.api.guard import View, serves
 from dispatch.api.keys import authorize
-from dispatch.api.responses import error_response, request_id, visible
+from dispatch.api.responses import error_response, request_id, unavailable, visible
+from dispatch.coordination.outages import Unavailable
 from dispatch.coordination.store import store
 from dispatch.lifecycle.watcher import suspect
 from dispatch.observability.decisions import DecisionRecord, record
@@ -223,9 +225,44 @@ async def _forward_or_start(call: _Call, rec: DecisionRecord) -> Forwarded | Htt
     )
 
 
+def _ours(rec: DecisionRecord, err: ApiError, ep: Endpoint) -> HttpResponseBase:
+    """hal0web's own error answer, recorded."""
+    response = error_response(err, ep.protocol)
+    rec.failed(err.status, err.code)
+    rec.queued_ms = err.queued_s * 1000
+    visible(response, rec)
+    rec.ended(by_us=True)
+    record(rec)
+    return response
+
+
+async def _relayed(ep: Endpoint, fwd: Forwarded, rec: DecisionRecord) -> HttpResponseBase:
+    """The upstream's answer, relayed as what it is: an error, a stream, bytes or JSON."""
+    try:
+        if fwd.response.status_code >= 400:
+            return await relay.upstream_failed(fwd, rec, ep.protocol)
+        stream = streamed_as(ep.protocol, fwd.response.content_type)
+        if stream is not None:
+            if fwd.translation is not None:  # re-framed event by event, in the client's protocol
+                return relay.streaming(fwd, rec, ep.protocol, ep.records_response)
+            return relay.streaming(fwd, rec, stream, ep.records_response)
+        if ep.answer == "bytes":
+            return relay.passthrough(fwd, rec)
+        return await relay.buffered(fwd, rec, ep.protocol, ep.records_response)
+    except asyncio.CancelledError:
+        if not drain.taken():
+            raise
+        # A whole answer still being read when the drain ran out (a stream's own ending is
+        # the relay's): nothing of it has gone out, and nothing was recorded.
+        return _ours(rec, drain.refusal(), ep)
+
+
 def proxy_view(ep: Endpoint) -> View:
     async def view(request: HttpRequest, **kwargs: str) -> HttpResponseBase:
         rec = DecisionRecord.arrived(request_id(request), ep.name)
+        if drain.stopping:  # this process is stopping: a request that came now goes elsewhere
+            return _ours(rec, drain.refusal(), ep)
+        drain.track()
         try:
             call = await _decided(ep, request, rec, kwargs.get("response_id"))
             if not isinstance(call, _Call):  # answered by hal0web from its store
@@ -241,15 +278,11 @@ def proxy_view(ep: Endpoint) -> View:
                 fwd = outcome
             else:
                 fwd = await call.forward()
-        except ApiError as err:
-            response = error_response(err, ep.protocol)
-            rec.failed(err.status, err.code)
-            rec.queued_ms = err.queued_s * 1000
-            visible(response, rec)
-            rec.ended(by_us=True)
-            record(rec)
-            return response
+        except (ApiError, Unavailable) as exc:
+            return _ours(rec, exc if isinstance(exc, ApiError) else unavailable(exc), ep)
         except asyncio.CancelledError:
+            if drain.taken():  # still waiting when the server's drain ran out
+                return _ours(rec, drain.refusal(), ep)
             # The client went away before the upstream answered. 499 is nginx's "client
             # closed request": the log line still says where the request was going.
             rec.failed(499, "client_disconnected")
@@ -260,16 +293,7 @@ def proxy_view(ep: Endpoint) -> View:
         rec.answered(fwd.slot.name, fwd.upstream_model, fwd.resolution_path, status, fwd.mode)
         rec.queued_ms = fwd.queued_s * 1000
         rec.inflight = admission.inflight.get(fwd.slot.name, 0)
-        if status >= 400:
-            return await relay.upstream_failed(fwd, rec, ep.protocol)
-        stream = streamed_as(ep.protocol, fwd.response.content_type)
-        if stream is not None:
-            if fwd.translation is not None:  # re-framed event by event, in the client's protocol
-                return relay.streaming(fwd, rec, ep.protocol, ep.records_response)
-            return relay.streaming(fwd, rec, stream, ep.records_response)
-        if ep.answer == "bytes":
-            return relay.passthrough(fwd, rec)
-        return await relay.buffered(fwd, rec, ep.protocol, ep.records_response)
+        return await _relayed(ep, fwd, rec)
 
     view.__name__ = f"v1_{ep.name.replace('/', '_').replace('{', '').replace('}', '')}"
     return serves(ep.methods, view, ep.label, ep.protocol)

@@ -9,10 +9,11 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
-from dispatch.api import bodies
+from dispatch.api.drain import drain
 from dispatch.api.responses import error_response, visible
 from dispatch.coordination import stored_responses
 from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
+from dispatch.lib import json_reader
 from dispatch.observability.decisions import DecisionRecord, record
 from dispatch.upstream.forward import Forwarded
 from dispatch.upstream.loads import Waiting
@@ -51,7 +52,9 @@ def stream_usage(rec: DecisionRecord, chunk: bytes, protocol: WireProtocol = OPE
 def _is_json(content: bytes) -> bool:
     if len(content) <= _PARSE_CHECK_BYTES:
         try:
-            bodies.loads(content)
+            json_reader.loads(content)
+        except json_reader.TooDeep:
+            return True  # nested past what hal0web reads, which it need not: it passes as it came
         except ValueError:
             return False
         return True
@@ -179,7 +182,7 @@ async def upstream_failed(
     stream = streamed_as(protocol, fwd.response.content_type) is not None
     if not stream and len(content) < _ERROR_READ_LIMIT:
         try:
-            data = bodies.loads(content)
+            data = json_reader.loads(content)
         except ValueError:
             pass
     if is_openai_error(data) and fwd.translation is not None:
@@ -245,7 +248,8 @@ def passthrough(fwd: Forwarded, rec: DecisionRecord) -> StreamingHttpResponse:
             rec.error = f"upstream_{exc.kind}"
             raise
         except BaseException:
-            rec.error = "client_disconnected"
+            # (Cut by the drain it ends the same way, without its last chunk.)
+            rec.error = "shutting_down" if drain.cut else "client_disconnected"
             raise
         finally:
             await _ended(fwd, rec)
@@ -348,8 +352,18 @@ async def _stream_body(
         rec.error = "upstream_invalid_response"
         said = f"Slot '{fwd.slot.name}' streamed what hal0web cannot translate: {exc}"
         yield protocol.error_event(rec.error, said, watch.tail)
+    except asyncio.CancelledError:
+        if not drain.taken():
+            rec.error = "client_disconnected"
+            raise
+        # The server stops and HAL0_DRAIN_S is over: the stream ends now, as any stream that
+        # fails after its first byte, with the chunked body ended after that last event.
+        rec.error = "shutting_down"
+        if plain:
+            yield _cut_event(protocol, watch.tail)
     except BaseException:
-        rec.error = "client_disconnected"
+        # The client went away, or (cut while a slow client held the send) the drain ended it.
+        rec.error = "shutting_down" if drain.cut else "client_disconnected"
         raise
     finally:
         # Runs on normal end, on upstream failure, and when the client disconnects (Django
@@ -388,8 +402,15 @@ def waiting_stream(
                     yield waiting.comment()
                 await asyncio.wait((forwarding,), timeout=COMMENT_EVERY_S)
             failure = forwarding.exception()
-        except BaseException:
+        except BaseException as exc:
             forwarding.cancel()  # the client went away: so does the wait, and its demand
+            if isinstance(exc, asyncio.CancelledError) and drain.taken():
+                # Still waiting for its model when the server's drain ran out.
+                rec.failed(503, "shutting_down")
+                rec.ended(by_us=True)
+                record(rec)
+                yield _cut_event(protocol, b"")
+                return
             rec.failed(499, "client_disconnected")
             rec.ended()
             record(rec)
@@ -428,6 +449,12 @@ def waiting_stream(
     response["Cache-Control"] = "no-cache"
     visible(response, rec)
     return response
+
+
+def _cut_event(protocol: WireProtocol, tail: bytes) -> bytes:
+    """A stream's last event when the server's drain ended it (``tail``: what was sent)."""
+    err = drain.refusal()
+    return protocol.error_event(err.code, err.message, tail, err.status)
 
 
 def _error_event(protocol: WireProtocol, err: ApiError) -> bytes:

@@ -7,6 +7,8 @@ import secrets
 
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
+from dispatch.coordination import outages
+from dispatch.coordination.outages import Unavailable
 from dispatch.observability.decisions import DecisionRecord
 from dispatch.wire.errors import ApiError
 from dispatch.wire.protocols import OPENAI, WireProtocol
@@ -37,6 +39,12 @@ def error_response(err: ApiError, protocol: WireProtocol = OPENAI) -> HttpRespon
     # Made by hal0web, not by a model server: nobody should mistake one for the other.
     response["X-Hal0-Error"] = "1"
     return response
+
+
+def unavailable(exc: Unavailable) -> ApiError:
+    """503 for a request that needs a shared service that is away (Redis, the database):
+    the code names what is missing, ``Retry-After`` when to ask again."""
+    return ApiError(503, exc.code, exc.message, headers={"Retry-After": str(outages.RETRY_AFTER_S)})
 
 
 def fail(

@@ -20,12 +20,13 @@ from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix, set_urlconf
 
-from dispatch.coordination import events, leases
+from dispatch.api.drain import drain
+from dispatch.coordination import events, leases, stored_responses
 from dispatch.coordination.affinity import affinity
 from dispatch.coordination.store import store
 from dispatch.lifecycle.leadership import ensure_running, leadership
 from dispatch.lifecycle.watcher import watcher
-from dispatch.observability import keyuse
+from dispatch.observability import keyuse, requestlog
 from dispatch.routing.endpoints import API_PREFIXES, ENDPOINTS, ROOT_PATHS
 from dispatch.upstream.admission import admission
 from dispatch.upstream.client import upstream
@@ -209,6 +210,9 @@ class Hal0Application:
     upstream client is closed cleanly at shutdown.
     """
 
+    # At shutdown, how long the request log's writer may take to write what is queued.
+    REQUEST_LOG_FLUSH_S = 5.0
+
     def __init__(self, app: Any, api: Any) -> None:
         self.app = app
         self.api = api
@@ -245,7 +249,19 @@ class Hal0Application:
         await leadership.stop()
         await watcher.stop()
         await affinity.aclose()
+        stored_responses.pending.close()
         await upstream.aclose()
+        # The request log's rows (the drain's cut requests' among them: decisions go to the
+        # outputs at the loop's next turn, which the awaits above gave) are written by a
+        # thread of their own: wait for them. Uvicorn ends the process by raising the stop
+        # signal again, which runs no atexit handler: what is still queued then is lost.
+        written = await sync_to_async(requestlog.writer.flush, thread_sensitive=False)(
+            self.REQUEST_LOG_FLUSH_S
+        )
+        if not written:
+            log.warning(
+                "request-log rows still unwritten at shutdown after %g s", self.REQUEST_LOG_FLUSH_S
+            )
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -270,6 +286,9 @@ class Hal0Application:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                # The server's stop signal starts the drain (dispatch/api/drain.py): the
+                # lifespan's own shutdown comes only after the server has drained.
+                drain.watch(asyncio.get_running_loop())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self._shutdown()

@@ -10,39 +10,77 @@ worker shares: the database (``dispatch.coordination.affinity_db``), or Redis wh
 The write is awaited before the id reaches the client, so once a client has the id every
 worker can find it. A small in-process memory of recent ids saves the common follow-up (the
 same worker) its round trip; a miss there always asks the shared store.
+
+The store away (``dispatch.coordination.outages``): an id is written to the other store when
+there is one (Redis away: the database) and kept in memory, and written to its own store
+once that is back, so no id is ever disowned. A Redis that comes back may have restarted
+without what it held: every id this process remembers (its last RECENT) is written to it
+again. A lookup the store cannot answer asks the other store; an id neither can vouch for is
+``Unavailable`` (503 ``affinity_unavailable``), never a 404: hal0web cannot say it did not
+make it. With Redis up, a miss there asks the database too (the ids written there while
+Redis was away, by a worker that may not have lived to write them to Redis).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Protocol, TypeVar
 
 import orjson
 from django.conf import settings
 
+from dispatch.coordination.affinity_db import DatabaseAffinity
+from dispatch.coordination.outages import DATABASE, REDIS, Service, Unavailable
+
 log = logging.getLogger("hal0.affinity")
 
+T = TypeVar("T")
+
 RECENT = 10_000  # ids this process remembers without asking the store
+PENDING = 10_000  # ids waiting for their store to come back, at most
+FLUSH_BATCH = 500  # ids written in one go when a store is back
 # How much of a stream is searched for its response.created event (it is the first event).
 SNIFF_LIMIT = 64 * 1024
 
 
 class Store(Protocol):
+    # The service it lives on (its outages are that service's).
+    service: Service
+    # Whether it may come back from an outage without what it held (a Redis that restarted
+    # without persistence): this process's memory is written to it again.
+    volatile: bool
+
     async def remember(self, response_id: str, slot: str) -> None: ...
+
+    async def remember_many(self, records: list[tuple[str, str]]) -> None: ...
 
     async def lookup(self, response_id: str) -> str | None: ...
 
     async def aclose(self) -> None: ...
 
 
+class _Away(Exception):
+    """A store could not be asked (its service is away)."""
+
+
 class Affinity:
     def __init__(self) -> None:
         self.reset()
+        for service in (REDIS, DATABASE):
+            service.returned.add(self._returned)
 
     def reset(self) -> None:
         self._recent: OrderedDict[str, str] = OrderedDict()
         self._store: Store | None = None
+        self._other: Store | None = None
+        # Ids not yet in their store (it was away), oldest first: written once it is back.
+        self._pending: OrderedDict[str, str] = OrderedDict()
+        self._lost = 0  # pending ids dropped past PENDING (told when the store is back)
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def store(self) -> Store:
@@ -52,10 +90,16 @@ class Affinity:
 
                 self._store = RedisAffinity(settings.REDIS_URL)
             else:
-                from dispatch.coordination.affinity_db import DatabaseAffinity
-
                 self._store = DatabaseAffinity()
         return self._store
+
+    @property
+    def other(self) -> Store | None:
+        """The store asked when the first is away: the database beside Redis; none beside
+        the database."""
+        if self._other is None and settings.REDIS_URL:
+            self._other = DatabaseAffinity()
+        return self._other
 
     def _keep(self, response_id: str, slot: str) -> None:
         self._recent[response_id] = slot
@@ -63,24 +107,124 @@ class Affinity:
         if len(self._recent) > RECENT:
             self._recent.popitem(last=False)
 
-    async def remember(self, response_id: str, slot: str) -> None:
-        self._keep(response_id, slot)
+    @staticmethod
+    async def _call(store: Store, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` on ``store``; _Away (at once while its service is known to be away)."""
+        if not store.service.available():
+            store.service.missed()
+            raise _Away
         try:
-            await self.store.remember(response_id, slot)
+            result = await call()
+        except store.service.errors as exc:
+            store.service.failed(what, exc)
+            raise _Away from exc
+        store.service.ok()
+        return result
+
+    async def remember(self, response_id: str, slot: str) -> None:
+        """Record ``response_id``; never raises: the answer is the client's either way."""
+        self._keep(response_id, slot)
+        store, what = self.store, f"could not record response {response_id}"
+        try:
+            await self._call(store, what, lambda: store.remember(response_id, slot))
+            return
+        except _Away:
+            pass
         except Exception:
-            # The answer is still the client's; only other workers will not find the id.
+            # Not an outage (a bug): the answer is still the client's; say it in full.
             log.warning("could not record response %s of slot %s", response_id, slot, exc_info=True)
+            return
+        self._pending[response_id] = slot
+        if len(self._pending) > PENDING:
+            self._pending.popitem(last=False)
+            self._lost += 1
+        other = self.other
+        if other is not None:  # other workers look there while the store is away
+            try:
+                await self._call(other, what, lambda: other.remember(response_id, slot))
+            except _Away:
+                pass
 
     async def lookup(self, response_id: str) -> str | None:
+        """The slot that made ``response_id``; None when hal0web did not make it (as far as
+        its stores tell); Unavailable when no store that may hold it can be asked."""
         slot = self._recent.get(response_id)
         if slot is not None:
             return slot
-        slot = await self.store.lookup(response_id)
+        store, other = self.store, self.other
+        what = f"could not look up response {response_id}"
+        away: Service | None = None
+        try:
+            slot = await self._call(store, what, lambda: store.lookup(response_id))
+        except _Away:
+            away = store.service
+        if slot is None and other is not None:
+            # The store away, or an id written to the database while it was.
+            try:
+                slot = await self._call(other, what, lambda: other.lookup(response_id))
+            except _Away:
+                away = away or other.service
         if slot is not None:
             self._keep(response_id, slot)
-        return slot
+            return slot
+        if away is not None:
+            raise Unavailable(
+                "affinity_unavailable",
+                f"Cannot tell which slot made response '{response_id}': {away.name} is "
+                f"away. Try again in a few seconds.",
+            )
+        return None
+
+    def _returned(self, service: Service) -> None:
+        """``service`` is back: write what waited for the store on it (and, to a store that
+        may have come back empty, every id this process remembers)."""
+        store = self._store
+        if store is None or store.service is not service:
+            return
+        if not (self._pending or store.volatile):
+            return
+        loop = asyncio.get_running_loop()
+        flusher = self._flusher
+        if flusher is None or flusher.done() or flusher.get_loop() is not loop:
+            self._flusher = loop.create_task(self._flush(), name="hal0-affinity-flush")
+
+    async def _flush(self) -> None:
+        store = self.store
+        records = dict(self._recent) if store.volatile else {}
+        records.update(self._pending)
+        items = list(records.items())
+        what = "could not record the responses made while it was away"
+        for start in range(0, len(items), FLUSH_BATCH):
+            batch = items[start : start + FLUSH_BATCH]
+            try:
+                await self._call(store, what, partial(store.remember_many, batch))
+            except _Away:
+                return  # away again: its next return writes them
+            except Exception:
+                log.warning("could not record %d responses", len(batch), exc_info=True)
+            for response_id, _ in batch:
+                self._pending.pop(response_id, None)
+        if items:
+            log.info("%d response records written to %s again", len(items), store.service.name)
+        if self._lost:
+            log.warning(
+                "%d response records made while %s was away were dropped (more than %d "
+                "waited); other workers will not find them",
+                self._lost,
+                store.service.name,
+                PENDING,
+            )
+            self._lost = 0
 
     async def aclose(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+        if self._pending:
+            log.warning(
+                "%d response records made while their store was away go unwritten with this "
+                "process (those in the database are still found)",
+                len(self._pending),
+            )
         if self._store is not None:
             await self._store.aclose()
             self._store = None

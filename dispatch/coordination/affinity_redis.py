@@ -9,12 +9,21 @@ from typing import Any
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from dispatch.coordination.outages import REDIS
+
 
 def _key(response_id: str) -> str:
     return f"hal0:response:{response_id}"
 
 
+def _ttl() -> int:
+    return max(1, int(settings.HAL0_RESPONSE_RETENTION_DAYS * 86400))
+
+
 class RedisAffinity:
+    service = REDIS
+    volatile = True  # a Redis restarted without persistence comes back empty
+
     def __init__(self, url: str) -> None:
         self.url = url
         # redis.asyncio clients belong to the loop they first ran on: one per loop.
@@ -33,8 +42,14 @@ class RedisAffinity:
         return client
 
     async def remember(self, response_id: str, slot: str) -> None:
-        ttl = max(1, int(settings.HAL0_RESPONSE_RETENTION_DAYS * 86400))
-        await self._client().set(_key(response_id), slot, ex=ttl)
+        await self._client().set(_key(response_id), slot, ex=_ttl())
+
+    async def remember_many(self, records: list[tuple[str, str]]) -> None:
+        ttl = _ttl()
+        async with self._client().pipeline(transaction=False) as pipe:
+            for response_id, slot in records:
+                pipe.set(_key(response_id), slot, ex=ttl)
+            await pipe.execute()
 
     async def lookup(self, response_id: str) -> str | None:
         found = await self._client().get(_key(response_id))

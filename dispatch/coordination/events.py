@@ -30,6 +30,8 @@ from typing import Any, Protocol
 from asgiref.sync import async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
+from dispatch.coordination.outages import REDIS
+
 GROUP = "dispatch"
 # Who may see which decision (issue 14): staff pages hear every one; any other user's pages
 # hear only their own requests', in a group per user. A page joins one or the other, so what
@@ -97,14 +99,38 @@ async def send(event: dict[str, Any], group: str = GROUP) -> None:
     await _group_send(group, _message(event), event.get("type"))
 
 
-async def _group_send(group: str, message: dict[str, Any], what: object) -> None:
+async def _group_send(group: str, message: dict[str, Any], what: object, events: int = 1) -> None:
+    """One message to ``group`` (``events`` events: what is dropped if it cannot go)."""
+    global _dropped
     layer = get_channel_layer()
     if layer is None:
         return
+    redis = _on_redis(layer)
+    if redis and not REDIS.available():  # away: dropped at once, not after a timeout each
+        REDIS.missed()
+        _dropped += events
+        return
     try:
         await layer.group_send(group, message)
-    except Exception:  # a broken layer must not break routing; say so and go on
-        log.warning("could not broadcast %s", what, exc_info=True)
+    except Exception as exc:  # a broken layer must not break routing; say so and go on
+        if redis and isinstance(exc, REDIS.errors):  # once per outage, not per event
+            REDIS.failed(f"could not broadcast {what}", exc)
+            _dropped += events
+        else:
+            log.warning("could not broadcast %s", what, exc_info=True)
+        return
+    if redis:
+        REDIS.ok()
+
+
+class BusAway(Exception):
+    """The channel layer (Redis) cannot be reached: a page cannot hear anything now."""
+
+
+def _on_redis(layer: Any) -> bool:
+    """Whether ``layer`` lives in Redis (outages.REDIS); the in-memory layer is this
+    process's own and cannot be away."""
+    return not isinstance(layer, InMemoryChannelLayer)
 
 
 def user_group(username: str) -> str:
@@ -225,7 +251,7 @@ async def _flush(batches: _Batches) -> None:
         counts = {group: _published[group] for group in waiting}
         for group, evs in waiting.items():
             message = batch_message(group, counts[group], evs)
-            await _group_send(group, message, f"a batch of {len(evs)} events")
+            await _group_send(group, message, f"a batch of {len(evs)} events", len(evs))
 
 
 def batch_message(
@@ -308,7 +334,9 @@ def send_from_sync(event: dict[str, Any], group: str) -> None:
     if running is not None and (running is _home or _home is None):
         publish(event, group)  # already on the loop: schedule, don't block it
     elif _home is not None and _home.is_running():
-        asyncio.run_coroutine_threadsafe(send(event, group), _home)
+        # Into the one send queue, in order: a coroutine each, a reload that changed 200
+        # slots sent 200 at once and ran redis-py's pool (100 connections) dry.
+        _home.call_soon_threadsafe(publish, event, group)
     else:
         async_to_sync(send)(event, group)
 
@@ -346,6 +374,10 @@ class Page(Protocol):
         """On the loop, for every tick that brings the page something. Must return at once:
         a page that cannot keep up queues, and falls behind alone."""
 
+    def away(self) -> None:
+        """On the loop: the layer (Redis) went away, the page hears nothing any more (it is
+        no longer a member). Must return at once."""
+
 
 class _Hub:
     """This process's pages by group, and the one channel that hears their groups for them.
@@ -371,47 +403,72 @@ class _Hub:
         self.receiver: asyncio.Task[None] | None = None
 
     async def join(self, group: str) -> None:
+        """This process hears ``group`` (at once when it does). BusAway when the layer
+        (Redis) is away: checked first, so a page connecting during an outage is paused
+        even when its groups are heard already."""
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        redis = _on_redis(layer)
+        if redis and not REDIS.available():
+            REDIS.missed()
+            raise BusAway
         if group in self.joined:
             return
         async with self.joining:
             if group in self.joined:
                 return
-            layer = get_channel_layer()
-            if layer is None:
-                return
-            if self.channel is None:
-                self.channel = await layer.new_channel()
-            await layer.group_add(group, self.channel)
+            try:
+                if self.channel is None:
+                    self.channel = await layer.new_channel()
+                await layer.group_add(group, self.channel)
+            except REDIS.errors as exc:
+                if not redis:
+                    raise
+                REDIS.failed("a page could not join the live feed", exc)
+                raise BusAway from exc
+            if redis:
+                REDIS.ok()
             self.joined.add(group)
             if self.receiver is None or self.receiver.done():
                 self.receiver = self.loop.create_task(self._receive(layer, self.channel))
 
     async def _receive(self, layer: Any, channel: str) -> None:
-        failing = False
+        redis = _on_redis(layer)
         while True:
+            rejoin = asyncio.timeout(REJOIN_S)
             try:
-                async with asyncio.timeout(REJOIN_S):
+                async with rejoin:
                     while True:
                         message = await layer.receive(channel)
-                        if failing:
-                            log.warning("the pages' live events are heard again")
-                            failing = False
                         if message.get("type") == "dispatch.batch":
                             self.heard(message)
-            except TimeoutError:
-                pass
-            except Exception as exc:  # Redis away: what is lost meanwhile shows as a gap
-                if not failing:  # once an outage, not once a second
-                    log.warning("the pages' live events cannot be heard (%s); trying again", exc)
-                    failing = True
-                await asyncio.sleep(1.0)
+            except REDIS.errors as exc:
+                if not rejoin.expired():
+                    if not redis:
+                        raise
+                    # Every page here is paused (closed with the code the page reads as
+                    # such: it connects again, refused until Redis is back); this channel
+                    # hears again once Redis is back (its probe says when).
+                    REDIS.failed("the pages' live feed stopped", exc)
+                    self.away()
+                    await REDIS.back()
             # Joined again now and then (channels-redis forgets a member after a day), and
-            # after a failure (a Redis that restarted has forgotten every group).
+            # after an outage (a Redis that restarted has forgotten every group).
             try:
                 for group in list(self.joined):
                     await layer.group_add(group, channel)
-            except Exception:  # still away: the next round tries again
-                failing = True
+            except REDIS.errors as exc:
+                if not redis:
+                    raise
+                REDIS.failed("the pages' live feed could not join its groups", exc)
+                await REDIS.back()
+
+    def away(self) -> None:
+        """The layer is away: every page here hears nothing now, and is told so."""
+        pages, self.pages, self.members, self.pending = self.pages, {}, {}, {}
+        for page in pages:
+            page.away()
 
     def heard(self, batch: Mapping[str, Any]) -> None:
         new, missed = self.follower.follow(batch)
@@ -478,7 +535,7 @@ def _hub_here() -> _Hub:
 async def join(page: Page, *, staff: bool, username: str) -> None:
     """A page joins: from now on it hears the in-flight counts, the table changes of its own
     process, and every decision (staff) or its user's own, through ``page.hear``. Returns
-    once this process hears all that (raises when the channel layer cannot be reached)."""
+    once this process hears all that; BusAway when the layer (Redis) is away."""
     hub = _hub_here()
     groups = _page_groups(staff, username)
     for group in groups:
@@ -517,18 +574,29 @@ async def listen(group: str, handle: Callable[[dict[str, Any]], None]) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
+    redis = _on_redis(layer)
     channel = await layer.new_channel()
     try:
         while True:
-            # Joined again now and then: channels-redis forgets a member after a day.
-            await layer.group_add(group, channel)
+            rejoin = asyncio.timeout(REJOIN_S)
             try:
-                async with asyncio.timeout(REJOIN_S):
+                # Joined again now and then: channels-redis forgets a member after a day,
+                # and a Redis that was away may have forgotten everything.
+                await layer.group_add(group, channel)
+                if redis:
+                    REDIS.ok()
+                async with rejoin:
                     while True:
                         message = await layer.receive(channel)
                         handle(message.get("event") or {})
-            except TimeoutError:
-                continue
+            except REDIS.errors as exc:
+                if rejoin.expired():
+                    continue
+                if not redis:
+                    raise
+                # Heard again once Redis is back (its probe says when): never a dead task.
+                REDIS.failed(f"could not hear {group}", exc)
+                await REDIS.back()
     finally:
         try:
             await layer.group_discard(group, channel)

@@ -21,13 +21,13 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from dispatch.coordination.leases import IDENTITY
+from dispatch.coordination.outages import REDIS
 
 log = logging.getLogger("hal0.places")
 
 TTL_S = 10.0
 MAX_CONNECTIONS = 32  # per process: requests beyond wait for one (the pool's timeout: 5 s)
 _UNCHECKED = ""  # a place let through while Redis was away: nothing to give back
-_WARN_EVERY_S = 60.0
 _MAX_PAUSE_S = 0.2  # the longest a waiter sleeps between two tries
 
 _TAKE = """
@@ -68,7 +68,6 @@ class RedisPlaces:
         )
         self._renewer: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
-        self._warned_at = -_WARN_EVERY_S
 
     def _client(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -89,7 +88,8 @@ class RedisPlaces:
 
         With Redis away the request is let through (this process's own count still holds):
         a router that stops routing because its bookkeeping is down helps nobody. Said once
-        a minute in the log.
+        when the outage begins and once when it ends (``outages.REDIS``); while it lasts,
+        Redis is not asked (a frozen one would cost each request its socket timeout).
         """
         lease = f"{IDENTITY}:{next(self._ids)}"
         loop = asyncio.get_running_loop()
@@ -97,12 +97,20 @@ class RedisPlaces:
         pause = 0.01
         client = self._client()
         while True:
+            if not REDIS.available():
+                REDIS.missed()
+                return self._unchecked(slot)
             try:
                 taken = await client.eval(_TAKE, 1, _key(slot), limit, self.ttl_s, lease)
-            except (aioredis.RedisError, OSError) as exc:
-                self._warn(f"places on slot {slot} not checked in Redis ({exc}); letting through")
-                self._held.setdefault(slot, []).append(_UNCHECKED)
-                return True
+            except REDIS.errors as exc:
+                REDIS.failed(f"could not check the places on slot {slot}; letting through", exc)
+                return self._unchecked(slot)
+            except aioredis.RedisError as exc:  # Redis answered, but no: not an outage
+                log.warning(
+                    "places on slot %s not checked in Redis (%s); letting through", slot, exc
+                )
+                return self._unchecked(slot)
+            REDIS.ok()
             if taken:
                 self._held.setdefault(slot, []).append(lease)
                 self._ensure_renewer()
@@ -112,6 +120,10 @@ class RedisPlaces:
                 return False
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, _MAX_PAUSE_S)
+
+    def _unchecked(self, slot: str) -> bool:
+        self._held.setdefault(slot, []).append(_UNCHECKED)
+        return True
 
     def release(self, slot: str) -> None:
         """Give one of this process's places on ``slot`` back (fire and forget)."""
@@ -128,16 +140,15 @@ class RedisPlaces:
         task.add_done_callback(self._pending.discard)
 
     async def _give_back(self, slot: str, lease: str) -> None:
+        if not REDIS.available():  # the lease expires on its own within TTL_S
+            REDIS.missed()
+            return
         try:
             await self._client().zrem(_key(slot), lease)
-        except Exception:  # the lease expires on its own within TTL_S
+        except REDIS.errors as exc:
+            REDIS.failed(f"could not give back a place on slot {slot}", exc)
+        except Exception:
             log.warning("could not give back a place on slot %s", slot, exc_info=True)
-
-    def _warn(self, text: str) -> None:
-        now = asyncio.get_running_loop().time()
-        if now - self._warned_at >= _WARN_EVERY_S:
-            self._warned_at = now
-            log.warning(text)
 
     def _ensure_renewer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -151,9 +162,15 @@ class RedisPlaces:
                 leases = [lease for lease in held if lease != _UNCHECKED]
                 if not leases:
                     continue
+                # Tried again in a third of the TTL, before anything expires.
+                if not REDIS.available():
+                    REDIS.missed()
+                    continue
                 try:
                     await self._client().eval(_RENEW, 1, _key(slot), self.ttl_s, *leases)
-                except Exception:  # tried again in a third of the TTL, before anything expires
+                except REDIS.errors as exc:
+                    REDIS.failed(f"could not renew the places on slot {slot}", exc)
+                except Exception:
                     log.warning("could not renew the places on slot %s", slot, exc_info=True)
 
     async def aclose(self) -> None:

@@ -14,14 +14,21 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 
 from dispatch import kinds
 from dispatch.lib.listeners import Listeners
 from dispatch.routing import slot_fields, speaks
-from dispatch.routing.table import EMPTY_TABLE, ModelEntry, RoutingTable, SlotEntry, make_slot
+from dispatch.routing.table import (
+    EMPTY_TABLE,
+    Ejection,
+    ModelEntry,
+    RoutingTable,
+    SlotEntry,
+    make_slot,
+)
 
 if TYPE_CHECKING:
     from dispatch.models import Slot
@@ -29,25 +36,20 @@ if TYPE_CHECKING:
 
 def load_table(version: int) -> RoutingTable:
     """Read every slot and its models from the database into a new table (sync, ORM)."""
-    from dispatch.models import Slot
+    from dispatch.models import Slot, SlotModel
 
+    # The models as plain values, not model instances: a fleet of 200 slots of 20 models
+    # each spent most of a reload making 4,000 instances (issue 24), and every process
+    # reloads at every change. In SlotModel.Meta.ordering's order within each slot.
+    by_slot: dict[int, list[ModelEntry]] = {}
+    rows = SlotModel.objects.order_by("slot_id", "-is_default", "model_id").values_list(
+        "slot_id", *_MODEL_COLUMNS
+    )
+    for slot_id, *model in rows:
+        by_slot.setdefault(slot_id, []).append(_model_entry(*model))
     entries: list[SlotEntry] = []
-    for slot in Slot.objects.prefetch_related("models").order_by("name"):
-        models = [
-            ModelEntry(
-                m.model_id,
-                m.upstream_model or m.model_id,
-                m.source,
-                m.is_default,
-                MappingProxyType(dict(m.upstream_fields or {})),
-                load=m.load_state,
-                progress=m.load_progress,
-                load_error=m.load_error,
-                pinned=m.pinned,
-                last_used=m.last_used_at,
-            )
-            for m in slot.models.all()
-        ]
+    for slot in Slot.objects.order_by("name"):
+        models = by_slot.get(slot.pk, [])
         # Every field the table carries (dispatch.routing.slot_fields), then those stored in
         # another shape: JSON lists, and the endpoints it speaks (dispatch.routing.speaks):
         # those listed, else what its kind of server speaks for its type as asking the
@@ -60,9 +62,18 @@ def load_table(version: int) -> RoutingTable:
             endpoints=endpoints,
             endpoints_listed=bool(listed),
             spoken=MappingProxyType(found),
+            ejection=ejection_of(slot),
         )
         entries.append(make_slot(models=models, **values))
     return RoutingTable.build(version, entries)
+
+
+def ejection_of(slot: Slot) -> Ejection | None:
+    """The row's ejection (``dispatch.coordination.ejections``), as the table carries it."""
+    if slot.ejected_until is None and not slot.ejections:
+        return None
+    until = slot.ejected_until.timestamp() if slot.ejected_until is not None else None
+    return Ejection(until, slot.ejected_reason, slot.ejections)
 
 
 def speaks_of(slot: Slot) -> tuple[frozenset[str], dict[str, bool]]:
@@ -73,6 +84,47 @@ def speaks_of(slot: Slot) -> tuple[frozenset[str], dict[str, bool]]:
         kinds.get(slot.kind).speaks(slot.type),
         slot.spoken,
         speaks.key(slot.kind, slot.type, slot.url),
+    )
+
+
+# What load_table reads of each model, in _model_entry's order.
+_MODEL_COLUMNS = (
+    "model_id",
+    "upstream_model",
+    "source",
+    "is_default",
+    "upstream_fields",
+    "load_state",
+    "load_progress",
+    "load_error",
+    "pinned",
+    "last_used_at",
+)
+
+
+def _model_entry(
+    model_id: str,
+    upstream: str,
+    source: str,
+    default: bool,
+    fields: dict[str, Any] | None,
+    load: str,
+    progress: float | None,
+    error: str,
+    pinned: bool,
+    used: float,
+) -> ModelEntry:
+    return ModelEntry(
+        model_id,
+        upstream or model_id,
+        source,
+        default,
+        MappingProxyType(dict(fields or {})),
+        load=load,
+        progress=progress,
+        load_error=error,
+        pinned=pinned,
+        last_used=used,
     )
 
 
@@ -96,10 +148,21 @@ class TableStore:
         self.watcher = ""  # who wrote it
         self._following_since: datetime | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        # What /healthz tells apart: a database this process cannot read (it still routes by
+        # the table it has) from a table that lags a state it knows exists (it cannot).
+        self.read_at: datetime | None = None  # when the database was last read
+        self.unreadable_since: datetime | None = None  # since when reading it fails
+        self._latest = 0  # the newest state version this process knows of
+        self._behind_since: float | None = None  # monotonic: since when its table lags it
 
     @property
     def table(self) -> RoutingTable:
         return self._table
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a table was ever read from the database (else ``table`` is empty)."""
+        return self._loaded
 
     def follow(self, max_age: float, heartbeat_max_age: float) -> None:
         self.max_age, self.heartbeat_max_age = max_age, heartbeat_max_age
@@ -118,6 +181,36 @@ class TableStore:
         if self.heartbeat_max_age is None or known is None:
             return False
         return (datetime.now(UTC) - known).total_seconds() > self.heartbeat_max_age
+
+    def saw_version(self, number: int, *, told: bool = False) -> None:
+        """A state version exists: read from the database (the truth, even when it went
+        back, as a restored backup does), or ``told`` by another process that committed it."""
+        if told and number <= self._latest:
+            return
+        self._latest = number
+        if number <= self._table.version:
+            self._behind_since = None
+        elif self._behind_since is None:
+            self._behind_since = time.monotonic()
+
+    @property
+    def lagging(self) -> int | None:
+        """The newer version this process knows of but has not loaded for longer than
+        ``max_age``, else None. Other processes route by that state; this one's table lies
+        (its database reads fail, or its reload does, where theirs do not)."""
+        since, latest = self._behind_since, self._latest
+        if since is None or latest <= self._table.version or self.max_age is None:
+            return None
+        return latest if time.monotonic() - since > self.max_age else None
+
+    def unreadable(self) -> None:
+        """Reading the database failed (the version check)."""
+        if self.unreadable_since is None:
+            self.unreadable_since = datetime.now(UTC)
+
+    def _read(self) -> None:
+        self._checked_at = time.monotonic()
+        self.read_at, self.unreadable_since = datetime.now(UTC), None
 
     def freshness(self) -> dict[str, object]:
         """What /healthz and the page say about it."""
@@ -145,13 +238,17 @@ class TableStore:
                 or table.slots != self._table.slots
             ):
                 self.publish(table)
-            self._checked_at = time.monotonic()
+            self._read()
         return self._table
 
-    def mark_checked(self, probed_at: datetime | None = None, watcher: str = "") -> None:
+    def mark_checked(
+        self, probed_at: datetime | None = None, watcher: str = "", version: int | None = None
+    ) -> None:
         """The database was just read: its version, and the watcher's heartbeat."""
-        self._checked_at = time.monotonic()
+        self._read()
         self.probed_at, self.watcher = probed_at, watcher
+        if version is not None:
+            self.saw_version(version)
 
     async def ensure_loaded(self) -> RoutingTable:
         if not self._loaded:
@@ -160,6 +257,8 @@ class TableStore:
 
     def publish(self, table: RoutingTable) -> None:
         old, self._table, self._loaded = self._table, table, True
+        if table.version >= self._latest:
+            self._behind_since = None
         waiters, self._waiters = self._waiters, []
         for loop, fut in waiters:
             if not loop.is_closed() and not fut.done():

@@ -18,7 +18,7 @@ import logging
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, transaction
 
 from dispatch.coordination import events
 from dispatch.coordination.keyring import keyring
@@ -66,10 +66,22 @@ def reload_all() -> None:
 
 
 def committed() -> None:
-    """After this process committed a change: reload here, and wake every other process's
-    check (over the channel layer) so it need not wait for its next tick."""
+    """After this process committed a change: wake every other process's check (over the
+    channel layer) so it need not wait for its next tick, and reload here. The wake goes
+    first: the others reload while this one does, and it is not sent after this reload's
+    events for the pages (a round that changed 200 slots is 200 of them, sent in order)."""
+    events.tell_every_process({"type": "version"})
     reload_all()
-    events.tell_every_process({"type": "version", "number": store.table.version})
+
+
+def reload_after_commit() -> None:
+    """Have this process reload once the transaction under way commits: once, however many
+    rows it writes (an import writes hundreds, a probe round thousands). Nothing if it rolls
+    back: Django drops the callback with it."""
+    conn = transaction.get_connection()
+    if any(func is committed for _, func, _ in conn.run_on_commit):
+        return
+    transaction.on_commit(committed)
 
 
 def catch_up() -> bool:
@@ -80,7 +92,7 @@ def catch_up() -> bool:
     # connection housekeeping never reaches it.
     close_old_connections()
     number, probed_at, watcher = StateVersion.read()
-    store.mark_checked(probed_at, watcher)
+    store.mark_checked(probed_at, watcher, number)
     if number == store.table.version and number == keyring.version:
         return False
     reload_all()
@@ -99,8 +111,13 @@ async def follow() -> None:
     def heard(event: dict[str, object]) -> None:
         if event.get("type") == "loads":
             loads_news.notify(event)
-        else:
-            wake.set()
+            return
+        number = event.get("number")
+        if event.get("type") == "version" and type(number) is int:
+            # Another process committed it: should this one fail to load it while they
+            # route by it, its table lies (/healthz says so).
+            store.saw_version(number, told=True)
+        wake.set()
 
     listener = asyncio.get_running_loop().create_task(events.listen(events.SYNC_GROUP, heard))
     try:
@@ -119,6 +136,7 @@ async def _follow(wake: asyncio.Event, was_stale: bool) -> None:
         try:
             await sync_to_async(catch_up, thread_sensitive=True)()
         except Exception:  # the database may be briefly away; the next check tries again
+            store.unreadable()
             log.warning("could not check the state version", exc_info=True)
         if store.stale != was_stale:
             was_stale = store.stale

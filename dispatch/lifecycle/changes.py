@@ -54,6 +54,9 @@ class Changes:
     # What the server speaks as now found (endpoint -> yes or no, the earlier finding kept
     # for the endpoints not asked about).
     spoken: Mapping[str, bool] | None = None
+    # What becomes of its ejection (dispatch.upstream.outliers): ENDED (back in rotation,
+    # the count in a row kept), CLEARED (forgotten), or None (it stands, or there is none).
+    ejection: str | None = None
 
     @property
     def slot_changed(self) -> bool:
@@ -65,6 +68,7 @@ class Changes:
             or self.loads_models is not None
             or self.model_limit is not None
             or self.spoken is not None
+            or self.ejection is not None
         )
 
     def __bool__(self) -> bool:
@@ -113,15 +117,42 @@ def spoken_changes(slot: SlotEntry, obs: Observation) -> dict[str, bool] | None:
     return found if found != dict(slot.spoken) else None
 
 
-def changes(slot: SlotEntry, obs: Observation, held: frozenset[str] = frozenset()) -> Changes:
+ENDED = "ended"
+CLEARED = "cleared"
+
+
+def ejection_change(slot: SlotEntry, state: str, now: float | None) -> str | None:
+    """What a probe that leaves ``slot`` in ``state`` does to its ejection. A slot that goes
+    down, or comes back up, is the watcher's: a server that restarted is not the outlier
+    whose requests failed, so its ejection is forgotten. A ready slot whose probe passes
+    once the back-off is over (``now``, wall-clock seconds; None: never) is back in
+    rotation for every process; before that, probes passing is what made it an outlier."""
+    e = slot.ejection
+    if e is None:
+        return None
+    if state != states.READY or slot.state != states.READY:
+        return CLEARED
+    if e.until is not None and now is not None and now >= e.until:
+        return ENDED
+    return None
+
+
+def changes(
+    slot: SlotEntry,
+    obs: Observation,
+    held: frozenset[str] = frozenset(),
+    now: float | None = None,
+) -> Changes:
     """What ``obs`` changes in ``slot``. A draining slot keeps its state and its last error;
-    a model the loader is acting on (``held``) keeps its load state."""
+    a model the loader is acting on (``held``) keeps its load state; an ejection ends as
+    ``ejection_change`` says (``now``: the wall clock, epoch seconds)."""
     state = states.after_probe(slot.state, obs.state)
     new_state = state if state != slot.state else None
     new_error = obs.error if state != states.DRAINING and slot.last_error != obs.error else None
     spoken = spoken_changes(slot, obs)
+    ejection = ejection_change(slot, state, now)
     if not reads_models(obs) or obs.advertised is None:
-        return Changes(new_state, new_error, spoken=spoken)
+        return Changes(new_state, new_error, spoken=spoken, ejection=ejection)
     advertised = set(obs.advertised)
     rows = slot.models.values()
     dropped = frozenset(
@@ -155,4 +186,5 @@ def changes(slot: SlotEntry, obs: Observation, held: frozenset[str] = frozenset(
         first_is_default=not any(m.is_default for m in rows if m.model_id not in dropped),
         fields=fields,
         spoken=spoken,
+        ejection=ejection,
     )

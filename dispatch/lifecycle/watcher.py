@@ -29,7 +29,6 @@ from dispatch.lifecycle.probe import BUSY, Observation, observe
 from dispatch.routing import speaks, states
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.admission import admission
-from dispatch.upstream.outliers import outliers
 
 log = logging.getLogger("hal0.health")
 
@@ -75,6 +74,7 @@ class Watcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await persistence.idle()  # stopped means nothing it probed is still being written
         self._tasks.clear()
         self._probes.clear()
         self._supervisor = None
@@ -150,8 +150,6 @@ class Watcher:
         hooks.probed(slot.name, time.perf_counter() - began, obs.state)
         obs = await self._asking(slot, obs, timeout)
         seen_at = timezone.now()
-        if obs.state == states.READY:
-            outliers.probe_passed(slot.name)  # may end an ejection whose back-off is over
         if obs.state == BUSY:
             self._probed_at[slot.name] = seen_at  # it answered: its state stands
             return False
@@ -165,7 +163,9 @@ class Watcher:
             return False
         current = store.table.slots.get(slot.name)
         held = persistence.held.get(slot.name, frozenset())
-        if current is not None and not changes(current, obs, held):
+        # The wall clock: a passing probe may end an ejection whose back-off is over, which
+        # any process may have begun (dispatch.coordination.ejections).
+        if current is not None and not changes(current, obs, held, time.time()):
             self._probed_at[slot.name] = seen_at
             return False  # the steady state writes nothing
         saved = await persistence.save(slot.name, obs)

@@ -276,7 +276,7 @@ def _flush() -> None:
 def _output(rec: DecisionRecord) -> None:
     data = rec.as_dict()
     if rec.model is not None and not rec.model.isascii():
-        # A lone surrogate (accepted: bodies.loads) cannot be encoded as UTF-8, which a log
+        # A lone surrogate (accepted: lib.json_reader) cannot be encoded as UTF-8, which a log
         # line, a channel-layer message and a database row all need: keep it as its escape.
         data["model"] = rec.model.encode("utf-8", "backslashreplace").decode()
     for output in outputs:

@@ -326,7 +326,8 @@ class _Collector(Collector):
             ),
             (
                 "hal0_request_log_dropped",
-                "Request-log rows dropped (the writer's queue was full).",
+                "Request-log rows lost: the writer's queue was full (rows wait in it while "
+                "the database is away), or the database refused the row.",
                 requestlog.writer.lost,
             ),
             (
@@ -334,10 +335,23 @@ class _Collector(Collector):
                 "Request-log rows written to the database.",
                 requestlog.writer.written,
             ),
+            (
+                "hal0_request_log_write_failures",
+                "Request-log writes that met the database away; their rows wait and are "
+                "tried again.",
+                requestlog.writer.write_failures,
+            ),
         ):
             family = CounterMetricFamily(name, help_text, labels=["worker"])
             family.add_metric([WORKER], value)
             yield family
+        backlog = GaugeMetricFamily(
+            "hal0_request_log_queued",
+            "Request-log rows waiting to be written (all of them while the database is away).",
+            labels=["worker"],
+        )
+        backlog.add_metric([WORKER], requestlog.writer.backlog)
+        yield backlog
 
 
 registry.register(_Collector())

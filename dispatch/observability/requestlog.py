@@ -4,6 +4,11 @@ The decision output only turns the record into a tuple of plain values and offer
 bounded queue (``put_nowait``): a full queue drops the row and counts it, it never makes a
 request wait. One thread takes what is queued and writes it with one ``executemany`` in
 batches, so a burst of a thousand requests is a handful of INSERTs, not a thousand.
+
+Rows leave the queue only once they are written. While the database is away (a restart, an
+outage) the writer keeps them and tries again, backing off, so they wait in the queue in their
+order until it answers; only what no longer fits is dropped, and counted. A row the database
+refuses for what it holds (a value it cannot take) is the only one lost with its write.
 """
 
 from __future__ import annotations
@@ -27,8 +32,19 @@ log = logging.getLogger("hal0.requestlog")
 BATCH = 500  # rows per transaction at most
 _ROWS_PER_INSERT = 50
 LINGER_S = 0.2  # how long the writer gathers a batch once the first row arrived
+# While the database is away the writer tries again after this long, doubling up to the
+# most: one cheap connection attempt every 2 s at worst, and rows written within 2 s of its
+# return.
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 2.0
 
 Row = tuple[Any, ...]
+
+
+def _utf8(text: str) -> str:
+    """``text`` as a database takes it: a lone surrogate a client sent in its model's name
+    (JSON, accepted: lib.json_reader) is no UTF-8, and would lose the row's whole batch."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
 def _row(rec: DecisionRecord, data: dict[str, Any]) -> Row:
@@ -40,7 +56,7 @@ def _row(rec: DecisionRecord, data: dict[str, Any]) -> Row:
         rec.request_id,
         rec.client or "",
         rec.endpoint,
-        (rec.model or "")[:300],
+        _utf8(rec.model or "")[:300],
         rec.slot or "",
         (rec.upstream_model or "")[:300],
         rec.resolution_path or "",
@@ -51,7 +67,7 @@ def _row(rec: DecisionRecord, data: dict[str, Any]) -> Row:
         rec.mode or "",
         rec.prompt_tokens,
         rec.completion_tokens,
-        why.get("text", ""),
+        _utf8(why.get("text", "")),
         why.get("candidates", []),
         body,
         answer,
@@ -87,8 +103,10 @@ class Writer:
     """A bounded queue of rows and the one thread that writes them.
 
     The queue is a deque: ``append`` and ``popleft`` are atomic, so offering a row takes no
-    lock. The counters are each written by one side only (``offered``/``dropped`` by the
-    event loop, ``written``/``failed`` by the writer), so they need none either.
+    lock. Only the writer takes rows out, and only once they are written (or refused), so the
+    queue's length is everything not yet written and its bound holds through an outage. The
+    counters are each written by one side only (``offered``/``dropped`` by the event loop,
+    the others by the writer), so they need none either.
     """
 
     def __init__(self, limit: int | None = None) -> None:
@@ -97,10 +115,14 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
+        self._retry = threading.Event()  # cuts a gathering or a back-off short (a flush)
         self.offered = 0
         self.dropped = 0  # the queue was full
         self.written = 0
-        self.failed = 0  # lost with a write that failed (counted in ``dropped`` for /metrics)
+        self.failed = 0  # refused by the database for what they hold (counted in ``lost``)
+        self.write_failures = 0  # writes that met the database away: their rows wait
+        self.failing_since: float | None = None  # wall-clock time writes began to fail
+        self._dropped_before = 0  # ``dropped`` at the last write before they began to fail
         self._quiet_until = 0.0
 
     def offer(self, row: Row) -> bool:
@@ -123,6 +145,11 @@ class Writer:
     def lost(self) -> int:
         return self.dropped + self.failed
 
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be written (while the database is away, all it has not taken)."""
+        return len(self._rows)
+
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
@@ -137,23 +164,91 @@ class Writer:
         while True:
             self._wake.wait()
             self._wake.clear()
-            time.sleep(LINGER_S)  # let a batch gather: one transaction for many rows
+            # Let a batch gather (one transaction for many rows); a flush cuts it short.
+            self._retry.wait(LINGER_S)
+            self._retry.clear()
+            pause = RETRY_FIRST_S
             while rows:
-                batch = [rows.popleft() for _ in range(min(BATCH, len(rows)))]
-                try:
-                    self._write(batch)
-                    self.written += len(batch)
-                except Exception:  # the database may be briefly away: the rows are lost, said so
-                    self.failed += len(batch)
-                    now = time.monotonic()
-                    if now >= self._quiet_until:  # once a minute, not once a batch
-                        self._quiet_until = now + 60
-                        log.warning(
-                            "could not write %d request-log rows (%d lost so far)",
-                            len(batch),
-                            self.failed,
-                            exc_info=True,
-                        )
+                away = self._write_head(min(BATCH, len(rows)))
+                if away is None:
+                    pause = RETRY_FIRST_S
+                    continue
+                self._failing(away)
+                # The rows stay at the head of the queue, in order: tried again after a
+                # pause, not in a loop that would spin against a database that is down.
+                self._retry.wait(pause)
+                self._retry.clear()
+                pause = min(pause * 2, RETRY_MAX_S)
+
+    def _write_head(self, n: int) -> BaseException | None:
+        """Write the queue's first ``n`` rows and take them out. Returns the error when the
+        database is away (the rows stay queued), None when they are written or refused."""
+        rows = self._rows
+        batch = [rows[i] for i in range(n)]  # a copy: rows leave the queue once written
+        try:
+            self._write(batch)
+        except Exception as exc:
+            if _away(exc):
+                return exc
+            # Something in the batch itself (a value the database cannot take): one row at a
+            # time, so only the row at fault is lost, not the 499 around it.
+            return self._one_by_one(n)
+        self._taken(n)
+        self.written += n
+        return None
+
+    def _one_by_one(self, n: int) -> BaseException | None:
+        rows = self._rows
+        for _ in range(n):
+            try:
+                self._write([rows[0]])
+            except Exception as exc:
+                if _away(exc):
+                    return exc
+                self._taken(1)
+                self.failed += 1
+                now = time.monotonic()
+                if now >= self._quiet_until:  # once a minute, not once a row
+                    self._quiet_until = now + 60
+                    log.warning(
+                        "the database refused a request-log row (%d lost so far)",
+                        self.failed,
+                        exc_info=True,
+                    )
+            else:
+                self._taken(1)
+                self.written += 1
+        return None
+
+    def _taken(self, n: int) -> None:
+        rows = self._rows
+        for _ in range(n):
+            rows.popleft()
+        if self.failing_since is None:
+            self._dropped_before = self.dropped
+        else:
+            log.warning(
+                "request-log rows are written again, after %.1f s (%d rows had waited; %d "
+                "more found the queue full and were dropped)",
+                time.time() - self.failing_since,
+                n + len(rows),
+                self.dropped - self._dropped_before,
+            )
+            self.failing_since = None
+
+    def _failing(self, exc: BaseException) -> None:
+        self.write_failures += 1
+        if self.failing_since is None:  # one warning when it starts, one when it ends
+            self.failing_since = time.time()
+            first = str(exc).strip().splitlines()
+            log.warning(
+                "could not write request-log rows (%s%s): they wait in the queue (%d of "
+                "at most %s rows) and are tried again until the database answers",
+                type(exc).__name__,
+                f": {first[0]}" if first else "",
+                len(self._rows),
+                self._limit,
+            )
 
     def _write(self, batch: list[Row]) -> None:
         from django.db import connection
@@ -221,15 +316,33 @@ class Writer:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.executemany(sql, params)
 
+    def write_now(self) -> None:
+        """Have the writer write what it holds now: no more gathering, no back-off left."""
+        self._retry.set()
+
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every row offered so far is written or lost (tests, shutdown)."""
+        """Wait until every row offered so far is written or lost (tests, shutdown); False
+        after ``timeout`` (the database away: the rows still wait)."""
         target = self.offered
         deadline = time.monotonic() + timeout
+        self.write_now()
         while self.written + self.failed < target:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
         return True
+
+
+def _away(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is not answering (down, restarting, its connection
+    lost, SQLite locked past its timeout), as opposed to refusing what was written."""
+    from django.db import InterfaceError, OperationalError, connection
+
+    # The raw SQLite path raises the driver's own errors, not Django's wrappers of them.
+    driver = connection.Database  # type: ignore[attr-defined]  # each backend's wrapper has it
+    return isinstance(
+        exc, (OperationalError, InterfaceError, driver.OperationalError, driver.InterfaceError)
+    )
 
 
 writer = Writer()
@@ -257,5 +370,6 @@ def prune_if_on() -> None:
 
 @atexit.register
 def _flush_at_exit() -> None:
-    if writer._thread is not None and writer._thread.is_alive():
-        writer.flush(2.0)
+    # Bounded: a database that is away must not hold the process's exit.
+    if writer._thread is not None and writer._thread.is_alive() and not writer.flush(2.0):
+        log.warning("%d request-log rows were not written before exit", writer.backlog)

@@ -82,6 +82,12 @@ FIELDS: tuple[SlotField, ...] = (
     # request's that met a missing route. The table carries it shaped: the finding, when it
     # is of the slot's present kind, type and URL.
     SlotField("spoken", dict, MappingProxyType({}), table=False),
+    # Out of rotation though its probes pass (dispatch.upstream.outliers): until when (None:
+    # not, or no longer), why, and how many ejections in a row (the back-off doubles). One
+    # process ejects, every process honours it; the table carries them as one `ejection`.
+    SlotField("ejected_until", dt.datetime, None, table=False),
+    SlotField("ejected_reason", str, "", table=False),
+    SlotField("ejections", int, 0, table=False),
     # The manifest keys hal0 uses that hal0web does not model, kept verbatim for export: the
     # manifest carries them as its unknown keys, never under a key of their own.
     SlotField("extra", dict, MappingProxyType({}), table=False),

@@ -32,8 +32,8 @@ READY: str = State.READY.value
 ERROR: str = State.ERROR.value
 DRAINING: str = State.DRAINING.value
 
-# Shown over a state, never stored: a ready slot dispatch.upstream.outliers ejected, and a
-# slot an operator disabled.
+# Shown over a state, never stored as one: a ready slot dispatch.upstream.outliers ejected
+# (the ejection is kept beside the state: SlotEntry.ejection), and a slot an operator disabled.
 DEGRADED = "degraded"
 DISABLED = "disabled"
 

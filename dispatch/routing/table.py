@@ -48,13 +48,40 @@ class ModelEntry:
         return self.source == "alias" and patterns.is_pattern(self.model_id)
 
 
+# An ejection's back-off doubles with each ejection in a row, up to this many times.
+MAX_BACKOFF_FACTOR = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Ejection:
+    """A slot out of rotation though its probes pass (``dispatch.upstream.outliers``), as its
+    row holds it, so every process honours it. Kept after it ends (``until`` None) while no
+    request has succeeded since: the next one lasts twice as long."""
+
+    until: float | None  # wall-clock seconds (epoch); None: ended
+    reason: str = ""
+    count: int = 0  # ejections in a row without a request that succeeded
+
+    @property
+    def out(self) -> bool:
+        """Out of rotation: until a request or a probe after ``until`` brings it back."""
+        return self.until is not None
+
+
+def next_ejection(before: int, backoff_s: float, cause: str, now: float) -> Ejection:
+    """The ejection after ``before`` in a row: ``backoff_s``, doubled per repeat."""
+    count = before + 1
+    seconds = backoff_s * min(2 ** (count - 1), MAX_BACKOFF_FACTOR)
+    return Ejection(now + seconds, f"taken out of rotation for {seconds:g}s after {cause}", count)
+
+
 @dataclass(frozen=True, slots=True)
 class SlotEntry:
     """One slot as the router sees it. Written out (not generated) so that attribute access
     stays a plain slot read on the request path; its fields are those of
     ``dispatch.routing.slot_fields`` carried by the table, with their defaults (checked by
     tests/test_slot_fields.py), and the few derived here (models, default, endpoints_listed,
-    spoken)."""
+    spoken, ejection)."""
 
     name: str
     url: str
@@ -88,6 +115,10 @@ class SlotEntry:
     # What asking its server found it speaks (endpoint -> yes or no), for its present kind,
     # type and URL; empty until asked. The watcher asks again when it is not of them.
     spoken: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
+    # Out of rotation though its probes pass, by one process's judgement, for every process
+    # (its row's ``ejected_until``, ``ejected_reason``, ``ejections``); None: never, or
+    # since a request succeeded.
+    ejection: Ejection | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from dispatch.kinds.urls import upstream_url
-from dispatch.lib import redact
+from dispatch.lib import json_reader, redact
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.headers import for_upstream
 from dispatch.upstream.pool import URL_TEXT, AiohttpTransport, describe
@@ -158,6 +158,8 @@ class Upstream:
             raise UpstreamError(
                 "unreachable",
                 f"slot '{slot.name}' at {redact.masked(slot.url)} is unreachable: {describe(exc)}",
+                # Refused (a dead server's port), or no such host: no connection was made.
+                connected=not isinstance(exc, httpx.ConnectError),
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError("unreachable", f"slot '{slot.name}': {describe(exc)}") from exc
@@ -209,7 +211,7 @@ class Upstream:
             return ProbeResult(response.status_code, None, exc.message)
         raw = answer.value()
         try:
-            parsed = json.loads(raw)
+            parsed = json_reader.loads(raw)  # bounded: a deep answer is no RecursionError
         except ValueError:
             parsed = None
         error = "" if response.is_success else raw[:300].decode("utf-8", "replace")
@@ -248,7 +250,7 @@ class Upstream:
                         data.append(line[5:].strip())
                     elif not line and data:
                         try:
-                            parsed = json.loads("\n".join(data))
+                            parsed = json_reader.loads("\n".join(data))
                         except ValueError:
                             parsed = None
                         yield name, parsed

@@ -133,8 +133,8 @@ def _degraded(slot: SlotEntry) -> ApiError:
     return ApiError(
         503,
         "slot_unavailable",
-        f"Slot '{slot.name}' is degraded: {outliers.degraded(slot.name)}",
-        headers=_retry_after(outliers.retry_after(slot.name)),
+        f"Slot '{slot.name}' is degraded: {outliers.degraded(slot)}",
+        headers=_retry_after(outliers.retry_after(slot)),
     )
 
 
@@ -221,7 +221,7 @@ class _Attempts:
         if slot.state in states.DOWN:
             self.failed(slot, _unavailable(slot, _nudge(slot, self.on_suspect)))
             return None
-        if not outliers.admit(slot.name):
+        if not outliers.admit(slot):
             # Out of rotation (its probes pass, its requests did not): fail over at once
             # rather than wait out first_byte_timeout_s again.
             self.failed(slot, _degraded(slot))
@@ -240,9 +240,11 @@ class _Attempts:
             response = await upstream.open(slot, sent.path, sent.body, headers, method)
         except UpstreamError as exc:
             admission.release(slot.name)
-            if slot.state == states.READY:  # a probe's "offline" is the watcher's to act on
-                outliers.failed(slot.name, exc.message, settings.HAL0_OUTLIER_BACKOFF_S)
+            if slot.state == states.READY and exc.connected:
+                outliers.failed(slot, exc.message, settings.HAL0_OUTLIER_BACKOFF_S)
             else:
+                # Down as its probes say, or no connection made (a refused port: a server
+                # that is not there fails its probe too): the watcher's to tell, poked now.
                 outliers.abandoned(slot.name)
             self.on_suspect(slot.name, exc.message)
             self.last_error = _transport_error(exc)
@@ -257,7 +259,7 @@ class _Attempts:
             outliers.abandoned(slot.name)
             raise
         if response.status_code < 500:
-            outliers.succeeded(slot.name)  # it answered: not an outlier (any more)
+            outliers.succeeded(slot)  # it answered: not an outlier (any more)
         else:
             outliers.abandoned(slot.name)
         return response

@@ -28,12 +28,19 @@ class UpstreamError(Exception):
     ``timeout`` (no response headers in time, or no connection in time), ``idle`` (a stream
     went quiet for longer than the slot's idle timeout), ``broken`` (the connection failed
     mid-body).
+
+    ``connected`` is False when the server refused the connection (or its host has no
+    address): it is down or not there, which its probe finds at once too, so that is the
+    watcher's to tell, not a sign of a slot whose requests fail while its probes pass
+    (``dispatch.upstream.outliers``). A connect timeout is not that sure: while requests are
+    under way the watcher takes a probe that times out for a busy server, not a dead one.
     """
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, connected: bool = True) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.connected = connected
 
 
 class UpstreamResponse:

@@ -61,6 +61,10 @@ def without_urls(event: dict[str, Any]) -> dict[str, Any]:
 # A page that falls this many deliveries behind (about this many ticks: seconds) lets the
 # oldest go, and is told how many events it missed with the next one it gets.
 OUTBOX_LIMIT = 50
+# The close code of a page whose live feed cannot run: the channel layer (Redis) is away.
+# The page says "live updates paused" and connects again every second or two (a private
+# code: 4000-4999 are the application's; 503 as HTTP's "unavailable").
+LIVE_PAUSED = 4503
 
 
 class DispatchConsumer(AsyncWebsocketConsumer):
@@ -70,7 +74,8 @@ class DispatchConsumer(AsyncWebsocketConsumer):
     channel_layer_alias = "hal0.pages-have-no-channel"
     staff = False
     username = ""
-    _joined = False
+    bus_away = False  # the layer is away: this page hears nothing, and is told so
+    _joined = _closed = False
     _sender: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
@@ -86,11 +91,29 @@ class DispatchConsumer(AsyncWebsocketConsumer):
         self._owed = 0
         # Join first, then read the table: a change in between arrives as a delta after the
         # snapshot instead of being lost (what the page hears meanwhile waits in its outbox).
-        await events.join(self, staff=self.staff, username=self.username)
-        self._joined = True
+        try:
+            await events.join(self, staff=self.staff, username=self.username)
+            self._joined = True
+        except events.BusAway:
+            self.bus_away = True
         await self.accept()
+        # The table is in memory, Redis or not: the page shows it, paused when it must be.
         await self._send_snapshot()
-        self._sender = asyncio.get_running_loop().create_task(self._send_deliveries())
+        if self.bus_away:
+            await self._pause()
+        else:
+            self._sender = asyncio.get_running_loop().create_task(self._send_deliveries())
+
+    def away(self) -> None:
+        """The layer went away under this page (``events.Page``): it hears nothing now, and
+        is closed with LIVE_PAUSED by its sender (by connect, if that has not started)."""
+        self.bus_away = True
+        self._wake.set()
+
+    async def _pause(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.close(code=LIVE_PAUSED, reason="live updates paused: Redis is away")
 
     async def disconnect(self, code: int) -> None:
         if self._sender is not None:
@@ -112,6 +135,9 @@ class DispatchConsumer(AsyncWebsocketConsumer):
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self.bus_away:
+                await self._pause()
+                return
             while self._outbox:
                 delivery = self._outbox.popleft()
                 if self._owed:
@@ -141,15 +167,16 @@ class DispatchConsumer(AsyncWebsocketConsumer):
 
     async def _send_snapshot(self) -> None:
         table = await store.ensure_loaded()
-        await self._send_event(
-            snapshot(
-                table,
-                admission.inflight,
-                store.freshness(),
-                outliers.overlay(),
-                loader_news.latest(table.slots),
-            )
+        event = snapshot(
+            table,
+            admission.inflight,
+            store.freshness(),
+            outliers.overlay(),
+            loader_news.latest(table.slots),
         )
+        if self.bus_away:
+            event["paused"] = True  # no live updates follow: the socket closes (LIVE_PAUSED)
+        await self._send_event(event)
 
     async def _send_event(self, event: dict[str, Any]) -> None:
         await self.send(

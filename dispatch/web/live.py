@@ -28,7 +28,7 @@ from dispatch.routing import slot_fields, states
 from dispatch.routing.table import RoutingTable, SlotEntry
 from dispatch.upstream.admission import admission
 from dispatch.upstream.outliers import outliers
-from dispatch.web.snapshots import Overlay, slot_payload
+from dispatch.web.snapshots import Overlay, shown, slot_payload
 
 Event = dict[str, Any]
 
@@ -58,7 +58,7 @@ def table_events(
         kind = "slot.updated" if before is None else _change_kind(before, slot)
         if kind == "slot.state":
             assert before is not None
-            payload["previous_state"] = before.state if before.enabled else states.DISABLED
+            payload["previous_state"] = shown(before, over.get(name))[0]
         found.append({"type": kind, **versions, "slot": payload})
     return found
 
@@ -237,8 +237,9 @@ def _table_changed(old: RoutingTable, new: RoutingTable) -> None:
 
 
 def _ejection_changed(name: str) -> None:
-    # Ejections are this process's own judgement (dispatch.upstream.outliers): its own pages
-    # hear it.
+    # An ejection this process decided, before its table carries it (or while the database
+    # refuses it): its own pages hear it. Once in the table, every process tells its own
+    # pages through _table_changed, as any change.
     event = ejection_event(store.table, name, admission.inflight, outliers.overlay())
     if event is not None:
         events.tell_own_pages(event)

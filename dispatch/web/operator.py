@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, QueryDict
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
+from dispatch.lib.json_reader import MAX_DEPTH, TooDeep, loads
 from dispatch.lifecycle import control
 
 
@@ -36,8 +36,12 @@ def _error(status: int, code: str, message: str) -> JsonResponse:
 def _asked(request: HttpRequest) -> tuple[str, str, str | None] | JsonResponse:
     """The action, slot and model the body names, or the 400 that says what is wrong."""
     try:
-        body: Any = orjson.loads(request.body or b"")
-    except orjson.JSONDecodeError:
+        body: Any = loads(request.body or b"")
+    except TooDeep:
+        return _error(
+            400, "json_too_deep", f"The body nests deeper than {MAX_DEPTH} levels: send one action."
+        )
+    except ValueError:
         return _error(400, "invalid_request", "The body must be JSON: {action, slot, model}.")
     if not isinstance(body, dict):
         return _error(400, "invalid_request", "The body must be a JSON object.")

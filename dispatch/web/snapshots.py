@@ -14,21 +14,33 @@ from dispatch.lib import redact
 from dispatch.routing import eviction, slot_fields, speaks, states
 from dispatch.routing.table import ModelEntry, RoutingTable, SlotEntry
 
-# What dispatch.upstream.outliers lays over the table: slot name -> (state, reason).
+# What dispatch.upstream.outliers lays over the table: the ejections this process decided
+# that its table does not carry yet, slot name -> (state, reason).
 Overlay = Mapping[str, tuple[str, str]]
+
+
+def shown(slot: SlotEntry, overlay: tuple[str, str] | None = None) -> tuple[str, str]:
+    """The state the UI shows and why: an ejected slot's ``degraded`` and its reason (the
+    table's ejection, or this process's ``overlay``) over a ``ready`` the probes still
+    report, never over a state they found worse."""
+    if not slot.enabled:
+        return states.DISABLED, slot.last_error
+    if slot.state == states.READY:
+        if overlay is not None:
+            return overlay
+        if slot.ejection is not None and slot.ejection.out:
+            return states.DEGRADED, slot.ejection.reason
+    return slot.state, slot.last_error
 
 
 def slot_payload(
     slot: SlotEntry, inflight: int = 0, overlay: tuple[str, str] | None = None
 ) -> dict[str, Any]:
-    """The slot as the UI shows it; ``overlay`` (an ejected slot's ``degraded`` and why)
-    shows over a ``ready`` the probes still report, never over a state they found worse."""
+    """The slot as the UI shows it (its state as ``shown`` says)."""
     models = sorted(
         slot.models.values(), key=lambda m: (not m.is_default, m.source == "alias", m.model_id)
     )
-    state, last_error = (slot.state if slot.enabled else states.DISABLED), slot.last_error
-    if overlay is not None and state == states.READY:
-        state, last_error = overlay
+    state, last_error = shown(slot, overlay)
     # Every field the page shows (dispatch.routing.slot_fields), then those it shows in
     # another shape or derived from the table.
     return {

@@ -42,7 +42,7 @@ def invalid_request(
 
 
 def dumps(data: Any) -> bytes:
-    """JSON bytes; a lone surrogate a client sent (and we accepted, see bodies.loads) comes
+    """JSON bytes; a lone surrogate a client sent (and we accepted, see lib.json_reader) comes
     back as its escape instead of failing: orjson refuses to encode one."""
     try:
         return orjson.dumps(data)

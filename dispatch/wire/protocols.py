@@ -50,10 +50,11 @@ class WireProtocol(ABC):
     def error_body(self, status: int, code: str, message: str, param: str | None = None) -> bytes:
         return dumps(self.error_data(status, code, message, param))
 
-    def error_event(self, code: str, message: str, tail: bytes = b"") -> bytes:
+    def error_event(self, code: str, message: str, tail: bytes = b"", status: int = 502) -> bytes:
         """The last event of a stream that failed after its first byte (``tail``: the end of
-        what was already sent)."""
-        return self.framing.event(self.error_body(502, code, message), tail, self.error_event_name)
+        what was already sent; ``status``: the one its error body would have had as an answer)."""
+        body = self.error_body(status, code, message)
+        return self.framing.event(body, tail, self.error_event_name)
 
     def between_events(self, tail: bytes) -> bool:
         return self.framing.between_events(tail)

@@ -30,6 +30,10 @@ from dispatch.routing.states import DISABLED, PROBED_DOWN, READY, UNKNOWN
 READY_TIMEOUT_S = 180.0  # the model servers load in a second or two; this is a last resort
 OWN_SLOTS_WAIT_S = 5.0  # without the demo, give your servers' first probes this long
 FIRST_TOKEN_TIMEOUT_S = 60.0  # one token from a 270M model takes well under a second
+# Past HAL0_DRAIN_S, how long the ASGI server may take to end what the drain cut and shut
+# down before it is killed: Uvicorn's bound is HAL0_DRAIN_S + 5 s (hal0web.server), then the
+# lifespan shutdown (the request log written: up to 5 s).
+SERVER_STOP_GRACE_S = 15.0
 
 
 class _Stop(Exception):
@@ -48,11 +52,12 @@ def server_command(server: str, host: str, port: int, access_log: Path | None) -
     """The ASGI server's command line (one worker; see docs/performance.md)."""
     if server == "uvicorn":
         # httptools + uvloop, and a deep accept backlog: Daphne's default one overflowed
-        # at 2,000 concurrent streams in the benchmark.
+        # at 2,000 concurrent streams in the benchmark. Through hal0web.server, as in
+        # production (deploy/): Uvicorn with a header-read timeout and a graceful stop.
         return [
             sys.executable,
             "-m",
-            "uvicorn",
+            "hal0web.server",
             "hal0web.asgi:application",
             "--host",
             host,
@@ -398,7 +403,11 @@ class Command(BaseCommand):
         for name, proc in reversed(self.children):
             if proc.poll() is None:
                 self.step(f"stopping {name} (pid {proc.pid})")
-            demo.stop_process(proc)
+            if name.startswith("hal0web"):
+                # Its requests in flight have HAL0_DRAIN_S to finish (see README, Production).
+                demo.stop_process(proc, settings.HAL0_DRAIN_S + SERVER_STOP_GRACE_S)
+            else:
+                demo.stop_process(proc)
         if self.children:
             self.step("all stopped")
         self.children.clear()

@@ -16,6 +16,10 @@ const WINDOW_S = seed.window_s;
 const TABLE_SIZE = 200;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15000;
+// As the chat page (app.js): a close with LIVE_PAUSED means the server's Redis is away.
+const LIVE_PAUSED = 4503;
+const PAUSED_RETRY_MS = 2000;
+const PAUSED = "live updates paused";
 // The server's clock, not the browser's: request times come from the server.
 const clockSkew = seed.now - Date.now() / 1000;
 const now = () => Date.now() / 1000 + clockSkew;
@@ -154,7 +158,7 @@ filterBox.addEventListener("input", () => rows.forEach(applyFilter));
 
 // ---- live ------------------------------------------------------------------------------------
 
-// Events come in batches (every 100 ms or so), each saying how many events this page missed
+// Events come in batches (a few a second), each saying how many events this page missed
 // before it: the charts are drawn once per batch, and what was missed is counted and shown.
 let missed = 0;
 
@@ -176,7 +180,14 @@ function onEvent(ev) {
     // Every slot gets a chart, even one with no traffic yet.
     for (const slot of ev.slots) if (!perSlot.has(slot.name)) perSlot.set(slot.name, new Map());
     redraw();
+    if (ev.paused) setLive("paused", `${PAUSED} (the server's Redis is away)`);
+    else setLive("live", "live");
   }
+}
+
+function setLive(state, text) {
+  liveBadge.dataset.live = state;
+  liveBadge.textContent = text;
 }
 
 let backoff = BACKOFF_MIN_MS;
@@ -185,17 +196,20 @@ function connect() {
   const url = new URL(root.dataset.ws, location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   const socket = new WebSocket(url);
+  // "live" once the snapshot is in: it says whether updates follow (see onEvent).
   socket.addEventListener("open", () => {
     backoff = BACKOFF_MIN_MS;
-    liveBadge.dataset.live = "live";
-    liveBadge.textContent = "live";
   });
   socket.addEventListener("message", (e) => onEvent(JSON.parse(e.data)));
-  socket.addEventListener("close", () => {
+  socket.addEventListener("close", (e) => {
+    if (e.code === LIVE_PAUSED) {
+      setLive("paused", `${PAUSED}: reconnecting…`);
+      setTimeout(connect, PAUSED_RETRY_MS * (0.5 + Math.random() / 2));
+      return;
+    }
     const wait = backoff * (0.5 + Math.random() / 2);
     backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
-    liveBadge.dataset.live = "down";
-    liveBadge.textContent = `reconnecting in ${Math.ceil(wait / 1000)} s…`;
+    setLive("down", `reconnecting in ${Math.ceil(wait / 1000)} s…`);
     setTimeout(connect, wait);
   });
 }

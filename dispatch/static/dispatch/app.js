@@ -30,6 +30,11 @@ const STORE_KEY = "hal0.model";
 const LOG_SIZE = 50;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15000;
+// The server closes with LIVE_PAUSED when its live feed cannot run (Redis away: routing goes
+// on, the page hears nothing); it is asked again about every PAUSED_RETRY_MS, not backed off.
+const LIVE_PAUSED = 4503;
+const PAUSED_RETRY_MS = 2000;
+const PAUSED = "live updates paused";
 
 const slots = new Map(); // slot name -> the server's latest payload for it
 let tableVersion = 0;
@@ -501,7 +506,7 @@ function applicable(ev, socket) {
   return true;
 }
 
-// The server sends events in batches (every 100 ms or so), each saying how many events this
+// The server sends events in batches (a few a second), each saying how many events this
 // page missed before it: the count of what it did not hear is kept and shown, so a gap in the
 // routing log is never silent.
 let missed = 0;
@@ -532,6 +537,8 @@ function onEvent(ev, socket) {
     pickerShows = ""; // the states' words may have changed with the server: rebuild
     render();
     pending?.show();
+    if (ev.paused) setLive("paused", `${PAUSED} (the server's Redis is away)`);
+    else setLive("live", "live");
   } else if (ev.type === "watcher") {
     watcher = ev;
     renderSlots();
@@ -564,12 +571,17 @@ function connect() {
   const url = new URL(app.dataset.ws, location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   const socket = new WebSocket(url);
+  // "live" once the snapshot is in: it says whether updates follow (see onEvent).
   socket.addEventListener("open", () => {
     backoff = BACKOFF_MIN_MS;
-    setLive("live", "live");
   });
   socket.addEventListener("message", (e) => onMessage(JSON.parse(e.data), socket));
-  socket.addEventListener("close", () => {
+  socket.addEventListener("close", (e) => {
+    if (e.code === LIVE_PAUSED) {
+      setLive("paused", `${PAUSED}: reconnecting…`);
+      setTimeout(connect, PAUSED_RETRY_MS * (0.5 + Math.random() / 2));
+      return;
+    }
     // The server sends a new snapshot on every connect, so nothing missed meanwhile is lost.
     const wait = backoff * (0.5 + Math.random() / 2);
     backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);

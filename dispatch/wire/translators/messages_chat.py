@@ -42,9 +42,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from dispatch.lib.json_reader import loads
 from dispatch.wire.adapters import ClientRequest, Outgoing, Translation
 from dispatch.wire.errors import ApiError, dumps, invalid_request
-from dispatch.wire.translators.messages_from_chat import MessagesFromChat, content_text, loads
+from dispatch.wire.translators.messages_from_chat import MessagesFromChat, content_text
 from dispatch.wire.translators.values import is_integer, is_number
 
 Json = dict[str, Any]

@@ -9,12 +9,10 @@ Pure: no Django, no I/O.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
-import orjson
-
+from dispatch.lib.json_reader import TooDeep, loads
 from dispatch.wire.adapters import Translation
 from dispatch.wire.errors import dumps
 from dispatch.wire.framing import EventReader
@@ -34,15 +32,6 @@ _STOP_REASONS = {
 # A signature a thinking block must carry (the SDK's type has one); hal0web signs nothing,
 # and takes thinking blocks sent back out of the conversation again.
 _UNSIGNED = ""
-
-
-def loads(raw: bytes | str) -> Any:
-    """JSON an upstream sent; the standard library takes what orjson refuses (a lone
-    surrogate escape a model produced)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
 
 
 def _object(value: Any) -> Json:
@@ -281,6 +270,8 @@ class MessagesFromChat(Translation):
     def answer(self, content: bytes) -> bytes:
         try:
             data = loads(content)
+        except TooDeep as exc:
+            raise ValueError(f"the answer is {exc}") from exc
         except ValueError as exc:
             raise ValueError("the answer is not JSON") from exc
         message = message_of(data, self.events.model, self.events.thinking)
@@ -298,6 +289,8 @@ class MessagesFromChat(Translation):
                 continue
             try:
                 event = loads(data)
+            except TooDeep as exc:
+                raise ValueError(f"a stream event is {exc}") from exc
             except ValueError as exc:
                 raise ValueError("a stream event that is not JSON") from exc
             if not isinstance(event, dict):

@@ -16,8 +16,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
+from dispatch.lib.json_reader import loads
 from dispatch.wire.adapters import Translation
 from dispatch.wire.errors import dumps
 from dispatch.wire.framing import EventReader
@@ -60,8 +59,8 @@ def _arguments(text: object, name: str) -> dict[str, Any]:
     if text is None or (isinstance(text, str) and not text.strip()):
         return {}
     try:
-        value = orjson.loads(text) if isinstance(text, str) else None
-    except orjson.JSONDecodeError:
+        value = loads(text) if isinstance(text, str) else None
+    except ValueError:
         value = None
     if not isinstance(value, dict):
         raise ValueError(f"the arguments of its call to {name!r} are not a JSON object")
@@ -173,7 +172,7 @@ class Answer(Translation):
     # -- a whole answer --
 
     def answer(self, content: bytes) -> bytes:
-        data = _object(orjson.loads(content), "the answer")
+        data = _object(loads(content), "the answer")
         choices = data.get("choices")
         if not isinstance(choices, list):
             raise ValueError("the answer has no choices")
@@ -201,8 +200,8 @@ class Answer(Translation):
                 out.append(self._last())
                 continue
             try:
-                event = _object(orjson.loads(data), "an event")
-            except orjson.JSONDecodeError:
+                event = _object(loads(data), "an event")
+            except ValueError:
                 raise ValueError("an event that is not JSON") from None
             if "error" in event:
                 out.append(_line({"error": _error_text(event["error"])}))
@@ -308,7 +307,7 @@ class Embeddings(Translation):
         self.began = time.monotonic_ns()
 
     def answer(self, content: bytes) -> bytes:
-        data = _object(orjson.loads(content), "the answer")
+        data = _object(loads(content), "the answer")
         items = data.get("data")
         if not isinstance(items, list):
             raise ValueError("the answer has no data")

@@ -23,8 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
+from dispatch.lib.json_reader import TooDeep, loads
 from dispatch.wire.adapters import Translation
 from dispatch.wire.errors import dumps
 from dispatch.wire.framing import EventReader
@@ -137,8 +136,10 @@ def _ending(finish_reason: Any) -> tuple[str, dict[str, str] | None]:
 
 def _loads(data: bytes) -> Any:
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        return loads(data)
+    except TooDeep:
+        raise  # (its own words: JSON, nested too deep)
+    except ValueError as exc:
         raise ValueError(f"not JSON: {exc}") from None
 
 
