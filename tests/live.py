@@ -5,6 +5,7 @@ read the events in them, in order."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 from channels.testing import WebsocketCommunicator
@@ -18,18 +19,26 @@ def events_of(message: dict[str, Any]) -> list[dict[str, Any]]:
     return [message]
 
 
+# What was read of each socket but not yet asked for: the rest of a batch.
+_unread: weakref.WeakKeyDictionary[WebsocketCommunicator, list[dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def receive_events(
     comm: WebsocketCommunicator, n: int, timeout: float = 5.0
 ) -> list[dict[str, Any]]:
-    """The next ``n`` events or more (the rest of the last batch), whatever batches they
-    came in."""
+    """The next ``n`` events, whatever batches they come in (the rest of a batch waits for
+    the next call)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    seen: list[dict[str, Any]] = []
-    while len(seen) < n:
+    unread = _unread.setdefault(comm, [])
+    while len(unread) < n:
         message = await comm.receive_json_from(timeout=max(0.01, deadline - loop.time()))
-        seen.extend(events_of(message))
-    return seen
+        unread.extend(events_of(message))
+    taken = unread[:n]
+    del unread[:n]
+    return taken
 
 
 async def next_event(
@@ -39,10 +48,9 @@ async def next_event(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        message = await comm.receive_json_from(timeout=max(0.01, deadline - loop.time()))
-        for event in events_of(message):
-            if event.get("type") == kind and all(event.get(k) == v for k, v in where.items()):
-                return event
+        (event,) = await receive_events(comm, 1, max(0.01, deadline - loop.time()))
+        if event.get("type") == kind and all(event.get(k) == v for k, v in where.items()):
+            return event
 
 
 class Heard:
