@@ -56,7 +56,7 @@ from bench.procs import (
 
 CONC = 8
 CELL_S = 10.0
-ROUNDS = 5
+ROUNDS = 7
 CROWD = 500
 SMALL = (50, 100)
 STORM = 1000
