@@ -266,3 +266,22 @@ async def test_a_page_that_falls_behind_lets_the_oldest_go_and_is_told(
     assert all(m["missed"] == 0 for m in rest)
     assert events.missed() - before == 10
     await comm.disconnect()
+
+
+@pytest.mark.redis
+async def test_a_burst_past_the_channel_layers_pool_waits_instead_of_failing() -> None:
+    """redis-py's default pool raises "Too many connections" past its size (298 of 500 pages
+    got a 500 that way); the layer hal0web runs on makes the burst wait for a connection."""
+    from dispatch.coordination.channel_layer import RedisChannelLayer
+
+    host = {"address": redis_url_or_skip(), "max_connections": 4, "timeout": 5}
+    layer = RedisChannelLayer(hosts=[host], prefix=f"hal0burst{secrets.token_hex(4)}")
+    try:
+        channel = await layer.new_channel()
+        await layer.group_add("burst", channel)
+        await asyncio.gather(*(layer.group_send("burst", {"type": "t", "n": n}) for n in range(50)))
+        heard = [(await asyncio.wait_for(layer.receive(channel), 5))["n"] for _ in range(50)]
+        assert sorted(heard) == list(range(50))
+    finally:
+        await layer.flush()
+        await layer.close_pools()
