@@ -76,6 +76,20 @@ class Server:
         assert json.loads(await asyncio.wait_for(ws.recv(), 60))["type"] == "snapshot"
         return ws
 
+    def stop(self) -> None:
+        """Stop the server and delete what its channel layer left in the shared Redis (only
+        its own prefix's keys)."""
+        import redis
+
+        self.proc.stop()
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+
     def metric(self, name: str) -> float:
         text = httpx.get(self.proc.url + "/metrics", timeout=10).text
         return sum(
@@ -87,7 +101,7 @@ class Server:
 def server(tmp_path: Path) -> Iterator[Server]:
     served = Server(tmp_path, capacity=1000)  # hal0web's own
     yield served
-    served.proc.stop()
+    served.stop()
 
 
 @pytest.fixture
@@ -95,7 +109,7 @@ def tiny_server(tmp_path: Path) -> Iterator[Server]:
     """A server whose channel holds one message in Redis: the layer drops the rest."""
     served = Server(tmp_path, capacity=1)
     yield served
-    served.proc.stop()
+    served.stop()
 
 
 class Listener:
