@@ -148,6 +148,14 @@ def test_a_database_outage_is_200_with_record_false_and_routing_goes_on(
         "lost": 0,
         "failing_since": None,
     }
+    # One warning as the outage began and one as it ended, not a traceback per version
+    # check (every 0.25 s) and per leadership tick (every 0.5 s here).
+    wait_until(lambda: "the database is back" in server.log(), "the return told", 5)
+    log = server.log()
+    assert log.count("the database is away") == 1, log
+    assert "Traceback" not in log, log
+    assert "could not check the state version" not in log, log
+    assert "leadership check failed" not in log, log
 
 
 @pytest.mark.postgres
