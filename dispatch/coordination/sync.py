@@ -69,8 +69,12 @@ def committed() -> None:
     """After this process committed a change: wake every other process's check (over the
     channel layer) so it need not wait for its next tick, and reload here. The wake goes
     first: the others reload while this one does, and it is not sent after this reload's
-    events for the pages (a round that changed 200 slots is 200 of them, sent in order)."""
-    events.tell_every_process({"type": "version"})
+    events for the pages (a round that changed 200 slots is 200 of them, sent in order).
+    The wake names the version committed: a process that cannot load it knows its table
+    lags what the others route by (/healthz says so)."""
+    from dispatch.models import StateVersion
+
+    events.tell_every_process({"type": "version", "number": StateVersion.current()})
     reload_all()
 
 
