@@ -148,6 +148,14 @@ def test_a_database_outage_is_200_with_record_false_and_routing_goes_on(
         "lost": 0,
         "failing_since": None,
     }
+    # One warning as the outage began and one as it ended, not a traceback per version
+    # check (every 0.25 s) and per leadership tick (every 0.5 s here).
+    wait_until(lambda: "the database is back" in server.log(), "the return told", 5)
+    log = server.log()
+    assert log.count("the database is away") == 1, log
+    assert "Traceback" not in log, log
+    assert "could not check the state version" not in log, log
+    assert "leadership check failed" not in log, log
 
 
 @pytest.mark.postgres
@@ -261,23 +269,36 @@ def test_redis_away_is_200_with_record_false(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("kind", "auth", "missing"),
+    # Keys are read before the table: with keys asked for (auto: if any exist), who may call
+    # is what is missing first.
+    [("uvicorn", "off", "table_unavailable"), ("daphne", "auto", "keys_unavailable")],
+)
 def test_a_process_that_never_read_its_table_answers_503_until_it_can(
+    kind: str,
+    auth: str,
+    missing: str,
     tmp_path: Path,
     pg_url: str,
     proxy: CutProxy,
     fakes: dict[str, ServerThread],
     processes: list[Hal0Process],
 ) -> None:
-    """Daphne starts the runtime with the first request, so a server can be up while the
-    database has never answered it: it has no table to route by."""
+    """A server started while the database is away has no table to route by: it starts
+    anyway (Uvicorn's start-up used to fail; Daphne's first request was a 500), /healthz
+    says so with 503, /v1 answers 503 table_unavailable in the client's protocol, and it
+    routes as soon as the database answers."""
     from dispatch.management.commands.serve import server_command
 
     _slots(server_env(tmp_path, DATABASE_URL=pg_url), tmp_path, fakes)
-    env = server_env(tmp_path, DATABASE_URL=proxy.url(pg_url), HAL0_PROBE_INTERVAL_S="0.5")
+    env = server_env(
+        tmp_path, DATABASE_URL=proxy.url(pg_url), HAL0_PROBE_INTERVAL_S="0.5", HAL0_API_AUTH=auth
+    )
     proxy.cut()
     port = free_port()
-    command = server_command("daphne", "127.0.0.1", port, None)
-    server = Hal0Process(env, tmp_path / "daphne.log", command=command, port=port)
+    command = server_command(kind, "127.0.0.1", port, None)
+    server = Hal0Process(env, tmp_path / f"{kind}.log", command=command, port=port)
     processes.append(server)
     server.wait_ready()
     r = _health(server)
@@ -286,7 +307,21 @@ def test_a_process_that_never_read_its_table_answers_503_until_it_can(
     assert (body["ok"], body["route"], body["record"], body["slots"]) == (False, False, False, {})
     assert body["impaired"][:2] == ["table", "database"]
     assert body["cannot_route"].startswith("no routing table yet")
+    body = {"model": "model-a", "messages": [{"role": "user", "content": "hi"}]}
+    for r in (
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=5),
+        httpx.get(server.url + "/v1/models", timeout=5),
+    ):
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == missing and r.headers["Retry-After"]
+    r = httpx.post(server.url + "/v1/messages", json={**body, "max_tokens": 5}, timeout=5)
+    assert r.status_code == 503 and r.json()["type"] == "error", r.text  # Anthropic's shape
+    assert r.json()["error"]["code"] == missing
+    r = httpx.get(server.url + "/api/tags", timeout=5)
+    assert r.status_code == 503 and "has not read its" in r.json()["error"], r.text
     proxy.restore()
     wait_until(lambda: _health(server).status_code == 200, "a table", 5, 0.1)
     body = _body(server)
     assert body["route"] is True and set(body["slots"]) == {"a", "b"}
+    assert _chat(server) == 200
+    assert "Traceback" not in server.log(), server.log()

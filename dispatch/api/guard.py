@@ -11,7 +11,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.cache import patch_vary_headers
 
 from dispatch.api import cors
-from dispatch.api.responses import fail
+from dispatch.api.responses import fail, unavailable
+from dispatch.coordination.outages import Unavailable
 from dispatch.routing.endpoints import SERVED_TEXT
 from dispatch.wire.errors import ApiError, excerpt
 from dispatch.wire.protocols import OPENAI, WireProtocol
@@ -46,7 +47,10 @@ def serves(
             )
         else:
             if request.method in served:
-                response = await view(request, *args, **kwargs)
+                try:
+                    response = await view(request, *args, **kwargs)
+                except Unavailable as exc:  # what the view needs is away (the database, Redis)
+                    response = fail(request, unavailable(exc), protocol=protocol)
             else:
                 verbs = " or ".join(m for m in methods if m != "HEAD")
                 response = fail(

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
 from dispatch.coordination import redis_ping
+from dispatch.coordination.outages import Unavailable
 from dispatch.coordination.store import store
 from dispatch.lifecycle.leadership import ensure_running
 from dispatch.observability import requestlog
@@ -36,8 +37,7 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     the state the other processes route by). The body says what is impaired either way."""
     try:
         table = await store.ensure_loaded()
-    except Exception:  # the database away since this process started: no table to route by
-        store.unreadable()
+    except Unavailable:  # the database away since this process started: no table to route by
         table = store.table
     ensure_running()
     watcher = store.freshness()

@@ -23,6 +23,7 @@ from django.urls import set_script_prefix, set_urlconf
 from dispatch.api.drain import drain
 from dispatch.coordination import events, leases, stored_responses
 from dispatch.coordination.affinity import affinity
+from dispatch.coordination.outages import Unavailable
 from dispatch.coordination.store import store
 from dispatch.lifecycle.leadership import ensure_running, leadership
 from dispatch.lifecycle.watcher import watcher
@@ -230,7 +231,13 @@ class Hal0Application:
 
                 admission.gate = RedisPlaces(settings.REDIS_URL)
             events.bind_loop(asyncio.get_running_loop())
-            await store.ensure_loaded()
+            try:
+                await store.ensure_loaded()
+            except Unavailable:
+                # The database is away (warned once): start anyway. /healthz says 503 "no
+                # routing table yet", /v1 503 table_unavailable, until it is back; then the
+                # first request (or the version check) reads the table.
+                pass
             ensure_running()
             _on_daphne_shutdown(self._shutdown)
             # Everything loaded so far (Django, the app, the table) lives as long as the

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 
+from dispatch.coordination import outages
 from dispatch.routing.scopes import Scope
 
 
@@ -64,8 +65,17 @@ class KeyRing:
             self._loaded = True
 
     async def ensure_loaded(self) -> None:
+        """The keys, read first if this process has none yet. With none and the database
+        away: ``Unavailable`` (503 ``keys_unavailable``): who may call is not known, and
+        guessing either way would be wrong (open to all, or every key refused)."""
         if not self._loaded:
-            await sync_to_async(self.reload, thread_sensitive=True)()
+            if not outages.DATABASE.available():
+                raise _no_keys()
+            try:
+                await sync_to_async(self.reload, thread_sensitive=True)()
+            except outages.DATABASE.errors as exc:
+                outages.DATABASE.failed("reading the API keys", exc)
+                raise _no_keys() from exc
 
     def knows(self, key: str) -> bool:
         return self.find(key) is not None
@@ -82,3 +92,10 @@ class KeyRing:
 
 
 keyring = KeyRing()
+
+
+def _no_keys() -> outages.Unavailable:
+    return outages.Unavailable(
+        "keys_unavailable",
+        "hal0web has not read its API keys yet: the database is away. Try again shortly.",
+    )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import sync_to_async
 
 from dispatch import kinds
+from dispatch.coordination import outages
 from dispatch.lib.listeners import Listeners
 from dispatch.routing import slot_fields, speaks
 from dispatch.routing.table import (
@@ -251,8 +252,18 @@ class TableStore:
             self.saw_version(version)
 
     async def ensure_loaded(self) -> RoutingTable:
+        """The table, read first if this process has none yet. With none and the database
+        away: ``Unavailable`` (503 ``table_unavailable``), never an empty table (every
+        model would read as unknown) nor a server error."""
         if not self._loaded:
-            await sync_to_async(self.reload, thread_sensitive=True)()
+            if not outages.DATABASE.available():
+                raise _no_table()
+            try:
+                await sync_to_async(self.reload, thread_sensitive=True)()
+            except outages.DATABASE.errors as exc:
+                self.unreadable()
+                outages.DATABASE.failed("reading the routing table", exc)
+                raise _no_table() from exc
         return self._table
 
     def publish(self, table: RoutingTable) -> None:
@@ -288,3 +299,10 @@ def _wake(fut: asyncio.Future[None]) -> None:
 
 
 store = TableStore()
+
+
+def _no_table() -> outages.Unavailable:
+    return outages.Unavailable(
+        "table_unavailable",
+        "hal0web has not read its routing table yet: the database is away. Try again shortly.",
+    )

@@ -20,7 +20,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, transaction
 
-from dispatch.coordination import events
+from dispatch.coordination import events, outages
 from dispatch.coordination.keyring import keyring
 from dispatch.coordination.store import store
 from dispatch.lib.listeners import Listeners
@@ -69,8 +69,12 @@ def committed() -> None:
     """After this process committed a change: wake every other process's check (over the
     channel layer) so it need not wait for its next tick, and reload here. The wake goes
     first: the others reload while this one does, and it is not sent after this reload's
-    events for the pages (a round that changed 200 slots is 200 of them, sent in order)."""
-    events.tell_every_process({"type": "version"})
+    events for the pages (a round that changed 200 slots is 200 of them, sent in order).
+    The wake names the version committed: a process that cannot load it knows its table
+    lags what the others route by (/healthz says so)."""
+    from dispatch.models import StateVersion
+
+    events.tell_every_process({"type": "version", "number": StateVersion.current()})
     reload_all()
 
 
@@ -135,9 +139,14 @@ async def _follow(wake: asyncio.Event, was_stale: bool) -> None:
         wake.clear()
         try:
             await sync_to_async(catch_up, thread_sensitive=True)()
-        except Exception:  # the database may be briefly away; the next check tries again
+        except Exception as exc:  # the database may be briefly away; the next check tries again
             store.unreadable()
-            log.warning("could not check the state version", exc_info=True)
+            if isinstance(exc, outages.DATABASE.errors):
+                # One warning when the outage begins and one when it ends (its probe), not
+                # a traceback every 0.25 s.
+                outages.DATABASE.failed("checking the state version", exc)
+            else:
+                log.warning("could not check the state version", exc_info=True)
         if store.stale != was_stale:
             was_stale = store.stale
             freshness = store.freshness()

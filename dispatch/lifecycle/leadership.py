@@ -12,7 +12,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from dispatch.coordination import events, leases, sync
+from dispatch.coordination import events, leases, outages, sync
 from dispatch.lifecycle import loader
 from dispatch.lifecycle.watcher import watcher
 
@@ -87,8 +87,11 @@ class Leadership:
                     await self._beat()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the database may be briefly away; the next tick tries again
-                log.warning("watcher leadership check failed", exc_info=True)
+            except Exception as exc:  # the database may be briefly away; the next tick tries again
+                if isinstance(exc, outages.DATABASE.errors):
+                    outages.DATABASE.failed("checking the watcher lease", exc)  # warns once
+                else:
+                    log.warning("watcher leadership check failed", exc_info=True)
             await asyncio.sleep(min(settings.HAL0_PROBE_INTERVAL_S, 1.0))
 
     async def _beat(self) -> None:
