@@ -14,7 +14,8 @@ and ``python -m bench instructions REV`` does in instructions per request, which
 swing (bench/instructions.py, under callgrind); ``python -m bench models`` measures models on
 demand in front of llama.cpp's own router (bench/models.py); ``python -m bench servers``
 sets Uvicorn against Granian, hal0web against the minimal proxy (bench/servers.py), and
-``python -m bench workers`` two workers against one on PostgreSQL + Redis (bench/workers.py).
+``python -m bench workers`` two workers against one on PostgreSQL + Redis (bench/workers.py),
+``python -m bench crowds`` hundreds of open pages against the /v1 path (bench/crowds.py).
 ``python -m bench served`` counts instructions per request of the whole server process
 against the minimal Starlette + aiohttp proxy (bench/served.py), and ``python -m bench
 breakdown`` says which part of a request takes what share of its time (bench/breakdown.py).
@@ -793,7 +794,7 @@ def main(argv: list[str]) -> int:
 
         text = breakdown.report(*(int(n) for n in argv[1:2]))
         out = RESULTS / "breakdown.md"
-    elif mode in ("models", "servers", "workers"):
+    elif mode in ("models", "servers", "workers", "crowds"):
         import importlib
 
         text = uvloop.run(importlib.import_module(f"bench.{mode}").run())
@@ -808,7 +809,8 @@ def main(argv: list[str]) -> int:
         out = RESULTS / "probes.md"
     else:
         print(
-            "usage: python -m bench [all | seam | llama | models | servers | workers | probes | "
+            "usage: python -m bench [all | seam | llama | models | servers | workers | crowds | "
+            "probes | "
             "hold [PROMPT_KB ...] | cost [ROUNDS] | transports [VARIANT ...] | "
             "scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV | "
             "served [CONFIG ...] | breakdown [REQUESTS]]\n"

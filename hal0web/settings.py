@@ -130,13 +130,42 @@ if REDIS_URL:
         raise ImproperlyConfigured(f"REDIS_URL={REDIS_URL!r} must start with redis:// or rediss://")
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            # redis-py 8 reads with a 5 s socket timeout by default, and channels-redis
-            # blocks 5 s in BZPOPMIN waiting for a message: the two raced, and an idle
-            # page's socket died every 5-9 s with "Timeout reading from" (issue 12). Reads
-            # may take three blocking periods before they count as a dead connection.
+            # channels-redis's layer with a pool that makes a burst wait for a connection
+            # instead of failing (dispatch/coordination/channel_layer.py). Measured against
+            # its pub/sub layer with 500 pages (bench/crowds.py, issue 24): no better, and it
+            # drops whatever is published while a subscriber reconnects; this one's drops
+            # (a full channel) are found and counted like any other loss.
+            "BACKEND": "dispatch.coordination.channel_layer.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}]
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        # redis-py 8 reads with a 5 s socket timeout by default, and
+                        # channels-redis blocks 5 s in BZPOPMIN waiting for a message: the
+                        # two raced, and an idle page's socket died every 5-9 s with "Timeout
+                        # reading from" (issue 12). Reads may take three blocking periods
+                        # before they count as a dead connection.
+                        "socket_timeout": 15,
+                        "socket_connect_timeout": 5,
+                        # Per process. Pages use none of their own (one channel per process
+                        # hears their groups), so a process uses a few: one blocking read,
+                        # the batches, the processes' messages; a burst past the bound waits
+                        # up to `timeout` s for one.
+                        "max_connections": 32,
+                        "timeout": 5,
+                    }
+                ],
+                # Messages one process's channels may hold in Redis (all its channels share
+                # one list). Batches come a few a second from each process: this is minutes
+                # of a process's stall before anything is dropped (and counted).
+                "capacity": 1000,
+                # Unread messages older than this go (a process stalled this long hears
+                # the gap, and its pages are told).
+                "expiry": 60,
+                # A channel not rejoined within this leaves its groups: every process joins
+                # its groups again hourly (dispatch.coordination.events.REJOIN_S), so a
+                # killed process's channel stops being sent to within 4 h, not a day.
+                "group_expiry": 4 * 3600,
             },
         }
     }

@@ -68,6 +68,8 @@ def _resets() -> tuple[tuple[str, Callable[[], None]], ...]:
         ("nudged", the.nudged.clear),
         ("transport", lambda: the.upstream.use_transport(None)),
         ("events loop", lambda: the.events.bind_loop(None)),
+        # Its pages and their batches were the finished test's loop's.
+        ("events pages", the.events.forget_pages),
         ("loads", the.loads.reset),
         # The loader's queues' tasks belong to the finished test's loop: forgotten, not stopped.
         ("loader", the.loader.forget),

@@ -9,6 +9,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from tests.conftest import add_slot
+from tests.live import next_event, receive_events
 
 ORIGIN = b"http://localhost"
 
@@ -125,7 +126,7 @@ async def test_deltas_arrive_in_order_after_database_changes(app, cookie, slots)
 
     try:
         await sync_to_async(change)()
-        seen = [await comm.receive_json_from(timeout=5) for _ in range(4)]
+        seen = await receive_events(comm, 4)
         assert [e["type"] for e in seen] == [
             "slot.state",
             "slot.models",
@@ -157,8 +158,7 @@ async def test_rename_is_a_delete_and_an_update(app, cookie, slots):
 
     try:
         await sync_to_async(rename)()
-        first = await comm.receive_json_from(timeout=5)
-        second = await comm.receive_json_from(timeout=5)
+        first, second = await receive_events(comm, 2)
         assert (first["type"], first["slot"]) == ("slot.deleted", "agent-hermes")
         assert second["type"] == "slot.updated"
         assert second["slot"]["name"] == "hermes2"
@@ -192,8 +192,7 @@ async def test_routing_decisions_reach_the_socket(app, staff_cookie, seed_slots,
                 json={"model": "hermes", "messages": [{"role": "user", "content": "hi"}]},
             )
         assert r.status_code == 200, r.text
-        event = await comm.receive_json_from(timeout=5)
-        assert event["type"] == "dispatch.decision"
+        event = await next_event(comm, "dispatch.decision")
         assert event["slot"] == "agent-hermes"
         assert event["model"] == "hermes"
         assert event["upstream_model"] == "qwen3-coder-reap-25b-a3b-q5km"

@@ -131,6 +131,7 @@ def test_every_family_and_label_after_known_traffic(public_metrics, seed_slots, 
         "hal0_probe_duration_seconds": "histogram",
         "hal0_probe_failures": "counter",
         "hal0_events_dropped": "counter",
+        "hal0_events_missed": "counter",
         "hal0_log_records_dropped": "counter",
         "hal0_request_log_dropped": "counter",
     }.items():

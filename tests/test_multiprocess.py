@@ -19,6 +19,7 @@ from django.conf import settings
 
 from dispatch.coordination.sync import stale_after_s
 from tests.fakes import FakeUpstream, ServerThread, free_port
+from tests.live import events_of
 from tests.polling import wait_until
 from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env, session_cookie
 
@@ -34,9 +35,9 @@ def processes() -> Iterator[list[Hal0Process]]:
 async def _next_event(ws: websockets.ClientConnection, kind: str, timeout: float) -> dict:
     async with asyncio.timeout(timeout):
         while True:
-            event = json.loads(await ws.recv())
-            if event.get("type") == kind:
-                return event
+            for event in events_of(json.loads(await ws.recv())):
+                if event.get("type") == kind:
+                    return event
 
 
 @pytest.mark.redis
@@ -165,7 +166,7 @@ async def _collect(ws: websockets.ClientConnection, seconds: float) -> list[dict
     try:
         async with asyncio.timeout(seconds):
             while True:
-                heard.append(json.loads(await ws.recv()))
+                heard.extend(events_of(json.loads(await ws.recv())))
     except TimeoutError:
         return heard
 

@@ -26,6 +26,7 @@ import websockets
 from tests.browser import browser  # noqa: F401 - the fixture
 from tests.cut_proxy import CutProxy
 from tests.fakes import FakeUpstream, ServerThread
+from tests.live import events_of
 from tests.own_redis import OwnRedis
 from tests.polling import wait_until
 from tests.processes import Hal0Process, manage, server_env, session_cookie
@@ -177,9 +178,9 @@ async def _live_page_hears(worker: Hal0Process, cookie: str, other: Hal0Process)
         try:
             async with asyncio.timeout(2):
                 while True:
-                    event = json.loads(await ws.recv())
-                    if event.get("type") == "dispatch.decision" and event.get("model") == model:
-                        return True
+                    for event in events_of(json.loads(await ws.recv())):
+                        if event.get("type") == "dispatch.decision" and event.get("model") == model:
+                            return True
         except (TimeoutError, websockets.ConnectionClosed):
             return False
 

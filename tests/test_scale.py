@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.live import Heard
+
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -184,32 +186,39 @@ async def test_group_send_reaches_a_member_on_another_worker(redis_layers):
     ours = get_channel_layer()
     assert type(ours).__name__ == "RedisChannelLayer" and ours is not other
     try:
-        # A live-UI socket on the other worker joins the group...
+        # A page on this worker joins through the app's own join()...
+        page = Heard()
+        await events.join(page, staff=True, username="op")
+        # ...and the other worker's pages' channel is in the group too.
         theirs = await other.new_channel()
         await other.group_add(events.GROUP, theirs)
-        # ...and one on this worker does too, through the app's own join().
-        mine = await ours.new_channel()
-        await events.join(mine, staff=True, username="op")
 
-        # This worker broadcasts through the app's one sending path.
-        await events.send({"type": "slot.state", "slot": "primary", "state": "ready"})
-        expected = {
-            "type": "dispatch.event",
-            "event": {"type": "slot.state", "slot": "primary", "state": "ready"},
-        }
-        assert await asyncio.wait_for(other.receive(theirs), 10) == expected
-        assert await asyncio.wait_for(ours.receive(mine), 10) == expected
+        # This worker tells every page, through its batches.
+        event = {"type": "slot.state", "slot": "primary", "state": "ready"}
+        events.tell_pages(event)
+        batch = await asyncio.wait_for(other.receive(theirs), 10)
+        assert (batch["type"], batch["group"], batch["events"]) == (
+            "dispatch.batch",
+            events.GROUP,
+            [event],
+        )
+        await page.until(1, timeout=10)
+        assert page.events == [event]
 
-        # And the other way round.
-        await other.group_send(events.GROUP, {"type": "dispatch.event", "event": {"n": 2}})
-        assert await asyncio.wait_for(ours.receive(mine), 10) == {
-            "type": "dispatch.event",
-            "event": {"n": 2},
-        }
-        await events.leave(mine, staff=True, username="op")
-        await other.group_send(events.GROUP, {"type": "dispatch.event", "event": {"n": 3}})
-        assert (await asyncio.wait_for(other.receive(theirs), 10))["event"] == {"n": 2}
-        assert (await asyncio.wait_for(other.receive(theirs), 10))["event"] == {"n": 3}
+        # And the other way round: the other worker's batches reach this one's page, and
+        # one that comes after a gap tells it how many it missed.
+        stream = "other " + events.GROUP
+        for count, n in ((1, 2), (4, 3)):
+            batch = events.batch_message(events.GROUP, count, [{"n": n}], stream)
+            await other.group_send(events.GROUP, batch)
+        await page.until(3, missed=2, timeout=10)
+        assert page.events == [event, {"n": 2}, {"n": 3}]
+        await events.leave(page)
+        await other.group_send(
+            events.GROUP, events.batch_message(events.GROUP, 5, [{"n": 4}], stream)
+        )
+        await asyncio.sleep(0.5)
+        assert page.events == [event, {"n": 2}, {"n": 3}]  # gone: it hears no more
     finally:
         for layer in (ours, other):
             await layer.flush()

@@ -127,7 +127,7 @@ def test_values_are_read(tmp_path):
     assert s["DEBUG"] is True
     assert s["ALLOWED_HOSTS"] == ["a.example", "b.example"]
     assert s["DB_ENGINE"] == "django.db.backends.postgresql" and s["DB_NAME"] == "hal0"
-    assert s["LAYER"] == "channels_redis.core.RedisChannelLayer"
+    assert s["LAYER"] == "dispatch.coordination.channel_layer.RedisChannelLayer"
     assert s["PROBE"] == 0.5
     assert s["BIND"] == "[::1]:9000"
 

@@ -12,6 +12,7 @@ from dispatch.lifecycle.watcher import watcher
 from dispatch.upstream.client import upstream
 from dispatch.web.consumers import DispatchConsumer
 from tests.conftest import add_slot
+from tests.live import receive_events
 
 
 async def next_state(comm: WebsocketCommunicator, slot: str, timeout: float = 5) -> dict:
@@ -19,9 +20,9 @@ async def next_state(comm: WebsocketCommunicator, slot: str, timeout: float = 5)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        event = await comm.receive_json_from(timeout=max(0.01, deadline - loop.time()))
-        if event["type"] == "slot.state" and event["slot"]["name"] == slot:
-            return event
+        for event in await receive_events(comm, 1, max(0.01, deadline - loop.time())):
+            if event["type"] == "slot.state" and event["slot"]["name"] == slot:
+                return event
 
 
 async def test_state_changes_arrive_in_order(fake, settings, django_user_model):
@@ -69,15 +70,13 @@ async def test_inflight_counts_reach_the_page_coalesced(transactional_db, django
     for _ in range(50):  # a burst: one event, not fifty
         assert admission.try_acquire("a", 0)
     assert admission.try_acquire("b", 0)
-    first = await comm.receive_json_from(timeout=2)
-    assert first == {"type": "slot.inflight", "inflight": {"a": 50, "b": 1}}
+    assert await receive_events(comm, 1, 2) == [
+        {"type": "slot.inflight", "inflight": {"a": 50, "b": 1}}
+    ]
     assert await comm.receive_nothing(timeout=0.15)
     for _ in range(50):
         admission.release("a")
-    assert await comm.receive_json_from(timeout=2) == {
-        "type": "slot.inflight",
-        "inflight": {"a": 0},
-    }
+    assert await receive_events(comm, 1, 2) == [{"type": "slot.inflight", "inflight": {"a": 0}}]
     await comm.disconnect()
 
 

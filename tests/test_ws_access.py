@@ -15,6 +15,7 @@ from django.test import Client
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from tests.live import events_of
 from tests.polling import wait_until
 
 WS_PATH = "/ws/dispatch/"
@@ -120,7 +121,7 @@ def _drain(ws: ClientConnection, seconds: float) -> list[dict[str, Any]]:
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         try:
-            seen.append(json.loads(ws.recv(timeout=left)))
+            seen.extend(events_of(json.loads(ws.recv(timeout=left))))
         except TimeoutError:
             break
     return seen
@@ -203,9 +204,10 @@ def test_a_probe_error_does_not_name_the_slots_host_to_non_staff(
 
         def offline(ws: ClientConnection) -> dict[str, Any]:
             def next_offline() -> dict[str, Any] | None:
-                slot = json.loads(ws.recv(timeout=10)).get("slot")
-                if isinstance(slot, dict) and slot["name"] == "primary" and slot["last_error"]:
-                    return slot
+                for event in events_of(json.loads(ws.recv(timeout=10))):
+                    slot = event.get("slot")
+                    if isinstance(slot, dict) and slot["name"] == "primary" and slot["last_error"]:
+                        return slot
                 return None
 
             found = wait_until(next_offline, "primary to go offline", 10, every=0)

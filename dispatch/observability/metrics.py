@@ -314,6 +314,12 @@ class _Collector(Collector):
                 events.dropped(),
             ),
             (
+                "hal0_events_missed",
+                "Live events this worker's pages did not hear (gaps in their batches), "
+                "summed over the pages.",
+                events.missed(),
+            ),
+            (
                 "hal0_log_records_dropped",
                 "Log lines dropped (the writer's queue was full).",
                 log_handlers.dropped(),

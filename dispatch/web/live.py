@@ -6,7 +6,8 @@ changed"), outliers ("an ejection began or ended"), the decisions ("a decision w
 recorded") and sync ("the table turned stale, or fresh again"; "the leading loader says
 what it loads, evicts and keeps waiting"). ``install`` subscribes this
 module to all of them, once, from ``DispatchConfig.ready``; each listener builds the event
-the page script expects and hands it to ``dispatch.coordination.events``, the bus.
+the page script expects and hands it to ``dispatch.coordination.events``, the bus, which
+sends a page's events in batches (``batch_event`` is what the page gets of one).
 
 The builders are pure (the same inputs give the same events), so the WebSocket's deltas and
 the tests agree by construction. The snapshot a page gets on connecting is the consumer's
@@ -116,6 +117,12 @@ def decision_event(data: Mapping[str, object]) -> Event:
     return {"type": "dispatch.decision", **data}
 
 
+def batch_event(events: list[Event], missed: int) -> Event:
+    """What a page gets every tick something happened (``dispatch.coordination.events``):
+    the events it has not heard yet, and how many it missed before them, which it shows."""
+    return {"type": "batch", "missed": missed, "events": events}
+
+
 def inflight_event(counts: Mapping[str, int]) -> Event:
     return {"type": "slot.inflight", "inflight": dict(counts)}
 
@@ -189,7 +196,7 @@ class InflightReporter:
         self,
         counts: Mapping[str, int],
         interval: float = 0.1,
-        send: Callable[[Event], None] = events.publish,
+        send: Callable[[Event], None] = events.tell_pages,
     ) -> None:
         self._counts = counts
         self._interval = interval

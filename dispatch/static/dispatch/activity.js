@@ -9,6 +9,7 @@ const chartsBox = $("charts");
 const tbody = document.querySelector("#requests tbody");
 const filterBox = $("filter");
 const liveBadge = $("live");
+const missedNote = $("missed");
 
 const STEP_S = 10; // one point per 10 seconds
 const WINDOW_S = seed.window_s;
@@ -157,10 +158,23 @@ filterBox.addEventListener("input", () => rows.forEach(applyFilter));
 
 // ---- live ------------------------------------------------------------------------------------
 
+// Events come in batches (a few a second), each saying how many events this page missed
+// before it: the charts are drawn once per batch, and what was missed is counted and shown.
+let missed = 0;
+
 function onEvent(ev) {
-  if (ev.type === "dispatch.decision") {
-    add(ev);
-    addRow(ev);
+  if (ev.type === "batch") {
+    for (const one of ev.events) {
+      if (one.type === "dispatch.decision") {
+        add(one);
+        addRow(one);
+      }
+    }
+    if (ev.missed) {
+      missed += ev.missed;
+      missedNote.textContent = `${missed} events missed`;
+      missedNote.hidden = false;
+    }
     redraw();
   } else if (ev.type === "snapshot") {
     // Every slot gets a chart, even one with no traffic yet.

@@ -21,6 +21,7 @@ const messagesList = $("messages");
 const slotsPanel = $("slots");
 const logList = $("log");
 const liveBadge = $("live");
+const missedNote = $("missed");
 const modelNote = $("model-note");
 // The staff buttons' endpoint (dispatch/web/operator.py): staff pages only are given it.
 const controlUrl = app.dataset.control ?? null;
@@ -505,6 +506,24 @@ function applicable(ev, socket) {
   return true;
 }
 
+// The server sends events in batches (a few a second), each saying how many events this
+// page missed before it: the count of what it did not hear is kept and shown, so a gap in the
+// routing log is never silent.
+let missed = 0;
+
+function onMessage(ev, socket) {
+  if (ev.type === "batch") {
+    for (const one of ev.events) onEvent(one, socket);
+    if (ev.missed) {
+      missed += ev.missed;
+      missedNote.textContent = `${missed} events missed`;
+      missedNote.hidden = false;
+    }
+  } else {
+    onEvent(ev, socket);
+  }
+}
+
 function onEvent(ev, socket) {
   if (ev.type === "snapshot") {
     slots.clear();
@@ -556,7 +575,7 @@ function connect() {
   socket.addEventListener("open", () => {
     backoff = BACKOFF_MIN_MS;
   });
-  socket.addEventListener("message", (e) => onEvent(JSON.parse(e.data), socket));
+  socket.addEventListener("message", (e) => onMessage(JSON.parse(e.data), socket));
   socket.addEventListener("close", (e) => {
     if (e.code === LIVE_PAUSED) {
       setLive("paused", `${PAUSED}: reconnecting…`);
