@@ -6,9 +6,9 @@ import asyncio
 import weakref
 from typing import Any
 
-import redis.asyncio as aioredis
 from django.conf import settings
 
+from dispatch.coordination import redis_pool
 from dispatch.coordination.outages import REDIS
 
 
@@ -35,9 +35,9 @@ class RedisAffinity:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = aioredis.Redis.from_url(
-                self.url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True
-            )
+            # Bounded: a burst of lookups waits for a connection instead of failing as if
+            # Redis were away.
+            client = redis_pool.client(self.url, decode_responses=True)
             self._clients[loop] = client
         return client
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from dispatch.coordination import redis_pool
 from dispatch.coordination.leases import IDENTITY
 from dispatch.coordination.outages import REDIS
 
 log = logging.getLogger("hal0.places")
 
 TTL_S = 10.0
-MAX_CONNECTIONS = 32  # per process: requests beyond wait for one (the pool's timeout: 5 s)
 _UNCHECKED = ""  # a place let through while Redis was away: nothing to give back
 _MAX_PAUSE_S = 0.2  # the longest a waiter sleeps between two tries
 
@@ -75,11 +75,7 @@ class RedisPlaces:
         if client is None:
             # A bounded pool that makes a request wait for a connection: redis-py's default
             # pool raises "Too many connections" under a burst instead.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url, max_connections=MAX_CONNECTIONS, timeout=5, socket_timeout=5,
-                socket_connect_timeout=5,
-            )  # fmt: skip
-            client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) it
+            client = redis_pool.client(self.url)
             self._clients[loop] = client
         return client
 
