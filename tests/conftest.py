@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import settings as hypothesis_settings
 
 from tests import runtime
 from tests.fakes import FakeUpstream, ServerThread
+
+if TYPE_CHECKING:
+    from tests.cut_proxy import CutProxy
+    from tests.processes import Hal0Process
 
 # Tests never read the developer's .env or data directory.
 os.environ.setdefault("HAL0_ENV_FILE", "/nonexistent")
@@ -226,3 +230,22 @@ def llama_router(llama_pair: dict[str, Any]) -> Any:
     from dispatch.lifecycle import demo
 
     return llama_pair[demo.PRIMARY.name]
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Hal0Process]]:
+    """Server processes a test starts (append them): stopped after it, whatever happened."""
+    started: list[Hal0Process] = []
+    yield started
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def proxy() -> Iterator[CutProxy]:
+    """A way to the shared PostgreSQL that the test can cut (and restore)."""
+    from tests.cut_proxy import CutProxy
+
+    made = CutProxy()
+    yield made
+    made.close()

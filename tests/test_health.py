@@ -33,26 +33,11 @@ DB_VERSION = "from dispatch.models import StateVersion; print(StateVersion.curre
 
 
 @pytest.fixture
-def proxy() -> Iterator[CutProxy]:
-    proxy = CutProxy()
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
 def fakes() -> Iterator[dict[str, ServerThread]]:
     servers = {n: ServerThread(FakeUpstream(n, models=[f"model-{n}"])).start() for n in "ab"}
     yield servers
     for server in servers.values():
         server.stop()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Hal0Process]]:
-    started: list[Hal0Process] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 def _slots(env: dict[str, str], tmp_path: Path, fakes: dict[str, ServerThread]) -> None:

@@ -29,14 +29,6 @@ MODELS = ["m1", "m2", "m3", "m4"]
 
 
 @pytest.fixture
-def processes() -> Iterator[list[Hal0Process]]:
-    started: list[Hal0Process] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
-@pytest.fixture
 def served() -> Iterator[tuple[FakeRouter, str]]:
     """The router (m1 loaded, room for one) and its URL."""
     fake = FakeRouter("router", models=MODELS, models_max=1, load_delay_s=1.0, chunks=3)

@@ -24,14 +24,6 @@ from tests.polling import wait_until
 from tests.processes import Hal0Process, manage, redis_url_or_skip, server_env, session_cookie
 
 
-@pytest.fixture
-def processes() -> Iterator[list[Hal0Process]]:
-    started: list[Hal0Process] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
 async def _next_event(ws: websockets.ClientConnection, kind: str, timeout: float) -> dict:
     async with asyncio.timeout(timeout):
         while True:

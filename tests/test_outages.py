@@ -37,26 +37,10 @@ OUTAGE_S = 4.0  # the shortest outage the tests make
 
 
 @pytest.fixture
-def processes() -> Iterator[list[Hal0Process]]:
-    started: list[Hal0Process] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
-@pytest.fixture
 def own_redis() -> Iterator[OwnRedis]:
     server = OwnRedis()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def proxy() -> Iterator[CutProxy]:
-    """The way to the shared PostgreSQL, to cut."""
-    made = CutProxy()
-    yield made
-    made.close()
 
 
 @pytest.fixture

@@ -26,14 +26,6 @@ BODY = {"model": "model-a", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture
-def processes() -> Iterator[list[Hal0Process]]:
-    started: list[Hal0Process] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
-@pytest.fixture
 def upstream() -> Iterator[list[ServerThread]]:
     """The fake's server threads (the one running last): stopped after the test."""
     servers = [ServerThread(FakeUpstream("a", models=["model-a"])).start()]

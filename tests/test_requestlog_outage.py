@@ -24,13 +24,6 @@ QUEUE = 40  # the process's HAL0_LOG_QUEUE_SIZE
 
 
 @pytest.fixture
-def proxy() -> Iterator[CutProxy]:
-    proxy = CutProxy()
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
 def upstream() -> Iterator[ServerThread]:
     server = ServerThread(FakeUpstream("a", models=["model-a"])).start()
     yield server
