@@ -16,6 +16,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from dispatch.api.runtime import Hal0Application, api_asgi_application  # noqa: E402
 from dispatch.web.ws_origin import SameOriginValidator  # noqa: E402
+from dispatch.web.ws_paused import PausedWhileDatabaseAway  # noqa: E402
 from dispatch.ws_urls import websocket_urlpatterns  # noqa: E402
 
 application = Hal0Application(
@@ -24,7 +25,10 @@ application = Hal0Application(
             "http": django_app,
             # The feed opens only from the server's own origin (scheme, host and port) or a
             # CSRF-trusted one: dispatch/web/ws_origin.py says why the host alone is not enough.
-            "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+            # With the database away the session cannot be read: paused (4503), not a 500.
+            "websocket": SameOriginValidator(
+                PausedWhileDatabaseAway(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+            ),
         }
     ),
     api=api_asgi_application(),

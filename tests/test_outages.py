@@ -423,6 +423,14 @@ def test_postgresql_away_affinity_and_kept_responses_answer_json_and_are_written
         "session_unavailable",
     )
 
+    async def page() -> int | None:
+        # The page's session is in the database too: paused like a Redis outage, never a
+        # 500 to the handshake.
+        async with _ws(two, cookie) as ws:
+            return await _closed_with(ws, 10)
+
+    assert asyncio.run(page()) == LIVE_PAUSED
+
     proxy.restore()
     back = time.monotonic()
     found = _within(lambda: _get(two, during, auth).status_code == 200, "the outage's id", back)
