@@ -71,3 +71,6 @@ class DispatchConfig(AppConfig):
         sync_outputs()
         # Sent by override_settings and pytest-django's `settings` fixture only.
         setting_changed.connect(sync_outputs, dispatch_uid="hal0-sync-outputs")
+        from dispatch.api.request import forget_hosts
+
+        setting_changed.connect(forget_hosts, dispatch_uid="hal0-forget-hosts")

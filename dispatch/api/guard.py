@@ -84,7 +84,7 @@ def refused(request: HttpRequest, origin: str | None, origins: Set[str]) -> ApiE
     try:
         host = request.get_host()
     except DisallowedHost:
-        given = excerpt(request.META.get("HTTP_HOST", "").encode("latin-1", "replace"), 80)
+        given = excerpt(request.headers.get("Host", "").encode("latin-1", "replace"), 80)
         return ApiError(
             400,
             "invalid_host",

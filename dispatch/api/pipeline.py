@@ -18,6 +18,7 @@ from dispatch.api.decide import decide
 from dispatch.api.drain import drain
 from dispatch.api.guard import View, serves
 from dispatch.api.keys import authorize
+from dispatch.api.request import query_string
 from dispatch.api.responses import error_response, request_id, unavailable, visible
 from dispatch.coordination.outages import Unavailable
 from dispatch.coordination.store import store
@@ -187,7 +188,7 @@ async def _decided(
     return _Call(
         ep,
         decision,
-        ClientRequest(request.path, request.META.get("QUERY_STRING", ""), body, context),
+        ClientRequest(request.path, query_string(request), body, context),
         _forward_headers(request, rec.request_id),
         request.method or "POST",
         body.streams,

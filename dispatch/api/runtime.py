@@ -21,6 +21,7 @@ from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix, set_urlconf
 
 from dispatch.api.drain import drain
+from dispatch.api.request import ApiRequest
 from dispatch.coordination import events, leases, stored_responses
 from dispatch.coordination.affinity import affinity
 from dispatch.coordination.outages import Unavailable
@@ -60,6 +61,8 @@ class BareASGIHandler(ASGIHandler):
     does (a first table load, a page session lookup) runs in asgiref's one shared thread,
     whose connections the watcher keeps fresh (``dispatch.lifecycle.persistence.apply``).
     """
+
+    request_class = ApiRequest  # META built only when read (dispatch/api/request.py)
 
     def load_middleware(self, is_async: bool = False) -> None:
         from dispatch.api.views import VIEWS  # the views import this room's siblings
@@ -181,8 +184,11 @@ class BareASGIHandler(ASGIHandler):
             # A stream from a sync iterator (none of the relay's is): Django's own way maps it.
             await super().send_response(response, send)
             return
+        # The (name, value) pairs as ResponseHeaders keeps them (its private store, stable
+        # since Django 3.2): the Mapping's items() would look every name up again.
         headers = [
-            (name.encode("ascii"), value.encode("latin-1")) for name, value in response.items()
+            (name.encode("ascii"), value.encode("latin-1"))
+            for name, value in response.headers._store.values()
         ]
         for cookie in response.cookies.values():
             headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
