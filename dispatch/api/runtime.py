@@ -15,7 +15,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestAborted, RequestDataTooBig
-from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix, set_urlconf
@@ -108,8 +108,6 @@ class BareASGIHandler(ASGIHandler):
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
-        set_script_prefix(get_script_prefix(scope))
-
         # As Django does, a disconnect while the view runs or streams cancels it, so a
         # streaming view's generator is closed and the upstream request with it. Django runs
         # the view in a second task beside the listener; cancelling this one instead saves
@@ -172,6 +170,9 @@ class BareASGIHandler(ASGIHandler):
             # the URL patterns (resolving took a twentieth of a request's instructions).
             response: HttpResponseBase = await view(request)  # type: ignore[misc]
             return response
+        # Only Django's URL patterns (and what they answer) may reverse a URL: the script
+        # prefix is set for them alone (an asgiref Local write the exact paths never need).
+        set_script_prefix(request.script_name)  # type: ignore[attr-defined]
         set_urlconf(settings.ROOT_URLCONF)
         response = await self._middleware_chain(request)  # type: ignore[misc]
         return response
