@@ -199,7 +199,7 @@ class _PerRequest:
 _per_request: dict[Labels, _PerRequest] = {}
 
 
-def output(rec: DecisionRecord, data: dict[str, object]) -> None:
+def output(rec: DecisionRecord) -> None:
     """The decision output (see ``decisions.outputs``; there only with HAL0_METRICS)."""
     slot = rec.slot or ""
     # Only a model that routed is a label: anything a client typed would be unbounded. A name
