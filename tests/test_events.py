@@ -133,6 +133,18 @@ async def test_a_page_hears_all_its_groups_in_one_delivery_and_others_not() -> N
     assert sorted(e["n"] for e in bob.events) == sorted(["every page", "this process's pages"])
 
 
+async def test_a_decision_is_heard_only_where_a_page_would_hear_it() -> None:
+    # Whether its event is built at all (dispatch.web.live): not when no page would hear it.
+    assert not events.decision_heard(None) and not events.decision_heard("user:ann")
+    ann = Heard()
+    await events.join(ann, staff=False, username="ann")
+    assert events.decision_heard("user:ann")
+    assert not events.decision_heard("user:bob") and not events.decision_heard(None)
+    assert not events.decision_heard("key:ann")  # an API key's name is no page user
+    await events.join(Heard(), staff=True, username="op")
+    assert events.decision_heard(None) and events.decision_heard("user:bob")
+
+
 async def test_a_page_that_left_hears_nothing_more() -> None:
     page, other = Heard(), Heard()
     await events.join(page, staff=True, username="op")

@@ -20,7 +20,7 @@ async def test_the_decision_is_recorded_after_the_answer_is_sent(monkeypatch) ->
     sent: list[str] = []
     seen_when_recorded: list[list[str]] = []
 
-    def output(rec: decisions.DecisionRecord, data: dict[str, object]) -> None:
+    def output(rec: decisions.DecisionRecord) -> None:
         seen_when_recorded.append(list(sent))
 
     monkeypatch.setattr(decisions, "outputs", [output])  # this one alone: no rows, no lines

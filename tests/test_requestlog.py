@@ -113,7 +113,7 @@ def test_a_full_queue_drops_and_counts_never_blocks(transactional_db):
 
     writer = requestlog.Writer(limit=3)  # its thread not started yet: nothing drains it
     t0 = time.perf_counter()
-    offered = [writer.offer(requestlog._row(rec := _record(i), rec.as_dict())) for i in range(10)]
+    offered = [writer.offer(_record(i)) for i in range(10)]
     assert time.perf_counter() - t0 < 0.05  # put_nowait: no waiting for room
     assert offered == [True] * 3 + [False] * 7
     assert writer.dropped == 7
@@ -281,8 +281,7 @@ def test_the_writer_keeps_its_connection_between_batches_and_drops_it_after_a_fa
     writer._insert = spied
     writer.start()
     for i in range(4):
-        rec = _record(i)
-        assert writer.offer(requestlog._row(rec, rec.as_dict()))
+        assert writer.offer(_record(i))
         assert writer.flush(5)
     assert seen[0] is seen[1]  # one connection for both batches
     # The third batch met the broken connection and was written on a fresh one.
@@ -299,7 +298,6 @@ def test_a_flush_cuts_the_gathering_short(transactional_db, monkeypatch):
     monkeypatch.setattr(requestlog, "LINGER_S", 60.0)
     writer = requestlog.Writer()
     writer.start()
-    rec = _record(0)
-    assert writer.offer(requestlog._row(rec, rec.as_dict()))
+    assert writer.offer(_record(0))
     assert writer.flush(5)
     assert RequestLog.objects.filter(request_id__startswith="drop-").count() == 1

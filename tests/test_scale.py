@@ -239,7 +239,7 @@ for i in range(30):
                          slot="agent-hermes", status=200, duration_ms=1.5, at=time.time(),
                          resolution_path="alias:agent-hermes", completion_tokens=i)
     rec.decision = resolve(store.table, "hermes", "chat/completions")
-    requestlog.output(rec, rec.as_dict())
+    requestlog.output(rec)
 assert requestlog.writer.flush(10)
 row = RequestLog.objects.get(request_id="pg-7")
 print(RequestLog.objects.count(), row.completion_tokens, row.candidates[0]["slot"], row.at.tzname(), row.why)

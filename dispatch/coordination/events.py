@@ -146,6 +146,24 @@ def publish_decision(event: dict[str, Any], client: str | None) -> None:
         tell_pages(event, user_group(client.removeprefix("user:")))
 
 
+def decision_heard(client: str | None) -> bool:
+    """Whether a page may hear the decision ``client`` asked for (``publish_decision``'s
+    groups). False only on the in-memory layer with none of them open: then its event need
+    not even be built (issue 23: per request, with no page open, the default)."""
+    if not isinstance(get_channel_layer(), InMemoryChannelLayer):
+        return True
+    hub = _hub
+    if hub is None or not hub.members:  # no page at all: the usual case, one check
+        return False
+    if hub.members.get(STAFF_GROUP):
+        return True
+    return (
+        client is not None
+        and client.startswith("user:")
+        and bool(hub.members.get(user_group(client.removeprefix("user:"))))
+    )
+
+
 def _unheard(group: str) -> bool:
     """Whether nobody anywhere can hear ``group``: the in-memory layer is this process's
     alone, so a group with no member here has none at all (the embedded default, no page

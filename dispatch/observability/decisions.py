@@ -5,6 +5,11 @@ decision's listeners (the live feed, ``dispatch.web.live``, which tells the page
 on) the Prometheus metrics and the request log. Every output runs on the
 event loop after the request's work is done, must be cheap (anything slow is queued to a
 thread of its own) and must never fail the request: one that raises is logged and skipped.
+
+Each output is handed the record alone and builds what it needs from it: the decision as the
+log line and the pages carry it (``DecisionRecord.data``) is built only when one of them is
+there to take it, not for every request (issue 23: under the default WARNING level with no
+page open, nobody is).
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ class DecisionRecord:
     answer: bytes | None = None
     # perf_counter() when the request arrived: every *_ms above is measured from it.
     started: float = field(default_factory=time.perf_counter, repr=False)
+    # ``data()`` once built: the log line and the live event share it.
+    _data: dict[str, object] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def arrived(cls, request_id: str, endpoint: str) -> DecisionRecord:
@@ -165,6 +172,19 @@ class DecisionRecord:
             "why": self.why_dict(),
         }
 
+    def data(self) -> dict[str, object]:
+        """The decision as the log line and the live event carry it (``as_dict``, its model
+        name made encodable); built when first asked, after the request was recorded."""
+        data = self._data
+        if data is None:
+            data = self._data = self.as_dict()
+            if self.model is not None and not self.model.isascii():
+                # A lone surrogate (accepted: lib.json_reader) cannot be encoded as UTF-8,
+                # which a log line, a channel-layer message and a database row all need: keep
+                # it as its escape.
+                data["model"] = self.model.encode("utf-8", "backslashreplace").decode()
+        return data
+
 
 # Explanations by everything they depend on. Under load most requests repeat a few cases (the
 # same model, on the same table, at the same load): those cost a dictionary lookup, not a new
@@ -217,17 +237,17 @@ def _explained(rec: DecisionRecord) -> tuple[Explanation, dict[str, object]]:
     return found
 
 
-Output = Callable[[DecisionRecord, dict[str, object]], None]
+Output = Callable[[DecisionRecord], None]
 
 
-def log_output(rec: DecisionRecord, data: dict[str, object]) -> None:
+def log_output(rec: DecisionRecord) -> None:
     if log.isEnabledFor(logging.INFO):
-        log.info(dumps(data).decode())
+        log.info(dumps(rec.data()).decode())
 
 
 # Whoever else hears of each decision: the live feed subscribes here (``dispatch.web.live``),
 # so this module knows nothing of pages.
-recorded: Listeners[[DecisionRecord, dict[str, object]]] = Listeners("the decisions")
+recorded: Listeners[[DecisionRecord]] = Listeners("the decisions")
 
 
 # The output the live feed hears decisions through: ``recorded``'s listeners, told directly
@@ -274,13 +294,8 @@ def _flush() -> None:
 
 
 def _output(rec: DecisionRecord) -> None:
-    data = rec.as_dict()
-    if rec.model is not None and not rec.model.isascii():
-        # A lone surrogate (accepted: lib.json_reader) cannot be encoded as UTF-8, which a log
-        # line, a channel-layer message and a database row all need: keep it as its escape.
-        data["model"] = rec.model.encode("utf-8", "backslashreplace").decode()
     for output in outputs:
         try:
-            output(rec, data)
+            output(rec)
         except Exception:  # an output's bug must not turn a served request into a 500
             log.exception("decision output %s failed", getattr(output, "__name__", output))

@@ -195,19 +195,21 @@ class _PerRequest:
         self.added = [0.0] * (len(_FAST) + 2)
 
 
-# (endpoint, slot, model, status, resolution kind) -> what those requests added
-_per_request: dict[Labels, _PerRequest] = {}
+# (endpoint, slot, model, status, resolution path) as the record holds them -> what those
+# requests added. The labels (the status as text, the path's kind, "" for None) are made from
+# the key when scraped, not per request; keys that make the same labels are summed then.
+_Key = tuple[str, str | None, str | None, int, str | None]
+_per_request: dict[_Key, _PerRequest] = {}
 
 
-def output(rec: DecisionRecord, data: dict[str, object]) -> None:
+def output(rec: DecisionRecord) -> None:
     """The decision output (see ``decisions.outputs``; there only with HAL0_METRICS)."""
-    slot = rec.slot or ""
     # Only a model that routed is a label: anything a client typed would be unbounded. A name
     # an alias pattern routed is still anything a client typed: the pattern is the label.
+    # (A routed path comes from the table, as the slot and the model: as bounded as they.)
     decision = rec.decision
-    model = (decision.pattern or rec.model or "") if isinstance(decision, Decision) else ""
-    path = rec.resolution_path
-    key = (rec.endpoint, slot, model, str(rec.status), path.split(":", 1)[0] if path else "none")
+    model = (decision.pattern or rec.model) if isinstance(decision, Decision) else None
+    key: _Key = (rec.endpoint, rec.slot, model, rec.status, rec.resolution_path)
     stats = _per_request.get(key)
     if stats is None:
         stats = _per_request[key] = _PerRequest()
@@ -238,8 +240,10 @@ def _project() -> None:
     """Fold the per-request stats into the families' own label sets (at scrape time)."""
     for metric in (REQUESTS, DURATION, TTFB, TTFT, ADDED, TOKENS):
         metric.values.clear()
-    for (endpoint, slot, model, status, kind), stats in list(_per_request.items()):
-        REQUESTS.values[(endpoint, slot, model, status, kind)] = float(stats.count)
+    for (endpoint, slot_, model_, status, path), stats in list(_per_request.items()):
+        slot, model = slot_ or "", model_ or ""
+        kind = path.split(":", 1)[0] if path else "none"
+        REQUESTS.inc((endpoint, slot, model, str(status), kind), float(stats.count))
         for hist, row in ((DURATION, stats.duration), (TTFB, stats.ttfb), (TTFT, stats.ttft)):
             if row[-1] or any(row[:-1]):
                 hist.add((endpoint, slot), row)

@@ -1,9 +1,11 @@
 """The request log: one database row per /v1 request, written off the request path.
 
-The decision output only turns the record into a tuple of plain values and offers it to a
-bounded queue (``put_nowait``): a full queue drops the row and counts it, it never makes a
-request wait. One thread takes what is queued and writes it with one ``executemany`` in
-batches, so a burst of a thousand requests is a handful of INSERTs, not a thousand.
+The decision output only offers the record to a bounded queue (``put_nowait``): a full queue
+drops the row and counts it, it never makes a request wait. One thread takes what is queued,
+turns each record into its row (the loop does not: issue 23, only the log needs the row) and
+writes them with one ``executemany`` in batches, so a burst of a thousand requests is a
+handful of INSERTs, not a thousand. A record is not changed once recorded, so the writer
+reads it as the request left it.
 
 Rows leave the queue only once they are written. While the database is away (a restart, an
 outage) the writer keeps them and tries again, backing off, so they wait in the queue in their
@@ -47,8 +49,9 @@ def _utf8(text: str) -> str:
     return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
-def _row(rec: DecisionRecord, data: dict[str, Any]) -> Row:
-    why = data.get("why") or {}
+def _row(rec: DecisionRecord) -> Row:
+    """The record as its database row (in the writer's thread)."""
+    why: dict[str, Any] = rec.why_dict() or {}
     body = rec.body.decode("utf-8", "replace") if rec.body is not None else ""
     answer = rec.answer.decode("utf-8", "replace") if rec.answer is not None else ""
     return (
@@ -111,7 +114,7 @@ class Writer:
 
     def __init__(self, limit: int | None = None) -> None:
         self._limit = limit
-        self._rows: deque[Row] = deque()
+        self._rows: deque[DecisionRecord] = deque()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
@@ -125,8 +128,8 @@ class Writer:
         self._dropped_before = 0  # ``dropped`` at the last write before they began to fail
         self._quiet_until = 0.0
 
-    def offer(self, row: Row) -> bool:
-        """Queue ``row`` for writing; False (and counted) when the queue is full."""
+    def offer(self, rec: DecisionRecord) -> bool:
+        """Queue ``rec``'s row for writing; False (and counted) when the queue is full."""
         limit = self._limit
         if limit is None:
             limit = self._limit = settings.HAL0_LOG_QUEUE_SIZE
@@ -135,7 +138,7 @@ class Writer:
             self.dropped += 1
             return False
         was_empty = not rows
-        rows.append(row)
+        rows.append(rec)
         self.offered += 1
         if was_empty:
             self._wake.set()  # once per batch, not per row
@@ -184,9 +187,10 @@ class Writer:
         """Write the queue's first ``n`` rows and take them out. Returns the error when the
         database is away (the rows stay queued), None when they are written or refused."""
         rows = self._rows
-        batch = [rows[i] for i in range(n)]  # a copy: rows leave the queue once written
         try:
-            self._write(batch)
+            # Built again when tried again after an outage: once per try, not per request. (A
+            # record whose row cannot be built is found and lost alone, as a refused one.)
+            self._write([_row(rows[i]) for i in range(n)])  # rows leave the queue once written
         except Exception as exc:
             if _away(exc):
                 return exc
@@ -201,7 +205,7 @@ class Writer:
         rows = self._rows
         for _ in range(n):
             try:
-                self._write([rows[0]])
+                self._write([_row(rows[0])])
             except Exception as exc:
                 if _away(exc):
                     return exc
@@ -348,9 +352,9 @@ def _away(exc: BaseException) -> bool:
 writer = Writer()
 
 
-def output(rec: DecisionRecord, data: dict[str, object]) -> None:
+def output(rec: DecisionRecord) -> None:
     """The decision output (see ``decisions.outputs``; there only with HAL0_REQUEST_LOG)."""
-    if writer.offer(_row(rec, data)) and writer._thread is None:
+    if writer.offer(rec) and writer._thread is None:
         writer.start()
 
 

@@ -245,9 +245,11 @@ def _ejection_changed(name: str) -> None:
         events.tell_own_pages(event)
 
 
-def _decided(rec: DecisionRecord, data: dict[str, object]) -> None:
-    # Who asked decides who hears it: staff see every decision, a page user their own.
-    events.publish_decision(decision_event(data), rec.client)
+def _decided(rec: DecisionRecord) -> None:
+    # Who asked decides who hears it: staff see every decision, a page user their own. With
+    # none of them listening the event is not built at all.
+    if events.decision_heard(rec.client):
+        events.publish_decision(decision_event(rec.data()), rec.client)
 
 
 def _freshness_changed(freshness: Mapping[str, object]) -> None:
