@@ -152,3 +152,12 @@ def test_the_handler_makes_api_requests() -> None:
     handler = BareASGIHandler()
     request, _ = handler.create_request(_scope([(b"host", b"localhost")]), io.BytesIO(b"{}"))
     assert isinstance(request, ApiRequest)
+
+
+def test_headers_are_read_by_any_spelling_as_djangos() -> None:
+    scope = _scope([(b"x-title", b"a"), (b"content-type", b"text/plain")])
+    django_request, ours = _both(scope)
+    for name in ("X-Title", "x-title", "X_TITLE", "Content-Type", "content_type", "missing"):
+        assert ours.headers.get(name) == django_request.headers.get(name)
+        assert ours.headers.get(name, "none") == django_request.headers.get(name, "none")
+        assert (name in ours.headers) == (name in django_request.headers)

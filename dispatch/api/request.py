@@ -42,6 +42,15 @@ class ScopeHeaders(HttpHeaders):
         # its constructor would check and copy each pair once more.
         self._store = store
 
+    def get(self, key: str, default: Any = None) -> Any:
+        # One lookup, not the Mapping's three frames (get, HttpHeaders' and the mapping's
+        # __getitem__): a request reads its headers this way a dozen times.
+        found = self._store.get(key.replace("_", "-").lower())
+        return default if found is None else found[1]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.replace("_", "-").lower() in self._store
+
     def items(self) -> Any:
         # The (name, value) pairs as kept: the Mapping's own items() looks each name up
         # again (a lower-casing and two lookups per header, on every request's forwarding).
