@@ -258,11 +258,11 @@ async def feed_check(proc: Proc, cookie: str) -> FeedCheck:
                     )
                     async with post as resp:
                         await resp.read()
-                while True:
-                    event = orjson.loads(await ws.recv())
-                    heard.append(str(event.get("type")))
-                    if event.get("type") == "dispatch.decision":
-                        break
+                while "dispatch.decision" not in heard:
+                    # The page hears its events in batches, one frame per tick (dispatch/web/live.py).
+                    frame = orjson.loads(await ws.recv())
+                    batch = frame.get("events", []) if frame.get("type") == "batch" else [frame]
+                    heard.extend(str(event.get("type")) for event in batch)
     except Exception as exc:  # whatever went wrong is the finding: report it as is
         return FeedCheck(
             False,
