@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from django.conf import settings
@@ -222,10 +222,24 @@ async def _ended(fwd: Forwarded, rec: DecisionRecord) -> None:
     rec.ended()
 
 
-def _relayed(
-    body: AsyncIterator[bytes], fwd: Forwarded, rec: DecisionRecord
-) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(body, status=fwd.response.status_code)
+class _Relayed(StreamingHttpResponse):
+    """A stream of the relay's own parts, given out as they are: they are bytes already, and
+    Django's ``streaming_content`` would wrap them in one more async generator (and a
+    ``make_bytes`` call) on every chunk."""
+
+    @property
+    def streaming_content(self) -> Iterator[bytes] | AsyncIterator[bytes]:
+        if self.is_async:
+            return self._iterator  # type: ignore[attr-defined]
+        return super().streaming_content
+
+    @streaming_content.setter
+    def streaming_content(self, value: Iterable[object] | AsyncIterable[object]) -> None:
+        self._set_streaming_content(value)  # type: ignore[attr-defined]
+
+
+def _relayed(body: AsyncIterator[bytes], fwd: Forwarded, rec: DecisionRecord) -> _Relayed:
+    response = _Relayed(body, status=fwd.response.status_code)
     for key, value in fwd.response.headers():
         response[key] = value
     response["X-Accel-Buffering"] = "no"  # nginx must not hold it back
@@ -263,15 +277,21 @@ class _Watch:
     stream sit between two events?), the chunk with the token counts, what is logged."""
 
     def __init__(self, rec: DecisionRecord, protocol: WireProtocol, plain: bool) -> None:
-        self.tail = b""
+        self.last = b""  # the last chunk, or (after one under 4 bytes) the stream's last bytes
         self.usage: bytes | None = None
         # HAL0_LOG_BODIES: what the client was sent, up to the cap (rec.body is set only then).
         self.room = settings.HAL0_LOG_BODY_MAX_BYTES if rec.body is not None else 0
         self.kept: list[bytes] | None = [] if self.room else None
         self.marker = protocol.usage_marker if plain else None
 
+    @property
+    def tail(self) -> bytes:
+        """The stream's last 4 bytes so far."""
+        return self.last[-4:]
+
     def saw(self, chunk: bytes) -> None:
-        self.tail = (self.tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
+        # The chunk itself, not its end cut out: a new bytes object on every chunk otherwise.
+        self.last = chunk if len(chunk) >= 4 else self.last[-4:] + chunk
         if self.marker is not None and self.marker in chunk:
             self.usage = chunk  # the last one wins: OpenAI sends usage in the final chunk
         if self.kept is not None and self.room > 0:
@@ -444,7 +464,7 @@ def waiting_stream(
         async for chunk in _stream_body(fwd, rec, protocol, records_response):
             yield chunk
 
-    response = StreamingHttpResponse(body(), status=200, content_type=protocol.framing.content_type)
+    response = _Relayed(body(), status=200, content_type=protocol.framing.content_type)
     response["X-Accel-Buffering"] = "no"
     response["Cache-Control"] = "no-cache"
     visible(response, rec)

@@ -28,21 +28,32 @@ URL_TEXT = "hal0.url"
 
 
 class _AiohttpStream(httpx.AsyncByteStream):
-    """An aiohttp response body as httpx sees it: each read as it arrived, never re-chunked."""
+    """An aiohttp response body as httpx sees it: each read as it arrived, never re-chunked.
+
+    Its own iterator, each ``__anext__`` one ``readany()``: an async generator over
+    ``iter_any()`` put two more layers (a generator and aiohttp's iterator) on every chunk
+    of a stream.
+    """
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
+        self._readany = response.content.readany
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
         try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
+            chunk = await self._readany()
         except aiohttp.ServerTimeoutError as exc:
             self._response.close()  # a connection that failed mid-body is not reusable
             raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             self._response.close()
             raise httpx.ReadError(_cut_reason(exc)) from exc
+        if not chunk:  # readany's word for the end of the body
+            raise StopAsyncIteration
+        return chunk
 
     async def aclose(self) -> None:
         # A body read to its end returns the connection to the pool; one abandoned half way
