@@ -57,3 +57,20 @@ async def test_the_decision_is_recorded_after_the_answer_is_sent(monkeypatch) ->
     assert seen_when_recorded == []  # not yet: the loop's next turn
     await asyncio.sleep(0)  # one turn of the loop
     assert seen_when_recorded == [["http.response.start", "http.response.body"]]
+
+
+def test_a_recorded_decision_keeps_no_log_form(monkeypatch, caplog) -> None:
+    """The log line's and the page's form of a decision is built for them and let go after:
+    a record queued for the request log (thousands while the database is away) holds only
+    its own fields."""
+    taken: list[dict[str, object]] = []
+    monkeypatch.setattr(
+        decisions, "outputs", [decisions.log_output, lambda rec: taken.append(rec.data())]
+    )
+    rec = decisions.DecisionRecord.arrived("r1", "chat/completions")
+    rec.model = "m"
+    with caplog.at_level("INFO", logger=decisions.log.name):
+        decisions._output(rec)
+    assert taken and taken[0]["request_id"] == "r1"
+    assert any('"request_id":"r1"' in r.getMessage() for r in caplog.records)
+    assert rec._data is None

@@ -299,3 +299,6 @@ def _output(rec: DecisionRecord) -> None:
             output(rec)
         except Exception:  # an output's bug must not turn a served request into a 500
             log.exception("decision output %s failed", getattr(output, "__name__", output))
+    # The log line's and the page's form is theirs alone: a record queued for the request log
+    # (thousands of them while the database is away) does not keep it.
+    rec._data = None
