@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,15 @@ def fresh_runtime() -> Iterator[None]:
     runtime.reset()
     yield
     runtime.reset("transport")  # a test's mock transport is not left in the pool's place
+
+
+@pytest.fixture(autouse=True)
+def redis_left_clean() -> Iterator[None]:
+    """A test that took a Redis database (tests/processes.py) leaves it empty."""
+    yield
+    processes = sys.modules.get("tests.processes")
+    if processes is not None:
+        processes.empty_used_redis_dbs()
 
 
 @pytest.fixture

@@ -29,7 +29,29 @@ def redis_url_or_skip() -> str:
     except OSError as exc:
         pytest.skip(f"Redis is not reachable at {REDIS_HOST[0]}:{REDIS_HOST[1]}: {exc}")
     pytest.importorskip("channels_redis", reason="channels-redis is not installed (scale extra)")
-    return f"redis://{REDIS_HOST[0]}:{REDIS_HOST[1]}/{random.randint(1, 15)}"
+    db = random.randint(1, 15)
+    USED_REDIS_DBS.add(db)
+    return f"redis://{REDIS_HOST[0]}:{REDIS_HOST[1]}/{db}"
+
+
+# The Redis databases this test took (redis_url_or_skip): emptied once it ends
+# (tests/conftest.py), so no group, response id or lock of one test's processes outlives
+# it to meet a later test that draws the same database.
+USED_REDIS_DBS: set[int] = set()
+
+
+def empty_used_redis_dbs() -> None:
+    import redis
+
+    while USED_REDIS_DBS:
+        db = USED_REDIS_DBS.pop()
+        client = redis.Redis(host=REDIS_HOST[0], port=REDIS_HOST[1], db=db, socket_timeout=5)
+        try:
+            client.flushdb()
+        except redis.RedisError:
+            pass  # Redis went away with the test (an outage test's own server is elsewhere)
+        finally:
+            client.close()
 
 
 def server_env(data_dir: Path, **extra: str) -> dict[str, str]:
