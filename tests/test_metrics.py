@@ -326,3 +326,22 @@ def test_a_key_in_x_api_key_reads_metrics_through_the_apis_own_check(seed_slots,
     row.save()
     gone = httpx.get(hal0.url + "/metrics", headers={"x-api-key": old})
     assert gone.status_code == 401 and gone.json()["error"]["code"] == "expired_api_key"
+
+
+def test_paths_of_one_kind_are_one_series_and_add_up(monkeypatch) -> None:
+    """Requests are kept by their whole resolution path and labelled by its kind when
+    scraped (issue 23: no label text per request): two failovers to one slot from different
+    slots are one `resolution="failover"` series counting both."""
+    from prometheus_client import generate_latest
+
+    from dispatch.observability import metrics
+    from dispatch.observability.decisions import DecisionRecord
+
+    monkeypatch.setattr(metrics, "_per_request", {})
+    for path in ("failover:x->a", "failover:y->a", "failover:y->a"):
+        rec = DecisionRecord.arrived("r", "chat/completions")
+        rec.slot, rec.status, rec.resolution_path = "a", 200, path
+        metrics.output(rec)
+    samples = scrape(generate_latest(metrics.registry).decode())
+    labels = {"endpoint": "chat/completions", "slot": "a", "model": "", "status": "200"}
+    assert value(samples, "hal0_requests_total", resolution="failover", **labels) == 3
