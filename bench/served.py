@@ -11,7 +11,9 @@ What runs on a clock whatever the load (Uvicorn's tick, the follower's version c
 watcher) is measured over an idle window first and taken out by the window's length.
 
 The minimal Starlette + aiohttp proxy (bench/minimal.py) is measured the same way, under
-the same Uvicorn command line: hal0web's figures are set against it.
+the same Uvicorn command line: hal0web's figures are set against it. So is the floor under
+it (``floor``, bench/bare_proxy.py: the same proxy as a raw ASGI app, Uvicorn and aiohttp
+alone): what any proxy on this stack pays before doing anything of its own.
 
 Cases: ``chat`` (non-streaming), ``stream32`` (32 events, each its own read), ``404`` (a
 model no slot serves: answered by hal0web itself), ``key`` (chat with an API key, keys
@@ -75,6 +77,7 @@ CASES = {
 
 # Which server configuration each case runs in (one server start per configuration).
 CONFIGS: dict[str, tuple[str, ...]] = {
+    "floor": ("chat", "stream32"),
     "minimal": ("chat", "stream32"),
     "hal0web": ("chat", "stream32", "404"),
     "hal0web+logged": ("logged",),
@@ -82,6 +85,11 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     # Last: once a key exists in the workspace's database, every later copy requires keys.
     "hal0web+key": ("key",),
 }
+
+# The servers hal0web is held against, by configuration: the minimal Starlette + aiohttp
+# proxy (the yardstick), and the floor under it, the same proxy as a raw ASGI app
+# (Uvicorn and aiohttp alone).
+YARDSTICKS = {"floor": "bench.bare_proxy:app", "minimal": "bench.minimal:app"}
 
 
 @dataclass
@@ -240,7 +248,7 @@ def _measure(
 
 def _server(ws: Workspace, config: str, tree: Path, fake: Proc, out: Path) -> Proc:
     port = free_port()
-    app = "bench.minimal:app" if config == "minimal" else "hal0web.asgi:application"
+    app = YARDSTICKS.get(config, "hal0web.asgi:application")
     valgrind = [
         "valgrind",
         "--tool=callgrind",
@@ -256,7 +264,7 @@ def _server(ws: Workspace, config: str, tree: Path, fake: Proc, out: Path) -> Pr
         BENCH_UPSTREAM=fake.base + "/v1",
         HAL0_WATCHER="false",  # no probes: the slot stays as set up, ready
     )
-    if config == "minimal":
+    if config in YARDSTICKS:
         proc.database = None
     if config == "hal0web+key":
         proc.extra_env["HAL0_API_AUTH"] = "required"
@@ -301,7 +309,7 @@ def measure(tree: Path = ROOT, configs: tuple[str, ...] = tuple(CONFIGS)) -> dic
             with tempfile.TemporaryDirectory(prefix="hal0-cg-") as tmp:
                 out = Path(tmp)
                 proc = _server(ws, config, tree, fake, out)
-                if config == "minimal":
+                if config in YARDSTICKS:
                     proc.ready_path = "/nothing-here"
                 proc.start()
                 try:
@@ -325,7 +333,7 @@ def _wait(proc: Proc, timeout: float = 300.0) -> None:
             break
         try:
             conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
-            conn.request("GET", "/v1/models" if proc.name != "minimal" else "/")
+            conn.request("GET", "/" if proc.name in YARDSTICKS else "/v1/models")
             conn.getresponse().read()
             conn.close()
             return

@@ -236,3 +236,37 @@ async def test_a_lockstep_stream_waits_for_each_acknowledgement() -> None:
         assert after_ack.count(b"data:") == 1
         body = await asyncio.to_thread(whole)
         assert body.count(b"data:") == 4 and body.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("module", ["bench.minimal", "bench.bare_proxy"])
+async def test_the_yardsticks_relay_what_the_upstream_answers(
+    module: str, fake_base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/served.py holds hal0web against these: each must be a real proxy, answering
+    the fake's own bytes for a chat and every event of a stream."""
+    import importlib
+
+    import httpx
+
+    yardstick = importlib.import_module(module)
+    monkeypatch.setattr(yardstick, "UPSTREAM", fake_base + "/v1")
+    monkeypatch.setattr(yardstick, "_session", None)  # one of an earlier test's loop
+    chat = b'{"model":"bench-model","messages":[]}'
+    async with httpx.AsyncClient(base_url=fake_base) as direct:
+        expected = (await direct.post("/v1/chat/completions", content=chat)).content
+    transport = httpx.ASGITransport(app=yardstick.app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+            answer = await client.post("/v1/chat/completions", content=chat)
+            assert answer.status_code == 200
+            assert answer.content == expected
+            assert answer.headers["content-type"] == "application/json"
+            stream = await client.post(
+                "/v1/chat/completions", content=chat, headers={"X-Bench-Chunks": "4"}
+            )
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            assert stream.content.count(b"data:") == 4
+            missing = await client.get("/elsewhere")
+            assert missing.status_code in (404, 405)
+    finally:
+        await yardstick._session.close()
