@@ -129,8 +129,12 @@ class BareASGIHandler(ASGIHandler):
         try:
             response = await self._respond(scope, body_file)
             # What SecurityMiddleware adds to every other answer, and /v1 has no middleware:
-            # a browser must never sniff an error's text or a stream as HTML to run.
-            response.headers.setdefault("X-Content-Type-Options", "nosniff")
+            # a browser must never sniff an error's text or a stream as HTML to run. (Into
+            # the store send_response reads, as ResponseHeaders keeps it: its setdefault
+            # looks the name up by raising KeyError, then checks both strings again.)
+            response.headers._store.setdefault(
+                "x-content-type-options", ("X-Content-Type-Options", "nosniff")
+            )
             await self.send_response(response, send)
         except asyncio.CancelledError:
             if not aborted:
@@ -187,12 +191,12 @@ class BareASGIHandler(ASGIHandler):
             return
         # The (name, value) pairs as ResponseHeaders keeps them (its private store, stable
         # since Django 3.2): the Mapping's items() would look every name up again.
-        headers = [
-            (name.encode("ascii"), value.encode("latin-1"))
-            for name, value in response.headers._store.values()
-        ]
-        for cookie in response.cookies.values():
-            headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
+        store = response.headers._store
+        # (Names are ASCII, checked as they were set: UTF-8 encodes them the same, faster.)
+        headers = [(name.encode(), value.encode("latin-1")) for name, value in store.values()]
+        if response.cookies:
+            for cookie in response.cookies.values():
+                headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
         await send(
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
