@@ -1,8 +1,11 @@
 """How a /v1 answer is built and sent (issue 23): ``Answer`` and the relay's streams are
-Django responses made for less, whose headers say what Django's would."""
+Django responses made for less, whose headers say what Django's would; a whole body goes
+out with its Content-Length, not chunked."""
 
 from __future__ import annotations
 
+import http.client
+import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -119,6 +122,31 @@ async def _sent(response: Any) -> tuple[int, dict[bytes, list[bytes]], bytes]:
     return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
 
 
+@pytest.mark.parametrize("make", [Answer, HttpResponse])
+async def test_a_whole_body_says_its_length(make: Any) -> None:
+    status, headers, body = await _sent(make(b'{"ok":true}'))
+    assert status == 200 and body == b'{"ok":true}'
+    assert headers[b"content-length"] == [b"11"]
+
+
+async def test_an_empty_body_says_length_zero() -> None:
+    _, headers, _ = await _sent(Answer(b"", 200))
+    assert headers[b"content-length"] == [b"0"]
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_no_length_where_there_is_no_body_to_say(status: int) -> None:
+    _, headers, body = await _sent(HttpResponse(status=status))
+    assert b"content-length" not in headers and body == b""
+
+
+async def test_a_length_already_said_is_not_said_twice() -> None:
+    response = HttpResponse(b"abc")
+    response["Content-Length"] = "3"
+    _, headers, _ = await _sent(response)
+    assert headers[b"content-length"] == [b"3"]
+
+
 async def test_a_stream_says_no_length() -> None:
     async def parts() -> AsyncIterator[bytes]:
         yield b"data: 1\n\n"
@@ -132,3 +160,59 @@ async def test_cookies_still_go_out() -> None:
     response.set_cookie("k", "v")
     _, headers, _ = await _sent(response)
     assert headers[b"set-cookie"] == [b"k=v; Path=/"]
+
+
+# --- over HTTP: hal0web under Uvicorn, a fake upstream behind -----------------------------
+
+CHAT = {"model": "hermes", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _exchange(
+    url: str, method: str, path: str, body: dict[str, Any] | None = None
+) -> tuple[http.client.HTTPResponse, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {} if body is None else {"Content-Type": "application/json"}
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        return response, response.read()
+    finally:
+        conn.close()
+
+
+def _framed_by_length(response: http.client.HTTPResponse, body: bytes) -> None:
+    assert response.getheader("Transfer-Encoding") is None
+    assert response.getheader("Content-Length") == str(len(body))
+    assert len(response.headers.get_all("Content-Length") or []) == 1
+
+
+def test_a_proxied_answer_goes_out_with_its_length(seed_slots: Any, hal0: Any) -> None:
+    response, body = _exchange(hal0.url, "POST", "/v1/chat/completions", CHAT)
+    assert response.status == 200 and json.loads(body)["object"] == "chat.completion"
+    _framed_by_length(response, body)
+    assert response.getheader("X-Hal0-Slot") == "agent-hermes"
+    assert response.getheader("X-Content-Type-Options") == "nosniff"
+
+
+def test_an_answer_of_hal0webs_own_goes_out_with_its_length(seed_slots: Any, hal0: Any) -> None:
+    response, body = _exchange(hal0.url, "POST", "/v1/chat/completions", {**CHAT, "model": "x"})
+    assert response.status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+    _framed_by_length(response, body)
+    assert response.getheader("X-Hal0-Error") == "1"
+
+
+def test_head_says_the_length_get_would_have(seed_slots: Any, hal0: Any) -> None:
+    got, got_body = _exchange(hal0.url, "GET", "/v1/chat/completions")
+    head, head_body = _exchange(hal0.url, "HEAD", "/v1/chat/completions")
+    assert got.status == head.status == 405 and got_body and head_body == b""
+    assert head.getheader("Transfer-Encoding") is None
+    assert head.getheader("Content-Length") == str(len(got_body))
+
+
+def test_no_content_says_no_length(seed_slots: Any, hal0: Any) -> None:
+    response, body = _exchange(hal0.url, "OPTIONS", "/v1/chat/completions")
+    assert response.status == 204 and body == b""
+    assert response.getheader("Content-Length") is None
+    assert response.getheader("Transfer-Encoding") is None

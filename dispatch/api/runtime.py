@@ -184,7 +184,7 @@ class BareASGIHandler(ASGIHandler):
     async def send_response(self, response: HttpResponseBase, send: Send) -> None:
         """Django's ``send_response`` without its re-chunking: a stream's parts go out as
         the relay yields them (each an upstream read or a translated event, already bytes),
-        and a whole body in one message."""
+        and a whole body in one message, with its Content-Length."""
         if response.streaming and not response.is_async:  # type: ignore[attr-defined]
             # A stream from a sync iterator (none of the relay's is): Django's own way maps it.
             await super().send_response(response, send)
@@ -197,12 +197,18 @@ class BareASGIHandler(ASGIHandler):
         if response.cookies:
             for cookie in response.cookies.values():
                 headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
+        status = response.status_code
         if not response.streaming:
-            await send({"type": "http.response.body", "body": response.content})  # type: ignore[attr-defined]
+            body = response.content  # type: ignore[attr-defined]
+            # A whole body says its length: without it the server sends it chunked (the
+            # middleware that would add it, CommonMiddleware, is not on /v1). 204 and 304
+            # have none to say, and a 1xx is no answer with a body.
+            if status >= 200 and status not in (204, 304) and "content-length" not in store:
+                headers.append((b"Content-Length", b"%d" % len(body)))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
             return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         async with aclosing(aiter(response.streaming_content)) as parts:  # type: ignore[attr-defined]
             async for part in parts:
                 if part:  # an empty body message would say nothing
