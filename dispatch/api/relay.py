@@ -10,7 +10,7 @@ from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
 from dispatch.api.drain import drain
-from dispatch.api.responses import error_response, visible
+from dispatch.api.responses import Answer, error_response, start, visible
 from dispatch.coordination import stored_responses
 from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
 from dispatch.lib import json_reader
@@ -145,7 +145,7 @@ async def buffered(
         if rid is not None:
             # Before the client has the id: from then on every worker must find it.
             await affinity.remember(rid, fwd.slot.name)
-    response = _with_headers(HttpResponse(content, status=status), fwd)
+    response = _with_headers(Answer(content, status), fwd)
     if fwd.translation is not None:
         response["Content-Type"] = fwd.translation.answer_type
     if not encoded and protocol.usage_marker in content:
@@ -174,7 +174,7 @@ async def upstream_failed(
     own = None if fwd.translation is None else fwd.translation.refused(status, content)
     if own is not None and fwd.translation is not None:
         # The translation does without what the upstream refused (Translation.refused).
-        response = HttpResponse(own, content_type=fwd.translation.answer_type)
+        response: HttpResponse = Answer(own, 200, fwd.translation.answer_type)
         response["X-Hal0-Upstream-Status"] = str(status)
         rec.status = response.status_code
         return _finish(response, rec)
@@ -197,7 +197,7 @@ async def upstream_failed(
         return _finish(response, rec)
     if is_openai_error(data) or (fwd.translation is None and protocol.is_own_error(data)):
         # (An Ollama server's {"error": "..."} on Ollama's own paths too.)
-        response = _with_headers(HttpResponse(content, status=status), fwd)
+        response = _with_headers(Answer(content, status), fwd)
         response["X-Hal0-Upstream-Status"] = str(status)
         rec.error = "upstream_error"
         return _finish(response, rec)
@@ -225,12 +225,22 @@ async def _ended(fwd: Forwarded, rec: DecisionRecord) -> None:
 class _Relayed(StreamingHttpResponse):
     """A stream of the relay's own parts, given out as they are: they are bytes already, and
     Django's ``streaming_content`` would wrap them in one more async generator (and a
-    ``make_bytes`` call) on every chunk."""
+    ``make_bytes`` call) on every chunk. Made as ``Answer`` is (``start``), for less."""
+
+    def __init__(
+        self, body: AsyncIterator[bytes], status: int, content_type: str | None = None
+    ) -> None:
+        start(self, status, content_type)
+        # What StreamingHttpResponse keeps of an async iterator, without first trying it as
+        # a sync one (a TypeError raised and caught on every stream). An async generator
+        # has no close() for the resource closers: aclose() is the handler's (aclosing).
+        self._iterator: Iterator[bytes] | AsyncIterator[bytes] = body
+        self.is_async = True
 
     @property
     def streaming_content(self) -> Iterator[bytes] | AsyncIterator[bytes]:
         if self.is_async:
-            return self._iterator  # type: ignore[attr-defined]
+            return self._iterator
         return super().streaming_content
 
     @streaming_content.setter
@@ -239,7 +249,7 @@ class _Relayed(StreamingHttpResponse):
 
 
 def _relayed(body: AsyncIterator[bytes], fwd: Forwarded, rec: DecisionRecord) -> _Relayed:
-    response = _Relayed(body, status=fwd.response.status_code)
+    response = _Relayed(body, fwd.response.status_code)
     for key, value in fwd.response.headers():
         response[key] = value
     response["X-Accel-Buffering"] = "no"  # nginx must not hold it back
@@ -464,7 +474,7 @@ def waiting_stream(
         async for chunk in _stream_body(fwd, rec, protocol, records_response):
             yield chunk
 
-    response = _Relayed(body(), status=200, content_type=protocol.framing.content_type)
+    response = _Relayed(body(), 200, protocol.framing.content_type)
     response["X-Accel-Buffering"] = "no"
     response["Cache-Control"] = "no-cache"
     visible(response, rec)

@@ -129,8 +129,12 @@ class BareASGIHandler(ASGIHandler):
         try:
             response = await self._respond(scope, body_file)
             # What SecurityMiddleware adds to every other answer, and /v1 has no middleware:
-            # a browser must never sniff an error's text or a stream as HTML to run.
-            response.headers.setdefault("X-Content-Type-Options", "nosniff")
+            # a browser must never sniff an error's text or a stream as HTML to run. (Into
+            # the store send_response reads, as ResponseHeaders keeps it: its setdefault
+            # looks the name up by raising KeyError, then checks both strings again.)
+            response.headers._store.setdefault(
+                "x-content-type-options", ("X-Content-Type-Options", "nosniff")
+            )
             await self.send_response(response, send)
         except asyncio.CancelledError:
             if not aborted:
@@ -180,25 +184,31 @@ class BareASGIHandler(ASGIHandler):
     async def send_response(self, response: HttpResponseBase, send: Send) -> None:
         """Django's ``send_response`` without its re-chunking: a stream's parts go out as
         the relay yields them (each an upstream read or a translated event, already bytes),
-        and a whole body in one message."""
+        and a whole body in one message, with its Content-Length."""
         if response.streaming and not response.is_async:  # type: ignore[attr-defined]
             # A stream from a sync iterator (none of the relay's is): Django's own way maps it.
             await super().send_response(response, send)
             return
         # The (name, value) pairs as ResponseHeaders keeps them (its private store, stable
         # since Django 3.2): the Mapping's items() would look every name up again.
-        headers = [
-            (name.encode("ascii"), value.encode("latin-1"))
-            for name, value in response.headers._store.values()
-        ]
-        for cookie in response.cookies.values():
-            headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
+        store = response.headers._store
+        # (Names are ASCII, checked as they were set: UTF-8 encodes them the same, faster.)
+        headers = [(name.encode(), value.encode("latin-1")) for name, value in store.values()]
+        if response.cookies:
+            for cookie in response.cookies.values():
+                headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
+        status = response.status_code
         if not response.streaming:
-            await send({"type": "http.response.body", "body": response.content})  # type: ignore[attr-defined]
+            body = response.content  # type: ignore[attr-defined]
+            # A whole body says its length: without it the server sends it chunked (the
+            # middleware that would add it, CommonMiddleware, is not on /v1). 204 and 304
+            # have none to say, and a 1xx is no answer with a body.
+            if status >= 200 and status not in (204, 304) and "content-length" not in store:
+                headers.append((b"Content-Length", b"%d" % len(body)))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
             return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         async with aclosing(aiter(response.streaming_content)) as parts:  # type: ignore[attr-defined]
             async for part in parts:
                 if part:  # an empty body message would say nothing
