@@ -72,5 +72,7 @@ class DispatchConfig(AppConfig):
         # Sent by override_settings and pytest-django's `settings` fixture only.
         setting_changed.connect(sync_outputs, dispatch_uid="hal0-sync-outputs")
         from dispatch.api.request import forget_hosts
+        from dispatch.conf import conf
 
         setting_changed.connect(forget_hosts, dispatch_uid="hal0-forget-hosts")
+        setting_changed.connect(conf.forget, dispatch_uid="hal0-forget-settings")

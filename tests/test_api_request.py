@@ -161,3 +161,16 @@ def test_headers_are_read_by_any_spelling_as_djangos() -> None:
         assert ours.headers.get(name) == django_request.headers.get(name)
         assert ours.headers.get(name, "none") == django_request.headers.get(name, "none")
         assert (name in ours.headers) == (name in django_request.headers)
+
+
+@pytest.mark.parametrize("forced", [None, "/forced"])
+def test_the_script_name_is_djangos_with_or_without_force_script_name(forced: str | None) -> None:
+    """The script prefix is read as the request path reads its settings (dispatch.conf):
+    FORCE_SCRIPT_NAME, set after the first request, still wins as it does in Django."""
+    _both(_scope([(b"host", b"localhost")], root="/root"))  # a first request: settings kept
+    with override_settings(FORCE_SCRIPT_NAME=forced, ALLOWED_HOSTS=["localhost"]):
+        django_request, ours = _both(_scope([(b"host", b"localhost")], root="/root"))
+        assert (ours.script_name, ours.path_info) == (
+            django_request.script_name,
+            django_request.path_info,
+        )

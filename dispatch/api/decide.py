@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from django.conf import settings
-
+from dispatch.conf import conf
 from dispatch.coordination.affinity import affinity
 from dispatch.coordination.store import store
 from dispatch.lifecycle.watcher import cold_probe
@@ -28,7 +27,7 @@ async def decide(
     rec.cache_state = "stale" if store.stale else "fresh"
     if response_id is not None:
         return await _follow(table, response_id, model, endpoint, rec, scope)
-    fallback = settings.HAL0_FALLBACK_SLOT
+    fallback = conf.HAL0_FALLBACK_SLOT
     result = resolve(table, model, endpoint, admission.inflight, fallback)
     if isinstance(result, NoRoute) and result.code == "model_not_found" and table.unprobed:
         # Cold start: some slot has not been asked what it serves yet. Ask (once, shared by
@@ -87,7 +86,7 @@ async def _follow(
             404,
             "response_not_found",
             f"No response with id '{rid}' was made through hal0web (or it is older than "
-            f"HAL0_RESPONSE_RETENTION_DAYS = {settings.HAL0_RESPONSE_RETENTION_DAYS:g}).",
+            f"HAL0_RESPONSE_RETENTION_DAYS = {conf.HAL0_RESPONSE_RETENTION_DAYS:g}).",
         )
     decision = pinned(table, slot, model, endpoint, rid)
     if model is None and isinstance(decision, Decision) and not scope.everything:

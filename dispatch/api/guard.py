@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Set
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.cache import patch_vary_headers
 
 from dispatch.api import cors
 from dispatch.api.responses import fail, unavailable
+from dispatch.conf import conf
 from dispatch.coordination.outages import Unavailable
 from dispatch.routing.endpoints import SERVED_TEXT
 from dispatch.wire.errors import ApiError, excerpt
@@ -33,7 +33,7 @@ def serves(
     allow = ", ".join(sorted(served))
 
     async def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        origins = settings.HAL0_CORS_ORIGINS
+        origins = conf.HAL0_CORS_ORIGINS
         origin = request.headers.get("Origin")
         response: HttpResponseBase
         refusal = refused(request, origin, origins)
@@ -107,7 +107,7 @@ async def not_found(
 ) -> HttpResponse:
     """Any path under an API prefix (/v1/, Ollama's /api/) the endpoint table does not hold:
     404 in the protocol of the prefix's clients, listing the paths it does hold."""
-    origin, origins = request.headers.get("Origin"), settings.HAL0_CORS_ORIGINS
+    origin, origins = request.headers.get("Origin"), conf.HAL0_CORS_ORIGINS
     refusal = refused(request, origin, origins)
     if refusal is not None:
         return fail(request, refusal, protocol=protocol)

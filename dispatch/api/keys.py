@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
-from django.conf import settings
 from django.contrib.auth import aget_user
 from django.http import HttpRequest, HttpResponseBase, QueryDict
 from django.middleware.csrf import CsrfViewMiddleware
 
 from dispatch.api.responses import unavailable
+from dispatch.conf import conf
 from dispatch.coordination.keyring import Key, keyring
 from dispatch.coordination.outages import DATABASE, Unavailable
 from dispatch.observability import keyuse
@@ -54,7 +54,7 @@ async def authorize(request: HttpRequest, key_header: str | None = None) -> Call
     anyone else while the API is open. ``key_header`` is another header that may carry the
     key, bare (``x-api-key``, where the ``anthropic`` SDK sends it: see dispatch.routing.endpoints).
     """
-    mode = settings.HAL0_API_AUTH
+    mode = conf.HAL0_API_AUTH
     if mode == "required":
         # Loaded before the key is looked up: a request that comes before the process's
         # first version check (which loads the ring) must not find a valid key unknown.
@@ -131,13 +131,13 @@ async def _session_user(request: HttpRequest, needed: bool = True) -> Any:
     Sessions live in the database. With it away, a caller the session would only name
     (``needed=False``: the API is open) is nobody in particular; one it would admit gets
     503 ``session_unavailable`` (an API key still works: keys are in memory)."""
-    if settings.SESSION_COOKIE_NAME not in request.COOKIES:
+    if conf.SESSION_COOKIE_NAME not in request.COOKIES:
         return None
     if not DATABASE.available():
         DATABASE.missed()
         return _no_session(needed)
-    engine: Any = import_module(settings.SESSION_ENGINE)
-    request.session = engine.SessionStore(request.COOKIES[settings.SESSION_COOKIE_NAME])
+    engine: Any = import_module(conf.SESSION_ENGINE)
+    request.session = engine.SessionStore(request.COOKIES[conf.SESSION_COOKIE_NAME])
     try:
         user = await aget_user(request)
     except DATABASE.errors as exc:

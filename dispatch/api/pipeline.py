@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponseBase
 
@@ -20,6 +19,7 @@ from dispatch.api.guard import View, serves
 from dispatch.api.keys import authorize
 from dispatch.api.request import query_string
 from dispatch.api.responses import error_response, request_id, unavailable, visible
+from dispatch.conf import conf
 from dispatch.coordination.outages import Unavailable
 from dispatch.coordination.store import store
 from dispatch.lifecycle.watcher import suspect
@@ -38,7 +38,7 @@ from dispatch.wire.translators.responses_chat import CONVERSATION, input_items
 
 
 def _read_body(request: HttpRequest) -> bytes:
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    limit = conf.DATA_UPLOAD_MAX_MEMORY_SIZE
     length = request.headers.get("Content-Length")
     if length and length.isdigit() and int(length) > limit:
         raise _too_big()
@@ -52,7 +52,7 @@ def _too_big() -> ApiError:
     return ApiError(
         413,
         "request_too_large",
-        f"The request body is larger than HAL0_MAX_BODY_MB ({settings.HAL0_MAX_BODY_MB:g} MB).",
+        f"The request body is larger than HAL0_MAX_BODY_MB ({conf.HAL0_MAX_BODY_MB:g} MB).",
     )
 
 
@@ -166,8 +166,8 @@ async def _decided(
         if answered is not None:
             return answered
     raw = _read_body(request) if request.method == "POST" else b""
-    if settings.HAL0_LOG_BODIES:
-        rec.body = raw[: settings.HAL0_LOG_BODY_MAX_BYTES]
+    if conf.HAL0_LOG_BODIES:
+        rec.body = raw[: conf.HAL0_LOG_BODY_MAX_BYTES]
     body = _Body(ep, request, raw)
     rec.model = body.model
     table = await store.ensure_loaded()

@@ -6,11 +6,11 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
-from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 
 from dispatch.api.drain import drain
 from dispatch.api.responses import Answer, error_response, start, visible
+from dispatch.conf import conf
 from dispatch.coordination import stored_responses
 from dispatch.coordination.affinity import StreamSniffer, affinity, response_id
 from dispatch.lib import json_reader
@@ -119,7 +119,7 @@ async def buffered(
     """A 2xx JSON answer, read whole and checked before it goes out."""
     status = fwd.response.status_code
     try:
-        content = await fwd.response.read(int(settings.HAL0_MAX_RESPONSE_MB * 2**20))
+        content = await fwd.response.read(int(conf.HAL0_MAX_RESPONSE_MB * 2**20))
     except UpstreamError as exc:
         return _finish(_proxy_error(rec, _read_failed(fwd, exc), status, protocol), rec)
     finally:
@@ -151,7 +151,7 @@ async def buffered(
     if not encoded and protocol.usage_marker in content:
         answer_usage(rec, content, protocol)
     if rec.body is not None:  # HAL0_LOG_BODIES: keep the answer too, capped the same
-        rec.answer = content[: settings.HAL0_LOG_BODY_MAX_BYTES]
+        rec.answer = content[: conf.HAL0_LOG_BODY_MAX_BYTES]
     return _finish(response, rec)
 
 
@@ -290,7 +290,7 @@ class _Watch:
         self.last = b""  # the last chunk, or (after one under 4 bytes) the stream's last bytes
         self.usage: bytes | None = None
         # HAL0_LOG_BODIES: what the client was sent, up to the cap (rec.body is set only then).
-        self.room = settings.HAL0_LOG_BODY_MAX_BYTES if rec.body is not None else 0
+        self.room = conf.HAL0_LOG_BODY_MAX_BYTES if rec.body is not None else 0
         self.kept: list[bytes] | None = [] if self.room else None
         self.marker = protocol.usage_marker if plain else None
 

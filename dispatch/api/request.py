@@ -15,12 +15,13 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from django.conf import settings
-from django.core.handlers.asgi import ASGIRequest, get_script_prefix
+from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, QueryDict
 from django.http.cookie import parse_cookie
 from django.http.request import HttpHeaders, RawPostDataException
 from django.utils.functional import cached_property
+
+from dispatch.conf import conf
 
 
 class ScopeHeaders(HttpHeaders):
@@ -80,7 +81,8 @@ class ApiRequest(ASGIRequest):
         self._read_started = False
         self.resolver_match = None
         self.path = scope["path"]
-        self.script_name = get_script_prefix(scope)
+        # Django's get_script_prefix(scope), its setting read as the request path reads them.
+        self.script_name = conf.FORCE_SCRIPT_NAME or scope.get("root_path", "") or ""
         self.path_info = self.path.removeprefix(self.script_name) if self.script_name else self.path
         self.method = scope["method"].upper()
         query = scope.get("query_string", b"")
@@ -107,7 +109,7 @@ class ApiRequest(ASGIRequest):
     def _get_raw_host(self) -> str:
         # Django's order (X-Forwarded-Host when trusted, then Host), from the headers.
         headers = self.headers
-        if settings.USE_X_FORWARDED_HOST and "X-Forwarded-Host" in headers:
+        if conf.USE_X_FORWARDED_HOST and "X-Forwarded-Host" in headers:
             return str(headers["X-Forwarded-Host"])
         host = headers.get("Host")
         return str(host) if host is not None else str(super()._get_raw_host())  # type: ignore[misc]

@@ -6,10 +6,10 @@ import itertools
 import secrets
 from http.cookies import SimpleCookie
 
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.http.response import ResponseHeaders
 
+from dispatch.conf import conf
 from dispatch.coordination import outages
 from dispatch.coordination.outages import Unavailable
 from dispatch.observability.decisions import DecisionRecord
@@ -65,7 +65,7 @@ def start(response: HttpResponseBase, status: int, content_type: str | None) -> 
     if not 100 <= status <= 599:
         raise ValueError("HTTP status code must be an integer from 100 to 599.")
     headers = Headers()
-    headers["Content-Type"] = content_type or f"text/html; charset={settings.DEFAULT_CHARSET}"
+    headers["Content-Type"] = content_type or f"text/html; charset={conf.DEFAULT_CHARSET}"
     response.__dict__.update(
         headers=headers,
         _charset=None,

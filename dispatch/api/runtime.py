@@ -13,7 +13,6 @@ from contextlib import aclosing
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.core.exceptions import RequestAborted, RequestDataTooBig
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
@@ -22,6 +21,7 @@ from django.urls import set_script_prefix, set_urlconf
 
 from dispatch.api.drain import drain
 from dispatch.api.request import ApiRequest
+from dispatch.conf import conf
 from dispatch.coordination import events, leases, stored_responses
 from dispatch.coordination.affinity import affinity
 from dispatch.coordination.outages import Unavailable
@@ -88,7 +88,7 @@ class BareASGIHandler(ASGIHandler):
         # HAL0_MAX_BODY_MB; Django's spooled temp file would cost more than most bodies.
         # The bound holds while reading, so a chunked upload cannot grow past it either: past
         # it, reading stops and the view, reading the body, answers 413 in its own words.
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        limit = conf.DATA_UPLOAD_MAX_MEMORY_SIZE
         parts: list[bytes] = []
         size = 0
         while True:
@@ -177,7 +177,7 @@ class BareASGIHandler(ASGIHandler):
         # Only Django's URL patterns (and what they answer) may reverse a URL: the script
         # prefix is set for them alone (an asgiref Local write the exact paths never need).
         set_script_prefix(request.script_name)  # type: ignore[attr-defined]
-        set_urlconf(settings.ROOT_URLCONF)
+        set_urlconf(conf.ROOT_URLCONF)
         response = await self._middleware_chain(request)  # type: ignore[misc]
         return response
 
@@ -242,11 +242,11 @@ class Hal0Application:
             # (each request gets the error again, so it cannot half-start).
             leases.claim_embedded()
             self._started = True
-            if settings.REDIS_URL:
+            if conf.REDIS_URL:
                 # Several processes share Redis: max_concurrency holds across all of them.
                 from dispatch.coordination.redis_places import RedisPlaces
 
-                admission.gate = RedisPlaces(settings.REDIS_URL)
+                admission.gate = RedisPlaces(conf.REDIS_URL)
             events.bind_loop(asyncio.get_running_loop())
             try:
                 await store.ensure_loaded()

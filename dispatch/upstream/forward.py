@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
-from django.conf import settings
 
 from dispatch import kinds
+from dispatch.conf import conf
 from dispatch.coordination import spoken
 from dispatch.coordination.store import store
 from dispatch.kinds.urls import upstream_url
@@ -77,7 +77,7 @@ def _current(target: Target) -> SlotEntry | None:
 
 async def _await_ready(target: Target) -> SlotEntry:
     """Wait while the slot is loading; return it once it is not (or raise 503 slot_loading)."""
-    wait = settings.HAL0_SWAP_WAIT_S
+    wait = conf.HAL0_SWAP_WAIT_S
     deadline = asyncio.get_running_loop().time() + wait
     while True:
         # Register for the next change *before* looking, so a change between the look and the
@@ -119,7 +119,7 @@ def _nudge(slot: SlotEntry, on_suspect: Callable[[str, str], None]) -> bool:
     """Ask the in-process watcher to probe a down slot now, at most once a second per slot
     (a burst of requests must not become a burst of probes). True when a probe is now
     under way or was started less than a second ago: a retry in 1 s sees its result."""
-    if not settings.HAL0_WATCHER or slot.state not in states.PROBED_DOWN:
+    if not conf.HAL0_WATCHER or slot.state not in states.PROBED_DOWN:
         # Probed elsewhere (`manage.py watch`) or by nobody (draining is the operator's).
         return False
     now = asyncio.get_running_loop().time()
@@ -160,7 +160,7 @@ def _unavailable(slot: SlotEntry, probing: bool) -> ApiError:
         503,
         "slot_unavailable",
         f"Slot '{slot.name}' is {slot.state}{detail}",
-        headers=_retry_after(1 if probing else settings.HAL0_PROBE_INTERVAL_S),
+        headers=_retry_after(1 if probing else conf.HAL0_PROBE_INTERVAL_S),
     )
 
 
@@ -233,7 +233,7 @@ class _Attempts:
     ) -> UpstreamResponse | None:
         """The slot's response (its place on the slot taken); None when it could not be
         reached and the next target may be tried."""
-        if not await admission.acquire(slot.name, slot.max_concurrency, settings.HAL0_QUEUE_WAIT_S):
+        if not await admission.acquire(slot.name, slot.max_concurrency, conf.HAL0_QUEUE_WAIT_S):
             outliers.abandoned(slot.name)
             raise _busy(slot)
         try:
@@ -241,7 +241,7 @@ class _Attempts:
         except UpstreamError as exc:
             admission.release(slot.name)
             if slot.state == states.READY and exc.connected:
-                outliers.failed(slot, exc.message, settings.HAL0_OUTLIER_BACKOFF_S)
+                outliers.failed(slot, exc.message, conf.HAL0_OUTLIER_BACKOFF_S)
             else:
                 # Down as its probes say, or no connection made (a refused port: a server
                 # that is not there fails its probe too): the watcher's to tell, poked now.
@@ -279,7 +279,7 @@ class _Attempts:
             "slot_unavailable",
             f"Slot '{slot.name}' answered {status} and no other slot could serve.",
             # on_suspect above has the watcher probing it now.
-            headers=_retry_after(1 if settings.HAL0_WATCHER else settings.HAL0_PROBE_INTERVAL_S),
+            headers=_retry_after(1 if conf.HAL0_WATCHER else conf.HAL0_PROBE_INTERVAL_S),
         )
         return True
 
@@ -349,7 +349,7 @@ def _busy(slot: SlotEntry) -> ApiError:
         429,
         "slot_busy",
         f"Slot '{slot.name}' is at its limit of {slot.max_concurrency} concurrent requests.",
-        headers=_retry_after(settings.HAL0_QUEUE_WAIT_S or 1),
+        headers=_retry_after(conf.HAL0_QUEUE_WAIT_S or 1),
     )
 
 
