@@ -18,6 +18,7 @@ sets Uvicorn against Granian, hal0web against the minimal proxy (bench/servers.p
 ``python -m bench crowds`` hundreds of open pages against the /v1 path (bench/crowds.py).
 ``python -m bench served`` counts instructions per request of the whole server process
 against the minimal Starlette + aiohttp proxy (bench/served.py), and ``python -m bench
+objects`` what Django's request and response cost one /v1 request (bench/objects.py), ``python -m bench
 breakdown`` says which part of a request takes what share of its time (bench/breakdown.py).
 ``python -m bench probes`` measures writing the watcher's first round over 200 slots of 20
 models, one result at a time against batched, on SQLite and PostgreSQL (bench/probes.py).
@@ -789,6 +790,11 @@ def main(argv: list[str]) -> int:
 
         text = served.main(argv[1:])
         out = RESULTS / "served.md"
+    elif mode == "objects":
+        from bench import objects
+
+        text = objects.run()
+        out = RESULTS / "objects.md"
     elif mode == "breakdown":
         from bench import breakdown
 
@@ -813,7 +819,7 @@ def main(argv: list[str]) -> int:
             "probes | "
             "hold [PROMPT_KB ...] | cost [ROUNDS] | transports [VARIANT ...] | "
             "scale [REDIS_URL] | commits REV [ROUNDS] | instructions REV | "
-            "served [CONFIG ...] | breakdown [REQUESTS]]\n"
+            "served [CONFIG ...] | objects | breakdown [REQUESTS]]\n"
             "  VARIANT: httpx | httpx-aiohttp | aiohttp, optionally +bare (see bench/serve.py)",
             file=sys.stderr,
         )

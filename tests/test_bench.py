@@ -270,3 +270,16 @@ async def test_the_yardsticks_relay_what_the_upstream_answers(
             assert missing.status_code in (404, 405)
     finally:
         await yardstick._session.close()
+
+
+def test_the_objects_bench_makes_and_sends_a_chat_answer() -> None:
+    """bench/objects.py counts what the /v1 path does with Django's objects: it must do it
+    (a chat request read, its answer sent with hal0web's headers and its length)."""
+    from bench import objects
+
+    start, body = objects._child(1)
+    headers = dict(start["headers"])
+    assert start["status"] == 200
+    assert headers[b"X-Hal0-Slot"] == b"bench"
+    assert headers[b"X-Content-Type-Options"] == b"nosniff"
+    assert int(headers[b"Content-Length"]) == len(objects.ANSWER) == len(body["body"])
