@@ -23,7 +23,7 @@ from dispatch.lib import json_reader, redact
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.headers import for_upstream
 from dispatch.upstream.pool import URL_TEXT, AiohttpTransport, describe
-from dispatch.upstream.response import BoundedBody, UpstreamError, UpstreamResponse
+from dispatch.upstream.response import BoundedBody, Timer, UpstreamError, UpstreamResponse
 
 # Each slot's URLs, parsed once: httpx parses a URL string on every request otherwise (a
 # tenth of the path's instructions, bench/served.py). The text rides along in the request's
@@ -123,17 +123,26 @@ class Upstream:
             extensions={"timeout": {"connect": slot.connect_timeout_s}, URL_TEXT: text},
         )
         request.read()  # in memory already: a transport reads ``request.content``
+        loop = asyncio.get_running_loop()
+        timer = Timer(loop)  # this wait's, then the body's (UpstreamResponse.chunks)
+        start = loop.time()
         wait = slot.first_byte_timeout_s
         deadline: float | None = None
         if slot.max_duration_s > 0:
             # The cap runs from here, the moment the request goes to the slot: time spent
             # waiting for a place (HAL0_QUEUE_WAIT_S) or a model swap has its own limits.
-            deadline = asyncio.get_running_loop().time() + slot.max_duration_s
+            deadline = start + slot.max_duration_s
             wait = min(wait, slot.max_duration_s)
+        timer.begin()
+        timer.set(start + wait)
         try:
-            async with asyncio.timeout(wait):
+            try:
                 response = await self._send(request)
-        except TimeoutError as exc:
+            finally:
+                timed_out = timer.end()
+        except asyncio.CancelledError as exc:
+            if not timed_out:
+                raise  # a cancel from outside (the client went away): not a timeout
             if wait < slot.first_byte_timeout_s:
                 raise UpstreamError(
                     "timeout",
@@ -163,7 +172,7 @@ class Upstream:
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError("unreachable", f"slot '{slot.name}': {describe(exc)}") from exc
-        return UpstreamResponse(response, slot.idle_timeout_s, deadline, slot.max_duration_s)
+        return UpstreamResponse(response, slot.idle_timeout_s, deadline, slot.max_duration_s, timer)
 
     async def probe(
         self, url: str, timeout: float, limit: int, api_key_env: str = ""
