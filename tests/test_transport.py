@@ -67,6 +67,26 @@ async def test_non_streaming_status_headers_and_body(fake, up: Upstream) -> None
     assert app.requests[-1].body == BODY
 
 
+async def test_the_clients_headers_reach_the_upstream_as_sent(
+    fake, up: Upstream, monkeypatch
+) -> None:
+    # Given to aiohttp as text (not through httpx's Headers): a UTF-8 value still arrives as
+    # the bytes the client sent, and what is hal0web's stays with hal0web.
+    app, server = fake
+    monkeypatch.setenv("SLOT_KEY_T", "sk-slot")
+    headers = {
+        "Content-Type": "application/json",
+        "X-Title": "café ☕",
+        "Authorization": "Bearer hal0-client-key",
+        "Accept-Encoding": "gzip",
+    }
+    slot = _slot(server.url, api_key_env="SLOT_KEY_T")
+    await (await up.open(slot, "chat/completions", BODY, headers)).read(2**26)
+    seen = app.requests[-1].headers
+    assert seen["x-title"] == "café ☕" and seen["content-type"] == "application/json"
+    assert seen["authorization"] == "Bearer sk-slot" and seen["accept-encoding"] == "identity"
+
+
 async def test_upstream_error_status_passes_through(fake, up: Upstream) -> None:
     app, server = fake
     app.fail_status = 418

@@ -25,6 +25,11 @@ POOL_KEEPALIVE_S = 30.0
 # The request's URL as text, when the caller has it (``dispatch.upstream.client``): saves
 # rendering ``request.url`` back to text for aiohttp on every request.
 URL_TEXT = "hal0.url"
+# The request's headers as text, (lower-case name, value) pairs, as aiohttp takes them, in
+# place of ``request.headers`` (``dispatch.upstream.client`` gives them so, and no others, to
+# this transport alone): httpx's Headers hold bytes, which would be encoded for them and
+# decoded back for aiohttp on every request.
+HEADERS_TEXT = "hal0.headers"
 
 
 class _AiohttpStream(httpx.AsyncByteStream):
@@ -242,7 +247,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             return await session.request(
                 request.method,
                 request.extensions.get(URL_TEXT) or str(request.url),
-                headers=request.headers.multi_items(),
+                headers=request.extensions.get(HEADERS_TEXT) or request.headers.multi_items(),
                 data=_InMemoryBody(body) if body else None,
                 allow_redirects=False,
                 compress=False,
