@@ -72,9 +72,13 @@ class UpstreamResponse:
         self._deadline = deadline
         self._max_duration = max_duration_s
         self.status_code = response.status_code
-        self.encoding = response.headers.get("content-encoding", "").strip().lower()
+        # Decoded once, (lower-case name, value): httpx's Headers decode every header again
+        # on each look-up, after a property call to find their common encoding.
+        self._headers = response.headers.multi_items()
+        self.encoding = (self.header("content-encoding") or "").strip().lower()
         if self.encoding == "identity":
             self.encoding = ""
+        self.content_type = self.header("content-type") or ""
         # What ``peek`` read of the body, still to be given by ``chunks``; and the upstream's
         # body as it comes, read by one iterator (``peek`` and ``chunks`` share it).
         self._head: list[bytes] = []
@@ -82,24 +86,22 @@ class UpstreamResponse:
         self._given = False  # an in-memory body (tests' MockTransport) was given
 
     @property
-    def content_type(self) -> str:
-        return self._response.headers.get("content-type", "")
-
-    @property
     def is_event_stream(self) -> bool:
         return self.content_type.startswith("text/event-stream")
 
     def header(self, name: str) -> str | None:
-        return self._response.headers.get(name)
+        """The header's value (its values joined by commas, as httpx joins them)."""
+        name = name.lower()
+        values = [value for key, value in self._headers if key == name]
+        return ", ".join(values) if values else None
 
     def headers(self) -> Iterable[tuple[str, str]]:
-        for key, value in self._response.headers.multi_items():
-            name = key.lower()
+        for name, value in self._headers:
             if not for_downstream(name):
                 continue
             if name == "content-encoding" and not self.encoding:
                 continue  # decoded by read(), or identity
-            yield key, value
+            yield name, value
 
     async def read(self, limit: int) -> bytes:
         """The whole body, decoded from gzip or deflate, at most ``limit`` bytes of it
