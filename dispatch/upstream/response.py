@@ -115,7 +115,7 @@ class UpstreamResponse:
             async for chunk in self.chunks():
                 body.add(chunk)
         finally:
-            await self._response.aclose()
+            await self.aclose()
         if body.decoded:
             self.encoding = ""
         return body.value()
@@ -134,7 +134,7 @@ class UpstreamResponse:
         except UpstreamError:
             pass  # what arrived before the failure is all there is to quote
         finally:
-            await self._response.aclose()
+            await self.aclose()
         return b"".join(parts)[:limit]
 
     async def peek(self, limit: int) -> bytes:
@@ -213,7 +213,13 @@ class UpstreamResponse:
         return f"the request ran past the slot's max_duration_s of {self._max_duration:g}s"
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        # The transport's stream closed directly, as ``chunks`` reads it: httpx's
+        # ``Response.aclose`` wraps this in a context manager that names the request in a
+        # failure's exception, and the response has no request to name (Upstream._send).
+        response = self._response
+        if not response.is_closed:
+            response.is_closed = True
+            await cast(httpx.AsyncByteStream, response.stream).aclose()
 
 
 class Timer:
