@@ -32,12 +32,12 @@ URL_TEXT = "hal0.url"
 HEADERS_TEXT = "hal0.headers"
 
 
-class _AiohttpStream(httpx.AsyncByteStream):
+class AiohttpStream(httpx.AsyncByteStream):
     """An aiohttp response body as httpx sees it: each read as it arrived, never re-chunked.
 
     Its own iterator, each ``__anext__`` one ``readany()``: an async generator over
     ``iter_any()`` put two more layers (a generator and aiohttp's iterator) on every chunk
-    of a stream.
+    of a stream. ``ready`` gives what has come already, without waiting.
     """
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
@@ -50,15 +50,29 @@ class _AiohttpStream(httpx.AsyncByteStream):
     async def __anext__(self) -> bytes:
         try:
             chunk = await self._readany()
-        except aiohttp.ServerTimeoutError as exc:
-            self._response.close()  # a connection that failed mid-body is not reusable
-            raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            self._response.close()
-            raise httpx.ReadError(_cut_reason(exc)) from exc
+            raise self._failed(exc) from exc
         if not chunk:  # readany's word for the end of the body
             raise StopAsyncIteration
         return chunk
+
+    def ready(self) -> bytes | None:
+        """What ``__anext__`` would give at once, if it would: the body's next piece when it
+        has come already, b"" when the body is over; None when a read would have to wait."""
+        content = self._response.content
+        try:
+            chunk = content.read_nowait()  # what readany gives without waiting
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise self._failed(exc) from exc
+        if chunk or content.at_eof():
+            return chunk
+        return None
+
+    def _failed(self, exc: aiohttp.ClientError) -> httpx.TransportError:
+        self._response.close()  # a connection that failed mid-body is not reusable
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            return httpx.ReadTimeout(str(exc) or "read timed out")
+        return httpx.ReadError(_cut_reason(exc))
 
     async def aclose(self) -> None:
         # A body read to its end returns the connection to the pool; one abandoned half way
@@ -222,7 +236,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
-            stream=_AiohttpStream(response),
+            stream=AiohttpStream(response),
             # No request= here: the response would keep it, and with it the request body,
             # for as long as a stream runs (see Upstream._send).
             extensions=extensions,

@@ -15,7 +15,7 @@ from typing import cast
 import httpx
 
 from dispatch.upstream.headers import for_downstream
-from dispatch.upstream.pool import describe
+from dispatch.upstream.pool import AiohttpStream, describe
 
 # Encodings a buffered answer is decoded from (under a cap) to be checked and read; any other
 # passes through as it came, with its Content-Encoding.
@@ -112,13 +112,33 @@ class UpstreamResponse:
         """
         body = BoundedBody(self.encoding, limit)
         try:
-            async for chunk in self.chunks():
-                body.add(chunk)
+            if not self._take_ready(body):  # the rest has yet to come
+                async for chunk in self.chunks():
+                    body.add(chunk)
         finally:
             await self.aclose()
         if body.decoded:
             self.encoding = ""
         return body.value()
+
+    def _take_ready(self, body: BoundedBody) -> bool:
+        """Add to ``body`` what has come of it already: whether that is all of it.
+
+        No clock for that (``chunks`` starts one for reads that wait): there is no time to
+        keep for a read that does not wait. A whole answer that came with its headers, as
+        most that do not stream do, is read with no timer set at all.
+        """
+        stream = self._response.stream
+        if self._head or not isinstance(stream, AiohttpStream):
+            return False
+        try:
+            while (chunk := stream.ready()) is not None:
+                if not chunk:
+                    return True
+                body.add(chunk)
+        except httpx.TransportError as exc:
+            raise UpstreamError("broken", f"upstream connection failed: {describe(exc)}") from exc
+        return False
 
     async def read_prefix(self, limit: int) -> bytes:
         """At most ``limit`` bytes of the body (an error page, to quote), then close: an
