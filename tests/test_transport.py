@@ -232,3 +232,26 @@ async def test_a_peeked_body_is_read_whole_and_in_order(fake, up: Upstream) -> N
     head = await response.peek(8)
     body = await response.read(2**26)
     assert body.startswith(head) and b'"hello from solo"' in body
+
+
+async def test_the_pool_sends_a_body_in_memory_or_streamed(fake) -> None:
+    app, server = fake
+    url = server.url + "/v1/chat/completions"
+
+    class Streamed(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield BODY[:10]
+            yield BODY[10:]
+
+    transport = AiohttpTransport()
+    try:
+        for request in (
+            httpx.Request("POST", url, content=BODY),
+            httpx.Request("POST", url, stream=httpx.ByteStream(BODY)),  # as Upstream.open does
+            httpx.Request("POST", url, stream=Streamed()),
+        ):
+            response = await transport.handle_async_request(request)
+            await response.aread()
+            assert response.status_code == 200 and app.requests[-1].body == BODY
+    finally:
+        await transport.aclose()

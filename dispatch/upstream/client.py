@@ -135,7 +135,6 @@ class Upstream:
             stream=httpx.ByteStream(body),
             extensions=extensions,
         )
-        request.read()  # in memory already: a transport reads ``request.content``
         loop = asyncio.get_running_loop()
         timer = Timer(loop)  # this wait's, then the body's (UpstreamResponse.chunks)
         start = loop.time()

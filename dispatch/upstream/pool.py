@@ -199,10 +199,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
-        try:
-            body = request.content
-        except httpx.RequestNotRead:
-            body = await request.aread()
+        stream = request.stream
+        # A body in memory (Upstream.open's always is) taken as it is, without httpx's
+        # ``read()`` (its checks, and a fresh stream to hold what it read).
+        body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else await request.aread()
         sent = _Sent()
         try:
             try:
