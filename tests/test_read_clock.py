@@ -130,3 +130,17 @@ async def test_an_outer_cancel_meeting_the_idle_timeout_stays_a_cancel() -> None
     task = asyncio.ensure_future(_read(answer))
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+class _WithAnEmptyPiece(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"piece 0;"
+        yield b""
+        yield b"piece 1;"
+
+
+async def test_an_empty_piece_on_the_way_is_not_the_end_of_the_body() -> None:
+    # The end of a body is said as aiohttp's readany says it (b""): a stream from any other
+    # transport that yields an empty piece on the way still gives all of its body.
+    answer = UpstreamResponse(httpx.Response(200, stream=_WithAnEmptyPiece()), 5.0)
+    assert await _read(answer) == [b"piece 0;", b"piece 1;"]

@@ -40,18 +40,27 @@ class AiohttpStream(httpx.AsyncByteStream):
     of a stream. ``ready`` gives what has come already, without waiting.
     """
 
+    # What a read of the body fails with, for a reader that awaits ``read`` itself:
+    # ``failed`` tells one as ``__anext__`` does.
+    FAILURES: tuple[type[aiohttp.ClientError], ...] = (
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientConnectionError,
+    )
+
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
-        self._readany = response.content.readany
+        # aiohttp's readany: each piece as it came, b"" at the end. A reader that awaits it
+        # itself (UpstreamResponse.chunks) has one await a piece, not two.
+        self.read = response.content.readany
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
     async def __anext__(self) -> bytes:
         try:
-            chunk = await self._readany()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise self._failed(exc) from exc
+            chunk = await self.read()
+        except self.FAILURES as exc:
+            raise self.failed(exc) from exc
         if not chunk:  # readany's word for the end of the body
             raise StopAsyncIteration
         return chunk
@@ -62,17 +71,22 @@ class AiohttpStream(httpx.AsyncByteStream):
         content = self._response.content
         try:
             chunk = content.read_nowait()  # what readany gives without waiting
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise self._failed(exc) from exc
+        except self.FAILURES as exc:
+            raise self.failed(exc) from exc
         if chunk or content.at_eof():
             return chunk
         return None
 
-    def _failed(self, exc: aiohttp.ClientError) -> httpx.TransportError:
+    def failed(self, exc: aiohttp.ClientError) -> httpx.TransportError:
+        """A read's failure as httpx tells it (its cause set to ``exc``)."""
         self._response.close()  # a connection that failed mid-body is not reusable
+        told: httpx.TransportError
         if isinstance(exc, aiohttp.ServerTimeoutError):
-            return httpx.ReadTimeout(str(exc) or "read timed out")
-        return httpx.ReadError(_cut_reason(exc))
+            told = httpx.ReadTimeout(str(exc) or "read timed out")
+        else:
+            told = httpx.ReadError(_cut_reason(exc))
+        told.__cause__ = exc
+        return told
 
     async def aclose(self) -> None:
         # A body read to its end returns the connection to the pool; one abandoned half way
