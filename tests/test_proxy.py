@@ -74,6 +74,32 @@ async def test_open_forwards_body_and_filters_headers():
     await up.aclose()
 
 
+async def test_the_answers_headers_are_read_as_httpx_reads_them():
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = [
+            ("Content-Type", "text/event-stream"),
+            ("X-Part", "1"),
+            ("x-part", "2"),
+            ("Retry-After", "7"),
+            ("Content-Encoding", "identity"),
+            ("Server", "upstream"),
+        ]
+        return httpx.Response(200, headers=headers, content=b"data: {}\n\n")
+
+    up = Upstream(httpx.MockTransport(handler))
+    resp = await up.open(slot(), "chat/completions", b"{}", {})
+    assert resp.content_type == "text/event-stream" and resp.is_event_stream
+    assert resp.header("X-PART") == "1, 2" and resp.header("retry-after") == "7"
+    assert resp.header("x-missing") is None and resp.encoding == ""
+    assert list(resp.headers()) == [
+        ("content-type", "text/event-stream"),
+        ("x-part", "1"),
+        ("x-part", "2"),
+        ("retry-after", "7"),
+    ]
+    await up.aclose()
+
+
 async def test_slot_key_is_sent_from_its_env_var(monkeypatch):
     monkeypatch.setenv("SLOT_KEY_T", "sk-1")
     seen: list[httpx.Request] = []

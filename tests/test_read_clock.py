@@ -98,3 +98,49 @@ async def test_an_outer_cancel_is_not_taken_for_a_timeout() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_an_idle_timeout_leaves_the_tasks_cancel_count_as_it_was() -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(UpstreamError) as caught:
+        await _read(_answer([0.0, 5.0], idle=0.1))
+    assert caught.value.kind == "idle"
+    assert task.cancelling() == 0
+
+
+class _CancelledMeanwhile(httpx.AsyncByteStream):
+    """A body that goes quiet, and whose reader is cancelled from outside in the moment the
+    idle timeout cancels its read (the client's disconnect meeting the timeout)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"piece 0;"
+        try:
+            await asyncio.sleep(5.0)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            raise
+        yield b"piece 1;"
+
+
+async def test_an_outer_cancel_meeting_the_idle_timeout_stays_a_cancel() -> None:
+    answer = UpstreamResponse(httpx.Response(200, stream=_CancelledMeanwhile()), 0.1)
+    task = asyncio.ensure_future(_read(answer))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+class _WithAnEmptyPiece(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"piece 0;"
+        yield b""
+        yield b"piece 1;"
+
+
+async def test_an_empty_piece_on_the_way_is_not_the_end_of_the_body() -> None:
+    # The end of a body is said as aiohttp's readany says it (b""): a stream from any other
+    # transport that yields an empty piece on the way still gives all of its body.
+    answer = UpstreamResponse(httpx.Response(200, stream=_WithAnEmptyPiece()), 5.0)
+    assert await _read(answer) == [b"piece 0;", b"piece 1;"]

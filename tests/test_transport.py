@@ -7,6 +7,9 @@ rest of the proxy relies on: bodies pass as they arrive, errors keep their meani
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import cast
 
@@ -19,6 +22,7 @@ from dispatch.upstream.pool import AiohttpTransport
 from dispatch.upstream.response import UpstreamError
 from tests.fakes import FakeUpstream, ServerThread, free_port
 from tests.polling import await_until
+from tests.raw_upstream import RawRequest, RawUpstream, http_response
 
 BODY = b'{"model": "m1", "messages": []}'
 STREAM_BODY = b'{"model": "m1", "stream": true, "messages": []}'
@@ -65,6 +69,26 @@ async def test_non_streaming_status_headers_and_body(fake, up: Upstream) -> None
     assert ("x-upstream-slot", "solo") in list(response.headers())
     assert b'"hello from solo"' in await response.read(2**26)
     assert app.requests[-1].body == BODY
+
+
+async def test_the_clients_headers_reach_the_upstream_as_sent(
+    fake, up: Upstream, monkeypatch
+) -> None:
+    # Given to aiohttp as text (not through httpx's Headers): a UTF-8 value still arrives as
+    # the bytes the client sent, and what is hal0web's stays with hal0web.
+    app, server = fake
+    monkeypatch.setenv("SLOT_KEY_T", "sk-slot")
+    headers = {
+        "Content-Type": "application/json",
+        "X-Title": "café ☕",
+        "Authorization": "Bearer hal0-client-key",
+        "Accept-Encoding": "gzip",
+    }
+    slot = _slot(server.url, api_key_env="SLOT_KEY_T")
+    await (await up.open(slot, "chat/completions", BODY, headers)).read(2**26)
+    seen = app.requests[-1].headers
+    assert seen["x-title"] == "café ☕" and seen["content-type"] == "application/json"
+    assert seen["authorization"] == "Bearer sk-slot" and seen["accept-encoding"] == "identity"
 
 
 async def test_upstream_error_status_passes_through(fake, up: Upstream) -> None:
@@ -138,3 +162,96 @@ async def test_cookies_an_upstream_sets_are_not_kept_for_later_requests(fake, up
         await (await up.open(_slot(server.url), "chat/completions", BODY, {})).read(2**26)
     assert [r.path for r in app.requests] == ["/v1/chat/completions"] * 2
     assert "cookie" not in app.requests[1].headers
+
+
+# --- a buffered answer's body: what has come already is taken at once, the rest on the clock --
+
+WHOLE = b'{"answer": "' + b"x" * 200 + b'"}'
+
+
+def _in_two(gap_s: float, close: bool = False) -> RawUpstream:
+    """An answer whose first half comes with its headers and the rest ``gap_s`` later (never,
+    with ``close``: the connection is closed then instead)."""
+
+    def behaviour(sock: socket.socket, request: RawRequest) -> bool:
+        whole = http_response(200, WHOLE)
+        sock.sendall(whole[: len(whole) - 100])
+        time.sleep(gap_s)
+        if close:
+            return False
+        sock.sendall(whole[len(whole) - 100 :])
+        return True
+
+    return RawUpstream(behaviour)
+
+
+async def test_a_body_partly_come_is_read_whole_when_the_rest_comes(up: Upstream) -> None:
+    server = _in_two(0.3)
+    try:
+        response = await up.open(
+            _slot(server.url, idle_timeout_s=5.0), "chat/completions", BODY, {}
+        )
+        await asyncio.sleep(0.1)  # the first half is in
+        assert await response.read(2**20) == WHOLE
+    finally:
+        server.stop()
+
+
+async def test_a_body_that_stops_half_way_is_idle_after_the_idle_timeout(up: Upstream) -> None:
+    server = _in_two(3.0)
+    loop = asyncio.get_running_loop()
+    try:
+        response = await up.open(
+            _slot(server.url, idle_timeout_s=0.3), "chat/completions", BODY, {}
+        )
+        await asyncio.sleep(0.1)
+        started = loop.time()
+        with pytest.raises(UpstreamError) as caught:
+            await response.read(2**20)
+        assert caught.value.kind == "idle"
+        assert 0.25 <= loop.time() - started < 1.5
+    finally:
+        server.stop()
+
+
+async def test_a_body_cut_before_it_is_read_is_broken(up: Upstream) -> None:
+    server = _in_two(0.0, close=True)
+    try:
+        response = await up.open(_slot(server.url), "chat/completions", BODY, {})
+        await asyncio.sleep(0.2)  # the half and the close are both in before the read
+        with pytest.raises(UpstreamError) as caught:
+            await response.read(2**20)
+        assert caught.value.kind == "broken"
+    finally:
+        server.stop()
+
+
+async def test_a_peeked_body_is_read_whole_and_in_order(fake, up: Upstream) -> None:
+    _, server = fake
+    response = await up.open(_slot(server.url), "chat/completions", BODY, {})
+    head = await response.peek(8)
+    body = await response.read(2**26)
+    assert body.startswith(head) and b'"hello from solo"' in body
+
+
+async def test_the_pool_sends_a_body_in_memory_or_streamed(fake) -> None:
+    app, server = fake
+    url = server.url + "/v1/chat/completions"
+
+    class Streamed(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield BODY[:10]
+            yield BODY[10:]
+
+    transport = AiohttpTransport()
+    try:
+        for request in (
+            httpx.Request("POST", url, content=BODY),
+            httpx.Request("POST", url, stream=httpx.ByteStream(BODY)),  # as Upstream.open does
+            httpx.Request("POST", url, stream=Streamed()),
+        ):
+            response = await transport.handle_async_request(request)
+            await response.aread()
+            assert response.status_code == 200 and app.requests[-1].body == BODY
+    finally:
+        await transport.aclose()

@@ -22,8 +22,8 @@ from dispatch.kinds.urls import upstream_url
 from dispatch.lib import json_reader, redact
 from dispatch.routing.table import SlotEntry
 from dispatch.upstream.headers import for_upstream
-from dispatch.upstream.pool import URL_TEXT, AiohttpTransport, describe
-from dispatch.upstream.response import BoundedBody, UpstreamError, UpstreamResponse
+from dispatch.upstream.pool import HEADERS_TEXT, URL_TEXT, AiohttpTransport, describe
+from dispatch.upstream.response import BoundedBody, Timer, UpstreamError, UpstreamResponse
 
 # Each slot's URLs, parsed once: httpx parses a URL string on every request otherwise (a
 # tenth of the path's instructions, bench/served.py). The text rides along in the request's
@@ -109,31 +109,53 @@ class Upstream:
         key = os.environ.get(slot.api_key_env) if slot.api_key_env else None
         if key:
             out["authorization"] = f"Bearer {key}"
+        transport = self.transport
         url, text = _url(slot, path)
+        extensions: dict[str, Any] = {
+            "timeout": {"connect": slot.connect_timeout_s},
+            URL_TEXT: text,
+        }
+        sent: list[tuple[bytes, bytes]] | None = None
+        if isinstance(transport, AiohttpTransport):
+            # Ours takes them as text, as aiohttp does, and only so (the request's own
+            # headers stay empty): encoded to bytes for httpx's Headers and decoded back for
+            # aiohttp, they cost ~30,000 instructions a request (bench/served.py's chat).
+            extensions[HEADERS_TEXT] = [(k.lower(), v) for k, v in out.items()]
+        else:
+            # As bytes: httpx encodes str values as ASCII and would fail on a client's UTF-8
+            # text (any transport then reads the same bytes: the upstream gets what the
+            # client sent).
+            sent = [(k.encode("latin-1"), v.encode()) for k, v in out.items()]
         request = httpx.Request(
             method,
             url,
-            # As bytes: httpx encodes str values as ASCII and would fail on a client's UTF-8
-            # text (its Headers then read the bytes back as UTF-8 for aiohttp, which writes
-            # them as UTF-8 again: the upstream gets what the client sent).
-            headers=[(k.encode("latin-1"), v.encode()) for k, v in out.items()],
+            headers=sent,
             # A stream given, not content: httpx would otherwise rebuild the headers to add
             # Host and Content-Length, which the transport computes itself when it sends.
             stream=httpx.ByteStream(body),
-            extensions={"timeout": {"connect": slot.connect_timeout_s}, URL_TEXT: text},
+            extensions=extensions,
         )
-        request.read()  # in memory already: a transport reads ``request.content``
+        loop = asyncio.get_running_loop()
+        timer = Timer(loop)  # this wait's, then the body's (UpstreamResponse.chunks)
+        start = loop.time()
         wait = slot.first_byte_timeout_s
         deadline: float | None = None
         if slot.max_duration_s > 0:
             # The cap runs from here, the moment the request goes to the slot: time spent
             # waiting for a place (HAL0_QUEUE_WAIT_S) or a model swap has its own limits.
-            deadline = asyncio.get_running_loop().time() + slot.max_duration_s
+            deadline = start + slot.max_duration_s
             wait = min(wait, slot.max_duration_s)
+        timer.begin()
+        timer.set(start + wait)
         try:
-            async with asyncio.timeout(wait):
-                response = await self._send(request)
-        except TimeoutError as exc:
+            try:
+                # Not through _send: the transport is at hand already.
+                response = await transport.handle_async_request(request)
+            finally:
+                timed_out = timer.end()
+        except asyncio.CancelledError as exc:
+            if not timed_out:
+                raise  # a cancel from outside (the client went away): not a timeout
             if wait < slot.first_byte_timeout_s:
                 raise UpstreamError(
                     "timeout",
@@ -163,7 +185,7 @@ class Upstream:
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamError("unreachable", f"slot '{slot.name}': {describe(exc)}") from exc
-        return UpstreamResponse(response, slot.idle_timeout_s, deadline, slot.max_duration_s)
+        return UpstreamResponse(response, slot.idle_timeout_s, deadline, slot.max_duration_s, timer)
 
     async def probe(
         self, url: str, timeout: float, limit: int, api_key_env: str = ""

@@ -25,35 +25,68 @@ POOL_KEEPALIVE_S = 30.0
 # The request's URL as text, when the caller has it (``dispatch.upstream.client``): saves
 # rendering ``request.url`` back to text for aiohttp on every request.
 URL_TEXT = "hal0.url"
+# The request's headers as text, (lower-case name, value) pairs, as aiohttp takes them, in
+# place of ``request.headers`` (``dispatch.upstream.client`` gives them so, and no others, to
+# this transport alone): httpx's Headers hold bytes, which would be encoded for them and
+# decoded back for aiohttp on every request.
+HEADERS_TEXT = "hal0.headers"
 
 
-class _AiohttpStream(httpx.AsyncByteStream):
+class AiohttpStream(httpx.AsyncByteStream):
     """An aiohttp response body as httpx sees it: each read as it arrived, never re-chunked.
 
     Its own iterator, each ``__anext__`` one ``readany()``: an async generator over
     ``iter_any()`` put two more layers (a generator and aiohttp's iterator) on every chunk
-    of a stream.
+    of a stream. ``ready`` gives what has come already, without waiting.
     """
+
+    # What a read of the body fails with, for a reader that awaits ``read`` itself:
+    # ``failed`` tells one as ``__anext__`` does.
+    FAILURES: tuple[type[aiohttp.ClientError], ...] = (
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientConnectionError,
+    )
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
-        self._readany = response.content.readany
+        # aiohttp's readany: each piece as it came, b"" at the end. A reader that awaits it
+        # itself (UpstreamResponse.chunks) has one await a piece, not two.
+        self.read = response.content.readany
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
     async def __anext__(self) -> bytes:
         try:
-            chunk = await self._readany()
-        except aiohttp.ServerTimeoutError as exc:
-            self._response.close()  # a connection that failed mid-body is not reusable
-            raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            self._response.close()
-            raise httpx.ReadError(_cut_reason(exc)) from exc
+            chunk = await self.read()
+        except self.FAILURES as exc:
+            raise self.failed(exc) from exc
         if not chunk:  # readany's word for the end of the body
             raise StopAsyncIteration
         return chunk
+
+    def ready(self) -> bytes | None:
+        """What ``__anext__`` would give at once, if it would: the body's next piece when it
+        has come already, b"" when the body is over; None when a read would have to wait."""
+        content = self._response.content
+        try:
+            chunk = content.read_nowait()  # what readany gives without waiting
+        except self.FAILURES as exc:
+            raise self.failed(exc) from exc
+        if chunk or content.at_eof():
+            return chunk
+        return None
+
+    def failed(self, exc: aiohttp.ClientError) -> httpx.TransportError:
+        """A read's failure as httpx tells it (its cause set to ``exc``)."""
+        self._response.close()  # a connection that failed mid-body is not reusable
+        told: httpx.TransportError
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            told = httpx.ReadTimeout(str(exc) or "read timed out")
+        else:
+            told = httpx.ReadError(_cut_reason(exc))
+        told.__cause__ = exc
+        return told
 
     async def aclose(self) -> None:
         # A body read to its end returns the connection to the pool; one abandoned half way
@@ -180,10 +213,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
-        try:
-            body = request.content
-        except httpx.RequestNotRead:
-            body = await request.aread()
+        stream = request.stream
+        # A body in memory (Upstream.open's always is) taken as it is, without httpx's
+        # ``read()`` (its checks, and a fresh stream to hold what it read).
+        body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else await request.aread()
         sent = _Sent()
         try:
             try:
@@ -217,7 +250,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
-            stream=_AiohttpStream(response),
+            stream=AiohttpStream(response),
             # No request= here: the response would keep it, and with it the request body,
             # for as long as a stream runs (see Upstream._send).
             extensions=extensions,
@@ -242,7 +275,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             return await session.request(
                 request.method,
                 request.extensions.get(URL_TEXT) or str(request.url),
-                headers=request.headers.multi_items(),
+                headers=request.extensions.get(HEADERS_TEXT) or request.headers.multi_items(),
                 data=_InMemoryBody(body) if body else None,
                 allow_redirects=False,
                 compress=False,
