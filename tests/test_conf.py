@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.conf import settings
 from django.test import override_settings
@@ -18,7 +20,7 @@ def test_a_kept_setting_is_djangos_and_follows_every_change() -> None:
     assert before == conf.HAL0_QUEUE_WAIT_S
 
 
-def test_the_settings_fixture_is_followed_too(settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_settings_fixture_is_followed_too(settings: Any) -> None:
     conf.HAL0_API_AUTH  # noqa: B018 (kept before the change)
     settings.HAL0_API_AUTH = "required"
     assert conf.HAL0_API_AUTH == "required"
