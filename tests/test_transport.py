@@ -60,6 +60,23 @@ async def test_use_transport_still_overrides_it() -> None:
     await up.aclose()
 
 
+async def test_another_transport_reads_the_request_as_httpx_gives_it() -> None:
+    """Not every transport reads the body's stream first, as MockTransport does: one that
+    reads ``request.content`` (bench/inproc.py's) gets the body and the client's headers."""
+
+    class Reading(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            echoed = request.content + b"|" + request.headers["x-title"].encode()
+            return httpx.Response(200, content=echoed)
+
+    up = Upstream(Reading())
+    response = await up.open(
+        _slot("http://127.0.0.1:9"), "chat/completions", BODY, {"X-Title": "café"}
+    )
+    assert await response.read(2**26) == BODY + "|café".encode()
+    await up.aclose()
+
+
 async def test_non_streaming_status_headers_and_body(fake, up: Upstream) -> None:
     app, server = fake
     response = await up.open(

@@ -135,6 +135,10 @@ class Upstream:
             stream=httpx.ByteStream(body),
             extensions=extensions,
         )
+        if sent is not None:
+            # Any other transport may read ``request.content`` as a request made with content
+            # has it, without reading the stream first: in memory already, so no cost to say.
+            request.read()
         loop = asyncio.get_running_loop()
         timer = Timer(loop)  # this wait's, then the body's (UpstreamResponse.chunks)
         start = loop.time()
